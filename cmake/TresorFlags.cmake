@@ -1,0 +1,37 @@
+# Compiler flags for project targets. Applied through the tresor_flags interface target so that
+# third-party code (GoogleTest, Boost headers) is not built with -Werror.
+add_library(tresor_flags INTERFACE)
+
+target_compile_options(tresor_flags INTERFACE
+  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wshadow -Wconversion -Wsign-conversion
+    -Wnon-virtual-dtor -Wold-style-cast -Wcast-align -Woverloaded-virtual
+    -Wimplicit-fallthrough -Wformat=2>
+  $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<BOOL:${TRESOR_WERROR}>>:-Werror>)
+
+# Hardening for everything: the tools hold keys and the runner/agent run privileged.
+target_compile_options(tresor_flags INTERFACE
+  $<$<COMPILE_LANGUAGE:CXX>:-fstack-protector-strong -fstack-clash-protection -fcf-protection>)
+if(NOT TRESOR_SANITIZE AND NOT TRESOR_FUZZ)
+  target_compile_definitions(tresor_flags INTERFACE
+    $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<NOT:$<CONFIG:Debug>>>:_FORTIFY_SOURCE=2>)
+endif()
+target_compile_definitions(tresor_flags INTERFACE $<$<CONFIG:Debug>:_GLIBCXX_ASSERTIONS>)
+target_link_options(tresor_flags INTERFACE -Wl,-z,relro -Wl,-z,now -Wl,-z,noexecstack)
+
+if(TRESOR_SANITIZE)
+  target_compile_options(tresor_flags INTERFACE
+    $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer>)
+  target_link_options(tresor_flags INTERFACE -fsanitize=address,undefined)
+endif()
+
+if(TRESOR_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+    message(FATAL_ERROR "TRESOR_FUZZ needs clang (use the 'fuzz' preset)")
+  endif()
+  # Clang 16 implements conditionally trivial special members (P0848) but still reports
+  # __cpp_concepts 201907, so libstdc++ 12 hides <expected>. Announce the level it supports.
+  target_compile_options(tresor_flags INTERFACE
+    -Wno-builtin-macro-redefined -U__cpp_concepts -D__cpp_concepts=202002L
+    -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer)
+  target_link_options(tresor_flags INTERFACE -fsanitize=address,undefined)
+endif()

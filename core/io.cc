@@ -1,0 +1,205 @@
+#include "tresor/io.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <utility>
+
+#include "tresor/crypto.h"
+
+namespace tresor {
+namespace {
+
+std::unexpected<Error> io_fail(const std::string& what, const std::string& name, int err = errno) {
+  return fail(ErrorCode::kIo, what + " " + name + ": " + std::strerror(err));
+}
+
+}  // namespace
+
+Result<size_t> read_full(ByteSource& src, MutableByteSpan out) {
+  size_t n = 0;
+  while (n < out.size()) {
+    auto r = src.read(out.subspan(n));
+    if (!r) return std::unexpected(r.error());
+    if (*r == 0) break;
+    n += *r;
+  }
+  return n;
+}
+
+Result<size_t> MemorySource::read(MutableByteSpan out) {
+  const size_t n = std::min({out.size(), data_.size() - pos_, max_read_});
+  if (n > 0) std::memcpy(out.data(), data_.data() + pos_, n);
+  pos_ += n;
+  return n;
+}
+
+Result<void> MemorySource::read_at(uint64_t offset, MutableByteSpan out) const {
+  if (offset > data_.size() || out.size() > data_.size() - offset) {
+    return fail(ErrorCode::kTruncated, "read past the end of the buffer");
+  }
+  if (!out.empty()) std::memcpy(out.data(), data_.data() + offset, out.size());
+  return {};
+}
+
+FdFile::FdFile(FdFile&& o) noexcept : fd_(std::exchange(o.fd_, -1)), name_(std::move(o.name_)), owned_(o.owned_) {}
+
+FdFile::~FdFile() {
+  if (owned_ && fd_ >= 0) ::close(fd_);
+}
+
+Result<FdFile> FdFile::open_read(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return io_fail("cannot open", path);
+  return FdFile(fd, path, true);
+}
+
+Result<size_t> FdFile::read(MutableByteSpan out) {
+  for (;;) {
+    const ssize_t n = ::read(fd_, out.data(), out.size());
+    if (n >= 0) return static_cast<size_t>(n);
+    if (errno != EINTR) return io_fail("cannot read", name_);
+  }
+}
+
+Result<void> FdFile::write(ByteSpan data) {
+  while (!data.empty()) {
+    const ssize_t n = ::write(fd_, data.data(), data.size());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return io_fail("cannot write", name_);
+    }
+    data = data.subspan(static_cast<size_t>(n));
+  }
+  return {};
+}
+
+bool FdFile::is_regular() const {
+  struct stat st{};
+  return ::fstat(fd_, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+Result<uint64_t> FdFile::size() const {
+  struct stat st{};
+  if (::fstat(fd_, &st) != 0) return io_fail("cannot stat", name_);
+  if (!S_ISREG(st.st_mode)) return fail(ErrorCode::kInvalidArgument, name_ + " is not a regular file");
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Result<void> FdFile::read_at(uint64_t offset, MutableByteSpan out) const {
+  size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n = ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return io_fail("cannot read", name_);
+    }
+    if (n == 0) return fail(ErrorCode::kTruncated, name_ + " ends at byte " + std::to_string(offset + done));
+    done += static_cast<size_t>(n);
+  }
+  return {};
+}
+
+Result<AtomicOutputFile> AtomicOutputFile::create(const std::string& path, unsigned mode, bool overwrite) {
+  if (!overwrite && ::access(path.c_str(), F_OK) == 0) {
+    return fail(ErrorCode::kExists, path + " already exists; refusing to overwrite it");
+  }
+  std::array<std::byte, 6> rnd;
+  TRESOR_TRY(crypto::random_bytes(rnd));
+  std::string dir = ".";
+  std::string base = path;
+  if (auto slash = path.rfind('/'); slash != std::string::npos) {
+    dir = path.substr(0, slash == 0 ? 1 : slash);
+    base = path.substr(slash + 1);
+  }
+  std::string temp = (dir == "/" ? "" : dir) + "/." + base + ".tresor-" + to_hex(rnd) + ".tmp";
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, static_cast<mode_t>(mode));
+  if (fd < 0) return io_fail("cannot create temporary file for", path);
+  // The umask may have narrowed the mode; secrets want exactly `mode` (never wider).
+  if (::fchmod(fd, static_cast<mode_t>(mode)) != 0) {
+    const int err = errno;
+    ::close(fd);
+    ::unlink(temp.c_str());
+    return io_fail("cannot set mode of", temp, err);
+  }
+  return AtomicOutputFile(fd, path, std::move(temp), overwrite);
+}
+
+AtomicOutputFile::AtomicOutputFile(AtomicOutputFile&& o) noexcept
+    : fd_(std::exchange(o.fd_, -1)),
+      path_(std::move(o.path_)),
+      temp_(std::move(o.temp_)),
+      overwrite_(o.overwrite_),
+      done_(std::exchange(o.done_, true)) {}
+
+AtomicOutputFile::~AtomicOutputFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!done_ && !temp_.empty()) ::unlink(temp_.c_str());
+}
+
+Result<void> AtomicOutputFile::write(ByteSpan data) {
+  FdFile f(fd_, temp_);
+  return f.write(data);
+}
+
+Result<void> AtomicOutputFile::commit() {
+  if (done_) return fail(ErrorCode::kInvalidArgument, "output " + path_ + " already committed");
+  if (::fsync(fd_) != 0) return io_fail("cannot sync", temp_);
+  const int fd = std::exchange(fd_, -1);
+  if (::close(fd) != 0) return io_fail("cannot close", temp_);
+  if (overwrite_) {
+    if (::rename(temp_.c_str(), path_.c_str()) != 0) return io_fail("cannot rename into", path_);
+  } else {
+    // link() fails with EEXIST if the target appeared meanwhile: no silent replacement.
+    if (::link(temp_.c_str(), path_.c_str()) != 0) {
+      if (errno == EEXIST) return fail(ErrorCode::kExists, path_ + " already exists; refusing to overwrite it");
+      return io_fail("cannot create", path_);
+    }
+    ::unlink(temp_.c_str());
+  }
+  done_ = true;
+  return {};
+}
+
+Result<std::string> read_small_file(const std::string& path, size_t max_size) {
+  auto f = FdFile::open_read(path);
+  if (!f) return std::unexpected(f.error());
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    auto n = f->read(MutableByteSpan(reinterpret_cast<std::byte*>(buf), sizeof buf));
+    if (!n) return std::unexpected(n.error());
+    if (*n == 0) break;
+    out.append(buf, *n);
+    if (out.size() > max_size) {
+      return fail(ErrorCode::kInvalidArgument, path + " is larger than " + format_size(max_size) + "; not a key file");
+    }
+  }
+  secure_wipe(MutableByteSpan(reinterpret_cast<std::byte*>(buf), sizeof buf));
+  return out;
+}
+
+Result<SecretBuffer> read_secret_file(const std::string& path) {
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0) return io_fail("cannot open", path);
+  if ((st.st_mode & 077) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return fail(ErrorCode::kPermission, path + " has mode " + mode +
+                                            ": a secret key must not be readable by others (run: chmod 600 " +
+                                            path + ")");
+  }
+  auto text = read_small_file(path, 64 * 1024);
+  if (!text) return std::unexpected(text.error());
+  SecretBuffer out = SecretBuffer::copy_of(as_bytes(*text));
+  secure_wipe(MutableByteSpan(reinterpret_cast<std::byte*>(text->data()), text->size()));
+  return out;
+}
+
+}  // namespace tresor

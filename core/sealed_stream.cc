@@ -1,0 +1,612 @@
+// Sealed format v1: the chunked STREAM payload (docs/formats.md §5) — streaming writer and reader,
+// random access, and the diagnosis of failed chunks.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "tresor/sealed.h"
+#include "tresor/thread_pool.h"
+
+namespace tresor::sealed {
+namespace {
+
+size_t frame_size(uint32_t chunk_size) { return size_t{chunk_size} + kTagSize; }
+
+// One AES-GCM context per worker slot: contexts are not thread-safe.
+Result<std::vector<crypto::AesGcm>> make_ciphers(ByteSpan key, unsigned n) {
+  std::vector<crypto::AesGcm> v;
+  v.reserve(n);
+  for (unsigned i = 0; i < n; ++i) {
+    auto g = crypto::AesGcm::create(key);
+    if (!g) return std::unexpected(g.error());
+    v.push_back(std::move(*g));
+  }
+  return v;
+}
+
+// Explains why a chunk failed its tag check (docs/formats.md §6). GCM's tag for ciphertext C under
+// nonce N is GHASH(C) xor E(J0(N)), and only the second term depends on the nonce; so one pass
+// recovers GHASH(C) and every other (index, last) pair costs one AES block. This tells apart a
+// chunk that belongs to this stream at another position (reordered), a final chunk followed by
+// data (extension), a non-final chunk at the end (truncation), and anything else (altered, or
+// from another stream). No plaintext is released.
+Error diagnose_chunk(crypto::AesGcm& aes, const Header& h, ByteSpan frame, uint64_t position, bool tried_last,
+                     bool more_follows, uint64_t max_index, const std::string& name, uint64_t frame_offset) {
+  const std::string where = name + ": chunk " + std::to_string(position) + " (bytes " + std::to_string(frame_offset) +
+                            ".." + std::to_string(frame_offset + frame.size()) + ")";
+  if (frame.size() < kTagSize) {
+    return {ErrorCode::kTruncated, where + " has " + std::to_string(frame.size()) +
+                                       " bytes, less than its 16-byte tag: the stream is truncated"};
+  }
+  const ByteSpan ct = frame.first(frame.size() - kTagSize);
+  const ByteSpan tag = frame.subspan(frame.size() - kTagSize);
+  const std::string auth_msg = where + " failed authentication: it was altered, or comes from another stream";
+
+  auto j0 = [&](uint64_t index, bool last) {
+    std::array<std::byte, 16> b{};
+    const auto n = chunk_nonce(h.nonce_prefix, index, last);
+    std::memcpy(b.data(), n.data(), n.size());
+    b[15] = std::byte{1};  // J0 = IV ‖ 0^31 ‖ 1 for 96-bit IVs (NIST SP 800-38D §7.1 step 2)
+    return b;
+  };
+  auto t0 = aes.tag_of_ciphertext(chunk_nonce(h.nonce_prefix, position, tried_last), ct);
+  auto e0 = j0(position, tried_last);
+  if (!t0 || !aes.encrypt_blocks(e0)) return {ErrorCode::kChunkAuth, auth_msg};
+  std::array<std::byte, 16> ghash;
+  for (size_t i = 0; i < 16; ++i) ghash[i] = (*t0)[i] ^ e0[i];
+
+  // Candidates: the same position with the other flag first, then every index up to max_index.
+  const uint64_t limit = std::min<uint64_t>(max_index, kMaxChunks - 1);
+  constexpr uint64_t kBatch = 4096;
+  for (uint64_t start = 0; start <= limit; start += kBatch) {
+    const uint64_t count = std::min<uint64_t>(kBatch, limit - start + 1);
+    Bytes blocks(2 * count * 16);
+    for (uint64_t k = 0; k < count; ++k) {
+      for (int last = 0; last < 2; ++last) {
+        auto b = j0(start + k, last != 0);
+        std::memcpy(blocks.data() + (2 * k + static_cast<uint64_t>(last)) * 16, b.data(), 16);
+      }
+    }
+    if (!aes.encrypt_blocks(blocks)) return {ErrorCode::kChunkAuth, auth_msg};
+    for (uint64_t k = 0; k < count; ++k) {
+      for (int last = 0; last < 2; ++last) {
+        const std::byte* e = blocks.data() + (2 * k + static_cast<uint64_t>(last)) * 16;
+        std::array<std::byte, 16> cand;
+        for (size_t i = 0; i < 16; ++i) cand[i] = ghash[i] ^ e[i];
+        if (!crypto::ct_equal(cand, tag)) continue;
+        const uint64_t index = start + k;
+        const bool is_last = last != 0;
+        if (index == position && is_last == tried_last) continue;  // cannot happen; be safe
+        if (index == position && is_last && more_follows) {
+          return {ErrorCode::kTrailingData,
+                  where + " is the stream's final chunk, but more data follows it: bytes were appended"};
+        }
+        if (index == position && !is_last && !more_follows) {
+          return {ErrorCode::kTruncated, where + " is not the final chunk, but the stream ends after it: truncated"};
+        }
+        return {ErrorCode::kChunkReordered, where + " is chunk " + std::to_string(index) +
+                                                (is_last ? " (final)" : "") +
+                                                " of this stream: chunks were reordered or duplicated"};
+      }
+    }
+  }
+  return {ErrorCode::kChunkAuth, auth_msg};
+}
+
+}  // namespace
+
+// ---- writer -------------------------------------------------------------------------------------
+
+struct SealWriter::Impl {
+  ByteSink* sink = nullptr;
+  Header header;
+  std::vector<crypto::AesGcm> ciphers;
+  std::unique_ptr<ThreadPool> pool;
+  unsigned threads = 1;
+  uint32_t chunk_size = 0;
+  SecretBuffer plain;  // threads × chunk_size
+  Bytes sealed;        // threads × (chunk_size + 16): ciphertext only
+  size_t filled = 0;
+  uint64_t next_index = 0;
+  uint64_t total = 0;
+  bool finished = false;
+  bool failed = false;
+
+  Result<void> flush(bool final_batch) {
+    size_t n = (filled + chunk_size - 1) / chunk_size;
+    if (n == 0) n = 1;  // only for the empty stream: one empty final chunk
+    if (next_index + n > kMaxChunks) {
+      return fail(ErrorCode::kInvalidArgument, "stream exceeds 2^32 chunks; use a larger chunk size");
+    }
+    std::vector<std::optional<Error>> errors(n);
+    pool->parallel_for(n, [&](size_t k) {
+      const size_t off = k * chunk_size;
+      const size_t len = std::min<size_t>(chunk_size, filled - std::min(filled, off));
+      const bool last = final_batch && k == n - 1;
+      const auto nonce = chunk_nonce(header.nonce_prefix, next_index + k, last);
+      auto r = ciphers[k].seal(nonce, {}, plain.span().subspan(off, len),
+                               MutableByteSpan(sealed).subspan(k * frame_size(chunk_size), len + kTagSize));
+      if (!r) errors[k] = r.error();
+    });
+    for (auto& e : errors) {
+      if (e) return std::unexpected(*e);
+    }
+    // Frames are contiguous except the last, which may be short: write in one call.
+    const size_t bytes = (n - 1) * frame_size(chunk_size) +
+                         (std::min<size_t>(chunk_size, filled - std::min(filled, (n - 1) * chunk_size)) + kTagSize);
+    TRESOR_TRY(sink->write(ByteSpan(sealed).first(bytes)));
+    secure_wipe(plain.span().first(filled));
+    next_index += n;
+    filled = 0;
+    return {};
+  }
+};
+
+SealWriter::SealWriter(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SealWriter::SealWriter(SealWriter&&) noexcept = default;
+SealWriter& SealWriter::operator=(SealWriter&&) noexcept = default;
+SealWriter::~SealWriter() = default;
+
+Result<SealWriter> SealWriter::create(const SealOptions& options, ByteSink& sink) {
+  auto nh = make_header(options);
+  if (!nh) return std::unexpected(nh.error());
+  auto impl = std::make_unique<Impl>();
+  impl->sink = &sink;
+  impl->header = nh->header;
+  impl->threads = ThreadPool::resolve(options.threads);
+  impl->chunk_size = options.chunk_size;
+  auto keys = derive_stream_keys(nh->file_key.span(), nh->header.nonce_prefix);
+  if (!keys) return std::unexpected(keys.error());
+  auto ciphers = make_ciphers(keys->payload_key.span(), impl->threads);
+  if (!ciphers) return std::unexpected(ciphers.error());
+  impl->ciphers = std::move(*ciphers);
+  impl->pool = std::make_unique<ThreadPool>(impl->threads);
+  impl->plain = SecretBuffer(size_t{impl->threads} * options.chunk_size);
+  impl->sealed.resize(size_t{impl->threads} * frame_size(options.chunk_size));
+  TRESOR_TRY(sink.write(nh->bytes));
+  return SealWriter(std::move(impl));
+}
+
+Result<void> SealWriter::write(ByteSpan data) {
+  Impl& s = *impl_;
+  if (s.finished || s.failed) return fail(ErrorCode::kInvalidArgument, "write after finish() or a failed write");
+  const size_t cap = s.plain.size();
+  while (!data.empty()) {
+    // A full buffer is flushed only once more data arrives: its last chunk might be the final one.
+    if (s.filled == cap) {
+      if (auto r = s.flush(false); !r) {
+        s.failed = true;
+        return r;
+      }
+    }
+    const size_t n = std::min(cap - s.filled, data.size());
+    std::memcpy(s.plain.data() + s.filled, data.data(), n);
+    s.filled += n;
+    s.total += n;
+    data = data.subspan(n);
+  }
+  return {};
+}
+
+Result<void> SealWriter::finish() {
+  Impl& s = *impl_;
+  if (s.finished || s.failed) return fail(ErrorCode::kInvalidArgument, "finish() after finish() or a failed write");
+  auto r = s.flush(true);
+  s.failed = !r;
+  s.finished = r.has_value();
+  return r;
+}
+
+uint64_t SealWriter::plaintext_bytes() const { return impl_->total; }
+const Header& SealWriter::header() const { return impl_->header; }
+
+// ---- reading the header -------------------------------------------------------------------------
+
+namespace {
+
+struct Opened {
+  Header header;
+  Bytes header_bytes;
+  SecretBuffer payload_key;
+};
+
+Result<Opened> finish_open(Bytes header_bytes, const KeyRing& keys, const std::string& name) {
+  auto h = parse_header(header_bytes);
+  if (!h) return fail(h.error().code, name + ": " + h.error().message);
+  auto file_key = unlock(*h, header_bytes, keys, name);
+  if (!file_key) return std::unexpected(file_key.error());
+  auto sk = derive_stream_keys(file_key->span(), h->nonce_prefix);
+  if (!sk) return std::unexpected(sk.error());
+  return Opened{std::move(*h), std::move(header_bytes), std::move(sk->payload_key)};
+}
+
+Result<Opened> read_header_stream(ByteSource& src, const KeyRing& keys, const std::string& name) {
+  Bytes fixed(kFixedHeaderSize);
+  auto n = read_full(src, fixed);
+  if (!n) return std::unexpected(n.error());
+  fixed.resize(*n);
+  if (*n == 0) return fail(ErrorCode::kTruncated, name + ": empty input, not a sealed file");
+  auto len = header_length(fixed);
+  if (!len) return fail(len.error().code, name + ": " + len.error().message);
+  Bytes all(*len);
+  std::memcpy(all.data(), fixed.data(), fixed.size());
+  auto m = read_full(src, MutableByteSpan(all).subspan(fixed.size()));
+  if (!m) return std::unexpected(m.error());
+  if (fixed.size() + *m < *len) {
+    return fail(ErrorCode::kTruncated, name + ": sealed header truncated at byte " + std::to_string(fixed.size() + *m) +
+                                           " of " + std::to_string(*len));
+  }
+  return finish_open(std::move(all), keys, name);
+}
+
+}  // namespace
+
+// ---- streaming reader ---------------------------------------------------------------------------
+
+struct SealReader::Impl {
+  ByteSource* src = nullptr;
+  std::string name;
+  Opened opened;
+  std::vector<crypto::AesGcm> ciphers;
+  std::unique_ptr<ThreadPool> pool;
+  unsigned threads = 1;
+  uint32_t chunk_size = 0;
+  Bytes frames;        // threads × frame: ciphertext only
+  SecretBuffer plain;  // threads × chunk
+  std::optional<std::byte> stash;  // one byte read ahead to learn whether the stream continues
+  bool eof = false;
+  bool done = false;
+  bool failed = false;
+  uint64_t next_index = 0;
+  uint64_t consumed = 0;  // source bytes consumed by chunks so far (for offsets in messages)
+  uint64_t total = 0;
+  ByteSpan ready;         // plaintext handed out by read()
+  size_t ready_pos = 0;
+
+  Result<size_t> fill(MutableByteSpan out) {
+    size_t n = 0;
+    if (stash && !out.empty()) {
+      out[0] = *stash;
+      stash.reset();
+      n = 1;
+    }
+    while (n < out.size() && !eof) {
+      auto r = src->read(out.subspan(n));
+      if (!r) return std::unexpected(r.error());
+      if (*r == 0) {
+        eof = true;
+        break;
+      }
+      n += *r;
+    }
+    return n;
+  }
+
+  Result<bool> at_end() {
+    if (stash) return false;
+    if (eof) return true;
+    std::byte b;
+    auto n = fill(MutableByteSpan(&b, 1));
+    if (!n) return std::unexpected(n.error());
+    if (*n == 0) return true;
+    stash = b;
+    return false;
+  }
+
+  Result<ByteSpan> next_batch() {
+    if (done) return ByteSpan{};
+    const size_t fs = frame_size(chunk_size);
+    std::vector<size_t> lens;
+    bool final_seen = false;
+    for (unsigned k = 0; k < threads; ++k) {
+      auto n = fill(MutableByteSpan(frames).subspan(k * fs, fs));
+      if (!n) return std::unexpected(n.error());
+      if (*n == 0) break;
+      lens.push_back(*n);
+      if (*n < fs) {
+        final_seen = true;
+        break;
+      }
+    }
+    if (lens.empty()) {
+      // Only reachable before the first chunk: later batches start after a look-ahead byte.
+      return fail(ErrorCode::kTruncated, name + ": the stream ends right after its header, with no chunks");
+    }
+    if (!final_seen) {
+      auto end = at_end();
+      if (!end) return std::unexpected(end.error());
+      final_seen = *end;
+    }
+    const size_t n = lens.size();
+    std::vector<char> ok(n, 0);
+    pool->parallel_for(n, [&](size_t k) {
+      const bool last = final_seen && k == n - 1;
+      if (lens[k] < kTagSize) return;
+      const auto nonce = chunk_nonce(opened.header.nonce_prefix, next_index + k, last);
+      auto r = ciphers[k].open(nonce, {}, ByteSpan(frames).subspan(k * fs, lens[k]),
+                               plain.span().subspan(k * chunk_size, lens[k] - kTagSize));
+      ok[k] = r.has_value() ? 1 : 0;
+    });
+    size_t out_bytes = 0;
+    for (size_t k = 0; k < n; ++k) {
+      const bool last = final_seen && k == n - 1;
+      if (!ok[k]) {
+        secure_wipe(plain.span());
+        const uint64_t pos = next_index + k;
+        const bool more = !last;
+        return std::unexpected(diagnose_chunk(ciphers[0], opened.header, ByteSpan(frames).subspan(k * fs, lens[k]), pos,
+                                              last, more, pos + 65536, name, opened.header_bytes.size() + consumed));
+      }
+      if (last && lens[k] == kTagSize && next_index + k > 0) {
+        return fail(ErrorCode::kMalformed, name + ": chunk " + std::to_string(next_index + k) +
+                                               " is an empty final chunk, which version 1 writers never produce");
+      }
+      out_bytes += lens[k] - kTagSize;
+      consumed += lens[k];
+    }
+    next_index += n;
+    total += out_bytes;
+    if (final_seen) done = true;
+    return plain.span().first(out_bytes);
+  }
+};
+
+SealReader::SealReader(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SealReader::SealReader(SealReader&&) noexcept = default;
+SealReader& SealReader::operator=(SealReader&&) noexcept = default;
+SealReader::~SealReader() = default;
+
+Result<SealReader> SealReader::open(ByteSource& source, const KeyRing& keys, const OpenOptions& options) {
+  auto opened = read_header_stream(source, keys, options.name);
+  if (!opened) return std::unexpected(opened.error());
+  auto impl = std::make_unique<Impl>();
+  impl->src = &source;
+  impl->name = options.name;
+  impl->threads = ThreadPool::resolve(options.threads);
+  impl->chunk_size = opened->header.chunk_size;
+  auto ciphers = make_ciphers(opened->payload_key.span(), impl->threads);
+  if (!ciphers) return std::unexpected(ciphers.error());
+  impl->ciphers = std::move(*ciphers);
+  impl->opened = std::move(*opened);
+  impl->pool = std::make_unique<ThreadPool>(impl->threads);
+  impl->frames.resize(size_t{impl->threads} * frame_size(impl->chunk_size));
+  impl->plain = SecretBuffer(size_t{impl->threads} * impl->chunk_size);
+  return SealReader(std::move(impl));
+}
+
+const Header& SealReader::header() const { return impl_->opened.header; }
+uint64_t SealReader::plaintext_bytes() const { return impl_->total; }
+
+Result<ByteSpan> SealReader::next() {
+  Impl& s = *impl_;
+  if (s.failed) return fail(ErrorCode::kInvalidArgument, s.name + ": read after a failure");
+  auto r = s.next_batch();
+  if (!r) s.failed = true;
+  return r;
+}
+
+Result<size_t> SealReader::read(MutableByteSpan out) {
+  Impl& s = *impl_;
+  while (s.ready_pos == s.ready.size()) {
+    auto b = next();
+    if (!b) return std::unexpected(b.error());
+    s.ready = *b;
+    s.ready_pos = 0;
+    if (b->empty()) return 0;
+  }
+  const size_t n = std::min(out.size(), s.ready.size() - s.ready_pos);
+  std::memcpy(out.data(), s.ready.data() + s.ready_pos, n);
+  s.ready_pos += n;
+  return n;
+}
+
+// ---- random access ------------------------------------------------------------------------------
+
+struct RandomAccessReader::Impl {
+  const RandomAccessSource* src = nullptr;
+  std::string name;
+  Opened opened;
+  SecretBuffer payload_key;
+  unsigned threads = 1;
+  std::unique_ptr<ThreadPool> pool;
+  uint64_t chunks = 0;
+  uint64_t plaintext = 0;
+  size_t last_frame = 0;
+  mutable std::mutex pool_mu;  // ThreadPool runs one loop at a time
+
+  uint64_t offset(uint64_t i) const { return opened.header_bytes.size() + i * frame_size(opened.header.chunk_size); }
+  size_t frame_len(uint64_t i) const { return i + 1 == chunks ? last_frame : frame_size(opened.header.chunk_size); }
+
+  // Decrypts chunk i with a context of its own (callers may run on several threads).
+  Result<void> decrypt(uint64_t i, MutableByteSpan out, Bytes& frame) const {
+    if (i >= chunks) {
+      return fail(ErrorCode::kInvalidArgument, name + ": chunk " + std::to_string(i) + " does not exist (the stream has " +
+                                                   std::to_string(chunks) + ")");
+    }
+    frame.resize(frame_len(i));
+    TRESOR_TRY(src->read_at(offset(i), frame));
+    auto aes = crypto::AesGcm::create(payload_key.span());
+    if (!aes) return std::unexpected(aes.error());
+    const bool last = i + 1 == chunks;
+    auto r = aes->open(chunk_nonce(opened.header.nonce_prefix, i, last), {}, frame, out.first(frame.size() - kTagSize));
+    if (!r) {
+      if (r.error().code != ErrorCode::kAuth) return r;
+      return std::unexpected(diagnose_chunk(*aes, opened.header, frame, i, last, !last, chunks, name, offset(i)));
+    }
+    if (last && frame.size() == kTagSize && i > 0) {
+      return fail(ErrorCode::kMalformed, name + ": chunk " + std::to_string(i) +
+                                             " is an empty final chunk, which version 1 writers never produce");
+    }
+    return {};
+  }
+
+  // Runs fn over chunk indices [first, last] in parallel, giving each task its own frame and
+  // plaintext buffers; returns the error of the lowest failing index.
+  Result<void> for_chunks(uint64_t first, uint64_t last,
+                          const std::function<Result<void>(uint64_t, Bytes&, SecretBuffer&)>& fn) const {
+    const uint64_t n = last - first + 1;
+    const size_t batch = static_cast<size_t>(std::min<uint64_t>(n, uint64_t{threads} * 2));
+    std::vector<Bytes> frames(batch);
+    std::vector<SecretBuffer> plains;
+    for (size_t k = 0; k < batch; ++k) plains.emplace_back(opened.header.chunk_size);
+    std::lock_guard lock(pool_mu);
+    for (uint64_t start = 0; start < n; start += batch) {
+      const size_t count = static_cast<size_t>(std::min<uint64_t>(batch, n - start));
+      std::vector<std::optional<Error>> errors(count);
+      pool->parallel_for(count, [&](size_t k) {
+        auto r = fn(first + start + k, frames[k], plains[k]);
+        if (!r) errors[k] = r.error();
+      });
+      for (auto& e : errors) {
+        if (e) return std::unexpected(*e);
+      }
+    }
+    return {};
+  }
+};
+
+RandomAccessReader::RandomAccessReader(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+RandomAccessReader::RandomAccessReader(RandomAccessReader&&) noexcept = default;
+RandomAccessReader& RandomAccessReader::operator=(RandomAccessReader&&) noexcept = default;
+RandomAccessReader::~RandomAccessReader() = default;
+
+Result<RandomAccessReader> RandomAccessReader::open(const RandomAccessSource& source, const KeyRing& keys,
+                                                    const OpenOptions& options) {
+  const std::string& name = options.name;
+  auto size = source.size();
+  if (!size) return std::unexpected(size.error());
+  Bytes fixed(static_cast<size_t>(std::min<uint64_t>(*size, kFixedHeaderSize)));
+  TRESOR_TRY(source.read_at(0, fixed));
+  if (fixed.empty()) return fail(ErrorCode::kTruncated, name + ": empty input, not a sealed file");
+  auto len = header_length(fixed);
+  if (!len) return fail(len.error().code, name + ": " + len.error().message);
+  if (*size < *len) {
+    return fail(ErrorCode::kTruncated, name + ": sealed header truncated at byte " + std::to_string(*size) + " of " +
+                                           std::to_string(*len));
+  }
+  Bytes header_bytes(*len);
+  TRESOR_TRY(source.read_at(0, header_bytes));
+  auto opened = finish_open(std::move(header_bytes), keys, name);
+  if (!opened) return std::unexpected(opened.error());
+
+  auto impl = std::make_unique<Impl>();
+  impl->src = &source;
+  impl->name = name;
+  const uint64_t body = *size - *len;
+  const uint64_t fs = frame_size(opened->header.chunk_size);
+  if (body == 0) return fail(ErrorCode::kTruncated, name + ": the stream ends right after its header, with no chunks");
+  const uint64_t rem = body % fs;
+  if (rem > 0 && rem < kTagSize) {
+    return fail(ErrorCode::kTruncated, name + ": the last chunk has " + std::to_string(rem) +
+                                           " bytes, less than its 16-byte tag: the stream is truncated");
+  }
+  impl->chunks = body / fs + (rem > 0 ? 1 : 0);
+  if (impl->chunks > kMaxChunks) return fail(ErrorCode::kMalformed, name + ": more than 2^32 chunks");
+  impl->last_frame = static_cast<size_t>(rem > 0 ? rem : fs);
+  impl->plaintext = (impl->chunks - 1) * opened->header.chunk_size + (impl->last_frame - kTagSize);
+  impl->payload_key = std::move(opened->payload_key);
+  impl->opened = std::move(*opened);
+  impl->threads = ThreadPool::resolve(options.threads);
+  impl->pool = std::make_unique<ThreadPool>(impl->threads);
+  return RandomAccessReader(std::move(impl));
+}
+
+const Header& RandomAccessReader::header() const { return impl_->opened.header; }
+uint64_t RandomAccessReader::chunk_count() const { return impl_->chunks; }
+uint64_t RandomAccessReader::plaintext_size() const { return impl_->plaintext; }
+uint64_t RandomAccessReader::chunk_offset(uint64_t i) const { return impl_->offset(i); }
+size_t RandomAccessReader::chunk_plaintext_size(uint64_t i) const {
+  return i < impl_->chunks ? impl_->frame_len(i) - kTagSize : 0;
+}
+
+Result<size_t> RandomAccessReader::read_chunk(uint64_t i, MutableByteSpan out) const {
+  const size_t want = chunk_plaintext_size(i);
+  if (i < impl_->chunks && out.size() < want) {
+    return fail(ErrorCode::kInvalidArgument, "output buffer of " + std::to_string(out.size()) + " bytes is smaller than chunk " +
+                                                 std::to_string(i) + " (" + std::to_string(want) + " bytes)");
+  }
+  Bytes frame;
+  TRESOR_TRY(impl_->decrypt(i, out, frame));
+  return want;
+}
+
+Result<void> RandomAccessReader::read_range(uint64_t offset, MutableByteSpan out) const {
+  if (out.empty()) return {};
+  if (offset > impl_->plaintext || out.size() > impl_->plaintext - offset) {
+    return fail(ErrorCode::kInvalidArgument, impl_->name + ": range " + std::to_string(offset) + "+" +
+                                                 std::to_string(out.size()) + " is past the plaintext size " +
+                                                 std::to_string(impl_->plaintext));
+  }
+  const uint64_t cs = impl_->opened.header.chunk_size;
+  const uint64_t first = offset / cs;
+  const uint64_t last = (offset + out.size() - 1) / cs;
+  auto r = impl_->for_chunks(first, last, [&](uint64_t i, Bytes& frame, SecretBuffer& plain) -> Result<void> {
+    TRESOR_TRY(impl_->decrypt(i, plain.span(), frame));
+    const uint64_t chunk_start = i * cs;
+    const uint64_t from = std::max(offset, chunk_start);
+    const uint64_t to = std::min<uint64_t>(offset + out.size(), chunk_start + (frame.size() - kTagSize));
+    std::memcpy(out.data() + (from - offset), plain.data() + (from - chunk_start), to - from);
+    return {};
+  });
+  if (!r) secure_wipe(out);
+  return r;
+}
+
+Result<void> RandomAccessReader::verify_all() const {
+  return impl_->for_chunks(0, impl_->chunks - 1, [&](uint64_t i, Bytes& frame, SecretBuffer& plain) -> Result<void> {
+    auto r = impl_->decrypt(i, plain.span(), frame);
+    secure_wipe(plain.span());
+    return r;
+  });
+}
+
+// ---- conveniences -------------------------------------------------------------------------------
+
+Result<uint64_t> seal_stream(ByteSource& in, ByteSink& out, const SealOptions& options) {
+  auto w = SealWriter::create(options, out);
+  if (!w) return std::unexpected(w.error());
+  SecretBuffer buf(std::max<size_t>(options.chunk_size, 64 * 1024));
+  for (;;) {
+    auto n = in.read(buf.span());
+    if (!n) return std::unexpected(n.error());
+    if (*n == 0) break;
+    TRESOR_TRY(w->write(buf.span().first(*n)));
+  }
+  TRESOR_TRY(w->finish());
+  return w->plaintext_bytes();
+}
+
+Result<uint64_t> open_stream(ByteSource& in, ByteSink& out, const KeyRing& keys, const OpenOptions& options) {
+  auto r = SealReader::open(in, keys, options);
+  if (!r) return std::unexpected(r.error());
+  for (;;) {
+    auto b = r->next();
+    if (!b) return std::unexpected(b.error());
+    if (b->empty()) break;
+    TRESOR_TRY(out.write(*b));
+  }
+  return r->plaintext_bytes();
+}
+
+Result<Bytes> seal_buffer(ByteSpan plaintext, const SealOptions& options) {
+  MemorySource in(plaintext);
+  MemorySink out;
+  auto r = seal_stream(in, out, options);
+  if (!r) return std::unexpected(r.error());
+  return std::move(out.bytes);
+}
+
+Result<SecretBuffer> open_buffer(ByteSpan sealed, const KeyRing& keys, const OpenOptions& options) {
+  MemorySource in(sealed);
+  auto ra = RandomAccessReader::open(in, keys, options);
+  if (!ra) return std::unexpected(ra.error());
+  SecretBuffer out(static_cast<size_t>(ra->plaintext_size()));
+  TRESOR_TRY(ra->read_range(0, out.span()));
+  return out;
+}
+
+}  // namespace tresor::sealed

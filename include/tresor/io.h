@@ -1,0 +1,142 @@
+// tresor/io.h — byte sources and sinks for the sealed streams, and the atomic output file.
+//
+// The sealed-format code never touches files itself (DESIGN.md: no I/O inside parsers); it reads
+// and writes through these small interfaces. File-backed implementations live here too.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "tresor/encoding.h"
+#include "tresor/error.h"
+#include "tresor/secret.h"
+
+namespace tresor {
+
+/// ByteSource yields a stream of bytes. read() returns how many bytes it placed in `out`
+/// (possibly fewer than asked), and 0 only at the end of the stream.
+class ByteSource {
+ public:
+  virtual ~ByteSource() = default;
+  [[nodiscard]] virtual Result<size_t> read(MutableByteSpan out) = 0;
+};
+
+/// ByteSink consumes a stream of bytes; write() writes all of `data` or fails.
+class ByteSink {
+ public:
+  virtual ~ByteSink() = default;
+  [[nodiscard]] virtual Result<void> write(ByteSpan data) = 0;
+};
+
+/// RandomAccessSource reads at offsets (thread-safe: concurrent read_at calls are allowed).
+class RandomAccessSource {
+ public:
+  virtual ~RandomAccessSource() = default;
+  [[nodiscard]] virtual Result<uint64_t> size() const = 0;
+  /// Reads exactly out.size() bytes at `offset`; kTruncated if the source ends first.
+  [[nodiscard]] virtual Result<void> read_at(uint64_t offset, MutableByteSpan out) const = 0;
+};
+
+/// Reads until `out` is full or the source ends; returns the count.
+[[nodiscard]] Result<size_t> read_full(ByteSource& src, MutableByteSpan out);
+
+/// In-memory implementations (tests, benchmarks, library users holding buffers).
+class MemorySource final : public ByteSource, public RandomAccessSource {
+ public:
+  explicit MemorySource(ByteSpan data, size_t max_read = SIZE_MAX) : data_(data), max_read_(max_read) {}
+  Result<size_t> read(MutableByteSpan out) override;
+  Result<uint64_t> size() const override { return data_.size(); }
+  Result<void> read_at(uint64_t offset, MutableByteSpan out) const override;
+
+ private:
+  ByteSpan data_;
+  size_t pos_ = 0;
+  size_t max_read_;  // cap per read() call, to exercise short reads
+};
+
+class MemorySink final : public ByteSink {
+ public:
+  Result<void> write(ByteSpan data) override {
+    bytes.insert(bytes.end(), data.begin(), data.end());
+    return {};
+  }
+  Bytes bytes;
+};
+
+/// Discards everything (benchmarks).
+class NullSink final : public ByteSink {
+ public:
+  Result<void> write(ByteSpan data) override {
+    count += data.size();
+    return {};
+  }
+  uint64_t count = 0;
+};
+
+/// A file descriptor as source, sink and (for regular files) random-access source. `name` is
+/// used in error messages. Does not own the descriptor unless created by open_file().
+class FdFile final : public ByteSource, public ByteSink, public RandomAccessSource {
+ public:
+  FdFile(int fd, std::string name, bool owned = false) : fd_(fd), name_(std::move(name)), owned_(owned) {}
+  FdFile(FdFile&& o) noexcept;
+  FdFile(const FdFile&) = delete;
+  FdFile& operator=(const FdFile&) = delete;
+  FdFile& operator=(FdFile&&) = delete;
+  ~FdFile() override;
+
+  /// Opens `path` read-only.
+  static Result<FdFile> open_read(const std::string& path);
+
+  Result<size_t> read(MutableByteSpan out) override;
+  Result<void> write(ByteSpan data) override;
+  Result<uint64_t> size() const override;
+  Result<void> read_at(uint64_t offset, MutableByteSpan out) const override;
+
+  /// True for regular files (sizes and offsets mean something).
+  bool is_regular() const;
+  int fd() const { return fd_; }
+  const std::string& name() const { return name_; }
+
+ private:
+  int fd_;
+  std::string name_;
+  bool owned_;
+};
+
+/// AtomicOutputFile writes to a temporary file beside `path` (mode `mode`, O_EXCL) and renames it
+/// over `path` only in commit(). Destroying it without commit() removes the temporary file, so a
+/// failed operation leaves nothing behind. With `overwrite` false, commit() refuses to replace an
+/// existing file (the check and rename are made atomic with renameat2(RENAME_NOREPLACE) where
+/// the file system supports it, else link()+unlink()).
+class AtomicOutputFile final : public ByteSink {
+ public:
+  static Result<AtomicOutputFile> create(const std::string& path, unsigned mode, bool overwrite);
+  AtomicOutputFile(AtomicOutputFile&& o) noexcept;
+  AtomicOutputFile(const AtomicOutputFile&) = delete;
+  AtomicOutputFile& operator=(const AtomicOutputFile&) = delete;
+  AtomicOutputFile& operator=(AtomicOutputFile&&) = delete;
+  ~AtomicOutputFile() override;
+
+  Result<void> write(ByteSpan data) override;
+  /// fsyncs, closes and renames into place.
+  [[nodiscard]] Result<void> commit();
+  const std::string& temp_path() const { return temp_; }
+
+ private:
+  AtomicOutputFile(int fd, std::string path, std::string temp, bool overwrite)
+      : fd_(fd), path_(std::move(path)), temp_(std::move(temp)), overwrite_(overwrite) {}
+  int fd_ = -1;
+  std::string path_;
+  std::string temp_;
+  bool overwrite_ = false;
+  bool done_ = false;
+};
+
+/// Reads a whole small file (keys, identities); refuses files over `max_size`.
+[[nodiscard]] Result<std::string> read_small_file(const std::string& path, size_t max_size = 1 << 20);
+
+/// Reads a secret file and refuses it when group or others may read it (like ssh with its keys).
+[[nodiscard]] Result<SecretBuffer> read_secret_file(const std::string& path);
+
+}  // namespace tresor

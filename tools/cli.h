@@ -1,0 +1,88 @@
+// Shared plumbing of the tresor CLI: exit codes, error reporting, key loading, I/O endpoints.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "tresor/error.h"
+#include "tresor/identity.h"
+#include "tresor/io.h"
+#include "tresor/sealed.h"
+
+namespace tresor::cli {
+
+// Documented in docs/cli.md; scripts rely on them.
+enum Exit : int {
+  kExitOk = 0,
+  kExitInternal = 1,   // OpenSSL or another internal failure
+  kExitUsage = 2,      // bad options or arguments
+  kExitIo = 3,         // file missing, unreadable, exists, or a secret file with loose permissions
+  kExitNoKey = 4,      // no identity or dataset key given opens the file
+  kExitIntegrity = 5,  // tampering detected: header MAC, chunk tag, truncation, reordering, extension
+  kExitFormat = 6,     // not a sealed file, unsupported version, malformed header
+};
+
+int exit_code_for(ErrorCode code);
+/// Prints "tresor: <message>" on stderr and returns the exit code for `e`.
+int report(const Error& e);
+int usage_error(const std::string& command, const std::string& message);
+
+/// Loads an identity file, refusing it when others may read it.
+Result<Identity> load_identity(const std::string& path);
+/// Parses "-r" values: a recipient string, or @FILE with one recipient per line ('#' comments).
+Result<std::vector<Recipient>> parse_recipients(const std::vector<std::string>& values);
+/// Loads a dataset key file for dataset `id` (empty id: match any dataset stanza).
+Result<DatasetKey> load_dataset_key(const std::string& path, const std::string& id);
+
+/// An input endpoint: a file path or "-" for stdin.
+struct Input {
+  std::unique_ptr<FdFile> file;
+  std::optional<uint64_t> size;  // known for regular files
+  static Result<Input> open(const std::string& path);
+};
+
+/// An output endpoint: "-" for stdout, else an AtomicOutputFile that appears only on commit().
+struct Output {
+  std::unique_ptr<FdFile> stdout_file;
+  std::unique_ptr<AtomicOutputFile> file;
+  ByteSink& sink();
+  Result<void> commit();
+  bool is_stdout() const { return stdout_file != nullptr; }
+  /// `mode` is the file mode for a new file; `binary` refuses to write to a terminal.
+  static Result<Output> create(const std::string& path, unsigned mode, bool overwrite, bool binary);
+};
+
+/// ByteSource decorator that draws a progress bar with throughput on stderr.
+class ProgressSource final : public ByteSource {
+ public:
+  ProgressSource(ByteSource& inner, std::optional<uint64_t> total, bool enabled);
+  ~ProgressSource() override;
+  Result<size_t> read(MutableByteSpan out) override;
+  void finish();
+
+ private:
+  void draw(bool final);
+  ByteSource& inner_;
+  std::optional<uint64_t> total_;
+  bool enabled_;
+  uint64_t done_ = 0;
+  double start_ = 0;
+  double last_draw_ = 0;
+  bool drawn_ = false;
+};
+
+/// True when the progress bar should show: stderr is a terminal and the input is large or unknown.
+bool want_progress(std::optional<uint64_t> size);
+double now_seconds();
+
+int cmd_keygen(int argc, char** argv);
+int cmd_pubkey(int argc, char** argv);
+int cmd_seal(int argc, char** argv);
+int cmd_open(int argc, char** argv);
+int cmd_inspect(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
+int cmd_version(int argc, char** argv);
+
+}  // namespace tresor::cli

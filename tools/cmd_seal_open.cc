@@ -1,0 +1,146 @@
+// tresor seal / open.
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "options.h"
+#include "tresor/thread_pool.h"
+
+namespace tresor::cli {
+namespace {
+
+unsigned current_umask() {
+  const mode_t m = ::umask(0);
+  ::umask(m);
+  return static_cast<unsigned>(m);
+}
+
+// Pairs --dataset-key-file F with --dataset ID (in order).
+Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>& files,
+                                                  const std::vector<std::string>& ids, bool ids_required) {
+  if (ids.size() > files.size() || (ids_required && ids.size() != files.size())) {
+    return fail(ErrorCode::kInvalidArgument, "give one --dataset ID for each --dataset-key-file (got " +
+                                                 std::to_string(ids.size()) + " and " + std::to_string(files.size()) + ")");
+  }
+  std::vector<DatasetKey> out;
+  for (size_t i = 0; i < files.size(); ++i) {
+    auto k = load_dataset_key(files[i], i < ids.size() ? ids[i] : std::string());
+    if (!k) return std::unexpected(k.error());
+    out.push_back(std::move(*k));
+  }
+  return out;
+}
+
+}  // namespace
+
+int cmd_seal(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::vector<std::string> recipients, key_files, datasets;
+  std::string out, in, chunk = "1MiB";
+  unsigned threads = 0;
+  opts.add_options()
+      ("recipient,r", po::value(&recipients)->composing(), "seal to this recipient (tresor1...), or @FILE with one per line; repeatable")
+      ("dataset-key-file", po::value(&key_files)->composing(), "also seal to this dataset key (32-byte hex key file); repeatable")
+      ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("output,o", po::value(&out)->required(), "output file, or - for stdout")
+      ("chunk-size", po::value(&chunk)->default_value("1MiB"), "plaintext bytes per chunk (multiple of 16, 16 B..64 MiB)")
+      ("threads,j", po::value(&threads)->default_value(0), "worker threads (0 = all cores)")
+      ("force,f", "overwrite OUT if it exists")
+      ("input", po::value(&in)->required(), "input file, or - for stdin");
+  po::positional_options_description pos;
+  pos.add("input", 1);
+  po::variables_map vm;
+  if (auto stop = parse_options("seal", "-r RECIPIENT [-r ...] [--dataset-key-file F --dataset ID] -o OUT IN", argc,
+                                argv, opts, pos, vm)) {
+    return *stop;
+  }
+  auto rcpts = parse_recipients(recipients);
+  if (!rcpts) return report(rcpts.error());
+  auto dkeys = load_dataset_keys(key_files, datasets, /*ids_required=*/true);
+  if (!dkeys) return report(dkeys.error());
+  auto cs = parse_size(chunk, "--chunk-size");
+  if (!cs) return report(cs.error());
+  sealed::SealOptions so;
+  so.recipients = std::move(*rcpts);
+  for (const auto& k : *dkeys) so.datasets.push_back(&k);
+  so.chunk_size = static_cast<uint32_t>(std::min<uint64_t>(*cs, UINT32_MAX));
+  so.threads = threads;
+  if (auto ok = sealed::check_seal_options(so); !ok) return usage_error("seal", ok.error().message);
+
+  auto input = Input::open(in);
+  if (!input) return report(input.error());
+  auto output = Output::create(out, 0666 & ~current_umask(), vm.count("force") > 0, /*binary=*/true);
+  if (!output) return report(output.error());
+  ProgressSource progress(*input->file, input->size, want_progress(input->size));
+  auto n = sealed::seal_stream(progress, output->sink(), so);
+  if (!n) return report(n.error());
+  progress.finish();
+  if (auto c = output->commit(); !c) return report(c.error());
+  return kExitOk;
+}
+
+int cmd_open(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::vector<std::string> identities, key_files, datasets;
+  std::string out, in;
+  unsigned threads = 0;
+  opts.add_options()
+      ("identity,i", po::value(&identities)->composing(), "identity file to try; repeatable")
+      ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file to try; repeatable")
+      ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file (default: any dataset in the file)")
+      ("output,o", po::value(&out)->required(), "output file (mode 0600), or - for stdout")
+      ("threads,j", po::value(&threads)->default_value(0), "worker threads (0 = all cores)")
+      ("force,f", "overwrite OUT if it exists")
+      ("input", po::value(&in)->required(), "sealed input file, or - for stdin");
+  po::positional_options_description pos;
+  pos.add("input", 1);
+  po::variables_map vm;
+  if (auto stop = parse_options("open", "-i IDENTITY_FILE [--dataset-key-file F [--dataset ID]] -o OUT IN", argc,
+                                argv, opts, pos, vm)) {
+    return *stop;
+  }
+  if (identities.empty() && key_files.empty()) {
+    return usage_error("open", "give an identity (-i FILE) or a dataset key (--dataset-key-file FILE)");
+  }
+  std::vector<Identity> ids;
+  for (const auto& p : identities) {
+    auto id = load_identity(p);
+    if (!id) return report(id.error());
+    ids.push_back(std::move(*id));
+  }
+  auto dkeys = load_dataset_keys(key_files, datasets, /*ids_required=*/false);
+  if (!dkeys) return report(dkeys.error());
+  sealed::KeyRing ring;
+  for (const auto& id : ids) ring.identities.push_back(&id);
+  for (const auto& k : *dkeys) ring.dataset_keys.push_back(&k);
+
+  auto input = Input::open(in);
+  if (!input) return report(input.error());
+  sealed::OpenOptions oo;
+  oo.threads = threads;
+  oo.name = in == "-" ? "<stdin>" : in;
+
+  auto output = Output::create(out, 0600, vm.count("force") > 0, /*binary=*/false);
+  if (!output) return report(output.error());
+  if (output->is_stdout() && input->size) {
+    // stdout cannot be taken back: authenticate the whole file before releasing any plaintext.
+    auto ra = sealed::RandomAccessReader::open(*input->file, ring, oo);
+    if (!ra) return report(ra.error());
+    if (auto v = ra->verify_all(); !v) return report(v.error());
+  }
+  ProgressSource progress(*input->file, input->size, want_progress(input->size));
+  auto n = sealed::open_stream(progress, output->sink(), ring, oo);
+  if (!n) {
+    const int code = report(n.error());
+    if (output->is_stdout()) {
+      std::fputs("tresor: the plaintext already written to stdout is incomplete: discard it\n", stderr);
+    }
+    return code;  // an AtomicOutputFile that is not committed removes its temporary file
+  }
+  progress.finish();
+  if (auto c = output->commit(); !c) return report(c.error());
+  return kExitOk;
+}
+
+}  // namespace tresor::cli

@@ -1,0 +1,64 @@
+// tresor — the command-line tool for users and data owners (docs/cli.md).
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "cli.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(int, char**);
+  const char* summary;
+};
+
+constexpr Command kCommands[] = {
+    {"keygen", tresor::cli::cmd_keygen, "create a user identity (or a dataset key with --dataset)"},
+    {"pubkey", tresor::cli::cmd_pubkey, "print the public recipient string of an identity"},
+    {"seal", tresor::cli::cmd_seal, "encrypt a file to recipients and/or dataset keys"},
+    {"open", tresor::cli::cmd_open, "decrypt and verify a sealed file"},
+    {"inspect", tresor::cli::cmd_inspect, "show a sealed file's header (never secrets)"},
+    {"bench", tresor::cli::cmd_bench, "benchmarks (bench seal: throughput against OpenSSL)"},
+    {"version", tresor::cli::cmd_version, "print version, OpenSSL and CUDA information"},
+};
+
+void print_usage(FILE* f) {
+  std::fprintf(f,
+               "Usage: tresor COMMAND [OPTIONS]\n\n"
+               "Tresor seals data so that only approved confidential jobs and the named users can read it.\n\n"
+               "Commands:\n");
+  for (const auto& c : kCommands) std::fprintf(f, "  %-9s %s\n", c.name, c.summary);
+  std::fprintf(f,
+               "\nRun 'tresor COMMAND --help' for a command's options.\n"
+               "Exit codes: 0 ok, 1 internal, 2 usage, 3 I/O, 4 no matching key, 5 integrity failure, 6 format.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    print_usage(stderr);
+    return tresor::cli::kExitUsage;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+    print_usage(stdout);
+    return tresor::cli::kExitOk;
+  }
+  if (cmd == "--version") return tresor::cli::cmd_version(argc - 1, argv + 1);
+  for (const auto& c : kCommands) {
+    if (cmd == c.name) {
+      try {
+        return c.run(argc - 1, argv + 1);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "tresor %s: internal error: %s\n", c.name, e.what());
+        return tresor::cli::kExitInternal;
+      }
+    }
+  }
+  std::fprintf(stderr, "tresor: unknown command '%s'\n\n", cmd.c_str());
+  print_usage(stderr);
+  return tresor::cli::kExitUsage;
+}
