@@ -1,0 +1,151 @@
+#include "support/test_support.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <stdexcept>
+
+namespace tresor::testing {
+
+Result<void> DeterministicRandom::fill(MutableByteSpan out) {
+  size_t done = 0;
+  while (done < out.size()) {
+    Bytes in = to_bytes(seed_);
+    for (int i = 7; i >= 0; --i) in.push_back(std::byte((counter_ >> (8 * i)) & 0xff));
+    ++counter_;
+    auto h = crypto::sha256(in);
+    if (!h) return std::unexpected(h.error());
+    const size_t n = std::min(out.size() - done, h->size());
+    std::memcpy(out.data() + done, h->data(), n);
+    done += n;
+  }
+  return {};
+}
+
+Bytes pattern_bytes(size_t n, uint32_t seed) {
+  // xorshift64*: fast and fine for test payloads (not for keys).
+  uint64_t x = 0x9E3779B97F4A7C15ull ^ (uint64_t{seed} * 0xD1B54A32D192ED03ull);
+  Bytes out(n);
+  for (size_t i = 0; i < n; i += 8) {
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    const uint64_t v = x * 0x2545F4914F6CDD1Dull;
+    for (size_t k = 0; k < 8 && i + k < n; ++k) out[i + k] = std::byte((v >> (8 * k)) & 0xff);
+  }
+  return out;
+}
+
+TempDir::TempDir() {
+  std::string tmpl = (std::filesystem::temp_directory_path() / "tresor-test-XXXXXX").string();
+  if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+Bytes read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("cannot read " + path);
+  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  return to_bytes(s);
+}
+
+void write_file(const std::string& path, ByteSpan data, unsigned mode) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) throw std::runtime_error("cannot create " + path);
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n <= 0) {
+      ::close(fd);
+      throw std::runtime_error("cannot write " + path);
+    }
+    done += static_cast<size_t>(n);
+  }
+  ::fchmod(fd, mode);
+  ::close(fd);
+}
+
+std::string testdata(const std::string& relative) { return std::string(TRESOR_TESTDATA_DIR) + "/" + relative; }
+
+CommandResult run_command(const std::vector<std::string>& argv, const std::string& stdin_data) {
+  int in_pipe[2], out_pipe[2], err_pipe[2];
+  if (::pipe2(in_pipe, O_CLOEXEC) || ::pipe2(out_pipe, O_CLOEXEC) || ::pipe2(err_pipe, O_CLOEXEC)) {
+    throw std::runtime_error("pipe failed");
+  }
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(in_pipe[0], 0);
+    ::dup2(out_pipe[1], 1);
+    ::dup2(err_pipe[1], 2);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    _exit(127);
+  }
+  ::close(in_pipe[0]);
+  ::close(out_pipe[1]);
+  ::close(err_pipe[1]);
+  CommandResult r;
+  size_t written = 0;
+  if (stdin_data.empty()) {
+    ::close(in_pipe[1]);
+    in_pipe[1] = -1;
+  } else {
+    ::fcntl(in_pipe[1], F_SETFL, O_NONBLOCK);
+  }
+  bool out_open = true, err_open = true;
+  char buf[65536];
+  while (out_open || err_open || in_pipe[1] >= 0) {
+    pollfd fds[3];
+    int nfds = 0;
+    if (out_open) fds[nfds++] = {out_pipe[0], POLLIN, 0};
+    if (err_open) fds[nfds++] = {err_pipe[0], POLLIN, 0};
+    if (in_pipe[1] >= 0) fds[nfds++] = {in_pipe[1], POLLOUT, 0};
+    if (::poll(fds, static_cast<nfds_t>(nfds), -1) < 0) break;
+    for (int i = 0; i < nfds; ++i) {
+      if (fds[i].revents == 0) continue;
+      if (fds[i].fd == in_pipe[1]) {
+        const ssize_t n = ::write(in_pipe[1], stdin_data.data() + written, stdin_data.size() - written);
+        if (n > 0) written += static_cast<size_t>(n);
+        if (n < 0 || written == stdin_data.size()) {
+          ::close(in_pipe[1]);
+          in_pipe[1] = -1;
+        }
+        continue;
+      }
+      const ssize_t n = ::read(fds[i].fd, buf, sizeof buf);
+      std::string& dst = fds[i].fd == out_pipe[0] ? r.out : r.err;
+      if (n > 0) {
+        dst.append(buf, static_cast<size_t>(n));
+      } else {
+        (fds[i].fd == out_pipe[0] ? out_open : err_open) = false;
+      }
+    }
+  }
+  ::close(out_pipe[0]);
+  ::close(err_pipe[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return r;
+}
+
+CommandResult run_tresor(const std::vector<std::string>& args, const std::string& stdin_data) {
+  std::vector<std::string> argv{TRESOR_BIN};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_command(argv, stdin_data);
+}
+
+}  // namespace tresor::testing

@@ -1,0 +1,59 @@
+// Shared helpers for Tresor's tests: deterministic randomness for reproducible vectors, scratch
+// directories, file helpers and running the real tresor binary.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "tresor/crypto.h"
+#include "tresor/encoding.h"
+
+namespace tresor::testing {
+
+/// DeterministicRandom yields SHA-256(seed ‖ be64(counter)) blocks: reproducible "randomness" for
+/// test vectors and golden files. Never used outside tests.
+class DeterministicRandom final : public crypto::RandomSource {
+ public:
+  explicit DeterministicRandom(std::string seed) : seed_(std::move(seed)) {}
+  Result<void> fill(MutableByteSpan out) override;
+
+ private:
+  std::string seed_;
+  uint64_t counter_ = 0;
+};
+
+/// Pseudo-random, never-zero test data of `n` bytes from `seed` (fast: AES-CTR-like via SHA-256).
+Bytes pattern_bytes(size_t n, uint32_t seed);
+
+/// A fresh directory under the system temp dir, removed with its contents on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+Bytes read_file(const std::string& path);
+void write_file(const std::string& path, ByteSpan data, unsigned mode = 0600);
+std::string testdata(const std::string& relative);
+
+/// Result of running a command: exit code (or 128+signal), stdout and stderr.
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+/// Runs argv (argv[0] is a path) with optional stdin data; captures stdout and stderr.
+CommandResult run_command(const std::vector<std::string>& argv, const std::string& stdin_data = "");
+/// Runs the tresor binary built with the tests.
+CommandResult run_tresor(const std::vector<std::string>& args, const std::string& stdin_data = "");
+
+}  // namespace tresor::testing
