@@ -162,7 +162,7 @@ Result<size_t> ProgressSource::read(MutableByteSpan out) {
 }
 
 void ProgressSource::finish() {
-  if (enabled_ && drawn_) draw(true);
+  if (enabled_) draw(true);
 }
 
 void ProgressSource::draw(bool final) {

@@ -1,0 +1,296 @@
+// The real tresor binary, run as a user would: keygen, seal, open, inspect, bench, and every
+// failure with its documented exit code, a message that names the problem, and no output left
+// behind (docs/cli.md).
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <sys/stat.h>
+
+#include <filesystem>
+
+#include "support/test_support.h"
+#include "tresor/sealed.h"
+
+namespace tresor {
+namespace {
+
+using testing::pattern_bytes;
+using testing::read_file;
+using testing::run_command;
+using testing::run_tresor;
+using testing::TempDir;
+using testing::write_file;
+
+struct Cli : ::testing::Test {
+  TempDir dir;
+  std::string identity = dir.file("me.identity");
+  std::string recipient;
+
+  void SetUp() override {
+    auto r = run_tresor({"keygen", "-o", identity});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    recipient = r.out.substr(0, r.out.find('\n'));
+    ASSERT_TRUE(recipient.starts_with("tresor1")) << r.out;
+  }
+
+  std::string make_input(const std::string& name, size_t size, uint32_t seed = 1) {
+    const std::string p = dir.file(name);
+    write_file(p, pattern_bytes(size, seed), 0644);
+    return p;
+  }
+
+  // No temporary or output files beyond `expected` in the scratch directory.
+  void expect_only(std::initializer_list<std::string> expected) {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(dir.path())) names.push_back(e.path().filename());
+    std::sort(names.begin(), names.end());
+    std::vector<std::string> want(expected);
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(names, want);
+  }
+};
+
+TEST_F(Cli, KeygenWritesPrivateIdentityAndPrintsRecipient) {
+  struct stat st{};
+  ASSERT_EQ(::stat(identity.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  auto pub = run_tresor({"pubkey", identity});
+  EXPECT_EQ(pub.exit_code, 0) << pub.err;
+  EXPECT_EQ(pub.out, recipient + "\n");
+  // Refuses to overwrite.
+  auto again = run_tresor({"keygen", "-o", identity});
+  EXPECT_EQ(again.exit_code, 3);
+  EXPECT_NE(again.err.find("already exists"), std::string::npos) << again.err;
+  EXPECT_EQ(run_tresor({"pubkey", identity}).out, pub.out);
+  // Missing -o is a usage error.
+  auto usage = run_tresor({"keygen"});
+  EXPECT_EQ(usage.exit_code, 2);
+  EXPECT_NE(usage.err.find("output"), std::string::npos) << usage.err;
+}
+
+TEST_F(Cli, SealOpenRoundTripThroughFilesAndPipes) {
+  const std::string in = make_input("scan.dcm", 3 * (1 << 20) + 12345);
+  const std::string sealed_path = dir.file("scan.sealed");
+  auto s = run_tresor({"seal", "-r", recipient, "-o", sealed_path, in});
+  ASSERT_EQ(s.exit_code, 0) << s.err;
+  EXPECT_NE(read_file(sealed_path), read_file(in));
+
+  const std::string out = dir.file("scan.out");
+  auto o = run_tresor({"open", "-i", identity, "-o", out, sealed_path});
+  ASSERT_EQ(o.exit_code, 0) << o.err;
+  EXPECT_EQ(read_file(out), read_file(in));
+  struct stat st{};
+  ASSERT_EQ(::stat(out.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u) << "plaintext output must be private";
+
+  // stdin → stdout both ways.
+  const std::string data = to_string(pattern_bytes(200000, 9));
+  auto sp = run_tresor({"seal", "-r", recipient, "--chunk-size", "4KiB", "-o", "-", "-"}, data);
+  ASSERT_EQ(sp.exit_code, 0) << sp.err;
+  auto op = run_tresor({"open", "-i", identity, "-o", "-", "-"}, sp.out);
+  ASSERT_EQ(op.exit_code, 0) << op.err;
+  EXPECT_EQ(op.out, data);
+}
+
+TEST_F(Cli, SeveralRecipientsFromFileAndDatasetKeys) {
+  const std::string second = dir.file("second.identity");
+  auto k2 = run_tresor({"keygen", "-o", second});
+  ASSERT_EQ(k2.exit_code, 0);
+  const std::string list = dir.file("recipients.txt");
+  write_file(list, as_bytes("# team\n" + k2.out + "\n"), 0644);
+  const std::string key = dir.file("ds.key");
+  auto dk = run_tresor({"keygen", "--dataset", "dhz/ccta-2024", "-o", key});
+  ASSERT_EQ(dk.exit_code, 0) << dk.err;
+  EXPECT_EQ(dk.out, "") << "a dataset key must never be printed";
+
+  const std::string in = make_input("in.bin", 70000);
+  const std::string sealed_path = dir.file("in.sealed");
+  auto s = run_tresor({"seal", "-r", recipient, "-r", "@" + list, "--dataset-key-file", key, "--dataset",
+                       "dhz/ccta-2024", "-o", sealed_path, in});
+  ASSERT_EQ(s.exit_code, 0) << s.err;
+
+  auto info = run_tresor({"inspect", "--json", sealed_path});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  const auto j = nlohmann::json::parse(info.out);
+  ASSERT_EQ(j["stanzas"].size(), 3u);
+  EXPECT_EQ(j["stanzas"][2]["dataset"], "dhz/ccta-2024");
+  EXPECT_EQ(j["plaintext_bytes"], 70000);
+  EXPECT_EQ(j["authenticated"], false);
+
+  int variant = 0;
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"-i", second},
+           {"--dataset-key-file", key},
+           {"--dataset-key-file", key, "--dataset", "dhz/ccta-2024"}}) {
+    const std::string out = dir.file("out-" + std::to_string(variant++));
+    std::vector<std::string> cmd{"open"};
+    cmd.insert(cmd.end(), args.begin(), args.end());
+    cmd.insert(cmd.end(), {"-o", out, sealed_path});
+    auto o = run_tresor(cmd);
+    ASSERT_EQ(o.exit_code, 0) << o.err;
+    EXPECT_EQ(read_file(out), read_file(in));
+  }
+  // A dataset key named for another dataset does not open it.
+  auto wrong = run_tresor({"open", "--dataset-key-file", key, "--dataset", "other/set", "-o", dir.file("x"), sealed_path});
+  EXPECT_EQ(wrong.exit_code, 4) << wrong.err;
+}
+
+TEST_F(Cli, FailuresHaveDistinctExitCodesAndLeaveNothingBehind) {
+  const std::string in = make_input("data.bin", 5 * 4096 + 100);
+  const std::string sealed_path = dir.file("data.sealed");
+  ASSERT_EQ(run_tresor({"seal", "-r", recipient, "--chunk-size", "4096", "-o", sealed_path, in}).exit_code, 0);
+  const Bytes good = read_file(sealed_path);
+  const size_t hlen = sealed::parse_header(good)->size();
+
+  struct Case {
+    std::string name;
+    Bytes file;
+    int want_exit;
+    std::string want_text;
+  };
+  auto flipped = [&](size_t off) {
+    Bytes b = good;
+    b[off] ^= std::byte{0x20};
+    return b;
+  };
+  Bytes truncated(good.begin(), good.begin() + static_cast<long>(hlen + 3 * (4096 + 16)));
+  Bytes extended = good;
+  extended.insert(extended.end(), good.begin() + static_cast<long>(hlen), good.begin() + static_cast<long>(hlen + 4112));
+  Bytes reordered = good;
+  std::copy(good.begin() + static_cast<long>(hlen), good.begin() + static_cast<long>(hlen + 4112),
+            reordered.begin() + static_cast<long>(hlen + 4112));
+  std::copy(good.begin() + static_cast<long>(hlen + 4112), good.begin() + static_cast<long>(hlen + 2 * 4112),
+            reordered.begin() + static_cast<long>(hlen));
+  Bytes v2 = good;
+  v2[8] = std::byte{2};
+  const std::vector<Case> cases = {
+      {"flipped ciphertext", flipped(hlen + 2 * 4112 + 7), 5, "chunk 2"},
+      {"flipped header", flipped(21), 5, "header MAC"},
+      {"truncated", truncated, 5, "truncated"},
+      {"reordered", reordered, 5, "reordered"},
+      {"extended", extended, 5, "chunk"},
+      {"not sealed", to_bytes("just text, not a sealed file"), 6, "not a Tresor sealed file"},
+      {"unsupported version", v2, 6, "version 2"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string bad = dir.file("bad.sealed");
+    write_file(bad, c.file, 0644);
+    const std::string out = dir.file("bad.out");
+    auto r = run_tresor({"open", "-i", identity, "-o", out, bad});
+    EXPECT_EQ(r.exit_code, c.want_exit) << r.err;
+    EXPECT_NE(r.err.find(c.want_text), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("bad.sealed"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(out)) << "plaintext of a failing stream was released";
+    // To stdout: the whole file is verified first, so nothing at all is written.
+    auto so = run_tresor({"open", "-i", identity, "-o", "-", bad});
+    EXPECT_EQ(so.exit_code, c.want_exit);
+    EXPECT_TRUE(so.out.empty()) << so.out.size() << " bytes of plaintext reached stdout";
+    std::filesystem::remove(bad);
+  }
+  expect_only({"me.identity", "data.bin", "data.sealed"});
+
+  // Wrong identity: exit 4, no output.
+  const std::string other = dir.file("other.identity");
+  ASSERT_EQ(run_tresor({"keygen", "-o", other}).exit_code, 0);
+  auto w = run_tresor({"open", "-i", other, "-o", dir.file("nope"), sealed_path});
+  EXPECT_EQ(w.exit_code, 4);
+  EXPECT_NE(w.err.find("no stanza opens"), std::string::npos) << w.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("nope")));
+}
+
+TEST_F(Cli, BadInputsGiveUsageOrIoErrorsThatSayWhatIsWrong) {
+  const std::string in = make_input("x.bin", 10);
+  struct Case {
+    std::vector<std::string> args;
+    int want_exit;
+    std::string want_text;
+  };
+  std::string typo = recipient;
+  typo[20] = typo[20] == 'a' ? 'b' : 'a';
+  const std::vector<Case> cases = {
+      {{"seal", "-r", typo, "-o", dir.file("o"), in}, 2, "checksum"},
+      {{"seal", "-r", "age1qqqq", "-o", dir.file("o"), in}, 2, "tresor1"},
+      {{"seal", "-o", dir.file("o"), in}, 2, "recipient"},
+      {{"seal", "-r", recipient, "--chunk-size", "1000", "-o", dir.file("o"), in}, 2, "multiple of 16"},
+      {{"seal", "-r", recipient, "--chunk-size", "lots", "-o", dir.file("o"), in}, 2, "--chunk-size"},
+      {{"seal", "-r", recipient, "-o", dir.file("o"), dir.file("missing.bin")}, 3, "missing.bin"},
+      {{"seal", "-r", recipient, "--dataset-key-file", in, "-o", dir.file("o"), in}, 2, "--dataset"},
+      {{"seal", "-r", recipient, "-o", in, in}, 3, "already exists"},
+      {{"open", "-o", dir.file("o"), in}, 2, "identity"},
+      {{"open", "-i", dir.file("missing.identity"), "-o", dir.file("o"), in}, 3, "missing.identity"},
+      {{"keygen", "--dataset", "../escape", "-o", dir.file("k")}, 2, "dataset id"},
+      {{"frobnicate"}, 2, "unknown command"},
+      {{"seal", "--bogus"}, 2, "bogus"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.args[0] + " " + c.want_text);
+    auto r = run_tresor(c.args);
+    EXPECT_EQ(r.exit_code, c.want_exit) << r.err;
+    EXPECT_NE(r.err.find(c.want_text), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir.file("o")));
+
+  // An identity others can read is refused with the fix in the message.
+  const std::string sealed_path = dir.file("x.sealed");
+  ASSERT_EQ(run_tresor({"seal", "-r", recipient, "-o", sealed_path, in}).exit_code, 0);
+  ::chmod(identity.c_str(), 0644);
+  auto loose = run_tresor({"open", "-i", identity, "-o", dir.file("o"), sealed_path});
+  EXPECT_EQ(loose.exit_code, 3);
+  EXPECT_NE(loose.err.find("chmod 600"), std::string::npos) << loose.err;
+  ::chmod(identity.c_str(), 0600);
+  EXPECT_EQ(run_tresor({"open", "-i", identity, "-o", dir.file("o"), sealed_path}).exit_code, 0);
+  // --force overwrites, without it the existing file is kept.
+  EXPECT_EQ(run_tresor({"open", "-i", identity, "-o", dir.file("o"), sealed_path}).exit_code, 3);
+  EXPECT_EQ(run_tresor({"open", "-f", "-i", identity, "-o", dir.file("o"), sealed_path}).exit_code, 0);
+}
+
+TEST_F(Cli, InspectShowsHeaderWithoutSecrets) {
+  const std::string in = make_input("i.bin", 1000);
+  const std::string sealed_path = dir.file("i.sealed");
+  ASSERT_EQ(run_tresor({"seal", "-r", recipient, "--chunk-size", "256", "-o", sealed_path, in}).exit_code, 0);
+  auto r = run_tresor({"inspect", sealed_path});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("version 1"), std::string::npos);
+  EXPECT_NE(r.out.find("chunks:        4"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("not authenticated"), std::string::npos);
+  EXPECT_EQ(r.out.find("SECRET"), std::string::npos);
+  auto bad = run_tresor({"inspect", in});
+  EXPECT_EQ(bad.exit_code, 6);
+}
+
+TEST_F(Cli, EveryCommandHasHelp) {
+  for (const std::string cmd : {"keygen", "pubkey", "seal", "open", "inspect", "bench", "version"}) {
+    auto r = run_tresor({cmd, "--help"});
+    EXPECT_EQ(r.exit_code, 0) << cmd;
+    EXPECT_NE(r.out.find("Usage: tresor " + cmd), std::string::npos) << r.out;
+  }
+  auto top = run_tresor({"--help"});
+  EXPECT_EQ(top.exit_code, 0);
+  EXPECT_NE(top.out.find("Exit codes"), std::string::npos);
+}
+
+TEST_F(Cli, ProgressBarOnATerminalForLargeInputs) {
+  if (!std::filesystem::exists("/usr/bin/script")) GTEST_SKIP() << "util-linux 'script' is not installed";
+  const std::string in = make_input("big.bin", 65u << 20);
+  const std::string cmd = std::string(TRESOR_BIN) + " seal -r " + recipient + " -o " + dir.file("big.sealed") + " " + in;
+  auto r = run_command({"/usr/bin/script", "-qec", cmd, "/dev/null"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("100%"), std::string::npos) << "no progress bar on a terminal: " << r.out;
+  // Not on a pipe.
+  auto quiet = run_tresor({"seal", "-r", recipient, "-o", dir.file("big2.sealed"), in});
+  EXPECT_EQ(quiet.exit_code, 0);
+  EXPECT_EQ(quiet.err.find("%"), std::string::npos) << quiet.err;
+}
+
+TEST_F(Cli, BenchPrintsRatiosAndResultLine) {
+  auto r = run_tresor({"bench", "seal", "--size", "8MiB", "--chunk-size", "1MiB", "--reps", "1", "--threads-max", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("RESULT bench_seal "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("seal_t1_ratio="), std::string::npos);
+  EXPECT_NE(r.out.find("open_t2_scaling="), std::string::npos);
+  EXPECT_NE(r.out.find("stream_bound_mib="), std::string::npos);
+  EXPECT_EQ(run_tresor({"bench", "nope"}).exit_code, 2);
+}
+
+}  // namespace
+}  // namespace tresor
