@@ -120,7 +120,10 @@ Result<Bytes> hmac(Hash h, ByteSpan key, ByteSpan data) {
       OSSL_PARAM_construct_end()};
   Bytes out(hash_size(h));
   size_t len = 0;
-  const bool ok = EVP_MAC_init(ctx, u8(key), key.size(), params) == 1 &&
+  // EVP_MAC_init takes a NULL key as "keep the previous key", and a fresh context has none; an
+  // empty key (valid for HMAC, RFC 2104) must therefore point at a byte, as in hkdf() below.
+  static const unsigned char empty_key = 0;
+  const bool ok = EVP_MAC_init(ctx, key.empty() ? &empty_key : u8(key), key.size(), params) == 1 &&
                   EVP_MAC_update(ctx, u8(data), data.size()) == 1 &&
                   EVP_MAC_final(ctx, u8(MutableByteSpan(out)), &len, out.size()) == 1 &&
                   len == out.size();
@@ -243,6 +246,9 @@ Result<void> AesGcm::open(ByteSpan nonce, ByteSpan aad, ByteSpan sealed, Mutable
 Result<std::array<std::byte, kGcmTagSize>> AesGcm::tag_of_ciphertext(ByteSpan nonce, ByteSpan ciphertext) {
   // GCM is malleable by design: decrypting C under a nonce without the tag check yields P', and
   // encrypting P' under the same nonce reproduces C and its tag. P' is wiped and never returned.
+  if (nonce.size() != kGcmNonceSize) {
+    return fail(ErrorCode::kInvalidArgument, "AES-GCM tag_of_ciphertext: nonce must be 12 bytes");
+  }
   SecretBuffer p(ciphertext.size());
   auto n = to_int(ciphertext.size(), "ciphertext");
   if (!n) return std::unexpected(n.error());
@@ -486,8 +492,15 @@ Result<SecretBuffer> derive_shared(const Key& own_private, const Key& peer_publi
             EVP_PKEY_derive_set_peer_ex(ctx, peer_public.get(), 1) == 1 &&
             EVP_PKEY_derive(ctx, nullptr, &len) == 1;
   SecretBuffer out(ok ? len : 0);
+  const bool prepared = ok;
   ok = ok && EVP_PKEY_derive(ctx, u8(out.span()), &len) == 1 && len == out.size();
   EVP_PKEY_CTX_free(ctx);
+  if (!ok && prepared && own_private.type() == KeyType::kX25519) {
+    // OpenSSL 3's X25519 itself refuses an all-zero result (ossl_x25519 returns 0, "failed during
+    // derivation"); with both keys already accepted above, that is the only way this step fails.
+    ERR_clear_error();
+    return fail(ErrorCode::kInvalidArgument, "X25519 peer key is a low-order point (all-zero shared secret)");
+  }
   if (!ok) return ossl_fail("key agreement");
   if (own_private.type() == KeyType::kX25519) {
     // RFC 7748 §6.1: an all-zero output means the peer sent a small-order point.

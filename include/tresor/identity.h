@@ -59,7 +59,7 @@ class Identity {
 };
 
 /// Checks a dataset id: 1..128 characters of [A-Za-z0-9._/-], not starting with '/', '.' or '-',
-/// no empty or '..' path segment ("dhz/ccta-2024").
+/// no empty segment and no segment starting with '.' ("dhz/ccta-2024").
 Result<void> validate_dataset_id(std::string_view id);
 
 /// DatasetKey is a 32-byte symmetric key with the id of the dataset it protects.
