@@ -28,6 +28,29 @@ Result<std::vector<crypto::AesGcm>> make_ciphers(ByteSpan key, unsigned n) {
   return v;
 }
 
+// Shape of a sealed stream of known total size (docs/formats.md §5).
+struct Shape {
+  uint64_t chunks = 0;
+  size_t last_frame = 0;
+  uint64_t plaintext = 0;
+};
+
+Result<Shape> shape_of(uint64_t body, uint32_t chunk_size, const std::string& name) {
+  const uint64_t fs = frame_size(chunk_size);
+  if (body == 0) return fail(ErrorCode::kTruncated, name + ": the stream ends right after its header, with no chunks");
+  const uint64_t rem = body % fs;
+  if (rem > 0 && rem < kTagSize) {
+    return fail(ErrorCode::kTruncated, name + ": the last chunk has " + std::to_string(rem) +
+                                           " bytes, less than its 16-byte tag: the stream is truncated");
+  }
+  Shape s;
+  s.chunks = body / fs + (rem > 0 ? 1 : 0);
+  if (s.chunks > kMaxChunks) return fail(ErrorCode::kMalformed, name + ": more than 2^32 chunks");
+  s.last_frame = static_cast<size_t>(rem > 0 ? rem : fs);
+  s.plaintext = (s.chunks - 1) * chunk_size + (s.last_frame - kTagSize);
+  return s;
+}
+
 // Explains why a chunk failed its tag check (docs/formats.md §6). GCM's tag for ciphertext C under
 // nonce N is GHASH(C) xor E(J0(N)), and only the second term depends on the nonce; so one pass
 // recovers GHASH(C) and every other (index, last) pair costs one AES block. This tells apart a
@@ -190,6 +213,33 @@ Result<void> SealWriter::write(ByteSpan data) {
     data = data.subspan(n);
   }
   return {};
+}
+
+Result<void> SealWriter::write_from(ByteSource& source) {
+  Impl& s = *impl_;
+  if (s.finished || s.failed) return fail(ErrorCode::kInvalidArgument, "write after finish() or a failed write");
+  const size_t cap = s.plain.size();
+  for (;;) {
+    if (s.filled == cap) {
+      // Learn whether more data follows before sealing a full batch as non-final.
+      std::byte next;
+      auto n = source.read(MutableByteSpan(&next, 1));
+      if (!n) return std::unexpected(n.error());
+      if (*n == 0) return {};
+      if (auto r = s.flush(false); !r) {
+        s.failed = true;
+        return r;
+      }
+      s.plain.data()[0] = next;
+      s.filled = 1;
+      s.total += 1;
+    }
+    auto n = source.read(s.plain.span().subspan(s.filled));
+    if (!n) return std::unexpected(n.error());
+    if (*n == 0) return {};
+    s.filled += *n;
+    s.total += *n;
+  }
 }
 
 Result<void> SealWriter::finish() {
@@ -496,18 +546,11 @@ Result<RandomAccessReader> RandomAccessReader::open(const RandomAccessSource& so
   auto impl = std::make_unique<Impl>();
   impl->src = &source;
   impl->name = name;
-  const uint64_t body = *size - *len;
-  const uint64_t fs = frame_size(opened->header.chunk_size);
-  if (body == 0) return fail(ErrorCode::kTruncated, name + ": the stream ends right after its header, with no chunks");
-  const uint64_t rem = body % fs;
-  if (rem > 0 && rem < kTagSize) {
-    return fail(ErrorCode::kTruncated, name + ": the last chunk has " + std::to_string(rem) +
-                                           " bytes, less than its 16-byte tag: the stream is truncated");
-  }
-  impl->chunks = body / fs + (rem > 0 ? 1 : 0);
-  if (impl->chunks > kMaxChunks) return fail(ErrorCode::kMalformed, name + ": more than 2^32 chunks");
-  impl->last_frame = static_cast<size_t>(rem > 0 ? rem : fs);
-  impl->plaintext = (impl->chunks - 1) * opened->header.chunk_size + (impl->last_frame - kTagSize);
+  auto shape = shape_of(*size - *len, opened->header.chunk_size, name);
+  if (!shape) return std::unexpected(shape.error());
+  impl->chunks = shape->chunks;
+  impl->last_frame = shape->last_frame;
+  impl->plaintext = shape->plaintext;
   impl->payload_key = std::move(opened->payload_key);
   impl->opened = std::move(*opened);
   impl->threads = ThreadPool::resolve(options.threads);
@@ -569,13 +612,7 @@ Result<void> RandomAccessReader::verify_all() const {
 Result<uint64_t> seal_stream(ByteSource& in, ByteSink& out, const SealOptions& options) {
   auto w = SealWriter::create(options, out);
   if (!w) return std::unexpected(w.error());
-  SecretBuffer buf(std::max<size_t>(options.chunk_size, 64 * 1024));
-  for (;;) {
-    auto n = in.read(buf.span());
-    if (!n) return std::unexpected(n.error());
-    if (*n == 0) break;
-    TRESOR_TRY(w->write(buf.span().first(*n)));
-  }
+  TRESOR_TRY(w->write_from(in));
   TRESOR_TRY(w->finish());
   return w->plaintext_bytes();
 }
@@ -592,21 +629,141 @@ Result<uint64_t> open_stream(ByteSource& in, ByteSink& out, const KeyRing& keys,
   return r->plaintext_bytes();
 }
 
-Result<Bytes> seal_buffer(ByteSpan plaintext, const SealOptions& options) {
-  MemorySource in(plaintext);
-  MemorySink out;
-  auto r = seal_stream(in, out, options);
-  if (!r) return std::unexpected(r.error());
-  return std::move(out.bytes);
+namespace {
+
+// Splits [0, n) into `parts` contiguous runs and runs fn(run, begin, end) on the pool.
+void for_runs(ThreadPool& pool, uint64_t n, unsigned parts, const std::function<void(unsigned, uint64_t, uint64_t)>& fn) {
+  const uint64_t per = (n + parts - 1) / parts;
+  pool.parallel_for(parts, [&](size_t k) {
+    const uint64_t begin = std::min<uint64_t>(n, k * per);
+    const uint64_t end = std::min<uint64_t>(n, begin + per);
+    if (begin < end) fn(static_cast<unsigned>(k), begin, end);
+  });
 }
 
-Result<SecretBuffer> open_buffer(ByteSpan sealed, const KeyRing& keys, const OpenOptions& options) {
-  MemorySource in(sealed);
-  auto ra = RandomAccessReader::open(in, keys, options);
-  if (!ra) return std::unexpected(ra.error());
-  SecretBuffer out(static_cast<size_t>(ra->plaintext_size()));
-  TRESOR_TRY(ra->read_range(0, out.span()));
+}  // namespace
+
+Result<uint64_t> sealed_size(uint64_t plaintext_size, const SealOptions& options) {
+  TRESOR_TRY(check_seal_options(options));
+  Header h;
+  for (size_t i = 0; i < options.recipients.size(); ++i) h.stanzas.emplace_back(X25519Stanza{});
+  for (const auto* d : options.datasets) h.stanzas.emplace_back(DatasetStanza{d->id, {}, {}});
+  const uint64_t chunks = plaintext_size == 0 ? 1 : (plaintext_size + options.chunk_size - 1) / options.chunk_size;
+  if (chunks > kMaxChunks) return fail(ErrorCode::kInvalidArgument, "stream exceeds 2^32 chunks; use a larger chunk size");
+  return h.size() + plaintext_size + chunks * kTagSize;
+}
+
+Result<size_t> seal_parallel(ByteSpan plaintext, MutableByteSpan out, const SealOptions& options) {
+  auto total = sealed_size(plaintext.size(), options);
+  if (!total) return std::unexpected(total.error());
+  if (out.size() < *total) {
+    return fail(ErrorCode::kInvalidArgument, "output buffer is " + std::to_string(out.size()) + " bytes, the sealed stream needs " +
+                                                 std::to_string(*total));
+  }
+  auto nh = make_header(options);
+  if (!nh) return std::unexpected(nh.error());
+  std::memcpy(out.data(), nh->bytes.data(), nh->bytes.size());
+  auto keys = derive_stream_keys(nh->file_key.span(), nh->header.nonce_prefix);
+  if (!keys) return std::unexpected(keys.error());
+  const uint32_t cs = options.chunk_size;
+  const uint64_t chunks = plaintext.empty() ? 1 : (plaintext.size() + cs - 1) / cs;
+  const unsigned parts = static_cast<unsigned>(std::min<uint64_t>(ThreadPool::resolve(options.threads), chunks));
+  auto ciphers = make_ciphers(keys->payload_key.span(), parts);
+  if (!ciphers) return std::unexpected(ciphers.error());
+  ThreadPool pool(parts);
+  std::vector<std::optional<Error>> errors(parts);
+  const MutableByteSpan body = out.subspan(nh->bytes.size());
+  for_runs(pool, chunks, parts, [&](unsigned k, uint64_t begin, uint64_t end) {
+    for (uint64_t i = begin; i < end && !errors[k]; ++i) {
+      const size_t off = static_cast<size_t>(i * cs);
+      const size_t len = std::min<size_t>(cs, plaintext.size() - off);
+      auto r = (*ciphers)[k].seal(chunk_nonce(nh->header.nonce_prefix, i, i + 1 == chunks), {},
+                                  plaintext.subspan(off, len),
+                                  body.subspan(static_cast<size_t>(i * frame_size(cs)), len + kTagSize));
+      if (!r) errors[k] = r.error();
+    }
+  });
+  for (auto& e : errors) {
+    if (e) return std::unexpected(*e);
+  }
+  return static_cast<size_t>(*total);
+}
+
+Result<size_t> open_parallel(ByteSpan sealed_bytes, MutableByteSpan out, const KeyRing& keys, const OpenOptions& options) {
+  const std::string& name = options.name;
+  if (sealed_bytes.empty()) return fail(ErrorCode::kTruncated, name + ": empty input, not a sealed file");
+  auto len = header_length(sealed_bytes.first(std::min(sealed_bytes.size(), kFixedHeaderSize)));
+  if (!len) return fail(len.error().code, name + ": " + len.error().message);
+  if (sealed_bytes.size() < *len) {
+    return fail(ErrorCode::kTruncated, name + ": sealed header truncated at byte " + std::to_string(sealed_bytes.size()) +
+                                           " of " + std::to_string(*len));
+  }
+  auto opened = finish_open(Bytes(sealed_bytes.begin(), sealed_bytes.begin() + static_cast<long>(*len)), keys, name);
+  if (!opened) return std::unexpected(opened.error());
+  const Header& h = opened->header;
+  auto shape = shape_of(sealed_bytes.size() - *len, h.chunk_size, name);
+  if (!shape) return std::unexpected(shape.error());
+  if (out.size() < shape->plaintext) {
+    return fail(ErrorCode::kInvalidArgument, name + ": output buffer is " + std::to_string(out.size()) +
+                                                 " bytes, the plaintext needs " + std::to_string(shape->plaintext));
+  }
+  const unsigned parts = static_cast<unsigned>(std::min<uint64_t>(ThreadPool::resolve(options.threads), shape->chunks));
+  auto ciphers = make_ciphers(opened->payload_key.span(), parts);
+  if (!ciphers) return std::unexpected(ciphers.error());
+  ThreadPool pool(parts);
+  const uint32_t cs = h.chunk_size;
+  const ByteSpan body = sealed_bytes.subspan(*len);
+  // First failing chunk per run; the lowest one overall is diagnosed and reported.
+  std::vector<uint64_t> first_bad(parts, UINT64_MAX);
+  std::vector<std::optional<Error>> errors(parts);
+  for_runs(pool, shape->chunks, parts, [&](unsigned k, uint64_t begin, uint64_t end) {
+    for (uint64_t i = begin; i < end; ++i) {
+      const size_t frame_len = i + 1 == shape->chunks ? shape->last_frame : frame_size(cs);
+      auto r = (*ciphers)[k].open(chunk_nonce(h.nonce_prefix, i, i + 1 == shape->chunks), {},
+                                  body.subspan(static_cast<size_t>(i * frame_size(cs)), frame_len),
+                                  out.subspan(static_cast<size_t>(i * cs), frame_len - kTagSize));
+      if (!r) {
+        first_bad[k] = i;
+        if (r.error().code != ErrorCode::kAuth) errors[k] = r.error();
+        return;
+      }
+    }
+  });
+  const auto worst = std::min_element(first_bad.begin(), first_bad.end());
+  if (*worst != UINT64_MAX) {
+    secure_wipe(out.first(static_cast<size_t>(shape->plaintext)));
+    const auto k = static_cast<size_t>(worst - first_bad.begin());
+    if (errors[k]) return std::unexpected(*errors[k]);
+    const uint64_t i = *worst;
+    const bool last = i + 1 == shape->chunks;
+    const size_t frame_len = last ? shape->last_frame : frame_size(cs);
+    return std::unexpected(diagnose_chunk((*ciphers)[0], h, body.subspan(static_cast<size_t>(i * frame_size(cs)), frame_len),
+                                          i, last, !last, shape->chunks, name, *len + i * frame_size(cs)));
+  }
+  if (shape->chunks > 1 && shape->last_frame == kTagSize) {
+    secure_wipe(out.first(static_cast<size_t>(shape->plaintext)));
+    return fail(ErrorCode::kMalformed, name + ": chunk " + std::to_string(shape->chunks - 1) +
+                                           " is an empty final chunk, which version 1 writers never produce");
+  }
+  return static_cast<size_t>(shape->plaintext);
+}
+
+Result<Bytes> seal_buffer(ByteSpan plaintext, const SealOptions& options) {
+  auto total = sealed_size(plaintext.size(), options);
+  if (!total) return std::unexpected(total.error());
+  Bytes out(static_cast<size_t>(*total));
+  auto n = seal_parallel(plaintext, out, options);
+  if (!n) return std::unexpected(n.error());
   return out;
+}
+
+Result<SecretBuffer> open_buffer(ByteSpan sealed_bytes, const KeyRing& keys, const OpenOptions& options) {
+  // The plaintext is never larger than the sealed bytes; size the buffer from the header later.
+  SecretBuffer out(sealed_bytes.size());
+  auto n = open_parallel(sealed_bytes, out.span(), keys, options);
+  if (!n) return std::unexpected(n.error());
+  SecretBuffer exact = SecretBuffer::copy_of(out.span().first(*n));
+  return exact;
 }
 
 }  // namespace tresor::sealed

@@ -146,6 +146,9 @@ class SealWriter {
   ~SealWriter();
 
   [[nodiscard]] Result<void> write(ByteSpan data);
+  /// Reads `source` to its end straight into the writer's buffers (no intermediate copy).
+  /// Does not finish the stream.
+  [[nodiscard]] Result<void> write_from(ByteSource& source);
   /// Seals the final chunk. A stream that is not finished is not valid (readers report truncation).
   [[nodiscard]] Result<void> finish();
   uint64_t plaintext_bytes() const;
@@ -219,6 +222,19 @@ class RandomAccessReader {
 [[nodiscard]] Result<uint64_t> seal_stream(ByteSource& in, ByteSink& out, const SealOptions& options);
 /// Opens everything from `in` into `out`; returns the plaintext byte count.
 [[nodiscard]] Result<uint64_t> open_stream(ByteSource& in, ByteSink& out, const KeyRing& keys,
+                                           const OpenOptions& options);
+
+/// Exact size of the sealed stream of `plaintext_size` bytes under `options` (header included).
+[[nodiscard]] Result<uint64_t> sealed_size(uint64_t plaintext_size, const SealOptions& options);
+
+/// The parallel path: seals `plaintext` straight into `out` (at least sealed_size() bytes) on
+/// options.threads threads, each sealing a contiguous run of chunks with no intermediate copy.
+/// Returns the number of bytes written.
+[[nodiscard]] Result<size_t> seal_parallel(ByteSpan plaintext, MutableByteSpan out, const SealOptions& options);
+/// The parallel path for opening: authenticates and decrypts `sealed` straight into `out` (at least
+/// the plaintext size; kInvalidArgument names the size needed). Returns the plaintext size. On any
+/// failure `out` is zeroed and the error names the lowest failing chunk.
+[[nodiscard]] Result<size_t> open_parallel(ByteSpan sealed, MutableByteSpan out, const KeyRing& keys,
                                            const OpenOptions& options);
 
 /// Seals a whole buffer (convenience for small data and tests).

@@ -77,6 +77,24 @@ Result<Bytes> open_random_access(ByteSpan sealed_bytes, const sealed::KeyRing& r
   return out;
 }
 
+Result<Bytes> open_parallel_path(ByteSpan sealed_bytes, const sealed::KeyRing& ring, unsigned threads,
+                                 const std::string& name = "test.sealed") {
+  sealed::OpenOptions oo;
+  oo.threads = threads;
+  oo.name = name;
+  Bytes out(sealed_bytes.size(), std::byte{0xAA});
+  auto n = sealed::open_parallel(sealed_bytes, out, ring, oo);
+  if (!n) {
+    for (std::byte b : out) {
+      if (b == std::byte{0xAA}) break;  // untouched tail beyond the plaintext
+      EXPECT_EQ(b, std::byte{0}) << "open_parallel released plaintext of a failing stream";
+    }
+    return std::unexpected(n.error());
+  }
+  out.resize(*n);
+  return out;
+}
+
 // ---- round trips ----------------------------------------------------------------------------
 
 struct SizeCase {
@@ -109,6 +127,11 @@ TEST_P(SealedRoundTrip, AllPathsAgree) {
     auto c = open_random_access(*s, k.ring(), threads);
     ASSERT_TRUE(c) << c.error().message;
     EXPECT_EQ(*c, plain);
+    auto d = open_parallel_path(*s, k.ring(), threads);
+    ASSERT_TRUE(d) << d.error().message;
+    EXPECT_EQ(*d, plain);
+    // The streaming writer and the parallel path write the same layout.
+    EXPECT_EQ(seal_streaming(plain, options(k, chunk, threads), 1000).size(), s->size());
 
     // Pull-style read() in odd pieces.
     MemorySource src(*s);
@@ -205,6 +228,27 @@ TEST(SealedStream, DatasetKeyAndSeveralRecipients) {
   EXPECT_EQ(*open_streaming(*s, by_key, 2), plain);
 }
 
+TEST(SealedStream, ParallelPathChecksBufferSizes) {
+  Keys k;
+  const Bytes plain = pattern_bytes(1000, 4);
+  const auto o = options(k, 64, 2);
+  auto need = sealed::sealed_size(plain.size(), o);
+  ASSERT_TRUE(need);
+  Bytes small(*need - 1);
+  auto r = sealed::seal_parallel(plain, small, o);
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find(std::to_string(*need)), std::string::npos) << r.error().message;
+  Bytes out(*need);
+  ASSERT_EQ(*sealed::seal_parallel(plain, out, o), *need);
+  Bytes tiny(999);
+  auto q = sealed::open_parallel(out, tiny, k.ring(), {});
+  ASSERT_FALSE(q);
+  EXPECT_NE(q.error().message.find("1000"), std::string::npos) << q.error().message;
+  Bytes exact(1000);
+  ASSERT_EQ(*sealed::open_parallel(out, exact, k.ring(), {}), 1000u);
+  EXPECT_EQ(exact, plain);
+}
+
 TEST(SealedStream, WriterRejectsUseAfterFinish) {
   Keys k;
   MemorySink sink;
@@ -267,6 +311,12 @@ void expect_rejected(const Tamper& t, const TamperCase& c) {
   ASSERT_FALSE(b) << "random-access reader accepted: " << c.name;
   EXPECT_EQ(b.error().code, c.want) << error_code_name(b.error().code) << ": " << b.error().message;
   EXPECT_NE(b.error().message.find(c.want_text), std::string::npos) << b.error().message;
+  for (unsigned threads : {1u, 3u}) {
+    auto p = open_parallel_path(bad, t.k.ring(), threads, "victim.sealed");
+    ASSERT_FALSE(p) << "parallel path accepted: " << c.name;
+    EXPECT_EQ(p.error().code, c.want) << error_code_name(p.error().code) << ": " << p.error().message;
+    EXPECT_NE(p.error().message.find(c.want_text), std::string::npos) << p.error().message;
+  }
 }
 
 TEST(SealedTamper, UntouchedStreamsOpen) {
