@@ -162,11 +162,13 @@ int cmd_bench(int argc, char** argv) {
   po::options_description opts("Options");
   std::string what, size_text = "1GiB", chunk_text = "1MiB";
   unsigned max_threads = 0, reps = 3;
+  std::string thread_list;
   opts.add_options()
       ("what", po::value(&what)->required(), "benchmark to run: seal")
       ("size", po::value(&size_text)->default_value("1GiB"), "bytes to process per measurement")
       ("chunk-size", po::value(&chunk_text)->default_value("1MiB"), "chunk size")
       ("threads-max", po::value(&max_threads)->default_value(0), "measure 1..N threads (0 = all cores)")
+      ("threads", po::value(&thread_list), "measure exactly these thread counts, e.g. 1,2,4,8,16 (overrides --threads-max)")
       ("reps", po::value(&reps)->default_value(3), "repetitions per figure (best is kept)");
   po::positional_options_description pos;
   pos.add("what", 1);
@@ -180,7 +182,24 @@ int cmd_bench(int argc, char** argv) {
   if (!size) return report(size.error());
   auto chunk = parse_size(chunk_text, "--chunk-size");
   if (!chunk) return report(chunk.error());
-  const unsigned tmax = ThreadPool::resolve(max_threads);
+  std::vector<unsigned> counts;
+  if (!thread_list.empty()) {
+    size_t at = 0;
+    while (at <= thread_list.size()) {
+      size_t end = thread_list.find(',', at);
+      if (end == std::string::npos) end = thread_list.size();
+      const std::string item = thread_list.substr(at, end - at);
+      if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos || std::stoul(item) == 0 ||
+          std::stoul(item) > 1024) {
+        return usage_error("bench", "--threads wants a comma-separated list of counts 1..1024, got '" + thread_list + "'");
+      }
+      counts.push_back(static_cast<unsigned>(std::stoul(item)));
+      at = end + 1;
+    }
+  } else {
+    for (unsigned t = 1; t <= ThreadPool::resolve(max_threads); ++t) counts.push_back(t);
+  }
+  const unsigned tmax = *std::max_element(counts.begin(), counts.end());
   if (reps == 0) return usage_error("bench", "--reps must be at least 1");
 
   auto id = Identity::generate();
@@ -192,8 +211,10 @@ int cmd_bench(int argc, char** argv) {
   sealed::KeyRing ring;
   ring.identities.push_back(&*id);
 
-  std::printf("tresor bench seal: %s in %s chunks, threads 1..%u, best of %u\n", format_size(*size).c_str(),
-              format_size(*chunk).c_str(), tmax, reps);
+  std::string counts_text;
+  for (unsigned c : counts) counts_text += (counts_text.empty() ? "" : ",") + std::to_string(c);
+  std::printf("tresor bench seal: %s in %s chunks, threads %s, best of %u\n", format_size(*size).c_str(),
+              format_size(*chunk).c_str(), counts_text.c_str(), reps);
 
   // Streaming memory first, in fresh children, before this process holds the big buffers.
   Bytes block(1 << 20);
@@ -264,7 +285,7 @@ int cmd_bench(int argc, char** argv) {
   double par_seal1 = 0, par_open1 = 0, ossl_seal1 = 0, ossl_open1 = 0;
   std::printf("  %-34s %9s %9s %8s %9s %9s %8s\n", "path (threads)", "seal GB/s", "openssl", "ratio", "open GB/s",
               "openssl", "ratio");
-  for (unsigned t = 1; t <= tmax; ++t) {
+  for (unsigned t : counts) {
     const double os = openssl_gbps(t, true), oo_ = openssl_gbps(t, false);
     double bps = 1e30, bpo = 1e30, bss = 1e30, bso = 1e30;
     for (unsigned r = 0; r < reps; ++r) {
@@ -300,7 +321,7 @@ int cmd_bench(int argc, char** argv) {
       if (!so2) return report(so2.error());
     }
     const double ps = gb / bps, po = gb / bpo, ss = gb / bss, sop = gb / bso;
-    if (t == 1) {
+    if (t == counts.front()) {
       par_seal1 = ps;
       par_open1 = po;
       ossl_seal1 = os;
@@ -316,14 +337,15 @@ int cmd_bench(int argc, char** argv) {
                   " parallel_open_t%u_ratio=%.3f stream_seal_t%u_ratio=%.3f stream_open_t%u_ratio=%.3f",
                   t, os, t, oo_, t, ps / os, t, po / oo_, t, ss / os, t, sop / oo_);
     result += kv;
-    if (t > 1) {
+    if (t != counts.front()) {
       std::snprintf(kv, sizeof kv,
                     " parallel_seal_t%u_scaling=%.2f parallel_open_t%u_scaling=%.2f openssl_t%u_scaling=%.2f", t,
                     ps / par_seal1, t, po / par_open1, t, 0.5 * (os / ossl_seal1 + oo_ / ossl_open1));
       result += kv;
     }
   }
-  std::printf("  ratio = Tresor / OpenSSL EVP aes-256-gcm with the same threads and chunk size; scaling = vs 1 thread\n");
+  std::printf("  ratio = Tresor / OpenSSL EVP aes-256-gcm with the same threads and chunk size; scaling = vs %u thread(s)\n",
+              counts.front());
   std::printf("  streaming peak memory with %u threads: seal %.1f MiB, open %.1f MiB (bound %.1f MiB = threads x 2 x chunk + 16 MiB;"
               " the open figure includes a one-thread sealer feeding it)\n",
               tmax, seal_peak, open_peak, bound_mib);

@@ -32,6 +32,21 @@ Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>
   return out;
 }
 
+// Counts what reaches the real sink, to tell the user whether stdout holds partial output.
+class CountingSink final : public ByteSink {
+ public:
+  explicit CountingSink(ByteSink& inner) : inner_(inner) {}
+  Result<void> write(ByteSpan data) override {
+    TRESOR_TRY(inner_.write(data));
+    count += data.size();
+    return {};
+  }
+  uint64_t count = 0;
+
+ private:
+  ByteSink& inner_;
+};
+
 }  // namespace
 
 int cmd_seal(int argc, char** argv) {
@@ -130,10 +145,11 @@ int cmd_open(int argc, char** argv) {
     if (auto v = ra->verify_all(); !v) return report(v.error());
   }
   ProgressSource progress(*input->file, input->size, want_progress(input->size));
-  auto n = sealed::open_stream(progress, output->sink(), ring, oo);
+  CountingSink counted(output->sink());
+  auto n = sealed::open_stream(progress, counted, ring, oo);
   if (!n) {
     const int code = report(n.error());
-    if (output->is_stdout()) {
+    if (output->is_stdout() && counted.count > 0) {
       std::fputs("tresor: the plaintext already written to stdout is incomplete: discard it\n", stderr);
     }
     return code;  // an AtomicOutputFile that is not committed removes its temporary file

@@ -2,7 +2,7 @@
 //
 // A user identity is two secrets: an X25519 key that sealed files are wrapped to, and an Ed25519
 // key that signs the user's grants and job manifests. Its public half is the recipient string
-// "tresor1…" (docs/formats.md §Identity). A dataset key is a 32-byte symmetric key named by a
+// "tresor1…" (docs/formats.md §9–§11). A dataset key is a 32-byte symmetric key named by a
 // dataset id; the key broker holds it and releases it only to attested jobs.
 #pragma once
 

@@ -402,6 +402,24 @@ TEST(SealedTamper, EveryAttackIsDetectedWithItsOwnError) {
          return b;
        },
        ErrorCode::kChunkAuth, "chunk 2"},
+      {"header of another file sealed to the same recipient",
+       [](const Tamper& tt) {
+         // The other file's header is the same size; its file key and nonce prefix differ, so
+         // the header authenticates but no chunk of this file does.
+         const Bytes other = *sealed::seal_buffer(tt.plain, options(tt.k, tt.cs, 1));
+         Bytes b = tt.sealed_bytes;
+         std::copy(other.begin(), other.begin() + static_cast<long>(tt.hlen), b.begin());
+         return b;
+       },
+       ErrorCode::kChunkAuth, "chunk 0"},
+      {"bytes appended after a short final chunk",
+       [](const Tamper& tt) {
+         Bytes b = tt.sealed_bytes;
+         const Bytes extra = pattern_bytes(20, 5);
+         b.insert(b.end(), extra.begin(), extra.end());
+         return b;
+       },
+       ErrorCode::kChunkAuth, "chunk 6"},
       {"flipped ciphertext bit in chunk 3", flip(t.frame_off(3) + 5), ErrorCode::kChunkAuth, "chunk 3"},
       {"flipped tag bit in chunk 0", flip(t.frame_off(0) + 64 + 3), ErrorCode::kChunkAuth, "chunk 0"},
       {"flipped bit in the final chunk", flip(t.frame_off(6) + 2), ErrorCode::kChunkAuth, "chunk 6"},

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -79,12 +80,15 @@ void write_file(const std::string& path, ByteSpan data, unsigned mode) {
 std::string testdata(const std::string& relative) { return std::string(TRESOR_TESTDATA_DIR) + "/" + relative; }
 
 CommandResult run_command(const std::vector<std::string>& argv, const std::string& stdin_data) {
+  // A child that exits before reading all its input must not kill the test with SIGPIPE.
+  ::signal(SIGPIPE, SIG_IGN);
   int in_pipe[2], out_pipe[2], err_pipe[2];
   if (::pipe2(in_pipe, O_CLOEXEC) || ::pipe2(out_pipe, O_CLOEXEC) || ::pipe2(err_pipe, O_CLOEXEC)) {
     throw std::runtime_error("pipe failed");
   }
   const pid_t pid = ::fork();
   if (pid == 0) {
+    ::signal(SIGPIPE, SIG_DFL);
     ::dup2(in_pipe[0], 0);
     ::dup2(out_pipe[1], 1);
     ::dup2(err_pipe[1], 2);

@@ -82,6 +82,21 @@ TEST_F(Cli, SealOpenRoundTripThroughFilesAndPipes) {
   ASSERT_EQ(::stat(out.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u) << "plaintext output must be private";
 
+  // From a pipe to stdout, a failure after some chunks says the output is incomplete; a failure
+  // before any plaintext does not.
+  Bytes bad_tail = read_file(sealed_path);
+  bad_tail[bad_tail.size() - 5] ^= std::byte{1};
+  auto partial = run_tresor({"open", "-i", identity, "-o", "-", "-"}, to_string(bad_tail));
+  EXPECT_EQ(partial.exit_code, 5);
+  EXPECT_GT(partial.out.size(), 0u);
+  EXPECT_NE(partial.err.find("incomplete"), std::string::npos) << partial.err;
+  Bytes bad_head = read_file(sealed_path);
+  bad_head[21] ^= std::byte{1};
+  auto none = run_tresor({"open", "-i", identity, "-o", "-", "-"}, to_string(bad_head));
+  EXPECT_EQ(none.exit_code, 5);
+  EXPECT_TRUE(none.out.empty());
+  EXPECT_EQ(none.err.find("incomplete"), std::string::npos) << none.err;
+
   // stdin → stdout both ways.
   const std::string data = to_string(pattern_bytes(200000, 9));
   auto sp = run_tresor({"seal", "-r", recipient, "--chunk-size", "4KiB", "-o", "-", "-"}, data);
