@@ -2,12 +2,24 @@
 // itself is compared to it where a CUDA device exists, and skipped with the reason elsewhere.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "tresor/gpu.h"
 
 namespace tresor {
 namespace {
+
+// scripts/gpu-check sets TRESOR_REQUIRE_GPU=1: on a GPU machine a missing device is a failure.
+#define TRESOR_SKIP_WITHOUT_GPU(devs)                                           \
+  do {                                                                          \
+    if (!(devs)) {                                                              \
+      if (std::getenv("TRESOR_REQUIRE_GPU") != nullptr) {                       \
+        FAIL() << "TRESOR_REQUIRE_GPU is set but: " << (devs).error().message;  \
+      }                                                                         \
+      GTEST_SKIP() << "no GPU: " << (devs).error().message;                     \
+    }                                                                           \
+  } while (false)
 
 TEST(GpuSelftestRef, MatchesIndependentlyComputedValues) {
   // Values computed with a separate Python implementation of the same 32-bit mix.
@@ -28,8 +40,8 @@ TEST(GpuProbe, ReportsDevicesOrAClearReason) {
   if (!devs) {
     EXPECT_EQ(devs.error().code, ErrorCode::kUnavailable);
     EXPECT_FALSE(devs.error().message.empty());
-    GTEST_SKIP() << "no GPU: " << devs.error().message;
   }
+  TRESOR_SKIP_WITHOUT_GPU(devs);
   ASSERT_FALSE(devs->empty());
   for (const auto& d : *devs) {
     EXPECT_FALSE(d.name.empty());
@@ -40,7 +52,7 @@ TEST(GpuProbe, ReportsDevicesOrAClearReason) {
 
 TEST(GpuSelftest, KernelMatchesReferenceBitForBit) {
   auto devs = gpu::gpu_probe();
-  if (!devs) GTEST_SKIP() << "no GPU: " << devs.error().message;
+  TRESOR_SKIP_WITHOUT_GPU(devs);
   for (size_t n : {size_t{0}, size_t{1}, size_t{255}, size_t{256}, size_t{257}, size_t{(1u << 20) + 3},
                    size_t{(64u << 20) + 7}}) {
     SCOPED_TRACE(n);
