@@ -148,6 +148,24 @@ Result<void> AtomicOutputFile::write(ByteSpan data) {
   return f.write(data);
 }
 
+Result<void> AtomicOutputFile::resize(uint64_t size) const {
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return io_fail("cannot size", temp_);
+  return {};
+}
+
+Result<void> AtomicOutputFile::write_at(uint64_t offset, ByteSpan data) const {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return io_fail("cannot write", temp_);
+    }
+    done += static_cast<size_t>(n);
+  }
+  return {};
+}
+
 Result<void> AtomicOutputFile::commit() {
   if (done_) return fail(ErrorCode::kInvalidArgument, "output " + path_ + " already committed");
   if (::fsync(fd_) != 0) return io_fail("cannot sync", temp_);

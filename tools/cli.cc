@@ -145,27 +145,24 @@ bool want_progress(std::optional<uint64_t> size) {
   return ::isatty(STDERR_FILENO) && (!size || *size >= kLarge);
 }
 
-ProgressSource::ProgressSource(ByteSource& inner, std::optional<uint64_t> total, bool enabled)
-    : inner_(inner), total_(total), enabled_(enabled), start_(now_seconds()), last_draw_(start_) {}
+ProgressMeter::ProgressMeter(std::optional<uint64_t> total, bool enabled)
+    : total_(total), enabled_(enabled), start_(now_seconds()), last_draw_(start_) {}
 
-ProgressSource::~ProgressSource() {
+ProgressMeter::~ProgressMeter() {
   if (drawn_) std::fputc('\n', stderr);
 }
 
-Result<size_t> ProgressSource::read(MutableByteSpan out) {
-  auto n = inner_.read(out);
-  if (n) {
-    done_ += *n;
-    if (enabled_ && now_seconds() - last_draw_ > 0.2) draw(false);
-  }
-  return n;
+void ProgressMeter::update(uint64_t done) {
+  done_ = total_ ? std::min(done, *total_) : done;
+  if (enabled_ && now_seconds() - last_draw_ > 0.2) draw(false);
 }
 
-void ProgressSource::finish() {
+void ProgressMeter::finish() {
+  if (total_) done_ = *total_;
   if (enabled_) draw(true);
 }
 
-void ProgressSource::draw(bool final) {
+void ProgressMeter::draw(bool final) {
   last_draw_ = now_seconds();
   const double secs = std::max(1e-9, last_draw_ - start_);
   const double rate = static_cast<double>(done_) / secs;
@@ -186,6 +183,15 @@ void ProgressSource::draw(bool final) {
   std::fputs(line, stderr);
   if (final) std::fputc('\n', stderr);
   drawn_ = !final;
+}
+
+Result<size_t> ProgressSource::read(MutableByteSpan out) {
+  auto n = inner_.read(out);
+  if (n) {
+    done_ += *n;
+    meter_.update(done_);
+  }
+  return n;
 }
 
 }  // namespace tresor::cli

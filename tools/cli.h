@@ -54,23 +54,38 @@ struct Output {
   static Result<Output> create(const std::string& path, unsigned mode, bool overwrite, bool binary);
 };
 
-/// ByteSource decorator that draws a progress bar with throughput on stderr.
-class ProgressSource final : public ByteSource {
+/// ProgressMeter draws a progress bar with throughput on stderr (when enabled). update() may be
+/// called from one thread at a time.
+class ProgressMeter {
  public:
-  ProgressSource(ByteSource& inner, std::optional<uint64_t> total, bool enabled);
-  ~ProgressSource() override;
-  Result<size_t> read(MutableByteSpan out) override;
+  ProgressMeter(std::optional<uint64_t> total, bool enabled);
+  ~ProgressMeter();
+  ProgressMeter(const ProgressMeter&) = delete;
+  ProgressMeter& operator=(const ProgressMeter&) = delete;
+  void update(uint64_t done);
   void finish();
+  bool enabled() const { return enabled_; }
 
  private:
   void draw(bool final);
-  ByteSource& inner_;
   std::optional<uint64_t> total_;
   bool enabled_;
   uint64_t done_ = 0;
   double start_ = 0;
   double last_draw_ = 0;
   bool drawn_ = false;
+};
+
+/// ByteSource decorator that feeds a ProgressMeter.
+class ProgressSource final : public ByteSource {
+ public:
+  ProgressSource(ByteSource& inner, ProgressMeter& meter) : inner_(inner), meter_(meter) {}
+  Result<size_t> read(MutableByteSpan out) override;
+
+ private:
+  ByteSource& inner_;
+  ProgressMeter& meter_;
+  uint64_t done_ = 0;
 };
 
 /// True when the progress bar should show: stderr is a terminal and the input is large or unknown.

@@ -87,10 +87,18 @@ int cmd_seal(int argc, char** argv) {
   if (!input) return report(input.error());
   auto output = Output::create(out, 0666 & ~current_umask(), vm.count("force") > 0, /*binary=*/true);
   if (!output) return report(output.error());
-  ProgressSource progress(*input->file, input->size, want_progress(input->size));
-  auto n = sealed::seal_stream(progress, output->sink(), so);
-  if (!n) return report(n.error());
-  progress.finish();
+  ProgressMeter meter(input->size, want_progress(input->size));
+  if (input->size && output->file) {
+    // File to file: the parallel path, each worker reading and writing its own run of chunks.
+    so.progress = [&meter](uint64_t done) { meter.update(done); };
+    auto n = sealed::seal_parallel(*input->file, *output->file, so);
+    if (!n) return report(n.error());
+  } else {
+    ProgressSource progress(*input->file, meter);
+    auto n = sealed::seal_stream(progress, output->sink(), so);
+    if (!n) return report(n.error());
+  }
+  meter.finish();
   if (auto c = output->commit(); !c) return report(c.error());
   return kExitOk;
 }
@@ -144,17 +152,25 @@ int cmd_open(int argc, char** argv) {
     if (!ra) return report(ra.error());
     if (auto v = ra->verify_all(); !v) return report(v.error());
   }
-  ProgressSource progress(*input->file, input->size, want_progress(input->size));
-  CountingSink counted(output->sink());
-  auto n = sealed::open_stream(progress, counted, ring, oo);
-  if (!n) {
-    const int code = report(n.error());
-    if (output->is_stdout() && counted.count > 0) {
-      std::fputs("tresor: the plaintext already written to stdout is incomplete: discard it\n", stderr);
+  ProgressMeter meter(input->size, want_progress(input->size));
+  if (input->size && output->file) {
+    // File to file: the parallel path. On failure the temporary file is emptied and removed.
+    oo.progress = [&meter](uint64_t done) { meter.update(done); };
+    auto n = sealed::open_parallel(*input->file, *output->file, ring, oo);
+    if (!n) return report(n.error());
+  } else {
+    ProgressSource progress(*input->file, meter);
+    CountingSink counted(output->sink());
+    auto n = sealed::open_stream(progress, counted, ring, oo);
+    if (!n) {
+      const int code = report(n.error());
+      if (output->is_stdout() && counted.count > 0) {
+        std::fputs("tresor: the plaintext already written to stdout is incomplete: discard it\n", stderr);
+      }
+      return code;  // an AtomicOutputFile that is not committed removes its temporary file
     }
-    return code;  // an AtomicOutputFile that is not committed removes its temporary file
   }
-  progress.finish();
+  meter.finish();
   if (auto c = output->commit(); !c) return report(c.error());
   return kExitOk;
 }

@@ -38,6 +38,15 @@ class RandomAccessSource {
   [[nodiscard]] virtual Result<void> read_at(uint64_t offset, MutableByteSpan out) const = 0;
 };
 
+/// RandomAccessSink writes at offsets (thread-safe: concurrent write_at calls to disjoint ranges).
+class RandomAccessSink {
+ public:
+  virtual ~RandomAccessSink() = default;
+  /// Sets the final size (called once, before the writes).
+  [[nodiscard]] virtual Result<void> resize(uint64_t size) const = 0;
+  [[nodiscard]] virtual Result<void> write_at(uint64_t offset, ByteSpan data) const = 0;
+};
+
 /// Reads until `out` is full or the source ends; returns the count.
 [[nodiscard]] Result<size_t> read_full(ByteSource& src, MutableByteSpan out);
 
@@ -109,7 +118,7 @@ class FdFile final : public ByteSource, public ByteSink, public RandomAccessSour
 /// failed operation leaves nothing behind. With `overwrite` false, commit() refuses to replace an
 /// existing file (the check and rename are made atomic with renameat2(RENAME_NOREPLACE) where
 /// the file system supports it, else link()+unlink()).
-class AtomicOutputFile final : public ByteSink {
+class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
  public:
   static Result<AtomicOutputFile> create(const std::string& path, unsigned mode, bool overwrite);
   AtomicOutputFile(AtomicOutputFile&& o) noexcept;
@@ -119,6 +128,8 @@ class AtomicOutputFile final : public ByteSink {
   ~AtomicOutputFile() override;
 
   Result<void> write(ByteSpan data) override;
+  Result<void> resize(uint64_t size) const override;
+  Result<void> write_at(uint64_t offset, ByteSpan data) const override;
   /// fsyncs, closes and renames into place.
   [[nodiscard]] Result<void> commit();
   const std::string& temp_path() const { return temp_; }

@@ -13,6 +13,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <variant>
@@ -101,11 +102,16 @@ struct SealOptions {
   std::vector<const DatasetKey*> datasets;
   /// Source of the file key, nonce prefix, salts and ephemeral keys. nullptr = the CSPRNG.
   crypto::RandomSource* rng = nullptr;
+  /// Parallel paths only: called now and then, from one worker thread, with an estimate of the
+  /// input bytes processed so far.
+  std::function<void(uint64_t)> progress;
 };
 
 struct OpenOptions {
   unsigned threads = 1;           // 0 = all cores
   std::string name = "<stream>";  // named in every error message
+  /// Parallel paths only: as SealOptions::progress.
+  std::function<void(uint64_t)> progress;
 };
 
 /// Validates seal options (chunk size, at least one recipient or dataset key).
@@ -236,6 +242,16 @@ class RandomAccessReader {
 /// failure `out` is zeroed and the error names the lowest failing chunk.
 [[nodiscard]] Result<size_t> open_parallel(ByteSpan sealed, MutableByteSpan out, const KeyRing& keys,
                                            const OpenOptions& options);
+
+/// The parallel path between seekable files (or any random-access source and sink): each worker
+/// reads, seals and writes its own run of chunks with pread/pwrite, using threads × 2 × chunk
+/// bytes of memory. Returns the sealed size.
+[[nodiscard]] Result<uint64_t> seal_parallel(const RandomAccessSource& in, const RandomAccessSink& out,
+                                             const SealOptions& options);
+/// Opens a seekable sealed source into a random-access sink in parallel. On failure the sink is
+/// truncated to 0 bytes and the error names the lowest failing chunk. Returns the plaintext size.
+[[nodiscard]] Result<uint64_t> open_parallel(const RandomAccessSource& in, const RandomAccessSink& out,
+                                             const KeyRing& keys, const OpenOptions& options);
 
 /// Seals a whole buffer (convenience for small data and tests).
 [[nodiscard]] Result<Bytes> seal_buffer(ByteSpan plaintext, const SealOptions& options);

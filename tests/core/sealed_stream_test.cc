@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <atomic>
 #include <functional>
 #include <random>
 
@@ -95,6 +96,46 @@ Result<Bytes> open_parallel_path(ByteSpan sealed_bytes, const sealed::KeyRing& r
   return out;
 }
 
+// A random-access sink over a vector (the resize happens once, before the concurrent writes).
+class BufferSink final : public RandomAccessSink {
+ public:
+  Result<void> resize(uint64_t size) const override {
+    bytes.resize(static_cast<size_t>(size), std::byte{0xAA});
+    return {};
+  }
+  Result<void> write_at(uint64_t offset, ByteSpan data) const override {
+    if (offset + data.size() > bytes.size()) return fail(ErrorCode::kIo, "write past the end of the sink");
+    std::memcpy(bytes.data() + offset, data.data(), data.size());
+    return {};
+  }
+  mutable Bytes bytes;
+};
+
+Result<Bytes> open_file_path(ByteSpan sealed_bytes, const sealed::KeyRing& ring, unsigned threads,
+                             const std::string& name = "test.sealed") {
+  MemorySource src(sealed_bytes);
+  BufferSink sink;
+  sealed::OpenOptions oo;
+  oo.threads = threads;
+  oo.name = name;
+  auto n = sealed::open_parallel(src, sink, ring, oo);
+  if (!n) {
+    EXPECT_TRUE(sink.bytes.empty()) << "the sink of a failing stream was not truncated";
+    return std::unexpected(n.error());
+  }
+  EXPECT_EQ(*n, sink.bytes.size());
+  return std::move(sink.bytes);
+}
+
+Bytes seal_file_path(ByteSpan plain, const sealed::SealOptions& o) {
+  MemorySource src(plain);
+  BufferSink sink;
+  auto n = sealed::seal_parallel(src, sink, o);
+  EXPECT_TRUE(n) << n.error().message;
+  EXPECT_EQ(n.value_or(0), sink.bytes.size());
+  return std::move(sink.bytes);
+}
+
 // ---- round trips ----------------------------------------------------------------------------
 
 struct SizeCase {
@@ -130,8 +171,14 @@ TEST_P(SealedRoundTrip, AllPathsAgree) {
     auto d = open_parallel_path(*s, k.ring(), threads);
     ASSERT_TRUE(d) << d.error().message;
     EXPECT_EQ(*d, plain);
-    // The streaming writer and the parallel path write the same layout.
+    auto e = open_file_path(*s, k.ring(), threads);
+    ASSERT_TRUE(e) << e.error().message;
+    EXPECT_EQ(*e, plain);
+    // The streaming writer and the file path write the same layout, and it opens.
     EXPECT_EQ(seal_streaming(plain, options(k, chunk, threads), 1000).size(), s->size());
+    const Bytes f = seal_file_path(plain, options(k, chunk, threads));
+    ASSERT_EQ(f.size(), s->size());
+    EXPECT_EQ(*open_streaming(f, k.ring(), 1), plain);
 
     // Pull-style read() in odd pieces.
     MemorySource src(*s);
@@ -168,6 +215,9 @@ TEST(SealedStream, StreamingAndParallelProduceIdenticalBytes) {
       DeterministicRandom rng("same randomness");
       outs.push_back(seal_streaming(plain, options(k, 64, threads, &rng), piece));
     }
+    DeterministicRandom r1("same randomness"), r2("same randomness");
+    outs.push_back(*sealed::seal_buffer(plain, options(k, 64, threads, &r1)));
+    outs.push_back(seal_file_path(plain, options(k, 64, threads, &r2)));
   }
   for (const auto& o : outs) EXPECT_EQ(o, outs.front());
   // And a different seed gives a different file (fresh file key and nonce prefix).
@@ -249,6 +299,23 @@ TEST(SealedStream, ParallelPathChecksBufferSizes) {
   EXPECT_EQ(exact, plain);
 }
 
+TEST(SealedStream, ParallelPathReportsProgress) {
+  Keys k;
+  const Bytes plain = pattern_bytes(64 * 1000, 8);
+  std::atomic<uint64_t> last{0};
+  std::atomic<int> calls{0};
+  sealed::SealOptions o = options(k, 64, 4);
+  o.progress = [&](uint64_t done) {
+    last = done;
+    ++calls;
+  };
+  const Bytes f = seal_file_path(plain, o);
+  EXPECT_GT(calls.load(), 10);
+  EXPECT_GE(last.load(), plain.size() * 9 / 10);
+  EXPECT_LE(last.load(), plain.size() + 4 * 64);
+  EXPECT_EQ(*open_streaming(f, k.ring(), 1), plain);
+}
+
 TEST(SealedStream, WriterRejectsUseAfterFinish) {
   Keys k;
   MemorySink sink;
@@ -312,6 +379,10 @@ void expect_rejected(const Tamper& t, const TamperCase& c) {
   EXPECT_EQ(b.error().code, c.want) << error_code_name(b.error().code) << ": " << b.error().message;
   EXPECT_NE(b.error().message.find(c.want_text), std::string::npos) << b.error().message;
   for (unsigned threads : {1u, 3u}) {
+    auto f = open_file_path(bad, t.k.ring(), threads, "victim.sealed");
+    ASSERT_FALSE(f) << "file path accepted: " << c.name;
+    EXPECT_EQ(f.error().code, c.want) << error_code_name(f.error().code) << ": " << f.error().message;
+    EXPECT_NE(f.error().message.find(c.want_text), std::string::npos) << f.error().message;
     auto p = open_parallel_path(bad, t.k.ring(), threads, "victim.sealed");
     ASSERT_FALSE(p) << "parallel path accepted: " << c.name;
     EXPECT_EQ(p.error().code, c.want) << error_code_name(p.error().code) << ": " << p.error().message;
