@@ -11,7 +11,7 @@ target_compile_options(tresor_flags INTERFACE
 # Hardening for everything: the tools hold keys and the runner/agent run privileged.
 target_compile_options(tresor_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CXX>:-fstack-protector-strong -fstack-clash-protection -fcf-protection>)
-if(NOT TRESOR_SANITIZE AND NOT TRESOR_FUZZ)
+if(NOT TRESOR_SANITIZE AND NOT TRESOR_FUZZ AND NOT TRESOR_TSAN)
   target_compile_definitions(tresor_flags INTERFACE
     $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<NOT:$<CONFIG:Debug>>>:_FORTIFY_SOURCE=2>)
 endif()
@@ -22,6 +22,12 @@ if(TRESOR_SANITIZE)
   target_compile_options(tresor_flags INTERFACE
     $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer>)
   target_link_options(tresor_flags INTERFACE -fsanitize=address,undefined)
+endif()
+
+if(TRESOR_TSAN)
+  target_compile_options(tresor_flags INTERFACE
+    $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=thread -fno-omit-frame-pointer>)
+  target_link_options(tresor_flags INTERFACE -fsanitize=thread)
 endif()
 
 if(TRESOR_FUZZ)

@@ -1,6 +1,27 @@
 #include "tresor/thread_pool.h"
 
+#include <algorithm>
+#include <chrono>
+
 namespace tresor {
+namespace {
+
+// How long an idle thread polls before it blocks. Long enough to bridge the gap between two
+// batches of a stream, short enough not to matter when the pool goes idle for good.
+constexpr auto kSpin = std::chrono::microseconds(200);
+constexpr size_t kMaxLoop = 0xffff;
+
+template <typename Pred>
+bool spin_until(Pred done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+}  // namespace
 
 unsigned ThreadPool::resolve(unsigned threads) {
   if (threads != 0) return threads;
@@ -21,50 +42,71 @@ ThreadPool::~ThreadPool() {
   workers_.clear();  // joins
 }
 
-void ThreadPool::run_indices() {
-  std::unique_lock lock(mu_);
-  while (next_ < n_) {
-    const size_t i = next_++;
-    const auto* fn = fn_;
-    lock.unlock();
-    (*fn)(i);
-    lock.lock();
-    if (++finished_ == n_) done_cv_.notify_all();
+void ThreadPool::run_indices(uint32_t generation) {
+  for (;;) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    size_t i = 0;
+    size_t n = 0;
+    for (;;) {
+      if ((t >> 32) != generation) return;  // that loop is over
+      i = static_cast<size_t>(t & 0xffffu);
+      n = static_cast<size_t>((t >> 16) & 0xffffu);
+      if (i >= n) return;  // every index of this loop is taken
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) break;
+    }
+    (*fn_)(i);
+    // After this increment the loop may end and the next one rewrite fn_ and n_: use the local n.
+    if (finished_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      std::lock_guard lock(mu_);
+      done_cv_.notify_all();
+    }
   }
 }
 
 void ThreadPool::worker_loop() {
-  unsigned seen = 0;
+  uint32_t seen = 0;
   for (;;) {
-    {
+    auto has_work = [&] { return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen; };
+    if (!spin_until(has_work)) {
       std::unique_lock lock(mu_);
-      work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+      work_cv_.wait(lock, has_work);
     }
-    run_indices();
+    if (stop_.load(std::memory_order_acquire)) return;
+    seen = generation_.load(std::memory_order_acquire);
+    run_indices(seen);
   }
 }
 
 void ThreadPool::parallel_for(size_t n, const std::function<void(size_t)>& fn) {
   if (n == 0) return;
+  if (n > kMaxLoop) {
+    // Indices live in 16 bits of the ticket; split larger loops.
+    for (size_t base = 0; base < n; base += kMaxLoop) {
+      const size_t count = std::min<size_t>(kMaxLoop, n - base);
+      parallel_for(count, [&](size_t i) { fn(base + i); });
+    }
+    return;
+  }
   if (size_ == 1 || n == 1) {
     for (size_t i = 0; i < n; ++i) fn(i);
     return;
   }
+  uint32_t gen = 0;
   {
     std::lock_guard lock(mu_);
     fn_ = &fn;
-    n_ = n;
-    next_ = 0;
-    finished_ = 0;
-    ++generation_;
+    finished_.store(0, std::memory_order_relaxed);
+    gen = generation_.load(std::memory_order_relaxed) + 1;
+    ticket_.store((uint64_t{gen} << 32) | (uint64_t{n} << 16), std::memory_order_release);
+    generation_.store(gen, std::memory_order_release);
   }
   work_cv_.notify_all();
-  run_indices();
-  std::unique_lock lock(mu_);
-  done_cv_.wait(lock, [&] { return finished_ == n_; });
-  fn_ = nullptr;
+  run_indices(gen);
+  auto all_done = [&] { return finished_.load(std::memory_order_acquire) == n; };
+  if (!spin_until(all_done)) {
+    std::unique_lock lock(mu_);
+    done_cv_.wait(lock, all_done);
+  }
 }
 
 }  // namespace tresor
