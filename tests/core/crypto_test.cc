@@ -24,6 +24,8 @@
 namespace tresor {
 namespace {
 
+using testing::FailsWith;
+
 using crypto::Hash;
 using crypto::Key;
 using crypto::KeyType;
@@ -56,16 +58,6 @@ bool all_bytes_are(ByteSpan b, std::byte value) {
   return std::all_of(b.begin(), b.end(), [value](std::byte x) { return x == value; });
 }
 
-// Success when `r` failed with exactly `want`; the failure message shows what happened instead.
-template <typename T>
-::testing::AssertionResult FailsWith(const Result<T>& r, ErrorCode want) {
-  if (r) return ::testing::AssertionFailure() << "succeeded, want error " << error_code_name(want);
-  if (r.error().code != want) {
-    return ::testing::AssertionFailure() << "failed with " << error_code_name(r.error().code) << " ("
-                                         << r.error().message << "), want " << error_code_name(want);
-  }
-  return ::testing::AssertionSuccess();
-}
 
 template <typename T>
 ::testing::AssertionResult Succeeds(const Result<T>& r) {

@@ -1,5 +1,6 @@
 // Tests for tresor/encoding.h and error_code_name: hex, RFC 4648 base32 (lower case, no padding),
 // sizes for people, and the fixed-width integer helpers. Every accepted input has a rejected twin.
+#include "support/test_support.h"
 #include "tresor/encoding.h"
 
 #include <gtest/gtest.h>
@@ -17,15 +18,8 @@
 namespace tresor {
 namespace {
 
-template <typename T>
-::testing::AssertionResult FailsWith(const Result<T>& r, ErrorCode want) {
-  if (r) return ::testing::AssertionFailure() << "succeeded, want error " << error_code_name(want);
-  if (r.error().code != want) {
-    return ::testing::AssertionFailure() << "failed with " << error_code_name(r.error().code) << " ("
-                                         << r.error().message << "), want " << error_code_name(want);
-  }
-  return ::testing::AssertionSuccess();
-}
+using testing::FailsWith;
+
 
 Bytes bytes_of(std::initializer_list<unsigned> values) {
   Bytes out;

@@ -17,17 +17,10 @@
 namespace tresor {
 namespace {
 
+using testing::FailsWith;
+
 using testing::DeterministicRandom;
 
-template <typename T>
-::testing::AssertionResult FailsWith(const Result<T>& r, ErrorCode want) {
-  if (r) return ::testing::AssertionFailure() << "succeeded, want error " << error_code_name(want);
-  if (r.error().code != want) {
-    return ::testing::AssertionFailure() << "failed with " << error_code_name(r.error().code) << " ("
-                                         << r.error().message << "), want " << error_code_name(want);
-  }
-  return ::testing::AssertionSuccess();
-}
 
 bool contains(const std::string& haystack, std::string_view needle) {
   return haystack.find(needle) != std::string::npos;

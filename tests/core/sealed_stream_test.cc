@@ -105,7 +105,7 @@ class BufferSink final : public RandomAccessSink {
   }
   Result<void> write_at(uint64_t offset, ByteSpan data) const override {
     if (offset + data.size() > bytes.size()) return fail(ErrorCode::kIo, "write past the end of the sink");
-    std::memcpy(bytes.data() + offset, data.data(), data.size());
+    if (!data.empty()) std::memcpy(bytes.data() + offset, data.data(), data.size());
     return {};
   }
   mutable Bytes bytes;

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "tresor/crypto.h"
 #include "tresor/encoding.h"
 
@@ -44,6 +46,17 @@ class TempDir {
 Bytes read_file(const std::string& path);
 void write_file(const std::string& path, ByteSpan data, unsigned mode = 0600);
 std::string testdata(const std::string& relative);
+
+/// Success when `r` failed with exactly `want`; the failure message shows what happened instead.
+template <typename T>
+::testing::AssertionResult FailsWith(const Result<T>& r, ErrorCode want) {
+  if (r) return ::testing::AssertionFailure() << "succeeded, want error " << error_code_name(want);
+  if (r.error().code != want) {
+    return ::testing::AssertionFailure() << "failed with " << error_code_name(r.error().code) << " ("
+                                         << r.error().message << "), want " << error_code_name(want);
+  }
+  return ::testing::AssertionSuccess();
+}
 
 /// Result of running a command: exit code (or 128+signal), stdout and stderr.
 struct CommandResult {
