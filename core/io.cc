@@ -1,6 +1,7 @@
 #include "tresor/io.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -8,6 +9,7 @@
 #include <array>
 #include <cerrno>
 #include <cstdio>
+#include <stdio.h>  // renameat2, RENAME_NOREPLACE (glibc >= 2.28)
 #include <cstring>
 #include <utility>
 
@@ -18,6 +20,19 @@ namespace {
 
 std::unexpected<Error> io_fail(const std::string& what, const std::string& name, int err = errno) {
   return fail(ErrorCode::kIo, what + " " + name + ": " + std::strerror(err));
+}
+
+Result<void> pwrite_all(int fd, uint64_t offset, ByteSpan data, const std::string& name) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return io_fail("cannot write", name);
+    }
+    done += static_cast<size_t>(n);
+  }
+  return {};
 }
 
 }  // namespace
@@ -154,16 +169,7 @@ Result<void> AtomicOutputFile::resize(uint64_t size) const {
 }
 
 Result<void> AtomicOutputFile::write_at(uint64_t offset, ByteSpan data) const {
-  size_t done = 0;
-  while (done < data.size()) {
-    const ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return io_fail("cannot write", temp_);
-    }
-    done += static_cast<size_t>(n);
-  }
-  return {};
+  return pwrite_all(fd_, offset, data, temp_);
 }
 
 Result<void> AtomicOutputFile::commit() {
@@ -173,8 +179,10 @@ Result<void> AtomicOutputFile::commit() {
   if (::close(fd) != 0) return io_fail("cannot close", temp_);
   if (overwrite_) {
     if (::rename(temp_.c_str(), path_.c_str()) != 0) return io_fail("cannot rename into", path_);
-  } else {
-    // link() fails with EEXIST if the target appeared meanwhile: no silent replacement.
+  } else if (::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_NOREPLACE) != 0) {
+    if (errno == EEXIST) return fail(ErrorCode::kExists, path_ + " already exists; refusing to overwrite it");
+    if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) return io_fail("cannot create", path_);
+    // No RENAME_NOREPLACE here: link() also fails with EEXIST if the target appeared meanwhile.
     if (::link(temp_.c_str(), path_.c_str()) != 0) {
       if (errno == EEXIST) return fail(ErrorCode::kExists, path_ + " already exists; refusing to overwrite it");
       return io_fail("cannot create", path_);
@@ -204,8 +212,16 @@ Result<std::string> read_small_file(const std::string& path, size_t max_size) {
 }
 
 Result<SecretBuffer> read_secret_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) return io_fail("cannot open", path);
+  FdFile f(fd, path, /*owned=*/true);
   struct stat st{};
-  if (::stat(path.c_str(), &st) != 0) return io_fail("cannot open", path);
+  if (::fstat(fd, &st) != 0) return io_fail("cannot stat", path);
+  if (!S_ISREG(st.st_mode)) return fail(ErrorCode::kPermission, path + " is not a regular file; a secret key must be one");
+  if (st.st_uid != ::geteuid() && st.st_uid != 0) {
+    return fail(ErrorCode::kPermission, path + " belongs to uid " + std::to_string(st.st_uid) +
+                                            ", not to you: a secret key must be your own");
+  }
   if ((st.st_mode & 077) != 0) {
     char mode[8];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
@@ -213,11 +229,65 @@ Result<SecretBuffer> read_secret_file(const std::string& path) {
                                             ": a secret key must not be readable by others (run: chmod 600 " +
                                             path + ")");
   }
-  auto text = read_small_file(path, 64 * 1024);
-  if (!text) return std::unexpected(text.error());
-  SecretBuffer out = SecretBuffer::copy_of(as_bytes(*text));
-  secure_wipe(MutableByteSpan(reinterpret_cast<std::byte*>(text->data()), text->size()));
-  return out;
+  constexpr size_t kMax = 64 * 1024;
+  SecretBuffer buf(kMax + 1);
+  auto n = read_full(f, buf.span());
+  if (!n) return std::unexpected(n.error());
+  if (*n > kMax) return fail(ErrorCode::kInvalidArgument, path + " is larger than 64 KiB; not a key file");
+  return SecretBuffer::copy_of(buf.span().first(*n));
+}
+
+Result<AnonymousTempFile> AnonymousTempFile::create(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    fd = ::memfd_create("tresor-plaintext", MFD_CLOEXEC);
+  }
+  if (fd < 0) return io_fail("cannot create an anonymous temporary file in", dir);
+  return AnonymousTempFile(fd);
+}
+
+AnonymousTempFile::AnonymousTempFile(AnonymousTempFile&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+
+AnonymousTempFile::~AnonymousTempFile() {
+  if (fd_ >= 0) {
+    // Free the plaintext's pages now rather than at the last close of a shared descriptor.
+    if (::ftruncate(fd_, 0) != 0) {
+      // Nothing more to do: the file has no name and goes away with its descriptor.
+    }
+    ::close(fd_);
+  }
+}
+
+Result<uint64_t> AnonymousTempFile::size() const {
+  struct stat st{};
+  if (::fstat(fd_, &st) != 0) return io_fail("cannot stat", "anonymous temporary file");
+  return static_cast<uint64_t>(st.st_size);
+}
+
+Result<void> AnonymousTempFile::read_at(uint64_t offset, MutableByteSpan out) const {
+  return FdFile(fd_, "anonymous temporary file").read_at(offset, out);
+}
+
+Result<void> AnonymousTempFile::resize(uint64_t size) const {
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return io_fail("cannot size", "anonymous temporary file");
+  return {};
+}
+
+Result<void> AnonymousTempFile::write_at(uint64_t offset, ByteSpan data) const {
+  return pwrite_all(fd_, offset, data, "anonymous temporary file");
+}
+
+Result<void> AnonymousTempFile::copy_to(ByteSink& sink) const {
+  auto total = size();
+  if (!total) return std::unexpected(total.error());
+  SecretBuffer buf(1 << 20);
+  for (uint64_t off = 0; off < *total;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), *total - off));
+    TRESOR_TRY(read_at(off, buf.span().first(n)));
+    TRESOR_TRY(sink.write(buf.span().first(n)));
+    off += n;
+  }
+  return {};
 }
 
 }  // namespace tresor

@@ -1,5 +1,6 @@
 // Sealed format v1: header parsing, serialization, key derivation and stanza (un)wrapping.
 // Normative spec: docs/formats.md. Section numbers below refer to it.
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -200,6 +201,9 @@ Result<StreamKeys> derive_stream_keys(ByteSpan file_key, ByteSpan nonce_prefix) 
 
 std::array<std::byte, crypto::kGcmNonceSize> chunk_nonce(const std::array<std::byte, kNoncePrefixSize>& prefix,
                                                          uint64_t index, bool last) {
+  // Callers keep index < 2^32 (writers refuse longer streams, readers reject them): a wrapped
+  // counter would repeat chunk 0's nonce.
+  if (index >= kMaxChunks) std::abort();
   std::array<std::byte, crypto::kGcmNonceSize> n;
   std::memcpy(n.data(), prefix.data(), kNoncePrefixSize);
   store_be32(n.data() + kNoncePrefixSize, static_cast<uint32_t>(index));
@@ -219,11 +223,20 @@ Result<void> check_seal_options(const SealOptions& o) {
   if (o.recipients.size() + o.datasets.size() > kMaxStanzas) {
     return fail(ErrorCode::kInvalidArgument, "at most " + std::to_string(kMaxStanzas) + " recipients and dataset keys");
   }
+  Header shape;  // the header these options produce, for its size
+  shape.stanzas.resize(o.recipients.size(), X25519Stanza{});
   for (const auto* d : o.datasets) {
     if (d == nullptr || d->key.size() != kDatasetKeySize) {
       return fail(ErrorCode::kInvalidArgument, "dataset key must be 32 bytes");
     }
     TRESOR_TRY(validate_dataset_id(d->id));
+    shape.stanzas.emplace_back(DatasetStanza{d->id, {}, {}});
+  }
+  if (shape.size() > kMaxHeaderSize) {
+    return fail(ErrorCode::kInvalidArgument, "the header for " + std::to_string(o.recipients.size()) +
+                                                 " recipients and " + std::to_string(o.datasets.size()) +
+                                                 " dataset keys would be " + std::to_string(shape.size()) +
+                                                 " bytes, over the " + std::to_string(kMaxHeaderSize) + "-byte limit");
   }
   return {};
 }

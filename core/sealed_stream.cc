@@ -35,11 +35,21 @@ struct Shape {
   uint64_t plaintext = 0;
 };
 
-Result<Shape> shape_of(uint64_t body, uint32_t chunk_size, const std::string& name) {
+// `final_at(i)` tells whether whole frame i authenticates as the final chunk. It settles a body
+// that ends 1..15 bytes past a whole frame: a truncated tag, or bytes appended after a full
+// final chunk (the streaming reader calls the latter trailing data; so must every reader).
+Result<Shape> shape_of(uint64_t body, uint32_t chunk_size, const std::string& name,
+                       const std::function<bool(uint64_t)>& final_at) {
   const uint64_t fs = frame_size(chunk_size);
   if (body == 0) return fail(ErrorCode::kTruncated, name + ": the stream ends right after its header, with no chunks");
   const uint64_t rem = body % fs;
   if (rem > 0 && rem < kTagSize) {
+    const uint64_t whole = body / fs;
+    if (whole > 0 && final_at(whole - 1)) {
+      return fail(ErrorCode::kTrailingData, name + ": chunk " + std::to_string(whole - 1) +
+                                                " is the stream's final chunk, but " + std::to_string(rem) +
+                                                " more bytes follow it: bytes were appended");
+    }
     return fail(ErrorCode::kTruncated, name + ": the last chunk has " + std::to_string(rem) +
                                            " bytes, less than its 16-byte tag: the stream is truncated");
   }
@@ -57,6 +67,13 @@ Result<Shape> shape_of(uint64_t body, uint32_t chunk_size, const std::string& na
 // chunk that belongs to this stream at another position (reordered), a final chunk followed by
 // data (extension), a non-final chunk at the end (truncation), and anything else (altered, or
 // from another stream). No plaintext is released.
+// True when `frame` is a valid final chunk at `index`. Wipes the trial plaintext.
+bool authenticates_as_final(crypto::AesGcm& aes, const Header& h, ByteSpan frame, uint64_t index) {
+  if (frame.size() < kTagSize || index >= kMaxChunks) return false;
+  SecretBuffer scratch(frame.size() - kTagSize);
+  return aes.open(chunk_nonce(h.nonce_prefix, index, true), {}, frame, scratch.span()).has_value();
+}
+
 Error diagnose_chunk(crypto::AesGcm& aes, const Header& h, ByteSpan frame, uint64_t position, bool tried_last,
                      bool more_follows, uint64_t max_index, const std::string& name, uint64_t frame_offset) {
   const std::string where = name + ": chunk " + std::to_string(position) + " (bytes " + std::to_string(frame_offset) +
@@ -82,10 +99,13 @@ Error diagnose_chunk(crypto::AesGcm& aes, const Header& h, ByteSpan frame, uint6
   std::array<std::byte, 16> ghash;
   for (size_t i = 0; i < 16; ++i) ghash[i] = (*t0)[i] ^ e0[i];
 
-  // Candidates: the same position with the other flag first, then every index up to max_index.
-  const uint64_t limit = std::min<uint64_t>(max_index, kMaxChunks - 1);
+  // Candidates: every (index, last) with index within kWindow of the position (and at most
+  // max_index): about 2^18 AES blocks at most, so a hostile file cannot make diagnosis slow.
+  constexpr uint64_t kWindow = 65536;
+  const uint64_t first = position > kWindow ? position - kWindow : 0;
+  const uint64_t limit = std::min<uint64_t>({max_index, position + kWindow, kMaxChunks - 1});
   constexpr uint64_t kBatch = 4096;
-  for (uint64_t start = 0; start <= limit; start += kBatch) {
+  for (uint64_t start = first; start <= limit; start += kBatch) {
     const uint64_t count = std::min<uint64_t>(kBatch, limit - start + 1);
     Bytes blocks(2 * count * 16);
     for (uint64_t k = 0; k < count; ++k) {
@@ -142,7 +162,8 @@ struct SealWriter::Impl {
   Result<void> flush(bool final_batch) {
     size_t n = (filled + chunk_size - 1) / chunk_size;
     if (n == 0) n = 1;  // only for the empty stream: one empty final chunk
-    if (next_index + n > kMaxChunks) {
+    // A non-final batch must leave room for the final chunk that is still to come.
+    if (next_index + n + (final_batch ? 0 : 1) > kMaxChunks) {
       return fail(ErrorCode::kInvalidArgument, "stream exceeds 2^32 chunks; use a larger chunk size");
     }
     std::vector<std::optional<Error>> errors(n);
@@ -224,7 +245,10 @@ Result<void> SealWriter::write_from(ByteSource& source) {
       // Learn whether more data follows before sealing a full batch as non-final.
       std::byte next;
       auto n = source.read(MutableByteSpan(&next, 1));
-      if (!n) return std::unexpected(n.error());
+      if (!n) {
+        s.failed = true;  // a stream whose source failed must not be finished as if complete
+        return std::unexpected(n.error());
+      }
       if (*n == 0) return {};
       if (auto r = s.flush(false); !r) {
         s.failed = true;
@@ -235,7 +259,10 @@ Result<void> SealWriter::write_from(ByteSource& source) {
       s.total += 1;
     }
     auto n = source.read(s.plain.span().subspan(s.filled));
-    if (!n) return std::unexpected(n.error());
+    if (!n) {
+      s.failed = true;
+      return std::unexpected(n.error());
+    }
     if (*n == 0) return {};
     s.filled += *n;
     s.total += *n;
@@ -372,6 +399,9 @@ struct SealReader::Impl {
       final_seen = *end;
     }
     const size_t n = lens.size();
+    if (next_index + n > kMaxChunks) {
+      return fail(ErrorCode::kMalformed, name + ": the stream has more than 2^32 chunks, the most version 1 allows");
+    }
     std::vector<char> ok(n, 0);
     pool->parallel_for(n, [&](size_t k) {
       const bool last = final_seen && k == n - 1;
@@ -546,7 +576,13 @@ Result<RandomAccessReader> RandomAccessReader::open(const RandomAccessSource& so
   auto impl = std::make_unique<Impl>();
   impl->src = &source;
   impl->name = name;
-  auto shape = shape_of(*size - *len, opened->header.chunk_size, name);
+  const uint64_t hlen = *len;
+  auto shape = shape_of(*size - hlen, opened->header.chunk_size, name, [&](uint64_t i) {
+    Bytes frame(frame_size(opened->header.chunk_size));
+    auto aes = crypto::AesGcm::create(opened->payload_key.span());
+    return aes && source.read_at(hlen + i * frame.size(), frame) &&
+           authenticates_as_final(*aes, opened->header, frame, i);
+  });
   if (!shape) return std::unexpected(shape.error());
   impl->chunks = shape->chunks;
   impl->last_frame = shape->last_frame;
@@ -756,7 +792,12 @@ Result<uint64_t> open_with(uint64_t sealed_size_bytes, ChunkIo& io, const KeyRin
   auto opened = finish_open(Bytes(header_in->begin(), header_in->end()), keys, name);
   if (!opened) return std::unexpected(opened.error());
   const Header& h = opened->header;
-  auto shape = shape_of(sealed_size_bytes - *len, h.chunk_size, name);
+  auto shape = shape_of(sealed_size_bytes - *len, h.chunk_size, name, [&](uint64_t i) {
+    Bytes frame(frame_size(h.chunk_size));
+    auto aes = crypto::AesGcm::create(opened->payload_key.span());
+    auto in = io.read(*len + i * frame.size(), frame.size(), frame);
+    return aes && in && authenticates_as_final(*aes, h, *in, i);
+  });
   if (!shape) return std::unexpected(shape.error());
   TRESOR_TRY(io.prepare(shape->plaintext));
   const unsigned parts = static_cast<unsigned>(std::min<uint64_t>(ThreadPool::resolve(options.threads), shape->chunks));

@@ -2,6 +2,7 @@
 #include <sys/stat.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 #include "options.h"
@@ -146,13 +147,22 @@ int cmd_open(int argc, char** argv) {
 
   auto output = Output::create(out, 0600, vm.count("force") > 0, /*binary=*/false);
   if (!output) return report(output.error());
-  if (output->is_stdout() && input->size) {
-    // stdout cannot be taken back: authenticate the whole file before releasing any plaintext.
-    auto ra = sealed::RandomAccessReader::open(*input->file, ring, oo);
-    if (!ra) return report(ra.error());
-    if (auto v = ra->verify_all(); !v) return report(v.error());
-  }
   ProgressMeter meter(input->size, want_progress(input->size));
+  if (output->is_stdout() && input->size) {
+    // stdout cannot be taken back. Open the file once, in parallel, into a nameless mode-0600
+    // temporary file, and copy it out only when every chunk has verified. (Verifying first and
+    // decrypting in a second pass would let someone who can rewrite the file between the passes
+    // make a truncated plaintext reach stdout.)
+    const char* tmpdir = std::getenv("TMPDIR");
+    auto staged = AnonymousTempFile::create(tmpdir != nullptr && *tmpdir != '\0' ? tmpdir : "/tmp");
+    if (!staged) return report(staged.error());
+    oo.progress = [&meter](uint64_t done) { meter.update(done); };
+    auto n = sealed::open_parallel(*input->file, *staged, ring, oo);
+    if (!n) return report(n.error());
+    meter.finish();
+    if (auto c = staged->copy_to(output->sink()); !c) return report(c.error());
+    return kExitOk;
+  }
   if (input->size && output->file) {
     // File to file: the parallel path. On failure the temporary file is emptied and removed.
     oo.progress = [&meter](uint64_t done) { meter.update(done); };

@@ -116,8 +116,8 @@ class FdFile final : public ByteSource, public ByteSink, public RandomAccessSour
 /// AtomicOutputFile writes to a temporary file beside `path` (mode `mode`, O_EXCL) and renames it
 /// over `path` only in commit(). Destroying it without commit() removes the temporary file, so a
 /// failed operation leaves nothing behind. With `overwrite` false, commit() refuses to replace an
-/// existing file (the check and rename are made atomic with renameat2(RENAME_NOREPLACE) where
-/// the file system supports it, else link()+unlink()).
+/// existing file: the rename is renameat2(RENAME_NOREPLACE), or link()+unlink() on file systems
+/// without it, so a file that appears meanwhile is never replaced.
 class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
  public:
   static Result<AtomicOutputFile> create(const std::string& path, unsigned mode, bool overwrite);
@@ -147,7 +147,33 @@ class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
 /// Reads a whole small file (keys, identities); refuses files over `max_size`.
 [[nodiscard]] Result<std::string> read_small_file(const std::string& path, size_t max_size = 1 << 20);
 
-/// Reads a secret file and refuses it when group or others may read it (like ssh with its keys).
+/// Reads a secret file (at most 64 KiB) and refuses it unless it is a regular file owned by the
+/// caller (or root) that neither group nor others may read. The checks are made on the opened
+/// descriptor, so the file cannot be swapped between check and read.
 [[nodiscard]] Result<SecretBuffer> read_secret_file(const std::string& path);
+
+/// AnonymousTempFile is a mode-0600 file with no name (O_TMPFILE in `dir`, or a memfd where the
+/// file system lacks O_TMPFILE): nothing else can open it, and it disappears when closed. Used to
+/// assemble authenticated plaintext before any of it goes to a stream that cannot be taken back.
+class AnonymousTempFile final : public RandomAccessSource, public RandomAccessSink {
+ public:
+  static Result<AnonymousTempFile> create(const std::string& dir);
+  AnonymousTempFile(AnonymousTempFile&& o) noexcept;
+  AnonymousTempFile(const AnonymousTempFile&) = delete;
+  AnonymousTempFile& operator=(const AnonymousTempFile&) = delete;
+  AnonymousTempFile& operator=(AnonymousTempFile&&) = delete;
+  ~AnonymousTempFile() override;
+
+  Result<uint64_t> size() const override;
+  Result<void> read_at(uint64_t offset, MutableByteSpan out) const override;
+  Result<void> resize(uint64_t size) const override;
+  Result<void> write_at(uint64_t offset, ByteSpan data) const override;
+  /// Copies the whole content to `sink` in order.
+  [[nodiscard]] Result<void> copy_to(ByteSink& sink) const;
+
+ private:
+  explicit AnonymousTempFile(int fd) : fd_(fd) {}
+  int fd_ = -1;
+};
 
 }  // namespace tresor

@@ -114,7 +114,7 @@ struct OpenOptions {
   std::function<void(uint64_t)> progress;
 };
 
-/// Validates seal options (chunk size, at least one recipient or dataset key).
+/// Validates seal options (chunk size, at least one recipient or dataset key, header ≤ 64 KiB).
 [[nodiscard]] Result<void> check_seal_options(const SealOptions& o);
 
 /// Derived per-file keys (docs/formats.md §4). Exposed for test vectors and the GPU channel.
@@ -124,7 +124,8 @@ struct StreamKeys {
 };
 [[nodiscard]] Result<StreamKeys> derive_stream_keys(ByteSpan file_key, ByteSpan nonce_prefix);
 
-/// The 12-byte nonce of chunk `index` (prefix ‖ be32(index) ‖ last).
+/// The 12-byte nonce of chunk `index` (prefix ‖ be32(index) ‖ last). index must be below 2^32
+/// (the process aborts otherwise: a wrapped counter would reuse a nonce).
 std::array<std::byte, crypto::kGcmNonceSize> chunk_nonce(const std::array<std::byte, kNoncePrefixSize>& prefix,
                                                          uint64_t index, bool last);
 

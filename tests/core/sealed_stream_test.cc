@@ -15,6 +15,7 @@ namespace tresor {
 namespace {
 
 using testing::DeterministicRandom;
+using testing::FailsWith;
 using testing::pattern_bytes;
 
 struct Keys {
@@ -430,6 +431,14 @@ TEST(SealedTamper, EveryAttackIsDetectedWithItsOwnError) {
          return b;
        },
        ErrorCode::kTrailingData, "chunk 3"},
+      {"a few bytes appended after a full final chunk",
+       [](const Tamper& tt) {
+         Bytes b = tt.sealed_exact;
+         const Bytes extra = pattern_bytes(5, 6);
+         b.insert(b.end(), extra.begin(), extra.end());
+         return b;
+       },
+       ErrorCode::kTrailingData, "chunk 3"},
       {"final chunk duplicated",
        [](const Tamper& tt) {
          Bytes b = tt.sealed_exact;
@@ -545,6 +554,78 @@ TEST(SealedTamper, ChunkFromStreamWithSameFileKeyIsRejected) {
   EXPECT_EQ(r.error().code, ErrorCode::kChunkAuth);
   EXPECT_NE(r.error().message.find("another stream"), std::string::npos);
   EXPECT_EQ(*open_streaming(a, t.k.ring(), 1), t.plain);  // twin
+}
+
+TEST(SealedTamper, DiagnosisLooksOnlyNearTheFailingPosition) {
+  // 70000 chunks of 16 bytes: a chunk moved by 1000 positions is recognised as reordered; one
+  // moved by 69000 (past the 65536-chunk window) is reported as failing authentication, so that
+  // a hostile file cannot make diagnosis search 2^32 indices.
+  Keys k;
+  const Bytes plain = pattern_bytes(16 * 70000, 12);
+  const Bytes s = *sealed::seal_buffer(plain, options(k, 16, 1));
+  const size_t hlen = sealed::parse_header(s)->size();
+  auto moved = [&](size_t from, size_t to) {
+    Bytes b = s;
+    std::copy(s.begin() + static_cast<long>(hlen + from * 32), s.begin() + static_cast<long>(hlen + from * 32 + 32),
+              b.begin() + static_cast<long>(hlen + to * 32));
+    return b;
+  };
+  auto near = open_parallel_path(moved(68000, 69000), k.ring(), 2);
+  ASSERT_FALSE(near);
+  EXPECT_EQ(near.error().code, ErrorCode::kChunkReordered) << near.error().message;
+  auto far = open_parallel_path(moved(0, 69000), k.ring(), 2);
+  ASSERT_FALSE(far);
+  EXPECT_EQ(far.error().code, ErrorCode::kChunkAuth) << far.error().message;
+}
+
+TEST(SealedStream, TooManyStanzasForTheHeaderAreRefusedBeforeSealing) {
+  std::vector<DatasetKey> keys;
+  for (int i = 0; i < 340; ++i) {
+    std::string id = "d";
+    id += std::to_string(i);
+    id += '/';
+    id.append(120, 'x');
+    keys.push_back(*DatasetKey::generate(id));
+  }
+  sealed::SealOptions o;
+  for (const auto& d : keys) o.datasets.push_back(&d);
+  auto r = sealed::check_seal_options(o);
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("65536-byte limit"), std::string::npos) << r.error().message;
+  EXPECT_FALSE(sealed::seal_buffer(as_bytes("x"), o));
+  o.datasets.resize(300);
+  EXPECT_TRUE(sealed::check_seal_options(o));
+  auto ok = sealed::seal_buffer(as_bytes("x"), o);
+  ASSERT_TRUE(ok) << ok.error().message;
+  sealed::KeyRing ring;
+  ring.dataset_keys.push_back(&keys[299]);
+  EXPECT_EQ(to_string(sealed::open_buffer(*ok, ring, {})->span()), "x");
+}
+
+// A source that fails after `good` bytes.
+class FailingSource final : public ByteSource {
+ public:
+  explicit FailingSource(size_t good) : left_(good) {}
+  Result<size_t> read(MutableByteSpan out) override {
+    if (left_ == 0) return fail(ErrorCode::kIo, "disk on fire");
+    const size_t n = std::min(left_, out.size());
+    std::fill_n(out.begin(), n, std::byte{7});
+    left_ -= n;
+    return n;
+  }
+
+ private:
+  size_t left_;
+};
+
+TEST(SealedStream, WriterCannotFinishAfterItsSourceFailed) {
+  Keys k;
+  MemorySink sink;
+  auto w = sealed::SealWriter::create(options(k, 64, 2), sink);
+  ASSERT_TRUE(w);
+  FailingSource src(1000);
+  EXPECT_TRUE(FailsWith(w->write_from(src), ErrorCode::kIo));
+  EXPECT_FALSE(w->finish()) << "a stream whose source failed was sealed as complete";
 }
 
 TEST(SealedTamper, WrongIdentityOrKeyIsReported) {
