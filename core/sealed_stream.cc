@@ -9,6 +9,7 @@
 #include <string>
 
 #include "tresor/sealed.h"
+#include "chunk_pipeline.h"
 #include "tresor/thread_pool.h"
 
 namespace tresor::sealed {
@@ -144,48 +145,55 @@ Error diagnose_chunk(crypto::AesGcm& aes, const Header& h, ByteSpan frame, uint6
 
 // ---- writer -------------------------------------------------------------------------------------
 
+// Slots of chunk_size + 16 bytes, sealed in place by the pipeline's workers while the caller
+// fills the next ones; written to the sink in order. One slot and no workers with one thread;
+// 2 × threads slots with more, so that memory stays within threads × 2 × chunk.
 struct SealWriter::Impl {
   ByteSink* sink = nullptr;
   Header header;
-  std::vector<crypto::AesGcm> ciphers;
-  std::unique_ptr<ThreadPool> pool;
-  unsigned threads = 1;
   uint32_t chunk_size = 0;
-  SecretBuffer plain;  // threads × chunk_size
-  Bytes sealed;        // threads × (chunk_size + 16): ciphertext only
-  size_t filled = 0;
-  uint64_t next_index = 0;
+  size_t slots = 1;
+  std::vector<SecretBuffer> buf;  // plaintext, then ciphertext ‖ tag, in place
+  std::vector<size_t> len;        // plaintext bytes in each slot
+  std::vector<uint64_t> index;    // chunk index of each slot
+  std::vector<char> last;
+  size_t cur = 0;      // the slot being filled
+  size_t filled = 0;   // bytes in it
+  uint64_t submitted = 0;
+  uint64_t written = 0;
   uint64_t total = 0;
   bool finished = false;
   bool failed = false;
+  std::unique_ptr<detail::ChunkPipeline> pipeline;  // declared last: joined before the buffers go
 
-  Result<void> flush(bool final_batch) {
-    size_t n = (filled + chunk_size - 1) / chunk_size;
-    if (n == 0) n = 1;  // only for the empty stream: one empty final chunk
-    // A non-final batch must leave room for the final chunk that is still to come.
-    if (next_index + n + (final_batch ? 0 : 1) > kMaxChunks) {
+  // Hands slot `cur` to the pipeline as the next chunk, then makes the next slot free.
+  Result<void> submit_current(bool is_last) {
+    // A non-final chunk must leave room for the final one that is still to come.
+    if (submitted + (is_last ? 1 : 2) > kMaxChunks) {
       return fail(ErrorCode::kInvalidArgument, "stream exceeds 2^32 chunks; use a larger chunk size");
     }
-    std::vector<std::optional<Error>> errors(n);
-    pool->parallel_for(n, [&](size_t k) {
-      const size_t off = k * chunk_size;
-      const size_t len = std::min<size_t>(chunk_size, filled - std::min(filled, off));
-      const bool last = final_batch && k == n - 1;
-      const auto nonce = chunk_nonce(header.nonce_prefix, next_index + k, last);
-      auto r = ciphers[k].seal(nonce, {}, plain.span().subspan(off, len),
-                               MutableByteSpan(sealed).subspan(k * frame_size(chunk_size), len + kTagSize));
-      if (!r) errors[k] = r.error();
-    });
-    for (auto& e : errors) {
-      if (e) return std::unexpected(*e);
-    }
-    // Frames are contiguous except the last, which may be short: write in one call.
-    const size_t bytes = (n - 1) * frame_size(chunk_size) +
-                         (std::min<size_t>(chunk_size, filled - std::min(filled, (n - 1) * chunk_size)) + kTagSize);
-    TRESOR_TRY(sink->write(ByteSpan(sealed).first(bytes)));
-    secure_wipe(plain.span().first(filled));
-    next_index += n;
+    len[cur] = filled;
+    index[cur] = submitted;
+    last[cur] = is_last ? 1 : 0;
+    pipeline->submit(cur);
+    ++submitted;
+    cur = (cur + 1) % slots;
     filled = 0;
+    if (submitted - written == slots) TRESOR_TRY(write_oldest());
+    return {};
+  }
+
+  Result<void> write_oldest() {
+    const size_t s = static_cast<size_t>(written % slots);
+    TRESOR_TRY(pipeline->wait(s));
+    TRESOR_TRY(sink->write(buf[s].span().first(len[s] + kTagSize)));
+    ++written;
+    return {};
+  }
+
+  Result<void> finish_stream() {
+    TRESOR_TRY(submit_current(true));
+    while (written < submitted) TRESOR_TRY(write_oldest());
     return {};
   }
 };
@@ -199,18 +207,27 @@ Result<SealWriter> SealWriter::create(const SealOptions& options, ByteSink& sink
   auto nh = make_header(options);
   if (!nh) return std::unexpected(nh.error());
   auto impl = std::make_unique<Impl>();
-  impl->sink = &sink;
-  impl->header = nh->header;
-  impl->threads = ThreadPool::resolve(options.threads);
-  impl->chunk_size = options.chunk_size;
+  Impl& w = *impl;
+  w.sink = &sink;
+  w.header = nh->header;
+  w.chunk_size = options.chunk_size;
+  const unsigned threads = ThreadPool::resolve(options.threads);
+  const unsigned workers = threads == 1 ? 0 : threads;
+  w.slots = threads == 1 ? 1 : 2 * size_t{threads};
+  for (size_t k = 0; k < w.slots; ++k) w.buf.emplace_back(frame_size(options.chunk_size));
+  w.len.assign(w.slots, 0);
+  w.index.assign(w.slots, 0);
+  w.last.assign(w.slots, 0);
   auto keys = derive_stream_keys(nh->file_key.span(), nh->header.nonce_prefix);
   if (!keys) return std::unexpected(keys.error());
-  auto ciphers = make_ciphers(keys->payload_key.span(), impl->threads);
+  auto ciphers = make_ciphers(keys->payload_key.span(), workers + 1);
   if (!ciphers) return std::unexpected(ciphers.error());
-  impl->ciphers = std::move(*ciphers);
-  impl->pool = std::make_unique<ThreadPool>(impl->threads);
-  impl->plain = SecretBuffer(size_t{impl->threads} * options.chunk_size);
-  impl->sealed.resize(size_t{impl->threads} * frame_size(options.chunk_size));
+  w.pipeline = std::make_unique<detail::ChunkPipeline>(
+      std::move(*ciphers), workers, w.slots, [&w](size_t s, crypto::AesGcm& c) -> Result<void> {
+        const MutableByteSpan b = w.buf[s].span();
+        return c.seal(chunk_nonce(w.header.nonce_prefix, w.index[s], w.last[s] != 0), {}, b.first(w.len[s]),
+                      b.first(w.len[s] + kTagSize));
+      });
   TRESOR_TRY(sink.write(nh->bytes));
   return SealWriter(std::move(impl));
 }
@@ -218,17 +235,16 @@ Result<SealWriter> SealWriter::create(const SealOptions& options, ByteSink& sink
 Result<void> SealWriter::write(ByteSpan data) {
   Impl& s = *impl_;
   if (s.finished || s.failed) return fail(ErrorCode::kInvalidArgument, "write after finish() or a failed write");
-  const size_t cap = s.plain.size();
   while (!data.empty()) {
-    // A full buffer is flushed only once more data arrives: its last chunk might be the final one.
-    if (s.filled == cap) {
-      if (auto r = s.flush(false); !r) {
+    // A full slot is sealed only once more data arrives: it might be the final chunk.
+    if (s.filled == s.chunk_size) {
+      if (auto r = s.submit_current(false); !r) {
         s.failed = true;
         return r;
       }
     }
-    const size_t n = std::min(cap - s.filled, data.size());
-    std::memcpy(s.plain.data() + s.filled, data.data(), n);
+    const size_t n = std::min<size_t>(s.chunk_size - s.filled, data.size());
+    std::memcpy(s.buf[s.cur].data() + s.filled, data.data(), n);
     s.filled += n;
     s.total += n;
     data = data.subspan(n);
@@ -239,10 +255,9 @@ Result<void> SealWriter::write(ByteSpan data) {
 Result<void> SealWriter::write_from(ByteSource& source) {
   Impl& s = *impl_;
   if (s.finished || s.failed) return fail(ErrorCode::kInvalidArgument, "write after finish() or a failed write");
-  const size_t cap = s.plain.size();
   for (;;) {
-    if (s.filled == cap) {
-      // Learn whether more data follows before sealing a full batch as non-final.
+    if (s.filled == s.chunk_size) {
+      // Learn whether more data follows before sealing a full slot as non-final.
       std::byte next;
       auto n = source.read(MutableByteSpan(&next, 1));
       if (!n) {
@@ -250,15 +265,15 @@ Result<void> SealWriter::write_from(ByteSource& source) {
         return std::unexpected(n.error());
       }
       if (*n == 0) return {};
-      if (auto r = s.flush(false); !r) {
+      if (auto r = s.submit_current(false); !r) {
         s.failed = true;
         return r;
       }
-      s.plain.data()[0] = next;
+      s.buf[s.cur].data()[0] = next;
       s.filled = 1;
       s.total += 1;
     }
-    auto n = source.read(s.plain.span().subspan(s.filled));
+    auto n = source.read(s.buf[s.cur].span().subspan(s.filled, s.chunk_size - s.filled));
     if (!n) {
       s.failed = true;
       return std::unexpected(n.error());
@@ -272,7 +287,7 @@ Result<void> SealWriter::write_from(ByteSource& source) {
 Result<void> SealWriter::finish() {
   Impl& s = *impl_;
   if (s.finished || s.failed) return fail(ErrorCode::kInvalidArgument, "finish() after finish() or a failed write");
-  auto r = s.flush(true);
+  auto r = s.finish_stream();
   s.failed = !r;
   s.finished = r.has_value();
   return r;
@@ -324,25 +339,33 @@ Result<Opened> read_header_stream(ByteSource& src, const KeyRing& keys, const st
 
 // ---- streaming reader ---------------------------------------------------------------------------
 
+// The caller's thread reads frames into slots and submits them; workers open them; next()
+// hands out each chunk's plaintext in order, after its tag verified. Ciphertext and plaintext
+// have separate buffers so that a failing chunk can still be diagnosed. One slot and no workers
+// with one thread; `threads` slots with more (threads × 2 × chunk of memory).
 struct SealReader::Impl {
   ByteSource* src = nullptr;
   std::string name;
   Opened opened;
-  std::vector<crypto::AesGcm> ciphers;
-  std::unique_ptr<ThreadPool> pool;
-  unsigned threads = 1;
   uint32_t chunk_size = 0;
-  Bytes frames;        // threads × frame: ciphertext only
-  SecretBuffer plain;  // threads × chunk
-  std::optional<std::byte> stash;  // one byte read ahead to learn whether the stream continues
+  size_t slots = 1;
+  std::vector<Bytes> frame;           // ciphertext ‖ tag
+  std::vector<SecretBuffer> plain;
+  std::vector<size_t> flen;
+  std::vector<uint64_t> index;
+  std::vector<char> last;
+  std::vector<uint64_t> offset;       // of the frame in the source, for messages
+  std::optional<std::byte> stash;     // one byte read ahead to learn whether the stream continues
   bool eof = false;
-  bool done = false;
+  bool final_read = false;
   bool failed = false;
-  uint64_t next_index = 0;
-  uint64_t consumed = 0;  // source bytes consumed by chunks so far (for offsets in messages)
+  uint64_t read_count = 0;  // frames read and submitted
+  uint64_t returned = 0;    // chunks handed out
+  uint64_t consumed = 0;    // source bytes taken by frames
   uint64_t total = 0;
-  ByteSpan ready;         // plaintext handed out by read()
+  ByteSpan ready;           // plaintext handed out by read()
   size_t ready_pos = 0;
+  std::unique_ptr<detail::ChunkPipeline> pipeline;  // declared last: joined before the buffers go
 
   Result<size_t> fill(MutableByteSpan out) {
     size_t n = 0;
@@ -374,64 +397,56 @@ struct SealReader::Impl {
     return false;
   }
 
-  Result<ByteSpan> next_batch() {
-    if (done) return ByteSpan{};
+  Result<void> read_one() {
+    const size_t s = static_cast<size_t>(read_count % slots);
     const size_t fs = frame_size(chunk_size);
-    std::vector<size_t> lens;
-    bool final_seen = false;
-    for (unsigned k = 0; k < threads; ++k) {
-      auto n = fill(MutableByteSpan(frames).subspan(k * fs, fs));
-      if (!n) return std::unexpected(n.error());
-      if (*n == 0) break;
-      lens.push_back(*n);
-      if (*n < fs) {
-        final_seen = true;
-        break;
-      }
-    }
-    if (lens.empty()) {
-      // Only reachable before the first chunk: later batches start after a look-ahead byte.
+    auto n = fill(frame[s]);
+    if (!n) return std::unexpected(n.error());
+    if (*n == 0) {
+      // Only before the first chunk: after each frame the look-ahead byte says whether more follow.
       return fail(ErrorCode::kTruncated, name + ": the stream ends right after its header, with no chunks");
     }
-    if (!final_seen) {
+    bool is_last = *n < fs;
+    if (!is_last) {
       auto end = at_end();
       if (!end) return std::unexpected(end.error());
-      final_seen = *end;
+      is_last = *end;
     }
-    const size_t n = lens.size();
-    if (next_index + n > kMaxChunks) {
+    if (read_count >= kMaxChunks) {
       return fail(ErrorCode::kMalformed, name + ": the stream has more than 2^32 chunks, the most version 1 allows");
     }
-    std::vector<char> ok(n, 0);
-    pool->parallel_for(n, [&](size_t k) {
-      const bool last = final_seen && k == n - 1;
-      if (lens[k] < kTagSize) return;
-      const auto nonce = chunk_nonce(opened.header.nonce_prefix, next_index + k, last);
-      auto r = ciphers[k].open(nonce, {}, ByteSpan(frames).subspan(k * fs, lens[k]),
-                               plain.span().subspan(k * chunk_size, lens[k] - kTagSize));
-      ok[k] = r.has_value() ? 1 : 0;
-    });
-    size_t out_bytes = 0;
-    for (size_t k = 0; k < n; ++k) {
-      const bool last = final_seen && k == n - 1;
-      if (!ok[k]) {
-        secure_wipe(plain.span());
-        const uint64_t pos = next_index + k;
-        const bool more = !last;
-        return std::unexpected(diagnose_chunk(ciphers[0], opened.header, ByteSpan(frames).subspan(k * fs, lens[k]), pos,
-                                              last, more, pos + 65536, name, opened.header_bytes.size() + consumed));
-      }
-      if (last && lens[k] == kTagSize && next_index + k > 0) {
-        return fail(ErrorCode::kMalformed, name + ": chunk " + std::to_string(next_index + k) +
-                                               " is an empty final chunk, which version 1 writers never produce");
-      }
-      out_bytes += lens[k] - kTagSize;
-      consumed += lens[k];
+    flen[s] = *n;
+    index[s] = read_count;
+    last[s] = is_last ? 1 : 0;
+    offset[s] = opened.header_bytes.size() + consumed;
+    consumed += *n;
+    pipeline->submit(s);
+    ++read_count;
+    final_read = is_last;
+    return {};
+  }
+
+  Result<ByteSpan> next_chunk() {
+    // The slot handed out by the previous call is free again: keep every slot busy.
+    while (!final_read && read_count < returned + slots) TRESOR_TRY(read_one());
+    if (returned == read_count) return ByteSpan{};  // the final chunk has been handed out
+    const size_t s = static_cast<size_t>(returned % slots);
+    if (auto r = pipeline->wait(s); !r) {
+      pipeline->drain();
+      if (r.error().code != ErrorCode::kAuth) return std::unexpected(r.error());
+      const bool is_last = last[s] != 0;
+      return std::unexpected(diagnose_chunk(pipeline->caller_cipher(), opened.header, ByteSpan(frame[s]).first(flen[s]),
+                                            index[s], is_last, !is_last, index[s] + 65536, name, offset[s]));
     }
-    next_index += n;
-    total += out_bytes;
-    if (final_seen) done = true;
-    return plain.span().first(out_bytes);
+    if (last[s] && flen[s] == kTagSize && index[s] > 0) {
+      pipeline->drain();
+      secure_wipe(plain[s].span());
+      return fail(ErrorCode::kMalformed, name + ": chunk " + std::to_string(index[s]) +
+                                             " is an empty final chunk, which version 1 writers never produce");
+    }
+    ++returned;
+    total += flen[s] - kTagSize;
+    return plain[s].span().first(flen[s] - kTagSize);
   }
 };
 
@@ -444,17 +459,30 @@ Result<SealReader> SealReader::open(ByteSource& source, const KeyRing& keys, con
   auto opened = read_header_stream(source, keys, options.name);
   if (!opened) return std::unexpected(opened.error());
   auto impl = std::make_unique<Impl>();
-  impl->src = &source;
-  impl->name = options.name;
-  impl->threads = ThreadPool::resolve(options.threads);
-  impl->chunk_size = opened->header.chunk_size;
-  auto ciphers = make_ciphers(opened->payload_key.span(), impl->threads);
+  Impl& r = *impl;
+  r.src = &source;
+  r.name = options.name;
+  r.chunk_size = opened->header.chunk_size;
+  const unsigned threads = ThreadPool::resolve(options.threads);
+  const unsigned workers = threads == 1 ? 0 : threads;
+  r.slots = threads;
+  for (size_t k = 0; k < r.slots; ++k) {
+    r.frame.emplace_back(frame_size(r.chunk_size));
+    r.plain.emplace_back(r.chunk_size);
+  }
+  r.flen.assign(r.slots, 0);
+  r.index.assign(r.slots, 0);
+  r.last.assign(r.slots, 0);
+  r.offset.assign(r.slots, 0);
+  auto ciphers = make_ciphers(opened->payload_key.span(), workers + 1);
   if (!ciphers) return std::unexpected(ciphers.error());
-  impl->ciphers = std::move(*ciphers);
-  impl->opened = std::move(*opened);
-  impl->pool = std::make_unique<ThreadPool>(impl->threads);
-  impl->frames.resize(size_t{impl->threads} * frame_size(impl->chunk_size));
-  impl->plain = SecretBuffer(size_t{impl->threads} * impl->chunk_size);
+  r.opened = std::move(*opened);
+  r.pipeline = std::make_unique<detail::ChunkPipeline>(
+      std::move(*ciphers), workers, r.slots, [&r](size_t s, crypto::AesGcm& c) -> Result<void> {
+        if (r.flen[s] < kTagSize) return fail(ErrorCode::kAuth, "frame shorter than its tag");
+        return c.open(chunk_nonce(r.opened.header.nonce_prefix, r.index[s], r.last[s] != 0), {},
+                      ByteSpan(r.frame[s]).first(r.flen[s]), r.plain[s].span().first(r.flen[s] - kTagSize));
+      });
   return SealReader(std::move(impl));
 }
 
@@ -464,7 +492,7 @@ uint64_t SealReader::plaintext_bytes() const { return impl_->total; }
 Result<ByteSpan> SealReader::next() {
   Impl& s = *impl_;
   if (s.failed) return fail(ErrorCode::kInvalidArgument, s.name + ": read after a failure");
-  auto r = s.next_batch();
+  auto r = s.next_chunk();
   if (!r) s.failed = true;
   return r;
 }

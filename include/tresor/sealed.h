@@ -143,7 +143,8 @@ struct NewHeader {
 [[nodiscard]] Result<SecretBuffer> unlock(const Header& h, ByteSpan header_bytes, const KeyRing& keys,
                                           const std::string& name);
 
-/// SealWriter seals a stream pushed into it. Memory: threads × (chunk + chunk + 16) bytes.
+/// SealWriter seals a stream pushed into it. The caller's thread copies data in and sealed chunks
+/// out while `threads` workers seal (none with one thread). Memory: about threads × 2 × chunk.
 class SealWriter {
  public:
   /// Writes the header to `sink` at once. `sink` must outlive the writer.
@@ -180,8 +181,8 @@ class SealReader {
   ~SealReader();
 
   const Header& header() const;
-  /// Returns the next authenticated plaintext (up to threads chunks), valid until the next call;
-  /// an empty span once the final chunk has been read.
+  /// Returns the next chunk's authenticated plaintext, valid until the next call; an empty span
+  /// once the final chunk has been handed out.
   [[nodiscard]] Result<ByteSpan> next();
   /// Copies up to out.size() bytes of plaintext into `out`; 0 at the end of a complete stream.
   [[nodiscard]] Result<size_t> read(MutableByteSpan out);
