@@ -1,25 +1,10 @@
 #include "chunk_pipeline.h"
 
-#include <chrono>
+#include "spin.h"
 
 namespace tresor::sealed::detail {
-namespace {
 
-// Polling before blocking, as in ThreadPool: chunks take hundreds of microseconds, a futex
-// wake-up tens.
-constexpr auto kSpin = std::chrono::microseconds(200);
-
-template <typename Pred>
-bool spin_until(Pred done) {
-  const auto until = std::chrono::steady_clock::now() + kSpin;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > until) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
-
-}  // namespace
+using tresor::detail::spin_until;
 
 ChunkPipeline::ChunkPipeline(std::vector<crypto::AesGcm> ciphers, unsigned workers, size_t slots, Job job)
     : ciphers_(std::move(ciphers)), job_(std::move(job)), state_(slots), result_(slots) {

@@ -1,25 +1,14 @@
 #include "tresor/thread_pool.h"
 
 #include <algorithm>
-#include <chrono>
+
+#include "spin.h"
 
 namespace tresor {
 namespace {
 
-// How long an idle thread polls before it blocks. Long enough to bridge the gap between two
-// batches of a stream, short enough not to matter when the pool goes idle for good.
-constexpr auto kSpin = std::chrono::microseconds(200);
+using detail::spin_until;
 constexpr size_t kMaxLoop = 0xffff;
-
-template <typename Pred>
-bool spin_until(Pred done) {
-  const auto until = std::chrono::steady_clock::now() + kSpin;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > until) return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
 
 }  // namespace
 
