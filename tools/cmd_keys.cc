@@ -1,12 +1,28 @@
 // tresor keygen / pubkey.
 #include <sys/stat.h>
 
+#include <cerrno>
+#include <cstring>
+
 #include <cstdio>
 #include <iostream>
 
 #include "options.h"
 
 namespace tresor::cli {
+namespace {
+
+Result<void> make_private_parents(const std::string& path) {
+  for (size_t slash = path.find('/', 1); slash != std::string::npos; slash = path.find('/', slash + 1)) {
+    const std::string dir = path.substr(0, slash);
+    if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+      return fail(ErrorCode::kIo, "cannot create directory " + dir + ": " + std::strerror(errno));
+    }
+  }
+  return {};
+}
+
+}  // namespace
 
 int cmd_keygen(int argc, char** argv) {
   po::options_description opts("Options");
@@ -18,6 +34,9 @@ int cmd_keygen(int argc, char** argv) {
   po::variables_map vm;
   if (auto stop = parse_options("keygen", "-o IDENTITY_FILE | --dataset ID -o KEY_FILE", argc, argv, opts, pos, vm)) return *stop;
   if (out == "-") return usage_error("keygen", "secret keys are written to a file, not to stdout");
+  // `tresor keygen -o ~/.config/tresor/identity` on a fresh account: make the missing
+  // directories, private to the user.
+  if (auto d = make_private_parents(out); !d) return report(d.error());
 
   std::string text;
   std::string announce;

@@ -61,6 +61,14 @@ TEST_F(Cli, KeygenWritesPrivateIdentityAndPrintsRecipient) {
   EXPECT_EQ(again.exit_code, 3);
   EXPECT_NE(again.err.find("already exists"), std::string::npos) << again.err;
   EXPECT_EQ(run_tresor({"pubkey", identity}).out, pub.out);
+  // Missing parent directories are created, private to the user.
+  const std::string nested = dir.file("home/.config/tresor/identity");
+  auto made = run_tresor({"keygen", "-o", nested});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  struct stat dst{};
+  ASSERT_EQ(::stat(dir.file("home/.config/tresor").c_str(), &dst), 0);
+  EXPECT_EQ(dst.st_mode & 0777, 0700u);
+  EXPECT_EQ(run_tresor({"pubkey", nested}).exit_code, 0);
   // Missing -o is a usage error.
   auto usage = run_tresor({"keygen"});
   EXPECT_EQ(usage.exit_code, 2);
