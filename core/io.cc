@@ -125,23 +125,36 @@ Result<AtomicOutputFile> AtomicOutputFile::create(const std::string& path, unsig
   if (!overwrite && ::access(path.c_str(), F_OK) == 0) {
     return fail(ErrorCode::kExists, path + " already exists; refusing to overwrite it");
   }
-  std::array<std::byte, 6> rnd;
-  TRESOR_TRY(crypto::random_bytes(rnd));
   std::string dir = ".";
   std::string base = path;
   if (auto slash = path.rfind('/'); slash != std::string::npos) {
     dir = path.substr(0, slash == 0 ? 1 : slash);
     base = path.substr(slash + 1);
   }
-  std::string temp = (dir == "/" ? "" : dir) + "/." + base + ".tresor-" + to_hex(rnd) + ".tmp";
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, static_cast<mode_t>(mode));
-  if (fd < 0) return io_fail("cannot create temporary file for", path);
+  // Preferred: a file with no name until commit() links it in, so that a process killed midway
+  // (Ctrl-C, the OOM killer) leaves no partial output behind. Naming it needs /proc/self/fd.
+  int fd = -1;
+  std::string temp;
+  if (::access("/proc/self/fd", X_OK) == 0) {
+    fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, static_cast<mode_t>(mode));
+    if (fd < 0 && errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL) {
+      return io_fail("cannot create temporary file for", path);
+    }
+  }
+  if (fd < 0) {
+    // Fallback: a hidden, randomly named temporary file beside the destination.
+    std::array<std::byte, 6> rnd;
+    TRESOR_TRY(crypto::random_bytes(rnd));
+    temp = (dir == "/" ? "" : dir) + "/." + base + ".tresor-" + to_hex(rnd) + ".tmp";
+    fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, static_cast<mode_t>(mode));
+    if (fd < 0) return io_fail("cannot create temporary file for", path);
+  }
   // The umask may have narrowed the mode; secrets want exactly `mode` (never wider).
   if (::fchmod(fd, static_cast<mode_t>(mode)) != 0) {
     const int err = errno;
     ::close(fd);
-    ::unlink(temp.c_str());
-    return io_fail("cannot set mode of", temp, err);
+    if (!temp.empty()) ::unlink(temp.c_str());
+    return io_fail("cannot set mode of the temporary file for", path, err);
   }
   return AtomicOutputFile(fd, path, std::move(temp), overwrite);
 }
@@ -159,36 +172,73 @@ AtomicOutputFile::~AtomicOutputFile() {
 }
 
 Result<void> AtomicOutputFile::write(ByteSpan data) {
-  FdFile f(fd_, temp_);
+  FdFile f(fd_, path_);
   return f.write(data);
 }
 
 Result<void> AtomicOutputFile::resize(uint64_t size) const {
-  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return io_fail("cannot size", temp_);
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return io_fail("cannot size the output for", path_);
   return {};
 }
 
 Result<void> AtomicOutputFile::write_at(uint64_t offset, ByteSpan data) const {
-  return pwrite_all(fd_, offset, data, temp_);
+  return pwrite_all(fd_, offset, data, path_);
 }
+
+namespace {
+
+// Moves `from` to `to`; without `overwrite` never replaces a file that exists (renameat2 with
+// RENAME_NOREPLACE, or link()+unlink() where the file system lacks it).
+Result<void> move_into_place(const std::string& from, const std::string& to, bool overwrite) {
+  if (overwrite) {
+    if (::rename(from.c_str(), to.c_str()) != 0) return io_fail("cannot rename into", to);
+    return {};
+  }
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return {};
+  if (errno == EEXIST) return fail(ErrorCode::kExists, to + " already exists; refusing to overwrite it");
+  if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) return io_fail("cannot create", to);
+  if (::link(from.c_str(), to.c_str()) != 0) {
+    if (errno == EEXIST) return fail(ErrorCode::kExists, to + " already exists; refusing to overwrite it");
+    return io_fail("cannot create", to);
+  }
+  ::unlink(from.c_str());
+  return {};
+}
+
+}  // namespace
 
 Result<void> AtomicOutputFile::commit() {
   if (done_) return fail(ErrorCode::kInvalidArgument, "output " + path_ + " already committed");
-  if (::fsync(fd_) != 0) return io_fail("cannot sync", temp_);
+  if (::fsync(fd_) != 0) return io_fail("cannot sync the output for", path_);
+  if (temp_.empty()) {
+    // Unnamed file: link it in. linkat() to the destination fails with EEXIST rather than
+    // replace anything; with overwrite, link under a fresh name and rename that over.
+    const std::string proc = "/proc/self/fd/" + std::to_string(fd_);
+    if (!overwrite_) {
+      if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, path_.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+        if (errno == EEXIST) return fail(ErrorCode::kExists, path_ + " already exists; refusing to overwrite it");
+        return io_fail("cannot create", path_);
+      }
+    } else {
+      std::array<std::byte, 6> rnd;
+      TRESOR_TRY(crypto::random_bytes(rnd));
+      const std::string named = path_ + ".tresor-" + to_hex(rnd) + ".tmp";
+      if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, named.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+        return io_fail("cannot create", named);
+      }
+      if (auto r = move_into_place(named, path_, true); !r) {
+        ::unlink(named.c_str());
+        return r;
+      }
+    }
+    const int fd = std::exchange(fd_, -1);
+    done_ = true;
+    if (::close(fd) != 0) return io_fail("cannot close", path_);
+    return {};
+  }
   const int fd = std::exchange(fd_, -1);
   if (::close(fd) != 0) return io_fail("cannot close", temp_);
-  if (overwrite_) {
-    if (::rename(temp_.c_str(), path_.c_str()) != 0) return io_fail("cannot rename into", path_);
-  } else if (::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, path_.c_str(), RENAME_NOREPLACE) != 0) {
-    if (errno == EEXIST) return fail(ErrorCode::kExists, path_ + " already exists; refusing to overwrite it");
-    if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) return io_fail("cannot create", path_);
-    // No RENAME_NOREPLACE here: link() also fails with EEXIST if the target appeared meanwhile.
-    if (::link(temp_.c_str(), path_.c_str()) != 0) {
-      if (errno == EEXIST) return fail(ErrorCode::kExists, path_ + " already exists; refusing to overwrite it");
-      return io_fail("cannot create", path_);
-    }
-    ::unlink(temp_.c_str());
-  }
+  TRESOR_TRY(move_into_place(temp_, path_, overwrite_));
   done_ = true;
   return {};
 }

@@ -113,11 +113,13 @@ class FdFile final : public ByteSource, public ByteSink, public RandomAccessSour
   bool owned_;
 };
 
-/// AtomicOutputFile writes to a temporary file beside `path` (mode `mode`, O_EXCL) and renames it
-/// over `path` only in commit(). Destroying it without commit() removes the temporary file, so a
-/// failed operation leaves nothing behind. With `overwrite` false, commit() refuses to replace an
-/// existing file: the rename is renameat2(RENAME_NOREPLACE), or link()+unlink() on file systems
-/// without it, so a file that appears meanwhile is never replaced.
+/// AtomicOutputFile writes to a file that has no name (O_TMPFILE in the destination's directory)
+/// and links it in as `path` only in commit(); where the file system lacks O_TMPFILE or /proc is
+/// missing, to a hidden randomly named temporary file beside `path` (mode `mode`, O_EXCL)
+/// renamed in commit(). Destroying it without commit() leaves nothing behind, and a process
+/// killed midway leaves nothing either (in the fallback, the hidden file stays). With
+/// `overwrite` false, commit() never replaces a file that exists, even one that appeared
+/// meanwhile (linkat, renameat2(RENAME_NOREPLACE), or link()+unlink()).
 class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
  public:
   static Result<AtomicOutputFile> create(const std::string& path, unsigned mode, bool overwrite);
@@ -132,6 +134,7 @@ class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
   Result<void> write_at(uint64_t offset, ByteSpan data) const override;
   /// fsyncs, closes and renames into place.
   [[nodiscard]] Result<void> commit();
+  /// The fallback temporary file's name; empty when the output has no name until commit().
   const std::string& temp_path() const { return temp_; }
 
  private:
