@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 
+#include "sealed_internal.h"
 #include "tresor/sealed.h"
 
 namespace tresor::sealed {
@@ -211,6 +212,12 @@ std::array<std::byte, crypto::kGcmNonceSize> chunk_nonce(const std::array<std::b
   return n;
 }
 
+size_t detail::header_size(const SealOptions& o) {
+  size_t n = kFixedHeaderSize + kHeaderMacSize + o.recipients.size() * (kStanzaHeadSize + kX25519BodySize);
+  for (const auto* d : o.datasets) n += kStanzaHeadSize + 1 + d->id.size() + kDatasetSaltSize + kWrappedKeySize;
+  return n;
+}
+
 Result<void> check_seal_options(const SealOptions& o) {
   if (o.chunk_size < kMinChunkSize || o.chunk_size > kMaxChunkSize || o.chunk_size % 16 != 0) {
     return fail(ErrorCode::kInvalidArgument, "chunk size " + std::to_string(o.chunk_size) +
@@ -223,19 +230,16 @@ Result<void> check_seal_options(const SealOptions& o) {
   if (o.recipients.size() + o.datasets.size() > kMaxStanzas) {
     return fail(ErrorCode::kInvalidArgument, "at most " + std::to_string(kMaxStanzas) + " recipients and dataset keys");
   }
-  Header shape;  // the header these options produce, for its size
-  shape.stanzas.resize(o.recipients.size(), X25519Stanza{});
   for (const auto* d : o.datasets) {
     if (d == nullptr || d->key.size() != kDatasetKeySize) {
       return fail(ErrorCode::kInvalidArgument, "dataset key must be 32 bytes");
     }
     TRESOR_TRY(validate_dataset_id(d->id));
-    shape.stanzas.emplace_back(DatasetStanza{d->id, {}, {}});
   }
-  if (shape.size() > kMaxHeaderSize) {
+  if (const size_t size = detail::header_size(o); size > kMaxHeaderSize) {
     return fail(ErrorCode::kInvalidArgument, "the header for " + std::to_string(o.recipients.size()) +
                                                  " recipients and " + std::to_string(o.datasets.size()) +
-                                                 " dataset keys would be " + std::to_string(shape.size()) +
+                                                 " dataset keys would be " + std::to_string(size) +
                                                  " bytes, over the " + std::to_string(kMaxHeaderSize) + "-byte limit");
   }
   return {};
