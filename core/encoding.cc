@@ -24,6 +24,7 @@ std::string_view error_code_name(ErrorCode code) {
     case ErrorCode::kAuth: return "auth";
     case ErrorCode::kPermission: return "permission";
     case ErrorCode::kUnavailable: return "unavailable";
+    case ErrorCode::kPolicy: return "policy-denied";
   }
   return "unknown";
 }

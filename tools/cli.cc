@@ -25,6 +25,7 @@ int exit_code_for(ErrorCode code) {
     case ErrorCode::kNotSealed:
     case ErrorCode::kUnsupportedVersion:
     case ErrorCode::kMalformed: return kExitFormat;
+    case ErrorCode::kPolicy: return kExitPolicy;
     case ErrorCode::kCrypto:
     case ErrorCode::kUnavailable: return kExitInternal;
   }

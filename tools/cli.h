@@ -21,7 +21,8 @@ enum Exit : int {
   kExitIo = 3,         // file missing, unreadable, exists, or a secret file with loose permissions
   kExitNoKey = 4,      // no identity or dataset key given opens the file
   kExitIntegrity = 5,  // tampering detected: header MAC, chunk tag, truncation, reordering, extension
-  kExitFormat = 6,     // not a sealed file, unsupported version, malformed header
+  kExitFormat = 6,     // not a sealed file or SNP report, unsupported version, malformed input
+  kExitPolicy = 7,     // authentic evidence that the attestation policy denies
 };
 
 int exit_code_for(ErrorCode code);

@@ -28,6 +28,7 @@ enum class ErrorCode {
   kAuth,                // a single AEAD/signature check failed (primitive level)
   kPermission,          // a secret file is readable by others
   kUnavailable,         // a device or facility (GPU, CUDA) is not present on this machine
+  kPolicy,              // evidence is authentic but a policy denies it (every failed check named)
 };
 
 /// Returns a stable lower-case name for `code` ("chunk-auth"), used in logs and tests.
