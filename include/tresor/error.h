@@ -29,6 +29,7 @@ enum class ErrorCode {
   kPermission,          // a secret file is readable by others
   kUnavailable,         // a device or facility (GPU, CUDA) is not present on this machine
   kPolicy,              // evidence is authentic but a policy denies it (every failed check named)
+  // Keep kPolicy last, or update ErrorCodeTest, which walks every code up to the last.
 };
 
 /// Returns a stable lower-case name for `code` ("chunk-auth"), used in logs and tests.
