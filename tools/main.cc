@@ -20,6 +20,7 @@ constexpr Command kCommands[] = {
     {"seal", tresor::cli::cmd_seal, "encrypt a file to recipients and/or dataset keys"},
     {"open", tresor::cli::cmd_open, "decrypt and verify a sealed file"},
     {"inspect", tresor::cli::cmd_inspect, "show a sealed file's header (never secrets)"},
+    {"report", tresor::cli::cmd_report, "SEV-SNP attestation reports: show, verify against AMD's chain and a policy"},
     {"bench", tresor::cli::cmd_bench, "benchmarks (bench seal: throughput against OpenSSL)"},
     {"version", tresor::cli::cmd_version, "print version, OpenSSL and CUDA information"},
 };
@@ -32,7 +33,8 @@ void print_usage(FILE* f) {
   for (const auto& c : kCommands) std::fprintf(f, "  %-9s %s\n", c.name, c.summary);
   std::fprintf(f,
                "\nRun 'tresor COMMAND --help' for a command's options.\n"
-               "Exit codes: 0 ok, 1 internal, 2 usage, 3 I/O, 4 no matching key, 5 integrity failure, 6 format.\n");
+               "Exit codes: 0 ok, 1 internal, 2 usage, 3 I/O, 4 no matching key, 5 integrity or authenticity failure,\n"
+               "6 format, 7 policy denies.\n");
 }
 
 }  // namespace

@@ -1,0 +1,99 @@
+// tresor report show | verify on the real AMD-signed Milan report: exit codes 0 / 5 / 6 / 7 and
+// messages that name the failed check.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "support/test_support.h"
+
+namespace tresor {
+namespace {
+
+using testing::read_file;
+using testing::run_tresor;
+using testing::TempDir;
+using testing::write_file;
+
+std::string shared(const std::string& rel) { return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + rel; }
+
+struct ReportCli : ::testing::Test {
+  TempDir dir;
+  std::string report = shared("snp/milan-v2-virtee/report.bin");
+  std::string vcek = shared("snp/milan-v2-virtee/vcek.der");
+  std::string chain = shared("snp/milan-v2-virtee/cert_chain.pem");
+  std::vector<std::string> verify(const std::string& r, std::vector<std::string> extra = {}) {
+    std::vector<std::string> a{"report", "verify", r, "--vcek", vcek, "--chain", chain, "--at", "2025-06-01T00:00:00Z"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
+  std::string policy(const std::string& body) {
+    const std::string p = dir.file("policy.json");
+    write_file(p, as_bytes(body), 0644);
+    return p;
+  }
+};
+
+const char* kGood = R"({"measurements": ["7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d3e1a0dc39b2c60bd95b9c480cd81841f"],
+  "min_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115}, "allow_smt": true})";
+
+TEST_F(ReportCli, ShowPrintsEveryFieldAsJson) {
+  auto r = run_tresor({"report", "show", report, "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["version"], 2);
+  EXPECT_EQ(j["measurement"], "7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d3e1a0dc39b2c60bd95b9c480cd81841f");
+  EXPECT_EQ(j["reported_tcb"]["microcode"], 115);
+  EXPECT_EQ(j["current_version"], "1.52.4");
+  EXPECT_EQ(j["signing_key"], "vcek");
+  auto text = run_tresor({"report", "show", report});
+  EXPECT_EQ(text.exit_code, 0);
+  EXPECT_NE(text.out.find("measurement: 7a1e5c26"), std::string::npos) << text.out;
+}
+
+TEST_F(ReportCli, VerifyAcceptsTheRealReportAndItsPolicy) {
+  auto r = run_tresor(verify(report));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("chain verified"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("not judged"), std::string::npos) << r.err;
+  auto p = run_tresor(verify(report, {"--policy", policy(kGood)}));
+  EXPECT_EQ(p.exit_code, 0) << p.err;
+  EXPECT_NE(p.err.find("accepted by policy"), std::string::npos) << p.err;
+}
+
+TEST_F(ReportCli, VerifyFailuresHaveDistinctExitCodes) {
+  Bytes sig_flipped = read_file(report);
+  sig_flipped[0x2A1] ^= std::byte{1};
+  write_file(dir.file("sig.bin"), sig_flipped, 0644);
+  Bytes reserved = read_file(report);
+  reserved[0x4C] = std::byte{1};
+  write_file(dir.file("reserved.bin"), reserved, 0644);
+
+  auto sig = run_tresor(verify(dir.file("sig.bin")));
+  EXPECT_EQ(sig.exit_code, 5) << sig.err;
+  EXPECT_NE(sig.err.find("signature does not verify"), std::string::npos) << sig.err;
+
+  auto parse = run_tresor(verify(dir.file("reserved.bin")));
+  EXPECT_EQ(parse.exit_code, 6) << parse.err;
+  EXPECT_NE(parse.err.find("0x04C"), std::string::npos) << parse.err;
+
+  auto late = run_tresor({"report", "verify", report, "--vcek", vcek, "--at", "2031-01-01T00:00:00Z"});
+  EXPECT_EQ(late.exit_code, 5) << late.err;
+  EXPECT_NE(late.err.find("expired"), std::string::npos) << late.err;
+
+  const std::string strict = std::string(kGood).replace(std::string(kGood).find("\"allow_smt\": true"), 17, "\"allow_smt\": false");
+  auto denied = run_tresor(verify(report, {"--policy", policy(strict)}));
+  EXPECT_EQ(denied.exit_code, 7) << denied.err;
+  EXPECT_NE(denied.err.find("GUEST_POLICY.SMT is 1"), std::string::npos) << denied.err;
+
+  auto malformed = run_tresor(verify(report, {"--policy", policy("{\"measurements\": []}")}));
+  EXPECT_EQ(malformed.exit_code, 7) << malformed.err;
+  EXPECT_NE(malformed.err.find("malformed policy denies"), std::string::npos) << malformed.err;
+
+  auto bad_time = run_tresor(verify(report, {"--at", "yesterday"}));
+  EXPECT_EQ(bad_time.exit_code, 2) << bad_time.err;
+  auto no_vcek = run_tresor({"report", "verify", report});
+  EXPECT_EQ(no_vcek.exit_code, 2) << no_vcek.err;
+  EXPECT_EQ(run_tresor({"report", "frob"}).exit_code, 2);
+}
+
+}  // namespace
+}  // namespace tresor
