@@ -313,33 +313,43 @@ Result<EndorsementExtensions> parse_endorsement_extensions(ByteSpan der) {
   return extensions_of(x->get());
 }
 
-Result<VerifiedReport> verify_report(const VerifyInputs& in) {
-  auto report = parse_report(in.report);
-  if (!report) return std::unexpected(report.error());
-  if (report->signing_key == SigningKey::kNone) return auth_fail("SNP report SIGNING_KEY is 7: the report is not signed");
-  const bool vlek = report->signing_key == SigningKey::kVlek;
-  const char* key_role = vlek ? "VLEK" : "VCEK";
+namespace {
 
+std::time_t to_time(const ASN1_TIME* t) {
+  std::tm tm{};
+  if (ASN1_TIME_to_tm(t, &tm) != 1) return 0;
+  return timegm(&tm);
+}
+
+}  // namespace
+
+// The endorsement key after its chain has verified: what the report checks need, and the window
+// in which every certificate of the chain is valid.
+struct VerifiedKey {
+  X509Ptr cert;
+  EndorsementExtensions ext;
+  Product product = Product::kMilan;
+  bool vlek = false;
+  std::time_t valid_from = 0;   // latest notBefore of ARK, ASK/ASVK, endorsement key
+  std::time_t valid_until = 0;  // earliest notAfter
+};
+
+namespace {
+
+// Chain checks (57230 §2): the endorsement certificate of the kind `vlek` says, issued under the
+// pinned roots of its product, optional chain and CRL checks. Validity is checked by the caller.
+Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
+  const char* key_role = vlek ? "VLEK" : "VCEK";
   auto cert = read_cert(in.endorsement_cert, key_role);
   if (!cert) return std::unexpected(cert.error());
   auto ext = extensions_of(cert->get());
   if (!ext) return std::unexpected(ext.error());
   auto product = product_from_name(ext->product_name);
   if (!product) return std::unexpected(product.error());
-  const TcbLayout layout = tcb_layout(*product);
-  if (report->version >= 3) {
-    auto cpuid_layout = layout_from_cpuid(*report);
-    if (!cpuid_layout) return std::unexpected(cpuid_layout.error());
-    if (*cpuid_layout != layout) {
-      return auth_fail("SNP report CPUID_FAM_ID 0x" + to_hex(ByteSpan(reinterpret_cast<const std::byte*>(&report->cpuid_fam_id), 1)) +
-                       " does not match the " + std::string(key_role) + "'s product " + ext->product_name);
-    }
-  }
   if (vlek != !ext->csp_id.empty() || vlek == !ext->hw_id.empty()) {
     return auth_fail(std::string("SNP report SIGNING_KEY says ") + key_role + ", but the certificate " +
                      (ext->csp_id.empty() ? "has no cspID (a VCEK)" : "has a cspID (a VLEK)"));
   }
-
   // The chain: pinned ARK (self-signed) → pinned ASK/ASVK → endorsement key.
   auto roots = pinned_roots(*product, vlek);
   if (!roots) return std::unexpected(roots.error());
@@ -349,10 +359,11 @@ Result<VerifiedReport> verify_report(const VerifyInputs& in) {
   if (in.chain_pem) {
     auto given = read_pem_certs(*in.chain_pem, "certificate chain");
     if (!given) return std::unexpected(given.error());
+    auto ad = der_of(ark), sd = der_of(ask), od = der_of(roots->second.get());
+    if (!ad || !sd || !od) return fail(ErrorCode::kCrypto, "i2d_X509");
     for (const auto& g : *given) {
       auto gd = der_of(g.get());
-      auto ad = der_of(ark), sd = der_of(ask), od = der_of(roots->second.get());
-      if (!gd || !ad || !sd || !od) return fail(ErrorCode::kCrypto, "i2d_X509");
+      if (!gd) return std::unexpected(gd.error());
       if (*gd != *ad && *gd != *sd && *gd != *od) {
         return auth_fail("certificate chain holds " + subject_cn(g.get()) + ", which is not AMD's pinned ARK, ASK or ASVK for " +
                          std::string(product_name(*product)));
@@ -362,9 +373,6 @@ Result<VerifiedReport> verify_report(const VerifyInputs& in) {
   TRESOR_TRY(check_signed_by(ark, ark, "ARK", "itself"));
   TRESOR_TRY(check_signed_by(ask, ark, ask_role, "ARK"));
   TRESOR_TRY(check_signed_by(cert->get(), ask, key_role, ask_role));
-  TRESOR_TRY(check_validity(ark, in.at, "ARK"));
-  TRESOR_TRY(check_validity(ask, in.at, ask_role));
-  TRESOR_TRY(check_validity(cert->get(), in.at, key_role));
 
   if (in.crl) {
     X509_CRL* crl = nullptr;
@@ -392,27 +400,7 @@ Result<VerifiedReport> verify_report(const VerifyInputs& in) {
       }
     }
   }
-
-  // Binding the endorsement key to this chip and this TCB.
-  if (!vlek) {
-    const size_t id_len = layout == TcbLayout::kTurin ? 8 : 64;
-    if (report->mask_chip_key) return auth_fail("SNP report MASK_CHIP_KEY is set: CHIP_ID is masked and cannot be bound to the VCEK");
-    const ByteSpan chip(report->chip_id);
-    const bool rest_zero = std::all_of(chip.begin() + static_cast<long>(id_len), chip.end(), [](std::byte b) { return b == std::byte{0}; });
-    if (ext->hw_id.size() != id_len || !crypto::ct_equal(ext->hw_id, chip.first(id_len)) || !rest_zero) {
-      return auth_fail("VCEK hwID " + to_hex(ext->hw_id) + " does not equal the report's CHIP_ID " + to_hex(chip));
-    }
-  }
-  auto reported = decode_tcb(report->reported_tcb, layout, "REPORTED_TCB");
-  if (!reported) return std::unexpected(reported.error());
-  Tcb cert_tcb = ext->tcb;
-  if (layout != TcbLayout::kTurin) cert_tcb.fmc = 0;
-  if (layout == TcbLayout::kTurin && !ext->has_fmc) return auth_fail("Turin VCEK lacks fmcSPL (.3.9)");
-  if (!(cert_tcb == *reported)) {
-    return auth_fail(std::string(key_role) + " TCB does not equal REPORTED_TCB: " + tcb_pair(cert_tcb, *reported, layout));
-  }
-
-  // The report signature: ECDSA P-384 with SHA-384 over bytes 0x000–0x29F (56860 Table 23).
+  // The endorsement key must be ECDSA P-384 (Chapter 10).
   EVP_PKEY* key = X509_get0_pubkey(cert->get());
   char group[32] = {};
   if (key == nullptr || EVP_PKEY_get_base_id(key) != EVP_PKEY_EC ||
@@ -421,18 +409,127 @@ Result<VerifiedReport> verify_report(const VerifyInputs& in) {
     ERR_clear_error();
     return auth_fail(std::string(key_role) + " key is not an ECDSA P-384 key");
   }
-  auto der = signature_der(*report);
+  VerifiedKey vk;
+  vk.valid_from = std::max({to_time(X509_get0_notBefore(ark)), to_time(X509_get0_notBefore(ask)),
+                            to_time(X509_get0_notBefore(cert->get()))});
+  vk.valid_until = std::min({to_time(X509_get0_notAfter(ark)), to_time(X509_get0_notAfter(ask)),
+                             to_time(X509_get0_notAfter(cert->get()))});
+  // Exact messages for validity come from the certificates themselves.
+  TRESOR_TRY(check_validity(ark, in.at, "ARK"));
+  TRESOR_TRY(check_validity(ask, in.at, ask_role));
+  TRESOR_TRY(check_validity(cert->get(), in.at, key_role));
+  vk.cert = std::move(*cert);
+  vk.ext = std::move(*ext);
+  vk.product = *product;
+  vk.vlek = vlek;
+  return vk;
+}
+
+// Report checks against a verified endorsement key: product/CPUID, hwID = CHIP_ID, certificate
+// TCB = REPORTED_TCB, and the signature over 0x000–0x29F (56860 Table 23).
+Result<VerifiedReport> verify_with_key(const Report& report, ByteSpan report_bytes, const VerifiedKey& vk) {
+  const char* key_role = vk.vlek ? "VLEK" : "VCEK";
+  const TcbLayout layout = tcb_layout(vk.product);
+  if (report.version >= 3) {
+    auto cpuid_layout = layout_from_cpuid(report);
+    if (!cpuid_layout) return std::unexpected(cpuid_layout.error());
+    if (*cpuid_layout != layout) {
+      return auth_fail("SNP report CPUID_FAM_ID 0x" + to_hex(ByteSpan(reinterpret_cast<const std::byte*>(&report.cpuid_fam_id), 1)) +
+                       " does not match the " + std::string(key_role) + "'s product " + vk.ext.product_name);
+    }
+  }
+  if (!vk.vlek) {
+    const size_t id_len = layout == TcbLayout::kTurin ? 8 : 64;
+    if (report.mask_chip_key) return auth_fail("SNP report MASK_CHIP_KEY is set: CHIP_ID is masked and cannot be bound to the VCEK");
+    const ByteSpan chip(report.chip_id);
+    const bool rest_zero =
+        std::all_of(chip.begin() + static_cast<long>(id_len), chip.end(), [](std::byte b) { return b == std::byte{0}; });
+    if (vk.ext.hw_id.size() != id_len || !crypto::ct_equal(vk.ext.hw_id, chip.first(id_len)) || !rest_zero) {
+      return auth_fail("VCEK hwID " + to_hex(vk.ext.hw_id) + " does not equal the report's CHIP_ID " + to_hex(chip));
+    }
+  }
+  auto reported = decode_tcb(report.reported_tcb, layout, "REPORTED_TCB");
+  if (!reported) return std::unexpected(reported.error());
+  Tcb cert_tcb = vk.ext.tcb;
+  if (layout != TcbLayout::kTurin) cert_tcb.fmc = 0;
+  if (layout == TcbLayout::kTurin && !vk.ext.has_fmc) return auth_fail("Turin VCEK lacks fmcSPL (.3.9)");
+  if (!(cert_tcb == *reported)) {
+    return auth_fail(std::string(key_role) + " TCB does not equal REPORTED_TCB: " + tcb_pair(cert_tcb, *reported, layout));
+  }
+  auto der = signature_der(report);
   if (!der) return std::unexpected(der.error());
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  const bool ok = ctx != nullptr && EVP_DigestVerifyInit(ctx, nullptr, EVP_sha384(), nullptr, key) == 1 &&
+  const bool ok = ctx != nullptr &&
+                  EVP_DigestVerifyInit(ctx, nullptr, EVP_sha384(), nullptr, X509_get0_pubkey(vk.cert.get())) == 1 &&
                   EVP_DigestVerify(ctx, reinterpret_cast<const unsigned char*>(der->data()), der->size(),
-                                   reinterpret_cast<const unsigned char*>(in.report.data()), kSignedSize) == 1;
+                                   reinterpret_cast<const unsigned char*>(report_bytes.data()), kSignedSize) == 1;
   EVP_MD_CTX_free(ctx);
   if (!ok) {
     ERR_clear_error();
-    return auth_fail("SNP report signature does not verify with the " + std::string(key_role) + " " + subject_cn(cert->get()));
+    return auth_fail("SNP report signature does not verify with the " + std::string(key_role) + " " + subject_cn(vk.cert.get()));
   }
-  return VerifiedReport{*report, *product, layout, *reported, vlek, std::move(*ext)};
+  return VerifiedReport{report, vk.product, layout, *reported, vk.vlek, vk.ext};
+}
+
+Result<Report> parse_signed(ByteSpan bytes) {
+  auto report = parse_report(bytes);
+  if (!report) return std::unexpected(report.error());
+  if (report->signing_key == SigningKey::kNone) return auth_fail("SNP report SIGNING_KEY is 7: the report is not signed");
+  return report;
+}
+
+}  // namespace
+
+Result<VerifiedReport> verify_report(const VerifyInputs& in) {
+  auto report = parse_signed(in.report);
+  if (!report) return std::unexpected(report.error());
+  auto vk = verify_chain(in, report->signing_key == SigningKey::kVlek);
+  if (!vk) return std::unexpected(vk.error());
+  return verify_with_key(*report, in.report, *vk);
+}
+
+CachedVerifier::CachedVerifier() = default;
+CachedVerifier::~CachedVerifier() = default;
+
+size_t CachedVerifier::cached_chains() const {
+  std::lock_guard lock(mu_);
+  return cache_.size();
+}
+
+Result<VerifiedReport> CachedVerifier::verify(const VerifyInputs& in) {
+  auto report = parse_signed(in.report);
+  if (!report) return std::unexpected(report.error());
+  const bool vlek = report->signing_key == SigningKey::kVlek;
+  // The cache key covers everything the chain checks read except the time.
+  Bytes id = to_bytes(vlek ? "vlek|" : "vcek|");
+  id.insert(id.end(), in.endorsement_cert.begin(), in.endorsement_cert.end());
+  if (in.chain_pem) {
+    id.push_back(std::byte{'|'});
+    const ByteSpan c = as_bytes(*in.chain_pem);
+    id.insert(id.end(), c.begin(), c.end());
+  }
+  if (in.crl) {
+    id.push_back(std::byte{'#'});
+    id.insert(id.end(), in.crl->begin(), in.crl->end());
+  }
+  auto digest = crypto::sha256(id);
+  if (!digest) return std::unexpected(digest.error());
+  const std::string key = to_hex(*digest);
+  std::shared_ptr<const VerifiedKey> vk;
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = cache_.find(key); it != cache_.end()) vk = it->second;
+  }
+  if (vk && (in.at < vk->valid_from || in.at > vk->valid_until)) vk.reset();  // re-check: exact message
+  if (!vk) {
+    auto fresh = verify_chain(in, vlek);
+    if (!fresh) return std::unexpected(fresh.error());
+    auto shared = std::make_shared<const VerifiedKey>(std::move(*fresh));
+    std::lock_guard lock(mu_);
+    cache_[key] = shared;
+    vk = shared;
+  }
+  return verify_with_key(*report, in.report, *vk);
 }
 
 }  // namespace tresor::snp

@@ -95,5 +95,16 @@ TEST_F(ReportCli, VerifyFailuresHaveDistinctExitCodes) {
   EXPECT_EQ(run_tresor({"report", "frob"}).exit_code, 2);
 }
 
+TEST_F(ReportCli, BenchVerifyPrintsRatiosAgainstOpenssl) {
+  auto r = run_tresor({"bench", "verify", "--report", report, "--vcek", vcek, "--at", "1748736000", "--seconds", "0.2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("RESULT verify openssl_ecdsa_p384_per_s="), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("cached_ratio="), std::string::npos);
+  EXPECT_NE(r.out.find("full_ratio="), std::string::npos);
+  // A report that does not verify is refused before anything is timed.
+  auto late = run_tresor({"bench", "verify", "--report", report, "--vcek", vcek, "--at", "1956528000", "--seconds", "0.2"});
+  EXPECT_EQ(late.exit_code, 5) << late.err;
+}
+
 }  // namespace
 }  // namespace tresor

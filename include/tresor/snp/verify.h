@@ -10,6 +10,9 @@
 #pragma once
 
 #include <ctime>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -85,5 +88,25 @@ struct VerifiedReport {
 /// kMalformed / kUnsupportedVersion for parsing, kAuth for any chain, binding or signature
 /// failure — each naming the check and both values.
 [[nodiscard]] Result<VerifiedReport> verify_report(const VerifyInputs& in);
+
+struct VerifiedKey;
+
+/// CachedVerifier is verify_report with memory: once an endorsement certificate's chain has
+/// verified (with a given chain and CRL), later reports signed by it skip the chain's RSA
+/// signatures and only pay parsing, the binding checks and one ECDSA verification. Validity is
+/// still checked at each call's time. Thread-safe.
+class CachedVerifier {
+ public:
+  CachedVerifier();
+  ~CachedVerifier();
+  CachedVerifier(const CachedVerifier&) = delete;
+  CachedVerifier& operator=(const CachedVerifier&) = delete;
+  [[nodiscard]] Result<VerifiedReport> verify(const VerifyInputs& in);
+  size_t cached_chains() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::string, std::shared_ptr<const VerifiedKey>> cache_;
+};
 
 }  // namespace tresor::snp

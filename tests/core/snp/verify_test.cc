@@ -202,6 +202,38 @@ TEST(SnpVerify, PinnedRootsAreAmdsAndChainUp) {
   }
 }
 
+TEST(SnpVerify, CachedVerifierSkipsOnlyTheChain) {
+  Milan m;
+  snp::CachedVerifier cv;
+  EXPECT_EQ(cv.cached_chains(), 0u);
+  for (int i = 0; i < 3; ++i) {
+    auto v = cv.verify(m.inputs(m.report));
+    ASSERT_TRUE(v) << v.error().message;
+    EXPECT_EQ(v->product, snp::Product::kMilan);
+  }
+  EXPECT_EQ(cv.cached_chains(), 1u);
+  // A cached chain does not excuse the report: every report check still runs.
+  Bytes bad = m.report;
+  bad[0x2A0] ^= std::byte{1};
+  auto sig = cv.verify(m.inputs(bad));
+  ASSERT_FALSE(sig);
+  EXPECT_NE(sig.error().message.find("signature does not verify"), std::string::npos);
+  Bytes other_chip = m.report;
+  other_chip[0x1A0] ^= std::byte{1};
+  EXPECT_FALSE(cv.verify(m.inputs(other_chip)));
+  // Nor the time: outside the chain's validity the full check runs again and says why.
+  snp::VerifyInputs late = m.inputs(m.report);
+  late.at = utc(2031, 1, 1);
+  auto expired = cv.verify(late);
+  ASSERT_FALSE(expired);
+  EXPECT_NE(expired.error().message.find("expired"), std::string::npos) << expired.error().message;
+  // A different chain argument is a different cache entry, and a wrong one still fails.
+  snp::VerifyInputs wrong = m.inputs(m.report);
+  wrong.chain_pem = to_string(read_file(shared("snp/amd/genoa_ask_ark_asvk.pem")));
+  EXPECT_FALSE(cv.verify(wrong));
+  EXPECT_EQ(cv.cached_chains(), 1u);
+}
+
 TEST(SnpVerify, ProductNames) {
   EXPECT_EQ(*snp::product_from_name("Milan-B0"), snp::Product::kMilan);
   EXPECT_EQ(*snp::product_from_name("Genoa"), snp::Product::kGenoa);
