@@ -270,6 +270,7 @@ std::string_view product_name(Product p) {
     case Product::kMilan: return "Milan";
     case Product::kGenoa: return "Genoa";
     case Product::kTurin: return "Turin";
+    case Product::kSim: return "Sim";
   }
   return "unknown";
 }
@@ -279,6 +280,7 @@ Result<Product> product_from_name(std::string_view name) {
   if (base == "Milan") return Product::kMilan;
   if (base == "Genoa") return Product::kGenoa;
   if (base == "Turin") return Product::kTurin;
+  if (name == "Sim") return Product::kSim;
   return fail(ErrorCode::kAuth, "productName '" + std::string(name) + "' is not a known SEV-SNP product (Milan, Genoa, Turin)");
 }
 
@@ -332,6 +334,7 @@ struct VerifiedKey {
   bool vlek = false;
   std::time_t valid_from = 0;   // latest notBefore of ARK, ASK/ASVK, endorsement key
   std::time_t valid_until = 0;  // earliest notAfter
+  bool sim = false;
 };
 
 namespace {
@@ -350,8 +353,23 @@ Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
     return auth_fail(std::string("SNP report SIGNING_KEY says ") + key_role + ", but the certificate " +
                      (ext->csp_id.empty() ? "has no cspID (a VCEK)" : "has a cspID (a VLEK)"));
   }
-  // The chain: pinned ARK (self-signed) → pinned ASK/ASVK → endorsement key.
-  auto roots = pinned_roots(*product, vlek);
+  // The chain: pinned ARK (self-signed) → pinned ASK/ASVK → endorsement key; for the sim
+  // product, the ARK and ASK of the explicit trust entry instead (never pinned, never implied).
+  Result<std::pair<Roots, X509Ptr>> roots = fail(ErrorCode::kAuth, "");
+  if (*product == Product::kSim) {
+    if (in.sim_trust == nullptr) {
+      return auth_fail(std::string(key_role) + " is from the sim secure processor (productName \"Sim\"): a test root that "
+                       "is trusted only through an explicit sim trust entry");
+    }
+    auto ark = read_pem_certs(in.sim_trust->ark_pem, "sim ARK");
+    auto ask = read_pem_certs(in.sim_trust->ask_pem, "sim ASK");
+    if (!ark) return std::unexpected(ark.error());
+    if (!ask) return std::unexpected(ask.error());
+    auto ask_again = read_pem_certs(in.sim_trust->ask_pem, "sim ASK");
+    roots = std::pair<Roots, X509Ptr>{Roots{std::move(ark->front()), std::move(ask->front())}, std::move(ask_again->front())};
+  } else {
+    roots = pinned_roots(*product, vlek);
+  }
   if (!roots) return std::unexpected(roots.error());
   X509* ark = roots->first.ark.get();
   X509* ask = roots->first.ask.get();
@@ -422,6 +440,7 @@ Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
   vk.ext = std::move(*ext);
   vk.product = *product;
   vk.vlek = vlek;
+  vk.sim = *product == Product::kSim;
   return vk;
 }
 
@@ -468,7 +487,7 @@ Result<VerifiedReport> verify_with_key(const Report& report, ByteSpan report_byt
     ERR_clear_error();
     return auth_fail("SNP report signature does not verify with the " + std::string(key_role) + " " + subject_cn(vk.cert.get()));
   }
-  return VerifiedReport{report, vk.product, layout, *reported, vk.vlek, vk.ext};
+  return VerifiedReport{report, vk.product, layout, *reported, vk.vlek, vk.ext, vk.sim};
 }
 
 Result<Report> parse_signed(ByteSpan bytes) {
@@ -507,6 +526,12 @@ Result<VerifiedReport> CachedVerifier::verify(const VerifyInputs& in) {
     id.push_back(std::byte{'|'});
     const ByteSpan c = as_bytes(*in.chain_pem);
     id.insert(id.end(), c.begin(), c.end());
+  }
+  if (in.sim_trust != nullptr) {
+    id.push_back(std::byte{'$'});
+    const ByteSpan a = as_bytes(in.sim_trust->ark_pem), k = as_bytes(in.sim_trust->ask_pem);
+    id.insert(id.end(), a.begin(), a.end());
+    id.insert(id.end(), k.begin(), k.end());
   }
   if (in.crl) {
     id.push_back(std::byte{'#'});

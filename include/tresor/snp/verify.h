@@ -23,7 +23,9 @@
 
 namespace tresor::snp {
 
-enum class Product { kMilan, kGenoa, kTurin };
+/// kSim is the software secure processor of the `sim` platform (snp/sim.h): never pinned, trusted
+/// only through an explicit SimTrust entry.
+enum class Product { kMilan, kGenoa, kTurin, kSim };
 std::string_view product_name(Product p);
 /// Product of a VCEK/VLEK productName extension ("Milan-B0", "Genoa", "Turin-C1").
 Result<Product> product_from_name(std::string_view product_name);
@@ -55,6 +57,12 @@ std::vector<PinnedRootInfo> pinned_roots();
 /// ARK (RSASSA-PSS). A failure means the library itself is damaged.
 [[nodiscard]] Result<void> check_pinned_roots();
 
+/// The explicit trust entry for a sim root (snp/sim.h, `tresor sim init`): its ARK and ASK, PEM.
+struct SimTrust {
+  std::string ark_pem;
+  std::string ask_pem;
+};
+
 struct VerifyInputs {
   ByteSpan report;                   // 0x4A0 bytes
   ByteSpan endorsement_cert;         // the VCEK or VLEK, DER or PEM
@@ -67,6 +75,8 @@ struct VerifyInputs {
   /// The time at which every certificate must be valid (injectable; never read from the clock
   /// here).
   std::time_t at = 0;
+  /// Only with this set can a report from the sim secure processor (product "Sim") verify.
+  const SimTrust* sim_trust = nullptr;
 };
 
 /// What a verified report says, with the facts the chain added.
@@ -77,6 +87,9 @@ struct VerifiedReport {
   Tcb reported_tcb;
   bool vlek = false;
   EndorsementExtensions endorsement;
+  /// True when the chain is a sim root trusted through SimTrust: not confidential hardware.
+  /// Callers must say so loudly.
+  bool sim = false;
 };
 
 /// Verifies, in order: the report parses; the endorsement certificate parses, names a known
