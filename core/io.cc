@@ -243,6 +243,19 @@ Result<void> AtomicOutputFile::commit() {
   return {};
 }
 
+Result<void> make_private_dirs(const std::string& dir) {
+  std::string path = dir;
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  for (size_t slash = path.find('/', 1);; slash = path.find('/', slash + 1)) {
+    const std::string part = slash == std::string::npos ? path : path.substr(0, slash);
+    if (::mkdir(part.c_str(), 0700) != 0 && errno != EEXIST) {
+      return fail(ErrorCode::kIo, "cannot create directory " + part + ": " + std::strerror(errno));
+    }
+    if (slash == std::string::npos) break;
+  }
+  return {};
+}
+
 Result<std::string> read_small_file(const std::string& path, size_t max_size) {
   auto f = FdFile::open_read(path);
   if (!f) return std::unexpected(f.error());

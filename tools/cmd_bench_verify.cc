@@ -2,6 +2,7 @@
 // time and with it cached, as a ratio to OpenSSL's own ECDSA P-384 verify rate measured in the
 // same run on the same signature (the floor of the cost: one ECDSA verification per report).
 #include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <openssl/x509.h>
 
 #include <cstdio>
@@ -52,7 +53,13 @@ int cmd_bench_verify(int argc, char** argv) {
   snp::VerifyInputs in;
   in.report = report_bytes;
   in.endorsement_cert = vcek;
-  in.at = at_text == "now" ? std::time(nullptr) : static_cast<std::time_t>(std::stoll(at_text));
+  in.at = std::time(nullptr);
+  if (at_text != "now") {
+    if (at_text.empty() || at_text.find_first_not_of("0123456789") != std::string::npos) {
+      return usage_error("bench verify", "--at wants a unix time in seconds or 'now', got '" + at_text + "'");
+    }
+    in.at = static_cast<std::time_t>(std::stoll(at_text));
+  }
   auto first = snp::verify_report(in);
   if (!first) return report(first.error());
 
@@ -61,9 +68,16 @@ int cmd_bench_verify(int argc, char** argv) {
   if (!der) return report(der.error());
   auto cert = snp::parse_endorsement_extensions(vcek);  // validates the input once more
   if (!cert) return report(cert.error());
-  const unsigned char* p = reinterpret_cast<const unsigned char*>(vcek.data());
-  X509* x = vcek.front() == std::byte{'-'} ? nullptr : d2i_X509(nullptr, &p, static_cast<long>(vcek.size()));
-  if (x == nullptr) return usage_error("bench verify", "--vcek must be DER for the OpenSSL baseline");
+  X509* x = nullptr;
+  if (!vcek.empty() && vcek.front() == std::byte{'-'}) {
+    BIO* bio = BIO_new_mem_buf(vcek.data(), static_cast<int>(vcek.size()));
+    x = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+  } else {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(vcek.data());
+    x = d2i_X509(nullptr, &p, static_cast<long>(vcek.size()));
+  }
+  if (x == nullptr) return usage_error("bench verify", "--vcek is neither a DER nor a PEM certificate");
   EVP_PKEY* key = X509_get0_pubkey(x);
   const double openssl = rate(seconds, [&] {
     EVP_MD_CTX* ctx = EVP_MD_CTX_new();
@@ -81,7 +95,7 @@ int cmd_bench_verify(int argc, char** argv) {
     std::fprintf(stderr, "tresor bench verify: a verification failed during the run\n");
     return kExitInternal;
   }
-  std::printf("tresor bench verify: %s, %.0f s per figure, 1 thread\n", report_path.c_str(), seconds);
+  std::printf("tresor bench verify: %s, %.1f s per figure, 1 thread\n", report_path.c_str(), seconds);
   std::printf("  openssl ECDSA P-384 verify (same signature): %8.0f /s\n", openssl);
   std::printf("  tresor verify, chain cached:                  %8.0f /s  (%.2fx openssl)\n", cached, cached / openssl);
   std::printf("  tresor verify, chain verified each time:      %8.0f /s  (%.2fx openssl)\n", full, full / openssl);

@@ -10,19 +10,6 @@
 #include "options.h"
 
 namespace tresor::cli {
-namespace {
-
-Result<void> make_private_parents(const std::string& path) {
-  for (size_t slash = path.find('/', 1); slash != std::string::npos; slash = path.find('/', slash + 1)) {
-    const std::string dir = path.substr(0, slash);
-    if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-      return fail(ErrorCode::kIo, "cannot create directory " + dir + ": " + std::strerror(errno));
-    }
-  }
-  return {};
-}
-
-}  // namespace
 
 int cmd_keygen(int argc, char** argv) {
   po::options_description opts("Options");
@@ -36,7 +23,9 @@ int cmd_keygen(int argc, char** argv) {
   if (out == "-") return usage_error("keygen", "secret keys are written to a file, not to stdout");
   // `tresor keygen -o ~/.config/tresor/identity` on a fresh account: make the missing
   // directories, private to the user.
-  if (auto d = make_private_parents(out); !d) return report(d.error());
+  if (const auto slash = out.rfind('/'); slash != std::string::npos && slash > 0) {
+    if (auto d = make_private_dirs(out.substr(0, slash)); !d) return report(d.error());
+  }
 
   std::string text;
   std::string announce;

@@ -8,6 +8,7 @@
 #include <iostream>
 
 #include "options.h"
+#include "tresor/snp/sim.h"
 #include "tresor/snp/validate.h"
 #include "tresor/snp/verify.h"
 
@@ -133,13 +134,14 @@ int report_show(int argc, char** argv) {
 
 int report_verify(int argc, char** argv) {
   po::options_description opts("Options");
-  std::string in, vcek, chain, policy, at, crl;
+  std::string in, vcek, chain, policy, at, crl, trust_sim;
   opts.add_options()
       ("vcek", po::value(&vcek)->required(), "the VCEK or VLEK certificate (DER or PEM)")
       ("chain", po::value(&chain), "optional ASK/ASVK + ARK PEM (KDS cert_chain); must be AMD's pinned certificates")
       ("crl", po::value(&crl), "optional CRL of the product's ARK (DER or PEM)")
       ("policy", po::value(&policy), "attestation policy (JSON, docs/attestation.md); without it the claims are verified but not judged")
       ("at", po::value(&at), "verify certificate validity at this RFC 3339 UTC time (default: now)")
+      ("trust-sim", po::value(&trust_sim), "also trust the sim root in this directory (TESTING ONLY: not hardware)")
       ("json", "print the verified claims as JSON")
       ("report", po::value(&in)->required(), "attestation report file (0x4A0 bytes)");
   po::positional_options_description pos;
@@ -172,23 +174,34 @@ int report_verify(int argc, char** argv) {
     if (!c) return report(c.error());
     vi.crl = *c;
   }
+  snp::SimTrust sim_trust;
+  if (!trust_sim.empty()) {
+    auto t = snp::sim::load_trust(trust_sim);
+    if (!t) return report(t.error());
+    sim_trust = *t;
+    vi.sim_trust = &sim_trust;
+  }
   auto v = snp::verify_report(vi);
   if (!v) return report({v.error().code, in + ": " + v.error().message});
+  if (v->sim) {
+    std::fprintf(stderr, "tresor: WARNING: %s is signed by the SIM secure processor in %s: a test root, not AMD hardware; "
+                         "it proves nothing about confidentiality\n", in.c_str(), trust_sim.c_str());
+  }
   if (vm.count("json")) {
     auto j = report_json(v->report, v->layout, true);
     j["product"] = std::string(snp::product_name(v->product));
     j["endorsement"] = {{"kind", v->vlek ? "vlek" : "vcek"}, {"product_name", v->endorsement.product_name}};
     std::cout << j.dump(2) << "\n";
   }
-  std::fprintf(stderr, "tresor: %s: signature and AMD %s chain verified (%s, reported TCB %s)\n", in.c_str(),
-               std::string(snp::product_name(v->product)).c_str(), v->vlek ? "VLEK" : "VCEK",
+  std::fprintf(stderr, "tresor: %s: signature and %s %s chain verified (%s, reported TCB %s)\n", in.c_str(),
+               v->sim ? "TEST" : "AMD", std::string(snp::product_name(v->product)).c_str(), v->vlek ? "VLEK" : "VCEK",
                snp::tcb_string(v->reported_tcb, v->layout).c_str());
   if (policy.empty()) {
     std::fprintf(stderr, "tresor: no --policy given: the claims are authentic but were not judged\n");
     return kExitOk;
   }
   auto ptext = read_small_file(policy);
-  if (!ptext) return report(ptext.error());
+  if (!ptext) return report({ErrorCode::kPolicy, ptext.error().message + " (an absent policy denies)"});
   auto p = snp::parse_policy(*ptext);
   if (!p) return report({ErrorCode::kPolicy, policy + ": " + p.error().message + " (a malformed policy denies)"});
   if (auto ok = snp::validate(*v, &*p); !ok) return report(ok.error());
@@ -201,7 +214,7 @@ int report_verify(int argc, char** argv) {
 int cmd_report(int argc, char** argv) {
   if (argc < 2 || std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h") {
     std::printf("Usage: tresor report show REPORT [--json]\n"
-                "       tresor report verify REPORT --vcek F [--chain F] [--crl F] [--policy F] [--at TIME] [--json]\n\n"
+                "       tresor report verify REPORT --vcek F [--chain F] [--crl F] [--policy F] [--at TIME] [--trust-sim DIR] [--json]\n\n"
                 "Exit codes: 0 ok, 2 usage, 3 I/O, 5 chain or signature failure, 6 report does not parse, 7 policy denies.\n");
     return argc < 2 ? kExitUsage : kExitOk;
   }

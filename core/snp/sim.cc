@@ -161,9 +161,7 @@ std::string path_in(const std::string& dir, const char* name) { return dir + "/"
 }  // namespace
 
 Result<void> init(const std::string& dir, const InitOptions& o) {
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    return fail(ErrorCode::kIo, "cannot create " + dir + ": " + std::strerror(errno));
-  }
+  TRESOR_TRY(make_private_dirs(dir));
   for (const char* f : {"ark.pem", "ask.pem", "vcek.pem", "ark.key", "ask.key", "vcek.key", "sim.json"}) {
     if (::access(path_in(dir, f).c_str(), F_OK) == 0) {
       return fail(ErrorCode::kExists, path_in(dir, f) + " already exists; refusing to replace a sim root");

@@ -411,11 +411,18 @@ Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
       ERR_clear_error();
       return auth_fail("CRL is not signed by the ARK of " + std::string(product_name(*product)));
     }
-    for (X509* x : {ask, cert->get()}) {
-      X509_REVOKED* revoked = nullptr;
-      if (X509_CRL_get0_by_serial(c.get(), &revoked, X509_get0_serialNumber(x)) == 1) {
-        return auth_fail(subject_cn(x) + " is revoked by the CRL");
-      }
+    // The ARK's CRL lists the certificates the ARK issued: the ASK and ASVK (a serial number
+    // means something only under its issuer, so the endorsement key is not looked up here).
+    std::time_t at = in.at;
+    if (X509_cmp_time(X509_CRL_get0_lastUpdate(c.get()), &at) > 0) {
+      return auth_fail("CRL was issued after the verification time (" + time_text(X509_CRL_get0_lastUpdate(c.get())) + ")");
+    }
+    if (const ASN1_TIME* next = X509_CRL_get0_nextUpdate(c.get()); next != nullptr && X509_cmp_time(next, &at) < 0) {
+      return auth_fail("CRL is stale: its next update was due " + time_text(next) + "; fetch a current one");
+    }
+    X509_REVOKED* revoked = nullptr;
+    if (X509_CRL_get0_by_serial(c.get(), &revoked, X509_get0_serialNumber(ask)) == 1) {
+      return auth_fail(std::string(ask_role) + " " + subject_cn(ask) + " is revoked by the ARK's CRL");
     }
   }
   // The endorsement key must be ECDSA P-384 (Chapter 10).
@@ -428,6 +435,13 @@ Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
     return auth_fail(std::string(key_role) + " key is not an ECDSA P-384 key");
   }
   VerifiedKey vk;
+  // 57230 Table 8: spl_4 … spl_7 are reserved and zero.
+  for (size_t i = 0; i < ext->spl_4_7.size(); ++i) {
+    if (ext->spl_4_7[i] != 0) {
+      return auth_fail(std::string(key_role) + " reserved SPL 1.3.6.1.4.1.3704.1.3." + std::to_string(i + 4) + " is " +
+                       std::to_string(ext->spl_4_7[i]) + ", must be 0");
+    }
+  }
   vk.valid_from = std::max({to_time(X509_get0_notBefore(ark)), to_time(X509_get0_notBefore(ask)),
                             to_time(X509_get0_notBefore(cert->get()))});
   vk.valid_until = std::min({to_time(X509_get0_notAfter(ark)), to_time(X509_get0_notAfter(ask)),
@@ -507,6 +521,10 @@ Result<VerifiedReport> verify_report(const VerifyInputs& in) {
   return verify_with_key(*report, in.report, *vk);
 }
 
+namespace {
+constexpr size_t kMaxCachedChains = 4096;
+}  // namespace
+
 CachedVerifier::CachedVerifier() = default;
 CachedVerifier::~CachedVerifier() = default;
 
@@ -551,6 +569,8 @@ Result<VerifiedReport> CachedVerifier::verify(const VerifyInputs& in) {
     if (!fresh) return std::unexpected(fresh.error());
     auto shared = std::make_shared<const VerifiedKey>(std::move(*fresh));
     std::lock_guard lock(mu_);
+    // Bounded: a verifier serving many machines starts over rather than grow without limit.
+    if (cache_.size() >= kMaxCachedChains) cache_.clear();
     cache_[key] = shared;
     vk = shared;
   }

@@ -147,6 +147,9 @@ class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
   bool done_ = false;
 };
 
+/// Creates `dir` and any missing parents with mode 0700 (existing ones are left as they are).
+[[nodiscard]] Result<void> make_private_dirs(const std::string& dir);
+
 /// Reads a whole small file (keys, identities); refuses files over `max_size`.
 [[nodiscard]] Result<std::string> read_small_file(const std::string& path, size_t max_size = 1 << 20);
 

@@ -95,6 +95,38 @@ TEST_F(ReportCli, VerifyFailuresHaveDistinctExitCodes) {
   EXPECT_EQ(run_tresor({"report", "frob"}).exit_code, 2);
 }
 
+TEST_F(ReportCli, SimReportsVerifyOnlyWithTrustSimAndSayWhatTheyAre) {
+  const std::string root = dir.file("sim-root");
+  auto init = run_tresor({"sim", "init", root, "--rsa-bits", "2048"});
+  ASSERT_EQ(init.exit_code, 0) << init.err;
+  EXPECT_EQ(run_tresor({"sim", "init", root, "--rsa-bits", "2048"}).exit_code, 3);  // never replaced
+  const std::string r = dir.file("sim.bin");
+  auto made = run_tresor({"sim", "report", "--dir", root, "-o", r, "--measurement", "abcd", "--host-data", "01"});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  auto show = run_tresor({"report", "show", r, "--json"});
+  ASSERT_EQ(show.exit_code, 0);
+  const auto j = nlohmann::json::parse(show.out);
+  EXPECT_EQ(j["version"], 5);
+  EXPECT_EQ(j["measurement"].get<std::string>().substr(0, 6), "abcd00");
+  EXPECT_EQ(j["host_data"].get<std::string>().substr(0, 4), "0100");
+
+  auto untrusted = run_tresor({"report", "verify", r, "--vcek", root + "/vcek.pem"});
+  EXPECT_EQ(untrusted.exit_code, 5) << untrusted.err;
+  EXPECT_NE(untrusted.err.find("sim secure processor"), std::string::npos) << untrusted.err;
+  auto trusted = run_tresor({"report", "verify", r, "--vcek", root + "/vcek.pem", "--trust-sim", root});
+  EXPECT_EQ(trusted.exit_code, 0) << trusted.err;
+  EXPECT_NE(trusted.err.find("WARNING"), std::string::npos) << trusted.err;
+  EXPECT_NE(trusted.err.find("TEST Sim chain verified"), std::string::npos) << trusted.err;
+  EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("v4.bin"), "--version", "4"}).exit_code, 2);
+  EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("m.bin"), "--measurement", "zz"}).exit_code, 2);
+}
+
+TEST_F(ReportCli, AbsentPolicyFileDenies) {
+  auto r = run_tresor(verify(report, {"--policy", dir.file("no-such-policy.json")}));
+  EXPECT_EQ(r.exit_code, 7) << r.err;
+  EXPECT_NE(r.err.find("absent policy denies"), std::string::npos) << r.err;
+}
+
 TEST_F(ReportCli, BenchVerifyPrintsRatiosAgainstOpenssl) {
   auto r = run_tresor({"bench", "verify", "--report", report, "--vcek", vcek, "--at", "1748736000", "--seconds", "0.2"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -104,6 +136,7 @@ TEST_F(ReportCli, BenchVerifyPrintsRatiosAgainstOpenssl) {
   // A report that does not verify is refused before anything is timed.
   auto late = run_tresor({"bench", "verify", "--report", report, "--vcek", vcek, "--at", "1956528000", "--seconds", "0.2"});
   EXPECT_EQ(late.exit_code, 5) << late.err;
+  EXPECT_EQ(run_tresor({"bench", "verify", "--report", report, "--vcek", vcek, "--at", "soon"}).exit_code, 2);
 }
 
 }  // namespace

@@ -69,8 +69,8 @@ struct VerifyInputs {
   /// Optional ASK/ASVK and ARK as PEM (KDS cert_chain format). Each must be byte-identical to
   /// the pinned AMD certificate of the product: they add nothing but a check.
   std::optional<std::string> chain_pem;
-  /// Optional CRL of the product's ARK (DER or PEM): the ASK/ASVK and the endorsement key must
-  /// not be revoked, and the CRL must be signed by the ARK.
+  /// Optional CRL of the product's ARK (DER or PEM): it must be signed by the ARK, current at
+  /// `at` (issued before it, next update not past), and must not list the ASK/ASVK.
   std::optional<Bytes> crl;
   /// The time at which every certificate must be valid (injectable; never read from the clock
   /// here).
@@ -107,7 +107,7 @@ struct VerifiedKey;
 /// CachedVerifier is verify_report with memory: once an endorsement certificate's chain has
 /// verified (with a given chain and CRL), later reports signed by it skip the chain's RSA
 /// signatures and only pay parsing, the binding checks and one ECDSA verification. Validity is
-/// still checked at each call's time. Thread-safe.
+/// still checked at each call's time. Holds at most 4096 chains (then starts over). Thread-safe.
 class CachedVerifier {
  public:
   CachedVerifier();

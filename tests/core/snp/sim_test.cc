@@ -2,6 +2,10 @@
 // and 5 are byte-exact and verify through the same verifier — but only with the explicit sim
 // trust entry, and flagged as sim; a policy must name the "Sim" product to accept them.
 #include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
 
 #include <ctime>
 #include <filesystem>
@@ -135,6 +139,89 @@ TEST_F(SnpSim, APolicyMustNameTheSimProduct) {
   ASSERT_TRUE(with_sim) << with_sim.error().message;
   auto ok = snp::validate(*v, &*with_sim);
   EXPECT_TRUE(ok) << ok.error().message;
+}
+
+// A CRL issued by the sim ARK (the same code path as AMD's: signed by the product's ARK).
+Bytes make_crl(const std::string& root_dir, bool revoke_ask, long next_update_offset, bool sign_with_ask = false) {
+  auto load_key = [](const std::string& path) {
+    const Bytes k = testing::read_file(path);
+    BIO* bio = BIO_new_mem_buf(k.data(), static_cast<int>(k.size()));
+    EVP_PKEY* key = PEM_read_bio_PrivateKey(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+    return key;
+  };
+  auto load_cert = [](const std::string& path) {
+    const Bytes c = testing::read_file(path);
+    BIO* bio = BIO_new_mem_buf(c.data(), static_cast<int>(c.size()));
+    X509* x = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+    BIO_free(bio);
+    return x;
+  };
+  EVP_PKEY* key = load_key(root_dir + (sign_with_ask ? "/ask.key" : "/ark.key"));
+  X509* ark = load_cert(root_dir + "/ark.pem");
+  X509* ask = load_cert(root_dir + "/ask.pem");
+  X509_CRL* crl = X509_CRL_new();
+  X509_CRL_set_version(crl, 1);
+  X509_CRL_set_issuer_name(crl, X509_get_subject_name(ark));
+  ASN1_TIME* last = X509_gmtime_adj(nullptr, -3600);
+  ASN1_TIME* next = X509_gmtime_adj(nullptr, next_update_offset);
+  X509_CRL_set1_lastUpdate(crl, last);
+  X509_CRL_set1_nextUpdate(crl, next);
+  if (revoke_ask) {
+    X509_REVOKED* r = X509_REVOKED_new();
+    X509_REVOKED_set_serialNumber(r, X509_get_serialNumber(ask));
+    X509_REVOKED_set_revocationDate(r, last);
+    X509_CRL_add0_revoked(crl, r);
+  }
+  EVP_MD_CTX* md = EVP_MD_CTX_new();
+  EVP_PKEY_CTX* pctx = nullptr;
+  EVP_DigestSignInit(md, &pctx, EVP_sha384(), nullptr, key);
+  EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING);
+  X509_CRL_sign_ctx(crl, md);
+  unsigned char* der = nullptr;
+  const int len = i2d_X509_CRL(crl, &der);
+  Bytes out(reinterpret_cast<std::byte*>(der), reinterpret_cast<std::byte*>(der) + len);
+  OPENSSL_free(der);
+  EVP_MD_CTX_free(md);
+  ASN1_TIME_free(last);
+  ASN1_TIME_free(next);
+  X509_CRL_free(crl);
+  X509_free(ark);
+  X509_free(ask);
+  EVP_PKEY_free(key);
+  return out;
+}
+
+TEST_F(SnpSim, CrlOfTheArkIsChecked) {
+  auto sp = snp::sim::SecureProcessor::load(root());
+  auto trust = snp::sim::load_trust(root());
+  ASSERT_TRUE(sp && trust);
+  auto report = sp->sign_report(params(5));
+  ASSERT_TRUE(report);
+  const Bytes vcek = to_bytes(sp->vcek_pem());
+  auto verify_with = [&](Bytes crl) {
+    snp::VerifyInputs in;
+    in.report = *report;
+    in.endorsement_cert = vcek;
+    in.at = std::time(nullptr);
+    in.sim_trust = &*trust;
+    in.crl = std::move(crl);
+    return snp::verify_report(in);
+  };
+  auto clean = verify_with(make_crl(root(), false, 86400));
+  EXPECT_TRUE(clean) << clean.error().message;
+  const std::pair<Bytes, std::string> bad[] = {
+      {make_crl(root(), true, 86400), "revoked"},
+      {make_crl(root(), false, -60), "stale"},
+      {make_crl(root(), false, 86400, /*sign_with_ask=*/true), "not signed by the ARK"},
+      {to_bytes("not a CRL"), "neither DER nor PEM"},
+  };
+  for (const auto& [crl, want] : bad) {
+    SCOPED_TRACE(want);
+    auto r = verify_with(crl);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find(want), std::string::npos) << r.error().message;
+  }
 }
 
 }  // namespace
