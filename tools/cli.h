@@ -102,6 +102,7 @@ int cmd_bench(int argc, char** argv);
 int cmd_version(int argc, char** argv);
 int cmd_report(int argc, char** argv);
 int cmd_sim(int argc, char** argv);
+int cmd_measure(int argc, char** argv);
 int cmd_bench_verify(int argc, char** argv);
 
 }  // namespace tresor::cli

@@ -21,6 +21,7 @@ constexpr Command kCommands[] = {
     {"open", tresor::cli::cmd_open, "decrypt and verify a sealed file"},
     {"inspect", tresor::cli::cmd_inspect, "show a sealed file's header (never secrets)"},
     {"report", tresor::cli::cmd_report, "SEV-SNP attestation reports: show, verify against AMD's chain and a policy"},
+    {"measure", tresor::cli::cmd_measure, "the SEV-SNP launch measurement of a firmware, kernel and vCPU layout"},
     {"sim", tresor::cli::cmd_sim, "the sim secure processor: a test root that signs SNP reports (no hardware)"},
     {"bench", tresor::cli::cmd_bench, "benchmarks (bench seal: throughput against OpenSSL)"},
     {"version", tresor::cli::cmd_version, "print version, OpenSSL and CUDA information"},

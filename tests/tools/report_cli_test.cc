@@ -127,6 +127,22 @@ TEST_F(ReportCli, AbsentPolicyFileDenies) {
   EXPECT_NE(r.err.find("absent policy denies"), std::string::npos) << r.err;
 }
 
+TEST_F(ReportCli, MeasurePrintsTheLaunchDigestOnTheLastLine) {
+  const std::string fw = shared("snp/measure/ovmf_AmdSev_suffix.bin");
+  const std::string empty = dir.file("empty");
+  write_file(empty, {}, 0644);
+  auto r = run_tresor({"measure", "--ovmf", fw, "--kernel", empty, "--initrd", empty, "--append", "console=ttyS0 loglevel=7",
+                       "--vcpus", "1", "--vcpu-type", "EPYC-v4", "--guest-features", "0x21"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "803f691094946e42068aaa3a8f9e26a5c89f36f7b73ecfb28c653360fe4b3aba7e534442e7e1e17895dfe778d0228977\n");
+  auto no_hashes = run_tresor({"measure", "--ovmf", shared("snp/measure/ovmf_OvmfX64_suffix.bin"), "--kernel", empty});
+  EXPECT_EQ(no_hashes.exit_code, 2) << no_hashes.err;
+  EXPECT_NE(no_hashes.err.find("SNP_KERNEL_HASHES"), std::string::npos) << no_hashes.err;
+  EXPECT_EQ(run_tresor({"measure", "--ovmf", fw, "--vcpu-type", "Pentium"}).exit_code, 2);
+  EXPECT_EQ(run_tresor({"measure", "--ovmf", fw, "--guest-features", "0xZZ"}).exit_code, 2);
+  EXPECT_EQ(run_tresor({"measure", "--ovmf", fw, "--append", "x"}).exit_code, 2);
+}
+
 TEST_F(ReportCli, BenchVerifyPrintsRatiosAgainstOpenssl) {
   auto r = run_tresor({"bench", "verify", "--report", report, "--vcek", vcek, "--at", "1748736000", "--seconds", "0.2"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
