@@ -8,6 +8,7 @@
 #include <iostream>
 
 #include "options.h"
+#include "tresor/snp/certs.h"
 #include "tresor/snp/sim.h"
 #include "tresor/snp/validate.h"
 #include "tresor/snp/verify.h"
@@ -110,6 +111,31 @@ Result<Bytes> read_input(const std::string& path, size_t max = 1 << 20) {
   return to_bytes(*text);
 }
 
+int report_cache(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::string dir, vcek;
+  opts.add_options()("cert-dir", po::value(&dir)->required(), "the offline VCEK cache")(
+      "vcek", po::value(&vcek)->required(), "a VCEK (DER) to add, e.g. one fetched from AMD's KDS on another machine");
+  po::positional_options_description pos;
+  po::variables_map vm;
+  if (auto stop = parse_options("report cache", "--cert-dir D --vcek F", argc, argv, opts, pos, vm)) return *stop;
+  auto der = read_input(vcek);
+  if (!der) return report(der.error());
+  auto ext = snp::parse_endorsement_extensions(*der);
+  if (!ext) return report({ext.error().code, vcek + ": " + ext.error().message});
+  auto product = snp::product_from_name(ext->product_name);
+  if (!product || *product == snp::Product::kSim) {
+    return report({ErrorCode::kInvalidArgument, vcek + ": productName '" + ext->product_name + "' is not an AMD product"});
+  }
+  if (ext->hw_id.empty()) return report({ErrorCode::kInvalidArgument, vcek + " has no hwID: a VLEK is not cached by chip"});
+  snp::Tcb tcb = ext->tcb;
+  if (*product != snp::Product::kTurin) tcb.fmc = 0;
+  snp::DirectoryCache cache(dir);
+  if (auto r = cache.put(*product, ext->hw_id, tcb, *der); !r) return report(r.error());
+  std::fprintf(stderr, "tresor: cached as %s\n", cache.path_for(*product, ext->hw_id, tcb).c_str());
+  return kExitOk;
+}
+
 int report_show(int argc, char** argv) {
   po::options_description opts("Options");
   std::string in;
@@ -134,9 +160,10 @@ int report_show(int argc, char** argv) {
 
 int report_verify(int argc, char** argv) {
   po::options_description opts("Options");
-  std::string in, vcek, chain, policy, at, crl, trust_sim;
+  std::string in, vcek, chain, policy, at, crl, trust_sim, cert_dir;
   opts.add_options()
-      ("vcek", po::value(&vcek)->required(), "the VCEK or VLEK certificate (DER or PEM)")
+      ("vcek", po::value(&vcek), "the VCEK or VLEK certificate (DER or PEM)")
+      ("cert-dir", po::value(&cert_dir), "find the VCEK in this offline cache (see 'tresor report cache') instead of --vcek")
       ("chain", po::value(&chain), "optional ASK/ASVK + ARK PEM (KDS cert_chain); must be AMD's pinned certificates")
       ("crl", po::value(&crl), "optional CRL of the product's ARK (DER or PEM)")
       ("policy", po::value(&policy), "attestation policy (JSON, docs/attestation.md); without it the claims are verified but not judged")
@@ -151,9 +178,29 @@ int report_verify(int argc, char** argv) {
                                 argv, opts, pos, vm)) {
     return *stop;
   }
+  if (vcek.empty() == cert_dir.empty()) return usage_error("report verify", "give exactly one of --vcek F and --cert-dir D");
   auto report_bytes = read_input(in);
   if (!report_bytes) return report(report_bytes.error());
-  auto cert = read_input(vcek);
+  Result<Bytes> cert = fail(ErrorCode::kUnavailable, "");
+  if (!vcek.empty()) {
+    cert = read_input(vcek);
+  } else {
+    // The cache is keyed by product, CHIP_ID and REPORTED_TCB; a v2 report does not say its
+    // product, so every product's TCB reading is tried (the chain decides afterwards).
+    auto parsed = snp::parse_report(*report_bytes);
+    if (!parsed) return report({parsed.error().code, in + ": " + parsed.error().message});
+    snp::DirectoryCache cache(cert_dir);
+    std::string misses;
+    for (auto p : {snp::Product::kMilan, snp::Product::kGenoa, snp::Product::kTurin}) {
+      auto tcb = snp::decode_tcb(parsed->reported_tcb, snp::tcb_layout(p), "REPORTED_TCB");
+      if (!tcb) continue;
+      const size_t id_len = p == snp::Product::kTurin ? 8 : 64;
+      cert = cache.endorsement_cert(p, ByteSpan(parsed->chip_id).first(id_len), *tcb, false);
+      if (cert) break;
+      misses += "\n  " + cert.error().message;
+    }
+    if (!cert) cert = fail(ErrorCode::kIo, "no VCEK for this report in " + cert_dir + ":" + misses);
+  }
   if (!cert) return report(cert.error());
   snp::VerifyInputs vi;
   vi.report = *report_bytes;
@@ -214,14 +261,16 @@ int report_verify(int argc, char** argv) {
 int cmd_report(int argc, char** argv) {
   if (argc < 2 || std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h") {
     std::printf("Usage: tresor report show REPORT [--json]\n"
-                "       tresor report verify REPORT --vcek F [--chain F] [--crl F] [--policy F] [--at TIME] [--trust-sim DIR] [--json]\n\n"
+                "       tresor report verify REPORT (--vcek F | --cert-dir D) [--chain F] [--crl F] [--policy F] [--at TIME] [--trust-sim DIR] [--json]\n"
+                "       tresor report cache --cert-dir D --vcek F\n\n"
                 "Exit codes: 0 ok, 2 usage, 3 I/O, 5 chain or signature failure, 6 report does not parse, 7 policy denies.\n");
     return argc < 2 ? kExitUsage : kExitOk;
   }
   const std::string sub = argv[1];
   if (sub == "show") return report_show(argc - 1, argv + 1);
   if (sub == "verify") return report_verify(argc - 1, argv + 1);
-  return usage_error("report", "unknown subcommand '" + sub + "' (show, verify)");
+  if (sub == "cache") return report_cache(argc - 1, argv + 1);
+  return usage_error("report", "unknown subcommand '" + sub + "' (show, verify, cache)");
 }
 
 }  // namespace tresor::cli

@@ -121,6 +121,22 @@ TEST_F(ReportCli, SimReportsVerifyOnlyWithTrustSimAndSayWhatTheyAre) {
   EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("m.bin"), "--measurement", "zz"}).exit_code, 2);
 }
 
+TEST_F(ReportCli, OfflineCertificateDirectory) {
+  const std::string cache = dir.file("vceks");
+  const std::vector<std::string> with_dir{"report", "verify", report, "--cert-dir", cache, "--at", "2025-06-01T00:00:00Z"};
+  auto miss = run_tresor(with_dir);
+  EXPECT_EQ(miss.exit_code, 3) << miss.err;
+  EXPECT_NE(miss.err.find("no VCEK for this report"), std::string::npos) << miss.err;
+  auto put = run_tresor({"report", "cache", "--cert-dir", cache, "--vcek", vcek});
+  ASSERT_EQ(put.exit_code, 0) << put.err;
+  EXPECT_NE(put.err.find("Milan/"), std::string::npos) << put.err;
+  auto hit = run_tresor(with_dir);
+  EXPECT_EQ(hit.exit_code, 0) << hit.err;
+  EXPECT_EQ(run_tresor({"report", "cache", "--cert-dir", cache, "--vcek", vcek}).exit_code, 3);  // never replaced
+  EXPECT_EQ(run_tresor({"report", "verify", report}).exit_code, 2);  // neither --vcek nor --cert-dir
+  EXPECT_EQ(run_tresor({"report", "verify", report, "--vcek", vcek, "--cert-dir", cache}).exit_code, 2);
+}
+
 TEST_F(ReportCli, AbsentPolicyFileDenies) {
   auto r = run_tresor(verify(report, {"--policy", dir.file("no-such-policy.json")}));
   EXPECT_EQ(r.exit_code, 7) << r.err;
