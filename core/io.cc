@@ -267,7 +267,7 @@ Result<std::string> read_small_file(const std::string& path, size_t max_size) {
     if (*n == 0) break;
     out.append(buf, *n);
     if (out.size() > max_size) {
-      return fail(ErrorCode::kInvalidArgument, path + " is larger than " + format_size(max_size) + "; not a key file");
+      return fail(ErrorCode::kInvalidArgument, path + " is larger than " + format_size(max_size) + ", too large for this input");
     }
   }
   secure_wipe(MutableByteSpan(reinterpret_cast<std::byte*>(buf), sizeof buf));

@@ -121,6 +121,9 @@ int report_cache(int argc, char** argv) {
   if (auto stop = parse_options("report cache", "--cert-dir D --vcek F", argc, argv, opts, pos, vm)) return *stop;
   auto der = read_input(vcek);
   if (!der) return report(der.error());
+  if (!der->empty() && der->front() == std::byte{'-'}) {
+    return usage_error("report cache", vcek + " is PEM; the cache holds DER (convert: openssl x509 -in F -outform der -out F.der)");
+  }
   auto ext = snp::parse_endorsement_extensions(*der);
   if (!ext) return report({ext.error().code, vcek + ": " + ext.error().message});
   auto product = snp::product_from_name(ext->product_name);

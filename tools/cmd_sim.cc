@@ -53,7 +53,7 @@ int sim_report(int argc, char** argv) {
       ("measurement", po::value(&measurement), "MEASUREMENT, up to 96 hex digits")
       ("report-data", po::value(&report_data), "REPORT_DATA, up to 128 hex digits")
       ("host-data", po::value(&host_data), "HOST_DATA, up to 64 hex digits")
-      ("guest-policy", po::value(&policy_text)->default_value("0x30000"), "GUEST_POLICY (hex)")
+      ("guest-policy", po::value(&policy_text)->default_value("0x30000"), "GUEST_POLICY, hex (0x prefix optional)")
       ("force,f", "overwrite OUTPUT");
   po::positional_options_description pos;
   po::variables_map vm;
@@ -72,10 +72,13 @@ int sim_report(int argc, char** argv) {
   p.measurement = *m;
   p.report_data = *rd;
   p.host_data = *hd;
-  try {
-    p.policy = std::stoull(policy_text, nullptr, 0);
-  } catch (const std::exception&) {
-    return usage_error("sim report", "--guest-policy '" + policy_text + "' is not a number");
+  {
+    std::string digits = policy_text;
+    if (digits.starts_with("0x") || digits.starts_with("0X")) digits = digits.substr(2);
+    if (digits.empty() || digits.size() > 16 || digits.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos) {
+      return usage_error("sim report", "--guest-policy '" + policy_text + "' is not a hex number such as 0x30000");
+    }
+    p.policy = std::stoull(digits, nullptr, 16);
   }
   auto sp = snp::sim::SecureProcessor::load(dir);
   if (!sp) return report(sp.error());

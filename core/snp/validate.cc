@@ -152,11 +152,11 @@ Result<Policy> parse_policy(std::string_view text) {
     }
   }
   if (j.contains("products")) {
-    if (!j["products"].is_array() || j["products"].empty()) return bad("products", "must list Milan, Genoa and/or Turin");
+    if (!j["products"].is_array() || j["products"].empty()) return bad("products", "must list Milan, Genoa, Turin and/or Sim");
     p.products.clear();
     for (const auto& v : j["products"]) {
       auto prod = product_from_name(v.is_string() ? v.get<std::string>() : "");
-      if (!prod) return bad("products", "entries must be \"Milan\", \"Genoa\" or \"Turin\"");
+      if (!prod) return bad("products", "entries must be \"Milan\", \"Genoa\", \"Turin\" or \"Sim\" (the test platform)");
       p.products.push_back(*prod);
     }
   }

@@ -392,6 +392,7 @@ Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
   TRESOR_TRY(check_signed_by(ask, ark, ask_role, "ARK"));
   TRESOR_TRY(check_signed_by(cert->get(), ask, key_role, ask_role));
 
+  std::time_t crl_next_update = 0;  // a cached chain is good only while its CRL is current
   if (in.crl) {
     X509_CRL* crl = nullptr;
     if (looks_like_pem(*in.crl)) {
@@ -420,6 +421,7 @@ Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
     if (const ASN1_TIME* next = X509_CRL_get0_nextUpdate(c.get()); next != nullptr && X509_cmp_time(next, &at) < 0) {
       return auth_fail("CRL is stale: its next update was due " + time_text(next) + "; fetch a current one");
     }
+    if (const ASN1_TIME* next = X509_CRL_get0_nextUpdate(c.get()); next != nullptr) crl_next_update = to_time(next);
     X509_REVOKED* revoked = nullptr;
     if (X509_CRL_get0_by_serial(c.get(), &revoked, X509_get0_serialNumber(ask)) == 1) {
       return auth_fail(std::string(ask_role) + " " + subject_cn(ask) + " is revoked by the ARK's CRL");
@@ -446,6 +448,7 @@ Result<VerifiedKey> verify_chain(const VerifyInputs& in, bool vlek) {
                             to_time(X509_get0_notBefore(cert->get()))});
   vk.valid_until = std::min({to_time(X509_get0_notAfter(ark)), to_time(X509_get0_notAfter(ask)),
                              to_time(X509_get0_notAfter(cert->get()))});
+  if (crl_next_update != 0) vk.valid_until = std::min(vk.valid_until, crl_next_update);
   // Exact messages for validity come from the certificates themselves.
   TRESOR_TRY(check_validity(ark, in.at, "ARK"));
   TRESOR_TRY(check_validity(ask, in.at, ask_role));

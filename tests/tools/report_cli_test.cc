@@ -119,6 +119,10 @@ TEST_F(ReportCli, SimReportsVerifyOnlyWithTrustSimAndSayWhatTheyAre) {
   EXPECT_NE(trusted.err.find("TEST Sim chain verified"), std::string::npos) << trusted.err;
   EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("v4.bin"), "--version", "4"}).exit_code, 2);
   EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("m.bin"), "--measurement", "zz"}).exit_code, 2);
+  EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("p1.bin"), "--guest-policy", "30000"}).exit_code, 0);
+  EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("p2.bin"), "--guest-policy", "0x30000junk"}).exit_code, 2);
+  // GUEST_POLICY without the must-be-one bit 17 is refused by the sim as by the parser.
+  EXPECT_NE(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("p3.bin"), "--guest-policy", "0x10000"}).exit_code, 0);
 }
 
 TEST_F(ReportCli, OfflineCertificateDirectory) {

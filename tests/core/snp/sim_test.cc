@@ -222,6 +222,21 @@ TEST_F(SnpSim, CrlOfTheArkIsChecked) {
     ASSERT_FALSE(r);
     EXPECT_NE(r.error().message.find(want), std::string::npos) << r.error().message;
   }
+  // A cached chain is only as good as its CRL: past the CRL's next update, the full check runs
+  // again and finds the CRL stale.
+  snp::CachedVerifier cv;
+  snp::VerifyInputs in;
+  in.report = *report;
+  in.endorsement_cert = vcek;
+  in.at = std::time(nullptr);
+  in.sim_trust = &*trust;
+  in.crl = make_crl(root(), false, 600);
+  ASSERT_TRUE(cv.verify(in));
+  ASSERT_TRUE(cv.verify(in));
+  in.at += 1200;
+  auto stale = cv.verify(in);
+  ASSERT_FALSE(stale);
+  EXPECT_NE(stale.error().message.find("stale"), std::string::npos) << stale.error().message;
 }
 
 }  // namespace
