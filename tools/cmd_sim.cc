@@ -44,7 +44,7 @@ int sim_init(int argc, char** argv) {
 
 int sim_report(int argc, char** argv) {
   po::options_description opts("Options");
-  std::string dir, out, measurement, report_data, host_data, policy_text = "0x30000";
+  std::string dir, out, measurement, report_data, host_data, policy_text = "0x30000", tcb_text;
   uint32_t version = 5;
   opts.add_options()
       ("dir", po::value(&dir)->required(), "sim root made by 'tresor sim init'")
@@ -54,6 +54,7 @@ int sim_report(int argc, char** argv) {
       ("report-data", po::value(&report_data), "REPORT_DATA, up to 128 hex digits")
       ("host-data", po::value(&host_data), "HOST_DATA, up to 64 hex digits")
       ("guest-policy", po::value(&policy_text)->default_value("0x30000"), "GUEST_POLICY, hex (0x prefix optional)")
+      ("tcb", po::value(&tcb_text), "REPORTED_TCB as bl,tee,snp,ucode (default: the TCB the VCEK was made for)")
       ("force,f", "overwrite OUTPUT");
   po::positional_options_description pos;
   po::variables_map vm;
@@ -79,6 +80,16 @@ int sim_report(int argc, char** argv) {
       return usage_error("sim report", "--guest-policy '" + policy_text + "' is not a hex number such as 0x30000");
     }
     p.policy = std::stoull(digits, nullptr, 16);
+  }
+  if (!tcb_text.empty()) {
+    unsigned v[4];
+    char extra = 0;
+    if (std::sscanf(tcb_text.c_str(), "%u,%u,%u,%u%c", &v[0], &v[1], &v[2], &v[3], &extra) != 4 || v[0] > 255 ||
+        v[1] > 255 || v[2] > 255 || v[3] > 255) {
+      return usage_error("sim report", "--tcb '" + tcb_text + "' is not bl,tee,snp,ucode with values 0..255");
+    }
+    p.tcb = snp::Tcb{.fmc = 0, .bootloader = static_cast<uint8_t>(v[0]), .tee = static_cast<uint8_t>(v[1]),
+                     .snp = static_cast<uint8_t>(v[2]), .microcode = static_cast<uint8_t>(v[3])};
   }
   auto sp = snp::sim::SecureProcessor::load(dir);
   if (!sp) return report(sp.error());

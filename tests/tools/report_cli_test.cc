@@ -121,6 +121,12 @@ TEST_F(ReportCli, SimReportsVerifyOnlyWithTrustSimAndSayWhatTheyAre) {
   EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("m.bin"), "--measurement", "zz"}).exit_code, 2);
   EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("p1.bin"), "--guest-policy", "30000"}).exit_code, 0);
   EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("p2.bin"), "--guest-policy", "0x30000junk"}).exit_code, 2);
+  // A report claiming a TCB other than its VCEK's is refused by the verifier (cert TCB ≠ REPORTED_TCB).
+  ASSERT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("tcb.bin"), "--tcb", "3,0,9,115"}).exit_code, 0);
+  auto tcb = run_tresor({"report", "verify", dir.file("tcb.bin"), "--vcek", root + "/vcek.pem", "--trust-sim", root});
+  EXPECT_EQ(tcb.exit_code, 5) << tcb.err;
+  EXPECT_NE(tcb.err.find("REPORTED_TCB"), std::string::npos) << tcb.err;
+  EXPECT_EQ(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("t2.bin"), "--tcb", "3,0,9"}).exit_code, 2);
   // GUEST_POLICY without the must-be-one bit 17 is refused by the sim as by the parser.
   EXPECT_NE(run_tresor({"sim", "report", "--dir", root, "-o", dir.file("p3.bin"), "--guest-policy", "0x10000"}).exit_code, 0);
 }
