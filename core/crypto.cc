@@ -344,6 +344,7 @@ std::string_view key_type_name(KeyType t) {
     case KeyType::kEd25519: return "Ed25519";
     case KeyType::kP256: return "P-256";
     case KeyType::kP384: return "P-384";
+    case KeyType::kRsa: return "RSA";
   }
   return "unknown";
 }
@@ -355,6 +356,7 @@ Key& Key::operator=(Key&&) noexcept = default;
 Key::~Key() = default;
 
 Result<Key> Key::generate(KeyType type) {
+  if (type == KeyType::kRsa) return fail(ErrorCode::kInvalidArgument, "RSA keys are made by kbs::generate_rsa");
   EVP_PKEY* p = nullptr;
   if (is_ec(type)) {
     p = EVP_EC_gen(curve_info(type).group);
@@ -368,6 +370,7 @@ Result<Key> Key::generate(KeyType type) {
 }
 
 Result<Key> Key::from_private(KeyType type, ByteSpan raw) {
+  if (type == KeyType::kRsa) return fail(ErrorCode::kInvalidArgument, "RSA keys have no raw encoding here; use a JWK");
   if (!is_ec(type)) {
     if (raw.size() != 32) {
       return fail(ErrorCode::kInvalidArgument, std::string(key_type_name(type)) + " private key is " +
@@ -405,6 +408,7 @@ Result<Key> Key::from_private(KeyType type, ByteSpan raw) {
 }
 
 Result<Key> Key::from_public(KeyType type, ByteSpan raw) {
+  if (type == KeyType::kRsa) return fail(ErrorCode::kInvalidArgument, "RSA keys have no raw encoding here; use a JWK");
   if (!is_ec(type)) {
     if (raw.size() != 32) {
       return fail(ErrorCode::kInvalidArgument, std::string(key_type_name(type)) + " public key is " +
@@ -440,6 +444,7 @@ Result<Key> Key::from_public(KeyType type, ByteSpan raw) {
 }
 
 Result<Bytes> Key::public_raw() const {
+  if (type_ == KeyType::kRsa) return fail(ErrorCode::kInvalidArgument, "RSA keys have no raw encoding here; use a JWK");
   if (!is_ec(type_)) {
     Bytes out(32);
     size_t len = out.size();
@@ -460,6 +465,7 @@ Result<Bytes> Key::public_raw() const {
 
 Result<SecretBuffer> Key::private_raw() const {
   if (!has_private_) return fail(ErrorCode::kInvalidArgument, "key has no private half");
+  if (type_ == KeyType::kRsa) return fail(ErrorCode::kInvalidArgument, "RSA keys have no raw encoding here; use a JWK");
   if (!is_ec(type_)) {
     SecretBuffer out(32);
     size_t len = out.size();
@@ -479,7 +485,8 @@ Result<SecretBuffer> Key::private_raw() const {
 }
 
 Result<SecretBuffer> derive_shared(const Key& own_private, const Key& peer_public) {
-  if (own_private.type() != peer_public.type() || own_private.type() == KeyType::kEd25519) {
+  if (own_private.type() != peer_public.type() || own_private.type() == KeyType::kEd25519 ||
+      own_private.type() == KeyType::kRsa) {
     return fail(ErrorCode::kInvalidArgument,
                 std::string("key agreement needs two X25519, P-256 or P-384 keys, got ") +
                     std::string(key_type_name(own_private.type())) + " and " +
@@ -555,7 +562,7 @@ Result<Bytes> ecdsa_raw_to_der(ByteSpan raw) {
 }
 
 Result<Bytes> sign(const Key& private_key, ByteSpan message) {
-  if (!private_key.has_private() || private_key.type() == KeyType::kX25519) {
+  if (!private_key.has_private() || private_key.type() == KeyType::kX25519 || private_key.type() == KeyType::kRsa) {
     return fail(ErrorCode::kInvalidArgument, "signing needs an Ed25519, P-256 or P-384 private key");
   }
   const bool ec = is_ec(private_key.type());
@@ -575,8 +582,8 @@ Result<Bytes> sign(const Key& private_key, ByteSpan message) {
 }
 
 Result<void> verify(const Key& public_key, ByteSpan message, ByteSpan signature) {
-  if (public_key.type() == KeyType::kX25519) {
-    return fail(ErrorCode::kInvalidArgument, "X25519 keys cannot verify signatures");
+  if (public_key.type() == KeyType::kX25519 || public_key.type() == KeyType::kRsa) {
+    return fail(ErrorCode::kInvalidArgument, std::string(key_type_name(public_key.type())) + " keys cannot verify signatures here");
   }
   const bool ec = is_ec(public_key.type());
   Bytes der;

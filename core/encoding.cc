@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 
 namespace tresor {
@@ -64,6 +65,62 @@ Result<Bytes> from_hex(std::string_view hex, std::string_view what) {
                                                    std::to_string(hi < 0 ? 2 * i : 2 * i + 1));
     }
     out[i] = std::byte(static_cast<unsigned char>(hi << 4 | lo));
+  }
+  return out;
+}
+
+namespace {
+constexpr char kB64Url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+constexpr char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+std::string b64(ByteSpan b, const char* alphabet, bool pad) {
+  std::string out;
+  out.reserve((b.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 3 <= b.size(); i += 3) {
+    const uint32_t n = (std::to_integer<uint32_t>(b[i]) << 16) | (std::to_integer<uint32_t>(b[i + 1]) << 8) |
+                       std::to_integer<uint32_t>(b[i + 2]);
+    for (int k = 3; k >= 0; --k) out.push_back(alphabet[(n >> (6 * k)) & 63]);
+  }
+  const size_t rest = b.size() - i;
+  if (rest > 0) {
+    uint32_t n = std::to_integer<uint32_t>(b[i]) << 16;
+    if (rest == 2) n |= std::to_integer<uint32_t>(b[i + 1]) << 8;
+    out.push_back(alphabet[(n >> 18) & 63]);
+    out.push_back(alphabet[(n >> 12) & 63]);
+    if (rest == 2) out.push_back(alphabet[(n >> 6) & 63]);
+    if (pad) out.append(rest == 1 ? "==" : "=");
+  }
+  return out;
+}
+}  // namespace
+
+std::string base64url_encode(ByteSpan b) { return b64(b, kB64Url, false); }
+std::string base64_encode(ByteSpan b) { return b64(b, kB64, true); }
+
+Result<Bytes> base64url_decode(std::string_view text, std::string_view what) {
+  if (text.size() % 4 == 1) {
+    return fail(ErrorCode::kInvalidArgument, std::string(what) + " has an impossible length " + std::to_string(text.size()));
+  }
+  Bytes out;
+  out.reserve(text.size() * 3 / 4);
+  uint32_t acc = 0;
+  int bits = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char* p = std::strchr(kB64Url, text[i]);
+    if (text[i] == '\0' || p == nullptr) {
+      return fail(ErrorCode::kInvalidArgument, std::string(what) + " has a character outside base64url at position " +
+                                                   std::to_string(i));
+    }
+    acc = (acc << 6) | static_cast<uint32_t>(p - kB64Url);
+    bits += 6;
+    if (bits >= 8) {
+      out.push_back(std::byte((acc >> (bits - 8)) & 0xff));
+      bits -= 8;
+    }
+  }
+  if ((acc & ((1u << bits) - 1)) != 0) {
+    return fail(ErrorCode::kInvalidArgument, std::string(what) + " has non-zero padding bits");
   }
   return out;
 }

@@ -116,6 +116,7 @@ enum class KeyType {
   kEd25519,  // RFC 8032 signatures
   kP256,     // NIST P-256 (secp256r1): ECDH, ECDSA with SHA-256
   kP384,     // NIST P-384 (secp384r1): ECDH, ECDSA with SHA-384
+  kRsa,      // RSA, for RSA-OAEP-256 key transport in JWE only (kbs/jose.h builds these)
 };
 std::string_view key_type_name(KeyType t);
 
@@ -139,6 +140,8 @@ class Key {
   Result<Bytes> public_raw() const;
   Result<SecretBuffer> private_raw() const;
   EVP_PKEY* get() const { return pkey_.get(); }
+  /// Takes ownership of an OpenSSL key of type `type` (used by kbs/jose.h for RSA and JWK import).
+  static Key adopt(KeyType type, EVP_PKEY* pkey, bool has_private) { return Key(type, pkey, has_private); }
 
  private:
   struct PkeyDeleter {

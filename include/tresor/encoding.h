@@ -34,6 +34,13 @@ std::string to_hex(ByteSpan b);
 /// Parses hex (either case, no separators); the error names `what` and the offending position.
 Result<Bytes> from_hex(std::string_view hex, std::string_view what = "hex string");
 
+/// RFC 4648 §5 base64url without padding (JOSE).
+std::string base64url_encode(ByteSpan b);
+/// Decodes base64url; padding and characters outside the URL-safe alphabet are rejected.
+Result<Bytes> base64url_decode(std::string_view text, std::string_view what = "base64url string");
+/// RFC 4648 §4 standard base64 with padding (the KBS nonce).
+std::string base64_encode(ByteSpan b);
+
 /// RFC 4648 base32 without padding, lower-case ('a'..'z', '2'..'7').
 std::string base32_encode(ByteSpan b);
 /// Decodes base32 without padding, case-insensitive; rejects non-zero trailing bits.
