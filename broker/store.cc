@@ -35,7 +35,7 @@ CREATE TABLE policies (
 ) STRICT;
 CREATE TABLE users (
   name     TEXT PRIMARY KEY,
-  identity TEXT NOT NULL,
+  identity TEXT NOT NULL UNIQUE,
   revoked  INTEGER NOT NULL DEFAULT 0 CHECK (revoked IN (0, 1)),
   created  INTEGER NOT NULL
 ) STRICT;
@@ -407,7 +407,8 @@ Result<void> Store::add_user(std::string_view name, std::string_view identity) {
   s.bind(1, name).bind(2, identity).bind(3, now());
   auto r = s.run("add user");
   if (!r && r.error().code == ErrorCode::kExists) {
-    return fail(ErrorCode::kExists, "user '" + std::string(name) + "' already exists (names of revoked users are not reused)");
+    return fail(ErrorCode::kExists, "user '" + std::string(name) +
+                                        "' or identity already registered (names and identities of revoked users are not reused)");
   }
   return r;
 }
@@ -429,6 +430,16 @@ Result<std::optional<User>> Store::user(std::string_view name) const {
   if (!row) return std::unexpected(row.error());
   if (!*row) return std::optional<User>();
   return std::optional<User>(User{std::string(name), s.text_at(0), s.int_at(1) != 0, s.int_at(2)});
+}
+
+Result<std::optional<User>> Store::user_by_identity(std::string_view identity) const {
+  std::lock_guard lock(impl_->mu);
+  Stmt s(impl_->db.get(), "SELECT name, revoked, created FROM users WHERE identity = ?1");
+  s.bind(1, identity);
+  auto row = s.step("read user");
+  if (!row) return std::unexpected(row.error());
+  if (!*row) return std::optional<User>();
+  return std::optional<User>(User{s.text_at(0), std::string(identity), s.int_at(1) != 0, s.int_at(2)});
 }
 
 Result<void> Store::grant(std::string_view user, std::string_view dataset) {

@@ -183,9 +183,7 @@ Result<Policy> parse_policy(std::string_view text) {
   return p;
 }
 
-Result<void> validate(const VerifiedReport& c, const Policy* policy, const Expectations& expect) {
-  if (policy == nullptr) return fail(ErrorCode::kPolicy, "no attestation policy: denied");
-  const Policy& p = *policy;
+std::vector<std::string> failed_checks(const VerifiedReport& c, const Policy& p, const Expectations& expect) {
   const Report& r = c.report;
   std::vector<std::string> failed;
   auto check = [&](bool ok, std::string what) {
@@ -246,7 +244,12 @@ Result<void> validate(const VerifiedReport& c, const Policy* policy, const Expec
   if (const auto want = expect.report_data ? expect.report_data : p.report_data) {
     check(crypto::ct_equal(*want, r.report_data), "REPORT_DATA is " + to_hex(r.report_data) + ", want " + to_hex(*want));
   }
+  return failed;
+}
 
+Result<void> validate(const VerifiedReport& c, const Policy* policy, const Expectations& expect) {
+  if (policy == nullptr) return fail(ErrorCode::kPolicy, "no attestation policy: denied");
+  const std::vector<std::string> failed = failed_checks(c, *policy, expect);
   if (failed.empty()) return {};
   std::string msg = "attestation policy denies the report (" + std::to_string(failed.size()) + " check" +
                     (failed.size() == 1 ? "" : "s") + " failed):";

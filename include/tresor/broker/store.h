@@ -72,10 +72,12 @@ class Store {
   [[nodiscard]] Result<std::optional<std::string>> policy(std::string_view dataset) const;
 
   // ---- users and grants ----
-  /// kExists when the name is taken (revoked users keep their name: it is never reused).
+  /// kExists when the name or the identity is taken (revoked users keep both: never reused).
   [[nodiscard]] Result<void> add_user(std::string_view name, std::string_view identity);
   [[nodiscard]] Result<void> revoke_user(std::string_view name);
   [[nodiscard]] Result<std::optional<User>> user(std::string_view name) const;
+  /// The user registered with this recipient string (identities are unique), if any.
+  [[nodiscard]] Result<std::optional<User>> user_by_identity(std::string_view identity) const;
   [[nodiscard]] Result<void> grant(std::string_view user, std::string_view dataset);
   [[nodiscard]] Result<void> revoke_grant(std::string_view user, std::string_view dataset);
   [[nodiscard]] Result<bool> has_grant(std::string_view user, std::string_view dataset) const;

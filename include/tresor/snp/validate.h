@@ -62,5 +62,9 @@ struct Expectations {
 /// Checks `claims` against `policy`. kPolicy with every failed check, one per line, when any
 /// fails; a missing policy (nullptr) denies.
 [[nodiscard]] Result<void> validate(const VerifiedReport& claims, const Policy* policy, const Expectations& expect = {});
+/// The same checks as validate(), as a list of what failed (empty: all passed), for callers that
+/// combine them with checks of their own (the broker's release decision).
+[[nodiscard]] std::vector<std::string> failed_checks(const VerifiedReport& claims, const Policy& policy,
+                                                     const Expectations& expect = {});
 
 }  // namespace tresor::snp
