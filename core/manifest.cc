@@ -70,7 +70,7 @@ Result<Manifest> parse_manifest(std::string_view text) {
   for (const auto& [k, v] : j.items()) {
     if (!kKnown.contains(k)) return bad(k, "is not a manifest member");
   }
-  if (j.value("version", "") != kManifestVersion) return bad("version", "must be \"" + std::string(kManifestVersion) + "\"");
+  if (!j.contains("version") || !j["version"].is_string() || j["version"].get<std::string>() != kManifestVersion) return bad("version", "must be \"" + std::string(kManifestVersion) + "\"");
   Manifest m;
   if (!j.contains("job_id") || !j["job_id"].is_string()) return bad("job_id", "is required");
   m.job_id = j["job_id"];

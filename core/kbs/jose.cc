@@ -292,11 +292,19 @@ Result<SecretBuffer> concat_kdf(ByteSpan z, std::string_view alg_id, ByteSpan ap
   return out;
 }
 
+// A member's string value, or "" when it is absent or not a string: callers compare the result
+// against the one value they accept, so a wrong type is refused with that member's message
+// instead of escaping as a JSON type exception (input from the guest reaches these parsers).
+static std::string string_or_empty(const json& obj, const char* name) {
+  const auto it = obj.find(name);
+  return it != obj.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 Result<crypto::Key> key_from_jwk(const json& jwk) {
   if (!jwk.is_object() || !jwk.contains("kty") || !jwk["kty"].is_string()) return bad("JWK must be an object with \"kty\"");
   const std::string kty = jwk["kty"];
   if (kty == "EC") {
-    if (jwk.value("crv", "") != "P-256") return bad("JWK \"crv\" must be \"P-256\"");
+    if (string_or_empty(jwk, "crv") != "P-256") return bad("JWK \"crv\" must be \"P-256\"");
     auto x = b64_member(jwk, "x", "JWK");
     auto y = b64_member(jwk, "y", "JWK");
     if (!x) return std::unexpected(x.error());
@@ -443,7 +451,13 @@ Result<SecretBuffer> jwe_decrypt(const json& jwe, const crypto::Key& recipient) 
       header[k] = v;
     }
   }
-  if (header.value("enc", "") != "A256GCM") return bad("JWE \"enc\" must be \"A256GCM\"");
+  if (string_or_empty(header, "enc") != "A256GCM") return bad("JWE \"enc\" must be \"A256GCM\"");
+  // Parameters Tresor does not implement are refused by name rather than ignored: compression
+  // (RFC 7516 §4.1.3), critical extensions (§4.1.13), and the ECDH-ES PartyU/PartyV info
+  // (RFC 7518 §4.6.1.2-3), which would change the derived key.
+  for (const char* unsupported : {"zip", "crit", "apu", "apv"}) {
+    if (header.contains(unsupported)) return bad(std::string("JWE header parameter \"") + unsupported + "\" is not supported");
+  }
   if (jwe.contains("aad")) return bad("JWE \"aad\" member is not supported");
   auto ek = b64_member(jwe, "encrypted_key", "JWE");
   auto iv = b64_member(jwe, "iv", "JWE");
@@ -451,7 +465,7 @@ Result<SecretBuffer> jwe_decrypt(const json& jwe, const crypto::Key& recipient) 
   auto tag = b64_member(jwe, "tag", "JWE");
   if (!ek || !iv || !ct || !tag) return std::unexpected((!ek ? ek : !iv ? iv : !ct ? ct : tag).error());
   if (iv->size() != 12 || tag->size() != 16) return bad("JWE A256GCM needs a 12-byte iv and a 16-byte tag");
-  const std::string alg = header.value("alg", "");
+  const std::string alg = string_or_empty(header, "alg");
   Result<Bytes> cek = bad("JWE \"alg\" \"" + alg + "\" is not supported (ECDH-ES+A256KW, RSA-OAEP-256)");
   if (alg == "ECDH-ES+A256KW") {
     if (recipient.type() != crypto::KeyType::kP256 || !header.contains("epk")) {

@@ -85,6 +85,7 @@ TEST(Manifest, ParsingIsStrict) {
   const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> cases = {
       {[](nlohmann::json& j) { j["extra"] = 1; }, "\"extra\": is not a manifest member"},
       {[](nlohmann::json& j) { j["version"] = "v2"; }, "\"version\""},
+      {[](nlohmann::json& j) { j["version"] = 1; }, "\"version\""},  // a wrong type is an error, not an exception
       {[](nlohmann::json& j) { j["job_id"] = "a b"; }, "\"job_id\""},
       {[](nlohmann::json& j) { j["user"] = "tresor1xyz"; }, "\"user\""},
       {[](nlohmann::json& j) { j["datasets"] = nlohmann::json::array(); }, "\"datasets\""},

@@ -3,6 +3,8 @@
 // Debian's python3-jwcrypto decrypts what Tresor encrypts and the other way round — plus the
 // tamper cases.
 #include <gtest/gtest.h>
+
+#include <functional>
 #include <openssl/bio.h>
 #include <openssl/pem.h>
 
@@ -108,6 +110,37 @@ TEST(Jwe, RoundTripsAndRejectsEveryTamper) {
   y[3] = y[3] == 'A' ? 'B' : 'A';
   off_curve["y"] = y;
   EXPECT_FALSE(kbs::jwe_encrypt(secret, off_curve, kbs::KeyWrap::kEcdhEsA256kw));
+}
+
+// Wrong types and unsupported parameters in guest-supplied JSON are refused with a message naming
+// the member, never by a JSON type exception escaping the parser.
+TEST(Jwe, WrongTypesAndUnsupportedParametersAreNamed) {
+  auto ec = crypto::Key::generate(crypto::KeyType::kP256);
+  ASSERT_TRUE(ec);
+  auto jwe = kbs::jwe_encrypt(to_bytes("k"), *kbs::public_jwk(*ec), kbs::KeyWrap::kEcdhEsA256kw);
+  ASSERT_TRUE(jwe);
+  auto with_header = [&](const std::function<void(json&)>& change) {
+    json header = json::parse(to_string(*base64url_decode((*jwe)["protected"].get<std::string>(), "test")));
+    change(header);
+    json out = *jwe;
+    out["protected"] = base64url_encode(to_bytes(header.dump()));
+    return out;
+  };
+  const std::vector<std::pair<std::function<void(json&)>, std::string>> cases = {
+      {[](json& h) { h["enc"] = 7; }, "\"enc\" must be \"A256GCM\""},
+      {[](json& h) { h["alg"] = json::array(); }, "\"alg\" \"\" is not supported"},
+      {[](json& h) { h["zip"] = "DEF"; }, "\"zip\" is not supported"},
+      {[](json& h) { h["crit"] = json::array({"exp"}); }, "\"crit\" is not supported"},
+      {[](json& h) { h["apu"] = "QWxpY2U"; }, "\"apu\" is not supported"},
+      {[](json& h) { h["epk"]["crv"] = 256; }, "\"crv\" must be \"P-256\""},
+  };
+  for (const auto& [change, want] : cases) {
+    SCOPED_TRACE(want);
+    auto r = kbs::jwe_decrypt(with_header(change), *ec);
+    ASSERT_TRUE(FailsWith(r, ErrorCode::kInvalidArgument));
+    EXPECT_NE(r.error().message.find(want), std::string::npos) << r.error().message;
+  }
+  EXPECT_TRUE(FailsWith(kbs::key_from_jwk(json{{"kty", "EC"}, {"crv", nullptr}}), ErrorCode::kInvalidArgument));
 }
 
 // python3-jwcrypto as an independent implementation.
