@@ -3,6 +3,7 @@
 #include <sqlite3.h>
 
 #include <ctime>
+#include <filesystem>
 #include <mutex>
 
 #include "tresor/crypto.h"
@@ -470,6 +471,17 @@ Result<bool> Store::has_grant(std::string_view user, std::string_view dataset) c
   Stmt s(impl_->db.get(), "SELECT 1 FROM grants WHERE user = ?1 AND dataset = ?2");
   s.bind(1, user).bind(2, dataset);
   return s.step("read grant");
+}
+
+Result<void> Store::backup(const std::string& dest) const {
+  std::error_code ec;
+  if (std::filesystem::exists(dest, ec)) {
+    return fail(ErrorCode::kExists, "backup destination " + dest + " exists; refusing to overwrite it");
+  }
+  std::lock_guard lock(impl_->mu);
+  Stmt s(impl_->db.get(), "VACUUM INTO ?1");
+  s.bind(1, dest);
+  return s.run("back up broker store to " + dest);
 }
 
 Result<audit::Record> Store::append_audit(audit::Record record) {

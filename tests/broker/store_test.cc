@@ -251,6 +251,31 @@ TEST(BrokerStoreTest, AuditChainsAcrossReopenAndTamperingIsFound) {
   EXPECT_TRUE(FailsWith(s.audit_records(), ErrorCode::kAuth));
 }
 
+TEST(BrokerStoreTest, BackupIsAConsistentSnapshotThatNeedsTheMasterKey) {
+  TempDir dir;
+  const auto path = dir.file("broker.db");
+  const auto copy = dir.file("backup.db");
+  Store s = open_store(path);
+  ASSERT_TRUE(s.add_dataset("dhz/ccta-2024"));
+  ASSERT_TRUE(s.add_key("dhz/ccta-2024", data_key(1)));
+  ASSERT_TRUE(s.append_audit(decision("alice", "admin", "created")));
+  ASSERT_TRUE(s.backup(copy));
+  ASSERT_TRUE(s.add_key("dhz/ccta-2024", data_key(2)));  // after the snapshot: not in it
+  auto again = s.backup(copy);
+  ASSERT_TRUE(FailsWith(again, ErrorCode::kExists));
+  EXPECT_NE(again.error().message.find("refusing to overwrite"), std::string::npos);
+
+  Store restored = open_store(copy);
+  EXPECT_EQ(restored.key_versions("dhz/ccta-2024").value(), std::vector<uint32_t>{1});
+  auto k = restored.current_key("dhz/ccta-2024");
+  ASSERT_TRUE(k);
+  EXPECT_EQ(Bytes(k->key.span().begin(), k->key.span().end()), data_key(1));
+  EXPECT_TRUE(audit::verify_chain(restored.audit_records().value()));
+  EXPECT_EQ(raw_scalar(copy, "PRAGMA journal_mode"), "wal");
+  Store wrong = open_store(copy, /*seed=*/9);
+  EXPECT_TRUE(FailsWith(wrong.current_key("dhz/ccta-2024"), ErrorCode::kAuth));
+}
+
 // kill -9 in the middle of a burst of writes: every write the child reported as committed is
 // there after a restart, every key opens and the audit chain verifies.
 TEST(BrokerStoreCrashTest, KillDuringWriteBurstLosesNothingCommitted) {

@@ -82,6 +82,12 @@ class Store {
   [[nodiscard]] Result<void> revoke_grant(std::string_view user, std::string_view dataset);
   [[nodiscard]] Result<bool> has_grant(std::string_view user, std::string_view dataset) const;
 
+  // ---- backup ----
+  /// Writes a consistent snapshot of the whole store to `dest` (which must not exist) while the
+  /// store stays in use (SQLite VACUUM INTO). The snapshot needs the same master key to open its
+  /// data keys; back that key up separately (docs/broker.md). kExists when `dest` exists.
+  [[nodiscard]] Result<void> backup(const std::string& dest) const;
+
   // ---- audit ----
   /// Chains `record` after the last stored one and appends it in one transaction; returns it
   /// with seq, prev_hash and hash filled in.
