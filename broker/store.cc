@@ -55,10 +55,11 @@ CREATE TABLE audit (
 
 int64_t now() { return static_cast<int64_t>(std::time(nullptr)); }
 
-bool valid_part(std::string_view s, bool allow_upper_start_underscore) {
+// A login-name-like token: [a-z0-9_][a-z0-9._-]*.
+bool valid_name(std::string_view s) {
   if (s.empty()) return false;
   auto lower_digit = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
-  if (!(lower_digit(s[0]) || (allow_upper_start_underscore && s[0] == '_'))) return false;
+  if (!(lower_digit(s[0]) || s[0] == '_')) return false;
   for (char c : s) {
     if (!(lower_digit(c) || c == '.' || c == '_' || c == '-')) return false;
   }
@@ -168,19 +169,8 @@ class Transaction {
 
 }  // namespace
 
-Result<void> validate_dataset_id(std::string_view id) {
-  const auto slash = id.find('/');
-  if (id.size() > 128 || slash == std::string_view::npos || !valid_part(id.substr(0, slash), false) ||
-      !valid_part(id.substr(slash + 1), false)) {
-    return fail(ErrorCode::kInvalidArgument,
-                "dataset id '" + std::string(id.substr(0, 128)) +
-                    "' is not of the form owner/name (lowercase letters, digits, '.', '_', '-'; at most 128 characters)");
-  }
-  return {};
-}
-
 Result<void> validate_user_name(std::string_view name) {
-  if (name.size() > 64 || !valid_part(name, true)) {
+  if (name.size() > 64 || !valid_name(name)) {
     return fail(ErrorCode::kInvalidArgument,
                 "user name '" + std::string(name.substr(0, 64)) +
                     "' is not a login name (lowercase letters, digits, '.', '_', '-', starting with a letter, digit or '_'; at most 64 characters)");

@@ -38,6 +38,8 @@ void raw_sql(const std::string& path, const std::string& sql) {
   sqlite3_close(db);
 }
 
+int raw_sql_count(const std::string& path, const std::string& table);
+
 std::string raw_scalar(const std::string& path, const std::string& sql) {
   sqlite3* db = nullptr;
   EXPECT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
@@ -50,6 +52,10 @@ std::string raw_scalar(const std::string& path, const std::string& sql) {
   sqlite3_finalize(st);
   sqlite3_close(db);
   return out;
+}
+
+int raw_sql_count(const std::string& path, const std::string& table) {
+  return std::stoi(raw_scalar(path, "SELECT count(*) FROM " + table));
 }
 
 audit::Record decision(std::string user, std::string result, std::string reason) {
@@ -136,13 +142,17 @@ TEST(BrokerStoreTest, RefusesBadInputWithoutWritingAnything) {
   const auto path = dir.file("broker.db");
   EXPECT_TRUE(FailsWith(Store::open(path, Bytes(16)), ErrorCode::kInvalidArgument));
   Store s = open_store(path);
-  for (std::string_view bad : {"", "dhz", "/x", "dhz/", "DHZ/ccta", "dhz/ccta/2024", "dhz/cc ta", "dhz/-ccta",
+  // The sealed format's dataset id rule (formats.md §3.2), the one rule everywhere.
+  for (std::string_view bad : {"", "/x", "dhz/", "dhz//x", "dhz/.hidden", "-dhz/x", "dhz/cc ta",
                                "dhz/ccta'; DROP TABLE datasets; --"}) {
     auto r = s.add_dataset(bad);
     ASSERT_TRUE(FailsWith(r, ErrorCode::kInvalidArgument)) << bad;
-    EXPECT_NE(r.error().message.find("owner/name"), std::string::npos);
+    EXPECT_NE(r.error().message.find("dataset id '"), std::string::npos);
   }
   EXPECT_TRUE(FailsWith(s.add_dataset(std::string(60, 'a') + "/" + std::string(68, 'b')), ErrorCode::kInvalidArgument));
+  EXPECT_TRUE(s.add_dataset(std::string(60, 'a') + "/" + std::string(67, 'b')));  // 128: the limit
+  ASSERT_TRUE(raw_sql_count(path, "datasets") == 1);
+  raw_sql(path, "DELETE FROM datasets");
   EXPECT_TRUE(s.datasets().value().empty());
 
   ASSERT_TRUE(s.add_dataset("dhz/ccta-2024"));

@@ -17,6 +17,7 @@
 
 #include "tresor/audit.h"
 #include "tresor/error.h"
+#include "tresor/identity.h"
 #include "tresor/secret.h"
 
 namespace tresor::broker {
@@ -26,8 +27,8 @@ inline constexpr size_t kDataKeySize = 32;
 /// The schema this build writes (PRAGMA user_version). A newer file is refused, not guessed at.
 inline constexpr int kSchemaVersion = 1;
 
-/// Dataset ids look like "dhz/ccta-2024": owner "/" name, each [a-z0-9][a-z0-9._-]*, ≤ 128 chars.
-[[nodiscard]] Result<void> validate_dataset_id(std::string_view id);
+// Dataset ids follow the sealed format's rule (formats.md §3.2, tresor::validate_dataset_id in
+// identity.h), so every id a data owner can seal under can be registered, and no other.
 /// User names: [a-z_][a-z0-9_.-]* (POSIX-like login names), ≤ 64 chars.
 [[nodiscard]] Result<void> validate_user_name(std::string_view name);
 
