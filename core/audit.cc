@@ -73,12 +73,9 @@ Result<std::string> to_json(const Record& r) {
 }
 
 Result<Record> from_json(std::string_view text) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::parse_error&) {
-    return fail(ErrorCode::kMalformed, "audit record is not valid JSON");
-  }
+  auto parsed = kbs::parse_strict_json(text, "audit record");
+  if (!parsed) return fail(ErrorCode::kMalformed, parsed.error().message);
+  const json j = std::move(*parsed);
   static const std::set<std::string> kKeys = {"seq", "time", "user", "dataset", "evidence_digest", "measurement",
                                               "result", "reason", "sim", "prev_hash", "hash"};
   if (!j.is_object() || j.size() != kKeys.size()) return fail(ErrorCode::kMalformed, "audit record has the wrong members");

@@ -58,12 +58,9 @@ Result<std::string> manifest_json(const Manifest& m, bool with_signature) {
 }
 
 Result<Manifest> parse_manifest(std::string_view text) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    return fail(ErrorCode::kInvalidArgument, std::string("manifest is not valid JSON: ") + e.what());
-  }
+  auto parsed = kbs::parse_strict_json(text, "manifest");
+  if (!parsed) return std::unexpected(parsed.error());
+  const json j = std::move(*parsed);
   if (!j.is_object()) return fail(ErrorCode::kInvalidArgument, "manifest must be a JSON object");
   static const std::set<std::string> kKnown = {"version", "job_id", "user", "datasets", "image_measurement",
                                                "script_sha256", "output_recipients", "expires_at", "signature"};

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <set>
 #include <cstring>
 
 namespace tresor::kbs {
@@ -295,6 +296,41 @@ Result<SecretBuffer> concat_kdf(ByteSpan z, std::string_view alg_id, ByteSpan ap
 // A member's string value, or "" when it is absent or not a string: callers compare the result
 // against the one value they accept, so a wrong type is refused with that member's message
 // instead of escaping as a JSON type exception (input from the guest reaches these parsers).
+Result<json> parse_strict_json(std::string_view text, std::string_view what) {
+  constexpr uint64_t kMaxExact = uint64_t{1} << 53;  // RFC 8785 §3.2.2.3: IEEE 754 doubles
+  std::vector<std::set<std::string>> names;  // one set per object being parsed
+  std::string problem;
+  const json::parser_callback_t check = [&](int, json::parse_event_t event, json& parsed) {
+    if (!problem.empty()) return true;
+    switch (event) {
+      case json::parse_event_t::object_start: names.emplace_back(); break;
+      case json::parse_event_t::object_end: if (!names.empty()) names.pop_back(); break;
+      case json::parse_event_t::key:
+        if (!names.empty() && !names.back().insert(parsed.get<std::string>()).second) {
+          problem = "member \"" + parsed.get<std::string>() + "\" appears twice in one object";
+        }
+        break;
+      case json::parse_event_t::value:
+        if ((parsed.is_number_unsigned() && parsed.get<uint64_t>() > kMaxExact) ||
+            (parsed.is_number_integer() && !parsed.is_number_unsigned() &&
+             (parsed.get<int64_t>() < -static_cast<int64_t>(kMaxExact) || parsed.get<int64_t>() > static_cast<int64_t>(kMaxExact)))) {
+          problem = "integer " + parsed.dump() + " is beyond ±2^53 and has no exact canonical form";
+        }
+        break;
+      default: break;
+    }
+    return true;
+  };
+  json j;
+  try {
+    j = json::parse(text.begin(), text.end(), check);
+  } catch (const json::exception& e) {
+    return bad(std::string(what) + " is not valid JSON: " + e.what());
+  }
+  if (!problem.empty()) return bad(std::string(what) + ": " + problem);
+  return j;
+}
+
 static std::string string_or_empty(const json& obj, const char* name) {
   const auto it = obj.find(name);
   return it != obj.end() && it->is_string() ? it->get<std::string>() : std::string();

@@ -105,6 +105,22 @@ TEST(Manifest, ParsingIsStrict) {
   }
   EXPECT_TRUE(parse_manifest(good.dump()));
   EXPECT_TRUE(FailsWith(parse_manifest("{"), ErrorCode::kInvalidArgument));
+
+  // Text-level problems no JSON object can show: a repeated member (parsers disagree on which
+  // value wins, so a signer and a verifier could see different manifests) and an integer that
+  // has no exact canonical form.
+  const std::string text = good.dump();
+  auto dup = parse_manifest(text.substr(0, text.size() - 1) + R"(,"job_id":"9999"})");
+  ASSERT_TRUE(FailsWith(dup, ErrorCode::kInvalidArgument));
+  EXPECT_NE(dup.error().message.find("\"job_id\" appears twice"), std::string::npos) << dup.error().message;
+  nlohmann::json big = good;
+  big["expires_at"] = 9007199254740993ull;  // 2^53 + 1
+  auto b = parse_manifest(big.dump());
+  ASSERT_TRUE(FailsWith(b, ErrorCode::kInvalidArgument));
+  EXPECT_NE(b.error().message.find("beyond ±2^53"), std::string::npos) << b.error().message;
+  big["expires_at"] = 9007199254740992ull;  // 2^53 itself is exact
+  auto exact = parse_manifest(big.dump());
+  EXPECT_TRUE(exact) << exact.error().message;
 }
 
 }  // namespace

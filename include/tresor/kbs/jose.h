@@ -21,6 +21,12 @@ namespace tresor::kbs {
 /// kInvalidArgument for NaN or infinity (not JSON).
 [[nodiscard]] Result<std::string> canonical_json(const nlohmann::json& value);
 
+/// Parses JSON that will be signed, hashed or canonicalized, more strictly than RFC 8259 asks:
+/// a member name repeated within one object (RFC 8259 §4 leaves its meaning open; parsers differ
+/// on which value wins) and integers beyond ±2^53 (not exact in RFC 8785's ECMAScript numbers)
+/// are errors. kInvalidArgument names the problem and prefixes `what`.
+[[nodiscard]] Result<nlohmann::json> parse_strict_json(std::string_view text, std::string_view what);
+
 /// A JSON Web Key for the TEE's ephemeral key: EC P-256 ("kty":"EC","crv":"P-256",x,y[,d]) or
 /// RSA ("kty":"RSA",n,e). Converting checks the point is on the curve.
 [[nodiscard]] Result<crypto::Key> key_from_jwk(const nlohmann::json& jwk);

@@ -48,6 +48,23 @@ TEST(Jcs, MembersSortByUtf16CodeUnits) {
   }
 }
 
+TEST(Jcs, StrictParseRefusesRepeatedNamesAndInexactIntegers) {
+  EXPECT_TRUE(kbs::parse_strict_json(R"({"a":1,"b":{"a":2},"c":[{"a":3},{"a":4}]})", "doc"));  // same name, other objects
+  const std::pair<const char*, const char*> bad[] = {
+      {R"({"a":1,"a":1})", "doc: member \"a\" appears twice"},
+      {R"({"o":{"x":1,"y":2,"x":3}})", "member \"x\" appears twice"},
+      {R"({"n":9007199254740993})", "integer 9007199254740993 is beyond"},
+      {R"({"n":-9007199254740993})", "integer -9007199254740993 is beyond"},
+      {R"([1,)", "doc is not valid JSON"},
+  };
+  for (const auto& [text, want] : bad) {
+    auto r = kbs::parse_strict_json(text, "doc");
+    ASSERT_TRUE(FailsWith(r, ErrorCode::kInvalidArgument)) << text;
+    EXPECT_NE(r.error().message.find(want), std::string::npos) << r.error().message;
+  }
+  EXPECT_TRUE(kbs::parse_strict_json(R"({"n":9007199254740992,"m":-9007199254740992})", "doc"));
+}
+
 TEST(Jcs, NumbersInEcmaScriptForm) {
   const std::vector<std::pair<double, std::string>> cases = {
       {0.0, "0"},          {-0.0, "0"},          {1.0, "1"},
