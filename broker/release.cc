@@ -46,7 +46,7 @@ Result<DatasetPolicy> parse_dataset_policy(std::string_view text) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     return fail(ErrorCode::kInvalidArgument, std::string("dataset policy is not valid JSON: ") + e.what());
   }
   if (!j.is_object()) return fail(ErrorCode::kInvalidArgument, "dataset policy must be a JSON object");

@@ -470,7 +470,7 @@ Result<SecretBuffer> jwe_decrypt(const json& jwe, const crypto::Key& recipient) 
   json header;
   try {
     header = json::parse(to_string(*header_bytes));
-  } catch (const json::parse_error&) {
+  } catch (const json::exception&) {
     return bad("JWE protected header is not JSON");
   }
   if (!header.is_object()) return bad("JWE protected header is not a JSON object");

@@ -13,7 +13,7 @@ Result<Session> SessionTable::auth(std::string_view request_json, std::time_t no
   json req;
   try {
     req = json::parse(request_json);
-  } catch (const json::parse_error&) {
+  } catch (const json::exception&) {
     return fail(ErrorCode::kInvalidArgument, "KBS Request is not valid JSON");
   }
   if (!req.is_object()) return fail(ErrorCode::kInvalidArgument, "KBS Request must be a JSON object");

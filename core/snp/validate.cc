@@ -79,7 +79,7 @@ Result<Policy> parse_policy(std::string_view text) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     return fail(ErrorCode::kInvalidArgument, std::string("policy is not valid JSON: ") + e.what());
   }
   if (!j.is_object()) return fail(ErrorCode::kInvalidArgument, "policy must be a JSON object");
