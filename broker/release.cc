@@ -15,16 +15,16 @@ Error bad(std::string_view member, std::string_view what) {
   return Error{ErrorCode::kInvalidArgument, "dataset policy: \"" + std::string(member) + "\" " + std::string(what)};
 }
 
-// Collects failed checks; the decision is the worst class seen (404 < 401 < 403 is not an order
-// of severity: a missing dataset or key answers 404 only when nothing else is wrong with the
-// request, so that the status never says more than the requester may know).
+// Collects failed checks and picks the one status for all of them: 401 when the requester is not
+// established (manifest forged or expired, signer unknown or revoked); otherwise 403 when any
+// check failed; 404 only when the sole problem is an unknown dataset, so that the status never
+// tells an unauthenticated or unauthorised requester which datasets exist.
 class Failures {
  public:
   void add(ErrorCode code, std::string what) {
     lines_.push_back(std::move(what));
     if (code == ErrorCode::kAuth) auth_ = true;
-    else if (code == ErrorCode::kNoMatchingKey) not_found_ = true;
-    else policy_ = true;
+    else if (code != ErrorCode::kNoMatchingKey) policy_ = true;
   }
   bool empty() const { return lines_.empty(); }
   Error error() const {
@@ -37,7 +37,7 @@ class Failures {
 
  private:
   std::vector<std::string> lines_;
-  bool auth_ = false, not_found_ = false, policy_ = false;
+  bool auth_ = false, policy_ = false;
 };
 
 }  // namespace
