@@ -13,10 +13,12 @@
 namespace tresor::broker {
 namespace {
 
+using tresor::testing::shared_testdata;
+
 using tresor::testing::FailsWith;
 using tresor::testing::TempDir;
+using tresor::testing::verified_milan;
 
-std::string shared(const std::string& rel) { return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + rel; }
 
 constexpr const char* kMeasurement =
     "7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d3e1a0dc39b2c60bd95b9c480cd81841f";
@@ -32,21 +34,6 @@ std::string policy_json(const std::string& extra = "", int min_snp = 8) {
   return R"({"attestation": )" + attestation(min_snp) + extra + "}";
 }
 
-snp::VerifiedReport verified_milan() {
-  const Bytes report = tresor::testing::read_file(shared("snp/milan-v2-virtee/report.bin"));
-  const Bytes vcek = tresor::testing::read_file(shared("snp/milan-v2-virtee/vcek.der"));
-  snp::VerifyInputs in;
-  in.report = report;
-  in.endorsement_cert = vcek;
-  std::tm tm{};
-  tm.tm_year = 125;
-  tm.tm_mon = 5;
-  tm.tm_mday = 1;
-  in.at = timegm(&tm);
-  auto v = snp::verify_report(in);
-  EXPECT_TRUE(v) << v.error().message;
-  return *v;
-}
 
 struct Fixture {
   TempDir dir;

@@ -79,6 +79,30 @@ void write_file(const std::string& path, ByteSpan data, unsigned mode) {
 
 std::string testdata(const std::string& relative) { return std::string(TRESOR_TESTDATA_DIR) + "/" + relative; }
 
+std::string shared_testdata(const std::string& relative) {
+  return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + relative;
+}
+
+std::time_t milan_report_time() {
+  std::tm tm{};
+  tm.tm_year = 125;
+  tm.tm_mon = 5;
+  tm.tm_mday = 1;
+  return timegm(&tm);
+}
+
+snp::VerifiedReport verified_milan() {
+  const Bytes report = read_file(shared_testdata("snp/milan-v2-virtee/report.bin"));
+  const Bytes vcek = read_file(shared_testdata("snp/milan-v2-virtee/vcek.der"));
+  snp::VerifyInputs in;
+  in.report = report;
+  in.endorsement_cert = vcek;
+  in.at = milan_report_time();
+  auto v = snp::verify_report(in);
+  EXPECT_TRUE(v) << v.error().message;
+  return v ? *v : snp::VerifiedReport{};
+}
+
 CommandResult run_command(const std::vector<std::string>& argv, const std::string& stdin_data) {
   // A child that exits before reading all its input must not kill the test with SIGPIPE.
   ::signal(SIGPIPE, SIG_IGN);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <ctime>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -11,6 +12,7 @@
 
 #include "tresor/crypto.h"
 #include "tresor/encoding.h"
+#include "tresor/snp/verify.h"
 
 namespace tresor::testing {
 
@@ -46,6 +48,14 @@ class TempDir {
 Bytes read_file(const std::string& path);
 void write_file(const std::string& path, ByteSpan data, unsigned mode = 0600);
 std::string testdata(const std::string& relative);
+/// A path under ../shared/testdata (the real reference data: AMD-signed report, fixtures).
+std::string shared_testdata(const std::string& relative);
+
+/// 2025-06-01 00:00 UTC: a time at which the shared Milan report's VCEK and chain are valid.
+std::time_t milan_report_time();
+/// The real AMD-signed Milan report (../shared/testdata/snp/milan-v2-virtee), verified against
+/// the pinned roots at milan_report_time(). A failure is reported as a test failure.
+snp::VerifiedReport verified_milan();
 
 /// Success when `r` failed with exactly `want`; the failure message shows what happened instead.
 template <typename T>

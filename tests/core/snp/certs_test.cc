@@ -11,14 +11,15 @@
 namespace tresor {
 namespace {
 
+using testing::shared_testdata;
+
 using testing::FailsWith;
 using testing::read_file;
 
-std::string shared(const std::string& rel) { return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + rel; }
 
 struct Milan {
-  Bytes report = read_file(shared("snp/milan-v2-virtee/report.bin"));
-  Bytes vcek = read_file(shared("snp/milan-v2-virtee/vcek.der"));
+  Bytes report = read_file(shared_testdata("snp/milan-v2-virtee/report.bin"));
+  Bytes vcek = read_file(shared_testdata("snp/milan-v2-virtee/vcek.der"));
   snp::Report parsed = *snp::parse_report(report);
   snp::Tcb tcb{.fmc = 0, .bootloader = 3, .tee = 0, .snp = 8, .microcode = 115};
   ByteSpan chip() const { return parsed.chip_id; }
@@ -145,11 +146,7 @@ TEST(SnpCerts, KdsSourceCachesAndRespectsTheRateLimit) {
   snp::VerifyInputs in;
   in.report = m.report;
   in.endorsement_cert = *first;
-  std::tm tm{};
-  tm.tm_year = 125;
-  tm.tm_mon = 5;
-  tm.tm_mday = 1;
-  in.at = timegm(&tm);
+  in.at = testing::milan_report_time();
   auto v = snp::verify_report(in);
   EXPECT_TRUE(v) << v.error().message;
 }

@@ -13,18 +13,19 @@
 namespace tresor {
 namespace {
 
+using testing::shared_testdata;
+
 using testing::FailsWith;
 using testing::read_file;
 
-std::string shared(const std::string& rel) { return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + rel; }
 
 TEST(SnpMeasure, ReproducesEveryPublishedCase) {
-  const auto j = nlohmann::json::parse(std::ifstream(shared("snp/measure/expected.json")));
+  const auto j = nlohmann::json::parse(std::ifstream(shared_testdata("snp/measure/expected.json")));
   ASSERT_GE(j["cases"].size(), 8u);
   const Bytes empty;
   for (const auto& c : j["cases"]) {
     SCOPED_TRACE(c.dump());
-    const Bytes ovmf = read_file(shared("snp/measure/" + c["ovmf"].get<std::string>()));
+    const Bytes ovmf = read_file(shared_testdata("snp/measure/" + c["ovmf"].get<std::string>()));
     snp::MeasureInputs in;
     in.ovmf = ovmf;
     in.vcpus = c["vcpus"].get<unsigned>();
@@ -43,9 +44,9 @@ TEST(SnpMeasure, ReproducesEveryPublishedCase) {
 }
 
 TEST(SnpMeasure, RefusesAKernelWithoutAKernelHashesSection) {
-  const auto j = nlohmann::json::parse(std::ifstream(shared("snp/measure/expected.json")));
+  const auto j = nlohmann::json::parse(std::ifstream(shared_testdata("snp/measure/expected.json")));
   ASSERT_EQ(j["must_fail"].size(), 1u);
-  const Bytes ovmf = read_file(shared("snp/measure/" + j["must_fail"][0]["ovmf"].get<std::string>()));
+  const Bytes ovmf = read_file(shared_testdata("snp/measure/" + j["must_fail"][0]["ovmf"].get<std::string>()));
   const Bytes empty;
   snp::MeasureInputs in;
   in.ovmf = ovmf;
@@ -58,7 +59,7 @@ TEST(SnpMeasure, RefusesAKernelWithoutAKernelHashesSection) {
 }
 
 TEST(SnpMeasure, EveryInputChangesTheDigest) {
-  const Bytes ovmf = read_file(shared("snp/measure/ovmf_AmdSev_suffix.bin"));
+  const Bytes ovmf = read_file(shared_testdata("snp/measure/ovmf_AmdSev_suffix.bin"));
   const Bytes kernel = testing::pattern_bytes(10000, 1), initrd = testing::pattern_bytes(5000, 2);
   snp::MeasureInputs base;
   base.ovmf = ovmf;

@@ -18,14 +18,15 @@
 namespace tresor {
 namespace {
 
+using testing::shared_testdata;
+
 using testing::FailsWith;
 using testing::read_file;
 
-std::string shared(const std::string& rel) { return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + rel; }
 
 struct RealReport {
-  Bytes bytes = read_file(shared("snp/milan-v2-virtee/report.bin"));
-  nlohmann::json want = nlohmann::json::parse(std::ifstream(shared("snp/milan-v2-virtee/expected.json")));
+  Bytes bytes = read_file(shared_testdata("snp/milan-v2-virtee/report.bin"));
+  nlohmann::json want = nlohmann::json::parse(std::ifstream(shared_testdata("snp/milan-v2-virtee/expected.json")));
 };
 
 uint64_t hex_u64(const std::string& s) { return std::stoull(s, nullptr, 16); }
@@ -110,7 +111,7 @@ TEST(SnpReport, SignatureVerifiesWithTheVcekKey) {
   ASSERT_TRUE(r);
   auto der = snp::signature_der(*r);
   ASSERT_TRUE(der) << der.error().message;
-  const Bytes vcek = read_file(shared("snp/milan-v2-virtee/vcek.der"));
+  const Bytes vcek = read_file(shared_testdata("snp/milan-v2-virtee/vcek.der"));
   const unsigned char* p = reinterpret_cast<const unsigned char*>(vcek.data());
   X509* cert = d2i_X509(nullptr, &p, static_cast<long>(vcek.size()));
   ASSERT_NE(cert, nullptr);

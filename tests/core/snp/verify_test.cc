@@ -16,9 +16,10 @@
 namespace tresor {
 namespace {
 
+using testing::shared_testdata;
+
 using testing::read_file;
 
-std::string shared(const std::string& rel) { return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + rel; }
 
 std::time_t utc(int y, int mo, int d) {
   std::tm tm{};
@@ -29,10 +30,10 @@ std::time_t utc(int y, int mo, int d) {
 }
 
 struct Milan {
-  Bytes report = read_file(shared("snp/milan-v2-virtee/report.bin"));
-  Bytes vcek = read_file(shared("snp/milan-v2-virtee/vcek.der"));
-  std::string chain = to_string(read_file(shared("snp/milan-v2-virtee/cert_chain.pem")));
-  nlohmann::json want = nlohmann::json::parse(std::ifstream(shared("snp/milan-v2-virtee/expected.json")));
+  Bytes report = read_file(shared_testdata("snp/milan-v2-virtee/report.bin"));
+  Bytes vcek = read_file(shared_testdata("snp/milan-v2-virtee/vcek.der"));
+  std::string chain = to_string(read_file(shared_testdata("snp/milan-v2-virtee/cert_chain.pem")));
+  nlohmann::json want = nlohmann::json::parse(std::ifstream(shared_testdata("snp/milan-v2-virtee/expected.json")));
 
   snp::VerifyInputs inputs(ByteSpan r) const {
     snp::VerifyInputs in;
@@ -112,7 +113,7 @@ struct Case {
 
 TEST(SnpVerify, EveryBrokenLinkIsRejectedWithItsReason) {
   Milan m;
-  const std::string genoa = to_string(read_file(shared("snp/amd/genoa_ask_ark_asvk.pem")));
+  const std::string genoa = to_string(read_file(shared_testdata("snp/amd/genoa_ask_ark_asvk.pem")));
   const std::vector<Case> cases = {
       {"another product's ASK in the chain", [&](Bytes&, snp::VerifyInputs&, std::string& c) { c = genoa; },
        ErrorCode::kAuth, "not AMD's pinned"},
@@ -210,7 +211,7 @@ TEST(SnpVerify, ACertificateAmdDidNotIssueIsRejected) {
 TEST(SnpVerify, PinnedRootsAreAmdsAndChainUp) {
   ASSERT_TRUE(snp::check_pinned_roots()) << snp::check_pinned_roots().error().message;
   // The pinned fingerprints are those recorded in ../shared/testdata/snp/PROVENANCE.md.
-  const std::string provenance = to_string(read_file(shared("snp/PROVENANCE.md")));
+  const std::string provenance = to_string(read_file(shared_testdata("snp/PROVENANCE.md")));
   auto colon_hex = [](const std::string& hex) {
     std::string out;
     for (size_t i = 0; i < hex.size(); i += 2) {
@@ -256,7 +257,7 @@ TEST(SnpVerify, CachedVerifierSkipsOnlyTheChain) {
   EXPECT_NE(expired.error().message.find("expired"), std::string::npos) << expired.error().message;
   // A different chain argument is a different cache entry, and a wrong one still fails.
   snp::VerifyInputs wrong = m.inputs(m.report);
-  wrong.chain_pem = to_string(read_file(shared("snp/amd/genoa_ask_ark_asvk.pem")));
+  wrong.chain_pem = to_string(read_file(shared_testdata("snp/amd/genoa_ask_ark_asvk.pem")));
   EXPECT_FALSE(cv.verify(wrong));
   EXPECT_EQ(cv.cached_chains(), 1u);
 }
