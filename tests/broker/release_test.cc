@@ -13,7 +13,6 @@
 namespace tresor::broker {
 namespace {
 
-using tresor::testing::shared_testdata;
 
 using tresor::testing::FailsWith;
 using tresor::testing::TempDir;
