@@ -111,6 +111,16 @@ class Stmt {
     const ErrorCode code = (rc & 0xff) == SQLITE_CONSTRAINT ? ErrorCode::kExists : ErrorCode::kIo;
     return fail(code, std::string(what) + ": " + sqlite3_errmsg(db_));
   }
+  /// Steps through every row, calling `on_row()` (which returns Result<void>) for each.
+  template <typename F>
+  Result<void> each_row(std::string_view what, F&& on_row) {
+    for (;;) {
+      auto row = step(what);
+      if (!row) return std::unexpected(row.error());
+      if (!*row) return {};
+      if (auto r = on_row(); !r) return r;
+    }
+  }
   Result<void> run(std::string_view what) {
     auto r = step(what);
     if (!r) return std::unexpected(r.error());
@@ -292,12 +302,12 @@ Result<std::vector<std::string>> Store::datasets() const {
   std::lock_guard lock(impl_->mu);
   Stmt s(impl_->db.get(), "SELECT id FROM datasets ORDER BY id");
   std::vector<std::string> out;
-  for (;;) {
-    auto row = s.step("list datasets");
-    if (!row) return std::unexpected(row.error());
-    if (!*row) return out;
+  auto r = s.each_row("list datasets", [&]() -> Result<void> {
     out.push_back(s.text_at(0));
-  }
+    return {};
+  });
+  if (!r) return std::unexpected(r.error());
+  return out;
 }
 
 Result<uint32_t> Store::add_key(std::string_view dataset, ByteSpan key) {
@@ -361,12 +371,12 @@ Result<std::vector<uint32_t>> Store::key_versions(std::string_view dataset) cons
   Stmt s(impl_->db.get(), "SELECT version FROM dataset_keys WHERE dataset = ?1 ORDER BY version");
   s.bind(1, dataset);
   std::vector<uint32_t> out;
-  for (;;) {
-    auto row = s.step("list key versions");
-    if (!row) return std::unexpected(row.error());
-    if (!*row) return out;
+  auto r = s.each_row("list key versions", [&]() -> Result<void> {
     out.push_back(static_cast<uint32_t>(s.int_at(0)));
-  }
+    return {};
+  });
+  if (!r) return std::unexpected(r.error());
+  return out;
 }
 
 Result<void> Store::set_policy(std::string_view dataset, std::string_view policy_json) {
@@ -503,10 +513,7 @@ Result<std::vector<audit::Record>> Store::audit_records() const {
   std::lock_guard lock(impl_->mu);
   Stmt s(impl_->db.get(), "SELECT seq, hash, record FROM audit ORDER BY seq");
   std::vector<audit::Record> out;
-  for (;;) {
-    auto row = s.step("read audit log");
-    if (!row) return std::unexpected(row.error());
-    if (!*row) return out;
+  auto r = s.each_row("read audit log", [&]() -> Result<void> {
     auto rec = audit::from_json(s.text_at(2));
     if (!rec) {
       return fail(rec.error().code, "audit row " + std::to_string(s.int_at(0)) + ": " + rec.error().message);
@@ -516,7 +523,10 @@ Result<std::vector<audit::Record>> Store::audit_records() const {
                                         ": its seq or hash column disagrees with the record it holds");
     }
     out.push_back(std::move(*rec));
-  }
+    return {};
+  });
+  if (!r) return std::unexpected(r.error());
+  return out;
 }
 
 }  // namespace tresor::broker

@@ -71,6 +71,12 @@ struct Fixture {
     EXPECT_TRUE(sign_manifest(manifest, signer ? *signer : alice));
     evidence.report.host_data = *manifest_digest(manifest);
   }
+  // The job names `dataset` (and only it) and asks for it.
+  void ask_for(const std::string& dataset) {
+    manifest.datasets = {dataset};
+    resign();
+    req.dataset = dataset;
+  }
   ::testing::AssertionResult denied(ErrorCode code, const std::string& want_line) {
     auto r = authorize_release(store, req);
     auto fails = FailsWith(r, code);
@@ -157,18 +163,14 @@ TEST(BrokerRelease, NoPolicyDenies) {
   ASSERT_TRUE(f.store.add_dataset("dhz/nopolicy"));
   ASSERT_TRUE(f.store.add_key("dhz/nopolicy", f.key));
   ASSERT_TRUE(f.store.grant("alice", "dhz/nopolicy"));
-  f.manifest.datasets = {"dhz/nopolicy"};
-  f.resign();
-  f.req.dataset = "dhz/nopolicy";
+  f.ask_for("dhz/nopolicy");
   EXPECT_TRUE(f.denied(ErrorCode::kPolicy, "has no policy (deny by default)"));
 }
 
 TEST(BrokerRelease, UnknownDatasetOrMissingKeyIsNotFound) {
   {
     Fixture f;
-    f.manifest.datasets = {"dhz/ghost"};
-    f.resign();
-    f.req.dataset = "dhz/ghost";
+    f.ask_for("dhz/ghost");
     EXPECT_TRUE(f.denied(ErrorCode::kNoMatchingKey, "'dhz/ghost' is not registered"));
     EXPECT_EQ(http_status(ErrorCode::kNoMatchingKey), 404);
   }
@@ -177,9 +179,7 @@ TEST(BrokerRelease, UnknownDatasetOrMissingKeyIsNotFound) {
     ASSERT_TRUE(f.store.add_dataset("dhz/nokey"));
     ASSERT_TRUE(f.store.grant("alice", "dhz/nokey"));
     ASSERT_TRUE(f.store.set_policy("dhz/nokey", policy_json()));
-    f.manifest.datasets = {"dhz/nokey"};
-    f.resign();
-    f.req.dataset = "dhz/nokey";
+    f.ask_for("dhz/nokey");
     EXPECT_TRUE(f.denied(ErrorCode::kNoMatchingKey, "has no data key"));
   }
 }
