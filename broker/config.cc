@@ -86,7 +86,7 @@ Result<Config> parse_config(std::string_view text, const std::string& source, co
             return {};
           }}},
          {"port", {[](const toml::node& n, Config& cfg, const std::string& at) -> Result<void> {
-            auto v = integer_of(n, "port", at, 1, 65535);
+            auto v = integer_of(n, "port", at, 0, 65535);  // 0: any free port (printed at start)
             if (!v) return std::unexpected(v.error());
             cfg.port = static_cast<uint16_t>(*v);
             return {};
@@ -100,8 +100,20 @@ Result<Config> parse_config(std::string_view text, const std::string& source, co
       {"limits", {false, {{"max_body_bytes", {u32_into(&Config::max_body_bytes, 1024, 16 * 1024 * 1024)}},
                           {"request_timeout_ms", {u32_into(&Config::request_timeout_ms, 100, 600000)}},
                           {"max_connections", {u32_into(&Config::max_connections, 1, 1000000)}},
-                          {"max_sessions", {u32_into(&Config::max_sessions, 1, 10000000)}}}}},
-      {"admin", {false, {{"socket", {path_into(&Config::admin_socket, false)}}}}},
+                          {"max_sessions", {u32_into(&Config::max_sessions, 1, 10000000)}},
+                          {"worker_threads", {u32_into(&Config::worker_threads, 1, 256)}}}}},
+      {"admin", {false, {{"socket", {path_into(&Config::admin_socket, false)}},
+                         {"uids", {[](const toml::node& n, Config& cfg, const std::string& at) -> Result<void> {
+                            const toml::array* a = n.as_array();
+                            if (a == nullptr) return fail(ErrorCode::kInvalidArgument, at + ": uids must be an array of user ids");
+                            cfg.admin_uids.clear();
+                            for (const auto& e : *a) {
+                              auto v = integer_of(e, "each uid", at, 0, 4294967294);
+                              if (!v) return std::unexpected(v.error());
+                              cfg.admin_uids.push_back(static_cast<uint32_t>(*v));
+                            }
+                            return {};
+                          }}}}}},
   };
 
   for (auto&& [name, node] : doc) {

@@ -169,7 +169,7 @@ Result<Release> authorize_release(const Store& store, const ReleaseRequest& req)
 
   if (!f.empty()) return std::unexpected(f.error());
 
-  auto key = store.current_key(req.dataset);
+  auto key = req.key_version ? store.key(req.dataset, *req.key_version) : store.current_key(req.dataset);
   if (!key) {
     if (key.error().code == ErrorCode::kNoMatchingKey) {
       return fail(ErrorCode::kNoMatchingKey, "release denied (1 check failed):\n  dataset: " + key.error().message);

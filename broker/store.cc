@@ -102,6 +102,13 @@ class Stmt {
     if (rc_ == SQLITE_OK) rc_ = sqlite3_bind_blob(stmt_, i, b.data(), static_cast<int>(b.size()), SQLITE_TRANSIENT);
     return *this;
   }
+  /// Makes the statement ready to run again with new bindings.
+  void reset() {
+    if (rc_ == SQLITE_OK) {
+      sqlite3_reset(stmt_);
+      sqlite3_clear_bindings(stmt_);
+    }
+  }
   /// One step: true when a row is available, false when done.
   Result<bool> step(std::string_view what) {
     if (auto r = ok(what); !r) return std::unexpected(r.error());
@@ -485,6 +492,14 @@ Result<void> Store::backup(const std::string& dest) const {
 }
 
 Result<audit::Record> Store::append_audit(audit::Record record) {
+  std::vector<audit::Record> one;
+  one.push_back(std::move(record));
+  auto r = append_audit_batch(std::move(one));
+  if (!r) return std::unexpected(r.error());
+  return std::move(r->front());
+}
+
+Result<std::vector<audit::Record>> Store::append_audit_batch(std::vector<audit::Record> records) {
   std::lock_guard lock(impl_->mu);
   sqlite3* db = impl_->db.get();
   Transaction tx(db);
@@ -498,15 +513,22 @@ Result<audit::Record> Store::append_audit(audit::Record record) {
     if (!prev) return std::unexpected(prev.error());
     previous = std::move(*prev);
   }
-  auto chained = audit::chain(previous ? &*previous : nullptr, std::move(record));
-  if (!chained) return std::unexpected(chained.error());
-  auto text = audit::to_json(*chained);
-  if (!text) return std::unexpected(text.error());
   Stmt ins(db, "INSERT INTO audit(seq, hash, record) VALUES (?1, ?2, ?3)");
-  ins.bind(1, static_cast<int64_t>(chained->seq)).bind(2, chained->hash).bind(3, *text);
-  if (auto r = ins.run("append audit record"); !r) return std::unexpected(r.error());
-  if (auto r = tx.commit(); !r) return std::unexpected(r.error());
-  return chained;
+  std::vector<audit::Record> out;
+  out.reserve(records.size());
+  for (auto& record : records) {
+    auto chained = audit::chain(previous ? &*previous : nullptr, std::move(record));
+    if (!chained) return std::unexpected(chained.error());
+    auto text = audit::to_json(*chained);
+    if (!text) return std::unexpected(text.error());
+    ins.reset();
+    ins.bind(1, static_cast<int64_t>(chained->seq)).bind(2, chained->hash).bind(3, *text);
+    if (auto r = ins.run("append audit record"); !r) return std::unexpected(r.error());
+    previous = *chained;
+    out.push_back(std::move(*chained));
+  }
+  if (auto r = tx.commit(); !r) return std::unexpected(r.error());  // one fsync for the whole batch
+  return out;
 }
 
 Result<std::vector<audit::Record>> Store::audit_records() const {

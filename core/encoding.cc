@@ -98,7 +98,19 @@ std::string b64(ByteSpan b, const char* alphabet, bool pad) {
 std::string base64url_encode(ByteSpan b) { return b64(b, kB64Url, false); }
 std::string base64_encode(ByteSpan b) { return b64(b, kB64, true); }
 
-Result<Bytes> base64url_decode(std::string_view text, std::string_view what) {
+namespace {
+// Decodes base64 text of `alphabet`; `padded`: the length must be a multiple of 4 with up to two
+// '=' at the end (RFC 4648 §4); otherwise no '=' at all (§5 as JOSE uses it).
+Result<Bytes> unb64(std::string_view text, const char* alphabet, bool padded, std::string_view what) {
+  if (padded) {
+    if (text.size() % 4 != 0) {
+      return fail(ErrorCode::kInvalidArgument, std::string(what) + " has a length of " + std::to_string(text.size()) +
+                                                   ", not a multiple of 4 (padded base64)");
+    }
+    size_t pad = 0;
+    while (pad < 2 && pad < text.size() && text[text.size() - 1 - pad] == '=') ++pad;
+    text.remove_suffix(pad);
+  }
   if (text.size() % 4 == 1) {
     return fail(ErrorCode::kInvalidArgument, std::string(what) + " has an impossible length " + std::to_string(text.size()));
   }
@@ -107,12 +119,12 @@ Result<Bytes> base64url_decode(std::string_view text, std::string_view what) {
   uint32_t acc = 0;
   int bits = 0;
   for (size_t i = 0; i < text.size(); ++i) {
-    const char* p = std::strchr(kB64Url, text[i]);
+    const char* p = std::strchr(alphabet, text[i]);
     if (text[i] == '\0' || p == nullptr) {
-      return fail(ErrorCode::kInvalidArgument, std::string(what) + " has a character outside base64url at position " +
-                                                   std::to_string(i));
+      return fail(ErrorCode::kInvalidArgument, std::string(what) + " has a character outside " +
+                                                   (padded ? "base64" : "base64url") + " at position " + std::to_string(i));
     }
-    acc = (acc << 6) | static_cast<uint32_t>(p - kB64Url);
+    acc = (acc << 6) | static_cast<uint32_t>(p - alphabet);
     bits += 6;
     if (bits >= 8) {
       out.push_back(std::byte((acc >> (bits - 8)) & 0xff));
@@ -124,6 +136,10 @@ Result<Bytes> base64url_decode(std::string_view text, std::string_view what) {
   }
   return out;
 }
+}  // namespace
+
+Result<Bytes> base64url_decode(std::string_view text, std::string_view what) { return unb64(text, kB64Url, false, what); }
+Result<Bytes> base64_decode(std::string_view text, std::string_view what) { return unb64(text, kB64, true, what); }
 
 namespace {
 constexpr char kBase32[] = "abcdefghijklmnopqrstuvwxyz234567";

@@ -25,8 +25,8 @@ Result<Session> SessionTable::auth(std::string_view request_json, std::time_t no
     return fail(ErrorCode::kInvalidArgument, "KBS Request tee " + (req.contains("tee") ? req["tee"].dump() : "(missing)") +
                                                  " is not supported; this broker attests \"snp\"");
   }
-  if (sessions_.size() >= kMaxSessions) purge(now);
-  if (sessions_.size() >= kMaxSessions) return fail(ErrorCode::kUnavailable, "too many KBS sessions in flight");
+  if (sessions_.size() >= max_sessions_) purge(now);
+  if (sessions_.size() >= max_sessions_) return fail(ErrorCode::kUnavailable, "too many KBS sessions in flight");
   std::array<std::byte, 32> id, nonce;
   TRESOR_TRY(rng_.fill(id));
   TRESOR_TRY(rng_.fill(nonce));
@@ -55,7 +55,8 @@ Result<Session> SessionTable::begin_attest(const std::string& id, std::time_t no
   return copy;
 }
 
-Result<void> SessionTable::attested(const std::string& id, json tee_pubkey, std::string subject) {
+Result<void> SessionTable::attested(const std::string& id, json tee_pubkey, std::string subject,
+                                    std::shared_ptr<const void> context) {
   auto it = sessions_.find(id);
   if (it == sessions_.end() || it->second.state != SessionState::kAttesting) {
     return fail(ErrorCode::kInvalidArgument, "attested() without a matching begin_attest()");
@@ -63,6 +64,7 @@ Result<void> SessionTable::attested(const std::string& id, json tee_pubkey, std:
   it->second.state = SessionState::kAttested;
   it->second.tee_pubkey = std::move(tee_pubkey);
   it->second.subject = std::move(subject);
+  it->second.context = std::move(context);
   return {};
 }
 

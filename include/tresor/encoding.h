@@ -40,6 +40,8 @@ std::string base64url_encode(ByteSpan b);
 Result<Bytes> base64url_decode(std::string_view text, std::string_view what = "base64url string");
 /// RFC 4648 §4 standard base64 with padding (the KBS nonce).
 std::string base64_encode(ByteSpan b);
+/// Decodes standard base64 with padding; other characters and a wrong length are rejected.
+Result<Bytes> base64_decode(std::string_view text, std::string_view what = "base64 string");
 
 /// RFC 4648 base32 without padding, lower-case ('a'..'z', '2'..'7').
 std::string base32_encode(ByteSpan b);

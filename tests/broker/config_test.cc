@@ -81,7 +81,7 @@ TEST(BrokerConfig, MistakesAreNamedWithTheirLine) {
       {base + "[listn]\nport = 1\n", "unknown table [listn]"},
       {base + "[listen]\nprot = 8443\n", "broker.toml:9: listen.prot is not a known key (address, port)"},
       {base + "[listen]\nport = \"8443\"\n", "listen.port: port must be an integer"},
-      {base + "[listen]\nport = 70000\n", "port is 70000, must be 1..65535"},
+      {base + "[listen]\nport = 70000\n", "port is 70000, must be 0..65535"},
       {base + "[listen]\naddress = \"localhost\"\n", "address 'localhost' is not an IPv4 or IPv6 address"},
       {base + "[limits]\nmax_body_bytes = 10\n", "limits.max_body_bytes: the value is 10, must be 1024.."},
       {base + "[attestation]\nsim_trust = 1\n", "attestation.sim_trust: a path must be a string"},

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "tresor/error.h"
 
@@ -28,8 +29,12 @@ struct Config {
   uint32_t request_timeout_ms = 5000;
   uint32_t max_connections = 1024;
   uint32_t max_sessions = 4096;
+  uint32_t worker_threads = 8;  // threads serving HTTPS; requests block on fsync and ECDSA, so more than cores
   // [admin]
   std::string admin_socket = "/run/tresor-broker/admin.sock";
+  /// Who may use the admin socket, checked on each connection with SO_PEERCRED. Root and the
+  /// broker's own uid are always allowed.
+  std::vector<uint32_t> admin_uids;
 
   bool sim_trusted() const { return !sim_trust_dir.empty(); }
 };

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,7 @@ struct ReleaseRequest {
   std::array<std::byte, 64> report_data{};      // the KBS binding of the session's nonce and key
   const Manifest* manifest = nullptr;           // the job manifest the VM presented
   std::string dataset;                          // the resource asked for
+  std::optional<uint32_t> key_version;          // a given key version; none: the current one
   int64_t now = 0;                              // unix seconds
 };
 

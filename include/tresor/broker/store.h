@@ -93,6 +93,9 @@ class Store {
   /// Chains `record` after the last stored one and appends it in one transaction; returns it
   /// with seq, prev_hash and hash filled in.
   [[nodiscard]] Result<audit::Record> append_audit(audit::Record record);
+  /// Appends several records in order in one transaction (one fsync: the broker's group commit).
+  /// All or none are stored.
+  [[nodiscard]] Result<std::vector<audit::Record>> append_audit_batch(std::vector<audit::Record> records);
   /// Every record in seq order (for `tresor admin audit show/verify`).
   [[nodiscard]] Result<std::vector<audit::Record>> audit_records() const;
 

@@ -10,6 +10,7 @@
 
 #include <ctime>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -32,12 +33,16 @@ struct Session {
   SessionState state = SessionState::kChallenged;
   nlohmann::json tee_pubkey;  // set on a successful attest
   std::string subject;        // what attest established (e.g. the job), for the resource step
+  /// The caller's own record of what attest established (the broker keeps the verified report
+  /// and the manifest here); opaque to the table.
+  std::shared_ptr<const void> context;
 };
 
 /// SessionTable holds the handshakes in flight. Not thread-safe: the broker guards it.
 class SessionTable {
  public:
-  explicit SessionTable(crypto::RandomSource& rng = crypto::system_random()) : rng_(rng) {}
+  explicit SessionTable(crypto::RandomSource& rng = crypto::system_random(), size_t max_sessions = kMaxSessions)
+      : rng_(rng), max_sessions_(max_sessions) {}
 
   /// Handles a Request: {"version":"0.4.0","tee":"snp",...}. Creates a session and returns it.
   /// kInvalidArgument for malformed JSON, another version or another TEE (named).
@@ -46,7 +51,8 @@ class SessionTable {
   /// ATTESTING from now on: a second attest with the same nonce (a replay, or a retry) fails.
   [[nodiscard]] Result<Session> begin_attest(const std::string& id, std::time_t now);
   /// Records the outcome of the attestation begun with begin_attest().
-  [[nodiscard]] Result<void> attested(const std::string& id, nlohmann::json tee_pubkey, std::string subject);
+  [[nodiscard]] Result<void> attested(const std::string& id, nlohmann::json tee_pubkey, std::string subject,
+                                      std::shared_ptr<const void> context = nullptr);
   void failed(const std::string& id);
   /// Looks up a session for a resource request: ATTESTED and not expired.
   [[nodiscard]] Result<Session> for_resource(const std::string& id, std::time_t now) const;
@@ -56,6 +62,7 @@ class SessionTable {
 
  private:
   crypto::RandomSource& rng_;
+  size_t max_sessions_;
   std::map<std::string, Session> sessions_;
 };
 

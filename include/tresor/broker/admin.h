@@ -1,0 +1,42 @@
+// tresor/broker/admin.h — the broker's administration commands, as served on the admin socket
+// (server.h) and sent by `tresor admin` (docs/broker.md §5). One JSON object per line in each
+// direction:
+//   request:  {"op":"dataset.create","dataset":"dhz/ccta-2024"}
+//   response: {"ok":true,...}  or  {"ok":false,"code":"exists","error":"dataset 'dhz/ccta-2024' …"}
+// Operations: dataset.create (with an optional "key" to import, else a fresh random key),
+// dataset.import-key, dataset.rotate, dataset.list, dataset.show, policy.set, policy.show,
+// user.add, user.revoke, user.show, grant, revoke-grant, audit.show, audit.verify.
+//
+// Keys go in and never come out: no operation returns key material (a key leaves the broker
+// only as a JWE to an attested VM). Every change is written to the audit log with the peer uid.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "tresor/broker/store.h"
+#include "tresor/crypto.h"
+#include "tresor/error.h"
+
+namespace tresor::broker {
+
+class Admin {
+ public:
+  explicit Admin(Store& store, crypto::RandomSource& rng = crypto::system_random()) : store_(store), rng_(rng) {}
+
+  /// Handles one request line from a peer with uid `uid`; returns the response line (no newline).
+  std::string handle(std::string_view line, uint32_t uid);
+
+ private:
+  Result<nlohmann::json> dispatch(const nlohmann::json& req, uint32_t uid);
+  Result<void> audit(const std::string& dataset, const std::string& user, const std::string& what, uint32_t uid);
+  Store& store_;
+  crypto::RandomSource& rng_;
+};
+
+/// The error code behind a name error_code_name() gave ("exists", "policy", …), for clients of
+/// the admin socket; kIo for a name it does not know.
+ErrorCode error_code_from_name(std::string_view name);
+
+}  // namespace tresor::broker
