@@ -430,9 +430,13 @@ Result<Key> Key::from_public(KeyType type, ByteSpan raw) {
     return fail(ErrorCode::kInvalidArgument,
                 std::string(key_type_name(type)) + " public key is not a point on the curve");
   }
-  // EVP_PKEY_fromdata does not always check the point; do it explicitly.
+  // EVP_PKEY_fromdata does not always check the point; do it explicitly. The quick check is
+  // partial public-key validation (NIST SP 800-56A rev. 3 §5.6.2.3.4: not the point at infinity,
+  // coordinates in the field, on the curve). P-256 and P-384 have cofactor 1, so every point on
+  // the curve has prime order n and full validation's extra n·Q = O test (a scalar
+  // multiplication, the bulk of the cost) cannot fail for a point that passed these.
   EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new_from_pkey(nullptr, *p, nullptr);
-  const bool on_curve = ctx != nullptr && EVP_PKEY_public_check(ctx) == 1;
+  const bool on_curve = ctx != nullptr && EVP_PKEY_public_check_quick(ctx) == 1;
   EVP_PKEY_CTX_free(ctx);
   if (!on_curve) {
     EVP_PKEY_free(*p);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "tresor/error.h"
 #include "tresor/identity.h"
 #include "tresor/io.h"
+#include "tresor/manifest.h"
 #include "tresor/sealed.h"
 
 namespace tresor::cli {
@@ -104,5 +106,15 @@ int cmd_report(int argc, char** argv);
 int cmd_sim(int argc, char** argv);
 int cmd_measure(int argc, char** argv);
 int cmd_bench_verify(int argc, char** argv);
+int cmd_admin(int argc, char** argv);
+int cmd_kbs(int argc, char** argv);
+int cmd_manifest(int argc, char** argv);
+int cmd_bench_broker(int argc, char** argv);
+
+/// Reads a job manifest file; returns it with its canonical signed JSON (what goes to the broker).
+Result<std::pair<Manifest, std::string>> read_manifest_file(const std::string& path);
+
+/// One request on the broker's admin socket (a path, or "unix:PATH"); the reply, or its error.
+Result<nlohmann::json> admin_call(const std::string& socket_path, const nlohmann::json& request);
 
 }  // namespace tresor::cli

@@ -160,6 +160,7 @@ double openssl_gcm_seconds(ByteSpan key, ByteSpan in, MutableByteSpan out, size_
 
 int cmd_bench(int argc, char** argv) {
   if (argc >= 2 && std::string_view(argv[1]) == "verify") return cmd_bench_verify(argc - 1, argv + 1);
+  if (argc >= 2 && std::string_view(argv[1]) == "broker") return cmd_bench_broker(argc - 1, argv + 1);
   po::options_description opts("Options");
   std::string what, size_text = "1GiB", chunk_text = "1MiB";
   unsigned max_threads = 0, reps = 3;

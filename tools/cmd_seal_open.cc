@@ -53,12 +53,14 @@ class CountingSink final : public ByteSink {
 int cmd_seal(int argc, char** argv) {
   po::options_description opts("Options");
   std::vector<std::string> recipients, key_files, datasets;
-  std::string out, in, chunk = "1MiB";
+  std::string out, in, chunk = "1MiB", broker;
   unsigned threads = 0;
   opts.add_options()
       ("recipient,r", po::value(&recipients)->composing(), "seal to this recipient (tresor1...), or @FILE with one per line; repeatable")
       ("dataset-key-file", po::value(&key_files)->composing(), "also seal to this dataset key (32-byte hex key file); repeatable")
-      ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file (or, with --broker, of a new key)")
+      ("broker", po::value(&broker), "draw a new key for --dataset, seal to it and register it with the broker at this admin socket "
+                                     "(unix:PATH); the key is written nowhere else")
       ("output,o", po::value(&out)->required(), "output file, or - for stdout")
       ("chunk-size", po::value(&chunk)->default_value("1MiB"), "plaintext bytes per chunk (multiple of 16, 16 B..64 MiB)")
       ("threads,j", po::value(&threads)->default_value(0), "worker threads (0 = all cores)")
@@ -73,7 +75,18 @@ int cmd_seal(int argc, char** argv) {
   }
   auto rcpts = parse_recipients(recipients);
   if (!rcpts) return report(rcpts.error());
-  auto dkeys = load_dataset_keys(key_files, datasets, /*ids_required=*/true);
+  Result<std::vector<DatasetKey>> dkeys = std::vector<DatasetKey>{};
+  if (!broker.empty()) {
+    if (datasets.size() != 1 || !key_files.empty()) {
+      return usage_error("seal", "--broker registers one new key: give exactly one --dataset ID and no --dataset-key-file");
+    }
+    if (out == "-") return usage_error("seal", "--broker needs -o FILE: the file appears only once the broker holds its key");
+    auto k = DatasetKey::generate(datasets[0]);
+    if (!k) return report(k.error());
+    dkeys->push_back(std::move(*k));
+  } else {
+    dkeys = load_dataset_keys(key_files, datasets, /*ids_required=*/true);
+  }
   if (!dkeys) return report(dkeys.error());
   auto cs = parse_size(chunk, "--chunk-size");
   if (!cs) return report(cs.error());
@@ -100,6 +113,18 @@ int cmd_seal(int argc, char** argv) {
     if (!n) return report(n.error());
   }
   meter.finish();
+  if (!broker.empty()) {
+    // Sealed but not yet visible: the broker must hold the key before the file may exist.
+    const auto& k = dkeys->front();
+    auto reply = admin_call(broker, {{"op", "dataset.import-key"},
+                                     {"dataset", k.id},
+                                     {"key", base64url_encode(k.key.span())},
+                                     {"create", true}});
+    if (!reply) return report({reply.error().code, "the broker did not register the key, so " + out + " was not written: " +
+                                                       reply.error().message});
+    std::fprintf(stderr, "tresor seal: %s sealed to new key version %u of %s, held by the broker\n", out.c_str(),
+                 (*reply)["version"].get<unsigned>(), k.id.c_str());
+  }
   if (auto c = output->commit(); !c) return report(c.error());
   return kExitOk;
 }

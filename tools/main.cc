@@ -23,6 +23,9 @@ constexpr Command kCommands[] = {
     {"report", tresor::cli::cmd_report, "SEV-SNP attestation reports: show, verify against AMD's chain and a policy"},
     {"measure", tresor::cli::cmd_measure, "the SEV-SNP launch measurement of a firmware, kernel and vCPU layout"},
     {"sim", tresor::cli::cmd_sim, "the sim secure processor: a test root that signs SNP reports (no hardware)"},
+    {"manifest", tresor::cli::cmd_manifest, "create and sign a job manifest, or show one"},
+    {"kbs", tresor::cli::cmd_kbs, "talk to a key broker by hand (get-resource with sim evidence)"},
+    {"admin", tresor::cli::cmd_admin, "administer a key broker over its admin socket"},
     {"bench", tresor::cli::cmd_bench, "benchmarks (bench seal: throughput against OpenSSL)"},
     {"version", tresor::cli::cmd_version, "print version, OpenSSL and CUDA information"},
 };

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "tresor/broker/config.h"
 #include "tresor/broker/service.h"
@@ -43,5 +44,15 @@ class Server {
   explicit Server(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;
 };
+
+}  // namespace tresor::broker
+
+namespace tresor::broker {
+
+/// Writes a self-signed TLS certificate (ECDSA P-256, SHA-256) for `names` (IP literals become IP
+/// subjectAltNames, others DNS names) valid for `days`, and its private key (mode 0600). For
+/// tests, benchmarks and first set-up; docs/broker.md §3 says how to use a real CA instead.
+[[nodiscard]] Result<void> write_self_signed_certificate(const std::string& cert_path, const std::string& key_path,
+                                                         const std::vector<std::string>& names, int days);
 
 }  // namespace tresor::broker
