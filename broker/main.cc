@@ -27,11 +27,16 @@ int die(const tresor::Error& e) {
 
 int main(int argc, char** argv) {
   namespace po = boost::program_options;
-  std::string config_path;
-  po::options_description opts("Usage: tresor-broker --config FILE\n\nOptions");
+  std::string config_path, init_dir, sim_trust, address = "127.0.0.1";
+  unsigned port = 8443;
+  po::options_description opts("Usage: tresor-broker --config FILE\n       tresor-broker --init DIR [--address A] [--port P] [--sim-trust DIR]\n\nOptions");
   opts.add_options()("config,c", po::value(&config_path), "configuration file (TOML; docs/broker.md §7)")(
-      "check", "check the configuration, the TLS files, the master key and the store, then exit")("help,h", "this help")(
-      "version", "print the version");
+      "check", "check the configuration, the TLS files, the master key and the store, then exit")(
+      "init", po::value(&init_dir), "write a new broker directory: broker.toml, a master key, a self-signed TLS certificate")(
+      "address", po::value(&address)->default_value("127.0.0.1"), "--init: the address to listen on (and name in the certificate)")(
+      "port", po::value(&port)->default_value(8443), "--init: the port (0: any free port, printed at start)")(
+      "sim-trust", po::value(&sim_trust), "--init: trust this sim root (tests and demos only: not confidential hardware)")(
+      "help,h", "this help")("version", "print the version");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, opts), vm);
@@ -46,6 +51,15 @@ int main(int argc, char** argv) {
   }
   if (vm.count("version")) {
     std::cout << "tresor-broker " << TRESOR_VERSION << " (KBS protocol 0.4.0)\n";
+    return 0;
+  }
+  if (!init_dir.empty()) {
+    if (port > 65535) return die({tresor::ErrorCode::kInvalidArgument, "--port must be 0..65535"});
+    auto r = tresor::broker::init_directory(init_dir, address, static_cast<uint16_t>(port), sim_trust);
+    if (!r) return die(r.error());
+    std::printf("tresor-broker: wrote %s/broker.toml, master.key (0600), tls.crt, tls.key (0600); start with\n"
+                "  tresor-broker --config %s/broker.toml\n",
+                init_dir.c_str(), init_dir.c_str());
     return 0;
   }
   if (config_path.empty()) {

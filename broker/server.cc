@@ -49,10 +49,13 @@ struct Server::Impl : std::enable_shared_from_this<Server::Impl> {
   Service& service;
   Admin* admin;
   net::io_context io;
+  // The acceptors, the purge timer and stop() run on this one strand, so that closing an
+  // acceptor never races an accept that is being started on another thread.
+  net::strand<net::io_context::executor_type> control = net::make_strand(io);
   ssl::context tls{ssl::context::tls_server};
-  tcp::acceptor acceptor{io};
+  tcp::acceptor acceptor{control};
   std::optional<unix_socket::acceptor> admin_acceptor;
-  net::steady_timer purge_timer{io};
+  net::steady_timer purge_timer{control};
   std::atomic<bool> stopping{false};
   std::mutex conns_mu;
   uint64_t next_id = 0;
@@ -311,7 +314,7 @@ Result<std::unique_ptr<Server>> Server::create(const Config& config, Service& se
     const std::filesystem::path sock(config.admin_socket);
     std::error_code fec;
     if (std::filesystem::is_socket(sock, fec)) std::filesystem::remove(sock, fec);  // stale from a crash
-    impl->admin_acceptor.emplace(impl->io);
+    impl->admin_acceptor.emplace(impl->control);
     impl->admin_acceptor->open(unix_socket(), ec);
     const mode_t old = ::umask(0117);  // the socket is created 0660: owner and group only
     if (!ec) impl->admin_acceptor->bind(unix_socket::endpoint(config.admin_socket), ec);
@@ -342,9 +345,12 @@ size_t Server::connections() const {
 }
 
 void Server::run() {
-  impl_->accept();
-  if (impl_->admin_acceptor) impl_->accept_admin();
-  impl_->purge_tick();
+  net::post(impl_->control, [impl = impl_] {
+    if (impl->stopping) return;
+    impl->accept();
+    if (impl->admin_acceptor) impl->accept_admin();
+    impl->purge_tick();
+  });
   std::vector<std::thread> threads;
   for (uint32_t i = 1; i < impl_->config.worker_threads; ++i) threads.emplace_back([this] { impl_->io.run(); });
   impl_->io.run();
@@ -353,7 +359,7 @@ void Server::run() {
 
 void Server::stop() {
   if (impl_->stopping.exchange(true)) return;
-  net::post(impl_->io, [impl = impl_] {
+  net::post(impl_->control, [impl = impl_] {
     beast::error_code ignored;
     impl->acceptor.close(ignored);
     if (impl->admin_acceptor) impl->admin_acceptor->close(ignored);

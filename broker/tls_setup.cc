@@ -1,14 +1,18 @@
 // A self-signed TLS certificate for first set-up, tests and benchmarks (server.h).
 #include <arpa/inet.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 #include <sys/stat.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 
+#include "tresor/broker/config.h"
 #include "tresor/broker/server.h"
+#include "tresor/broker/store.h"
 #include "tresor/crypto.h"
 
 namespace tresor::broker {
@@ -76,6 +80,44 @@ Result<void> write_self_signed_certificate(const std::string& cert_path, const s
   if (!cf) return fail(ErrorCode::kIo, "cannot create " + cert_path + " (it must not exist)");
   if (PEM_write_X509(cf.get(), x.get()) != 1) return fail(ErrorCode::kIo, "cannot write " + cert_path);
   if (std::fflush(cf.get()) != 0 || std::fflush(kf.get()) != 0) return fail(ErrorCode::kIo, "cannot write the certificate files");
+  return {};
+}
+
+}  // namespace tresor::broker
+
+namespace tresor::broker {
+
+Result<void> init_directory(const std::string& dir, const std::string& address, uint16_t port, const std::string& sim_trust_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_empty(dir, ec)) return fail(ErrorCode::kExists, dir + " exists and is not empty");
+  fs::create_directories(dir, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot create " + dir + ": " + ec.message());
+  fs::permissions(dir, fs::perms::owner_all, fs::perm_options::replace, ec);
+  std::array<std::byte, kMasterKeySize> master{};
+  TRESOR_TRY(crypto::system_random().fill(master));
+  const std::string key_path = dir + "/master.key";
+  const mode_t old = ::umask(077);
+  std::unique_ptr<FILE, FileClose> mk(std::fopen(key_path.c_str(), "wx"));
+  ::umask(old);
+  if (!mk) return fail(ErrorCode::kIo, "cannot create " + key_path);
+  const bool written = std::fwrite(master.data(), 1, master.size(), mk.get()) == master.size() && std::fflush(mk.get()) == 0;
+  OPENSSL_cleanse(master.data(), master.size());
+  if (!written) return fail(ErrorCode::kIo, "cannot write " + key_path);
+  TRESOR_TRY(write_self_signed_certificate(dir + "/tls.crt", dir + "/tls.key", {address}, 365));
+  std::string sim;
+  if (!sim_trust_dir.empty()) {
+    sim = "sim_trust = \"" + fs::absolute(sim_trust_dir).string() + "\"  # sim evidence is NOT confidential hardware\n";
+  }
+  const std::string toml =
+      "# tresor-broker configuration (docs/broker.md §7), written by tresor-broker --init.\n"
+      "[listen]\naddress = \"" + address + "\"\nport = " + std::to_string(port) +
+      "\n\n[tls]\ncertificate = \"tls.crt\"\nprivate_key = \"tls.key\"\n\n[store]\npath = \"broker.db\"\nmaster_key = \"master.key\"\n\n"
+      "[attestation]\n" + sim + "\n[admin]\nsocket = \"admin.sock\"\n";
+  std::unique_ptr<FILE, FileClose> cf(std::fopen((dir + "/broker.toml").c_str(), "wx"));
+  if (!cf || std::fwrite(toml.data(), 1, toml.size(), cf.get()) != toml.size() || std::fflush(cf.get()) != 0) {
+    return fail(ErrorCode::kIo, "cannot write " + dir + "/broker.toml");
+  }
   return {};
 }
 

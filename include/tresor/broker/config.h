@@ -42,6 +42,12 @@ struct Config {
 /// Parses configuration text. `base_dir` resolves relative paths (the config file's directory);
 /// `source` names the file in messages. kInvalidArgument names the key, its line and the rule.
 [[nodiscard]] Result<Config> parse_config(std::string_view text, const std::string& source, const std::string& base_dir);
+/// Creates a new broker directory `dir` (which must not exist, or be empty): broker.toml naming
+/// the files below with paths relative to it, master.key (32 random bytes, 0600), tls.crt and
+/// tls.key (a self-signed P-256 certificate for `address`, 0600), the store broker.db and the
+/// admin socket admin.sock inside it. `sim_trust_dir` non-empty writes [attestation] sim_trust.
+[[nodiscard]] Result<void> init_directory(const std::string& dir, const std::string& address, uint16_t port,
+                                          const std::string& sim_trust_dir);
 /// Reads and parses a configuration file (kIo when it cannot be read).
 [[nodiscard]] Result<Config> load_config(const std::string& path);
 
