@@ -2,6 +2,7 @@
 #include "tresor/broker/admin.h"
 
 #include <ctime>
+#include <optional>
 
 #include "tresor/audit.h"
 #include "tresor/broker/release.h"
@@ -45,9 +46,16 @@ std::string Admin::handle(std::string_view line, uint32_t uid) {
   if (!req.is_object() || !req.contains("op") || !req["op"].is_string()) {
     return json{{"ok", false}, {"code", "invalid-argument"}, {"error", "admin request must be an object with a string \"op\""}}.dump();
   }
-  auto r = dispatch(req, uid);
+  Result<json> r;
+  try {
+    r = dispatch(req, uid);
+  } catch (const std::exception& e) {
+    // A member of the wrong JSON type that slipped past a check: refuse, keep serving.
+    r = fail(ErrorCode::kInvalidArgument, std::string("admin request: ") + audit::printable(e.what()));
+  }
   if (!r) {
-    return json{{"ok", false}, {"code", std::string(error_code_name(r.error().code))}, {"error", r.error().message}}.dump();
+    return json{{"ok", false}, {"code", std::string(error_code_name(r.error().code))}, {"error", audit::printable(r.error().message)}}
+        .dump();
   }
   (*r)["ok"] = true;
   return r->dump();
@@ -68,41 +76,60 @@ Result<void> Admin::audit(const std::string& dataset, const std::string& user, c
 Result<json> Admin::dispatch(const json& req, uint32_t uid) {
   const std::string op = req["op"].get<std::string>();
 
-  // A key to import (base64url, 32 bytes) or a fresh one from the CSPRNG.
+  // A key to import: base64url of 32 bytes. Keys are made where the data owner seals (the tresor
+  // CLI), never here: a key drawn inside the broker could never be sealed to, since no operation
+  // gives one out.
   auto key_from = [&]() -> Result<SecretBuffer> {
+    auto it = req.find("key");
+    if (it == req.end() || !it->is_string()) return fail(ErrorCode::kInvalidArgument, "\"key\" is required: base64url of 32 bytes");
+    auto raw = base64url_decode(it->get<std::string>(), "\"key\"");
+    if (!raw) return std::unexpected(raw.error());
     SecretBuffer key(kDataKeySize);
-    if (auto it = req.find("key"); it != req.end()) {
-      if (!it->is_string()) return fail(ErrorCode::kInvalidArgument, "\"key\" must be a base64url string of 32 bytes");
-      auto raw = base64url_decode(it->get<std::string>(), "\"key\"");
-      if (!raw) return std::unexpected(raw.error());
-      if (raw->size() != kDataKeySize) {
-        return fail(ErrorCode::kInvalidArgument, "\"key\" is " + std::to_string(raw->size()) + " bytes; a dataset key is 32");
-      }
-      std::copy(raw->begin(), raw->end(), key.span().begin());
-      std::fill(raw->begin(), raw->end(), std::byte{0});
-      return key;
-    }
-    TRESOR_TRY(rng_.fill(key.span()));
+    const bool right_size = raw->size() == kDataKeySize;
+    if (right_size) std::copy(raw->begin(), raw->end(), key.span().begin());
+    std::fill(raw->begin(), raw->end(), std::byte{0});
+    if (!right_size) return fail(ErrorCode::kInvalidArgument, "\"key\" is " + std::to_string(raw->size()) + " bytes; a dataset key is 32");
     return key;
   };
 
-  if (op == "dataset.create" || op == "dataset.import-key" || op == "dataset.rotate") {
+  if (op == "dataset.create") {
     auto dataset = text_member(req, "dataset");
     if (!dataset) return std::unexpected(dataset.error());
-    if (op == "dataset.rotate" && req.contains("key")) {
-      return fail(ErrorCode::kInvalidArgument, "dataset.rotate draws a fresh key; use dataset.import-key to bring one");
+    std::optional<SecretBuffer> key;
+    if (req.contains("key")) {
+      auto k = key_from();
+      if (!k) return std::unexpected(k.error());
+      key = std::move(*k);
     }
-    if (op == "dataset.import-key" && !req.contains("key")) return fail(ErrorCode::kInvalidArgument, "\"key\" is required");
+    TRESOR_TRY(store_.add_dataset(*dataset));
+    json out = {{"dataset", *dataset}};
+    std::string what = "dataset.create";
+    if (key) {
+      auto version = store_.add_key(*dataset, key->span());
+      if (!version) return std::unexpected(version.error());
+      out["version"] = *version;
+      what += ": key version " + std::to_string(*version) + " imported";
+    }
+    TRESOR_TRY(audit(*dataset, "", what, uid));
+    return out;
+  }
+  if (op == "dataset.import-key") {
+    auto dataset = text_member(req, "dataset");
+    if (!dataset) return std::unexpected(dataset.error());
+    bool create = false;
+    if (auto it = req.find("create"); it != req.end()) {
+      if (!it->is_boolean()) return fail(ErrorCode::kInvalidArgument, "\"create\" must be true or false");
+      create = it->get<bool>();
+    }
     auto key = key_from();
     if (!key) return std::unexpected(key.error());
-    const bool create = op == "dataset.create" || (op == "dataset.import-key" && req.value("create", false));
     if (create) {
       auto added = store_.add_dataset(*dataset);
-      if (!added && !(op == "dataset.import-key" && added.error().code == ErrorCode::kExists)) return std::unexpected(added.error());
+      if (!added && added.error().code != ErrorCode::kExists) return std::unexpected(added.error());
     }
     auto version = store_.add_key(*dataset, key->span());
     if (!version) return std::unexpected(version.error());
-    TRESOR_TRY(audit(*dataset, "", op + ": key version " + std::to_string(*version) + (req.contains("key") ? " imported" : " generated"), uid));
+    TRESOR_TRY(audit(*dataset, "", op + ": key version " + std::to_string(*version) + " imported", uid));
     return json{{"dataset", *dataset}, {"version", *version}};
   }
   if (op == "dataset.list") {

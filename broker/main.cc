@@ -89,12 +89,28 @@ int main(int argc, char** argv) {
   auto service = tresor::broker::Service::create(*config, *store);
   if (!service) return die(service.error());
   tresor::broker::Admin admin(*store);
-  auto server = tresor::broker::Server::create(*config, **service, &admin);
-  if (!server) return die(server.error());
   if (vm.count("check")) {
-    std::printf("tresor-broker: configuration %s is usable\n", config_path.c_str());
+    // Every data key must open with this master key; the listening socket must bind. The admin
+    // socket is left alone (a running broker may own it).
+    auto datasets = store->datasets();
+    if (!datasets) return die(datasets.error());
+    for (const auto& d : *datasets) {
+      auto versions = store->key_versions(d);
+      if (!versions) return die(versions.error());
+      for (uint32_t v : *versions) {
+        if (auto k = store->key(d, v); !k) {
+          return die({tresor::ErrorCode::kIo, "[store] key version " + std::to_string(v) + " of '" + d +
+                                                  "' does not open with this master key: " + k.error().message});
+        }
+      }
+    }
+    auto probe = tresor::broker::Server::create(*config, **service, nullptr);
+    if (!probe) return die(probe.error());
+    std::printf("tresor-broker: configuration %s is usable (%zu datasets, every key opens)\n", config_path.c_str(), datasets->size());
     return 0;
   }
+  auto server = tresor::broker::Server::create(*config, **service, &admin);
+  if (!server) return die(server.error());
 
   std::printf("tresor-broker: listening on https://%s:%u (TLS 1.3), admin socket %s\n",
               config->address.find(':') != std::string::npos ? ("[" + config->address + "]").c_str() : config->address.c_str(),

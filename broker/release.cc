@@ -16,9 +16,11 @@ Error bad(std::string_view member, std::string_view what) {
 }
 
 // Collects failed checks and picks the one status for all of them: 401 when the requester is not
-// established (manifest forged or expired, signer unknown or revoked); otherwise 403 when any
-// check failed; 404 only when the sole problem is an unknown dataset, so that the status never
-// tells an unauthenticated or unauthorised requester which datasets exist.
+// established (manifest forged or expired, signer unknown or revoked); otherwise 403. An unknown
+// dataset is a 403 like any other denial, so that the status never tells a requester which
+// datasets exist (a registered user could otherwise probe ids by naming them in a manifest).
+// 404 is left for a dataset key version that does not exist, answered only when every other
+// check passed.
 class Failures {
  public:
   void add(ErrorCode code, std::string what) {
@@ -108,7 +110,7 @@ Result<Release> authorize_release(const Store& store, const ReleaseRequest& req)
   auto known = store.datasets();
   if (!known) return std::unexpected(known.error());
   const bool exists = std::ranges::find(*known, req.dataset) != known->end();
-  if (!exists) f.add(ErrorCode::kNoMatchingKey, "dataset: '" + req.dataset + "' is not registered");
+  if (!exists) f.add(ErrorCode::kPolicy, "dataset: '" + req.dataset + "' is not registered");
   if (std::ranges::find(m.datasets, req.dataset) == m.datasets.end()) {
     f.add(ErrorCode::kPolicy, "manifest: dataset '" + req.dataset + "' is not among the job's datasets");
   }
@@ -174,7 +176,9 @@ Result<Release> authorize_release(const Store& store, const ReleaseRequest& req)
     if (key.error().code == ErrorCode::kNoMatchingKey) {
       return fail(ErrorCode::kNoMatchingKey, "release denied (1 check failed):\n  dataset: " + key.error().message);
     }
-    return std::unexpected(key.error());
+    // A wrapped key that does not open (kAuth from the store) means a wrong master key or a
+    // damaged row: the broker's fault, never the requester's, so it must not read as a 401.
+    return fail(ErrorCode::kIo, "store: the key of '" + req.dataset + "' cannot be read: " + key.error().message);
   }
   out.key = std::move(*key);
   return out;

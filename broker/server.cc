@@ -56,6 +56,7 @@ struct Server::Impl : std::enable_shared_from_this<Server::Impl> {
   tcp::acceptor acceptor{control};
   std::optional<unix_socket::acceptor> admin_acceptor;
   net::steady_timer purge_timer{control};
+  net::steady_timer accept_retry{control};
   std::atomic<bool> stopping{false};
   std::mutex conns_mu;
   uint64_t next_id = 0;
@@ -217,8 +218,15 @@ class Server::Impl::AdminConnection : public std::enable_shared_from_this<AdminC
 void Server::Impl::accept() {
   acceptor.async_accept(net::make_strand(io), [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
     if (ec) {
-      if (!self->acceptor.is_open()) return;  // stopped
-      return self->accept();
+      if (!self->acceptor.is_open() || self->stopping) return;  // stopped
+      // Out of file descriptors or memory: accepting again at once would spin. Existing
+      // connections go on; new ones wait in the listen backlog for 100 ms.
+      std::fprintf(stderr, "tresor-broker: accept failed: %s; retrying in 100 ms\n", ec.message().c_str());
+      self->accept_retry.expires_after(std::chrono::milliseconds(100));
+      self->accept_retry.async_wait([self](beast::error_code wec) {
+        if (!wec && !self->stopping) self->accept();
+      });
+      return;
     }
     std::shared_ptr<Connection> c;
     {
@@ -287,8 +295,10 @@ Result<std::unique_ptr<Server>> Server::create(const Config& config, Service& se
   struct stat st {};
   if (::stat(config.tls_private_key.c_str(), &st) != 0) return fail(ErrorCode::kIo, "[tls] private_key " + config.tls_private_key + " cannot be read");
   if ((st.st_mode & 077) != 0) {
-    return fail(ErrorCode::kIo, "[tls] private_key " + config.tls_private_key + " may be read by others (mode " +
-                                    std::to_string(st.st_mode & 0777) + " octal-decoded); chmod 600 it");
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%03o", static_cast<unsigned>(st.st_mode & 0777));
+    return fail(ErrorCode::kIo, "[tls] private_key " + config.tls_private_key + " may be read by group or others (mode " + mode +
+                                    "); chmod 600 it");
   }
   if (SSL_CTX_use_certificate_chain_file(ctx, config.tls_certificate.c_str()) != 1) {
     return fail(ErrorCode::kIo, "[tls] certificate " + config.tls_certificate + " is not a readable PEM certificate chain");
@@ -313,12 +323,19 @@ Result<std::unique_ptr<Server>> Server::create(const Config& config, Service& se
   if (admin != nullptr) {
     const std::filesystem::path sock(config.admin_socket);
     std::error_code fec;
-    if (std::filesystem::is_socket(sock, fec)) std::filesystem::remove(sock, fec);  // stale from a crash
+    if (std::filesystem::is_socket(sock, fec)) {
+      // A socket file left by a crash is removed; one a running broker answers on is not.
+      unix_socket::socket probe(impl->io);
+      beast::error_code pec;
+      probe.connect(unix_socket::endpoint(config.admin_socket), pec);
+      if (!pec) return fail(ErrorCode::kExists, "[admin] socket " + config.admin_socket + " is in use by a running broker");
+      std::filesystem::remove(sock, fec);
+    }
     impl->admin_acceptor.emplace(impl->control);
     impl->admin_acceptor->open(unix_socket(), ec);
-    const mode_t old = ::umask(0117);  // the socket is created 0660: owner and group only
     if (!ec) impl->admin_acceptor->bind(unix_socket::endpoint(config.admin_socket), ec);
-    ::umask(old);
+    // Owner and group only (the directory above it should be private too: RuntimeDirectory 0750).
+    if (!ec && ::chmod(config.admin_socket.c_str(), 0660) != 0) ec = beast::error_code(errno, beast::system_category());
     if (!ec) impl->admin_acceptor->listen(net::socket_base::max_listen_connections, ec);
     if (ec) return fail(ErrorCode::kIo, "[admin] socket " + config.admin_socket + ": " + ec.message());
   }
@@ -364,6 +381,7 @@ void Server::stop() {
     impl->acceptor.close(ignored);
     if (impl->admin_acceptor) impl->admin_acceptor->close(ignored);
     impl->purge_timer.cancel();
+    impl->accept_retry.cancel();
     std::vector<std::shared_ptr<Impl::Connection>> live;
     std::vector<std::shared_ptr<Impl::AdminConnection>> admins;
     {

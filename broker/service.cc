@@ -35,7 +35,6 @@ using SteadyClock = std::chrono::steady_clock;
 
 constexpr std::string_view kResourcePrefix = "/kbs/v0/resource/";
 constexpr std::string_view kCookieName = "kbs-session-id";
-constexpr std::time_t kTokenLifetime = kbs::kSessionLifetime;
 
 // ---- metrics -------------------------------------------------------------------------------------
 
@@ -186,7 +185,7 @@ struct Attested {
 std::string problem(std::string_view type, std::string_view detail) {
   // RFC 7807 problem details, with the type URIs KBS uses (kbs_attestation_protocol.md).
   return json{{"type", "https://github.com/confidential-containers/kbs/errors/" + std::string(type)},
-              {"detail", std::string(detail)}}
+              {"detail", audit::printable(detail)}}
       .dump();
 }
 
@@ -213,7 +212,9 @@ std::string_view reason_for(int status) {
     case 403: return "policy";
     case 404: return "not_found";
     case 405: return "method";
+    case 408: return "timeout";
     case 413: return "too_large";
+    case 503: return "unavailable";
     default: return "internal";
   }
 }
@@ -385,7 +386,7 @@ struct Service::Impl {
   HttpResponse auth(const HttpRequest& req);
   HttpResponse attest(const HttpRequest& req);
   HttpResponse resource(const HttpRequest& req);
-  Result<std::string> token(const Attested& a, const json& tee_pubkey, std::time_t now) const;
+  Result<std::string> token(const Attested& a, const json& tee_pubkey, std::time_t now, std::time_t expires) const;
 };
 
 Result<std::unique_ptr<Service>> Service::create(const Config& config, Store& store, Clock clock) {
@@ -435,19 +436,30 @@ HttpResponse Service::handle(const HttpRequest& req) {
   const std::string_view ep = endpoint_of(req);
   HttpResponse res;
   auto method_is = [&](std::string_view m) { return req.method == m; };
-  if (ep == "auth") {
-    res = method_is("POST") ? impl_->auth(req) : error_response(405);
-  } else if (ep == "attest") {
-    res = method_is("POST") ? impl_->attest(req) : error_response(405);
-  } else if (ep == "resource") {
-    res = method_is("GET") ? impl_->resource(req) : error_response(405);
-  } else if (ep == "healthz") {
-    res.body = "{\"status\":\"ok\"}";
-  } else if (ep == "metrics") {
-    res.content_type = "text/plain; version=0.0.4";
-    res.body = metrics_text();
-  } else {
-    res = error_response(404);
+  try {
+    if (ep == "auth") {
+      res = method_is("POST") ? impl_->auth(req) : error_response(405);
+    } else if (ep == "attest") {
+      res = method_is("POST") ? impl_->attest(req) : error_response(405);
+    } else if (ep == "resource") {
+      res = method_is("GET") ? impl_->resource(req) : error_response(405);
+    } else if (ep == "healthz") {
+      if (method_is("GET")) res.body = "{\"status\":\"ok\"}";
+      else res = error_response(405);
+    } else if (ep == "metrics") {
+      if (method_is("GET")) {
+        res.content_type = "text/plain; version=0.0.4";
+        res.body = metrics_text();
+      } else {
+        res = error_response(405);
+      }
+    } else {
+      res = error_response(404);
+    }
+  } catch (const std::exception& e) {
+    // A bug, not a decision: nothing is released, the request is answered, the broker goes on.
+    std::fprintf(stderr, "tresor-broker: internal error on %s: %s\n", std::string(ep).c_str(), audit::printable(e.what()).c_str());
+    res = error_response(500);
   }
   const double seconds = std::chrono::duration<double>(SteadyClock::now() - start).count();
   impl_->metrics.request(ep, res.status, seconds);
@@ -541,7 +553,10 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   // The evidence: AMD's chain (or the configured sim root) and the report signature.
   if (body->endorsement_cert.empty()) {
     auto cert = cached_endorsement(config.vcek_cache_dir, body->report);
-    if (!cert) return failed(401, "evidence: " + cert.error().message);
+    if (!cert) {
+      const bool unparsable = cert.error().code != ErrorCode::kAuth;
+      return failed(unparsable ? 400 : 401, "evidence: " + cert.error().message, "tee-evidence: the report does not parse");
+    }
     body->endorsement_cert = std::move(*cert);
   }
   snp::VerifyInputs vi;
@@ -552,8 +567,9 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   vi.sim_trust = sim_trust ? &*sim_trust : nullptr;
   auto verified = verifier.verify(vi);
   if (!verified) {
-    const int status = verified.error().code == ErrorCode::kAuth ? 401 : 400;
-    return failed(status, "evidence: " + verified.error().message, "tee-evidence: the report does not parse");
+    const ErrorCode c = verified.error().code;
+    const int status = c == ErrorCode::kAuth ? 401 : (c == ErrorCode::kMalformed || c == ErrorCode::kUnsupportedVersion) ? 400 : 500;
+    return failed(status, "evidence: " + verified.error().message, "tee-evidence: the report or certificate does not parse");
   }
   rec.measurement = to_hex(verified->report.measurement);
   rec.sim = verified->sim;
@@ -597,22 +613,24 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   attested->report_data = *binding;
   attested->evidence_digest = rec.evidence_digest;
   attested->user = (*user)->name;
-  auto tok = token(*attested, body->tee_pubkey, t);
+  auto tok = token(*attested, body->tee_pubkey, t, session.created + kbs::kSessionLifetime);
   if (!tok) return failed(500, "token: " + tok.error().message);
 
   rec.result = "attested";
   rec.reason = "attest: job '" + attested->manifest.job_id + "' of user '" + attested->user + "'" +
                (attested->report.sim ? " on SIM evidence (not confidential hardware)" : "");
+  // The record first: a session whose attestation is not in the audit log is never usable.
+  if (!record(std::move(rec))) {
+    std::lock_guard lock(sessions_mu);
+    sessions.failed(id);
+    return error_response(500);
+  }
   {
     std::lock_guard lock(sessions_mu);
     if (auto r = sessions.attested(id, body->tee_pubkey, attested->manifest.job_id, attested); !r) {
+      sessions.failed(id);
       return error_response(500);
     }
-  }
-  if (!record(std::move(rec))) {
-    std::lock_guard lock(sessions_mu);
-    sessions.failed(id);  // unrecorded: the session must not be usable
-    return error_response(500);
   }
   HttpResponse res;
   res.body = json{{"token", *tok}}.dump();
@@ -621,12 +639,12 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
 
 // The attestation results token (kbs_attestation_protocol.md, "Attestation Results Token"): a JWT
 // signed ES256 by the broker's token key, whose public JWK it carries in "jwk".
-Result<std::string> Service::Impl::token(const Attested& a, const json& tee_pubkey, std::time_t now) const {
+Result<std::string> Service::Impl::token(const Attested& a, const json& tee_pubkey, std::time_t now, std::time_t expires) const {
   const json header = {{"alg", "ES256"}, {"typ", "JWT"}};
   const json claims = {
       {"iss", "tresor-broker"},
       {"iat", static_cast<int64_t>(now)},
-      {"exp", static_cast<int64_t>(now + kTokenLifetime)},
+      {"exp", static_cast<int64_t>(expires)},  // when the session ends: the token never outlives it
       {"jwk", token_jwk},
       {"tee-pubkey", tee_pubkey},
       {"tcb-status",

@@ -35,7 +35,29 @@ Result<std::string> record_hash(const Record& r) {
   return to_hex(*h);
 }
 
+std::string printable(std::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(text.size());
+  for (char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if ((c >= 0x20 && c < 0x7F && c != '\\') || c == '\n') {
+      out += ch;
+    } else {
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
+  return out;
+}
+
 Result<Record> chain(const Record* previous, Record next) {
+  // Text that reached a decision from the network (a resource path, a parser's message) is
+  // stored escaped: a record always canonicalizes and reads back, whatever bytes a client sent.
+  for (std::string* field : {&next.user, &next.dataset, &next.evidence_digest, &next.measurement, &next.result, &next.reason}) {
+    *field = printable(*field);
+  }
   next.seq = previous ? previous->seq + 1 : 1;
   next.prev_hash = previous ? previous->hash : std::string(kGenesis);
   auto h = record_hash(next);

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <cstring>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "cli.h"
@@ -80,12 +81,13 @@ Result<json> admin_call(const std::string& socket_path_or_url, const json& reque
 
 int cmd_admin(int argc, char** argv) {
   po::options_description opts("Options");
-  std::string socket, key_file;
+  std::string socket, key_file, key_out;
   std::vector<std::string> words;
   uint64_t from = 1;
   opts.add_options()
       ("socket,s", po::value(&socket), "the broker's admin socket (default $TRESOR_ADMIN_SOCKET or /run/tresor-broker/admin.sock)")
-      ("key-file", po::value(&key_file), "dataset create: import this dataset key file instead of drawing a fresh key")
+      ("key-file", po::value(&key_file), "dataset create: register this existing dataset key file as version 1")
+      ("output,o", po::value(&key_out), "dataset create/rotate: draw a fresh key here, write it to this file (0600) and register it")
       ("from", po::value(&from)->default_value(1), "audit show: first record number")
       ("json", "print the broker's reply as JSON")
       ("words", po::value(&words)->composing(), "");
@@ -94,9 +96,10 @@ int cmd_admin(int argc, char** argv) {
   po::variables_map vm;
   const std::string synopsis =
       "[--socket PATH] WHAT ...\n\n"
-      "  dataset create ID [--key-file F]   register a dataset with a fresh (or imported) key\n"
-      "  dataset import-key ID KEYFILE      add a key version from a dataset key file\n"
-      "  dataset rotate ID                  add a fresh key version (new seals use it)\n"
+      "  dataset create ID [-o NEWKEYFILE | --key-file KEYFILE]\n"
+      "                                     register a dataset (with a fresh key written to NEWKEYFILE, or an existing one)\n"
+      "  dataset import-key ID KEYFILE      register a dataset key file as the next key version\n"
+      "  dataset rotate ID -o NEWKEYFILE    draw a fresh key, keep it in NEWKEYFILE and register it as the next version\n"
       "  dataset list | dataset show ID\n"
       "  policy set ID FILE | policy show ID\n"
       "  user add NAME RECIPIENT | user revoke NAME | user show NAME\n"
@@ -115,16 +118,35 @@ int cmd_admin(int argc, char** argv) {
     req["key"] = base64url_encode(k->key.span());
     return {};
   };
+  // A fresh key drawn here, written to -o only once the broker holds it.
+  std::optional<DatasetKey> fresh;
+  std::optional<Output> fresh_out;
+  auto draw_fresh = [&](const std::string& id) -> Result<void> {
+    auto k = DatasetKey::generate(id);
+    if (!k) return std::unexpected(k.error());
+    auto o = Output::create(key_out, 0600, /*overwrite=*/false, /*binary=*/false);
+    if (!o) return std::unexpected(o.error());
+    TRESOR_TRY(o->sink().write(as_bytes(k->to_file_text())));
+    req["key"] = base64url_encode(k->key.span());
+    fresh = std::move(*k);
+    fresh_out = std::move(*o);
+    return {};
+  };
   if (what == "dataset create" && need(3)) {
+    if (!key_file.empty() && !key_out.empty()) return usage_error("admin", "give --key-file or -o, not both");
     req = {{"op", "dataset.create"}, {"dataset", words[2]}};
     if (!key_file.empty()) {
       if (auto r = with_key_file(key_file, words[2]); !r) return report(r.error());
+    } else if (!key_out.empty()) {
+      if (auto r = draw_fresh(words[2]); !r) return report(r.error());
     }
   } else if (what == "dataset import-key" && need(4)) {
     req = {{"op", "dataset.import-key"}, {"dataset", words[2]}};
     if (auto r = with_key_file(words[3], words[2]); !r) return report(r.error());
   } else if (what == "dataset rotate" && need(3)) {
-    req = {{"op", "dataset.rotate"}, {"dataset", words[2]}};
+    if (key_out.empty()) return usage_error("admin", "dataset rotate needs -o NEWKEYFILE: the data owner seals new files with that key");
+    req = {{"op", "dataset.import-key"}, {"dataset", words[2]}};
+    if (auto r = draw_fresh(words[2]); !r) return report(r.error());
   } else if (what == "dataset list" && need(2)) {
     req = {{"op", "dataset.list"}};
   } else if (what == "dataset show" && need(3)) {
@@ -159,6 +181,13 @@ int cmd_admin(int argc, char** argv) {
 
   auto reply = admin_call(socket_path(socket), req);
   if (!reply) return report(reply.error());
+  if (fresh_out) {
+    if (auto c = fresh_out->commit(); !c) {
+      return report({c.error().code, "the broker holds the new key but " + key_out + " could not be written: " + c.error().message});
+    }
+    std::fprintf(stderr, "tresor admin: new key for %s written to %s (seal new files with --dataset-key-file %s --dataset %s)\n",
+                 fresh->id.c_str(), key_out.c_str(), key_out.c_str(), fresh->id.c_str());
+  }
   reply->erase("ok");
   if (vm.count("json")) {
     std::printf("%s\n", reply->dump(2).c_str());

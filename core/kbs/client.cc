@@ -277,7 +277,12 @@ Result<ReleasedKey> fetch_dataset_key(Client& client, const Attestation& session
   OPENSSL_cleanse(k.data(), k.size());
   if (!raw) return std::unexpected(raw.error());
   if (raw->size() != 32) return fail(ErrorCode::kMalformed, "released key is " + std::to_string(raw->size()) + " bytes, not 32");
-  ReleasedKey out{std::string(dataset), j["version"].get<uint32_t>(), SecretBuffer(32)};
+  const uint32_t version = j["version"].get<uint32_t>();
+  if (tag != "latest" && std::to_string(version) != tag) {
+    return fail(ErrorCode::kAuth, "broker released key version " + std::to_string(version) + " when version " + std::string(tag) +
+                                      " was asked for");
+  }
+  ReleasedKey out{std::string(dataset), version, SecretBuffer(32)};
   std::copy(raw->begin(), raw->end(), out.key.span().begin());
   OPENSSL_cleanse(raw->data(), raw->size());
   return out;

@@ -26,6 +26,39 @@ std::unexpected<Error> ossl(const std::string& what) {
 
 // ---- RFC 8785 ------------------------------------------------------------------------------------
 
+// RFC 8785 §3.2.2.2 works on Unicode strings (RFC 8259 §8.1: UTF-8). Byte sequences that are not
+// well-formed UTF-8 (RFC 3629 §4: no overlongs, no surrogates, nothing above U+10FFFF) are not
+// strings and have no canonical form.
+bool valid_utf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t n;
+    uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      n = 1, cp = c & 0x1Fu;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      n = 2, cp = c & 0x0Fu;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      n = 3, cp = c & 0x07u;
+    } else {
+      return false;
+    }
+    if (i + n >= s.size()) return false;  // truncated sequence
+    for (size_t k = 1; k <= n; ++k) {
+      const auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3Fu);
+    }
+    if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += n + 1;
+  }
+  return true;
+}
+
 // §3.2.2.3: strings keep every character as UTF-8 except '"', '\\' and the controls below 0x20,
 // which use the short escapes where JSON has one and \u00xx (lower-case hex) otherwise.
 void put_string(std::string& out, const std::string& s) {
@@ -126,7 +159,10 @@ Result<void> put_value(std::string& out, const json& v) {
   switch (v.type()) {
     case json::value_t::null: out += "null"; return {};
     case json::value_t::boolean: out += v.get<bool>() ? "true" : "false"; return {};
-    case json::value_t::string: put_string(out, v.get<std::string>()); return {};
+    case json::value_t::string:
+      if (!valid_utf8(v.get_ref<const std::string&>())) return bad("canonical JSON: a string is not valid UTF-8");
+      put_string(out, v.get_ref<const std::string&>());
+      return {};
     case json::value_t::number_integer:
     case json::value_t::number_unsigned:
     case json::value_t::number_float: {
@@ -147,10 +183,13 @@ Result<void> put_value(std::string& out, const json& v) {
       return {};
     }
     case json::value_t::object: {
-      std::vector<std::pair<std::u16string, const std::string*>> keys;
-      for (const auto& [k, _] : v.items()) keys.emplace_back(utf16(k), nullptr);
       std::vector<std::string> names;
-      for (const auto& [k, _] : v.items()) names.push_back(k);
+      for (const auto& [k, _] : v.items()) {
+        if (!valid_utf8(k)) return bad("canonical JSON: a member name is not valid UTF-8");
+        names.push_back(k);
+      }
+      std::vector<std::pair<std::u16string, const std::string*>> keys;
+      for (const auto& k : names) keys.emplace_back(utf16(k), nullptr);
       for (size_t i = 0; i < names.size(); ++i) keys[i].second = &names[i];
       std::sort(keys.begin(), keys.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
       out += '{';

@@ -32,7 +32,10 @@ struct Record {
   bool operator==(const Record&) const = default;
 };
 
-/// Fills in seq, prev_hash and hash of `next` so that it follows `previous` (nullptr: the first).
+/// `text` with every byte outside printable ASCII (and newline) and every backslash written as
+/// \xNN, so that it is valid UTF-8 and unambiguous.
+std::string printable(std::string_view text);
+/// Fills in seq, prev_hash and hash of `next` (its text fields made printable() first) so that it follows `previous` (nullptr: the first).
 [[nodiscard]] Result<Record> chain(const Record* previous, Record next);
 /// The hash a record should have.
 [[nodiscard]] Result<std::string> record_hash(const Record& r);

@@ -167,12 +167,14 @@ TEST(BrokerRelease, NoPolicyDenies) {
   EXPECT_TRUE(f.denied(ErrorCode::kPolicy, "has no policy (deny by default)"));
 }
 
-TEST(BrokerRelease, UnknownDatasetOrMissingKeyIsNotFound) {
+TEST(BrokerRelease, UnknownDatasetIsForbiddenAndAMissingKeyIsNotFound) {
   {
+    // Even a registered user naming the dataset in a valid manifest learns nothing: 403, like
+    // any denial, not 404.
     Fixture f;
     f.ask_for("dhz/ghost");
-    EXPECT_TRUE(f.denied(ErrorCode::kNoMatchingKey, "'dhz/ghost' is not registered"));
-    EXPECT_EQ(http_status(ErrorCode::kNoMatchingKey), 404);
+    EXPECT_TRUE(f.denied(ErrorCode::kPolicy, "'dhz/ghost' is not registered"));
+    EXPECT_EQ(http_status(ErrorCode::kPolicy), 403);
   }
   {
     Fixture f;
@@ -181,6 +183,18 @@ TEST(BrokerRelease, UnknownDatasetOrMissingKeyIsNotFound) {
     ASSERT_TRUE(f.store.set_policy("dhz/nokey", policy_json()));
     f.ask_for("dhz/nokey");
     EXPECT_TRUE(f.denied(ErrorCode::kNoMatchingKey, "has no data key"));
+    EXPECT_EQ(http_status(ErrorCode::kNoMatchingKey), 404);
+  }
+  {
+    // A key that does not unwrap (wrong master key) is the broker's fault: an internal error,
+    // never a 401 to the requester.
+    Fixture f;
+    auto other = Store::open(f.dir.file("broker.db"), tresor::testing::pattern_bytes(kMasterKeySize, 2));
+    ASSERT_TRUE(other);
+    auto r = authorize_release(*other, f.req);
+    ASSERT_TRUE(FailsWith(r, ErrorCode::kIo));
+    EXPECT_EQ(http_status(r.error().code), 500);
+    EXPECT_NE(r.error().message.find("cannot be read"), std::string::npos) << r.error().message;
   }
 }
 

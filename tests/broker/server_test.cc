@@ -5,11 +5,14 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <ctime>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -424,16 +427,69 @@ TEST(BrokerServer, IdleAndSlowConnectionsDoNotStopService) {
   for (int fd : idle) ::close(fd);
 }
 
+// One request line on the admin socket as the current process; the reply line, or "" when the
+// broker closed without answering.
+std::string admin_over_socket(const std::string& path, const std::string& line) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return "connect failed";
+  const std::string msg = line + "\n";
+  if (::write(fd, msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) return "write failed";
+  std::string reply;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0) {
+    reply.append(buf, static_cast<size_t>(n));
+    if (reply.back() == '\n') break;
+  }
+  ::close(fd);
+  return reply;
+}
+
 TEST(BrokerServer, AdminSocketChecksThePeerAndAuditsChanges) {
   Broker b;
-  // Over the real socket: this process's uid is the broker's own, so it is allowed.
-  Admin& admin = *b.admin;
   const size_t before = b.audit_count();
-  auto rotated = json::parse(admin.handle(R"({"op":"dataset.rotate","dataset":"dhz/ccta-2024"})", 1000));
-  EXPECT_EQ(rotated["ok"], true) << rotated.dump();
-  EXPECT_EQ(rotated["version"], 2);
+  // Over the real socket as this process (the broker's own uid: allowed).
+  auto added = json::parse(admin_over_socket(b.config.admin_socket,
+                                             R"({"op":"dataset.import-key","dataset":"dhz/ccta-2024","key":")" +
+                                                 base64url_encode(tresor::testing::pattern_bytes(32, 8)) + R"("})"));
+  EXPECT_EQ(added["ok"], true) << added.dump();
+  EXPECT_EQ(added["version"], 2);
   EXPECT_EQ(b.audit_count(), before + 1);
-  EXPECT_NE(b.last_audit().reason.find("uid 1000"), std::string::npos);
+  EXPECT_NE(b.last_audit().reason.find("uid " + std::to_string(::geteuid())), std::string::npos) << b.last_audit().reason;
+
+  // Another uid, not listed in [admin] uids, is refused by SO_PEERCRED (needs root to become it).
+  if (::geteuid() == 0) {
+    // Open the file-system path to everyone, so that only SO_PEERCRED stands in the way.
+    ASSERT_EQ(::chmod(b.dir.path().c_str(), 0755), 0);
+    ASSERT_EQ(::chmod(b.config.admin_socket.c_str(), 0666), 0);
+    int pipefd[2];
+    ASSERT_EQ(::pipe(pipefd), 0);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(pipefd[0]);
+      std::string reply = "setuid failed";
+      if (::setgid(65534) == 0 && ::setuid(65534) == 0) {
+        reply = admin_over_socket(b.config.admin_socket, R"({"op":"dataset.list"})");
+      }
+      (void)!::write(pipefd[1], reply.data(), reply.size());
+      ::_exit(0);
+    }
+    ::close(pipefd[1]);
+    std::string reply;
+    char buf[512];
+    ssize_t n;
+    while ((n = ::read(pipefd[0], buf, sizeof buf)) > 0) reply.append(buf, static_cast<size_t>(n));
+    ::close(pipefd[0]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    EXPECT_NE(reply.find("may not administer"), std::string::npos) << reply;
+    EXPECT_EQ(b.audit_count(), before + 1) << "nothing was done for the refused peer";
+  }
+
+  Admin& admin = *b.admin;
   auto bad = json::parse(admin.handle(R"({"op":"policy.set","dataset":"dhz/ccta-2024","policy":{"attestation":{}}})", 0));
   EXPECT_EQ(bad["ok"], false);
   EXPECT_EQ(bad["code"], "invalid-argument");
@@ -441,9 +497,33 @@ TEST(BrokerServer, AdminSocketChecksThePeerAndAuditsChanges) {
   auto nokey = json::parse(admin.handle(R"({"op":"dataset.import-key","dataset":"dhz/ccta-2024","key":"AAAA"})", 0));
   EXPECT_EQ(nokey["ok"], false);
   EXPECT_NE(nokey["error"].get<std::string>().find("3 bytes; a dataset key is 32"), std::string::npos);
+  auto wrong_type = json::parse(admin.handle(R"({"op":"dataset.import-key","dataset":"x/y","key":"AAAA","create":"yes"})", 0));
+  EXPECT_EQ(wrong_type["ok"], false) << "a wrong member type is refused, not a crash";
   auto show = admin.handle(R"({"op":"dataset.show","dataset":"dhz/ccta-2024"})", 0);
   EXPECT_EQ(json::parse(show)["key_versions"], json::array({1, 2}));
   EXPECT_EQ(show.find(to_hex(b.key)), std::string::npos) << "keys never come out";
+}
+
+TEST(BrokerServer, BytesThatAreNotUtf8CannotPoisonTheAuditLog) {
+  Broker b;
+  auto c = b.client();
+  const size_t before = b.audit_count();
+  auto r = c->request("GET", "/kbs/v0/resource/dhz/\xff\xfe/latest");
+  ASSERT_TRUE(r) << r.error().message;
+  EXPECT_EQ(r->status, 401);
+  ASSERT_TRUE(c->auth());
+  auto a = c->request("POST", "/kbs/v0/attest", "{\"runtime-data\": \"\xff\"}");
+  ASSERT_TRUE(a) << a.error().message;
+  EXPECT_EQ(a->status, 400);
+  EXPECT_TRUE(json::accept(a->body)) << "the problem detail stays valid JSON";
+  // The log took both records and still reads back and verifies; the next decision is recorded.
+  auto records = b.store->audit_records();
+  ASSERT_TRUE(records) << records.error().message;
+  EXPECT_EQ(records->size(), before + 2);
+  EXPECT_NE(records->at(before).reason.find("\\xff\\xfe"), std::string::npos) << records->at(before).reason;
+  EXPECT_TRUE(audit::verify_chain(*records));
+  EXPECT_EQ(c->request("GET", "/kbs/v0/resource/dhz/ccta-2024/latest")->status, 401);
+  EXPECT_EQ(b.audit_count(), before + 3);
 }
 
 TEST(BrokerServer, StopIsGracefulAndRunReturns) {

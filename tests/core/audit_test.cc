@@ -87,3 +87,26 @@ TEST(Audit, MalformedRecordsAreRejected) {
 
 }  // namespace
 }  // namespace tresor
+
+namespace tresor::audit {
+namespace {
+
+TEST(Audit, TextFromTheNetworkIsStoredEscapedAndAlwaysReadsBack) {
+  Record r;
+  r.time = 1;
+  r.result = "denied";
+  r.reason = std::string("resource dhz/\xff\xfe/latest: back\\slash\nnext line");
+  auto c = chain(nullptr, r);
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(c->reason, "resource dhz/\\xff\\xfe/latest: back\\x5cslash\nnext line");
+  auto text = to_json(*c);
+  ASSERT_TRUE(text);
+  auto back = from_json(*text);
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(*back, *c);
+  EXPECT_TRUE(verify_chain(std::span<const Record>(&*c, 1)));
+  EXPECT_EQ(printable("plain text"), "plain text");
+}
+
+}  // namespace
+}  // namespace tresor::audit

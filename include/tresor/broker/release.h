@@ -50,9 +50,10 @@ struct Release {
 /// that parses, has not expired and admits the user; the report's MEASUREMENT equals the
 /// manifest's image measurement; HOST_DATA equals SHA-256 of the manifest; REPORT_DATA equals the
 /// session binding; and the attestation policy (measurements, TCB, DEBUG never, SMT, VMPL, …).
-/// Errors: kNoMatchingKey when the dataset is unknown or has no key (HTTP 404); kAuth when the
-/// manifest is forged or expired or its signer unknown or revoked (401); kPolicy for the rest
-/// (403). Messages list every failed check, one per line.
+/// Errors: kAuth when the manifest is forged or expired or its signer unknown or revoked (401);
+/// kPolicy for the rest, an unknown dataset included (403: existence is not revealed);
+/// kNoMatchingKey when every check passed but the dataset has no key, or not the version asked
+/// for (404); kIo when the store cannot open the key (500). Messages list every failed check.
 [[nodiscard]] Result<Release> authorize_release(const Store& store, const ReleaseRequest& request);
 
 /// The one mapping from an error to the HTTP status the broker answers with.

@@ -264,3 +264,26 @@ TEST(Base64url, RoundTripAndRejects) {
 
 }  // namespace
 }  // namespace tresor
+
+namespace tresor::kbs {
+namespace {
+
+TEST(Jcs, StringsThatAreNotUtf8HaveNoCanonicalForm) {
+  // Well-formed: ASCII, 2-, 3- and 4-byte sequences.
+  EXPECT_TRUE(canonical_json(nlohmann::json("a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80")));
+  for (const char* bad : {"\xff", "\xc3", "\xc0\xaf" /* overlong '/' */, "\xed\xa0\x80" /* surrogate */,
+                          "\xf4\x90\x80\x80" /* above U+10FFFF */, "ok\xe2\x82"}) {
+    SCOPED_TRACE(::testing::PrintToString(std::string(bad)));
+    nlohmann::json j = nlohmann::json::object();
+    j["s"] = std::string(bad);
+    auto r = canonical_json(j);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("not valid UTF-8"), std::string::npos);
+    nlohmann::json k = nlohmann::json::object();
+    k[std::string(bad)] = 1;
+    EXPECT_FALSE(canonical_json(k)) << "member names too";
+  }
+}
+
+}  // namespace
+}  // namespace tresor::kbs

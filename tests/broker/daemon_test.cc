@@ -1,0 +1,220 @@
+// The tresor-broker binary as an operator runs it (issue 4, items 1, 4, 5 and 8): --init, start,
+// `tresor admin` over the admin socket, SIGTERM, and crash safety — kill -9 in the middle of a
+// burst of key registrations and audited requests, restart, and nothing that was acknowledged is
+// lost and the audit chain verifies. Then an edited audit row is caught by `tresor admin audit
+// verify`.
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "support/test_support.h"
+#include "tresor/encoding.h"
+#include "tresor/kbs/client.h"
+
+namespace tresor {
+namespace {
+
+using json = nlohmann::json;
+using tresor::testing::run_command;
+using tresor::testing::run_tresor;
+using tresor::testing::TempDir;
+
+// A running tresor-broker process; its port is read from the line it prints at start.
+class Daemon {
+ public:
+  explicit Daemon(const std::string& config) {
+    int out[2];
+    EXPECT_EQ(::pipe(out), 0);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(out[1], 1);
+      ::close(out[0]);
+      ::execl(TRESOR_BROKER_BIN, TRESOR_BROKER_BIN, "--config", config.c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::close(out[1]);
+    std::string line;
+    char c;
+    while (::read(out[0], &c, 1) == 1 && c != '\n') line.push_back(c);
+    ::close(out[0]);
+    const size_t colon = line.rfind(':', line.find(" (TLS"));
+    port_ = colon == std::string::npos ? 0 : std::atoi(line.c_str() + colon + 1);
+    EXPECT_GT(port_, 0) << "tresor-broker printed: " << line;
+  }
+  ~Daemon() {
+    if (pid_ > 0) kill(SIGKILL);
+  }
+  int port() const { return port_; }
+  // Sends `sig` and returns the exit status (or 128 + signal).
+  int kill(int sig) {
+    ::kill(pid_, sig);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+// One admin request on the socket; "" when the broker died before answering.
+std::string admin(const std::string& sock, const json& req) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, sock.c_str(), sock.size() + 1);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return "";
+  }
+  const std::string line = req.dump() + "\n";
+  std::string reply;
+  if (::send(fd, line.data(), line.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(line.size())) {
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0) {
+      reply.append(buf, static_cast<size_t>(n));
+      if (reply.back() == '\n') break;
+    }
+  }
+  ::close(fd);
+  return reply.empty() || reply.back() != '\n' ? "" : reply;
+}
+
+struct Fixture {
+  TempDir dir;
+  std::string root = dir.file("broker");
+  std::string config = root + "/broker.toml";
+  std::string sock = root + "/admin.sock";
+  Fixture() {
+    auto r = run_command({TRESOR_BROKER_BIN, "--init", root, "--port", "0"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+  }
+  tresor::testing::CommandResult cli(std::vector<std::string> args) {
+    args.insert(args.begin(), {"admin", "--socket", sock});
+    return run_tresor(args);
+  }
+};
+
+TEST(BrokerDaemon, InitStartAdministerAndStopGracefully) {
+  Fixture f;
+  EXPECT_EQ(run_command({TRESOR_BROKER_BIN, "--config", f.config, "--check"}).exit_code, 0);
+  Daemon d(f.config);
+  // The data owner's side: a key made and kept locally, registered with the broker.
+  auto created = f.cli({"dataset", "create", "dhz/ccta-2024", "-o", f.dir.file("ccta.key")});
+  ASSERT_EQ(created.exit_code, 0) << created.err;
+  auto rotated = f.cli({"dataset", "rotate", "dhz/ccta-2024", "-o", f.dir.file("ccta-2.key")});
+  ASSERT_EQ(rotated.exit_code, 0) << rotated.err;
+  EXPECT_NE(rotated.out.find("key version 2"), std::string::npos) << rotated.out;
+  auto shown = f.cli({"dataset", "show", "dhz/ccta-2024", "--json"});
+  EXPECT_EQ(json::parse(shown.out)["key_versions"], json::array({1, 2}));
+  // Bad input: a clear error naming the problem, exit code 2, and nothing changed.
+  auto bad = f.cli({"user", "add", "alice", "not-a-recipient"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("\"identity\""), std::string::npos) << bad.err;
+  auto dup = f.cli({"dataset", "create", "dhz/ccta-2024"});
+  EXPECT_EQ(dup.exit_code, 3) << dup.err;
+  EXPECT_NE(dup.err.find("dhz/ccta-2024"), std::string::npos) << dup.err;
+  auto verify = f.cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 0) << verify.err;
+  EXPECT_NE(verify.out.find("2 records"), std::string::npos) << verify.out;
+  // A second broker on the same admin socket is refused, and the first keeps its socket.
+  auto second = run_command({TRESOR_BROKER_BIN, "--config", f.config});
+  EXPECT_NE(second.exit_code, 0);
+  EXPECT_NE(second.err.find("in use by a running broker"), std::string::npos) << second.err;
+  EXPECT_EQ(f.cli({"dataset", "list"}).exit_code, 0);
+  EXPECT_EQ(d.kill(SIGTERM), 0) << "SIGTERM is a graceful stop";
+}
+
+TEST(BrokerDaemon, KillNineDuringABurstLosesNothingAcknowledged) {
+  Fixture f;
+  std::mutex mu;
+  std::map<std::string, std::vector<int>> acked_versions;  // dataset -> versions the broker confirmed
+  size_t acked_denials = 0;                                // refused HTTPS requests that were answered
+  {
+    Daemon d(f.config);
+    for (int i = 0; i < 4; ++i) ASSERT_NE(admin(f.sock, {{"op", "dataset.create"}, {"dataset", "crash/d" + std::to_string(i)}}), "");
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> writers;
+    for (int t = 0; t < 4; ++t) {
+      writers.emplace_back([&, t] {
+        const std::string ds = "crash/d" + std::to_string(t);
+        while (!stop) {
+          const std::string reply =
+              admin(f.sock, {{"op", "dataset.import-key"}, {"dataset", ds}, {"key", base64url_encode(tresor::testing::pattern_bytes(32, 5))}});
+          if (reply.empty()) return;  // the broker is gone
+          auto j = json::parse(reply);
+          std::lock_guard lock(mu);
+          acked_versions[ds].push_back(j["version"].get<int>());
+        }
+      });
+    }
+    writers.emplace_back([&] {
+      auto c = kbs::Client::create({.url = "https://127.0.0.1:" + std::to_string(d.port()), .ca_file = f.root + "/tls.crt"});
+      if (!c) return;
+      while (!stop) {
+        auto r = (*c)->request("POST", "/kbs/v0/auth", R"({"version":"0.0.1","tee":"snp"})");
+        if (!r) return;
+        if (r->status == 401) {
+          std::lock_guard lock(mu);
+          ++acked_denials;
+        }
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(700));
+    EXPECT_EQ(d.kill(SIGKILL), 128 + SIGKILL);
+    stop = true;
+    for (auto& w : writers) w.join();
+  }
+  size_t acked_keys = 0;
+  for (const auto& [ds, v] : acked_versions) acked_keys += v.size();
+  ASSERT_GT(acked_keys, 20u) << "the burst should have done real work before the kill";
+  ASSERT_GT(acked_denials, 5u);
+
+  Daemon again(f.config);  // restarts on the same store (and removes the stale socket)
+  for (const auto& [ds, versions] : acked_versions) {
+    auto shown = json::parse(admin(f.sock, {{"op", "dataset.show"}, {"dataset", ds}}));
+    const auto stored = shown["key_versions"].get<std::vector<int>>();
+    for (int v : versions) EXPECT_NE(std::find(stored.begin(), stored.end(), v), stored.end()) << ds << " lost version " << v;
+  }
+  auto verify = json::parse(admin(f.sock, {{"op", "audit.verify"}}));
+  ASSERT_EQ(verify["ok"], true) << verify.dump();
+  // Every acknowledged change and every answered denial has its record (plus the 4 creations).
+  EXPECT_GE(verify["records"].get<size_t>(), 4 + acked_keys + acked_denials);
+  EXPECT_EQ(again.kill(SIGTERM), 0);
+}
+
+TEST(BrokerDaemon, AuditVerifyCatchesAnEditedRecord) {
+  Fixture f;
+  {
+    Daemon d(f.config);
+    for (const char* ds : {"a/one", "a/two", "a/three"}) ASSERT_NE(admin(f.sock, {{"op", "dataset.create"}, {"dataset", ds}}), "");
+    EXPECT_EQ(d.kill(SIGTERM), 0);
+  }
+  // Someone with write access to the database edits the second record's text (keeping the JSON
+  // valid), as an attacker hiding a decision would.
+  auto edit = run_command({"/usr/bin/sqlite3", f.root + "/broker.db",
+                           "UPDATE audit SET record = replace(record, 'a/two', 'a/TWO') WHERE seq = 2;"});
+  ASSERT_EQ(edit.exit_code, 0) << edit.err;
+  Daemon d(f.config);
+  auto verify = f.cli({"audit", "verify"});
+  EXPECT_EQ(verify.exit_code, 5) << verify.out << verify.err;
+  EXPECT_NE(verify.err.find("audit record 2"), std::string::npos) << verify.err;
+}
+
+}  // namespace
+}  // namespace tresor
