@@ -107,9 +107,9 @@ Result<Release> authorize_release(const Store& store, const ReleaseRequest& req)
   if (user->has_value()) out.user = (*user)->name;
 
   // 3. The dataset exists and the manifest names it.
-  auto known = store.datasets();
+  auto known = store.has_dataset(req.dataset);
   if (!known) return std::unexpected(known.error());
-  const bool exists = std::ranges::find(*known, req.dataset) != known->end();
+  const bool exists = *known;
   if (!exists) f.add(ErrorCode::kPolicy, "dataset: '" + req.dataset + "' is not registered");
   if (std::ranges::find(m.datasets, req.dataset) == m.datasets.end()) {
     f.add(ErrorCode::kPolicy, "manifest: dataset '" + req.dataset + "' is not among the job's datasets");

@@ -175,6 +175,7 @@ class AuditWriter {
 // ---- what attest established, kept with the session ---------------------------------------------
 
 struct Attested {
+  std::optional<crypto::Key> tee_key;  // tee-pubkey, imported and checked once at attest
   snp::VerifiedReport report;
   Manifest manifest;
   std::array<std::byte, 64> report_data{};
@@ -608,6 +609,7 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   }
 
   auto attested = std::make_shared<Attested>();
+  attested->tee_key = std::move(*teekey);
   attested->report = std::move(*verified);
   attested->manifest = std::move(*manifest);
   attested->report_data = *binding;
@@ -727,8 +729,8 @@ HttpResponse Service::Impl::resource(const HttpRequest& req) {
   // wiped after encryption.
   std::string plain = "{\"dataset\":" + json(dataset).dump() + ",\"key\":\"" + base64url_encode(release->key.key.span()) +
                       "\",\"version\":" + std::to_string(release->key.version) + "}";
-  const bool rsa = attested && session->tee_pubkey.value("kty", "") == "RSA";
-  auto jwe = kbs::jwe_encrypt(as_bytes(plain), session->tee_pubkey, rsa ? kbs::KeyWrap::kRsaOaep256 : kbs::KeyWrap::kEcdhEsA256kw);
+  const bool rsa = attested->tee_key->type() == crypto::KeyType::kRsa;
+  auto jwe = kbs::jwe_encrypt(as_bytes(plain), *attested->tee_key, rsa ? kbs::KeyWrap::kRsaOaep256 : kbs::KeyWrap::kEcdhEsA256kw);
   OPENSSL_cleanse(plain.data(), plain.size());
   if (!jwe) {
     rec.reason = "resource " + path + ": JWE: " + jwe.error().message;

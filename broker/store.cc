@@ -305,6 +305,13 @@ Result<void> Store::add_dataset(std::string_view id) {
   return r;
 }
 
+Result<bool> Store::has_dataset(std::string_view id) const {
+  std::lock_guard lock(impl_->mu);
+  Stmt s(impl_->db.get(), "SELECT 1 FROM datasets WHERE id = ?1");
+  s.bind(1, id);
+  return s.step("look up dataset");
+}
+
 Result<std::vector<std::string>> Store::datasets() const {
   std::lock_guard lock(impl_->mu);
   Stmt s(impl_->db.get(), "SELECT id FROM datasets ORDER BY id");

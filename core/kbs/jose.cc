@@ -458,6 +458,11 @@ Result<crypto::Key> generate_rsa(unsigned bits) {
 Result<json> jwe_encrypt(ByteSpan plaintext, const json& recipient, KeyWrap wrap, crypto::RandomSource& rng) {
   auto peer = key_from_jwk(recipient);
   if (!peer) return std::unexpected(peer.error());
+  return jwe_encrypt(plaintext, *peer, wrap, rng);
+}
+
+Result<json> jwe_encrypt(ByteSpan plaintext, const crypto::Key& recipient_key, KeyWrap wrap, crypto::RandomSource& rng) {
+  const crypto::Key* peer = &recipient_key;
   SecretBuffer cek(32);
   TRESOR_TRY(rng.fill(cek.span()));
   json header;

@@ -91,6 +91,8 @@ TEST(BrokerStoreTest, DatasetKeysPersistAcrossReopenAndRotate) {
   EXPECT_EQ(Bytes(old->key.span().begin(), old->key.span().end()), data_key(1));
   EXPECT_EQ(s.key_versions("dhz/ccta-2024").value(), (std::vector<uint32_t>{1, 2}));
   EXPECT_EQ(s.datasets().value(), std::vector<std::string>{"dhz/ccta-2024"});
+  EXPECT_TRUE(s.has_dataset("dhz/ccta-2024").value());
+  EXPECT_FALSE(s.has_dataset("dhz/ccta-2025").value());
   EXPECT_TRUE(FailsWith(s.key("dhz/ccta-2024", 3), ErrorCode::kNoMatchingKey));
 }
 

@@ -58,6 +58,7 @@ class Store {
   /// kExists when the dataset is already registered.
   [[nodiscard]] Result<void> add_dataset(std::string_view id);
   [[nodiscard]] Result<std::vector<std::string>> datasets() const;
+  [[nodiscard]] Result<bool> has_dataset(std::string_view id) const;
   /// Stores `key` as the dataset's next version (1 for the first) and returns that version.
   [[nodiscard]] Result<uint32_t> add_key(std::string_view dataset, ByteSpan key);
   /// The newest version's key. kNoMatchingKey when the dataset has none; kAuth when the wrapped

@@ -41,6 +41,9 @@ enum class KeyWrap { kEcdhEsA256kw, kRsaOaep256 };
 /// The protected header is {"alg":…,"enc":"A256GCM"[,"epk":{…}]} in canonical member order.
 [[nodiscard]] Result<nlohmann::json> jwe_encrypt(ByteSpan plaintext, const nlohmann::json& recipient, KeyWrap wrap,
                                                  crypto::RandomSource& rng = crypto::system_random());
+/// The same, to a recipient key already imported (and checked) with key_from_jwk().
+[[nodiscard]] Result<nlohmann::json> jwe_encrypt(ByteSpan plaintext, const crypto::Key& recipient, KeyWrap wrap,
+                                                 crypto::RandomSource& rng = crypto::system_random());
 /// Decrypts a flattened JWE with the recipient's private key. kAuth when the key unwrap or the
 /// tag fails; kInvalidArgument names a malformed member.
 [[nodiscard]] Result<SecretBuffer> jwe_decrypt(const nlohmann::json& jwe, const crypto::Key& recipient_private);
