@@ -189,7 +189,20 @@ Result<json> Admin::dispatch(const json& req, uint32_t uid) {
     auto u = store_.user(*name);
     if (!u) return std::unexpected(u.error());
     if (!u->has_value()) return fail(ErrorCode::kNoMatchingKey, "no user '" + *name + "'");
-    return json{{"user", (*u)->name}, {"identity", (*u)->identity}, {"revoked", (*u)->revoked}, {"created", (*u)->created}};
+    auto groups = store_.groups_of(*name);
+    if (!groups) return std::unexpected(groups.error());
+    return json{{"user", (*u)->name}, {"identity", (*u)->identity}, {"revoked", (*u)->revoked}, {"created", (*u)->created},
+                {"groups", *groups}};
+  }
+  if (op == "group.add" || op == "group.remove") {
+    auto group = text_member(req, "group");
+    if (!group) return std::unexpected(group.error());
+    auto name = text_member(req, "user");
+    if (!name) return std::unexpected(name.error());
+    if (op == "group.add") TRESOR_TRY(store_.add_to_group(*group, *name));
+    else TRESOR_TRY(store_.remove_from_group(*group, *name));
+    TRESOR_TRY(audit("", "", op + ": user '" + *name + "', group '" + *group + "'", uid));
+    return json{{"group", *group}, {"user", *name}};
   }
   if (op == "grant" || op == "revoke-grant") {
     auto name = text_member(req, "user");

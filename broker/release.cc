@@ -53,8 +53,8 @@ Result<DatasetPolicy> parse_dataset_policy(std::string_view text) {
   }
   if (!j.is_object()) return fail(ErrorCode::kInvalidArgument, "dataset policy must be a JSON object");
   for (const auto& [k, v] : j.items()) {
-    if (k != "attestation" && k != "users" && k != "expires_at") {
-      return std::unexpected(bad(k, "is not a dataset policy member (attestation, users, expires_at)"));
+    if (k != "attestation" && k != "users" && k != "groups" && k != "expires_at") {
+      return std::unexpected(bad(k, "is not a dataset policy member (attestation, users, groups, expires_at)"));
     }
   }
   DatasetPolicy p;
@@ -64,16 +64,20 @@ Result<DatasetPolicy> parse_dataset_policy(std::string_view text) {
   auto snp = snp::parse_policy(j["attestation"].dump());
   if (!snp) return fail(snp.error().code, "dataset policy: \"attestation\": " + snp.error().message);
   p.attestation = std::move(*snp);
-  if (j.contains("users")) {
-    if (!j["users"].is_array()) return std::unexpected(bad("users", "must be an array of user names"));
-    for (const auto& u : j["users"]) {
-      if (!u.is_string()) return std::unexpected(bad("users", "must be an array of user names"));
+  for (const char* member : {"users", "groups"}) {
+    if (!j.contains(member)) continue;
+    auto& list = std::string_view(member) == "users" ? p.users : p.groups;
+    if (!j[member].is_array()) return std::unexpected(bad(member, "must be an array of names"));
+    for (const auto& u : j[member]) {
+      if (!u.is_string()) return std::unexpected(bad(member, "must be an array of names"));
       if (auto v = validate_user_name(u.get<std::string>()); !v) {
-        return fail(ErrorCode::kInvalidArgument, "dataset policy: \"users\": " + v.error().message);
+        return fail(ErrorCode::kInvalidArgument, "dataset policy: \"" + std::string(member) + "\": " + v.error().message);
       }
-      p.users.push_back(u.get<std::string>());
+      list.push_back(u.get<std::string>());
     }
-    if (p.users.empty()) return std::unexpected(bad("users", "is empty, which would admit nobody; omit it to admit every granted user"));
+    if (list.empty()) {
+      return std::unexpected(bad(member, "is empty, which would admit nobody; omit it to admit every granted user"));
+    }
   }
   if (j.contains("expires_at")) {
     if (!j["expires_at"].is_number_integer() || j["expires_at"].get<int64_t>() <= 0) {
@@ -134,8 +138,16 @@ Result<Release> authorize_release(const Store& store, const ReleaseRequest& req)
       if (policy->expires_at != 0 && req.now >= policy->expires_at) {
         f.add(ErrorCode::kPolicy, "policy: expired at " + std::to_string(policy->expires_at));
       }
-      if (!policy->users.empty() && !out.user.empty() && std::ranges::find(policy->users, out.user) == policy->users.end()) {
-        f.add(ErrorCode::kPolicy, "policy: user '" + out.user + "' is not among the dataset's allowed users");
+      if ((!policy->users.empty() || !policy->groups.empty()) && !out.user.empty()) {
+        bool admitted = std::ranges::find(policy->users, out.user) != policy->users.end();
+        if (!admitted && !policy->groups.empty()) {
+          auto groups = store.groups_of(out.user);
+          if (!groups) return std::unexpected(groups.error());
+          for (const auto& g : *groups) admitted = admitted || std::ranges::find(policy->groups, g) != policy->groups.end();
+        }
+        if (!admitted) {
+          f.add(ErrorCode::kPolicy, "policy: user '" + out.user + "' is neither among the dataset's allowed users nor in an allowed group");
+        }
       }
     }
   }

@@ -53,6 +53,17 @@ CREATE TABLE audit (
 ) STRICT;
 )sql";
 
+// Schema version 2 adds groups of users (a dataset policy may admit groups). A version 1 store is
+// migrated by this statement in the same transaction that sets the new version.
+constexpr const char* kSchemaV2 = R"sql(
+CREATE TABLE group_members (
+  grp     TEXT NOT NULL,
+  user    TEXT NOT NULL REFERENCES users(name),
+  created INTEGER NOT NULL,
+  PRIMARY KEY (grp, user)
+) STRICT;
+)sql";
+
 int64_t now() { return static_cast<int64_t>(std::time(nullptr)); }
 
 // A login-name-like token: [a-z0-9_][a-z0-9._-]*.
@@ -283,7 +294,10 @@ Result<Store> Store::open(const std::string& path, ByteSpan master_key) {
   }
   if (version == 0) {
     if (auto r = exec(db.get(), kSchema, "create broker schema"); !r) return std::unexpected(r.error());
-    if (auto r = exec(db.get(), "PRAGMA user_version = 1", "set schema version"); !r) return std::unexpected(r.error());
+  }
+  if (version < 2) {
+    if (auto r = exec(db.get(), kSchemaV2, "add groups (schema version 2)"); !r) return std::unexpected(r.error());
+    if (auto r = exec(db.get(), "PRAGMA user_version = 2", "set schema version"); !r) return std::unexpected(r.error());
   }
   if (auto r = tx.commit(); !r) return std::unexpected(r.error());
 
@@ -478,6 +492,39 @@ Result<void> Store::revoke_grant(std::string_view user, std::string_view dataset
                 "user '" + std::string(user) + "' has no grant on dataset '" + std::string(dataset) + "'");
   }
   return {};
+}
+
+Result<void> Store::add_to_group(std::string_view group, std::string_view user) {
+  if (auto v = validate_user_name(group); !v) return fail(ErrorCode::kInvalidArgument, "group: " + v.error().message);
+  std::lock_guard lock(impl_->mu);
+  if (auto r = impl_->require_user(user); !r) return r;
+  Stmt s(impl_->db.get(), "INSERT INTO group_members(grp, user, created) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING");
+  s.bind(1, group).bind(2, user).bind(3, now());
+  return s.run("add to group");
+}
+
+Result<void> Store::remove_from_group(std::string_view group, std::string_view user) {
+  std::lock_guard lock(impl_->mu);
+  Stmt s(impl_->db.get(), "DELETE FROM group_members WHERE grp = ?1 AND user = ?2");
+  s.bind(1, group).bind(2, user);
+  if (auto r = s.run("remove from group"); !r) return r;
+  if (sqlite3_changes(impl_->db.get()) == 0) {
+    return fail(ErrorCode::kInvalidArgument, "user '" + std::string(user) + "' is not in group '" + std::string(group) + "'");
+  }
+  return {};
+}
+
+Result<std::vector<std::string>> Store::groups_of(std::string_view user) const {
+  std::lock_guard lock(impl_->mu);
+  Stmt s(impl_->db.get(), "SELECT grp FROM group_members WHERE user = ?1 ORDER BY grp");
+  s.bind(1, user);
+  std::vector<std::string> out;
+  auto r = s.each_row("list groups", [&]() -> Result<void> {
+    out.push_back(s.text_at(0));
+    return {};
+  });
+  if (!r) return std::unexpected(r.error());
+  return out;
 }
 
 Result<bool> Store::has_grant(std::string_view user, std::string_view dataset) const {

@@ -103,6 +103,7 @@ int cmd_admin(int argc, char** argv) {
       "  dataset list | dataset show ID\n"
       "  policy set ID FILE | policy show ID\n"
       "  user add NAME RECIPIENT | user revoke NAME | user show NAME\n"
+      "  group add GROUP USER | group remove GROUP USER   (dataset policies may admit groups)\n"
       "  grant USER DATASET | revoke-grant USER DATASET\n"
       "  audit show [--from N] | audit verify";
   if (auto stop = parse_options("admin", synopsis, argc, argv, opts, pos, vm)) return *stop;
@@ -167,6 +168,8 @@ int cmd_admin(int argc, char** argv) {
     req = {{"op", "user.revoke"}, {"user", words[2]}};
   } else if (what == "user show" && need(3)) {
     req = {{"op", "user.show"}, {"user", words[2]}};
+  } else if ((what == "group add" || what == "group remove") && need(4)) {
+    req = {{"op", "group." + words[1]}, {"group", words[2]}, {"user", words[3]}};
   } else if (words[0] == "grant" && need(3)) {
     req = {{"op", "grant"}, {"user", words[1]}, {"dataset", words[2]}};
   } else if (words[0] == "revoke-grant" && need(3)) {

@@ -136,7 +136,13 @@ TEST(BrokerRelease, AuthorizationFailuresAreForbidden) {
        "dataset 'dhz/ccta-2024' is not among the job's datasets"},
       {"no grant", [](Fixture& f) { ASSERT_TRUE(f.store.revoke_grant("alice", kDataset)); }, "holds no grant"},
       {"policy names other users", [](Fixture& f) { ASSERT_TRUE(f.store.set_policy(kDataset, policy_json(R"(, "users": ["bob"])"))); },
-       "user 'alice' is not among the dataset's allowed users"},
+       "user 'alice' is neither among the dataset's allowed users nor in an allowed group"},
+      {"policy names a group alice is not in", [](Fixture& f) {
+         ASSERT_TRUE(f.store.add_user("bob", f.mallory.recipient().to_string()));
+         ASSERT_TRUE(f.store.add_to_group("radiology", "bob"));
+         ASSERT_TRUE(f.store.set_policy(kDataset, policy_json(R"(, "groups": ["radiology"])")));
+       },
+       "nor in an allowed group"},
       {"policy expired", [](Fixture& f) { ASSERT_TRUE(f.store.set_policy(kDataset, policy_json(R"(, "expires_at": 1000)"))); },
        "policy: expired at 1000"},
       {"policy does not parse", [](Fixture& f) { ASSERT_TRUE(f.store.set_policy(kDataset, R"({"attestation": {}})")); },
@@ -196,6 +202,20 @@ TEST(BrokerRelease, UnknownDatasetIsForbiddenAndAMissingKeyIsNotFound) {
     EXPECT_EQ(http_status(r.error().code), 500);
     EXPECT_NE(r.error().message.find("cannot be read"), std::string::npos) << r.error().message;
   }
+}
+
+TEST(BrokerRelease, APolicyAdmitsListedUsersAndMembersOfListedGroups) {
+  Fixture f;
+  ASSERT_TRUE(f.store.set_policy(kDataset, policy_json(R"(, "users": ["bob"], "groups": ["cardiology"])")));
+  EXPECT_TRUE(f.denied(ErrorCode::kPolicy, "nor in an allowed group"));
+  ASSERT_TRUE(f.store.add_to_group("cardiology", "alice"));
+  auto r = authorize_release(f.store, f.req);
+  ASSERT_TRUE(r) << r.error().message;
+  // A group never replaces the grant: without it, membership admits nothing.
+  ASSERT_TRUE(f.store.revoke_grant("alice", kDataset));
+  EXPECT_TRUE(f.denied(ErrorCode::kPolicy, "holds no grant"));
+  EXPECT_FALSE(parse_dataset_policy(policy_json(R"(, "groups": [])")));
+  EXPECT_FALSE(parse_dataset_policy(policy_json(R"(, "groups": ["Not A Name"])")));
 }
 
 TEST(BrokerRelease, EveryFailureIsNamedAtOnceAndAuthWins) {

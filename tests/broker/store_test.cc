@@ -105,7 +105,7 @@ TEST(BrokerStoreTest, FileIsWalWithSchemaVersionAndNoPlaintextKeys) {
     ASSERT_TRUE(s.add_key("dhz/ccta-2024", data_key(7)));
   }
   EXPECT_EQ(raw_scalar(path, "PRAGMA journal_mode"), "wal");
-  EXPECT_EQ(raw_scalar(path, "PRAGMA user_version"), "1");
+  EXPECT_EQ(raw_scalar(path, "PRAGMA user_version"), "2");
   // The stored blob is nonce ‖ ciphertext ‖ tag and does not contain the key.
   EXPECT_EQ(raw_scalar(path, "SELECT length(wrapped) FROM dataset_keys"), "60");
   const Bytes file = tresor::testing::read_file(path);
@@ -175,10 +175,33 @@ TEST(BrokerStoreTest, RefusesNewerSchema) {
   TempDir dir;
   const auto path = dir.file("broker.db");
   { Store s = open_store(path); }
-  raw_sql(path, "PRAGMA user_version = 2");
+  raw_sql(path, "PRAGMA user_version = 3");
   auto s = Store::open(path, master_key());
   ASSERT_TRUE(FailsWith(s, ErrorCode::kUnsupportedVersion));
-  EXPECT_NE(s.error().message.find("schema version 2"), std::string::npos);
+  EXPECT_NE(s.error().message.find("schema version 3"), std::string::npos);
+}
+
+TEST(BrokerStoreTest, AVersionOneStoreIsMigratedAndKeepsItsData) {
+  TempDir dir;
+  const auto path = dir.file("broker.db");
+  {
+    Store s = open_store(path);
+    ASSERT_TRUE(s.add_user("alice", "tresor1alice"));
+    ASSERT_TRUE(s.add_dataset("dhz/ccta-2024"));
+  }
+  // Make it a version 1 store, as the first release wrote them.
+  raw_sql(path, "DROP TABLE group_members; PRAGMA user_version = 1;");
+  Store s = open_store(path);
+  EXPECT_EQ(raw_scalar(path, "PRAGMA user_version"), "2");
+  EXPECT_TRUE(s.has_dataset("dhz/ccta-2024").value());
+  ASSERT_TRUE(s.add_to_group("cardiology", "alice"));
+  ASSERT_TRUE(s.add_to_group("cardiology", "alice")) << "adding twice is harmless";
+  EXPECT_EQ(s.groups_of("alice").value(), std::vector<std::string>{"cardiology"});
+  EXPECT_TRUE(FailsWith(s.add_to_group("cardiology", "bob"), ErrorCode::kInvalidArgument));
+  EXPECT_TRUE(FailsWith(s.add_to_group("Bad Group", "alice"), ErrorCode::kInvalidArgument));
+  ASSERT_TRUE(s.remove_from_group("cardiology", "alice"));
+  EXPECT_TRUE(FailsWith(s.remove_from_group("cardiology", "alice"), ErrorCode::kInvalidArgument));
+  EXPECT_TRUE(s.groups_of("alice").value().empty());
 }
 
 TEST(BrokerStoreTest, UnreadableLocationIsAnIoError) {

@@ -5,7 +5,8 @@
 //   response: {"ok":true,...}  or  {"ok":false,"code":"exists","error":"dataset 'dhz/ccta-2024' …"}
 // Operations: dataset.create (optionally with a first "key"), dataset.import-key (the next key
 // version; "create": true registers the dataset too), dataset.list, dataset.show, policy.set,
-// policy.show, user.add, user.revoke, user.show, grant, revoke-grant, audit.show, audit.verify.
+// policy.show, user.add, user.revoke, user.show, group.add, group.remove, grant, revoke-grant,
+// audit.show, audit.verify.
 //
 // Keys go in and never come out: no operation returns key material (a key leaves the broker
 // only as a JWE to an attested VM), and none draws one (the data owner's tresor CLI makes keys,

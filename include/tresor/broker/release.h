@@ -20,11 +20,13 @@ namespace tresor::broker {
 /// A dataset's policy document, as stored by `tresor admin policy set`:
 ///   {"attestation": {…snp policy (docs/attestation.md)…},
 ///    "users": ["alice", …],          // optional: only these users, even with a grant
+///    "groups": ["cardiology", …],    // optional: or members of these groups
 ///    "expires_at": 1798761600}        // optional: unix seconds after which nothing is released
 /// Strict: unknown members and wrong types are errors naming the member.
 struct DatasetPolicy {
   snp::Policy attestation;
-  std::vector<std::string> users;  // empty: every user with a grant
+  std::vector<std::string> users;   // with groups empty too: every user with a grant
+  std::vector<std::string> groups;  // a user in any of these is admitted as if listed in users
   int64_t expires_at = 0;          // 0: no expiry
 };
 [[nodiscard]] Result<DatasetPolicy> parse_dataset_policy(std::string_view json);

@@ -25,7 +25,7 @@ namespace tresor::broker {
 inline constexpr size_t kMasterKeySize = 32;
 inline constexpr size_t kDataKeySize = 32;
 /// The schema this build writes (PRAGMA user_version). A newer file is refused, not guessed at.
-inline constexpr int kSchemaVersion = 1;
+inline constexpr int kSchemaVersion = 2;  // 2: groups (a version 1 store is migrated on open)
 
 // Dataset ids follow the sealed format's rule (formats.md §3.2, tresor::validate_dataset_id in
 // identity.h), so every id a data owner can seal under can be registered, and no other.
@@ -83,6 +83,10 @@ class Store {
   [[nodiscard]] Result<void> grant(std::string_view user, std::string_view dataset);
   [[nodiscard]] Result<void> revoke_grant(std::string_view user, std::string_view dataset);
   [[nodiscard]] Result<bool> has_grant(std::string_view user, std::string_view dataset) const;
+  /// Groups of users (names follow the user-name rule), for dataset policies that admit groups.
+  [[nodiscard]] Result<void> add_to_group(std::string_view group, std::string_view user);
+  [[nodiscard]] Result<void> remove_from_group(std::string_view group, std::string_view user);
+  [[nodiscard]] Result<std::vector<std::string>> groups_of(std::string_view user) const;
 
   // ---- backup ----
   /// Writes a consistent snapshot of the whole store to `dest` (which must not exist) while the
