@@ -166,7 +166,7 @@ int cmd_bench(int argc, char** argv) {
   unsigned max_threads = 0, reps = 3;
   std::string thread_list;
   opts.add_options()
-      ("what", po::value(&what)->required(), "benchmark to run: seal (or 'tresor bench verify --help')")
+      ("what", po::value(&what)->required(), "benchmark to run: seal (or 'tresor bench verify --help', 'tresor bench broker --help')")
       ("size", po::value(&size_text)->default_value("1GiB"), "bytes to process per measurement")
       ("chunk-size", po::value(&chunk_text)->default_value("1MiB"), "chunk size")
       ("threads-max", po::value(&max_threads)->default_value(0), "measure 1..N threads (0 = all cores)")
@@ -179,7 +179,7 @@ int cmd_bench(int argc, char** argv) {
                                 pos, vm)) {
     return *stop;
   }
-  if (what != "seal") return usage_error("bench", "unknown benchmark '" + what + "' (available: seal, verify)");
+  if (what != "seal") return usage_error("bench", "unknown benchmark '" + what + "' (available: seal, verify, broker)");
   auto size = parse_size(size_text, "--size");
   if (!size) return report(size.error());
   auto chunk = parse_size(chunk_text, "--chunk-size");

@@ -46,6 +46,10 @@ int get_resource(int argc, char** argv) {
     if (!r) return std::unexpected(r.error());
     return kbs::Evidence{Bytes(r->begin(), r->end()), sp->vcek_pem()};
   };
+  // The output is claimed before anything is asked for, so an existing file stops us before a
+  // release is made (and audited) for nothing.
+  auto output = Output::create(out, 0600, /*overwrite=*/false, /*binary=*/false);
+  if (!output) return report(output.error());
   auto client = kbs::Client::create({.url = url, .ca_file = ca, .timeout = std::chrono::milliseconds(timeout_ms)});
   if (!client) return report(client.error());
   auto session = kbs::attest(**client, m->second, evidence);
@@ -53,8 +57,6 @@ int get_resource(int argc, char** argv) {
   auto key = kbs::fetch_dataset_key(**client, *session, dataset, tag);
   if (!key) return report(key.error());
   DatasetKey dk{dataset, std::move(key->key)};
-  auto output = Output::create(out, 0600, /*overwrite=*/false, /*binary=*/false);
-  if (!output) return report(output.error());
   if (auto w = output->sink().write(as_bytes(dk.to_file_text())); !w) return report(w.error());
   if (auto c = output->commit(); !c) return report(c.error());
   std::fprintf(stderr, "tresor kbs: key version %u of %s released to job %s; written to %s\n", key->version, dataset.c_str(),

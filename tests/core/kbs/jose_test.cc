@@ -287,3 +287,56 @@ TEST(Jcs, StringsThatAreNotUtf8HaveNoCanonicalForm) {
 
 }  // namespace
 }  // namespace tresor::kbs
+
+namespace tresor::kbs {
+namespace {
+
+// The CoCo guest client (confidential-containers guest-components, through the kbs-types crate's
+// ProtectedHeader) does not take the GCM AAD from the "protected" text it received: it parses the
+// header into {alg, enc, other members} and serializes it again with serde_json — "alg", then
+// "enc", then the other members in key order (serde_json's default map), nested objects likewise,
+// no whitespace — and base64url-encodes that. A broker's JWE opens there only if its protected
+// header is byte-for-byte that re-serialization. This rebuilds it the same way and compares.
+std::string reserialized_like_kbs_types(const std::string& header_text) {
+  auto h = nlohmann::json::parse(header_text);
+  std::string out = "{\"alg\":" + h["alg"].dump() + ",\"enc\":" + h["enc"].dump();
+  h.erase("alg");
+  h.erase("enc");
+  for (const auto& [k, v] : h.items()) {  // std::map: key order
+    out.push_back(',');
+    out.append(nlohmann::json(k).dump());
+    out.push_back(':');
+    out.append(v.dump());
+  }
+  out.push_back('}');
+  return out;
+}
+
+TEST(Jwe, ProtectedHeaderIsExactlyWhatTheCocoGuestClientReserializes) {
+  auto ec = crypto::Key::generate(crypto::KeyType::kP256);
+  ASSERT_TRUE(ec);
+  auto rsa = generate_rsa(2048);
+  ASSERT_TRUE(rsa);
+  struct Case {
+    const crypto::Key* key;
+    KeyWrap wrap;
+  };
+  for (const Case& c : {Case{&*ec, KeyWrap::kEcdhEsA256kw}, Case{&*rsa, KeyWrap::kRsaOaep256}}) {
+    auto jwk = public_jwk(*c.key);
+    ASSERT_TRUE(jwk);
+    auto jwe = jwe_encrypt(as_bytes("dataset key"), *jwk, c.wrap);
+    ASSERT_TRUE(jwe) << jwe.error().message;
+    const std::string protected_b64 = (*jwe)["protected"].get<std::string>();
+    const Bytes raw = *base64url_decode(protected_b64);
+    const std::string text(reinterpret_cast<const char*>(raw.data()), raw.size());
+    EXPECT_EQ(text, reserialized_like_kbs_types(text));
+    EXPECT_EQ(text.rfind("{\"alg\":", 0), 0u) << text;
+    // And the members KBS's Response has, no others: no "aad" (the guest would then use it).
+    std::vector<std::string> members;
+    for (const auto& [k, v] : jwe->items()) members.push_back(k);
+    EXPECT_EQ(members, (std::vector<std::string>{"ciphertext", "encrypted_key", "iv", "protected", "tag"}));
+  }
+}
+
+}  // namespace
+}  // namespace tresor::kbs
