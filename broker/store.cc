@@ -5,6 +5,7 @@
 #include <ctime>
 #include <filesystem>
 #include <mutex>
+#include <unordered_map>
 
 #include "tresor/crypto.h"
 
@@ -88,12 +89,52 @@ struct DbCloser {
 };
 using Db = std::unique_ptr<sqlite3, DbCloser>;
 
+// Prepared statements kept for reuse, keyed by the address of their SQL text (each call site's
+// literal): preparing costs more than running most of the broker's queries. Used under the
+// store's mutex only.
+class StmtCache {
+ public:
+  explicit StmtCache(sqlite3* db) : db_(db) {}
+  ~StmtCache() {
+    for (auto& [sql, stmt] : free_) sqlite3_finalize(stmt);
+  }
+  StmtCache(const StmtCache&) = delete;
+  StmtCache& operator=(const StmtCache&) = delete;
+  sqlite3* db() const { return db_; }
+  sqlite3_stmt* take(const char* sql, int* rc) {
+    if (auto it = free_.find(sql); it != free_.end()) {
+      sqlite3_stmt* stmt = it->second;
+      free_.erase(it);
+      *rc = SQLITE_OK;
+      return stmt;
+    }
+    sqlite3_stmt* stmt = nullptr;
+    *rc = sqlite3_prepare_v3(db_, sql, -1, SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+    return stmt;
+  }
+  void give_back(const char* sql, sqlite3_stmt* stmt) {
+    sqlite3_reset(stmt);
+    sqlite3_clear_bindings(stmt);
+    if (!free_.emplace(sql, stmt).second) sqlite3_finalize(stmt);
+  }
+
+ private:
+  sqlite3* db_;
+  std::unordered_map<const char*, sqlite3_stmt*> free_;
+};
+
 class Stmt {
  public:
   Stmt(sqlite3* db, const char* sql) : db_(db) {
     rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
   }
-  ~Stmt() { sqlite3_finalize(stmt_); }
+  Stmt(StmtCache& cache, const char* sql) : db_(cache.db()), cache_(&cache), sql_(sql) {
+    stmt_ = cache.take(sql, &rc_);
+  }
+  ~Stmt() {
+    if (cache_ != nullptr && rc_ == SQLITE_OK && stmt_ != nullptr) cache_->give_back(sql_, stmt_);
+    else sqlite3_finalize(stmt_);
+  }
   Stmt(const Stmt&) = delete;
   Stmt& operator=(const Stmt&) = delete;
 
@@ -157,6 +198,8 @@ class Stmt {
 
  private:
   sqlite3* db_;
+  StmtCache* cache_ = nullptr;
+  const char* sql_ = nullptr;
   sqlite3_stmt* stmt_ = nullptr;
   int rc_;
 };
@@ -175,14 +218,14 @@ Result<void> exec(sqlite3* db, const char* sql, std::string_view what) {
 // rolled back unless commit() succeeded.
 class Transaction {
  public:
-  explicit Transaction(sqlite3* db) : db_(db) {}
+  explicit Transaction(sqlite3* db, StmtCache* cache = nullptr) : db_(db), cache_(cache) {}
   Result<void> begin() {
-    if (auto r = exec(db_, "BEGIN IMMEDIATE", "begin transaction"); !r) return r;
+    if (auto r = run("BEGIN IMMEDIATE", "begin transaction"); !r) return r;
     open_ = true;
     return {};
   }
   Result<void> commit() {
-    if (auto r = exec(db_, "COMMIT", "commit"); !r) return r;
+    if (auto r = run("COMMIT", "commit"); !r) return r;
     open_ = false;
     return {};
   }
@@ -191,7 +234,13 @@ class Transaction {
   }
 
  private:
+  Result<void> run(const char* sql, std::string_view what) {
+    if (cache_ == nullptr) return exec(db_, sql, what);
+    Stmt s(*cache_, sql);
+    return s.run(what);
+  }
   sqlite3* db_;
+  StmtCache* cache_;
   bool open_ = false;
 };
 
@@ -207,12 +256,14 @@ Result<void> validate_user_name(std::string_view name) {
 }
 
 struct Store::Impl {
+  explicit Impl(Db d) : db(std::move(d)), stmts(db.get()) {}
   Db db;
+  mutable StmtCache stmts;  // destroyed before db closes
   SecretBuffer master;
   mutable std::mutex mu;  // one connection, used by one thread at a time
 
   Result<bool> dataset_exists(std::string_view id) const {
-    Stmt s(db.get(), "SELECT 1 FROM datasets WHERE id = ?1");
+    Stmt s(stmts, "SELECT 1 FROM datasets WHERE id = ?1");
     s.bind(1, id);
     return s.step("look up dataset");
   }
@@ -225,7 +276,7 @@ struct Store::Impl {
   }
   Result<void> require_user(std::string_view name) const {
     if (auto v = validate_user_name(name); !v) return v;
-    Stmt s(db.get(), "SELECT 1 FROM users WHERE name = ?1");
+    Stmt s(stmts, "SELECT 1 FROM users WHERE name = ?1");
     s.bind(1, name);
     auto e = s.step("look up user");
     if (!e) return std::unexpected(e.error());
@@ -301,8 +352,7 @@ Result<Store> Store::open(const std::string& path, ByteSpan master_key) {
   }
   if (auto r = tx.commit(); !r) return std::unexpected(r.error());
 
-  auto impl = std::make_unique<Impl>();
-  impl->db = std::move(db);
+  auto impl = std::make_unique<Impl>(std::move(db));
   impl->master = SecretBuffer::copy_of(master_key);
   return Store(std::move(impl));
 }
@@ -310,7 +360,7 @@ Result<Store> Store::open(const std::string& path, ByteSpan master_key) {
 Result<void> Store::add_dataset(std::string_view id) {
   if (auto v = validate_dataset_id(id); !v) return v;
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "INSERT INTO datasets(id, created) VALUES (?1, ?2)");
+  Stmt s(impl_->stmts, "INSERT INTO datasets(id, created) VALUES (?1, ?2)");
   s.bind(1, id).bind(2, now());
   auto r = s.run("add dataset");
   if (!r && r.error().code == ErrorCode::kExists) {
@@ -321,14 +371,14 @@ Result<void> Store::add_dataset(std::string_view id) {
 
 Result<bool> Store::has_dataset(std::string_view id) const {
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "SELECT 1 FROM datasets WHERE id = ?1");
+  Stmt s(impl_->stmts, "SELECT 1 FROM datasets WHERE id = ?1");
   s.bind(1, id);
   return s.step("look up dataset");
 }
 
 Result<std::vector<std::string>> Store::datasets() const {
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "SELECT id FROM datasets ORDER BY id");
+  Stmt s(impl_->stmts, "SELECT id FROM datasets ORDER BY id");
   std::vector<std::string> out;
   auto r = s.each_row("list datasets", [&]() -> Result<void> {
     out.push_back(s.text_at(0));
@@ -345,10 +395,10 @@ Result<uint32_t> Store::add_key(std::string_view dataset, ByteSpan key) {
   }
   std::lock_guard lock(impl_->mu);
   sqlite3* db = impl_->db.get();
-  Transaction tx(db);
+  Transaction tx(db, &impl_->stmts);
   if (auto r = tx.begin(); !r) return std::unexpected(r.error());
   if (auto r = impl_->require_dataset(dataset); !r) return std::unexpected(r.error());
-  Stmt last(db, "SELECT COALESCE(MAX(version), 0) FROM dataset_keys WHERE dataset = ?1");
+  Stmt last(impl_->stmts, "SELECT COALESCE(MAX(version), 0) FROM dataset_keys WHERE dataset = ?1");
   last.bind(1, dataset);
   auto row = last.step("read key versions");
   if (!row) return std::unexpected(row.error());
@@ -361,7 +411,7 @@ Result<uint32_t> Store::add_key(std::string_view dataset, ByteSpan key) {
   if (!sealed) return std::unexpected(sealed.error());
   wrapped.insert(wrapped.end(), sealed->begin(), sealed->end());
 
-  Stmt ins(db, "INSERT INTO dataset_keys(dataset, version, wrapped, created) VALUES (?1, ?2, ?3, ?4)");
+  Stmt ins(impl_->stmts, "INSERT INTO dataset_keys(dataset, version, wrapped, created) VALUES (?1, ?2, ?3, ?4)");
   ins.bind(1, dataset).bind(2, static_cast<int64_t>(version)).bind_blob(3, wrapped).bind(4, now());
   if (auto r = ins.run("store data key"); !r) return std::unexpected(r.error());
   if (auto r = tx.commit(); !r) return std::unexpected(r.error());
@@ -371,7 +421,7 @@ Result<uint32_t> Store::add_key(std::string_view dataset, ByteSpan key) {
 Result<DataKey> Store::current_key(std::string_view dataset) const {
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_dataset(dataset); !r) return std::unexpected(r.error());
-  Stmt s(impl_->db.get(), "SELECT version, wrapped FROM dataset_keys WHERE dataset = ?1 ORDER BY version DESC LIMIT 1");
+  Stmt s(impl_->stmts, "SELECT version, wrapped FROM dataset_keys WHERE dataset = ?1 ORDER BY version DESC LIMIT 1");
   s.bind(1, dataset);
   auto row = s.step("read data key");
   if (!row) return std::unexpected(row.error());
@@ -382,7 +432,7 @@ Result<DataKey> Store::current_key(std::string_view dataset) const {
 Result<DataKey> Store::key(std::string_view dataset, uint32_t version) const {
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_dataset(dataset); !r) return std::unexpected(r.error());
-  Stmt s(impl_->db.get(), "SELECT wrapped FROM dataset_keys WHERE dataset = ?1 AND version = ?2");
+  Stmt s(impl_->stmts, "SELECT wrapped FROM dataset_keys WHERE dataset = ?1 AND version = ?2");
   s.bind(1, dataset).bind(2, static_cast<int64_t>(version));
   auto row = s.step("read data key");
   if (!row) return std::unexpected(row.error());
@@ -396,7 +446,7 @@ Result<DataKey> Store::key(std::string_view dataset, uint32_t version) const {
 Result<std::vector<uint32_t>> Store::key_versions(std::string_view dataset) const {
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_dataset(dataset); !r) return std::unexpected(r.error());
-  Stmt s(impl_->db.get(), "SELECT version FROM dataset_keys WHERE dataset = ?1 ORDER BY version");
+  Stmt s(impl_->stmts, "SELECT version FROM dataset_keys WHERE dataset = ?1 ORDER BY version");
   s.bind(1, dataset);
   std::vector<uint32_t> out;
   auto r = s.each_row("list key versions", [&]() -> Result<void> {
@@ -410,7 +460,7 @@ Result<std::vector<uint32_t>> Store::key_versions(std::string_view dataset) cons
 Result<void> Store::set_policy(std::string_view dataset, std::string_view policy_json) {
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_dataset(dataset); !r) return r;
-  Stmt s(impl_->db.get(),
+  Stmt s(impl_->stmts,
          "INSERT INTO policies(dataset, policy, updated) VALUES (?1, ?2, ?3) "
          "ON CONFLICT(dataset) DO UPDATE SET policy = excluded.policy, updated = excluded.updated");
   s.bind(1, dataset).bind(2, policy_json).bind(3, now());
@@ -420,7 +470,7 @@ Result<void> Store::set_policy(std::string_view dataset, std::string_view policy
 Result<std::optional<std::string>> Store::policy(std::string_view dataset) const {
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_dataset(dataset); !r) return std::unexpected(r.error());
-  Stmt s(impl_->db.get(), "SELECT policy FROM policies WHERE dataset = ?1");
+  Stmt s(impl_->stmts, "SELECT policy FROM policies WHERE dataset = ?1");
   s.bind(1, dataset);
   auto row = s.step("read policy");
   if (!row) return std::unexpected(row.error());
@@ -432,7 +482,7 @@ Result<void> Store::add_user(std::string_view name, std::string_view identity) {
   if (auto v = validate_user_name(name); !v) return v;
   if (identity.empty()) return fail(ErrorCode::kInvalidArgument, "user '" + std::string(name) + "' needs an identity");
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "INSERT INTO users(name, identity, created) VALUES (?1, ?2, ?3)");
+  Stmt s(impl_->stmts, "INSERT INTO users(name, identity, created) VALUES (?1, ?2, ?3)");
   s.bind(1, name).bind(2, identity).bind(3, now());
   auto r = s.run("add user");
   if (!r && r.error().code == ErrorCode::kExists) {
@@ -445,7 +495,7 @@ Result<void> Store::add_user(std::string_view name, std::string_view identity) {
 Result<void> Store::revoke_user(std::string_view name) {
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_user(name); !r) return r;
-  Stmt s(impl_->db.get(), "UPDATE users SET revoked = 1 WHERE name = ?1");
+  Stmt s(impl_->stmts, "UPDATE users SET revoked = 1 WHERE name = ?1");
   s.bind(1, name);
   return s.run("revoke user");
 }
@@ -453,7 +503,7 @@ Result<void> Store::revoke_user(std::string_view name) {
 Result<std::optional<User>> Store::user(std::string_view name) const {
   if (auto v = validate_user_name(name); !v) return std::unexpected(v.error());
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "SELECT identity, revoked, created FROM users WHERE name = ?1");
+  Stmt s(impl_->stmts, "SELECT identity, revoked, created FROM users WHERE name = ?1");
   s.bind(1, name);
   auto row = s.step("read user");
   if (!row) return std::unexpected(row.error());
@@ -463,7 +513,7 @@ Result<std::optional<User>> Store::user(std::string_view name) const {
 
 Result<std::optional<User>> Store::user_by_identity(std::string_view identity) const {
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "SELECT name, revoked, created FROM users WHERE identity = ?1");
+  Stmt s(impl_->stmts, "SELECT name, revoked, created FROM users WHERE identity = ?1");
   s.bind(1, identity);
   auto row = s.step("read user");
   if (!row) return std::unexpected(row.error());
@@ -475,7 +525,7 @@ Result<void> Store::grant(std::string_view user, std::string_view dataset) {
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_user(user); !r) return r;
   if (auto r = impl_->require_dataset(dataset); !r) return r;
-  Stmt s(impl_->db.get(), "INSERT INTO grants(user, dataset, created) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING");
+  Stmt s(impl_->stmts, "INSERT INTO grants(user, dataset, created) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING");
   s.bind(1, user).bind(2, dataset).bind(3, now());
   return s.run("grant");
 }
@@ -484,7 +534,7 @@ Result<void> Store::revoke_grant(std::string_view user, std::string_view dataset
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_user(user); !r) return r;
   if (auto r = impl_->require_dataset(dataset); !r) return r;
-  Stmt s(impl_->db.get(), "DELETE FROM grants WHERE user = ?1 AND dataset = ?2");
+  Stmt s(impl_->stmts, "DELETE FROM grants WHERE user = ?1 AND dataset = ?2");
   s.bind(1, user).bind(2, dataset);
   if (auto r = s.run("revoke grant"); !r) return r;
   if (sqlite3_changes(impl_->db.get()) == 0) {
@@ -498,14 +548,14 @@ Result<void> Store::add_to_group(std::string_view group, std::string_view user) 
   if (auto v = validate_user_name(group); !v) return fail(ErrorCode::kInvalidArgument, "group: " + v.error().message);
   std::lock_guard lock(impl_->mu);
   if (auto r = impl_->require_user(user); !r) return r;
-  Stmt s(impl_->db.get(), "INSERT INTO group_members(grp, user, created) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING");
+  Stmt s(impl_->stmts, "INSERT INTO group_members(grp, user, created) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING");
   s.bind(1, group).bind(2, user).bind(3, now());
   return s.run("add to group");
 }
 
 Result<void> Store::remove_from_group(std::string_view group, std::string_view user) {
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "DELETE FROM group_members WHERE grp = ?1 AND user = ?2");
+  Stmt s(impl_->stmts, "DELETE FROM group_members WHERE grp = ?1 AND user = ?2");
   s.bind(1, group).bind(2, user);
   if (auto r = s.run("remove from group"); !r) return r;
   if (sqlite3_changes(impl_->db.get()) == 0) {
@@ -516,7 +566,7 @@ Result<void> Store::remove_from_group(std::string_view group, std::string_view u
 
 Result<std::vector<std::string>> Store::groups_of(std::string_view user) const {
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "SELECT grp FROM group_members WHERE user = ?1 ORDER BY grp");
+  Stmt s(impl_->stmts, "SELECT grp FROM group_members WHERE user = ?1 ORDER BY grp");
   s.bind(1, user);
   std::vector<std::string> out;
   auto r = s.each_row("list groups", [&]() -> Result<void> {
@@ -529,7 +579,7 @@ Result<std::vector<std::string>> Store::groups_of(std::string_view user) const {
 
 Result<bool> Store::has_grant(std::string_view user, std::string_view dataset) const {
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "SELECT 1 FROM grants WHERE user = ?1 AND dataset = ?2");
+  Stmt s(impl_->stmts, "SELECT 1 FROM grants WHERE user = ?1 AND dataset = ?2");
   s.bind(1, user).bind(2, dataset);
   return s.step("read grant");
 }
@@ -540,7 +590,7 @@ Result<void> Store::backup(const std::string& dest) const {
     return fail(ErrorCode::kExists, "backup destination " + dest + " exists; refusing to overwrite it");
   }
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "VACUUM INTO ?1");
+  Stmt s(impl_->stmts, "VACUUM INTO ?1");
   s.bind(1, dest);
   return s.run("back up broker store to " + dest);
 }
@@ -556,9 +606,9 @@ Result<audit::Record> Store::append_audit(audit::Record record) {
 Result<std::vector<audit::Record>> Store::append_audit_batch(std::vector<audit::Record> records) {
   std::lock_guard lock(impl_->mu);
   sqlite3* db = impl_->db.get();
-  Transaction tx(db);
+  Transaction tx(db, &impl_->stmts);
   if (auto r = tx.begin(); !r) return std::unexpected(r.error());
-  Stmt last(db, "SELECT record FROM audit ORDER BY seq DESC LIMIT 1");
+  Stmt last(impl_->stmts, "SELECT record FROM audit ORDER BY seq DESC LIMIT 1");
   auto row = last.step("read last audit record");
   if (!row) return std::unexpected(row.error());
   std::optional<audit::Record> previous;
@@ -567,7 +617,7 @@ Result<std::vector<audit::Record>> Store::append_audit_batch(std::vector<audit::
     if (!prev) return std::unexpected(prev.error());
     previous = std::move(*prev);
   }
-  Stmt ins(db, "INSERT INTO audit(seq, hash, record) VALUES (?1, ?2, ?3)");
+  Stmt ins(impl_->stmts, "INSERT INTO audit(seq, hash, record) VALUES (?1, ?2, ?3)");
   std::vector<audit::Record> out;
   out.reserve(records.size());
   for (auto& record : records) {
@@ -587,7 +637,7 @@ Result<std::vector<audit::Record>> Store::append_audit_batch(std::vector<audit::
 
 Result<std::vector<audit::Record>> Store::audit_records() const {
   std::lock_guard lock(impl_->mu);
-  Stmt s(impl_->db.get(), "SELECT seq, hash, record FROM audit ORDER BY seq");
+  Stmt s(impl_->stmts, "SELECT seq, hash, record FROM audit ORDER BY seq");
   std::vector<audit::Record> out;
   auto r = s.each_row("read audit log", [&]() -> Result<void> {
     auto rec = audit::from_json(s.text_at(2));

@@ -45,7 +45,7 @@ struct Setup {
   std::array<std::byte, 48> measurement{};
 };
 
-Result<void> prepare(Setup& s, unsigned clients, unsigned idle) {
+Result<void> prepare(Setup& s, unsigned clients, unsigned idle, unsigned threads) {
   char tmpl[] = "/tmp/tresor-bench-broker-XXXXXX";
   if (::mkdtemp(tmpl) == nullptr) return fail(ErrorCode::kIo, "cannot create a temporary directory");
   s.dir = tmpl;
@@ -57,6 +57,7 @@ Result<void> prepare(Setup& s, unsigned clients, unsigned idle) {
   c.store_path = s.dir + "/broker.db";
   c.sim_trust_dir = s.dir + "/sim";
   c.max_connections = clients + idle + 64;
+  c.worker_threads = threads;
   c.max_sessions = 100000;
   c.admin_socket = s.dir + "/admin.sock";
   TRESOR_TRY(broker::write_self_signed_certificate(c.tls_certificate, c.tls_private_key, {"127.0.0.1"}, 1));
@@ -211,20 +212,21 @@ Result<void> direct_flow(broker::Service& svc, const Setup& s) {
 
 int cmd_bench_broker(int argc, char** argv) {
   po::options_description opts("Options");
-  unsigned clients = 64, idle = 256;
+  unsigned clients = 64, idle = 256, threads = broker::Config{}.worker_threads;
   double seconds = 10;
   opts.add_options()
       ("clients", po::value(&clients)->default_value(64), "concurrent clients, each running full flows back to back")
       ("seconds", po::value(&seconds)->default_value(10), "how long each measurement runs")
-      ("idle", po::value(&idle)->default_value(256), "idle TCP connections held open against the broker during the run");
+      ("idle", po::value(&idle)->default_value(256), "idle TCP connections held open against the broker during the run")
+      ("threads", po::value(&threads)->default_value(threads), "the broker's worker threads ([limits] worker_threads)");
   po::variables_map vm;
   if (auto stop = parse_options("bench broker", "[--clients N] [--seconds S] [--idle N]", argc, argv, opts, {}, vm)) return *stop;
-  if (clients == 0 || clients > 4096 || seconds <= 0 || seconds > 600 || idle > 10000) {
-    return usage_error("bench broker", "--clients must be 1..4096, --seconds 0..600, --idle ≤ 10000");
+  if (clients == 0 || clients > 4096 || seconds <= 0 || seconds > 600 || idle > 10000 || threads == 0 || threads > 256) {
+    return usage_error("bench broker", "--clients must be 1..4096, --seconds 0..600, --idle ≤ 10000, --threads 1..256");
   }
 
   Setup s;
-  if (auto r = prepare(s, clients, idle); !r) return report(r.error());
+  if (auto r = prepare(s, clients, idle, threads); !r) return report(r.error());
   struct Cleanup {
     std::string dir;
     ~Cleanup() {
@@ -329,10 +331,10 @@ int cmd_bench_broker(int argc, char** argv) {
               broker_ms_per_flow, client_ms_per_flow, broker_ms_per_flow > 0 ? 1000.0 * cores / broker_ms_per_flow : 0, cores);
   std::printf("audit records written: %zu, chain %s; idle connections held: %zu; peak RSS %ld KiB\n",
               records ? records->size() : 0, chain_ok ? "verifies" : "BROKEN", idle_during, peak_rss_kib());
-  std::printf("RESULT broker clients=%u seconds=%.0f flows_per_s=%.1f p50_ms=%.2f p99_ms=%.2f errors=%llu idle_connections=%zu "
+  std::printf("RESULT broker clients=%u threads=%u seconds=%.0f flows_per_s=%.1f p50_ms=%.2f p99_ms=%.2f errors=%llu idle_connections=%zu "
               "direct_flows_per_s=%.1f ratio_vs_direct=%.3f broker_cpu_ms_per_flow=%.2f client_cpu_ms_per_flow=%.2f peak_rss_kib=%ld "
               "audit_chain=%s\n",
-              clients, seconds, flows, p50, p99, static_cast<unsigned long long>(https.errors), idle_during, direct_flows,
+              clients, threads, seconds, flows, p50, p99, static_cast<unsigned long long>(https.errors), idle_during, direct_flows,
               direct_flows > 0 ? flows / direct_flows : 0.0, broker_ms_per_flow, client_ms_per_flow, peak_rss_kib(),
               chain_ok ? "ok" : "broken");
   return https.errors == 0 && direct.errors == 0 && chain_ok ? kExitOk : kExitInternal;

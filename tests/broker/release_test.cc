@@ -111,6 +111,11 @@ TEST(BrokerRelease, ForgedExpiredOrUnknownManifestIsUnauthorized) {
     Fixture f;
     f.req.now = f.manifest.expires_at + 1;
     EXPECT_TRUE(f.denied(ErrorCode::kAuth, "manifest: "));
+    // A caller that verified the signature at attest skips only the signature: expiry holds.
+    f.req.manifest_signature_verified = true;
+    EXPECT_TRUE(f.denied(ErrorCode::kAuth, "manifest: expired at"));
+    f.req.now = f.manifest.expires_at - 1;
+    EXPECT_TRUE(authorize_release(f.store, f.req));
   }
   {
     Fixture f;

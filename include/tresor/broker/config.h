@@ -29,7 +29,7 @@ struct Config {
   uint32_t request_timeout_ms = 5000;
   uint32_t max_connections = 1024;
   uint32_t max_sessions = 4096;
-  uint32_t worker_threads = 8;  // threads serving HTTPS; requests block on fsync and ECDSA, so more than cores
+  uint32_t worker_threads = 16;  // threads serving HTTPS; a request blocks on its audit fsync and on ECDSA, so many more than cores
   // [admin]
   std::string admin_socket = "/run/tresor-broker/admin.sock";
   /// Who may use the admin socket, checked on each connection with SO_PEERCRED. Root and the

@@ -37,6 +37,10 @@ struct ReleaseRequest {
   const Manifest* manifest = nullptr;           // the job manifest the VM presented
   std::string dataset;                          // the resource asked for
   std::optional<uint32_t> key_version;          // a given key version; none: the current one
+  /// True only when the caller has itself checked this very Manifest object's signature with
+  /// verify_manifest() (the broker does at attest, and keeps the object immutable in the
+  /// session): the Ed25519 check is then not repeated. Expiry is checked every time.
+  bool manifest_signature_verified = false;
   int64_t now = 0;                              // unix seconds
 };
 
