@@ -218,3 +218,81 @@ TEST(BrokerDaemon, AuditVerifyCatchesAnEditedRecord) {
 
 }  // namespace
 }  // namespace tresor
+
+namespace tresor {
+namespace {
+
+// The whole confidential path by hand, as docs/cli.md shows it: the data owner seals with a key
+// that only the broker holds, the user signs a job manifest, the job (sim evidence) fetches the
+// key and reads the data; a job on an unapproved image gets nothing, and a key file that exists
+// is refused before anything is asked of the broker.
+TEST(BrokerDaemon, CliFlowSealWithTheBrokerSignAManifestAndFetchTheKey) {
+  Fixture f;
+  const std::string sim = f.dir.file("sim");
+  ASSERT_EQ(run_tresor({"sim", "init", sim, "--rsa-bits", "2048"}).exit_code, 0);
+  // A broker that trusts this sim root (tests only).
+  const std::string root2 = f.dir.file("broker2");
+  auto init = run_command({TRESOR_BROKER_BIN, "--init", root2, "--port", "0", "--sim-trust", sim});
+  ASSERT_EQ(init.exit_code, 0) << init.err;
+  Daemon d(root2 + "/broker.toml");
+  const std::string sock = root2 + "/admin.sock";
+  auto admin_cli = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), {"admin", "--socket", sock});
+    return run_tresor(args);
+  };
+  const std::string id = f.dir.file("alice.identity");
+  auto kg = run_tresor({"keygen", "-o", id});
+  ASSERT_EQ(kg.exit_code, 0) << kg.err;
+  std::string recipient = kg.out.substr(0, kg.out.find('\n'));
+  ASSERT_EQ(admin_cli({"user", "add", "alice", recipient}).exit_code, 0);
+
+  const std::string plain = f.dir.file("ct.raw");
+  tresor::testing::write_file(plain, tresor::testing::pattern_bytes(100000, 3));
+  auto sealed = run_tresor({"seal", "--dataset", "dhz/ccta-2024", "--broker", "unix:" + sock, "-r", recipient, "-o",
+                            f.dir.file("ct.sealed"), plain});
+  ASSERT_EQ(sealed.exit_code, 0) << sealed.err;
+  const std::string approved(96, 'a');
+  tresor::testing::write_file(f.dir.file("policy.json"),
+                              as_bytes(R"({"attestation": {"measurements": [")" + approved +
+                                       R"("], "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}, "allow_smt": true, "products": ["Sim"]}})"));
+  ASSERT_EQ(admin_cli({"policy", "set", "dhz/ccta-2024", f.dir.file("policy.json")}).exit_code, 0);
+  ASSERT_EQ(admin_cli({"grant", "alice", "dhz/ccta-2024"}).exit_code, 0);
+  tresor::testing::write_file(f.dir.file("job.sh"), as_bytes("#!/bin/sh\necho hi\n"));
+
+  auto job = [&](const std::string& name, const std::string& image) {
+    return run_tresor({"manifest", "create", "-i", id, "--job-id", name, "--dataset", "dhz/ccta-2024", "--image-measurement", image,
+                       "--script", f.dir.file("job.sh"), "-o", f.dir.file(name + ".manifest")});
+  };
+  auto fetch = [&](const std::string& name, const std::string& out) {
+    return run_tresor({"kbs", "get-resource", "--url", "https://127.0.0.1:" + std::to_string(d.port()), "--ca", root2 + "/tls.crt",
+                       "--manifest", f.dir.file(name + ".manifest"), "--sim", sim, "--dataset", "dhz/ccta-2024", "-o", out});
+  };
+  ASSERT_EQ(job("1001", approved).exit_code, 0);
+  auto shown = run_tresor({"manifest", "show", f.dir.file("1001.manifest")});
+  EXPECT_EQ(shown.exit_code, 0) << shown.err;
+  EXPECT_NE(shown.out.find("signature:         valid"), std::string::npos) << shown.out;
+  auto got = fetch("1001", f.dir.file("released.key"));
+  ASSERT_EQ(got.exit_code, 0) << got.err;
+  EXPECT_EQ(::access(f.dir.file("released.key").c_str(), F_OK), 0);
+  auto opened = run_tresor({"open", "--dataset-key-file", f.dir.file("released.key"), "--dataset", "dhz/ccta-2024", "-o",
+                            f.dir.file("ct.opened"), f.dir.file("ct.sealed")});
+  ASSERT_EQ(opened.exit_code, 0) << opened.err;
+  EXPECT_EQ(tresor::testing::read_file(f.dir.file("ct.opened")), tresor::testing::pattern_bytes(100000, 3));
+
+  // Another image: the broker attests it but releases nothing (exit 7, policy).
+  ASSERT_EQ(job("1002", std::string(96, 'b')).exit_code, 0);
+  auto denied = fetch("1002", f.dir.file("denied.key"));
+  EXPECT_EQ(denied.exit_code, 7) << denied.err;
+  EXPECT_NE(denied.err.find("403"), std::string::npos) << denied.err;
+  EXPECT_NE(::access(f.dir.file("denied.key").c_str(), F_OK), 0) << "no key file on a denial";
+
+  // An existing output file: refused (exit 3) before any request, so no new audit record.
+  const auto before = json::parse(admin(sock, {{"op", "audit.verify"}}))["records"].get<size_t>();
+  auto exists = fetch("1001", f.dir.file("released.key"));
+  EXPECT_EQ(exists.exit_code, 3) << exists.err;
+  EXPECT_EQ(json::parse(admin(sock, {{"op", "audit.verify"}}))["records"].get<size_t>(), before);
+  EXPECT_EQ(d.kill(SIGTERM), 0);
+}
+
+}  // namespace
+}  // namespace tresor
