@@ -1,0 +1,189 @@
+// The SPANK plugin's decisions as pure functions (include/tresor/slurm/job.h).
+#include "tresor/slurm/job.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <set>
+
+#include "tresor/kbs/jose.h"
+
+namespace tresor::slurm {
+namespace {
+
+using json = nlohmann::json;
+
+std::unexpected<Error> bad(std::string message) { return fail(ErrorCode::kInvalidArgument, std::move(message)); }
+
+std::vector<std::string> split(std::string_view s, char sep) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t end = s.find(sep, start);
+    out.emplace_back(s.substr(start, end == std::string_view::npos ? std::string_view::npos : end - start));
+    if (end == std::string_view::npos) break;
+    start = end + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
+  PluginConfig c;
+  std::set<std::string> seen;
+  for (const auto& a : args) {
+    const size_t eq = a.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, broker, ca, backends, images)");
+    }
+    const std::string key = a.substr(0, eq), value = a.substr(eq + 1);
+    if (!seen.insert(key).second) return bad("plugstack.conf argument " + key + "= is given twice");
+    if (key == "runner" || key == "ca" || key == "images") {
+      if (value.empty() || value[0] != '/') return bad("plugstack.conf argument " + key + "= must be an absolute path, not '" + value + "'");
+      (key == "runner" ? c.runner : key == "ca" ? c.broker_ca : c.images) = value;
+    } else if (key == "broker") {
+      if (!value.starts_with("https://")) return bad("plugstack.conf argument broker= must be an https:// URL, not '" + value + "'");
+      c.broker_url = value;
+    } else if (key == "backends") {
+      c.backends.clear();
+      for (auto& b : split(value, ',')) {
+        if (b != "local" && b != "libvirt") return bad("plugstack.conf argument backends= names '" + b + "'; the backends are local and libvirt");
+        if (std::ranges::find(c.backends, b) == c.backends.end()) c.backends.push_back(b);
+      }
+      if (c.backends.empty()) return bad("plugstack.conf argument backends= is empty");
+    } else {
+      return bad("plugstack.conf argument " + key + "= is unknown (runner, broker, ca, backends, images)");
+    }
+  }
+  if (c.broker_url.empty() != c.broker_ca.empty()) return bad("plugstack.conf arguments broker= and ca= go together");
+  return c;
+}
+
+Result<ImageCatalogue> parse_image_catalogue(std::string_view text) {
+  auto parsed = kbs::parse_strict_json(text, "image catalogue");
+  if (!parsed) return std::unexpected(parsed.error());
+  const json& j = *parsed;
+  if (!j.is_object() || !j.contains("images") || !j["images"].is_object()) {
+    return bad("image catalogue must be {\"images\": {\"NAME\": {\"measurement\": \"<96 hex>\"}}, \"default\": \"NAME\"}");
+  }
+  for (const auto& [k, v] : j.items()) {
+    if (k != "images" && k != "default") return bad("image catalogue: unknown member \"" + k + "\"");
+  }
+  ImageCatalogue c;
+  for (const auto& [name, v] : j["images"].items()) {
+    if (auto ok = validate_dataset_id(name); !ok) return bad("image catalogue: image name '" + name + "': " + ok.error().message);
+    if (!v.is_object() || !v.contains("measurement") || !v["measurement"].is_string()) {
+      return bad("image catalogue: image '" + name + "' needs \"measurement\": \"<96 hex digits>\"");
+    }
+    for (const auto& [k, _] : v.items()) {
+      if (k != "measurement" && k != "description") return bad("image catalogue: image '" + name + "': unknown member \"" + k + "\"");
+    }
+    auto m = from_hex(v["measurement"].get<std::string>(), "image catalogue: measurement of '" + name + "'");
+    if (!m) return std::unexpected(m.error());
+    if (m->size() != 48) return bad("image catalogue: measurement of '" + name + "' must be 96 hex digits (48 bytes)");
+    Image img;
+    img.name = name;
+    std::copy(m->begin(), m->end(), img.measurement.begin());
+    if (v.contains("description")) {
+      if (!v["description"].is_string()) return bad("image catalogue: description of '" + name + "' must be a string");
+      img.description = v["description"].get<std::string>();
+    }
+    c.images[name] = std::move(img);
+  }
+  if (j.contains("default")) {
+    if (!j["default"].is_string() || !c.images.contains(j["default"].get<std::string>())) {
+      return bad("image catalogue: \"default\" must name one of its images");
+    }
+    c.default_image = j["default"].get<std::string>();
+  }
+  return c;
+}
+
+Result<std::vector<Recipient>> parse_recipient_values(const std::vector<std::string>& values) {
+  std::vector<Recipient> out;
+  for (const auto& v : values) {
+    for (auto& line : split(v, '\n')) {
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
+      const size_t start = line.find_first_not_of(" \t");
+      if (start == std::string::npos || line[start] == '#') continue;
+      auto r = Recipient::parse(line.substr(start));
+      if (!r) return bad("--tresor-recipient: " + r.error().message + " (give a recipient string from 'tresor pubkey', or @FILE)");
+      out.push_back(*r);
+    }
+  }
+  return out;
+}
+
+Result<JobRequest> check_options(const JobOptions& o, const PluginConfig& config, const ImageCatalogue& images, const std::string& cwd) {
+  JobRequest r;
+  if (o.datasets.empty()) {
+    return bad("--tresor-dataset is required for a confidential job: name the dataset(s) whose keys the job needs, "
+               "e.g. --tresor-dataset=dhz/ccta-2024");
+  }
+  for (const auto& d : split(o.datasets, ',')) {
+    if (auto ok = validate_dataset_id(d); !ok) {
+      return bad("--tresor-dataset: " + ok.error().message + "; dataset ids look like dhz/ccta-2024, several separated by commas");
+    }
+    if (std::ranges::find(r.datasets, d) == r.datasets.end()) r.datasets.push_back(d);
+  }
+  const std::string image = o.image.empty() ? images.default_image : o.image;
+  if (image.empty()) {
+    return bad("--tresor-image is required: this cluster's catalogue names no default image (ask the administrators which "
+               "images data owners have approved)");
+  }
+  auto it = images.images.find(image);
+  if (it == images.images.end()) {
+    std::string known;
+    for (const auto& [name, _] : images.images) known += (known.empty() ? "" : ", ") + name;
+    return bad("--tresor-image: '" + image + "' is not in this cluster's image catalogue (" + (known.empty() ? "empty" : known) + ")");
+  }
+  r.image = it->second;
+  r.backend = o.backend.empty() ? config.backends.front() : o.backend;
+  if (std::ranges::find(config.backends, r.backend) == config.backends.end()) {
+    std::string allowed;
+    for (const auto& b : config.backends) allowed += (allowed.empty() ? "" : ", ") + b;
+    return bad("--tresor-backend: '" + r.backend + "' is not allowed on this cluster (allowed: " + allowed + ")");
+  }
+  std::filesystem::path out = o.output.empty() ? std::filesystem::path(cwd) / "tresor-output" : std::filesystem::path(o.output);
+  if (out.is_relative()) out = std::filesystem::path(cwd) / out;
+  r.output = out.lexically_normal().string();
+  auto rc = parse_recipient_values(o.recipients);
+  if (!rc) return std::unexpected(rc.error());
+  r.recipients = std::move(*rc);
+  return r;
+}
+
+Result<Manifest> build_manifest(const JobRequest& request, const Identity& user, ByteSpan script, std::time_t now, std::time_t lifetime,
+                                crypto::RandomSource& rng) {
+  if (lifetime <= 0) return bad("manifest lifetime must be positive");
+  std::array<std::byte, 8> id{};
+  TRESOR_TRY(rng.fill(id));
+  Manifest m;
+  m.job_id = "t-" + to_hex(id);
+  m.user = user.recipient();
+  m.datasets = request.datasets;
+  m.image_measurement = request.image.measurement;
+  auto digest = crypto::sha256(script);
+  if (!digest) return std::unexpected(digest.error());
+  m.script_sha256 = *digest;
+  m.output_recipients = request.recipients.empty() ? std::vector<Recipient>{user.recipient()} : request.recipients;
+  m.expires_at = static_cast<int64_t>(now + lifetime);
+  TRESOR_TRY(sign_manifest(m, user));
+  return m;
+}
+
+Result<std::string> encode_manifest_env(const Manifest& m) {
+  auto text = manifest_json(m, true);
+  if (!text) return std::unexpected(text.error());
+  return base64url_encode(as_bytes(*text));
+}
+
+Result<Manifest> decode_manifest_env(std::string_view value) {
+  auto raw = base64url_decode(value, std::string(kManifestEnv));
+  if (!raw) return std::unexpected(raw.error());
+  return parse_manifest(std::string_view(reinterpret_cast<const char*>(raw->data()), raw->size()));
+}
+
+}  // namespace tresor::slurm

@@ -1,0 +1,95 @@
+// tresor/slurm/job.h — what the SPANK plugin (spank/) decides, as pure functions it calls: the
+// administrator's plugstack.conf arguments, the user's --tresor-* options, the image catalogue,
+// and the signed job manifest built from them at submission (issue 5; docs/admin-guide.md,
+// docs/user-guide.md). Nothing here touches Slurm, the network or the clock: the plugin passes
+// the time, the files' contents and the user's identity in.
+//
+// Every error message says what is wrong and how to fix it, because the plugin shows it to the
+// user at sbatch/srun time, before anything is queued.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <ctime>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "tresor/crypto.h"
+#include "tresor/encoding.h"
+#include "tresor/error.h"
+#include "tresor/identity.h"
+#include "tresor/manifest.h"
+
+namespace tresor::slurm {
+
+/// The environment variable that carries the signed manifest (base64url of its canonical JSON)
+/// from the submit side to the remote side, and the one that marks a process as already inside
+/// a confidential job (an srun there is not wrapped again).
+inline constexpr std::string_view kManifestEnv = "TRESOR_MANIFEST";
+inline constexpr std::string_view kInsideEnv = "TRESOR_INSIDE_JOB";
+
+/// plugstack.conf: `required /usr/lib/.../spank_tresor.so runner=PATH broker=URL ca=PATH
+/// backends=local,libvirt images=PATH`. Unknown or repeated keys are errors.
+struct PluginConfig {
+  std::string runner = "/usr/local/bin/tresor-run";
+  std::string broker_url;  // https://HOST:PORT
+  std::string broker_ca;   // PEM file
+  std::vector<std::string> backends{"local"};  // allowed; the first is the default
+  std::string images;      // image catalogue file (JSON), "" for none
+};
+[[nodiscard]] Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args);
+
+/// The image catalogue an administrator publishes: {"images": {"NAME": {"measurement": "<96
+/// hex>", "description": "…"}}, "default": "NAME"}. The measurement is what data owners approve.
+struct Image {
+  std::string name;
+  std::array<std::byte, 48> measurement{};
+  std::string description;
+};
+struct ImageCatalogue {
+  std::map<std::string, Image> images;
+  std::string default_image;  // "" when the catalogue names none
+};
+[[nodiscard]] Result<ImageCatalogue> parse_image_catalogue(std::string_view json);
+
+/// The user's --tresor-* options (or TRESOR_* environment), as given.
+struct JobOptions {
+  std::string datasets;    // --tresor-dataset=ID[,ID...]
+  std::string image;       // --tresor-image=NAME
+  std::string output;      // --tresor-output=DIR
+  std::vector<std::string> recipients;  // --tresor-recipient=RECIPIENT|@FILE (already read)
+  std::string backend;     // --tresor-backend=local|libvirt
+  bool any() const { return !datasets.empty() || !image.empty() || !output.empty() || !recipients.empty() || !backend.empty(); }
+};
+
+/// Checked options, ready for the manifest and the runner.
+struct JobRequest {
+  std::vector<std::string> datasets;
+  Image image;
+  std::string output;   // absolute path
+  std::vector<Recipient> recipients;  // empty: the submitting user's own key
+  std::string backend;
+};
+
+/// Validates the options against the configuration and catalogue. Errors name the option and
+/// say how to fix it ("--tresor-dataset: 'a//b' … ; dataset ids look like dhz/ccta-2024").
+[[nodiscard]] Result<JobRequest> check_options(const JobOptions& options, const PluginConfig& config, const ImageCatalogue& images,
+                                               const std::string& cwd);
+
+/// Parses "--tresor-recipient" values: recipient strings, and the text of @FILE arguments the
+/// caller read (one recipient per line, '#' comments).
+[[nodiscard]] Result<std::vector<Recipient>> parse_recipient_values(const std::vector<std::string>& values);
+
+/// Builds and signs the job manifest: a fresh job id ("t-" and 16 hex digits: Slurm assigns its
+/// own id only after submission, so the manifest carries Tresor's; the runner records both), the
+/// user, datasets, image measurement, SHA-256 of the job script, recipients (the user when none
+/// given), expiry `lifetime` seconds from `now`.
+[[nodiscard]] Result<Manifest> build_manifest(const JobRequest& request, const Identity& user, ByteSpan script, std::time_t now,
+                                              std::time_t lifetime, crypto::RandomSource& rng = crypto::system_random());
+
+/// The value of TRESOR_MANIFEST for a signed manifest, and back.
+[[nodiscard]] Result<std::string> encode_manifest_env(const Manifest& m);
+[[nodiscard]] Result<Manifest> decode_manifest_env(std::string_view value);
+
+}  // namespace tresor::slurm

@@ -1,0 +1,119 @@
+// The SPANK plugin's decisions (include/tresor/slurm/job.h): plugstack.conf arguments, the image
+// catalogue, the user's options with messages that say how to fix them, and the signed manifest.
+#include "tresor/slurm/job.h"
+
+#include <gtest/gtest.h>
+
+#include "support/test_support.h"
+
+namespace tresor::slurm {
+namespace {
+
+using tresor::testing::FailsWith;
+
+const std::string kMeasurement(96, 'a');
+const std::string kCatalogue = R"({"images": {"ccta-v1": {"measurement": ")" + kMeasurement +
+                               R"(", "description": "CT preprocessing"}, "train-v2": {"measurement": ")" + std::string(96, 'b') +
+                               R"("}}, "default": "ccta-v1"})";
+
+::testing::AssertionResult RefusedWith(const Result<JobRequest>& r, const std::string& want) {
+  if (r) return ::testing::AssertionFailure() << "accepted, want an error naming: " << want;
+  if (r.error().message.find(want) == std::string::npos) return ::testing::AssertionFailure() << r.error().message;
+  return ::testing::AssertionSuccess();
+}
+
+TEST(SlurmJob, PluginArgumentsAreStrict) {
+  auto c = parse_plugin_args({"runner=/opt/tresor/bin/tresor-run", "broker=https://kbs.example:8443", "ca=/etc/tresor/ca.pem",
+                              "backends=libvirt,local", "images=/etc/tresor/images.json"});
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(c->runner, "/opt/tresor/bin/tresor-run");
+  EXPECT_EQ(c->backends, (std::vector<std::string>{"libvirt", "local"}));
+  EXPECT_EQ(parse_plugin_args({})->backends, std::vector<std::string>{"local"});
+  struct Case {
+    std::vector<std::string> args;
+    const char* want;
+  };
+  for (const auto& k : std::vector<Case>{{{"runner"}, "not KEY=VALUE"},
+                                         {{"runner=relative/path"}, "absolute path"},
+                                         {{"broker=http://x:1", "ca=/c"}, "https:// URL"},
+                                         {{"backends=local,kvm"}, "names 'kvm'"},
+                                         {{"colour=blue"}, "unknown"},
+                                         {{"runner=/a", "runner=/b"}, "given twice"},
+                                         {{"broker=https://x:1"}, "go together"}}) {
+    auto r = parse_plugin_args(k.args);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find(k.want), std::string::npos) << r.error().message;
+  }
+}
+
+TEST(SlurmJob, ImageCatalogue) {
+  auto c = parse_image_catalogue(kCatalogue);
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(c->default_image, "ccta-v1");
+  EXPECT_EQ(to_hex(c->images.at("ccta-v1").measurement), kMeasurement);
+  EXPECT_FALSE(parse_image_catalogue(R"({"images": {"x": {"measurement": "abcd"}}})"));
+  EXPECT_FALSE(parse_image_catalogue(R"({"images": {}, "default": "nope"})"));
+  EXPECT_FALSE(parse_image_catalogue(R"({"images": {"x": {"measurement": ")" + kMeasurement + R"(", "extra": 1}}})"));
+  EXPECT_FALSE(parse_image_catalogue("not json"));
+}
+
+TEST(SlurmJob, OptionsAreCheckedWithMessagesThatSayHowToFixThem) {
+  auto config = *parse_plugin_args({"backends=local"});
+  auto images = *parse_image_catalogue(kCatalogue);
+  auto alice = *Identity::generate();
+  JobOptions o;
+  o.datasets = "dhz/ccta-2024,dhz/ccta-2025,dhz/ccta-2024";
+  auto r = check_options(o, config, images, "/home/alice/run");
+  ASSERT_TRUE(r) << r.error().message;
+  EXPECT_EQ(r->datasets, (std::vector<std::string>{"dhz/ccta-2024", "dhz/ccta-2025"}));
+  EXPECT_EQ(r->image.name, "ccta-v1") << "the catalogue's default";
+  EXPECT_EQ(r->backend, "local");
+  EXPECT_EQ(r->output, "/home/alice/run/tresor-output");
+  o.output = "out/../results";
+  EXPECT_EQ(check_options(o, config, images, "/home/alice/run")->output, "/home/alice/run/results");
+  o.recipients = {"# team\n" + alice.recipient().to_string() + "\n"};
+  EXPECT_EQ(check_options(o, config, images, "/")->recipients, std::vector<Recipient>{alice.recipient()});
+
+  JobOptions none;
+  EXPECT_TRUE(RefusedWith(check_options(none, config, images, "/"), "--tresor-dataset is required"));
+  JobOptions bad_id = o;
+  bad_id.datasets = "dhz//x";
+  EXPECT_TRUE(RefusedWith(check_options(bad_id, config, images, "/"), "dataset ids look like dhz/ccta-2024"));
+  JobOptions bad_image = o;
+  bad_image.image = "mystery";
+  EXPECT_TRUE(RefusedWith(check_options(bad_image, config, images, "/"), "not in this cluster's image catalogue (ccta-v1, train-v2)"));
+  JobOptions bad_backend = o;
+  bad_backend.backend = "libvirt";
+  EXPECT_TRUE(RefusedWith(check_options(bad_backend, config, images, "/"), "not allowed on this cluster (allowed: local)"));
+  JobOptions bad_recipient = o;
+  bad_recipient.recipients = {"tresor1notarecipient"};
+  EXPECT_TRUE(RefusedWith(check_options(bad_recipient, config, images, "/"), "--tresor-recipient"));
+  EXPECT_TRUE(RefusedWith(check_options(o, config, ImageCatalogue{}, "/"), "--tresor-image is required"));
+}
+
+TEST(SlurmJob, ManifestIsSignedByTheUserAndTravelsInTheEnvironment) {
+  auto images = *parse_image_catalogue(kCatalogue);
+  auto alice = *Identity::generate();
+  JobOptions o;
+  o.datasets = "dhz/ccta-2024";
+  auto req = *check_options(o, *parse_plugin_args({}), images, "/");
+  const std::string script = "#!/bin/sh\necho hi\n";
+  auto m = build_manifest(req, alice, as_bytes(script), 1'800'000'000, 3600);
+  ASSERT_TRUE(m) << m.error().message;
+  EXPECT_TRUE(m->job_id.starts_with("t-"));
+  EXPECT_EQ(m->job_id.size(), 18u);
+  EXPECT_EQ(m->output_recipients, std::vector<Recipient>{alice.recipient()}) << "the user by default";
+  EXPECT_EQ(to_hex(m->image_measurement), kMeasurement);
+  EXPECT_EQ(m->script_sha256, *crypto::sha256(as_bytes(script)));
+  EXPECT_TRUE(verify_manifest(*m, 1'800'000'000));
+  EXPECT_FALSE(verify_manifest(*m, 1'800'003'600)) << "expires";
+  auto env = encode_manifest_env(*m);
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"), std::string::npos);
+  EXPECT_EQ(*decode_manifest_env(*env), *m);
+  EXPECT_TRUE(FailsWith(decode_manifest_env("%%%"), ErrorCode::kInvalidArgument));
+  EXPECT_NE(build_manifest(req, alice, as_bytes(script), 1'800'000'000, 3600)->job_id, m->job_id) << "fresh ids";
+}
+
+}  // namespace
+}  // namespace tresor::slurm
