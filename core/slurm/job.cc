@@ -174,6 +174,36 @@ Result<Manifest> build_manifest(const JobRequest& request, const Identity& user,
   return m;
 }
 
+std::optional<size_t> find_operand(const std::vector<std::string>& argv) {
+  // Short options of sbatch and srun that take a value (sbatch(1), srun(1), Slurm 22.05).
+  static const std::set<char> kShortWithValue = {'A', 'a', 'B', 'b', 'C', 'c', 'D', 'd', 'e', 'F', 'G', 'i', 'J', 'L',
+                                                 'M', 'm', 'N', 'n', 'o', 'p', 'q', 'S', 't', 'T', 'W', 'w', 'x'};
+  // Long options without a value; any other long option written without '=' takes the next word.
+  static const std::set<std::string> kLongFlags = {
+      "--contiguous", "--exclusive", "--hold", "--help", "--ignore-pmi", "--kill-on-bad-exit", "--label", "--no-kill",
+      "--no-requeue", "--overcommit", "--oversubscribe", "--parsable", "--pty", "--quiet", "--quit-on-interrupt", "--requeue",
+      "--spread-job", "--test-only", "--unbuffered", "--usage", "--use-min-nodes", "--verbose", "--wait", "--x11", "--disable-status",
+      "--preserve-env", "--multi-prog", "--exact", "--overlap", "--whole", "--ignore-pmi"};
+  for (size_t i = 1; i < argv.size(); ++i) {
+    const std::string& a = argv[i];
+    if (a == "--") return i + 1 < argv.size() ? std::optional<size_t>(i + 1) : std::nullopt;
+    if (a.size() < 2 || a[0] != '-') return i;
+    if (a[1] == '-') {
+      if (a.find('=') == std::string::npos && !kLongFlags.contains(a)) ++i;
+      continue;
+    }
+    // A cluster of short options: -vN 2 or -o out: the first one that takes a value takes the
+    // rest of the word, or the next word when the rest is empty.
+    for (size_t k = 1; k < a.size(); ++k) {
+      if (kShortWithValue.contains(a[k])) {
+        if (k + 1 == a.size()) ++i;
+        break;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
 Result<std::string> encode_manifest_env(const Manifest& m) {
   auto text = manifest_json(m, true);
   if (!text) return std::unexpected(text.error());

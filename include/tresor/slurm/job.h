@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <ctime>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -87,6 +88,13 @@ struct JobRequest {
 /// given), expiry `lifetime` seconds from `now`.
 [[nodiscard]] Result<Manifest> build_manifest(const JobRequest& request, const Identity& user, ByteSpan script, std::time_t now,
                                               std::time_t lifetime, crypto::RandomSource& rng = crypto::system_random());
+
+/// In the argv of sbatch or srun, the index of the first operand: the batch script (sbatch) or
+/// the command (srun). Options come first; short options that take a value (-o FILE) and long
+/// options written without '=' (--output FILE) consume the next word, except the long options
+/// Slurm defines without a value (--wait, --exclusive, …). std::nullopt: no operand (sbatch
+/// reads its script from stdin, which the plugin cannot see: the user must name a file).
+[[nodiscard]] std::optional<size_t> find_operand(const std::vector<std::string>& argv);
 
 /// The value of TRESOR_MANIFEST for a signed manifest, and back.
 [[nodiscard]] Result<std::string> encode_manifest_env(const Manifest& m);

@@ -117,3 +117,21 @@ TEST(SlurmJob, ManifestIsSignedByTheUserAndTravelsInTheEnvironment) {
 
 }  // namespace
 }  // namespace tresor::slurm
+
+namespace tresor::slurm {
+namespace {
+
+TEST(SlurmJob, FindsTheScriptOrCommandAfterTheOptions) {
+  using V = std::vector<std::string>;
+  EXPECT_EQ(find_operand(V{"sbatch", "job.sh"}), 1u);
+  EXPECT_EQ(find_operand(V{"sbatch", "-o", "out.txt", "--tresor-dataset=dhz/a", "job.sh", "arg"}), 4u);
+  EXPECT_EQ(find_operand(V{"sbatch", "-oout.txt", "-N1", "--wait", "job.sh"}), 4u);
+  EXPECT_EQ(find_operand(V{"sbatch", "--partition", "debug", "--exclusive", "job.sh"}), 4u);
+  EXPECT_EQ(find_operand(V{"srun", "-vvN", "1", "--tresor-backend", "local", "true"}), 5u) << "-N in a cluster takes the next word";
+  EXPECT_EQ(find_operand(V{"srun", "--", "-weird-command"}), 2u);
+  EXPECT_EQ(find_operand(V{"sbatch", "--wait"}), std::nullopt) << "script from stdin";
+  EXPECT_EQ(find_operand(V{"sbatch", "-o"}), std::nullopt);
+}
+
+}  // namespace
+}  // namespace tresor::slurm

@@ -1,0 +1,250 @@
+// tresor-run — the host-side launcher the SPANK plugin execs in place of a confidential job's task
+// (docs/admin-guide.md). It reads the job's signed manifest from its environment, applies what
+// Slurm's own launch would have (rlimits, TMPDIR), runs the job in the backend's sandbox, relays
+// signals in, and leaves with the job's status: the same exit code, or death by the same signal.
+//
+// Backends: `local` (this file's sandbox: new mount and PID namespaces with a private tmpfs; no
+// VM, NOT confidential — it says so). The libvirt backend and the in-guest agent (KBS flow,
+// dataset keys, sealed outputs) are the next steps of issue 5.
+//
+//   tresor-run [--slurm-job-id N] [--broker URL --ca FILE] -- COMMAND [ARGS...]
+#include <fcntl.h>
+#include <sched.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "tresor/slurm/job.h"
+
+namespace {
+
+// Signals relayed to the job (scancel sends SIGCONT and SIGTERM; `scancel -s USR1 -b` reaches
+// only this process, which must pass it on).
+constexpr std::array<int, 8> kRelayed = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCONT, SIGALRM};
+
+volatile sig_atomic_t g_child = 0;
+
+void relay(int sig) {
+  if (g_child > 0) ::kill(g_child, sig);
+}
+
+void install_relay() {
+  struct sigaction sa {};
+  sa.sa_handler = relay;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int s : kRelayed) sigaction(s, &sa, nullptr);
+}
+
+// Leaves this process the way `status` says the job left: exit code, or death by the signal.
+[[noreturn]] void leave_like(int status) {
+  if (WIFSIGNALED(status)) {
+    const int sig = WTERMSIG(status);
+    std::signal(sig, SIG_DFL);
+    struct rlimit no_core {};
+    setrlimit(RLIMIT_CORE, &no_core);  // the job's core dump (if any) is the job's; not ours
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    sigprocmask(SIG_UNBLOCK, &set, nullptr);
+    ::raise(sig);
+  }
+  std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
+}
+
+// Waits for `pid`, relaying signals meanwhile; returns its wait status.
+int wait_for(pid_t pid) {
+  g_child = pid;
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return 1 << 8;
+  }
+  g_child = 0;
+  return status;
+}
+
+// Slurm passes the submitting shell's limits as SLURM_RLIMIT_<NAME>; its own launch applies them,
+// which the plugin's exec skips (PLATFORM.md). A limit above the hard limit is lowered to it.
+void apply_slurm_rlimits() {
+  struct Limit {
+    const char* name;
+    int resource;
+  };
+  static const Limit kLimits[] = {{"CPU", RLIMIT_CPU},   {"FSIZE", RLIMIT_FSIZE},   {"DATA", RLIMIT_DATA},   {"STACK", RLIMIT_STACK},
+                                  {"CORE", RLIMIT_CORE}, {"RSS", RLIMIT_RSS},       {"NPROC", RLIMIT_NPROC}, {"NOFILE", RLIMIT_NOFILE},
+                                  {"MEMLOCK", RLIMIT_MEMLOCK}, {"AS", RLIMIT_AS}};
+  for (const auto& l : kLimits) {
+    const std::string var = std::string("SLURM_RLIMIT_") + l.name;
+    const char* v = std::getenv(var.c_str());
+    if (v == nullptr || *v == '\0') continue;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long want = std::strtoull(v, &end, 10);
+    if (errno != 0 || *end != '\0') {
+      std::fprintf(stderr, "tresor-run: ignoring %s=%s (not a number)\n", var.c_str(), v);
+      continue;
+    }
+    struct rlimit r {};
+    if (getrlimit(l.resource, &r) != 0) continue;
+    r.rlim_cur = want == static_cast<unsigned long long>(RLIM_INFINITY) ? r.rlim_max : std::min<rlim_t>(want, r.rlim_max);
+    setrlimit(l.resource, &r);
+  }
+}
+
+bool write_file(const char* path, const std::string& text) {
+  const int fd = ::open(path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  ::close(fd);
+  return ok;
+}
+
+// The local sandbox: new mount and PID namespaces (and a user namespace when not root), mounts
+// made private, a fresh tmpfs as the job's TMPDIR (mounted inside the namespace on an empty
+// directory the runner made and removes afterwards: the host sees an empty directory, never the
+// job's temporary files), then the job as PID 2 under a small init (PID 1) that relays signals
+// and reaps; when it ends, the kernel kills everything left in the namespace.
+[[noreturn]] void run_local(char** argv) {
+  std::string tmp = "/tmp/tresor-job-XXXXXX";
+  if (::mkdtemp(tmp.data()) == nullptr) {
+    std::fprintf(stderr, "tresor-run: cannot make the job's temporary directory: %s\n", std::strerror(errno));
+    std::_Exit(126);
+  }
+  const uid_t uid = ::geteuid();
+  const gid_t gid = ::getegid();
+  int flags = CLONE_NEWNS | CLONE_NEWPID;
+  if (uid != 0) flags |= CLONE_NEWUSER;
+  if (::unshare(flags) != 0) {
+    std::fprintf(stderr, "tresor-run: cannot create the local sandbox (unshare: %s); unprivileged user namespaces may be off "
+                         "(sysctl kernel.unprivileged_userns_clone)\n", std::strerror(errno));
+    std::_Exit(126);
+  }
+  if (uid != 0) {
+    // Map the job's user to itself, so files it writes keep its ownership.
+    write_file("/proc/self/setgroups", "deny");
+    write_file("/proc/self/uid_map", std::to_string(uid) + " " + std::to_string(uid) + " 1\n");
+    write_file("/proc/self/gid_map", std::to_string(gid) + " " + std::to_string(gid) + " 1\n");
+  }
+  // The job's wait status comes back through this pipe: PID 1 of a namespace cannot die by a
+  // signal it raises itself, so the runner, outside, is the one that leaves like the job did.
+  int status_pipe[2];
+  if (::pipe2(status_pipe, O_CLOEXEC) != 0) {
+    std::perror("tresor-run: pipe");
+    std::_Exit(126);
+  }
+  const pid_t init = ::fork();
+  if (init < 0) {
+    std::perror("tresor-run: fork");
+    std::_Exit(126);
+  }
+  if (init > 0) {
+    ::close(status_pipe[1]);
+    install_relay();
+    int status = wait_for(init);
+    int job_status = 0;
+    if (::read(status_pipe[0], &job_status, sizeof job_status) == static_cast<ssize_t>(sizeof job_status)) status = job_status;
+    ::rmdir(tmp.c_str());  // empty on the host side: the tmpfs lived in the sandbox's namespace
+    leave_like(status);
+  }
+  ::close(status_pipe[0]);
+
+  // PID 1 of the sandbox.
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // the runner gone (killed) takes the sandbox with it
+  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+      ::mount("tresor-tmp", tmp.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=25%") != 0) {
+    std::fprintf(stderr, "tresor-run: cannot set up the sandbox's mounts: %s\n", std::strerror(errno));
+    std::_Exit(126);
+  }
+  // /proc of the new PID namespace, so the job sees only its own processes.
+  ::mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr);
+  ::setenv("TMPDIR", tmp.c_str(), 1);
+  ::setenv(std::string(tresor::slurm::kInsideEnv).c_str(), "1", 1);
+  const pid_t job = ::fork();
+  if (job < 0) std::_Exit(126);
+  if (job == 0) {
+    for (int s : kRelayed) std::signal(s, SIG_DFL);
+    ::execvp(argv[0], argv);
+    std::fprintf(stderr, "tresor-run: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    std::_Exit(errno == ENOENT ? 127 : 126);
+  }
+  install_relay();
+  g_child = job;
+  // Reap everything (orphans re-parent to us), and leave with the job's own status.
+  int job_status = 0;
+  for (;;) {
+    int status = 0;
+    const pid_t p = ::waitpid(-1, &status, 0);
+    if (p < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (p == job) {
+      job_status = status;
+      break;
+    }
+  }
+  (void)!::write(status_pipe[1], &job_status, sizeof job_status);
+  std::_Exit(WIFEXITED(job_status) ? WEXITSTATUS(job_status) : 128 + WTERMSIG(job_status));
+}
+
+int usage(const char* why) {
+  std::fprintf(stderr, "tresor-run: %s\nUsage: tresor-run [--slurm-job-id N] [--broker URL --ca FILE] -- COMMAND [ARGS...]\n", why);
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string slurm_job = "?";
+  int i = 1;
+  for (; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--") {
+      ++i;
+      break;
+    }
+    if ((a == "--slurm-job-id" || a == "--broker" || a == "--ca") && i + 1 < argc) {
+      if (a == "--slurm-job-id") slurm_job = argv[i + 1];
+      ++i;
+      continue;
+    }
+    if (a == "--help" || a == "-h") {
+      usage("runs a confidential job's task (started by the tresor SPANK plugin)");
+      return 0;
+    }
+    return usage(("unknown argument " + a).c_str());
+  }
+  if (i >= argc) return usage("no command after --");
+
+  const char* manifest_env = std::getenv(std::string(tresor::slurm::kManifestEnv).c_str());
+  if (manifest_env == nullptr) return usage("no TRESOR_MANIFEST in the environment: start jobs through the tresor SPANK plugin");
+  auto manifest = tresor::slurm::decode_manifest_env(manifest_env);
+  if (!manifest) {
+    std::fprintf(stderr, "tresor-run: the job's manifest is unreadable: %s\n", manifest.error().message.c_str());
+    return 2;
+  }
+  const char* backend_env = std::getenv("TRESOR_BACKEND");
+  const std::string backend = backend_env ? backend_env : "local";
+  if (backend != "local") {
+    std::fprintf(stderr, "tresor-run: backend '%s' is not available yet (only local)\n", backend.c_str());
+    return 2;
+  }
+  std::fprintf(stderr,
+               "tresor-run: job %s (Slurm job %s), backend local: NO VM — this job is NOT confidential (the local backend is for "
+               "laptops and CI)\n",
+               manifest->job_id.c_str(), slurm_job.c_str());
+  apply_slurm_rlimits();
+  std::signal(SIGPIPE, SIG_DFL);
+  run_local(argv + i);
+}

@@ -1,0 +1,30 @@
+// spank/plugin.h — state shared by the plugin's files: the administrator's configuration and the
+// user's options as the option callbacks saw them. One plugin instance per process.
+#pragma once
+
+extern "C" {
+#include <slurm/spank.h>
+}
+
+#include <string>
+
+#include "tresor/slurm/job.h"
+
+namespace tresor::spank {
+
+struct State {
+  tresor::slurm::PluginConfig config;
+  tresor::slurm::JobOptions options;
+  std::vector<std::string> recipient_args;  // as given (RECIPIENT or @FILE), read on the submit side
+  bool config_ok = false;
+};
+State& state();
+
+/// Submit side (sbatch, salloc: allocator context; srun: local context): check the options,
+/// sign the manifest, put it into the job's environment. 0 or -1 (the submission fails).
+int submit(spank_t sp);
+/// Remote side (slurmstepd, task_init as the job's user): exec tresor-run with the job's argv
+/// and environment. Returns only on failure (-1).
+int exec_runner(spank_t sp);
+
+}  // namespace tresor::spank

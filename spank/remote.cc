@@ -1,0 +1,68 @@
+// The remote side (slurmstepd, task_init, as the job's user): replace the task with tresor-run,
+// which runs the job in its sandbox or VM (docs/admin-guide.md). The job's own argv and
+// environment go to the runner; Slurm's pre-launch steps that this exec skips (rlimits, TMPDIR)
+// are the runner's to apply (PLATFORM.md).
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "plugin.h"
+
+namespace tresor::spank {
+namespace {
+
+std::string env_value(char** env, std::string_view name) {
+  for (char** e = env; e != nullptr && *e != nullptr; ++e) {
+    std::string_view kv(*e);
+    if (kv.size() > name.size() && kv.starts_with(name) && kv[name.size()] == '=') return std::string(kv.substr(name.size() + 1));
+  }
+  return {};
+}
+
+}  // namespace
+
+int exec_runner(spank_t sp) {
+  char** env = nullptr;
+  if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS) {
+    slurm_error("tresor: cannot read the job's environment");
+    return -1;
+  }
+  const std::string manifest = env_value(env, tresor::slurm::kManifestEnv);
+  if (manifest.empty()) {
+    if (state().options.any()) {
+      slurm_error("tresor: this job asked for Tresor but carries no signed manifest: submit it from a node where the "
+                  "tresor plugin is configured (plugstack.conf), without --export=NONE");
+      return -1;
+    }
+    return 0;  // not a confidential job
+  }
+  if (!env_value(env, tresor::slurm::kInsideEnv).empty()) return 0;  // a step inside a confidential job: not wrapped again
+  if (!state().config_ok) return -1;
+
+  int argc = 0;
+  char** argv = nullptr;
+  uint32_t job_id = 0;
+  if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1) {
+    slurm_error("tresor: cannot read the job's command");
+    return -1;
+  }
+  spank_get_item(sp, S_JOB_ID, &job_id);
+  const auto& c = state().config;
+  std::vector<std::string> args = {c.runner, "--slurm-job-id", std::to_string(job_id)};
+  if (!c.broker_url.empty()) {
+    args.insert(args.end(), {"--broker", c.broker_url, "--ca", c.broker_ca});
+  }
+  args.push_back("--");
+  for (int i = 0; i < argc; ++i) args.emplace_back(argv[i]);
+  std::vector<char*> cargv;
+  for (auto& a : args) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  ::execve(c.runner.c_str(), cargv.data(), env);
+  slurm_error("tresor: cannot start the runner %s: %s (plugstack.conf runner=)", c.runner.c_str(), std::strerror(errno));
+  return -1;
+}
+
+}  // namespace tresor::spank
