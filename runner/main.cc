@@ -4,10 +4,12 @@
 // signals in, and leaves with the job's status: the same exit code, or death by the same signal.
 //
 // Backends: `local` (this file's sandbox: new mount and PID namespaces with a private tmpfs; no
-// VM, NOT confidential — it says so). The libvirt backend and the in-guest agent (KBS flow,
-// dataset keys, sealed outputs) are the next steps of issue 5.
+// VM, NOT confidential — it says so). In it runs tresor-agent, which attests to the broker with
+// evidence this runner's sim secure processor signs (HOST_DATA = SHA-256 of the manifest,
+// MEASUREMENT = the manifest's image), opens the inputs privately, runs the command and seals its
+// outputs. The libvirt backend is the next step of issue 5.
 //
-//   tresor-run [--slurm-job-id N] [--broker URL --ca FILE] -- COMMAND [ARGS...]
+//   tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR -- COMMAND [ARGS...]
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mount.h>
@@ -25,7 +27,14 @@
 #include <string>
 #include <vector>
 
+#include <sys/socket.h>
+
+#include <filesystem>
+
+#include "tresor/agent/evidence.h"
+#include "tresor/manifest.h"
 #include "tresor/slurm/job.h"
+#include "tresor/snp/sim.h"
 
 namespace {
 
@@ -154,7 +163,10 @@ bool write_file(const char* path, const std::string& text) {
     int status = wait_for(init);
     int job_status = 0;
     if (::read(status_pipe[0], &job_status, sizeof job_status) == static_cast<ssize_t>(sizeof job_status)) status = job_status;
-    ::rmdir(tmp.c_str());  // empty on the host side: the tmpfs lived in the sandbox's namespace
+    // The runner shares the sandbox's mount namespace (unshare moved it there too): unmount the
+    // job's tmpfs, which frees its memory, then remove the mount point, which the host sees.
+    ::umount2(tmp.c_str(), MNT_DETACH);
+    ::rmdir(tmp.c_str());
     leave_like(status);
   }
   ::close(status_pipe[0]);
@@ -199,14 +211,17 @@ bool write_file(const char* path, const std::string& text) {
 }
 
 int usage(const char* why) {
-  std::fprintf(stderr, "tresor-run: %s\nUsage: tresor-run [--slurm-job-id N] [--broker URL --ca FILE] -- COMMAND [ARGS...]\n", why);
+  std::fprintf(stderr,
+               "tresor-run: %s\nUsage: tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR "
+               "-- COMMAND [ARGS...]\n",
+               why);
   return 2;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string slurm_job = "?";
+  std::string slurm_job = "?", broker, ca, agent, datasets, sim;
   int i = 1;
   for (; i < argc; ++i) {
     const std::string a = argv[i];
@@ -214,18 +229,26 @@ int main(int argc, char** argv) {
       ++i;
       break;
     }
-    if ((a == "--slurm-job-id" || a == "--broker" || a == "--ca") && i + 1 < argc) {
-      if (a == "--slurm-job-id") slurm_job = argv[i + 1];
-      ++i;
-      continue;
-    }
     if (a == "--help" || a == "-h") {
       usage("runs a confidential job's task (started by the tresor SPANK plugin)");
       return 0;
     }
-    return usage(("unknown argument " + a).c_str());
+    if (i + 1 >= argc) return usage(("option " + a + " needs a value").c_str());
+    const std::string v = argv[++i];
+    if (a == "--slurm-job-id") slurm_job = v;
+    else if (a == "--broker") broker = v;
+    else if (a == "--ca") ca = v;
+    else if (a == "--agent") agent = v;
+    else if (a == "--datasets") datasets = v;
+    else if (a == "--sim") sim = v;
+    else return usage(("unknown argument " + a).c_str());
   }
   if (i >= argc) return usage("no command after --");
+  if (broker.empty() || agent.empty() || sim.empty()) {
+    std::fprintf(stderr, "tresor-run: this cluster's plugstack.conf must name broker=, ca=, agent= and (for the local backend) "
+                         "sim=: a confidential job cannot run without a key broker\n");
+    return 2;
+  }
 
   const char* manifest_env = std::getenv(std::string(tresor::slurm::kManifestEnv).c_str());
   if (manifest_env == nullptr) return usage("no TRESOR_MANIFEST in the environment: start jobs through the tresor SPANK plugin");
@@ -240,11 +263,56 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tresor-run: backend '%s' is not available yet (only local)\n", backend.c_str());
     return 2;
   }
+  const char* output_env = std::getenv("TRESOR_OUTPUT");
+  const std::string output = output_env ? output_env : "tresor-output";
+  std::error_code ec;
+  std::filesystem::create_directories(output, ec);
+  if (ec) {
+    std::fprintf(stderr, "tresor-run: cannot create the output directory %s: %s\n", output.c_str(), ec.message().c_str());
+    return 2;
+  }
   std::fprintf(stderr,
                "tresor-run: job %s (Slurm job %s), backend local: NO VM — this job is NOT confidential (the local backend is for "
                "laptops and CI)\n",
                manifest->job_id.c_str(), slurm_job.c_str());
+
+  // The host side of the evidence channel: the sim secure processor signs for the launch values
+  // this runner chose, as the AMD-SP does for a VM's.
+  auto sp = tresor::snp::sim::SecureProcessor::load(sim);
+  if (!sp) {
+    std::fprintf(stderr, "tresor-run: the sim secure processor in %s: %s\n", sim.c_str(), sp.error().message.c_str());
+    return 2;
+  }
+  auto host_data = tresor::manifest_digest(*manifest);
+  if (!host_data) return 2;
+  int channel[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM, 0, channel) != 0) {
+    std::perror("tresor-run: socketpair");
+    return 2;
+  }
+  // A separate process serves the channel: the runner stays single-threaded, as unshare() with a
+  // user namespace requires. It ends when every holder of the agent's end has closed it.
+  const pid_t server = ::fork();
+  if (server < 0) {
+    std::perror("tresor-run: fork");
+    return 2;
+  }
+  if (server == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    ::close(channel[1]);
+    auto served = tresor::agent::serve_sim_evidence(channel[0], *sp, manifest->image_measurement, *host_data);
+    if (!served) std::fprintf(stderr, "tresor-run: evidence channel: %s\n", served.error().message.c_str());
+    std::_Exit(served ? 0 : 1);
+  }
+  ::close(channel[0]);
+
+  std::vector<std::string> args = {agent, "--broker", broker, "--ca", ca, "--data-root", datasets.empty() ? "/nonexistent" : datasets,
+                                   "--output", std::filesystem::absolute(output).string(), "--evidence-fd", std::to_string(channel[1]), "--"};
+  for (int k = i; k < argc; ++k) args.emplace_back(argv[k]);
+  static std::vector<char*> cargs;
+  for (auto& a : args) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
   apply_slurm_rlimits();
   std::signal(SIGPIPE, SIG_DFL);
-  run_local(argv + i);
+  run_local(cargs.data());
 }

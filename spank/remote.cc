@@ -30,6 +30,8 @@ int exec_runner(spank_t sp) {
     slurm_error("tresor: cannot read the job's environment");
     return -1;
   }
+  // A step started from inside a confidential job (its srun) is not wrapped again.
+  if (!env_value(env, tresor::slurm::kInsideEnv).empty()) return 0;
   const std::string manifest = env_value(env, tresor::slurm::kManifestEnv);
   if (manifest.empty()) {
     if (state().options.any()) {
@@ -39,7 +41,6 @@ int exec_runner(spank_t sp) {
     }
     return 0;  // not a confidential job
   }
-  if (!env_value(env, tresor::slurm::kInsideEnv).empty()) return 0;  // a step inside a confidential job: not wrapped again
   if (!state().config_ok) return -1;
 
   int argc = 0;
@@ -52,9 +53,10 @@ int exec_runner(spank_t sp) {
   spank_get_item(sp, S_JOB_ID, &job_id);
   const auto& c = state().config;
   std::vector<std::string> args = {c.runner, "--slurm-job-id", std::to_string(job_id)};
-  if (!c.broker_url.empty()) {
-    args.insert(args.end(), {"--broker", c.broker_url, "--ca", c.broker_ca});
-  }
+  if (!c.broker_url.empty()) args.insert(args.end(), {"--broker", c.broker_url, "--ca", c.broker_ca});
+  args.insert(args.end(), {"--agent", c.agent});
+  if (!c.datasets.empty()) args.insert(args.end(), {"--datasets", c.datasets});
+  if (!c.sim.empty()) args.insert(args.end(), {"--sim", c.sim});
   args.push_back("--");
   for (int i = 0; i < argc; ++i) args.emplace_back(argv[i]);
   std::vector<char*> cargv;

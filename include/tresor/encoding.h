@@ -59,6 +59,10 @@ inline void store_le32(std::byte* p, uint32_t v) {
 inline void store_be32(std::byte* p, uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = std::byte((v >> (24 - 8 * i)) & 0xff);
 }
+inline uint32_t load_be32(const std::byte* p) {
+  return (std::to_integer<uint32_t>(p[0]) << 24) | (std::to_integer<uint32_t>(p[1]) << 16) | (std::to_integer<uint32_t>(p[2]) << 8) |
+         std::to_integer<uint32_t>(p[3]);
+}
 inline uint16_t load_le16(const std::byte* p) {
   return static_cast<uint16_t>(std::to_integer<uint16_t>(p[0]) |
                                (std::to_integer<uint16_t>(p[1]) << 8));

@@ -34,40 +34,15 @@ using tresor::testing::TempDir;
 // A running tresor-broker process; its port is read from the line it prints at start.
 class Daemon {
  public:
-  explicit Daemon(const std::string& config) {
-    int out[2];
-    EXPECT_EQ(::pipe(out), 0);
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      ::dup2(out[1], 1);
-      ::close(out[0]);
-      ::execl(TRESOR_BROKER_BIN, TRESOR_BROKER_BIN, "--config", config.c_str(), static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    ::close(out[1]);
-    std::string line;
-    char c;
-    while (::read(out[0], &c, 1) == 1 && c != '\n') line.push_back(c);
-    ::close(out[0]);
-    const size_t colon = line.rfind(':', line.find(" (TLS"));
-    port_ = colon == std::string::npos ? 0 : std::atoi(line.c_str() + colon + 1);
-    EXPECT_GT(port_, 0) << "tresor-broker printed: " << line;
-  }
-  ~Daemon() {
-    if (pid_ > 0) kill(SIGKILL);
+  explicit Daemon(const std::string& config) : process_({TRESOR_BROKER_BIN, "--config", config}) {
+    port_ = tresor::testing::port_in(process_.first_line());
+    EXPECT_GT(port_, 0) << "tresor-broker printed: " << process_.first_line();
   }
   int port() const { return port_; }
-  // Sends `sig` and returns the exit status (or 128 + signal).
-  int kill(int sig) {
-    ::kill(pid_, sig);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
+  int kill(int sig) { return process_.kill(sig); }
 
  private:
-  pid_t pid_ = -1;
+  tresor::testing::Background process_;
   int port_ = 0;
 };
 

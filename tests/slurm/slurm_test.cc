@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -42,6 +43,8 @@ std::string slurp(const std::string& path) {
   return s.str();
 }
 
+constexpr const char* kMarker = "PLAINTEXT-MARKER-7319";
+
 class Slurm : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -50,20 +53,66 @@ class Slurm : public ::testing::Test {
       return;
     }
     dir_ = new TempDir();
+    auto ok = [](const CommandResult& r) {
+      EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+      return r;
+    };
+    // The data owner's side: a sim root (this machine has no SEV-SNP), a broker that trusts it,
+    // a dataset sealed from a marker text with a key only the broker holds, a policy approving
+    // the catalogue's image, and the user alice with a grant. bob is registered without one.
+    const std::string sim = dir_->file("sim");
+    ok(run_command({TRESOR_BIN, "sim", "init", sim, "--rsa-bits", "2048"}));
+    const std::string broker = dir_->file("broker");
+    ok(run_command({TRESOR_BROKER_BIN, "--init", broker, "--port", "0", "--sim-trust", sim}));
+    broker_ = new tresor::testing::Background({TRESOR_BROKER_BIN, "--config", broker + "/broker.toml"});
+    const int port = tresor::testing::port_in(broker_->first_line());
+    ASSERT_GT(port, 0) << broker_->first_line();
+    auto admin = [&](std::vector<std::string> args) {
+      args.insert(args.begin(), {TRESOR_BIN, "admin", "--socket", broker + "/admin.sock"});
+      return ok(run_command(args));
+    };
+    for (const char* who : {"alice", "bob"}) {
+      auto id = ok(run_command({TRESOR_BIN, "keygen", "-o", dir_->file(who)}));
+      admin({"user", "add", who, id.out.substr(0, id.out.find('\n'))});
+    }
+    const std::string input = dir_->file("input.txt");
+    std::ofstream(input) << kMarker << " coronary lumen\n";
+    std::filesystem::create_directories(dir_->file("datasets/dhz/ccta-2024"));
+    ok(run_command({TRESOR_BIN, "seal", "--dataset", "dhz/ccta-2024", "--broker", "unix:" + broker + "/admin.sock", "-r",
+                    recipient("alice"), "-o", dir_->file("datasets/dhz/ccta-2024/input.txt.sealed"), input}));
+    // A second dataset whose one file has been tampered with.
+    std::filesystem::create_directories(dir_->file("datasets/dhz/tampered"));
+    ok(run_command({TRESOR_BIN, "seal", "--dataset", "dhz/tampered", "--broker", "unix:" + broker + "/admin.sock", "-r",
+                    recipient("alice"), "-o", dir_->file("datasets/dhz/tampered/input.txt.sealed"), input}));
+    {
+      std::fstream f(dir_->file("datasets/dhz/tampered/input.txt.sealed"), std::ios::in | std::ios::out | std::ios::binary);
+      f.seekp(-20, std::ios::end);
+      f.put('\x5a');
+    }
+    std::ofstream(dir_->file("policy.json"))
+        << R"({"attestation": {"measurements": [")" << std::string(96, 'a')
+        << R"("], "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}, "allow_smt": true, "products": ["Sim"]}})";
+    for (const char* ds : {"dhz/ccta-2024", "dhz/tampered"}) {
+      admin({"policy", "set", ds, dir_->file("policy.json")});
+      admin({"grant", "alice", ds});
+    }
+    admin_socket_ = broker + "/admin.sock";
+
+    // The cluster: the plugin with the runner, agent, broker, datasets and sim root.
     const std::string images = dir_->file("images.json");
     std::ofstream(images) << R"({"images": {"ccta-v1": {"measurement": ")" << std::string(96, 'a') << R"("}}, "default": "ccta-v1"})";
     const std::string plugstack = dir_->file("plugstack.conf");
-    std::ofstream(plugstack) << "required " << TRESOR_SPANK_SO << " runner=" << TRESOR_RUN_BIN << " images=" << images
-                             << " backends=local\n";
-    auto id = run_command({TRESOR_BIN, "keygen", "-o", dir_->file("identity")});
-    ASSERT_EQ(id.exit_code, 0) << id.err;
-    auto started = run_command({TRESOR_SLURM_CLUSTER, "start", dir_->file("cluster"), std::to_string(free_port()),
-                                std::to_string(free_port()), plugstack});
-    ASSERT_EQ(started.exit_code, 0) << started.err;
+    std::ofstream(plugstack) << "required " << TRESOR_SPANK_SO << " runner=" << TRESOR_RUN_BIN << " agent=" << TRESOR_AGENT_BIN
+                             << " images=" << images << " backends=local broker=https://127.0.0.1:" << port << " ca=" << broker
+                             << "/tls.crt datasets=" << dir_->file("datasets") << " sim=" << sim << "\n";
+    ok(run_command({TRESOR_SLURM_CLUSTER, "start", dir_->file("cluster"), std::to_string(free_port()), std::to_string(free_port()),
+                    plugstack}));
   }
   static void TearDownTestSuite() {
     if (dir_ != nullptr) {
       run_command({TRESOR_SLURM_CLUSTER, "stop", dir_->file("cluster")});
+      delete broker_;
+      broker_ = nullptr;
       delete dir_;
       dir_ = nullptr;
     }
@@ -71,14 +120,25 @@ class Slurm : public ::testing::Test {
   void SetUp() override {
     if (!skip_.empty()) GTEST_SKIP() << skip_;
   }
-  // A Slurm command with the cluster's configuration and the user's identity.
-  static CommandResult slurm(std::vector<std::string> args, const std::string& identity = "") {
+  static std::string recipient(const std::string& who) {
+    auto r = run_command({TRESOR_BIN, "pubkey", dir_->file(who)});
+    return r.out.substr(0, r.out.find('\n'));
+  }
+  // A Slurm command as `who` (their identity), with the cluster's configuration, from `cwd`.
+  static CommandResult slurm(std::vector<std::string> args, const std::string& who = "alice") {
     args.insert(args.begin(), {"/usr/bin/env", "SLURM_CONF=" + dir_->file("cluster") + "/slurm.conf",
-                               "TRESOR_IDENTITY=" + (identity.empty() ? dir_->file("identity") : identity)});
+                               "TRESOR_IDENTITY=" + (who.starts_with("/") ? who : dir_->file(who))});
     return run_command(args);
   }
+  // Opens a sealed output with alice's identity.
+  static std::string open_as_alice(const std::string& sealed) {
+    auto r = run_command({TRESOR_BIN, "open", "-i", dir_->file("alice"), "-o", "-", sealed});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.out;
+  }
   static inline TempDir* dir_ = nullptr;
-  static inline std::string skip_;
+  static inline tresor::testing::Background* broker_ = nullptr;
+  static inline std::string skip_, admin_socket_;
 };
 
 TEST_F(Slurm, AJobWithoutTresorOptionsRunsAsUsual) {
@@ -106,20 +166,60 @@ TEST_F(Slurm, BadOptionsAreRefusedAtSubmissionWithHowToFixThem) {
     std::vector<std::string> args = {"/usr/bin/srun"};
     args.insert(args.end(), k.options.begin(), k.options.end());
     args.insert(args.end(), {"sh", "-c", "echo SHOULD-NOT-RUN"});
-    auto r = slurm(args, k.identity);
+    auto r = slurm(args, k.identity.empty() ? "alice" : k.identity);
     EXPECT_NE(r.exit_code, 0);
     EXPECT_NE(r.err.find(k.want), std::string::npos) << r.err;
     EXPECT_EQ(r.out.find("SHOULD-NOT-RUN"), std::string::npos) << "nothing ran";
   }
 }
 
-TEST_F(Slurm, AConfidentialStepRunsInTheLocalSandbox) {
-  auto r = slurm({"/usr/bin/srun", "--tresor-dataset=dhz/ccta-2024", "sh", "-c",
-                  "echo inside=$TRESOR_INSIDE_JOB pid=$$; grep \" $TMPDIR tmpfs\" /proc/self/mounts && echo private-tmp"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
+std::string sandbox_dirs() { return run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-* 2>/dev/null"}).out; }
+
+TEST_F(Slurm, AConfidentialStepReadsItsDecryptedInputAndItsOutputIsSealedToTheUser) {
+  const std::string out = dir_->file("step-out");
+  const std::string sandboxes_before = sandbox_dirs();
+  auto r = slurm({"/usr/bin/srun", "--tresor-dataset=dhz/ccta-2024", "--tresor-output=" + out, "sh", "-c",
+                  "echo inside=$TRESOR_INSIDE_JOB pid=$$; grep -q \" $TMPDIR tmpfs\" /proc/self/mounts && echo private-tmp; "
+                  "tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/result.txt"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.err.find("NOT confidential"), std::string::npos) << "the local backend says so: " << r.err;
-  EXPECT_NE(r.out.find("inside=1 pid=2"), std::string::npos) << "PID 2 under the sandbox's init: " << r.out;
+  EXPECT_NE(r.err.find("key of dataset dhz/ccta-2024 released"), std::string::npos) << r.err;
+  EXPECT_NE(r.out.find("inside=1 pid="), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("private-tmp"), std::string::npos) << "TMPDIR is a private tmpfs: " << r.out;
+  EXPECT_EQ(open_as_alice(out + "/result.txt.sealed"), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
+  // No plaintext anywhere the host or other users can see: not in the job directory, not in any
+  // file under the test's directories (the sealed inputs, the broker, the cluster's spool), not
+  // in a leftover sandbox directory.
+  auto scan = run_command({"/usr/bin/grep", "-rl", "--binary-files=text", "-e", kMarker, "-e", "CORONARY", dir_->path().string()});
+  std::string hits;
+  std::istringstream lines(scan.out);
+  for (std::string line; std::getline(lines, line);) {
+    if (line != dir_->file("input.txt")) hits += line + "\n";  // the data owner's own plaintext
+  }
+  EXPECT_EQ(hits, "") << "plaintext found in:\n" << hits;
+  EXPECT_EQ(sandbox_dirs(), sandboxes_before) << "no sandbox directory left";
+}
+
+TEST_F(Slurm, AUserWithoutAGrantGetsAClearFailureAndTheBrokerRecordsTheDenial) {
+  const std::string out = dir_->file("bob-out");
+  auto r = slurm({"/usr/bin/srun", "--tresor-dataset=dhz/ccta-2024", "--tresor-output=" + out, "sh", "-c", "echo SHOULD-NOT-RUN"},
+                 "bob");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("the key of dataset 'dhz/ccta-2024' was not released"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("ask the data owner for a grant"), std::string::npos) << r.err;
+  EXPECT_EQ(r.out.find("SHOULD-NOT-RUN"), std::string::npos);
+  auto audit = run_command({TRESOR_BIN, "admin", "--socket", admin_socket_, "audit", "show"});
+  EXPECT_NE(audit.out.find("holds no grant"), std::string::npos) << audit.out;
+}
+
+TEST_F(Slurm, ATamperedInputFailsTheJobBeforeItRunsAndLeavesNoOutput) {
+  const std::string out = dir_->file("tampered-out");
+  auto r = slurm({"/usr/bin/srun", "--tresor-dataset=dhz/tampered", "--tresor-output=" + out, "sh", "-c",
+                  "echo SHOULD-NOT-RUN > $TRESOR_OUTPUT_DIR/x"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("input.txt.sealed cannot be opened"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("the job did not run"), std::string::npos) << r.err;
+  EXPECT_EQ(run_command({"/bin/sh", "-c", "ls -A " + out}).out, "") << "no output";
 }
 
 TEST_F(Slurm, ExitCodesAndDeathsBySignalAreReportedAsWithoutTresor) {

@@ -176,4 +176,42 @@ CommandResult run_tresor(const std::vector<std::string>& args, const std::string
   return run_command(argv, stdin_data);
 }
 
+Background::Background(const std::vector<std::string>& argv) {
+  int out[2];
+  if (::pipe(out) != 0) throw std::runtime_error("pipe failed");
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    ::dup2(out[1], 1);
+    ::close(out[0]);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  char c;
+  while (::read(out[0], &c, 1) == 1 && c != '\n') line_.push_back(c);
+  ::close(out[0]);
+}
+
+Background::~Background() {
+  if (pid_ > 0) kill(SIGKILL);
+}
+
+int Background::kill(int sig) {
+  ::kill(pid_, sig);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+int port_in(const std::string& line) {
+  const size_t scheme = line.find("://");
+  if (scheme == std::string::npos) return 0;
+  const size_t colon = line.find(':', scheme + 3);
+  return colon == std::string::npos ? 0 : std::atoi(line.c_str() + colon + 1);
+}
+
 }  // namespace tresor::testing

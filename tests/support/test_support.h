@@ -79,4 +79,25 @@ CommandResult run_command(const std::vector<std::string>& argv, const std::strin
 /// Runs the tresor binary built with the tests.
 CommandResult run_tresor(const std::vector<std::string>& args, const std::string& stdin_data = "");
 
+/// A process started in the background (a daemon under test). The constructor returns once the
+/// process has written its first line on stdout (which first_line() keeps); the destructor kills
+/// it with SIGKILL if it still runs.
+class Background {
+ public:
+  explicit Background(const std::vector<std::string>& argv);
+  ~Background();
+  Background(const Background&) = delete;
+  Background& operator=(const Background&) = delete;
+  const std::string& first_line() const { return line_; }
+  /// Sends `sig` and returns the exit status (or 128 + the signal that ended it).
+  int kill(int sig);
+
+ private:
+  int pid_ = -1;
+  std::string line_;
+};
+
+/// The port in a line such as "… listening on https://127.0.0.1:PORT (TLS 1.3) …"; 0 if none.
+int port_in(const std::string& line);
+
 }  // namespace tresor::testing

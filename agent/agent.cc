@@ -1,0 +1,158 @@
+// The agent's work inside the sandbox or VM (include/tresor/agent/agent.h).
+#include "tresor/agent/agent.h"
+
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <map>
+#include <memory>
+
+#include "tresor/io.h"
+#include "tresor/kbs/client.h"
+#include "tresor/sealed.h"
+
+namespace tresor::agent {
+namespace {
+
+namespace fs = std::filesystem;
+using sealed::KeyRing;
+using sealed::OpenOptions;
+using sealed::SealOptions;
+using sealed::open_stream;
+using sealed::seal_stream;
+
+// Keys of one dataset, fetched as the files need them: "latest" first, then older versions for
+// files sealed before a rotation (the sealed format does not say which version sealed a file).
+class DatasetKeys {
+ public:
+  DatasetKeys(kbs::Client& client, const kbs::Attestation& session, std::string dataset)
+      : client_(client), session_(session), dataset_(std::move(dataset)) {}
+
+  Result<const DatasetKey*> latest() {
+    if (!keys_.empty()) return keys_.rbegin()->second.get();
+    auto k = kbs::fetch_dataset_key(client_, session_, dataset_, "latest");
+    if (!k) return std::unexpected(k.error());
+    newest_ = k->version;
+    auto& slot = keys_[k->version];
+    slot = std::make_unique<DatasetKey>(DatasetKey{dataset_, std::move(k->key)});
+    return slot.get();
+  }
+  // The next older version not fetched yet, or nullptr when there is none.
+  Result<const DatasetKey*> older() {
+    const uint32_t oldest = keys_.empty() ? 0 : keys_.begin()->first;
+    if (oldest <= 1) return nullptr;
+    auto k = kbs::fetch_dataset_key(client_, session_, dataset_, std::to_string(oldest - 1));
+    if (!k) return std::unexpected(k.error());
+    auto& slot = keys_[k->version];
+    slot = std::make_unique<DatasetKey>(DatasetKey{dataset_, std::move(k->key)});
+    return slot.get();
+  }
+  KeyRing ring() const {
+    KeyRing r;
+    for (const auto& [v, k] : keys_) r.dataset_keys.push_back(k.get());
+    return r;
+  }
+
+ private:
+  kbs::Client& client_;
+  const kbs::Attestation& session_;
+  std::string dataset_;
+  uint32_t newest_ = 0;
+  std::map<uint32_t, std::unique_ptr<DatasetKey>> keys_;
+};
+
+Result<void> open_one(const fs::path& sealed, const fs::path& plain, DatasetKeys& keys) {
+  for (;;) {
+    auto in = FdFile::open_read(sealed.string());
+    if (!in) return std::unexpected(in.error());
+    auto out = AtomicOutputFile::create(plain.string(), 0600, /*overwrite=*/false);
+    if (!out) return std::unexpected(out.error());
+    OpenOptions o;
+    o.name = sealed.string();
+    auto r = open_stream(*in, *out, keys.ring(), o);
+    if (r) return out->commit();
+    if (r.error().code != ErrorCode::kNoMatchingKey) return std::unexpected(r.error());
+    auto older = keys.older();  // sealed under an earlier key version?
+    if (!older) return std::unexpected(older.error());
+    if (*older == nullptr) return std::unexpected(r.error());
+  }
+}
+
+}  // namespace
+
+Result<void> prepare(const Options& o, const Manifest& manifest, std::string_view manifest_json, EvidenceProvider& evidence,
+                     std::ostream& log) {
+  auto client = kbs::Client::create({.url = o.broker_url, .ca_file = o.broker_ca});
+  if (!client) return std::unexpected(client.error());
+  const kbs::EvidenceSource source = [&](const std::array<std::byte, 64>& rd) { return evidence.evidence(rd); };
+  auto session = kbs::attest(**client, manifest_json, source);
+  if (!session) {
+    return fail(session.error().code, "the key broker did not accept this job's attestation: " + session.error().message +
+                                          " (the job's manifest, its signer's registration or the evidence was refused; the "
+                                          "broker's audit log has the reason)");
+  }
+  log << "tresor-agent: attested to the key broker as job " << manifest.job_id << "\n";
+  const fs::path data = fs::path(o.private_dir) / "data";
+  std::error_code ec;
+  fs::create_directories(data, ec);
+  fs::create_directories(fs::path(o.private_dir) / "out", ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot create the private directories under " + o.private_dir + ": " + ec.message());
+  size_t opened = 0;
+  for (const auto& dataset : manifest.datasets) {
+    DatasetKeys keys(**client, *session, dataset);
+    auto first = keys.latest();
+    if (!first) {
+      fs::remove_all(data, ec);
+      return fail(first.error().code, "the key of dataset '" + dataset + "' was not released: " + first.error().message +
+                                          " (ask the data owner for a grant, and check that the job's image is approved)");
+    }
+    log << "tresor-agent: key of dataset " << dataset << " released\n";
+    const fs::path dir = fs::path(o.data_root) / dataset;
+    if (!fs::is_directory(dir, ec)) continue;  // a dataset without files here: its key only
+    for (const auto& e : fs::recursive_directory_iterator(dir, ec)) {
+      if (!e.is_regular_file() || e.path().extension() != ".sealed") continue;
+      const fs::path rel = fs::relative(e.path(), dir);
+      fs::path plain = data / dataset / rel;
+      plain.replace_extension();
+      fs::create_directories(plain.parent_path(), ec);
+      if (auto r = open_one(e.path(), plain, keys); !r) {
+        fs::remove_all(data, ec);  // nothing half-opened stays behind
+        return fail(r.error().code, "input " + e.path().string() + " cannot be opened: " + r.error().message +
+                                        " (the job did not run)");
+      }
+      ++opened;
+    }
+  }
+  log << "tresor-agent: " << opened << " sealed input file(s) opened into private memory\n";
+  return {};
+}
+
+Result<size_t> seal_outputs(const Options& o, const Manifest& manifest, std::ostream& log) {
+  const fs::path out = fs::path(o.private_dir) / "out";
+  std::error_code ec;
+  size_t sealed = 0;
+  SealOptions so;
+  so.recipients = manifest.output_recipients;
+  for (const auto& e : fs::recursive_directory_iterator(out, ec)) {
+    if (!e.is_regular_file()) continue;
+    const fs::path rel = fs::relative(e.path(), out);
+    fs::path dest = fs::path(o.output_dir) / rel;
+    dest += ".sealed";
+    fs::create_directories(dest.parent_path(), ec);
+    if (ec) return fail(ErrorCode::kIo, "cannot create " + dest.parent_path().string() + ": " + ec.message());
+    auto in = FdFile::open_read(e.path().string());
+    if (!in) return std::unexpected(in.error());
+    auto w = AtomicOutputFile::create(dest.string(), 0644, /*overwrite=*/true);
+    if (!w) return std::unexpected(w.error());
+    auto n = seal_stream(*in, *w, so);
+    if (!n) return std::unexpected(n.error());
+    TRESOR_TRY(w->commit());
+    ++sealed;
+  }
+  if (ec) return fail(ErrorCode::kIo, "cannot list " + out.string() + ": " + ec.message());
+  log << "tresor-agent: " << sealed << " output file(s) sealed to " << manifest.output_recipients.size() << " recipient(s) in "
+      << o.output_dir << "\n";
+  return sealed;
+}
+
+}  // namespace tresor::agent

@@ -1,0 +1,128 @@
+// tresor-agent — runs a confidential job inside its sandbox or VM (include/tresor/agent/agent.h,
+// docs/admin-guide.md): attest, receive keys, open inputs privately, run the command, seal its
+// outputs, leave with its status.
+//
+//   tresor-agent --broker URL --ca FILE --data-root DIR --output DIR --evidence-fd N [--private DIR] -- COMMAND [ARGS...]
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+
+#include "tresor/agent/agent.h"
+#include "tresor/slurm/job.h"
+
+namespace {
+
+constexpr std::array<int, 8> kRelayed = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCONT, SIGALRM};
+volatile sig_atomic_t g_child = 0;
+void relay(int sig) {
+  if (g_child > 0) ::kill(g_child, sig);
+}
+
+[[noreturn]] void leave_like(int status) {
+  if (WIFSIGNALED(status)) {
+    std::signal(WTERMSIG(status), SIG_DFL);
+    ::raise(WTERMSIG(status));
+  }
+  std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
+}
+
+int usage(const std::string& why) {
+  std::fprintf(stderr,
+               "tresor-agent: %s\nUsage: tresor-agent --broker URL --ca FILE --data-root DIR --output DIR --evidence-fd N "
+               "[--private DIR] -- COMMAND [ARGS...]\n",
+               why.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  tresor::agent::Options o;
+  int evidence_fd = -1;
+  int i = 1;
+  for (; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--") {
+      ++i;
+      break;
+    }
+    if (i + 1 >= argc) return usage("option " + a + " needs a value");
+    const std::string v = argv[++i];
+    if (a == "--broker") o.broker_url = v;
+    else if (a == "--ca") o.broker_ca = v;
+    else if (a == "--data-root") o.data_root = v;
+    else if (a == "--output") o.output_dir = v;
+    else if (a == "--private") o.private_dir = v;
+    else if (a == "--evidence-fd") evidence_fd = std::atoi(v.c_str());
+    else return usage("unknown option " + a);
+  }
+  if (i >= argc) return usage("no command after --");
+  if (o.broker_url.empty() || o.broker_ca.empty() || o.output_dir.empty() || evidence_fd < 0) {
+    return usage("--broker, --ca, --output and --evidence-fd are required");
+  }
+  for (int k = i; k < argc; ++k) o.command.emplace_back(argv[k]);
+  if (o.private_dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    o.private_dir = std::string(tmp ? tmp : "/tmp") + "/tresor-private";
+  }
+  ::umask(077);
+
+  const char* env = std::getenv(std::string(tresor::slurm::kManifestEnv).c_str());
+  if (env == nullptr) return usage("no TRESOR_MANIFEST in the environment");
+  auto manifest = tresor::slurm::decode_manifest_env(env);
+  if (!manifest) {
+    std::fprintf(stderr, "tresor-agent: the job's manifest is unreadable: %s\n", manifest.error().message.c_str());
+    return 1;
+  }
+  auto manifest_json = tresor::manifest_json(*manifest, true);
+  if (!manifest_json) return 1;
+
+  tresor::agent::ChannelEvidence evidence(evidence_fd);
+  if (auto r = tresor::agent::prepare(o, *manifest, *manifest_json, evidence, std::cerr); !r) {
+    std::fprintf(stderr, "tresor-agent: %s\n", r.error().message.c_str());
+    return 1;
+  }
+  ::close(evidence_fd);  // nothing more is asked of the host
+
+  const std::string data = o.private_dir + "/data", out = o.private_dir + "/out";
+  const pid_t job = ::fork();
+  if (job < 0) return 1;
+  if (job == 0) {
+    ::setenv("TRESOR_DATA", data.c_str(), 1);
+    ::setenv("TRESOR_OUTPUT_DIR", out.c_str(), 1);
+    ::unsetenv(std::string(tresor::slurm::kManifestEnv).c_str());
+    ::umask(022);
+    std::vector<char*> args;
+    for (auto& a : o.command) args.push_back(a.data());
+    args.push_back(nullptr);
+    ::execvp(args[0], args.data());
+    std::fprintf(stderr, "tresor-agent: cannot run %s: %s\n", args[0], std::strerror(errno));
+    std::_Exit(errno == ENOENT ? 127 : 126);
+  }
+  struct sigaction sa {};
+  sa.sa_handler = relay;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int s : kRelayed) sigaction(s, &sa, nullptr);
+  g_child = job;
+  int status = 0;
+  while (::waitpid(job, &status, 0) < 0 && errno == EINTR) {
+  }
+  g_child = 0;
+  // Whatever the job wrote, sealed: the results of a failed job are the user's too.
+  auto sealed = tresor::agent::seal_outputs(o, *manifest, std::cerr);
+  if (!sealed) {
+    std::fprintf(stderr, "tresor-agent: the outputs could not be sealed: %s (nothing unsealed was written)\n",
+                 sealed.error().message.c_str());
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return 1;
+  }
+  leave_like(status);
+}

@@ -1,0 +1,37 @@
+// tresor/agent/agent.h — what runs inside the sandbox or VM (issue 5, item 3): attest to the key
+// broker with the job's manifest, receive the dataset keys, open the job's sealed inputs into
+// private memory, run the user's command, seal everything it wrote to the manifest's recipients
+// into the shared job directory, and report the job's status. Plaintext is only ever written
+// under `private_dir` (the sandbox's tmpfs, the VM's RAM), never to the shared directories.
+#pragma once
+
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "tresor/agent/evidence.h"
+#include "tresor/error.h"
+#include "tresor/manifest.h"
+
+namespace tresor::agent {
+
+struct Options {
+  std::string broker_url;   // https://HOST:PORT
+  std::string broker_ca;    // PEM
+  std::string data_root;    // read-only share: <data_root>/<dataset id>/<name>.sealed
+  std::string output_dir;   // shared job directory: only sealed files are written there
+  std::string private_dir;  // guest-private: data/<dataset id>/<name> and out/
+  std::vector<std::string> command;
+};
+
+/// Everything before the user's command runs: attest, fetch keys, open inputs. On success the
+/// inputs are in <private_dir>/data, and <private_dir>/out exists (empty). Errors say which
+/// dataset or file and what to do; nothing is left under private_dir's data/ on failure.
+[[nodiscard]] Result<void> prepare(const Options& options, const Manifest& manifest, std::string_view manifest_json,
+                                   EvidenceProvider& evidence, std::ostream& log);
+
+/// After the command: seals every regular file under <private_dir>/out to the manifest's
+/// recipients as <output_dir>/<relative path>.sealed. Returns how many files were sealed.
+[[nodiscard]] Result<size_t> seal_outputs(const Options& options, const Manifest& manifest, std::ostream& log);
+
+}  // namespace tresor::agent
