@@ -1,5 +1,5 @@
 // The SPANK plugin and tresor-run on a real one-node Slurm cluster on 127.0.0.1 (munged,
-// slurmctld, slurmd started by tests/support/slurm-cluster; issue 5): options checked at
+// slurmctld, slurmd started by scripts/slurm-cluster; issue 5): options checked at
 // submission with messages that say how to fix them, confidential steps wrapped by tresor-run in
 // the local sandbox, exit codes and deaths by signal exactly as without Tresor, no re-wrapping of
 // an srun inside a confidential job, and nothing left behind after scancel.
