@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -85,6 +86,11 @@ int main(int argc, char** argv) {
   auto manifest_json = tresor::manifest_json(*manifest, true);
   if (!manifest_json) return 1;
 
+  // TRESOR_TIMING=1: one line of phase durations at the end (tresor bench launch reads it).
+  const bool timing = std::getenv("TRESOR_TIMING") != nullptr;
+  using Clock = std::chrono::steady_clock;
+  auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
+  const auto t_prepare = Clock::now();
   tresor::agent::ChannelEvidence evidence(evidence_fd);
   if (auto r = tresor::agent::prepare(o, *manifest, *manifest_json, evidence, std::cerr); !r) {
     std::fprintf(stderr, "tresor-agent: %s\n", r.error().message.c_str());
@@ -92,7 +98,9 @@ int main(int argc, char** argv) {
   }
   ::close(evidence_fd);  // nothing more is asked of the host
 
+  const double prepare_ms = ms_since(t_prepare);
   const std::string data = o.private_dir + "/data", out = o.private_dir + "/out";
+  const auto t_job = Clock::now();
   const pid_t job = ::fork();
   if (job < 0) return 1;
   if (job == 0) {
@@ -117,8 +125,13 @@ int main(int argc, char** argv) {
   while (::waitpid(job, &status, 0) < 0 && errno == EINTR) {
   }
   g_child = 0;
+  const double job_ms = ms_since(t_job);
   // Whatever the job wrote, sealed: the results of a failed job are the user's too.
+  const auto t_seal = Clock::now();
   auto sealed = tresor::agent::seal_outputs(o, *manifest, std::cerr);
+  if (timing) {
+    std::fprintf(stderr, "tresor-agent: timing attest_keys_inputs_ms=%.1f job_ms=%.1f seal_ms=%.1f\n", prepare_ms, job_ms, ms_since(t_seal));
+  }
   if (!sealed) {
     std::fprintf(stderr, "tresor-agent: the outputs could not be sealed: %s (nothing unsealed was written)\n",
                  sealed.error().message.c_str());

@@ -161,6 +161,7 @@ double openssl_gcm_seconds(ByteSpan key, ByteSpan in, MutableByteSpan out, size_
 int cmd_bench(int argc, char** argv) {
   if (argc >= 2 && std::string_view(argv[1]) == "verify") return cmd_bench_verify(argc - 1, argv + 1);
   if (argc >= 2 && std::string_view(argv[1]) == "broker") return cmd_bench_broker(argc - 1, argv + 1);
+  if (argc >= 2 && std::string_view(argv[1]) == "launch") return cmd_bench_launch(argc - 1, argv + 1);
   po::options_description opts("Options");
   std::string what, size_text = "1GiB", chunk_text = "1MiB";
   unsigned max_threads = 0, reps = 3;
@@ -179,7 +180,7 @@ int cmd_bench(int argc, char** argv) {
                                 pos, vm)) {
     return *stop;
   }
-  if (what != "seal") return usage_error("bench", "unknown benchmark '" + what + "' (available: seal, verify, broker)");
+  if (what != "seal") return usage_error("bench", "unknown benchmark '" + what + "' (available: seal, verify, broker, launch)");
   auto size = parse_size(size_text, "--size");
   if (!size) return report(size.error());
   auto chunk = parse_size(chunk_text, "--chunk-size");

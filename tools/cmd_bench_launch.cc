@@ -1,0 +1,118 @@
+// tresor bench launch: what a confidential job's launch adds (issue 5, item 7). Paired runs of
+// `srun true` and `srun --tresor-dataset=ID true` on a configured cluster (SLURM_CONF and the
+// user's TRESOR_IDENTITY in the environment; scripts/bench-launch sets one up on this machine),
+// the plain run as the baseline measured in the same run, and the added time split into the
+// agent's phases (from its TRESOR_TIMING line) and the rest (plugin, runner, sandbox).
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <regex>
+
+#include "cli.h"
+#include "options.h"
+
+namespace tresor::cli {
+namespace {
+
+struct Run {
+  double ms = 0;
+  int status = -1;
+  std::string err;
+};
+
+Run run_timed(const std::vector<std::string>& argv) {
+  int errp[2];
+  Run r;
+  if (::pipe(errp) != 0) return r;
+  const auto start = std::chrono::steady_clock::now();
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(errp[1], 2);
+    ::close(errp[0]);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execvp(args[0], args.data());
+    ::_exit(127);
+  }
+  ::close(errp[1]);
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(errp[0], buf, sizeof buf)) > 0) r.err.append(buf, static_cast<size_t>(n));
+  ::close(errp[0]);
+  ::waitpid(pid, &r.status, 0);
+  r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+double p90(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(0.9 * static_cast<double>(v.size() - 1) + 0.5))];
+}
+
+}  // namespace
+
+int cmd_bench_launch(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::string dataset, srun = "srun";
+  unsigned runs = 20;
+  opts.add_options()
+      ("dataset", po::value(&dataset)->required(), "a dataset the user may receive (the confidential run asks for its key)")
+      ("runs", po::value(&runs)->default_value(20), "paired runs")
+      ("srun", po::value(&srun)->default_value("srun"), "the srun to use");
+  po::variables_map vm;
+  if (auto stop = parse_options("bench launch", "--dataset ID [--runs N]   (with SLURM_CONF and TRESOR_IDENTITY set)", argc, argv,
+                                opts, {}, vm)) {
+    return *stop;
+  }
+  if (runs == 0 || runs > 1000) return usage_error("bench launch", "--runs must be 1..1000");
+  ::setenv("TRESOR_TIMING", "1", 1);  // the agent reports its phases
+  const std::regex timing(R"(tresor-agent: timing attest_keys_inputs_ms=([0-9.]+) job_ms=([0-9.]+) seal_ms=([0-9.]+))");
+  std::vector<double> plain, tresor, added, prepare, job, seal;
+  for (unsigned i = 0; i < runs; ++i) {
+    Run p = run_timed({srun, "true"});
+    Run t = run_timed({srun, "--tresor-dataset=" + dataset, "true"});
+    if (p.status != 0 || t.status != 0) {
+      std::fprintf(stderr, "tresor bench launch: run %u failed:\n%s%s", i + 1, p.err.c_str(), t.err.c_str());
+      return kExitInternal;
+    }
+    std::smatch m;
+    if (!std::regex_search(t.err, m, timing)) {
+      std::fprintf(stderr, "tresor bench launch: the agent reported no timing (is this cluster's plugin Tresor's?):\n%s", t.err.c_str());
+      return kExitInternal;
+    }
+    plain.push_back(p.ms);
+    tresor.push_back(t.ms);
+    added.push_back(t.ms - p.ms);
+    prepare.push_back(std::stod(m[1]));
+    job.push_back(std::stod(m[2]));
+    seal.push_back(std::stod(m[3]));
+  }
+  std::vector<double> launch;
+  for (size_t i = 0; i < added.size(); ++i) launch.push_back(added[i] - prepare[i] - seal[i]);
+  std::printf("tresor bench launch: %u paired runs of `srun true` and `srun --tresor-dataset=%s true`\n", runs, dataset.c_str());
+  std::printf("  %-60s %10s %10s\n", "", "median ms", "p90 ms");
+  auto row = [](const char* what, const std::vector<double>& v) { std::printf("  %-60s %10.1f %10.1f\n", what, median(v), p90(v)); };
+  row("plain srun (baseline)", plain);
+  row("confidential srun, local backend", tresor);
+  row("added by Tresor", added);
+  row("  of which: attest, key release, inputs opened", prepare);
+  row("  of which: outputs sealed", seal);
+  row("  of which: plugin, manifest, runner, sandbox, agent start", launch);
+  std::printf("RESULT launch runs=%u plain_ms=%.1f tresor_ms=%.1f added_ms=%.1f ratio=%.2f attest_keys_inputs_ms=%.1f seal_ms=%.1f "
+              "launch_ms=%.1f\n",
+              runs, median(plain), median(tresor), median(added), median(plain) > 0 ? median(tresor) / median(plain) : 0.0,
+              median(prepare), median(seal), median(launch));
+  return kExitOk;
+}
+
+}  // namespace tresor::cli
