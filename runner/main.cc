@@ -124,8 +124,10 @@ bool write_file(const char* path, const std::string& text) {
 // directory the runner made and removes afterwards: the host sees an empty directory, never the
 // job's temporary files), then the job as PID 2 under a small init (PID 1) that relays signals
 // and reaps; when it ends, the kernel kills everything left in the namespace.
-[[noreturn]] void run_local(char** argv) {
-  std::string tmp = "/tmp/tresor-job-XXXXXX";
+[[noreturn]] void run_local(char** argv, const std::string& slurm_job) {
+  // Named after the Slurm job, so that the plugin's epilog can remove it if this runner is
+  // killed before it can (scancel --signal=KILL, a node problem).
+  std::string tmp = "/tmp/tresor-job-" + slurm_job + "-XXXXXX";
   if (::mkdtemp(tmp.data()) == nullptr) {
     std::fprintf(stderr, "tresor-run: cannot make the job's temporary directory: %s\n", std::strerror(errno));
     std::_Exit(126);
@@ -221,7 +223,7 @@ int usage(const char* why) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string slurm_job = "?", broker, ca, agent, datasets, sim;
+  std::string slurm_job = "0", broker, ca, agent, datasets, sim;
   int i = 1;
   for (; i < argc; ++i) {
     const std::string a = argv[i];
@@ -235,7 +237,10 @@ int main(int argc, char** argv) {
     }
     if (i + 1 >= argc) return usage(("option " + a + " needs a value").c_str());
     const std::string v = argv[++i];
-    if (a == "--slurm-job-id") slurm_job = v;
+    if (a == "--slurm-job-id") {
+      if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos) return usage("--slurm-job-id must be a number");
+      slurm_job = v;
+    }
     else if (a == "--broker") broker = v;
     else if (a == "--ca") ca = v;
     else if (a == "--agent") agent = v;
@@ -314,5 +319,5 @@ int main(int argc, char** argv) {
   cargs.push_back(nullptr);
   apply_slurm_rlimits();
   std::signal(SIGPIPE, SIG_DFL);
-  run_local(cargs.data());
+  run_local(cargs.data(), slurm_job);
 }

@@ -112,3 +112,10 @@ extern "C" TRESOR_SPANK_EXPORT int slurm_spank_task_init(spank_t sp, int, char**
   using namespace tresor::spank;
   return guarded("task_init", [&] { return spank_context() == S_CTX_REMOTE ? exec_runner(sp) : 0; });
 }
+
+// slurmd, after the job (as root): the safety net for a runner that was killed before it could
+// clean up — its sandbox's mount point is removed (plugin.h, remote.cc).
+extern "C" TRESOR_SPANK_EXPORT int slurm_spank_job_epilog(spank_t sp, int, char**) {
+  using namespace tresor::spank;
+  return guarded("job_epilog", [&] { return cleanup_after_job(sp); });
+}

@@ -26,5 +26,8 @@ int submit(spank_t sp);
 /// Remote side (slurmstepd, task_init as the job's user): exec tresor-run with the job's argv
 /// and environment. Returns only on failure (-1).
 int exec_runner(spank_t sp);
+/// slurmd's epilog (as root): removes what a killed runner left of the job's sandbox on the host
+/// (its empty mount point /tmp/tresor-job-<job id>-*). Never fails the job: 0.
+int cleanup_after_job(spank_t sp);
 
 }  // namespace tresor::spank

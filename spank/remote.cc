@@ -2,6 +2,8 @@
 // which runs the job in its sandbox or VM (docs/admin-guide.md). The job's own argv and
 // environment go to the runner; Slurm's pre-launch steps that this exec skips (rlimits, TMPDIR)
 // are the runner's to apply (PLATFORM.md).
+#include <dirent.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -65,6 +67,27 @@ int exec_runner(spank_t sp) {
   ::execve(c.runner.c_str(), cargv.data(), env);
   slurm_error("tresor: cannot start the runner %s: %s (plugstack.conf runner=)", c.runner.c_str(), std::strerror(errno));
   return -1;
+}
+
+int cleanup_after_job(spank_t sp) {
+  uint32_t job_id = 0;
+  if (spank_get_item(sp, S_JOB_ID, &job_id) != ESPANK_SUCCESS || job_id == 0) return 0;
+  const std::string prefix = "tresor-job-" + std::to_string(job_id) + "-";
+  DIR* d = ::opendir("/tmp");
+  if (d == nullptr) return 0;
+  while (dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (!name.starts_with(prefix)) continue;
+    const std::string path = "/tmp/" + name;
+    ::umount2(path.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW);  // normally not mounted here: the tmpfs lived in the sandbox
+    if (::rmdir(path.c_str()) == 0) {
+      slurm_info("tresor: job %u: removed %s left by a runner that did not finish", job_id, path.c_str());
+    } else {
+      slurm_error("tresor: job %u: cannot remove %s: %s", job_id, path.c_str(), std::strerror(errno));
+    }
+  }
+  ::closedir(d);
+  return 0;
 }
 
 }  // namespace tresor::spank

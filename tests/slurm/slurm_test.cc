@@ -232,22 +232,30 @@ TEST_F(Slurm, ExitCodesAndDeathsBySignalAreReportedAsWithoutTresor) {
   }
 }
 
-TEST_F(Slurm, ABatchJobIsWrappedOnceAndItsInnerStepsAreNot) {
+TEST_F(Slurm, ABatchJobReadsItsInputWritesAResultAndIsWrappedOnce) {
   const std::string script = dir_->file("job.sh");
-  std::ofstream(script) << "#!/bin/sh\n#SBATCH --tresor-dataset=dhz/ccta-2024\necho batch inside=$TRESOR_INSIDE_JOB\nsrun sh -c 'echo step "
-                           "inside=$TRESOR_INSIDE_JOB'\nexit 4\n";
+  const std::string results = dir_->file("batch-results");
+  std::ofstream(script) << "#!/bin/sh\n#SBATCH --tresor-dataset=dhz/ccta-2024\n#SBATCH --tresor-output=" << results
+                        << "\necho batch inside=$TRESOR_INSIDE_JOB\n"
+                           "srun sh -c 'echo step inside=$TRESOR_INSIDE_JOB'\n"
+                           "mkdir -p $TRESOR_OUTPUT_DIR/stats\n"
+                           "wc -w < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/stats/words.txt\n"
+                           "exit 4\n";
   const std::string out = dir_->file("job.out");
   auto r = slurm({"/usr/bin/sbatch", "--wait", "-o", out, script});
-  EXPECT_EQ(r.exit_code, 4) << r.err << slurp(out);
+  EXPECT_EQ(r.exit_code, 4) << "the job's exit code comes back: " << r.err << slurp(out);
   const std::string log = slurp(out);
   EXPECT_NE(log.find("batch inside=1"), std::string::npos) << log;
   EXPECT_NE(log.find("step inside=1"), std::string::npos) << log;
   size_t banners = 0;
   for (size_t p = log.find("NOT confidential"); p != std::string::npos; p = log.find("NOT confidential", p + 1)) ++banners;
   EXPECT_EQ(banners, 1u) << "the inner srun is not wrapped again:\n" << log;
+  // A failed job's outputs are sealed too, in their subdirectory.
+  EXPECT_EQ(open_as_alice(results + "/stats/words.txt.sealed"), "3\n");
 }
 
 TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
+  const std::string sandboxes_before = sandbox_dirs();
   const std::string script = dir_->file("long.sh");
   std::ofstream(script) << "#!/bin/sh\nsleep 3171 &\nsleep 3172\n";
   auto sub = slurm({"/usr/bin/sbatch", "--parsable", "--tresor-dataset=dhz/ccta-2024", "-o", dir_->file("long.out"), script});
@@ -266,7 +274,36 @@ TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
     if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   EXPECT_TRUE(gone) << "the job's processes, its background one included, are gone";
+  EXPECT_EQ(sandbox_dirs(), sandboxes_before) << "no sandbox directory left";
   EXPECT_EQ(slurp("/proc/self/mounts").find("tresor-tmp"), std::string::npos) << "no sandbox mount is left on the host";
+}
+
+TEST_F(Slurm, AKilledRunnersLeftoversAreRemovedByTheEpilog) {
+  const std::string script = dir_->file("killed.sh");
+  std::ofstream(script) << "#!/bin/sh\nsleep 3173\n";
+  auto sub = slurm({"/usr/bin/sbatch", "--parsable", "--tresor-dataset=dhz/ccta-2024", "-o", dir_->file("killed.out"), script});
+  ASSERT_EQ(sub.exit_code, 0) << sub.err;
+  const std::string job = sub.out.substr(0, sub.out.find_first_of(";\n"));
+  auto leftovers = [&] { return run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-" + job + "-* 2>/dev/null"}).out; };
+  bool running = false;
+  for (int i = 0; i < 100 && !running; ++i) {
+    running = run_command({"/usr/bin/pgrep", "-f", "sleep 3173"}).exit_code == 0;
+    if (!running) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(running) << slurp(dir_->file("killed.out"));
+  ASSERT_NE(leftovers(), "") << "the running job has its sandbox directory";
+  // SIGKILL to the runner itself: it cannot clean up (its sandbox dies with it: PDEATHSIG).
+  ASSERT_EQ(run_command({"/usr/bin/pkill", "-KILL", "-f", "tresor-run --slurm-job-id " + job + " "}).exit_code, 0);
+  std::string left = leftovers();
+  for (int i = 0; i < 100 && !left.empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    left = leftovers();
+  }
+  EXPECT_EQ(left, "") << "the epilog removes the sandbox directory";
+  const std::string slurmd_log = slurp(dir_->file("cluster") + "/log/slurmd.log");
+  EXPECT_NE(slurmd_log.find("tresor: job " + job + ": removed /tmp/tresor-job-" + job), std::string::npos)
+      << "it was the plugin's epilog that removed it:\n" << slurmd_log.substr(slurmd_log.size() > 3000 ? slurmd_log.size() - 3000 : 0);
+  EXPECT_NE(run_command({"/usr/bin/pgrep", "-f", "sleep 3173"}).exit_code, 0) << "and nothing of the job runs";
 }
 
 }  // namespace
