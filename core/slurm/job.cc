@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <cstdio>
 #include <set>
+#include <sstream>
 
 #include "tresor/kbs/jose.h"
 
@@ -204,6 +206,47 @@ std::optional<size_t> find_operand(const std::vector<std::string>& argv) {
     }
   }
   return std::nullopt;
+}
+
+Result<std::map<unsigned, std::string>> parse_gpu_table(std::string_view text) {
+  std::map<unsigned, std::string> table;
+  size_t line_no = 0;
+  for (auto& line : split(text, '\n')) {
+    ++line_no;
+    if (auto hash = line.find('#'); hash != std::string::npos) line.erase(hash);
+    std::istringstream in(line);
+    std::string index, pci, extra;
+    if (!(in >> index)) continue;  // blank or comment
+    const std::string where = "GPU table line " + std::to_string(line_no);
+    if (!(in >> pci) || (in >> extra)) return bad(where + ": want \"INDEX PCI-ADDRESS\"");
+    if (index.empty() || index.size() > 4 || index.find_first_not_of("0123456789") != std::string::npos) {
+      return bad(where + ": GPU index '" + index + "' is not a number");
+    }
+    unsigned d, b, sl, fn;
+    char tail;
+    if (pci.size() != 12 || std::sscanf(pci.c_str(), "%4x:%2x:%2x.%1x%c", &d, &b, &sl, &fn, &tail) != 4 || pci[4] != ':' || pci[7] != ':' ||
+        pci[10] != '.' || sl > 0x1f || fn > 7) {
+      return bad(where + ": '" + pci + "' is not a PCI address DDDD:BB:SS.F");
+    }
+    if (!table.emplace(static_cast<unsigned>(std::stoul(index)), pci).second) return bad(where + ": GPU " + index + " is listed twice");
+  }
+  return table;
+}
+
+Result<std::vector<std::string>> job_gpus(std::string_view slurm_job_gpus, std::string_view cuda_visible_devices,
+                                          const std::map<unsigned, std::string>& table) {
+  const std::string_view list = !slurm_job_gpus.empty() ? slurm_job_gpus : cuda_visible_devices;
+  std::vector<std::string> out;
+  if (list.empty()) return out;
+  for (const auto& item : split(list, ',')) {
+    if (item.empty() || item.size() > 4 || item.find_first_not_of("0123456789") != std::string::npos) {
+      return bad("the job's GPU list '" + std::string(list) + "' has '" + item + "', not a GPU index");
+    }
+    auto it = table.find(static_cast<unsigned>(std::stoul(item)));
+    if (it == table.end()) return bad("GPU " + item + " of this job is not in the node's GPU table (plugstack.conf gpus=)");
+    if (std::ranges::find(out, it->second) == out.end()) out.push_back(it->second);
+  }
+  return out;
 }
 
 Result<std::string> encode_manifest_env(const Manifest& m) {

@@ -100,6 +100,15 @@ struct JobRequest {
 /// reads its script from stdin, which the plugin cannot see: the user must name a file).
 [[nodiscard]] std::optional<size_t> find_operand(const std::vector<std::string>& argv);
 
+/// The node's GPU table (plugstack.conf gpus=FILE): one line per GPU, "INDEX PCI-ADDRESS" with
+/// Slurm's GPU index and the device's PCI address ("0 0000:41:00.0"); '#' comments. The VM backend
+/// passes the job's GPUs through by these addresses (VFIO).
+[[nodiscard]] Result<std::map<unsigned, std::string>> parse_gpu_table(std::string_view text);
+/// The PCI addresses of the job's GPUs: Slurm's SLURM_JOB_GPUS ("0,2"), else CUDA_VISIBLE_DEVICES,
+/// looked up in the table. An index the table does not know is an error naming it; no GPUs: empty.
+[[nodiscard]] Result<std::vector<std::string>> job_gpus(std::string_view slurm_job_gpus, std::string_view cuda_visible_devices,
+                                                        const std::map<unsigned, std::string>& table);
+
 /// The value of TRESOR_MANIFEST for a signed manifest, and back.
 [[nodiscard]] Result<std::string> encode_manifest_env(const Manifest& m);
 [[nodiscard]] Result<Manifest> decode_manifest_env(std::string_view value);

@@ -135,3 +135,25 @@ TEST(SlurmJob, FindsTheScriptOrCommandAfterTheOptions) {
 
 }  // namespace
 }  // namespace tresor::slurm
+
+namespace tresor::slurm {
+namespace {
+
+TEST(SlurmJob, GpusMapFromSlurmIndicesToPciAddresses) {
+  auto table = parse_gpu_table("# node gpu42\n0 0000:41:00.0\n1 0000:c1:00.0  # second\n\n");
+  ASSERT_TRUE(table) << table.error().message;
+  EXPECT_EQ(table->size(), 2u);
+  EXPECT_EQ(*job_gpus("1,0", "", *table), (std::vector<std::string>{"0000:c1:00.0", "0000:41:00.0"}));
+  EXPECT_EQ(*job_gpus("", "0", *table), std::vector<std::string>{"0000:41:00.0"}) << "CUDA_VISIBLE_DEVICES when Slurm names none";
+  EXPECT_TRUE(job_gpus("", "", *table)->empty());
+  auto unknown = job_gpus("2", "", *table);
+  ASSERT_FALSE(unknown);
+  EXPECT_NE(unknown.error().message.find("GPU 2 of this job is not in the node's GPU table"), std::string::npos);
+  EXPECT_FALSE(job_gpus("0,x", "", *table));
+  for (const char* bad : {"0 41:00.0\n", "x 0000:41:00.0\n", "0 0000:41:00.0\n0 0000:c1:00.0\n", "0 0000:41:00.0 extra\n", "0\n"}) {
+    EXPECT_FALSE(parse_gpu_table(bad)) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace tresor::slurm
