@@ -3,6 +3,8 @@
 // outputs, leave with its status.
 //
 //   tresor-agent --broker URL --ca FILE --data-root DIR --output DIR --evidence-fd N [--private DIR] -- COMMAND [ARGS...]
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -85,6 +87,17 @@ int main(int argc, char** argv) {
   }
   auto manifest_json = tresor::manifest_json(*manifest, true);
   if (!manifest_json) return 1;
+  // The job runs only the script or command line its user signed for (the manifest travels in
+  // the untrusted host's hands and could be paired with another command).
+  if (auto c = tresor::slurm::check_command(*manifest, o.command); !c) {
+    std::fprintf(stderr, "tresor-agent: %s; nothing was run\n", c.error().message.c_str());
+    return 1;
+  }
+  // No core dumps: a crashed job's or agent's memory holds plaintext, and a core file would land
+  // in the job's (shared) working directory.
+  struct rlimit no_core {};
+  ::setrlimit(RLIMIT_CORE, &no_core);
+  ::prctl(PR_SET_DUMPABLE, 0);
 
   // TRESOR_TIMING=1: one line of phase durations at the end (tresor bench launch reads it).
   const bool timing = std::getenv("TRESOR_TIMING") != nullptr;

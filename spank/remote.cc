@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -15,6 +16,9 @@
 
 namespace tresor::spank {
 namespace {
+
+// The batch step's id (slurm/slurm.h SLURM_BATCH_SCRIPT; spank.h alone does not define it).
+constexpr uint32_t kBatchStep = 0xfffffffb;
 
 std::string env_value(char** env, std::string_view name) {
   for (char** e = env; e != nullptr && *e != nullptr; ++e) {
@@ -32,8 +36,20 @@ int exec_runner(spank_t sp) {
     slurm_error("tresor: cannot read the job's environment");
     return -1;
   }
-  // A step started from inside a confidential job (its srun) is not wrapped again.
-  if (!env_value(env, tresor::slurm::kInsideEnv).empty()) return 0;
+  // A step started from inside a confidential job (its srun) is not wrapped again. It runs on the
+  // host, outside the sandbox: it sees no decrypted input, and it must not inherit the sandbox's
+  // TMPDIR (on the host that is an empty directory on the node's disk).
+  if (!env_value(env, tresor::slurm::kInsideEnv).empty()) {
+    uint32_t step = 0;
+    spank_get_item(sp, S_JOB_STEPID, &step);
+    if (step == kBatchStep) {
+      slurm_error("tresor: TRESOR_INSIDE_JOB is set in a batch job's own environment: refusing to run it unwrapped");
+      return -1;
+    }
+    spank_unsetenv(sp, "TMPDIR");
+    std::fprintf(stderr, "tresor: this step runs outside the job's sandbox (NOT confidential): it cannot see $TRESOR_DATA\n");
+    return 0;
+  }
   const std::string manifest = env_value(env, tresor::slurm::kManifestEnv);
   if (manifest.empty()) {
     if (state().options.any()) {

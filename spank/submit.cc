@@ -39,10 +39,10 @@ std::vector<std::string> own_argv() {
 
 // What the manifest's script digest covers: sbatch's script file as the user wrote it; for srun
 // and salloc, the command line (arguments joined with NUL bytes).
-Result<Bytes> job_script(spank_context_t ctx) {
+Result<Bytes> job_script() {
   const auto argv = own_argv();
-  const auto operand = tresor::slurm::find_operand(argv);
   const bool batch = !argv.empty() && argv[0].ends_with("sbatch");
+  const auto operand = tresor::slurm::find_operand(argv, batch);
   if (batch) {
     if (!operand) {
       return fail(ErrorCode::kInvalidArgument,
@@ -52,13 +52,8 @@ Result<Bytes> job_script(spank_context_t ctx) {
     if (!text) return std::unexpected(text.error());
     return Bytes(as_bytes(*text).begin(), as_bytes(*text).end());
   }
-  std::string joined;
-  for (size_t i = operand.value_or(argv.size()); i < argv.size(); ++i) {
-    joined += argv[i];
-    joined.push_back('\0');
-  }
-  (void)ctx;
-  return Bytes(as_bytes(joined).begin(), as_bytes(joined).end());
+  return tresor::slurm::command_line_bytes(
+      std::vector<std::string>(argv.begin() + static_cast<std::ptrdiff_t>(operand.value_or(argv.size())), argv.end()));
 }
 
 Result<Identity> user_identity() {
@@ -98,6 +93,13 @@ Result<std::string> prepare(spank_t sp, spank_context_t ctx) {
     }
   }
   if (!o.any()) return std::string();  // not a confidential job
+  if (std::getenv(std::string(tresor::slurm::kInsideEnv).c_str()) != nullptr) {
+    // From inside a confidential job: its own steps (srun) are not wrapped again; a new job
+    // (sbatch, salloc) cannot be submitted from there.
+    if (ctx == S_CTX_LOCAL) return std::string();
+    return fail(ErrorCode::kInvalidArgument, "a confidential job cannot be submitted from inside another confidential job "
+                                             "(TRESOR_INSIDE_JOB is set); submit it from a login shell");
+  }
 
   tresor::slurm::ImageCatalogue images;
   if (!s.config.images.empty()) {
@@ -113,7 +115,7 @@ Result<std::string> prepare(spank_t sp, spank_context_t ctx) {
   if (!request) return std::unexpected(request.error());
   auto id = user_identity();
   if (!id) return std::unexpected(id.error());
-  auto script = job_script(ctx);
+  auto script = job_script();
   if (!script) return std::unexpected(script.error());
   auto manifest = tresor::slurm::build_manifest(*request, *id, *script, std::time(nullptr), kManifestLifetime);
   if (!manifest) return std::unexpected(manifest.error());
@@ -139,7 +141,6 @@ Result<std::string> prepare(spank_t sp, spank_context_t ctx) {
 }  // namespace
 
 int submit(spank_t sp) {
-  if (std::getenv(std::string(tresor::slurm::kInsideEnv).c_str()) != nullptr) return 0;  // srun inside a confidential job
   if (!state().config_ok) return -1;
   auto r = prepare(sp, spank_context());
   if (!r) {

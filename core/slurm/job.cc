@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <cstdio>
 #include <set>
 #include <sstream>
@@ -178,16 +179,21 @@ Result<Manifest> build_manifest(const JobRequest& request, const Identity& user,
   return m;
 }
 
-std::optional<size_t> find_operand(const std::vector<std::string>& argv) {
-  // Short options of sbatch and srun that take a value (sbatch(1), srun(1), Slurm 22.05).
-  static const std::set<char> kShortWithValue = {'A', 'a', 'B', 'b', 'C', 'c', 'D', 'd', 'e', 'F', 'G', 'i', 'J', 'L',
-                                                 'M', 'm', 'N', 'n', 'o', 'p', 'q', 'S', 't', 'T', 'W', 'w', 'x'};
+std::optional<size_t> find_operand(const std::vector<std::string>& argv, bool batch) {
+  // Short options that take a value (sbatch(1), srun(1), Slurm 22.05). -W is sbatch's --wait (no
+  // value) but srun's --wait=SECONDS; -r is srun's --relative.
+  static const std::set<char> kBatchShortWithValue = {'A', 'a', 'B', 'b', 'C', 'c', 'D', 'd', 'e', 'F', 'G', 'i', 'J', 'L',
+                                                      'M', 'm', 'N', 'n', 'o', 'p', 'q', 'S', 't', 'w', 'x'};
+  static const std::set<char> kStepShortWithValue = {'A', 'B', 'C', 'c', 'D', 'd', 'e', 'G', 'i', 'J', 'L', 'M', 'm',
+                                                     'N', 'n', 'o', 'p', 'q', 'r', 'S', 'T', 't', 'W', 'w', 'x'};
+  const std::set<char>& kShortWithValue = batch ? kBatchShortWithValue : kStepShortWithValue;
   // Long options without a value; any other long option written without '=' takes the next word.
   static const std::set<std::string> kLongFlags = {
       "--contiguous", "--exclusive", "--hold", "--help", "--ignore-pmi", "--kill-on-bad-exit", "--label", "--no-kill",
       "--no-requeue", "--overcommit", "--oversubscribe", "--parsable", "--pty", "--quiet", "--quit-on-interrupt", "--requeue",
       "--spread-job", "--test-only", "--unbuffered", "--usage", "--use-min-nodes", "--verbose", "--wait", "--x11", "--disable-status",
-      "--preserve-env", "--multi-prog", "--exact", "--overlap", "--whole", "--ignore-pmi"};
+      "--preserve-env", "--multi-prog", "--exact", "--overlap", "--whole", "--ignore-pmi",
+      "--reboot", "--nice", "--immediate", "--propagate", "--get-user-env", "--no-allocate", "--jobid-only", "--sockets-per-node-only"};
   for (size_t i = 1; i < argv.size(); ++i) {
     const std::string& a = argv[i];
     if (a == "--") return i + 1 < argv.size() ? std::optional<size_t>(i + 1) : std::nullopt;
@@ -247,6 +253,35 @@ Result<std::vector<std::string>> job_gpus(std::string_view slurm_job_gpus, std::
     if (std::ranges::find(out, it->second) == out.end()) out.push_back(it->second);
   }
   return out;
+}
+
+Bytes command_line_bytes(const std::vector<std::string>& args) {
+  Bytes out;
+  for (const auto& a : args) {
+    const auto b = as_bytes(a);
+    out.insert(out.end(), b.begin(), b.end());
+    out.push_back(std::byte{0});
+  }
+  return out;
+}
+
+Result<void> check_command(const Manifest& manifest, const std::vector<std::string>& command) {
+  if (command.empty()) return fail(ErrorCode::kInvalidArgument, "no command to run");
+  std::string script_digest = "(not a readable file)";
+  if (std::ifstream in(command[0], std::ios::binary); in) {
+    std::ostringstream text;
+    text << in.rdbuf();
+    auto d = crypto::sha256(as_bytes(text.str()));
+    if (!d) return std::unexpected(d.error());
+    if (crypto::ct_equal(*d, manifest.script_sha256)) return {};
+    script_digest = to_hex(*d);
+  }
+  auto line = crypto::sha256(command_line_bytes(command));
+  if (!line) return std::unexpected(line.error());
+  if (crypto::ct_equal(*line, manifest.script_sha256)) return {};
+  return fail(ErrorCode::kAuth, "the command to run is not the one the job's manifest was signed for (manifest script SHA-256 " +
+                                    to_hex(manifest.script_sha256) + "; this script " + script_digest + ", this command line " +
+                                    to_hex(*line) + ")");
 }
 
 Result<std::string> encode_manifest_env(const Manifest& m) {

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "support/test_support.h"
+#include "tresor/encoding.h"
 
 namespace tresor {
 namespace {
@@ -248,8 +249,9 @@ TEST_F(Slurm, ABatchJobReadsItsInputWritesAResultAndIsWrappedOnce) {
   EXPECT_NE(log.find("batch inside=1"), std::string::npos) << log;
   EXPECT_NE(log.find("step inside=1"), std::string::npos) << log;
   size_t banners = 0;
-  for (size_t p = log.find("NOT confidential"); p != std::string::npos; p = log.find("NOT confidential", p + 1)) ++banners;
+  for (size_t p = log.find("tresor-run: job"); p != std::string::npos; p = log.find("tresor-run: job", p + 1)) ++banners;
   EXPECT_EQ(banners, 1u) << "the inner srun is not wrapped again:\n" << log;
+  EXPECT_NE(log.find("this step runs outside the job's sandbox"), std::string::npos) << "and says where it runs:\n" << log;
   // A failed job's outputs are sealed too, in their subdirectory.
   EXPECT_EQ(open_as_alice(results + "/stats/words.txt.sealed"), "3\n");
 }
@@ -276,6 +278,26 @@ TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
   EXPECT_TRUE(gone) << "the job's processes, its background one included, are gone";
   EXPECT_EQ(sandbox_dirs(), sandboxes_before) << "no sandbox directory left";
   EXPECT_EQ(slurp("/proc/self/mounts").find("tresor-tmp"), std::string::npos) << "no sandbox mount is left on the host";
+}
+
+TEST_F(Slurm, AJobWhoseCommandIsNotTheSignedOneDoesNotRun) {
+  // A manifest alice signed for one script, paired with another command by the (untrusted) host.
+  const std::string signed_script = dir_->file("signed.sh");
+  std::ofstream(signed_script) << "#!/bin/sh\necho the signed script\n";
+  auto created = run_command({TRESOR_BIN, "manifest", "create", "-i", dir_->file("alice"), "--job-id", "t-forged", "--dataset",
+                              "dhz/ccta-2024", "--image-measurement", std::string(96, 'a'), "--script", signed_script, "-o",
+                              dir_->file("forged.manifest")});
+  ASSERT_EQ(created.exit_code, 0) << created.err;
+  std::string text = slurp(dir_->file("forged.manifest"));
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  const std::string manifest = base64url_encode(as_bytes(text));
+  // Run the runner directly with that manifest and another command.
+  auto r = run_command({"/usr/bin/env", "TRESOR_MANIFEST=" + manifest, "TRESOR_OUTPUT=" + dir_->file("forged-out"), TRESOR_RUN_BIN,
+                        "--slurm-job-id", "1", "--broker", "https://127.0.0.1:1", "--ca", "/dev/null", "--agent", TRESOR_AGENT_BIN,
+                        "--sim", dir_->file("sim"), "--", "sh", "-c", "echo FORGED-RAN"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(r.out.find("FORGED-RAN"), std::string::npos);
+  EXPECT_NE(r.err.find("not the one the job's manifest was signed for"), std::string::npos) << r.err;
 }
 
 TEST_F(Slurm, AKilledRunnersLeftoversAreRemovedByTheEpilog) {

@@ -98,7 +98,8 @@ struct JobRequest {
 /// options written without '=' (--output FILE) consume the next word, except the long options
 /// Slurm defines without a value (--wait, --exclusive, …). std::nullopt: no operand (sbatch
 /// reads its script from stdin, which the plugin cannot see: the user must name a file).
-[[nodiscard]] std::optional<size_t> find_operand(const std::vector<std::string>& argv);
+/// `batch`: sbatch's options (where -W is --wait), else srun's (where -W and -r take a value).
+[[nodiscard]] std::optional<size_t> find_operand(const std::vector<std::string>& argv, bool batch);
 
 /// The node's GPU table (plugstack.conf gpus=FILE): one line per GPU, "INDEX PCI-ADDRESS" with
 /// Slurm's GPU index and the device's PCI address ("0 0000:41:00.0"); '#' comments. The VM backend
@@ -108,6 +109,14 @@ struct JobRequest {
 /// looked up in the table. An index the table does not know is an error naming it; no GPUs: empty.
 [[nodiscard]] Result<std::vector<std::string>> job_gpus(std::string_view slurm_job_gpus, std::string_view cuda_visible_devices,
                                                         const std::map<unsigned, std::string>& table);
+
+/// What the manifest's script digest covers for a step's command line (srun, salloc): its
+/// arguments, each followed by a NUL byte. For sbatch it covers the batch script file itself.
+Bytes command_line_bytes(const std::vector<std::string>& args);
+
+/// Whether `command` (the argv the job will run) is what `manifest` was signed for: the batch
+/// script's contents (command[0] a readable file) or the command line. kAuth names both digests.
+[[nodiscard]] Result<void> check_command(const Manifest& manifest, const std::vector<std::string>& command);
 
 /// The value of TRESOR_MANIFEST for a signed manifest, and back.
 [[nodiscard]] Result<std::string> encode_manifest_env(const Manifest& m);

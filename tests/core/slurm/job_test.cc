@@ -123,14 +123,17 @@ namespace {
 
 TEST(SlurmJob, FindsTheScriptOrCommandAfterTheOptions) {
   using V = std::vector<std::string>;
-  EXPECT_EQ(find_operand(V{"sbatch", "job.sh"}), 1u);
-  EXPECT_EQ(find_operand(V{"sbatch", "-o", "out.txt", "--tresor-dataset=dhz/a", "job.sh", "arg"}), 4u);
-  EXPECT_EQ(find_operand(V{"sbatch", "-oout.txt", "-N1", "--wait", "job.sh"}), 4u);
-  EXPECT_EQ(find_operand(V{"sbatch", "--partition", "debug", "--exclusive", "job.sh"}), 4u);
-  EXPECT_EQ(find_operand(V{"srun", "-vvN", "1", "--tresor-backend", "local", "true"}), 5u) << "-N in a cluster takes the next word";
-  EXPECT_EQ(find_operand(V{"srun", "--", "-weird-command"}), 2u);
-  EXPECT_EQ(find_operand(V{"sbatch", "--wait"}), std::nullopt) << "script from stdin";
-  EXPECT_EQ(find_operand(V{"sbatch", "-o"}), std::nullopt);
+  EXPECT_EQ(find_operand(V{"sbatch", "job.sh"}, true), 1u);
+  EXPECT_EQ(find_operand(V{"sbatch", "-o", "out.txt", "--tresor-dataset=dhz/a", "job.sh", "arg"}, true), 4u);
+  EXPECT_EQ(find_operand(V{"sbatch", "-oout.txt", "-N1", "--wait", "job.sh"}, true), 4u);
+  EXPECT_EQ(find_operand(V{"sbatch", "--partition", "debug", "--exclusive", "job.sh"}, true), 4u);
+  EXPECT_EQ(find_operand(V{"srun", "-vvN", "1", "--tresor-backend", "local", "true"}, false), 5u) << "-N in a cluster takes the next word";
+  EXPECT_EQ(find_operand(V{"srun", "--", "-weird-command"}, false), 2u);
+  EXPECT_EQ(find_operand(V{"sbatch", "--wait"}, true), std::nullopt) << "script from stdin";
+  EXPECT_EQ(find_operand(V{"sbatch", "-o"}, true), std::nullopt);
+  EXPECT_EQ(find_operand(V{"sbatch", "-W", "job.sh"}, true), 2u) << "sbatch -W is --wait";
+  EXPECT_EQ(find_operand(V{"srun", "-W", "30", "-r", "1", "hostname"}, false), 5u) << "srun -W and -r take values";
+  EXPECT_EQ(find_operand(V{"sbatch", "--nice", "--reboot", "job.sh"}, true), 3u);
 }
 
 }  // namespace
