@@ -39,14 +39,14 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
   for (const auto& a : args) {
     const size_t eq = a.find('=');
     if (eq == std::string::npos || eq == 0) {
-      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim)");
+      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim, gpus)");
     }
     const std::string key = a.substr(0, eq), value = a.substr(eq + 1);
     if (!seen.insert(key).second) return bad("plugstack.conf argument " + key + "= is given twice");
-    if (key == "runner" || key == "ca" || key == "images" || key == "agent" || key == "datasets" || key == "sim") {
+    if (key == "runner" || key == "ca" || key == "images" || key == "agent" || key == "datasets" || key == "sim" || key == "gpus") {
       if (value.empty() || value[0] != '/') return bad("plugstack.conf argument " + key + "= must be an absolute path, not '" + value + "'");
       std::string& field = key == "runner" ? c.runner : key == "ca" ? c.broker_ca : key == "images" ? c.images
-                           : key == "agent" ? c.agent : key == "datasets" ? c.datasets : c.sim;
+                           : key == "agent" ? c.agent : key == "datasets" ? c.datasets : key == "sim" ? c.sim : c.gpus;
       field = value;
     } else if (key == "broker") {
       if (!value.starts_with("https://")) return bad("plugstack.conf argument broker= must be an https:// URL, not '" + value + "'");
@@ -59,7 +59,7 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
       }
       if (c.backends.empty()) return bad("plugstack.conf argument backends= is empty");
     } else {
-      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim)");
+      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim, gpus)");
     }
   }
   if (c.broker_url.empty() != c.broker_ca.empty()) return bad("plugstack.conf arguments broker= and ca= go together");

@@ -31,13 +31,14 @@ inline constexpr std::string_view kManifestEnv = "TRESOR_MANIFEST";
 inline constexpr std::string_view kInsideEnv = "TRESOR_INSIDE_JOB";
 
 /// plugstack.conf: `required /usr/lib/.../spank_tresor.so runner=PATH broker=URL ca=PATH
-/// backends=local,libvirt images=PATH datasets=DIR agent=PATH sim=DIR`. Unknown or repeated keys
+/// backends=local,libvirt images=PATH datasets=DIR agent=PATH sim=DIR gpus=FILE`. Unknown or repeated keys
 /// are errors.
 struct PluginConfig {
   std::string runner = "/usr/local/bin/tresor-run";
   std::string agent = "/usr/local/libexec/tresor/tresor-agent";
   std::string datasets;    // where sealed dataset files live: DIR/<dataset id>/*.sealed
   std::string sim;         // the host-side sim secure processor (local backend): NOT confidential
+  std::string gpus;        // the node's GPU table (parse_gpu_table): Slurm GPU index -> PCI address
   std::string broker_url;  // https://HOST:PORT
   std::string broker_ca;   // PEM file
   std::vector<std::string> backends{"local"};  // allowed; the first is the default

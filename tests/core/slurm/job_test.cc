@@ -24,10 +24,11 @@ const std::string kCatalogue = R"({"images": {"ccta-v1": {"measurement": ")" + k
 
 TEST(SlurmJob, PluginArgumentsAreStrict) {
   auto c = parse_plugin_args({"runner=/opt/tresor/bin/tresor-run", "broker=https://kbs.example:8443", "ca=/etc/tresor/ca.pem",
-                              "backends=libvirt,local", "images=/etc/tresor/images.json"});
+                              "backends=libvirt,local", "images=/etc/tresor/images.json", "gpus=/etc/tresor/gpus.conf"});
   ASSERT_TRUE(c) << c.error().message;
   EXPECT_EQ(c->runner, "/opt/tresor/bin/tresor-run");
   EXPECT_EQ(c->backends, (std::vector<std::string>{"libvirt", "local"}));
+  EXPECT_EQ(c->gpus, "/etc/tresor/gpus.conf");
   EXPECT_EQ(parse_plugin_args({})->backends, std::vector<std::string>{"local"});
   struct Case {
     std::vector<std::string> args;
