@@ -249,9 +249,12 @@ int main(int argc, char** argv) {
     else return usage(("unknown argument " + a).c_str());
   }
   if (i >= argc) return usage("no command after --");
-  if (broker.empty() || agent.empty() || sim.empty()) {
+  // Evidence: the channel the plugin's root evidence server holds the other end of
+  // (TRESOR_EVIDENCE_FD), or, run by hand, a sim directory this user may read (--sim).
+  const char* evidence_fd_env = std::getenv("TRESOR_EVIDENCE_FD");
+  if (broker.empty() || agent.empty() || (sim.empty() && evidence_fd_env == nullptr)) {
     std::fprintf(stderr, "tresor-run: this cluster's plugstack.conf must name broker=, ca=, agent= and (for the local backend) "
-                         "sim=: a confidential job cannot run without a key broker\n");
+                         "sim=: a confidential job cannot run without a key broker and evidence\n");
     return 2;
   }
 
@@ -281,38 +284,49 @@ int main(int argc, char** argv) {
                "laptops and CI)\n",
                manifest->job_id.c_str(), slurm_job.c_str());
 
-  // The host side of the evidence channel: the sim secure processor signs for the launch values
-  // this runner chose, as the AMD-SP does for a VM's.
-  auto sp = tresor::snp::sim::SecureProcessor::load(sim);
-  if (!sp) {
-    std::fprintf(stderr, "tresor-run: the sim secure processor in %s: %s\n", sim.c_str(), sp.error().message.c_str());
-    return 2;
+  int agent_fd = -1;
+  if (evidence_fd_env != nullptr) {
+    agent_fd = std::atoi(evidence_fd_env);
+    if (agent_fd < 3 || ::fcntl(agent_fd, F_GETFD) < 0) {
+      std::fprintf(stderr, "tresor-run: TRESOR_EVIDENCE_FD=%s is not an open descriptor\n", evidence_fd_env);
+      return 2;
+    }
+    ::unsetenv("TRESOR_EVIDENCE_FD");
+  } else {
+    // The host side of the evidence channel: the sim secure processor signs for the launch
+    // values this runner chose, as the AMD-SP does for a VM's.
+    auto sp = tresor::snp::sim::SecureProcessor::load(sim);
+    if (!sp) {
+      std::fprintf(stderr, "tresor-run: the sim secure processor in %s: %s\n", sim.c_str(), sp.error().message.c_str());
+      return 2;
+    }
+    auto host_data = tresor::manifest_digest(*manifest);
+    if (!host_data) return 2;
+    int channel[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM, 0, channel) != 0) {
+      std::perror("tresor-run: socketpair");
+      return 2;
+    }
+    // A separate process serves the channel: the runner stays single-threaded, as unshare() with
+    // a user namespace requires. It ends when every holder of the agent's end has closed it.
+    const pid_t server = ::fork();
+    if (server < 0) {
+      std::perror("tresor-run: fork");
+      return 2;
+    }
+    if (server == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      ::close(channel[1]);
+      auto served = tresor::agent::serve_sim_evidence(channel[0], *sp, manifest->image_measurement, *host_data);
+      if (!served) std::fprintf(stderr, "tresor-run: evidence channel: %s\n", served.error().message.c_str());
+      std::_Exit(served ? 0 : 1);
+    }
+    ::close(channel[0]);
+    agent_fd = channel[1];
   }
-  auto host_data = tresor::manifest_digest(*manifest);
-  if (!host_data) return 2;
-  int channel[2];
-  if (::socketpair(AF_UNIX, SOCK_STREAM, 0, channel) != 0) {
-    std::perror("tresor-run: socketpair");
-    return 2;
-  }
-  // A separate process serves the channel: the runner stays single-threaded, as unshare() with a
-  // user namespace requires. It ends when every holder of the agent's end has closed it.
-  const pid_t server = ::fork();
-  if (server < 0) {
-    std::perror("tresor-run: fork");
-    return 2;
-  }
-  if (server == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    ::close(channel[1]);
-    auto served = tresor::agent::serve_sim_evidence(channel[0], *sp, manifest->image_measurement, *host_data);
-    if (!served) std::fprintf(stderr, "tresor-run: evidence channel: %s\n", served.error().message.c_str());
-    std::_Exit(served ? 0 : 1);
-  }
-  ::close(channel[0]);
 
   std::vector<std::string> args = {agent, "--broker", broker, "--ca", ca, "--data-root", datasets.empty() ? "/nonexistent" : datasets,
-                                   "--output", std::filesystem::absolute(output).string(), "--evidence-fd", std::to_string(channel[1]), "--"};
+                                   "--output", std::filesystem::absolute(output).string(), "--evidence-fd", std::to_string(agent_fd), "--"};
   for (int k = i; k < argc; ++k) args.emplace_back(argv[k]);
   static std::vector<char*> cargs;
   for (auto& a : args) cargs.push_back(a.data());

@@ -108,6 +108,11 @@ extern "C" TRESOR_SPANK_EXPORT int slurm_spank_init_post_opt(spank_t sp, int, ch
   });
 }
 
+extern "C" TRESOR_SPANK_EXPORT int slurm_spank_task_init_privileged(spank_t sp, int, char**) {
+  using namespace tresor::spank;
+  return guarded("task_init_privileged", [&] { return spank_context() == S_CTX_REMOTE ? start_evidence_server(sp) : 0; });
+}
+
 extern "C" TRESOR_SPANK_EXPORT int slurm_spank_task_init(spank_t sp, int, char**) {
   using namespace tresor::spank;
   return guarded("task_init", [&] { return spank_context() == S_CTX_REMOTE ? exec_runner(sp) : 0; });

@@ -26,6 +26,10 @@ int submit(spank_t sp);
 /// Remote side (slurmstepd, task_init as the job's user): exec tresor-run with the job's argv
 /// and environment. Returns only on failure (-1).
 int exec_runner(spank_t sp);
+/// Remote side, as root before the task drops privileges (task_init_privileged): starts the
+/// job's evidence server — a root process holding the sim secure processor's key, which the job's
+/// user must not read — on a socket whose other end the runner inherits (TRESOR_EVIDENCE_FD).
+int start_evidence_server(spank_t sp);
 /// slurmd's epilog (as root): removes what a killed runner left of the job's sandbox on the host
 /// (its empty mount point /tmp/tresor-job-<job id>-*). Never fails the job: 0.
 int cleanup_after_job(spank_t sp);

@@ -3,16 +3,22 @@
 // environment go to the runner; Slurm's pre-launch steps that this exec skips (rlimits, TMPDIR)
 // are the runner's to apply (PLATFORM.md).
 #include <dirent.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/mount.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
+#include <fcntl.h>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "plugin.h"
+#include "tresor/agent/evidence.h"
+#include "tresor/snp/sim.h"
 
 namespace tresor::spank {
 namespace {
@@ -74,7 +80,8 @@ int exec_runner(spank_t sp) {
   if (!c.broker_url.empty()) args.insert(args.end(), {"--broker", c.broker_url, "--ca", c.broker_ca});
   args.insert(args.end(), {"--agent", c.agent});
   if (!c.datasets.empty()) args.insert(args.end(), {"--datasets", c.datasets});
-  if (!c.sim.empty()) args.insert(args.end(), {"--sim", c.sim});
+  // Evidence comes from the root server task_init_privileged started (TRESOR_EVIDENCE_FD in the
+  // environment), never from a key the job's user could read.
   args.push_back("--");
   for (int i = 0; i < argc; ++i) args.emplace_back(argv[i]);
   std::vector<char*> cargv;
@@ -103,6 +110,53 @@ int cleanup_after_job(spank_t sp) {
     }
   }
   ::closedir(d);
+  return 0;
+}
+
+int start_evidence_server(spank_t sp) {
+  char** env = nullptr;
+  if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS) return 0;
+  const std::string manifest_env = env_value(env, tresor::slurm::kManifestEnv);
+  if (manifest_env.empty() || !env_value(env, tresor::slurm::kInsideEnv).empty()) return 0;  // not a confidential task
+  const auto& c = state().config;
+  if (!state().config_ok) return -1;
+  if (c.sim.empty()) return 0;  // no sim: the backend brings its own evidence (a VM's secure processor)
+  auto manifest = tresor::slurm::decode_manifest_env(manifest_env);
+  if (!manifest) {
+    slurm_error("tresor: the job's manifest is unreadable: %s", manifest.error().message.c_str());
+    return -1;
+  }
+  auto host_data = tresor::manifest_digest(*manifest);
+  auto sp_key = tresor::snp::sim::SecureProcessor::load(c.sim);
+  if (!host_data || !sp_key) {
+    slurm_error("tresor: cannot start the evidence server: %s",
+                (!host_data ? host_data.error().message : sp_key.error().message).c_str());
+    return -1;
+  }
+  int fds[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+    slurm_error("tresor: socketpair: %s", std::strerror(errno));
+    return -1;
+  }
+  const pid_t server = ::fork();
+  if (server < 0) {
+    slurm_error("tresor: fork: %s", std::strerror(errno));
+    return -1;
+  }
+  if (server == 0) {
+    // Root, holding the sim key; dies with the task (whose process becomes tresor-run).
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    ::close(fds[1]);
+    auto served = tresor::agent::serve_sim_evidence(fds[0], *sp_key, manifest->image_measurement, *host_data);
+    ::_exit(served ? 0 : 1);
+  }
+  ::close(fds[0]);
+  // The task's end survives the exec into tresor-run (and on into the sandbox's agent).
+  ::fcntl(fds[1], F_SETFD, 0);
+  if (spank_setenv(sp, "TRESOR_EVIDENCE_FD", std::to_string(fds[1]).c_str(), 1) != ESPANK_SUCCESS) {
+    slurm_error("tresor: cannot pass the evidence channel to the task");
+    return -1;
+  }
   return 0;
 }
 

@@ -98,14 +98,19 @@ class Slurm : public ::testing::Test {
       admin({"grant", "alice", ds});
     }
     admin_socket_ = broker + "/admin.sock";
+    // Jobs of other users read the CA and the data through these: the test's directory is
+    // private (0700) otherwise; the broker's keys stay 0600 in its own 0700 directory.
+    std::filesystem::copy_file(broker + "/tls.crt", dir_->file("ca.pem"));
+    std::filesystem::permissions(dir_->file("ca.pem"), std::filesystem::perms(0644));
+    std::filesystem::permissions(dir_->path(), std::filesystem::perms(0755));
 
     // The cluster: the plugin with the runner, agent, broker, datasets and sim root.
     const std::string images = dir_->file("images.json");
     std::ofstream(images) << R"({"images": {"ccta-v1": {"measurement": ")" << std::string(96, 'a') << R"("}}, "default": "ccta-v1"})";
     const std::string plugstack = dir_->file("plugstack.conf");
     std::ofstream(plugstack) << "required " << TRESOR_SPANK_SO << " runner=" << TRESOR_RUN_BIN << " agent=" << TRESOR_AGENT_BIN
-                             << " images=" << images << " backends=local broker=https://127.0.0.1:" << port << " ca=" << broker
-                             << "/tls.crt datasets=" << dir_->file("datasets") << " sim=" << sim << "\n";
+                             << " images=" << images << " backends=local broker=https://127.0.0.1:" << port << " ca=" << dir_->file("ca.pem")
+                             << " datasets=" << dir_->file("datasets") << " sim=" << sim << "\n";
     ok(run_command({TRESOR_SLURM_CLUSTER, "start", dir_->file("cluster"), std::to_string(free_port()), std::to_string(free_port()),
                     plugstack}));
   }
@@ -278,6 +283,23 @@ TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
   EXPECT_TRUE(gone) << "the job's processes, its background one included, are gone";
   EXPECT_EQ(sandbox_dirs(), sandboxes_before) << "no sandbox directory left";
   EXPECT_EQ(slurp("/proc/self/mounts").find("tresor-tmp"), std::string::npos) << "no sandbox mount is left on the host";
+}
+
+TEST_F(Slurm, AnotherUsersJobRunsInAUserNamespaceAndCannotReadTheSimKey) {
+  // Submitted by root on alice's behalf, run as uid 65534 (nobody): the runner, the sandbox (now
+  // with a user namespace) and the agent run without privileges; the evidence comes from the
+  // plugin's root evidence server, since the sim's key is root's alone.
+  const std::string out = dir_->file("nobody-out");
+  std::filesystem::create_directories(out);
+  std::filesystem::permissions(out, std::filesystem::perms(0777));
+  auto r = slurm({"/usr/bin/srun", "--uid=65534", "--gid=65534", "--chdir=/tmp", "--tresor-dataset=dhz/ccta-2024",
+                  "--tresor-output=" + out, "sh", "-c",
+                  "echo uid=$(id -u); cat " + dir_->file("sim") + "/vcek.key >/dev/null 2>&1 && echo KEY-READABLE; "
+                  "tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/result.txt"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("uid=65534"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("KEY-READABLE"), std::string::npos) << "the job's user cannot read the sim's key";
+  EXPECT_EQ(open_as_alice(out + "/result.txt.sealed"), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
 }
 
 TEST_F(Slurm, AJobWhoseCommandIsNotTheSignedOneDoesNotRun) {
