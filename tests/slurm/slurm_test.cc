@@ -107,8 +107,17 @@ class Slurm : public ::testing::Test {
     // The cluster: the plugin with the runner, agent, broker, datasets and sim root.
     const std::string images = dir_->file("images.json");
     std::ofstream(images) << R"({"images": {"ccta-v1": {"measurement": ")" << std::string(96, 'a') << R"("}}, "default": "ccta-v1"})";
+    // The runner and agent run as the job's user: copies in the test's world-readable directory,
+    // whatever the permissions of the build tree (a clone in a private temporary directory).
+    std::filesystem::create_directories(dir_->file("bin"));
+    for (const char* bin : {TRESOR_RUN_BIN, TRESOR_AGENT_BIN}) {
+      const auto to = std::filesystem::path(dir_->file("bin")) / std::filesystem::path(bin).filename();
+      std::filesystem::copy_file(bin, to);
+      std::filesystem::permissions(to, std::filesystem::perms(0755));
+    }
     const std::string plugstack = dir_->file("plugstack.conf");
-    std::ofstream(plugstack) << "required " << TRESOR_SPANK_SO << " runner=" << TRESOR_RUN_BIN << " agent=" << TRESOR_AGENT_BIN
+    std::ofstream(plugstack) << "required " << TRESOR_SPANK_SO << " runner=" << dir_->file("bin/tresor-run")
+                             << " agent=" << dir_->file("bin/tresor-agent")
                              << " images=" << images << " backends=local broker=https://127.0.0.1:" << port << " ca=" << dir_->file("ca.pem")
                              << " datasets=" << dir_->file("datasets") << " sim=" << sim << "\n";
     ok(run_command({TRESOR_SLURM_CLUSTER, "start", dir_->file("cluster"), std::to_string(free_port()), std::to_string(free_port()),
