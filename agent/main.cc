@@ -19,23 +19,10 @@
 #include <string>
 
 #include "tresor/agent/agent.h"
+#include "tresor/process.h"
 #include "tresor/slurm/job.h"
 
 namespace {
-
-constexpr std::array<int, 8> kRelayed = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCONT, SIGALRM};
-volatile sig_atomic_t g_child = 0;
-void relay(int sig) {
-  if (g_child > 0) ::kill(g_child, sig);
-}
-
-[[noreturn]] void leave_like(int status) {
-  if (WIFSIGNALED(status)) {
-    std::signal(WTERMSIG(status), SIG_DFL);
-    ::raise(WTERMSIG(status));
-  }
-  std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
-}
 
 int usage(const std::string& why) {
   std::fprintf(stderr,
@@ -120,6 +107,7 @@ int main(int argc, char** argv) {
     ::setenv("TRESOR_DATA", data.c_str(), 1);
     ::setenv("TRESOR_OUTPUT_DIR", out.c_str(), 1);
     ::unsetenv(std::string(tresor::slurm::kManifestEnv).c_str());
+    tresor::process::default_signals();
     ::umask(022);
     std::vector<char*> args;
     for (auto& a : o.command) args.push_back(a.data());
@@ -128,16 +116,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tresor-agent: cannot run %s: %s\n", args[0], std::strerror(errno));
     std::_Exit(errno == ENOENT ? 127 : 126);
   }
-  struct sigaction sa {};
-  sa.sa_handler = relay;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  for (int s : kRelayed) sigaction(s, &sa, nullptr);
-  g_child = job;
-  int status = 0;
-  while (::waitpid(job, &status, 0) < 0 && errno == EINTR) {
-  }
-  g_child = 0;
+  tresor::process::install_signal_relay();
+  const int status = tresor::process::wait_for(job);
   const double job_ms = ms_since(t_job);
   // Whatever the job wrote, sealed: the results of a failed job are the user's too.
   const auto t_seal = Clock::now();
@@ -150,5 +130,5 @@ int main(int argc, char** argv) {
                  sealed.error().message.c_str());
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return 1;
   }
-  leave_like(status);
+  tresor::process::exit_like(status);
 }

@@ -33,55 +33,11 @@
 
 #include "tresor/agent/evidence.h"
 #include "tresor/manifest.h"
+#include "tresor/process.h"
 #include "tresor/slurm/job.h"
 #include "tresor/snp/sim.h"
 
 namespace {
-
-// Signals relayed to the job (scancel sends SIGCONT and SIGTERM; `scancel -s USR1 -b` reaches
-// only this process, which must pass it on).
-constexpr std::array<int, 8> kRelayed = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCONT, SIGALRM};
-
-volatile sig_atomic_t g_child = 0;
-
-void relay(int sig) {
-  if (g_child > 0) ::kill(g_child, sig);
-}
-
-void install_relay() {
-  struct sigaction sa {};
-  sa.sa_handler = relay;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  for (int s : kRelayed) sigaction(s, &sa, nullptr);
-}
-
-// Leaves this process the way `status` says the job left: exit code, or death by the signal.
-[[noreturn]] void leave_like(int status) {
-  if (WIFSIGNALED(status)) {
-    const int sig = WTERMSIG(status);
-    std::signal(sig, SIG_DFL);
-    struct rlimit no_core {};
-    setrlimit(RLIMIT_CORE, &no_core);  // the job's core dump (if any) is the job's; not ours
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, sig);
-    sigprocmask(SIG_UNBLOCK, &set, nullptr);
-    ::raise(sig);
-  }
-  std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
-}
-
-// Waits for `pid`, relaying signals meanwhile; returns its wait status.
-int wait_for(pid_t pid) {
-  g_child = pid;
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return 1 << 8;
-  }
-  g_child = 0;
-  return status;
-}
 
 // Slurm passes the submitting shell's limits as SLURM_RLIMIT_<NAME>; its own launch applies them,
 // which the plugin's exec skips (PLATFORM.md). A limit above the hard limit is lowered to it.
@@ -161,15 +117,15 @@ bool write_file(const char* path, const std::string& text) {
   }
   if (init > 0) {
     ::close(status_pipe[1]);
-    install_relay();
-    int status = wait_for(init);
+    tresor::process::install_signal_relay();
+    int status = tresor::process::wait_for(init);
     int job_status = 0;
     if (::read(status_pipe[0], &job_status, sizeof job_status) == static_cast<ssize_t>(sizeof job_status)) status = job_status;
     // The runner shares the sandbox's mount namespace (unshare moved it there too): unmount the
     // job's tmpfs, which frees its memory, then remove the mount point, which the host sees.
     ::umount2(tmp.c_str(), MNT_DETACH);
     ::rmdir(tmp.c_str());
-    leave_like(status);
+    tresor::process::exit_like(status);
   }
   ::close(status_pipe[0]);
 
@@ -187,13 +143,13 @@ bool write_file(const char* path, const std::string& text) {
   const pid_t job = ::fork();
   if (job < 0) std::_Exit(126);
   if (job == 0) {
-    for (int s : kRelayed) std::signal(s, SIG_DFL);
+    tresor::process::default_signals();
     ::execvp(argv[0], argv);
     std::fprintf(stderr, "tresor-run: cannot run %s: %s\n", argv[0], std::strerror(errno));
     std::_Exit(errno == ENOENT ? 127 : 126);
   }
-  install_relay();
-  g_child = job;
+  tresor::process::install_signal_relay();
+  tresor::process::relay_to(job);
   // Reap everything (orphans re-parent to us), and leave with the job's own status.
   int job_status = 0;
   for (;;) {

@@ -1,0 +1,63 @@
+// Signal relay and exit-status passing for a job's parent process (include/tresor/process.h).
+#include "tresor/process.h"
+
+#include <sys/resource.h>
+#include <sys/wait.h>
+
+#include <cerrno>
+#include <cstdlib>
+
+namespace tresor::process {
+namespace {
+
+volatile sig_atomic_t g_target = 0;
+
+void relay(int sig) {
+  if (g_target > 0) ::kill(g_target, sig);
+}
+
+}  // namespace
+
+void install_signal_relay() {
+  struct sigaction sa {};
+  sa.sa_handler = relay;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int s : kRelayedSignals) sigaction(s, &sa, nullptr);
+}
+
+void relay_to(pid_t pid) { g_target = pid; }
+
+void default_signals() {
+  for (int s : kRelayedSignals) std::signal(s, SIG_DFL);
+}
+
+int wait_for(pid_t pid) {
+  relay_to(pid);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) {
+      status = 1 << 8;  // exit code 1: the child is not ours to wait for
+      break;
+    }
+  }
+  relay_to(0);
+  return status;
+}
+
+void exit_like(int status) {
+  if (WIFSIGNALED(status)) {
+    const int sig = WTERMSIG(status);
+    std::signal(sig, SIG_DFL);
+    struct rlimit no_core {};
+    setrlimit(RLIMIT_CORE, &no_core);  // the job's core dump (if any) is the job's; not ours
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    sigprocmask(SIG_UNBLOCK, &set, nullptr);
+    ::raise(sig);
+  }
+  std::_Exit(WIFEXITED(status) ? WEXITSTATUS(status) : 1);
+}
+
+}  // namespace tresor::process
