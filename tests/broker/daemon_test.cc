@@ -47,28 +47,7 @@ class Daemon {
 };
 
 // One admin request on the socket; "" when the broker died before answering.
-std::string admin(const std::string& sock, const json& req) {
-  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, sock.c_str(), sock.size() + 1);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    ::close(fd);
-    return "";
-  }
-  const std::string line = req.dump() + "\n";
-  std::string reply;
-  if (::send(fd, line.data(), line.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(line.size())) {
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(fd, buf, sizeof buf)) > 0) {
-      reply.append(buf, static_cast<size_t>(n));
-      if (reply.back() == '\n') break;
-    }
-  }
-  ::close(fd);
-  return reply.empty() || reply.back() != '\n' ? "" : reply;
-}
+std::string admin(const std::string& sock, const json& req) { return tresor::testing::unix_line_request(sock, req.dump()); }
 
 struct Fixture {
   TempDir dir;

@@ -427,27 +427,8 @@ TEST(BrokerServer, IdleAndSlowConnectionsDoNotStopService) {
   for (int fd : idle) ::close(fd);
 }
 
-// One request line on the admin socket as the current process; the reply line, or "" when the
-// broker closed without answering.
 std::string admin_over_socket(const std::string& path, const std::string& line) {
-  int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return "connect failed";
-  const std::string msg = line + "\n";
-  // A refused peer may find the connection closed before its request is written; the refusal
-  // is read all the same.
-  (void)::send(fd, msg.data(), msg.size(), MSG_NOSIGNAL);
-  std::string reply;
-  char buf[4096];
-  ssize_t n;
-  while ((n = ::read(fd, buf, sizeof buf)) > 0) {
-    reply.append(buf, static_cast<size_t>(n));
-    if (reply.back() == '\n') break;
-  }
-  ::close(fd);
-  return reply;
+  return tresor::testing::unix_line_request(path, line);
 }
 
 TEST(BrokerServer, AdminSocketChecksThePeerAndAuditsChanges) {

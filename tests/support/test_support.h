@@ -97,6 +97,10 @@ class Background {
   std::string line_;
 };
 
+/// Sends one line on a Unix stream socket and returns the reply line (with its newline), or ""
+/// when the connection fails or closes before a whole line came back.
+std::string unix_line_request(const std::string& socket_path, const std::string& line);
+
 /// The port in a line such as "… listening on https://127.0.0.1:PORT (TLS 1.3) …"; 0 if none.
 int port_in(const std::string& line);
 
