@@ -35,30 +35,20 @@ int usage(const std::string& why) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  auto args = tresor::process::parse_launcher_args(argc, argv, {"--broker", "--ca", "--data-root", "--output", "--private", "--evidence-fd"});
+  if (!args) return usage(args.error().message);
+  auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };
   tresor::agent::Options o;
-  int evidence_fd = -1;
-  int i = 1;
-  for (; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--") {
-      ++i;
-      break;
-    }
-    if (i + 1 >= argc) return usage("option " + a + " needs a value");
-    const std::string v = argv[++i];
-    if (a == "--broker") o.broker_url = v;
-    else if (a == "--ca") o.broker_ca = v;
-    else if (a == "--data-root") o.data_root = v;
-    else if (a == "--output") o.output_dir = v;
-    else if (a == "--private") o.private_dir = v;
-    else if (a == "--evidence-fd") evidence_fd = std::atoi(v.c_str());
-    else return usage("unknown option " + a);
-  }
-  if (i >= argc) return usage("no command after --");
+  o.broker_url = option("--broker");
+  o.broker_ca = option("--ca");
+  o.data_root = option("--data-root");
+  o.output_dir = option("--output");
+  o.private_dir = option("--private");
+  o.command = args->command;
+  const int evidence_fd = args->options.contains("--evidence-fd") ? std::atoi(option("--evidence-fd").c_str()) : -1;
   if (o.broker_url.empty() || o.broker_ca.empty() || o.output_dir.empty() || evidence_fd < 0) {
     return usage("--broker, --ca, --output and --evidence-fd are required");
   }
-  for (int k = i; k < argc; ++k) o.command.emplace_back(argv[k]);
   if (o.private_dir.empty()) {
     const char* tmp = std::getenv("TMPDIR");
     o.private_dir = std::string(tmp ? tmp : "/tmp") + "/tresor-private";
@@ -109,11 +99,11 @@ int main(int argc, char** argv) {
     ::unsetenv(std::string(tresor::slurm::kManifestEnv).c_str());
     tresor::process::default_signals();
     ::umask(022);
-    std::vector<char*> args;
-    for (auto& a : o.command) args.push_back(a.data());
-    args.push_back(nullptr);
-    ::execvp(args[0], args.data());
-    std::fprintf(stderr, "tresor-agent: cannot run %s: %s\n", args[0], std::strerror(errno));
+    std::vector<char*> cmd;
+    for (auto& a : o.command) cmd.push_back(a.data());
+    cmd.push_back(nullptr);
+    ::execvp(cmd[0], cmd.data());
+    std::fprintf(stderr, "tresor-agent: cannot run %s: %s\n", cmd[0], std::strerror(errno));
     std::_Exit(errno == ENOENT ? 127 : 126);
   }
   tresor::process::install_signal_relay();

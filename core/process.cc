@@ -18,6 +18,26 @@ void relay(int sig) {
 
 }  // namespace
 
+Result<LauncherArgs> parse_launcher_args(int argc, char** argv, const std::vector<std::string>& known) {
+  LauncherArgs out;
+  int i = 1;
+  for (; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--") {
+      ++i;
+      break;
+    }
+    if (i + 1 >= argc) return fail(ErrorCode::kInvalidArgument, "option " + a + " needs a value");
+    bool ok = false;
+    for (const auto& k : known) ok = ok || k == a;
+    if (!ok) return fail(ErrorCode::kInvalidArgument, "unknown option " + a);
+    out.options[a] = argv[++i];
+  }
+  for (; i < argc; ++i) out.command.emplace_back(argv[i]);
+  if (out.command.empty()) return fail(ErrorCode::kInvalidArgument, "no command after --");
+  return out;
+}
+
 void install_signal_relay() {
   struct sigaction sa {};
   sa.sa_handler = relay;

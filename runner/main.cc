@@ -179,32 +179,19 @@ int usage(const char* why) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string slurm_job = "0", broker, ca, agent, datasets, sim;
-  int i = 1;
-  for (; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--") {
-      ++i;
-      break;
-    }
-    if (a == "--help" || a == "-h") {
+  for (int k = 1; k < argc && std::string_view(argv[k]) != "--"; ++k) {
+    if (std::string_view(argv[k]) == "--help" || std::string_view(argv[k]) == "-h") {
       usage("runs a confidential job's task (started by the tresor SPANK plugin)");
       return 0;
     }
-    if (i + 1 >= argc) return usage(("option " + a + " needs a value").c_str());
-    const std::string v = argv[++i];
-    if (a == "--slurm-job-id") {
-      if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos) return usage("--slurm-job-id must be a number");
-      slurm_job = v;
-    }
-    else if (a == "--broker") broker = v;
-    else if (a == "--ca") ca = v;
-    else if (a == "--agent") agent = v;
-    else if (a == "--datasets") datasets = v;
-    else if (a == "--sim") sim = v;
-    else return usage(("unknown argument " + a).c_str());
   }
-  if (i >= argc) return usage("no command after --");
+  auto args = tresor::process::parse_launcher_args(argc, argv, {"--slurm-job-id", "--broker", "--ca", "--agent", "--datasets", "--sim"});
+  if (!args) return usage(args.error().message.c_str());
+  auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };
+  const std::string slurm_job = args->options.contains("--slurm-job-id") ? option("--slurm-job-id") : "0";
+  if (slurm_job.empty() || slurm_job.find_first_not_of("0123456789") != std::string::npos) return usage("--slurm-job-id must be a number");
+  const std::string broker = option("--broker"), ca = option("--ca"), agent = option("--agent"), datasets = option("--datasets"),
+                    sim = option("--sim");
   // Evidence: the channel the plugin's root evidence server holds the other end of
   // (TRESOR_EVIDENCE_FD), or, run by hand, a sim directory this user may read (--sim).
   const char* evidence_fd_env = std::getenv("TRESOR_EVIDENCE_FD");
@@ -281,11 +268,11 @@ int main(int argc, char** argv) {
     agent_fd = channel[1];
   }
 
-  std::vector<std::string> args = {agent, "--broker", broker, "--ca", ca, "--data-root", datasets.empty() ? "/nonexistent" : datasets,
+  std::vector<std::string> launch = {agent, "--broker", broker, "--ca", ca, "--data-root", datasets.empty() ? "/nonexistent" : datasets,
                                    "--output", std::filesystem::absolute(output).string(), "--evidence-fd", std::to_string(agent_fd), "--"};
-  for (int k = i; k < argc; ++k) args.emplace_back(argv[k]);
+  for (const auto& c : args->command) launch.push_back(c);
   static std::vector<char*> cargs;
-  for (auto& a : args) cargs.push_back(a.data());
+  for (auto& a : launch) cargs.push_back(a.data());
   cargs.push_back(nullptr);
   apply_slurm_rlimits();
   std::signal(SIGPIPE, SIG_DFL);

@@ -7,12 +7,26 @@
 
 #include <array>
 #include <csignal>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "tresor/error.h"
 
 namespace tresor::process {
 
 /// The signals passed on to the job: scancel sends SIGCONT and SIGTERM; `scancel -s USR1 -b`
 /// reaches only the job's first process, which must pass it on.
 inline constexpr std::array<int, 8> kRelayedSignals = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCONT, SIGALRM};
+
+/// The command line of a launcher (tresor-run, tresor-agent): `--OPTION VALUE` pairs, then `--`
+/// and the job's command. Every option takes a value and must be one of `known`.
+struct LauncherArgs {
+  std::map<std::string, std::string> options;  // "--broker" -> "https://…"
+  std::vector<std::string> command;            // non-empty
+};
+/// kInvalidArgument names the problem: an option without a value, an unknown option, no command.
+[[nodiscard]] Result<LauncherArgs> parse_launcher_args(int argc, char** argv, const std::vector<std::string>& known);
 
 /// Installs handlers that pass each relayed signal to the process set by relay_to().
 void install_signal_relay();
