@@ -2,7 +2,11 @@
 // docs/admin-guide.md): attest, receive keys, open inputs privately, run the command, seal its
 // outputs, leave with its status.
 //
-//   tresor-agent --broker URL --ca FILE --data-root DIR --output DIR --evidence-fd N [--private DIR] -- COMMAND [ARGS...]
+//   tresor-agent --broker URL --ca FILE --data-root DIR --output DIR (--evidence-fd N | --evidence SOURCE) [--private DIR] -- COMMAND [ARGS...]
+//
+// Evidence: --evidence-fd N, the sim channel the host side holds the other end of (the local
+// backend, sim VMs); or --evidence configfs-tsm|sev-guest|auto, the guest's own AMD-SP in an SNP
+// VM (include/tresor/agent/guest_evidence.h).
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -16,9 +20,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <memory>
 #include <string>
 
 #include "tresor/agent/agent.h"
+#include "tresor/agent/guest_evidence.h"
 #include "tresor/process.h"
 #include "tresor/slurm/job.h"
 
@@ -26,8 +32,8 @@ namespace {
 
 int usage(const std::string& why) {
   std::fprintf(stderr,
-               "tresor-agent: %s\nUsage: tresor-agent --broker URL --ca FILE --data-root DIR --output DIR --evidence-fd N "
-               "[--private DIR] -- COMMAND [ARGS...]\n",
+               "tresor-agent: %s\nUsage: tresor-agent --broker URL --ca FILE --data-root DIR --output DIR "
+               "(--evidence-fd N | --evidence configfs-tsm|sev-guest|auto) [--private DIR] -- COMMAND [ARGS...]\n",
                why.c_str());
   return 2;
 }
@@ -35,7 +41,7 @@ int usage(const std::string& why) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto args = tresor::process::parse_launcher_args(argc, argv, {"--broker", "--ca", "--data-root", "--output", "--private", "--evidence-fd"});
+  auto args = tresor::process::parse_launcher_args(argc, argv, {"--broker", "--ca", "--data-root", "--output", "--private", "--evidence-fd", "--evidence"});
   if (!args) return usage(args.error().message);
   auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };
   tresor::agent::Options o;
@@ -46,8 +52,19 @@ int main(int argc, char** argv) {
   o.private_dir = option("--private");
   o.command = args->command;
   const int evidence_fd = args->options.contains("--evidence-fd") ? std::atoi(option("--evidence-fd").c_str()) : -1;
-  if (o.broker_url.empty() || o.broker_ca.empty() || o.output_dir.empty() || evidence_fd < 0) {
-    return usage("--broker, --ca, --output and --evidence-fd are required");
+  const std::string evidence_source = option("--evidence");
+  if (o.broker_url.empty() || o.broker_ca.empty() || o.output_dir.empty()) return usage("--broker, --ca and --output are required");
+  if ((evidence_fd < 0) == evidence_source.empty()) return usage("give exactly one of --evidence-fd N and --evidence SOURCE");
+  std::unique_ptr<tresor::agent::EvidenceProvider> evidence;
+  if (evidence_fd >= 0) {
+    evidence = std::make_unique<tresor::agent::ChannelEvidence>(evidence_fd);
+  } else {
+    auto provider = tresor::agent::guest_evidence_provider(evidence_source);
+    if (!provider) {
+      std::fprintf(stderr, "tresor-agent: %s\n", provider.error().message.c_str());
+      return 1;
+    }
+    evidence = std::move(*provider);
   }
   if (o.private_dir.empty()) {
     const char* tmp = std::getenv("TMPDIR");
@@ -81,12 +98,11 @@ int main(int argc, char** argv) {
   using Clock = std::chrono::steady_clock;
   auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
   const auto t_prepare = Clock::now();
-  tresor::agent::ChannelEvidence evidence(evidence_fd);
-  if (auto r = tresor::agent::prepare(o, *manifest, *manifest_json, evidence, std::cerr); !r) {
+  if (auto r = tresor::agent::prepare(o, *manifest, *manifest_json, *evidence, std::cerr); !r) {
     std::fprintf(stderr, "tresor-agent: %s\n", r.error().message.c_str());
     return 1;
   }
-  ::close(evidence_fd);  // nothing more is asked of the host
+  if (evidence_fd >= 0) ::close(evidence_fd);  // nothing more is asked of the host
 
   const double prepare_ms = ms_since(t_prepare);
   const std::string data = o.private_dir + "/data", out = o.private_dir + "/out";

@@ -43,20 +43,12 @@ std::array<std::byte, 16> guid_bytes(std::string_view text) {
   auto b = from_hex(hex);
   std::array<std::byte, 16> g{};
   if (b && b->size() == 16) std::memcpy(g.data(), b->data(), 16);
-  std::swap(g[0], g[3]);
-  std::swap(g[1], g[2]);
-  std::swap(g[4], g[5]);
-  std::swap(g[6], g[7]);
   return g;
 }
 
 std::string guid_text(const std::byte* p) {
   std::array<std::byte, 16> g;
   std::memcpy(g.data(), p, 16);
-  std::swap(g[0], g[3]);
-  std::swap(g[1], g[2]);
-  std::swap(g[4], g[5]);
-  std::swap(g[6], g[7]);
   const std::string h = to_hex(g);
   std::string out;
   for (size_t i = 0; i < h.size(); ++i) {

@@ -41,8 +41,11 @@ inline constexpr std::string_view kGuidArk = "c0b406a4-a803-4952-9743-3fb6014cd0
 struct CertTable {
   std::map<std::string, Bytes> certs;
 };
-/// Parses the table: entries of GUID (16, stored little-endian as GHCB defines) ‖ offset u32 ‖
-/// length u32, ended by an all-zero entry; offsets point past the entries into the same buffer.
+/// Parses the table: entries of GUID (16 bytes) ‖ offset u32 ‖ length u32 (little-endian), ended by
+/// an all-zero entry; offsets point past the entries into the same buffer. The GUID bytes are in
+/// RFC 4122 order, as the text reads (63da758d-… is 63 da 75 8d … on the wire): that is how AMD's
+/// own guest tool (AMDESE/sev-guest, cert-table.c: uuid_parse into the entry) and Google's
+/// go-sev-guest (abi/abi.go, CertTable) write and read it; GHCB 56421 does not restate the order.
 [[nodiscard]] Result<CertTable> parse_cert_table(ByteSpan table);
 Bytes serialize_cert_table(const CertTable& t);
 

@@ -48,10 +48,11 @@ TEST(SnpCerts, CertificateTableRoundTripAndBounds) {
   t.certs[std::string(snp::kGuidVcek)] = m.vcek;
   t.certs[std::string(snp::kGuidArk)] = testing::pattern_bytes(700, 5);
   const Bytes bytes = snp::serialize_cert_table(t);
-  // GHCB stores GUIDs in EFI byte order: 63da758d-… begins 8d 75 da 63 on the wire.
+  // GUIDs travel in RFC 4122 byte order, as AMD's tools write them: 63da758d-e664-… is the
+  // 16 bytes 63 da 75 8d e6 64 … (a table from a real host must parse to the right names).
   bool found = false;
-  for (size_t i = 0; i + 4 <= 48; i += 24) {
-    found |= to_hex(ByteSpan(bytes).subspan(i, 4)) == "8d75da63";
+  for (size_t i = 0; i + 16 <= 48; i += 24) {
+    found |= to_hex(ByteSpan(bytes).subspan(i, 16)) == "63da758de6644564adc5f4b93be8accd";
   }
   EXPECT_TRUE(found);
   auto back = snp::parse_cert_table(bytes);
