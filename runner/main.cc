@@ -3,13 +3,24 @@
 // Slurm's own launch would have (rlimits, TMPDIR), runs the job in the backend's sandbox, relays
 // signals in, and leaves with the job's status: the same exit code, or death by the same signal.
 //
-// Backends: `local` (this file's sandbox: new mount and PID namespaces with a private tmpfs; no
-// VM, NOT confidential — it says so). In it runs tresor-agent, which attests to the broker with
-// evidence this runner's sim secure processor signs (HOST_DATA = SHA-256 of the manifest,
-// MEASUREMENT = the manifest's image), opens the inputs privately, runs the command and seals its
-// outputs. The libvirt backend is the next step of issue 5.
+// Backends (TRESOR_BACKEND, chosen at submission):
+//  - `local`: this file's sandbox, new mount and PID namespaces with a private tmpfs; no VM, NOT
+//    confidential (it says so). In it runs tresor-agent, which attests to the broker with
+//    evidence this runner's sim secure processor signs (HOST_DATA = SHA-256 of the manifest,
+//    MEASUREMENT = the manifest's image), opens the inputs privately, runs the command and seals
+//    its outputs.
+//  - `libvirt`: the job's VM built from the allocation (include/tresor/vm/job.h): the image the
+//    manifest's measurement names in the node's catalogue, the allocation's CPUs, memory and GPUs,
+//    HOST_DATA, the output and dataset shares. `--domain-xml FILE` writes its domain XML and
+//    stops there; booting it needs the guest image and control channel of the real-VM work,
+//    and until then this backend says so and runs nothing.
 //
-//   tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR -- COMMAND [ARGS...]
+// A step of several tasks (srun -n 4) gives each task its own output subdirectory, task-<rank>,
+// so that their sealed files cannot collide.
+//
+//   tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR
+//              [--images FILE] [--gpus FILE] [--hypervisor URI] [--accel kvm|tcg] [--snp yes|no]
+//              [--domain-xml FILE] -- COMMAND [ARGS...]
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mount.h>
@@ -30,12 +41,16 @@
 #include <sys/socket.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
 
 #include "tresor/agent/evidence.h"
 #include "tresor/manifest.h"
 #include "tresor/process.h"
 #include "tresor/slurm/job.h"
 #include "tresor/snp/sim.h"
+#include "tresor/vm/job.h"
 
 namespace {
 
@@ -168,6 +183,83 @@ bool write_file(const char* path, const std::string& text) {
   std::_Exit(WIFEXITED(job_status) ? WEXITSTATUS(job_status) : 128 + WTERMSIG(job_status));
 }
 
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return {};
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? v : fallback;
+}
+
+// The libvirt backend: the job's VM, from the allocation and the node's configuration. Returns
+// the exit status for main.
+int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, std::string>& options, const std::string& slurm_job,
+                const std::string& output) {
+  auto option = [&](const char* name) { return options.contains(name) ? options.at(name) : std::string(); };
+  auto fail = [](const std::string& why) {
+    std::fprintf(stderr, "tresor-run: libvirt backend: %s\n", why.c_str());
+    return 2;
+  };
+  if (option("--images").empty()) return fail("this node's plugstack.conf names no image catalogue (images=): there is nothing to boot");
+  auto catalogue = tresor::slurm::parse_image_catalogue(read_text(option("--images")));
+  if (!catalogue) return fail(option("--images") + ": " + catalogue.error().message);
+  // The image is the one the user signed for: the catalogue entry with the manifest's measurement.
+  const tresor::slurm::Image* image = nullptr;
+  for (const auto& [name, img] : catalogue->images) {
+    if (img.measurement == manifest.image_measurement) image = &img;
+  }
+  if (image == nullptr) {
+    return fail("the job's image (measurement " + tresor::to_hex(manifest.image_measurement).substr(0, 16) +
+                "…) is not in this node's catalogue " + option("--images"));
+  }
+  std::map<unsigned, std::string> gpu_table;
+  if (!option("--gpus").empty()) {
+    auto t = tresor::slurm::parse_gpu_table(read_text(option("--gpus")));
+    if (!t) return fail(option("--gpus") + ": " + t.error().message);
+    gpu_table = std::move(*t);
+  }
+  auto allocation = tresor::vm::allocation_from_env([](std::string_view k) { return env_or(std::string(k).c_str(), ""); }, gpu_table);
+  if (!allocation) return fail(allocation.error().message);
+  auto host_data = tresor::manifest_digest(manifest);
+  if (!host_data) return fail(host_data.error().message);
+  tresor::vm::JobVm job;
+  job.slurm_job = slurm_job;
+  job.slurm_step = env_or("SLURM_STEP_ID", "0");
+  job.job_id = manifest.job_id;
+  job.allocation = std::move(*allocation);
+  job.image = *image;
+  job.host_data = *host_data;
+  job.output_dir = std::filesystem::absolute(output).string();
+  const std::string datasets = option("--datasets");
+  for (const auto& id : manifest.datasets) job.dataset_dirs.push_back(datasets + "/" + id);
+  job.control_socket = "/run/tresor/" + slurm_job + "." + job.slurm_step + "/control.sock";
+  job.accelerator = option("--accel") == "tcg" ? tresor::vm::Accelerator::kTcg : tresor::vm::Accelerator::kKvm;
+  job.snp = option("--snp") != "no";
+  auto spec = tresor::vm::job_domain_spec(job);
+  if (!spec) return fail(spec.error().message);
+  auto xml = tresor::vm::domain_xml(*spec);
+  if (!xml) return fail(xml.error().message);
+  if (const std::string to = option("--domain-xml"); !to.empty()) {
+    if (to == "-") {
+      std::cout << *xml << std::flush;
+    } else {
+      std::ofstream out(to);
+      out << *xml;
+      if (!out.flush()) return fail("cannot write " + to);
+    }
+    return 0;
+  }
+  return fail("this job's VM is built (" + spec->name + ": " + std::to_string(spec->vcpus) + " vCPUs, " + std::to_string(spec->memory_mib) +
+              " MiB, " + std::to_string(spec->gpus.size()) + " GPUs" + (job.snp ? ", SEV-SNP" : ", NOT confidential") +
+              "; tresor-run --domain-xml - prints it) but this version cannot boot it: guest images and the host-guest control "
+              "channel are not built yet. Nothing was run; use --tresor-backend=local");
+}
+
 int usage(const char* why) {
   std::fprintf(stderr,
                "tresor-run: %s\nUsage: tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR "
@@ -185,7 +277,8 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
-  auto args = tresor::process::parse_launcher_args(argc, argv, {"--slurm-job-id", "--broker", "--ca", "--agent", "--datasets", "--sim"});
+  auto args = tresor::process::parse_launcher_args(argc, argv, {"--slurm-job-id", "--broker", "--ca", "--agent", "--datasets", "--sim", "--images",
+                                                                "--gpus", "--hypervisor", "--accel", "--snp", "--domain-xml"});
   if (!args) return usage(args.error().message.c_str());
   auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };
   const std::string slurm_job = args->options.contains("--slurm-job-id") ? option("--slurm-job-id") : "0";
@@ -208,14 +301,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tresor-run: the job's manifest is unreadable: %s\n", manifest.error().message.c_str());
     return 2;
   }
-  const char* backend_env = std::getenv("TRESOR_BACKEND");
-  const std::string backend = backend_env ? backend_env : "local";
-  if (backend != "local") {
-    std::fprintf(stderr, "tresor-run: backend '%s' is not available yet (only local)\n", backend.c_str());
+  const std::string backend = env_or("TRESOR_BACKEND", "local");
+  if (backend != "local" && backend != "libvirt") {
+    std::fprintf(stderr, "tresor-run: TRESOR_BACKEND='%s' is not a backend (local, libvirt)\n", backend.c_str());
     return 2;
   }
-  const char* output_env = std::getenv("TRESOR_OUTPUT");
-  const std::string output = output_env ? output_env : "tresor-output";
+  std::string output = env_or("TRESOR_OUTPUT", "tresor-output");
+  // Several tasks in one step each seal into their own subdirectory (task-<rank>).
+  const std::string ntasks = env_or("SLURM_STEP_NUM_TASKS", "1"), rank = env_or("SLURM_PROCID", "0");
+  if (ntasks != "1" && !ntasks.empty()) output += "/task-" + rank;
+  if (backend == "libvirt") return run_libvirt(*manifest, args->options, slurm_job, output);
   std::error_code ec;
   std::filesystem::create_directories(output, ec);
   if (ec) {

@@ -80,6 +80,9 @@ int exec_runner(spank_t sp) {
   if (!c.broker_url.empty()) args.insert(args.end(), {"--broker", c.broker_url, "--ca", c.broker_ca});
   args.insert(args.end(), {"--agent", c.agent});
   if (!c.datasets.empty()) args.insert(args.end(), {"--datasets", c.datasets});
+  if (!c.images.empty()) args.insert(args.end(), {"--images", c.images});
+  if (!c.gpus.empty()) args.insert(args.end(), {"--gpus", c.gpus});
+  args.insert(args.end(), {"--hypervisor", c.hypervisor, "--accel", c.accel, "--snp", c.snp ? "yes" : "no"});
   // Evidence comes from the root server task_init_privileged started (TRESOR_EVIDENCE_FD in the
   // environment), never from a key the job's user could read.
   args.push_back("--");

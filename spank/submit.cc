@@ -126,8 +126,15 @@ Result<std::string> prepare(spank_t sp, spank_context_t ctx) {
   // spank_setenv works only remotely; on the submit side the process's own environment is what
   // sbatch and srun send with the job.
   (void)sp;
+  // The options travel too, resolved: under salloc, each srun of the allocation is a submission
+  // of its own (its own command line, its own signed manifest) with the allocation's options.
+  std::string datasets, recipients;
+  for (const auto& d : request->datasets) datasets += (datasets.empty() ? "" : ",") + d;
+  for (const auto& r : o.recipients) recipients += (recipients.empty() ? "" : "\n") + r;
   if (::setenv(std::string(tresor::slurm::kManifestEnv).c_str(), env->c_str(), 1) != 0 ||
-      ::setenv("TRESOR_OUTPUT", request->output.c_str(), 1) != 0 || ::setenv("TRESOR_BACKEND", request->backend.c_str(), 1) != 0) {
+      ::setenv("TRESOR_OUTPUT", request->output.c_str(), 1) != 0 || ::setenv("TRESOR_BACKEND", request->backend.c_str(), 1) != 0 ||
+      ::setenv("TRESOR_DATASET", datasets.c_str(), 1) != 0 || ::setenv("TRESOR_IMAGE", request->image.name.c_str(), 1) != 0 ||
+      (!recipients.empty() && ::setenv("TRESOR_RECIPIENT", recipients.c_str(), 1) != 0)) {
     return fail(ErrorCode::kIo, "cannot set the job's environment");
   }
   std::string summary = "confidential job " + manifest->job_id + ": datasets";

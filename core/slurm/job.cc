@@ -39,7 +39,7 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
   for (const auto& a : args) {
     const size_t eq = a.find('=');
     if (eq == std::string::npos || eq == 0) {
-      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim, gpus)");
+      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp)");
     }
     const std::string key = a.substr(0, eq), value = a.substr(eq + 1);
     if (!seen.insert(key).second) return bad("plugstack.conf argument " + key + "= is given twice");
@@ -58,8 +58,19 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
         if (std::ranges::find(c.backends, b) == c.backends.end()) c.backends.push_back(b);
       }
       if (c.backends.empty()) return bad("plugstack.conf argument backends= is empty");
+    } else if (key == "hypervisor") {
+      if (value.find(":///") == std::string::npos && value.find("://") == std::string::npos) {
+        return bad("plugstack.conf argument hypervisor= must be a libvirt URI such as qemu:///system, not '" + value + "'");
+      }
+      c.hypervisor = value;
+    } else if (key == "accel") {
+      if (value != "kvm" && value != "tcg") return bad("plugstack.conf argument accel= must be kvm or tcg, not '" + value + "'");
+      c.accel = value;
+    } else if (key == "snp") {
+      if (value != "yes" && value != "no") return bad("plugstack.conf argument snp= must be yes or no, not '" + value + "'");
+      c.snp = value == "yes";
     } else {
-      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim, gpus)");
+      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp)");
     }
   }
   if (c.broker_url.empty() != c.broker_ca.empty()) return bad("plugstack.conf arguments broker= and ca= go together");
@@ -82,8 +93,13 @@ Result<ImageCatalogue> parse_image_catalogue(std::string_view text) {
     if (!v.is_object() || !v.contains("measurement") || !v["measurement"].is_string()) {
       return bad("image catalogue: image '" + name + "' needs \"measurement\": \"<96 hex digits>\"");
     }
-    for (const auto& [k, _] : v.items()) {
-      if (k != "measurement" && k != "description") return bad("image catalogue: image '" + name + "': unknown member \"" + k + "\"");
+    static const std::set<std::string> kMembers = {"measurement", "description", "kernel", "initrd", "cmdline", "firmware"};
+    for (const auto& [k, member] : v.items()) {
+      if (!kMembers.contains(k)) return bad("image catalogue: image '" + name + "': unknown member \"" + k + "\"");
+      if (k != "measurement" && !member.is_string()) return bad("image catalogue: " + k + " of '" + name + "' must be a string");
+      if ((k == "kernel" || k == "initrd" || k == "firmware") && !member.get<std::string>().starts_with("/")) {
+        return bad("image catalogue: " + k + " of '" + name + "' must be an absolute path, not '" + member.get<std::string>() + "'");
+      }
     }
     auto m = from_hex(v["measurement"].get<std::string>(), "image catalogue: measurement of '" + name + "'");
     if (!m) return std::unexpected(m.error());
@@ -95,6 +111,11 @@ Result<ImageCatalogue> parse_image_catalogue(std::string_view text) {
       if (!v["description"].is_string()) return bad("image catalogue: description of '" + name + "' must be a string");
       img.description = v["description"].get<std::string>();
     }
+    auto member = [&](const char* k) { return v.contains(k) ? v[k].get<std::string>() : std::string(); };
+    img.kernel = member("kernel");
+    img.initrd = member("initrd");
+    img.cmdline = member("cmdline");
+    img.firmware = member("firmware");
     c.images[name] = std::move(img);
   }
   if (j.contains("default")) {

@@ -215,6 +215,26 @@ TEST_F(Slurm, AConfidentialStepReadsItsDecryptedInputAndItsOutputIsSealedToTheUs
   EXPECT_EQ(sandbox_dirs(), sandboxes_before) << "no sandbox directory left";
 }
 
+TEST_F(Slurm, EachTaskOfAStepSealsIntoItsOwnDirectory) {
+  const std::string out = dir_->file("tasks-out");
+  auto r = slurm({"/usr/bin/srun", "-n", "2", "--tresor-dataset=dhz/ccta-2024", "--tresor-output=" + out, "sh", "-c",
+                  "head -c 9 $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/rank.txt; echo $SLURM_PROCID >> $TRESOR_OUTPUT_DIR/rank.txt"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(open_as_alice(out + "/task-0/rank.txt.sealed"), "PLAINTEXT0\n");
+  EXPECT_EQ(open_as_alice(out + "/task-1/rank.txt.sealed"), "PLAINTEXT1\n");
+}
+
+TEST_F(Slurm, UnderSallocEachStepIsSignedForItsOwnCommand) {
+  const std::string out = dir_->file("salloc-out");
+  // salloc's own command runs unwrapped on the submitting host; the srun inside it is a
+  // confidential step with the allocation's options and a manifest signed for its command line.
+  auto r = slurm({"/usr/bin/salloc", "--tresor-dataset=dhz/ccta-2024", "--tresor-output=" + out, "/usr/bin/srun", "sh", "-c",
+                  "echo step-inside=$TRESOR_INSIDE_JOB; tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/result.txt"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("step-inside=1"), std::string::npos) << r.out << r.err;
+  EXPECT_EQ(open_as_alice(out + "/result.txt.sealed"), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
+}
+
 TEST_F(Slurm, AUserWithoutAGrantGetsAClearFailureAndTheBrokerRecordsTheDenial) {
   const std::string out = dir_->file("bob-out");
   auto r = slurm({"/usr/bin/srun", "--tresor-dataset=dhz/ccta-2024", "--tresor-output=" + out, "sh", "-c", "echo SHOULD-NOT-RUN"},

@@ -31,8 +31,8 @@ inline constexpr std::string_view kManifestEnv = "TRESOR_MANIFEST";
 inline constexpr std::string_view kInsideEnv = "TRESOR_INSIDE_JOB";
 
 /// plugstack.conf: `required /usr/lib/.../spank_tresor.so runner=PATH broker=URL ca=PATH
-/// backends=local,libvirt images=PATH datasets=DIR agent=PATH sim=DIR gpus=FILE`. Unknown or repeated keys
-/// are errors.
+/// backends=local,libvirt images=PATH datasets=DIR agent=PATH sim=DIR gpus=FILE
+/// hypervisor=URI accel=kvm|tcg snp=yes|no`. Unknown or repeated keys are errors.
 struct PluginConfig {
   std::string runner = "/usr/local/bin/tresor-run";
   std::string agent = "/usr/local/libexec/tresor/tresor-agent";
@@ -43,15 +43,23 @@ struct PluginConfig {
   std::string broker_ca;   // PEM file
   std::vector<std::string> backends{"local"};  // allowed; the first is the default
   std::string images;      // image catalogue file (JSON), "" for none
+  // The libvirt backend: where VMs start, how they run, and whether they are SEV-SNP guests
+  // (snp=no: plain QEMU guests for development and CI, NOT confidential).
+  std::string hypervisor = "qemu:///system";
+  std::string accel = "kvm";
+  bool snp = true;
 };
 [[nodiscard]] Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args);
 
 /// The image catalogue an administrator publishes: {"images": {"NAME": {"measurement": "<96
-/// hex>", "description": "…"}}, "default": "NAME"}. The measurement is what data owners approve.
+/// hex>", "description": "…", "kernel": "/abs", "initrd": "/abs", "cmdline": "…", "firmware":
+/// "/abs"}}, "default": "NAME"}. The measurement is what data owners approve; the boot files are
+/// what the libvirt backend boots (the local backend needs none of them).
 struct Image {
   std::string name;
   std::array<std::byte, 48> measurement{};
   std::string description;
+  std::string kernel, initrd, cmdline, firmware;  // firmware: the AmdSev OVMF (SNP), optional otherwise
 };
 struct ImageCatalogue {
   std::map<std::string, Image> images;

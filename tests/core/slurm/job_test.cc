@@ -16,7 +16,8 @@ const std::string kCatalogue = R"({"images": {"ccta-v1": {"measurement": ")" + k
                                R"(", "description": "CT preprocessing"}, "train-v2": {"measurement": ")" + std::string(96, 'b') +
                                R"("}}, "default": "ccta-v1"})";
 
-::testing::AssertionResult RefusedWith(const Result<JobRequest>& r, const std::string& want) {
+template <typename T>
+::testing::AssertionResult RefusedWith(const Result<T>& r, const std::string& want) {
   if (r) return ::testing::AssertionFailure() << "accepted, want an error naming: " << want;
   if (r.error().message.find(want) == std::string::npos) return ::testing::AssertionFailure() << r.error().message;
   return ::testing::AssertionSuccess();
@@ -30,6 +31,15 @@ TEST(SlurmJob, PluginArgumentsAreStrict) {
   EXPECT_EQ(c->backends, (std::vector<std::string>{"libvirt", "local"}));
   EXPECT_EQ(c->gpus, "/etc/tresor/gpus.conf");
   EXPECT_EQ(parse_plugin_args({})->backends, std::vector<std::string>{"local"});
+  // The libvirt backend's settings: confidential (SNP on KVM at qemu:///system) unless told.
+  EXPECT_EQ(c->hypervisor, "qemu:///system");
+  EXPECT_EQ(c->accel, "kvm");
+  EXPECT_TRUE(c->snp);
+  auto dev = parse_plugin_args({"hypervisor=qemu:///session", "accel=tcg", "snp=no"});
+  ASSERT_TRUE(dev) << dev.error().message;
+  EXPECT_EQ(dev->hypervisor, "qemu:///session");
+  EXPECT_EQ(dev->accel, "tcg");
+  EXPECT_FALSE(dev->snp);
   struct Case {
     std::vector<std::string> args;
     const char* want;
@@ -40,7 +50,10 @@ TEST(SlurmJob, PluginArgumentsAreStrict) {
                                          {{"backends=local,kvm"}, "names 'kvm'"},
                                          {{"colour=blue"}, "unknown"},
                                          {{"runner=/a", "runner=/b"}, "given twice"},
-                                         {{"broker=https://x:1"}, "go together"}}) {
+                                         {{"broker=https://x:1"}, "go together"},
+                                         {{"hypervisor=qemu"}, "libvirt URI"},
+                                         {{"accel=hvf"}, "kvm or tcg"},
+                                         {{"snp=maybe"}, "yes or no"}}) {
     auto r = parse_plugin_args(k.args);
     ASSERT_FALSE(r);
     EXPECT_NE(r.error().message.find(k.want), std::string::npos) << r.error().message;
@@ -56,6 +69,21 @@ TEST(SlurmJob, ImageCatalogue) {
   EXPECT_FALSE(parse_image_catalogue(R"({"images": {}, "default": "nope"})"));
   EXPECT_FALSE(parse_image_catalogue(R"({"images": {"x": {"measurement": ")" + kMeasurement + R"(", "extra": 1}}})"));
   EXPECT_FALSE(parse_image_catalogue("not json"));
+
+  // The boot files the libvirt backend needs, absolute paths; the command line as written.
+  auto vm = parse_image_catalogue(R"({"images": {"ccta-v1": {"measurement": ")" + kMeasurement +
+                                  R"(", "kernel": "/img/vmlinuz", "initrd": "/img/initrd", "cmdline": "console=hvc0 quiet", "firmware": "/fw/OVMF.fd"}}})");
+  ASSERT_TRUE(vm) << vm.error().message;
+  const Image& img = vm->images.at("ccta-v1");
+  EXPECT_EQ(img.kernel, "/img/vmlinuz");
+  EXPECT_EQ(img.initrd, "/img/initrd");
+  EXPECT_EQ(img.cmdline, "console=hvc0 quiet");
+  EXPECT_EQ(img.firmware, "/fw/OVMF.fd");
+  EXPECT_TRUE(parse_image_catalogue(kCatalogue)->images.at("ccta-v1").kernel.empty());
+  EXPECT_TRUE(RefusedWith(parse_image_catalogue(R"({"images": {"x": {"measurement": ")" + kMeasurement + R"(", "kernel": "vmlinuz"}}})"),
+                      "kernel of 'x' must be an absolute path"));
+  EXPECT_TRUE(RefusedWith(parse_image_catalogue(R"({"images": {"x": {"measurement": ")" + kMeasurement + R"(", "cmdline": 3}}})"),
+                      "cmdline of 'x' must be a string"));
 }
 
 TEST(SlurmJob, OptionsAreCheckedWithMessagesThatSayHowToFixThem) {
