@@ -20,7 +20,11 @@
 //
 //   tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR
 //              [--images FILE] [--gpus FILE] [--hypervisor URI] [--accel kvm|tcg] [--snp yes|no]
-//              [--domain-xml FILE] -- COMMAND [ARGS...]
+//              [--domain-xml FILE] [--task-prolog PATH] -- COMMAND [ARGS...]
+//
+// --task-prolog: the cluster's TaskProlog (slurm.conf), which Slurm's own task launch would have
+// run and which the plugin's exec bypasses: run here as the job's user with the job's
+// environment; its "export", "unset" and "print" lines applied as slurmstepd applies them.
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mount.h>
@@ -43,6 +47,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <sstream>
 
 #include "tresor/agent/evidence.h"
@@ -260,6 +265,51 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
               "channel are not built yet. Nothing was run; use --tresor-backend=local");
 }
 
+// Runs the TaskProlog and applies its output to this process's environment (which the job
+// inherits). A TaskProlog that fails stops the task: its environment would be incomplete.
+bool run_task_prolog(const std::string& path) {
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) return false;
+  const pid_t pid = ::fork();
+  if (pid < 0) return false;
+  if (pid == 0) {
+    ::dup2(out[1], STDOUT_FILENO);
+    tresor::process::default_signals();
+    ::execl(path.c_str(), path.c_str(), static_cast<char*>(nullptr));
+    std::fprintf(stderr, "tresor-run: cannot run the TaskProlog %s: %s\n", path.c_str(), std::strerror(errno));
+    std::_Exit(127);
+  }
+  ::close(out[1]);
+  std::string text;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) != 0;) {
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    text.append(buf, static_cast<size_t>(n));
+  }
+  ::close(out[0]);
+  const int status = tresor::process::wait_for(pid);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    std::fprintf(stderr, "tresor-run: the TaskProlog %s failed (%s %d): the task was not started\n", path.c_str(),
+                 WIFEXITED(status) ? "exit" : "signal", WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+    return false;
+  }
+  std::map<std::string, std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string kv = *e;
+    const size_t eq = kv.find('=');
+    if (eq != std::string::npos) env[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  const std::string printed = tresor::slurm::apply_task_prolog_output(text, env);
+  ::clearenv();
+  for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+  std::fputs(printed.c_str(), stdout);
+  std::fflush(stdout);
+  return true;
+}
+
 int usage(const char* why) {
   std::fprintf(stderr,
                "tresor-run: %s\nUsage: tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR "
@@ -278,7 +328,8 @@ int main(int argc, char** argv) {
     }
   }
   auto args = tresor::process::parse_launcher_args(argc, argv, {"--slurm-job-id", "--broker", "--ca", "--agent", "--datasets", "--sim", "--images",
-                                                                "--gpus", "--hypervisor", "--accel", "--snp", "--domain-xml"});
+                                                                "--gpus", "--hypervisor", "--accel", "--snp", "--domain-xml",
+                                                                "--task-prolog"});
   if (!args) return usage(args.error().message.c_str());
   auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };
   const std::string slurm_job = args->options.contains("--slurm-job-id") ? option("--slurm-job-id") : "0";
@@ -310,6 +361,7 @@ int main(int argc, char** argv) {
   // Several tasks in one step each seal into their own subdirectory (task-<rank>).
   const std::string ntasks = env_or("SLURM_STEP_NUM_TASKS", "1"), rank = env_or("SLURM_PROCID", "0");
   if (ntasks != "1" && !ntasks.empty()) output += "/task-" + rank;
+  if (const std::string prolog = option("--task-prolog"); !prolog.empty() && !run_task_prolog(prolog)) return 1;
   if (backend == "libvirt") return run_libvirt(*manifest, args->options, slurm_job, output);
   std::error_code ec;
   std::filesystem::create_directories(output, ec);

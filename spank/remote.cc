@@ -18,6 +18,7 @@
 
 #include "plugin.h"
 #include "tresor/agent/evidence.h"
+#include "tresor/slurm/job.h"
 #include "tresor/snp/sim.h"
 
 namespace tresor::spank {
@@ -25,6 +26,17 @@ namespace {
 
 // The batch step's id (slurm/slurm.h SLURM_BATCH_SCRIPT; spank.h alone does not define it).
 constexpr uint32_t kBatchStep = 0xfffffffb;
+
+// A whole (small) file, or "" when it cannot be read.
+std::string read_whole(const char* path) {
+  std::string text;
+  if (std::FILE* f = std::fopen(path, "re")) {
+    char buf[4096];
+    for (size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) text.append(buf, n);
+    std::fclose(f);
+  }
+  return text;
+}
 
 std::string env_value(char** env, std::string_view name) {
   for (char** e = env; e != nullptr && *e != nullptr; ++e) {
@@ -83,6 +95,11 @@ int exec_runner(spank_t sp) {
   if (!c.images.empty()) args.insert(args.end(), {"--images", c.images});
   if (!c.gpus.empty()) args.insert(args.end(), {"--gpus", c.gpus});
   args.insert(args.end(), {"--hypervisor", c.hypervisor, "--accel", c.accel, "--snp", c.snp ? "yes" : "no"});
+  // Slurm's task launch runs the TaskProlog, which this exec bypasses: the runner runs it.
+  const char* conf = std::getenv("SLURM_CONF");
+  if (auto prolog = tresor::slurm::task_prolog_from_slurm_conf(read_whole(conf != nullptr ? conf : "/etc/slurm/slurm.conf")); !prolog.empty()) {
+    args.insert(args.end(), {"--task-prolog", prolog});
+  }
   // Evidence comes from the root server task_init_privileged started (TRESOR_EVIDENCE_FD in the
   // environment), never from a key the job's user could read.
   args.push_back("--");

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <cstdio>
@@ -315,6 +316,45 @@ Result<Manifest> decode_manifest_env(std::string_view value) {
   auto raw = base64url_decode(value, std::string(kManifestEnv));
   if (!raw) return std::unexpected(raw.error());
   return parse_manifest(std::string_view(reinterpret_cast<const char*>(raw->data()), raw->size()));
+}
+
+std::string task_prolog_from_slurm_conf(std::string_view conf) {
+  std::string found;
+  for (auto line : split(std::string(conf), '\n')) {
+    if (const size_t hash = line.find('#'); hash != std::string::npos) line.resize(hash);
+    const size_t start = line.find_first_not_of(" \t");
+    if (start == std::string::npos) continue;
+    line = line.substr(start);
+    const size_t eq = line.find('=');
+    if (eq == std::string::npos) continue;
+    std::string key = line.substr(0, eq);
+    while (!key.empty() && (key.back() == ' ' || key.back() == '\t')) key.pop_back();
+    std::ranges::transform(key, key.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    if (key != "taskprolog") continue;
+    std::string value = line.substr(eq + 1);
+    const size_t v0 = value.find_first_not_of(" \t");
+    value = v0 == std::string::npos ? "" : value.substr(v0);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\t' || value.back() == '\r')) value.pop_back();
+    found = value;  // the last one wins, as for any slurm.conf key
+  }
+  return found;
+}
+
+std::string apply_task_prolog_output(std::string_view output, std::map<std::string, std::string>& env) {
+  std::string printed;
+  for (const auto& line : split(std::string(output), '\n')) {
+    if (line.starts_with("export ")) {
+      const std::string rest = line.substr(7);
+      const size_t eq = rest.find('=');
+      if (eq == std::string::npos || eq == 0) continue;
+      env[rest.substr(0, eq)] = rest.substr(eq + 1);
+    } else if (line.starts_with("unset ")) {
+      env.erase(line.substr(6));
+    } else if (line.starts_with("print ")) {
+      printed += line.substr(6) + "\n";
+    }
+  }
+  return printed;
 }
 
 }  // namespace tresor::slurm

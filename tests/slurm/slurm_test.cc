@@ -120,8 +120,14 @@ class Slurm : public ::testing::Test {
                              << " agent=" << dir_->file("bin/tresor-agent")
                              << " images=" << images << " backends=local broker=https://127.0.0.1:" << port << " ca=" << dir_->file("ca.pem")
                              << " datasets=" << dir_->file("datasets") << " sim=" << sim << "\n";
+    // A TaskProlog, as sites use for modules and environment: Slurm runs it for plain tasks, the
+    // runner for wrapped ones.
+    const std::string prolog = dir_->file("task-prolog.sh");
+    std::ofstream(prolog) << "#!/bin/sh\necho \"export TRESOR_TEST_PROLOG=ran-$SLURM_JOB_ID\"\necho \"unset TRESOR_TEST_UNSET\"\n"
+                             "echo \"print prolog-says-hello\"\n";
+    std::filesystem::permissions(prolog, std::filesystem::perms(0755));
     ok(run_command({TRESOR_SLURM_CLUSTER, "start", dir_->file("cluster"), std::to_string(free_port()), std::to_string(free_port()),
-                    plugstack}));
+                    plugstack, prolog}));
   }
   static void TearDownTestSuite() {
     if (dir_ != nullptr) {
@@ -233,6 +239,19 @@ TEST_F(Slurm, UnderSallocEachStepIsSignedForItsOwnCommand) {
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("step-inside=1"), std::string::npos) << r.out << r.err;
   EXPECT_EQ(open_as_alice(out + "/result.txt.sealed"), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
+}
+
+TEST_F(Slurm, TheTaskPrologShapesAWrappedTaskAsAPlainOne) {
+  const std::string script = "echo prolog=$TRESOR_TEST_PROLOG unset=${TRESOR_TEST_UNSET:-gone}";
+  auto plain = slurm({"/usr/bin/env", "TRESOR_TEST_UNSET=still-here", "/usr/bin/srun", "sh", "-c", script});
+  auto wrapped = slurm({"/usr/bin/env", "TRESOR_TEST_UNSET=still-here", "/usr/bin/srun", "--tresor-dataset=dhz/ccta-2024", "sh", "-c", script});
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  ASSERT_EQ(wrapped.exit_code, 0) << wrapped.err;
+  for (const auto* r : {&plain, &wrapped}) {
+    EXPECT_NE(r->out.find("prolog=ran-"), std::string::npos) << r->out;
+    EXPECT_NE(r->out.find("unset=gone"), std::string::npos) << r->out;
+    EXPECT_NE(r->out.find("prolog-says-hello"), std::string::npos) << r->out;
+  }
 }
 
 TEST_F(Slurm, AUserWithoutAGrantGetsAClearFailureAndTheBrokerRecordsTheDenial) {

@@ -127,6 +127,15 @@ Bytes command_line_bytes(const std::vector<std::string>& args);
 /// script's contents (command[0] a readable file) or the command line. kAuth names both digests.
 [[nodiscard]] Result<void> check_command(const Manifest& manifest, const std::vector<std::string>& command);
 
+/// The TaskProlog of a slurm.conf (its text): the value of the TaskProlog key (case-insensitive,
+/// as Slurm reads keys; '#' starts a comment), or "" when there is none.
+std::string task_prolog_from_slurm_conf(std::string_view slurm_conf);
+
+/// Applies a TaskProlog's standard output to a task's environment as slurmstepd does
+/// (slurm.conf(5), TaskProlog): "export NAME=value" sets, "unset NAME" removes, "print TEXT" is
+/// written to the task's standard output (returned, one line each); other lines are ignored.
+std::string apply_task_prolog_output(std::string_view output, std::map<std::string, std::string>& env);
+
 /// The value of TRESOR_MANIFEST for a signed manifest, and back.
 [[nodiscard]] Result<std::string> encode_manifest_env(const Manifest& m);
 [[nodiscard]] Result<Manifest> decode_manifest_env(std::string_view value);

@@ -187,5 +187,17 @@ TEST(SlurmJob, GpusMapFromSlurmIndicesToPciAddresses) {
   }
 }
 
+TEST(SlurmJob, TaskPrologFromSlurmConfAndItsOutput) {
+  EXPECT_EQ(task_prolog_from_slurm_conf("ClusterName=c\n# TaskProlog=/commented\ntaskprolog = /etc/slurm/task-prolog.sh  # site\n"),
+            "/etc/slurm/task-prolog.sh");
+  EXPECT_EQ(task_prolog_from_slurm_conf("TaskProlog=/a\nTaskProlog=/b\n"), "/b") << "the last one wins";
+  EXPECT_EQ(task_prolog_from_slurm_conf("TaskPlugin=task/none\nTaskEpilog=/x\n"), "");
+  std::map<std::string, std::string> env = {{"KEEP", "1"}, {"DROP", "2"}};
+  const std::string printed =
+      apply_task_prolog_output("export MODULEPATH=/opt/m:/usr/m\nunset DROP\nprint hello from the prolog\nnoise line\nexport =bad\n", env);
+  EXPECT_EQ(printed, "hello from the prolog\n");
+  EXPECT_EQ(env, (std::map<std::string, std::string>{{"KEEP", "1"}, {"MODULEPATH", "/opt/m:/usr/m"}}));
+}
+
 }  // namespace
 }  // namespace tresor::slurm
