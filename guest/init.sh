@@ -1,0 +1,55 @@
+#!/bin/busybox sh
+# /init of a Tresor guest image (docs/images.md). The kernel runs it as PID 1 from the initramfs
+# that `tresor image build` writes; it is part of the measured initrd. It brings up only what the
+# agent needs — /proc, /sys, /dev, the virtio modules, loopback, the job's shares — finds the
+# control channel by its name, and hands over to tresor-agent. Whatever happens, it ends by
+# powering the VM off: the domain is configured to be destroyed then (one job, one boot).
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /tmp /run /mnt
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=0700 tmpfs /tmp
+
+say() { echo "tresor-init: $*" > /dev/console; }
+
+# Modules, dependencies first (the order file was computed from modules.dep at build time).
+# sev-guest loads only in an SEV-SNP guest; elsewhere its failure is expected.
+while read -r m; do
+  insmod "/lib/modules/$m" 2>/dev/null || case "$m" in *sev-guest*) ;; *) say "module $m did not load" ;; esac
+done < /etc/tresor/modules
+
+ip link set lo up
+
+# The job's shares, by their tags (virtio-9p; virtiofs tags appear in /sys/fs/virtiofs).
+for tagfile in /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag; do
+  [ -e "$tagfile" ] || continue
+  tag=$(cat "$tagfile" | tr -d '\0')
+  mkdir -p "/mnt/$tag"
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "$tag" "/mnt/$tag" || say "share $tag did not mount"
+done
+for tagfile in /sys/fs/virtiofs/*/tag; do
+  [ -e "$tagfile" ] || continue
+  tag=$(cat "$tagfile")
+  mkdir -p "/mnt/$tag"
+  mount -t virtiofs "$tag" "/mnt/$tag" || say "share $tag did not mount"
+done
+
+# The control channel: a virtio-serial port named org.tresor.control (no udev here, so the name
+# is read from sysfs rather than from /dev/virtio-ports).
+control=
+for port in /sys/class/virtio-ports/*; do
+  [ -e "$port/name" ] || continue
+  if [ "$(cat "$port/name")" = org.tresor.control ]; then control=/dev/${port##*/}; fi
+done
+
+say "ready (kernel $(uname -r))"
+if [ -n "$control" ]; then
+  /usr/libexec/tresor/tresor-agent --guest "$control"
+  say "agent exited with status $?"
+else
+  say "no control channel (org.tresor.control): nothing to run"
+fi
+sync
+poweroff -f

@@ -1,0 +1,139 @@
+// `tresor image build|show` with Debian's real kernel, modules and busybox and this build's agent
+// (the packages scripts/bootstrap installs): the files and their digests, byte-identical
+// rebuilds, the refusals (an existing directory, a file that is not a kernel, a firmware that is
+// not an AmdSev OVMF) leaving nothing behind, `show` catching a file changed after the build —
+// and the image booting under QEMU (TCG) to its /init, which finds no control channel and powers
+// the VM off.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <set>
+#include <fstream>
+
+#include "support/test_support.h"
+#include "tresor/crypto.h"
+#include "tresor/vm/image.h"
+
+namespace tresor {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::run_command;
+using testing::run_tresor;
+
+bool have_kernel() {
+  for (const auto& e : fs::directory_iterator("/boot", fs::directory_options::skip_permission_denied)) {
+    if (e.path().filename().string().starts_with("vmlinuz-")) return true;
+  }
+  return false;
+}
+
+class ImageCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_kernel() || !fs::exists("/bin/busybox")) {
+      GTEST_SKIP() << "no /boot/vmlinuz-* or /bin/busybox here: scripts/bootstrap installs linux-image-amd64 and busybox-static";
+    }
+  }
+  testing::TempDir dir;
+  std::vector<std::string> build_args(const std::string& out) const {
+    return {"image", "build", "-o", dir.file(out), "--name", "ccta-test", "--agent", TRESOR_AGENT_BIN};
+  }
+};
+
+TEST_F(ImageCli, BuildsAReproducibleImageWhoseDigestsMatch) {
+  auto r = run_tresor(build_args("a"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto m = vm::parse_image_manifest(r.out);
+  ASSERT_TRUE(m) << m.error().message << "\n" << r.out;
+  EXPECT_EQ(m->name, "ccta-test");
+  EXPECT_EQ(m->cmdline, "console=ttyS0 panic=-1 loglevel=4");
+  for (const auto& [file, digest] : std::vector<std::pair<std::string, std::string>>{
+           {"vmlinuz", m->kernel_sha256}, {"vmlinux", m->vmlinux_sha256}, {"initrd.cpio", m->initrd_sha256}}) {
+    auto sum = run_command({"/usr/bin/sha256sum", dir.file("a/" + file)});
+    EXPECT_EQ(sum.out.substr(0, 64), digest) << file;
+  }
+  // What the initramfs holds, read back: /init, busybox, the agent, its loader, the modules in order.
+  auto initrd = vm::parse_cpio_newc(testing::read_file(dir.file("a/initrd.cpio")));
+  ASSERT_TRUE(initrd) << initrd.error().message;
+  std::set<std::string> paths;
+  std::string order;
+  for (const auto& e : *initrd) {
+    paths.insert(e.path);
+    if (e.path == "etc/tresor/modules") order.assign(reinterpret_cast<const char*>(e.data.data()), e.data.size());
+  }
+  for (const char* p : {"init", "bin/busybox", "usr/libexec/tresor/tresor-agent", "lib64/ld-linux-x86-64.so.2", "etc/tresor/modules"}) {
+    EXPECT_TRUE(paths.contains(p)) << p;
+  }
+  EXPECT_LT(order.find("virtio.ko"), order.find("virtio_pci.ko")) << order;
+  EXPECT_NE(order.find("9pnet_virtio.ko"), std::string::npos) << order;
+
+  // The same inputs, again: the same bytes.
+  auto again = run_tresor(build_args("b"));
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(again.out, r.out);
+  for (const char* f : {"vmlinux", "initrd.cpio", "image.json"}) {
+    EXPECT_EQ(testing::read_file(dir.file(std::string("a/") + f)), testing::read_file(dir.file(std::string("b/") + f))) << f;
+  }
+
+  auto show = run_tresor({"image", "show", dir.file("a")});
+  EXPECT_EQ(show.exit_code, 0) << show.err;
+  EXPECT_EQ(show.out, r.out);
+  // A file changed after the build is caught.
+  {
+    std::fstream f(dir.file("a/initrd.cpio"), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(1000);
+    f.put('X');
+  }
+  auto tampered = run_tresor({"image", "show", dir.file("a")});
+  EXPECT_EQ(tampered.exit_code, 5) << tampered.err;
+  EXPECT_NE(tampered.err.find("initrd.cpio has SHA-256"), std::string::npos) << tampered.err;
+  EXPECT_NE(tampered.err.find("changed after it was built"), std::string::npos) << tampered.err;
+}
+
+TEST_F(ImageCli, RefusalsLeaveNothingBehind) {
+  fs::create_directories(dir.file("exists"));
+  auto exists = run_tresor(build_args("exists"));
+  EXPECT_EQ(exists.exit_code, 2);
+  EXPECT_NE(exists.err.find("exists: give a new directory"), std::string::npos) << exists.err;
+
+  testing::write_file(dir.file("not-a-kernel"), as_bytes(std::string("hello")));
+  auto args = build_args("k");
+  args.insert(args.end(), {"--kernel", dir.file("not-a-kernel"), "--modules", "/lib/modules/none"});
+  auto k = run_tresor(args);
+  EXPECT_NE(k.exit_code, 0);
+  EXPECT_NE(k.err.find("not-a-kernel"), std::string::npos) << k.err;
+
+  auto fw = build_args("fw");
+  fw.insert(fw.end(), {"--ovmf", "/usr/share/OVMF/OVMF_CODE_4M.fd"});
+  if (fs::exists("/usr/share/OVMF/OVMF_CODE_4M.fd")) {
+    auto f = run_tresor(fw);
+    EXPECT_EQ(f.exit_code, 2) << f.err;
+    EXPECT_NE(f.err.find("not an SNP OVMF"), std::string::npos) << "Debian's OVMF has no SEV metadata: " << f.err;
+  }
+  // Nothing was written: no image directories, no partial ones.
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(dir.path())) left.push_back(e.path().filename().string());
+  std::ranges::sort(left);
+  EXPECT_EQ(left, (std::vector<std::string>{"exists", "not-a-kernel"}));
+}
+
+TEST_F(ImageCli, TheImageBootsToItsInitUnderTcg) {
+  if (!fs::exists("/usr/bin/qemu-system-x86_64")) GTEST_SKIP() << "no qemu-system-x86_64: scripts/bootstrap installs qemu-system-x86";
+  auto r = run_tresor(build_args("boot"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // No control channel: /init says so and powers off. -no-reboot turns a panic into an exit too;
+  // the timeout bounds a hang.
+  auto boot = run_command({"/usr/bin/timeout", "60", "/usr/bin/qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-m", "256",
+                           "-kernel", dir.file("boot/vmlinux"), "-initrd", dir.file("boot/initrd.cpio"), "-append",
+                           "console=ttyS0 panic=-1 loglevel=4", "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio"});
+  EXPECT_EQ(boot.exit_code, 0) << boot.out << boot.err;
+  EXPECT_NE(boot.out.find("tresor-init: ready (kernel "), std::string::npos) << boot.out;
+  EXPECT_NE(boot.out.find("tresor-init: no control channel (org.tresor.control): nothing to run"), std::string::npos) << boot.out;
+  EXPECT_EQ(boot.out.find("did not load"), std::string::npos) << "every module loads: " << boot.out;
+  EXPECT_NE(boot.out.find("reboot: Power down"), std::string::npos) << boot.out;
+}
+
+}  // namespace
+}  // namespace tresor
