@@ -1,0 +1,170 @@
+// The host–guest control channel (include/tresor/vm/control.h).
+#include "tresor/vm/control.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <set>
+
+#include "tresor/kbs/jose.h"
+
+namespace tresor::vm::control {
+namespace {
+
+using json = nlohmann::json;
+
+Result<void> write_all(int fd, const std::byte* p, size_t n) {
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return fail(ErrorCode::kIo, std::string("control channel: write: ") + std::strerror(errno));
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return {};
+}
+
+// Exactly n bytes; false at a clean end of stream before the first.
+Result<bool> read_all(int fd, std::byte* p, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::read(fd, p + got, n - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return fail(ErrorCode::kIo, std::string("control channel: read: ") + std::strerror(errno));
+    if (r == 0) {
+      if (got == 0) return false;
+      return fail(ErrorCode::kTruncated, "control channel: the other end closed in the middle of a frame");
+    }
+    got += static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool known(uint8_t t) {
+  static const std::set<uint8_t> kTypes = {0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x81, 0x82, 0x83, 0x84};
+  return kTypes.contains(t);
+}
+
+Error malformed(std::string m) { return Error{ErrorCode::kMalformed, "control channel: " + std::move(m)}; }
+
+}  // namespace
+
+Result<void> Channel::send(Type type, ByteSpan payload) {
+  if (payload.size() > kMaxPayload) return fail(ErrorCode::kInvalidArgument, "control channel: payload too large");
+  std::array<std::byte, 5> head{};
+  store_be32(head.data(), static_cast<uint32_t>(payload.size() + 1));
+  head[4] = static_cast<std::byte>(type);
+  std::lock_guard lock(send_mutex_);
+  TRESOR_TRY(write_all(fd_, head.data(), head.size()));
+  return write_all(fd_, payload.data(), payload.size());
+}
+
+Result<Message> Channel::receive() {
+  std::array<std::byte, 5> head{};
+  auto got = read_all(fd_, head.data(), 4);
+  if (!got) return std::unexpected(got.error());
+  if (!*got) return fail(ErrorCode::kUnavailable, "control channel: closed");
+  const uint32_t n = load_be32(head.data());
+  if (n == 0 || n - 1 > kMaxPayload) return std::unexpected(malformed("a frame of " + std::to_string(n) + " bytes"));
+  auto t = read_all(fd_, head.data() + 4, 1);
+  if (!t) return std::unexpected(t.error());
+  if (!*t) return fail(ErrorCode::kTruncated, "control channel: the other end closed in the middle of a frame");
+  const auto type = static_cast<uint8_t>(head[4]);
+  if (!known(type)) return std::unexpected(malformed("unknown message type 0x" + to_hex(ByteSpan(head).subspan(4, 1))));
+  Message m{static_cast<Type>(type), Bytes(n - 1)};
+  if (n > 1) {
+    auto body = read_all(fd_, m.payload.data(), m.payload.size());
+    if (!body) return std::unexpected(body.error());
+    if (!*body) return fail(ErrorCode::kTruncated, "control channel: the other end closed in the middle of a frame");
+  }
+  return m;
+}
+
+Bytes encode_start(const Start& s) {
+  json j = {{"version", s.version},         {"manifest_env", s.manifest_env}, {"command", s.command},
+            {"script", s.script},           {"env", s.env},                   {"broker_url", s.broker_url},
+            {"broker_ca_pem", s.broker_ca_pem}, {"datasets", s.datasets},     {"evidence", s.evidence}};
+  const std::string text = j.dump();
+  return Bytes(as_bytes(text).begin(), as_bytes(text).end());
+}
+
+Result<Start> decode_start(ByteSpan payload) {
+  auto parsed = kbs::parse_strict_json(std::string_view(reinterpret_cast<const char*>(payload.data()), payload.size()), "control start");
+  if (!parsed) return std::unexpected(parsed.error());
+  const json& j = *parsed;
+  if (!j.is_object()) return std::unexpected(malformed("start must be a JSON object"));
+  static const std::set<std::string> kKeys = {"version", "manifest_env", "command", "script", "env", "broker_url", "broker_ca_pem", "datasets", "evidence"};
+  for (const auto& [k, v] : j.items()) {
+    if (!kKeys.contains(k)) return std::unexpected(malformed("start: unknown member \"" + k + "\""));
+  }
+  for (const auto& k : kKeys) {
+    if (!j.contains(k)) return std::unexpected(malformed("start: \"" + k + "\" is missing"));
+  }
+  Start s;
+  try {
+    s.version = j["version"].get<uint32_t>();
+    if (s.version != 1) return std::unexpected(malformed("start: version " + std::to_string(s.version) + " (this agent speaks 1)"));
+    s.manifest_env = j["manifest_env"].get<std::string>();
+    s.command = j["command"].get<std::vector<std::string>>();
+    s.script = j["script"].get<std::string>();
+    s.env = j["env"].get<std::map<std::string, std::string>>();
+    s.broker_url = j["broker_url"].get<std::string>();
+    s.broker_ca_pem = j["broker_ca_pem"].get<std::string>();
+    s.datasets = j["datasets"].get<std::vector<std::string>>();
+    s.evidence = j["evidence"].get<std::string>();
+  } catch (const json::exception& e) {
+    return std::unexpected(malformed(std::string("start: a member has the wrong type (") + e.what() + ")"));
+  }
+  if (s.command.empty()) return std::unexpected(malformed("start: the command is empty"));
+  return s;
+}
+
+Bytes encode_evidence(const kbs::Evidence& e) {
+  const auto pem = as_bytes(e.endorsement_cert_pem);
+  Bytes out(4 + e.report.size() + pem.size());
+  store_be32(out.data(), static_cast<uint32_t>(e.report.size()));
+  std::copy(e.report.begin(), e.report.end(), out.begin() + 4);
+  std::copy(pem.begin(), pem.end(), out.begin() + 4 + static_cast<std::ptrdiff_t>(e.report.size()));
+  return out;
+}
+
+Result<kbs::Evidence> decode_evidence(ByteSpan p) {
+  if (p.size() < 4 || load_be32(p.data()) > p.size() - 4) return std::unexpected(malformed("evidence: the report length runs past the frame"));
+  const uint32_t n = load_be32(p.data());
+  kbs::Evidence e;
+  e.report.assign(p.begin() + 4, p.begin() + 4 + n);
+  e.endorsement_cert_pem.assign(reinterpret_cast<const char*>(p.data() + 4 + n), p.size() - 4 - n);
+  return e;
+}
+
+Bytes encode_exit(int status) {
+  if (WIFSIGNALED(status)) return {std::byte{1}, static_cast<std::byte>(WTERMSIG(status))};
+  return {std::byte{0}, static_cast<std::byte>(WIFEXITED(status) ? WEXITSTATUS(status) : 1)};
+}
+
+Result<int> decode_exit(ByteSpan p) {
+  if (p.size() != 2) return std::unexpected(malformed("exit: " + std::to_string(p.size()) + " bytes, want 2"));
+  const int code = static_cast<int>(p[1]);
+  if (p[0] == std::byte{0}) return code << 8;                  // as waitpid encodes an exit
+  if (p[0] == std::byte{1} && code > 0 && code < 65) return code;  // and a death by signal
+  return std::unexpected(malformed("exit: kind " + std::to_string(static_cast<int>(p[0])) + ", code " + std::to_string(code)));
+}
+
+Bytes encode_connection(uint32_t id, ByteSpan data) {
+  Bytes out(4 + data.size());
+  store_be32(out.data(), id);
+  std::copy(data.begin(), data.end(), out.begin() + 4);
+  return out;
+}
+
+Result<std::pair<uint32_t, ByteSpan>> decode_connection(ByteSpan p) {
+  if (p.size() < 4) return std::unexpected(malformed("a broker frame without its connection id"));
+  return std::pair<uint32_t, ByteSpan>{load_be32(p.data()), p.subspan(4)};
+}
+
+}  // namespace tresor::vm::control
