@@ -1,13 +1,21 @@
 // The agent's work inside the sandbox or VM (include/tresor/agent/agent.h).
 #include "tresor/agent/agent.h"
 
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
 
 #include <filesystem>
 #include <map>
 #include <memory>
 
 #include "tresor/io.h"
+#include "tresor/process.h"
 #include "tresor/kbs/client.h"
 #include "tresor/sealed.h"
 
@@ -153,6 +161,56 @@ Result<size_t> seal_outputs(const Options& o, const Manifest& manifest, std::ost
   log << "tresor-agent: " << sealed << " output file(s) sealed to " << manifest.output_recipients.size() << " recipient(s) in "
       << o.output_dir << "\n";
   return sealed;
+}
+
+int run_job(const Options& o, const Manifest& manifest, std::string_view manifest_json, EvidenceProvider& evidence, bool timing,
+            std::ostream& log, const std::function<void(pid_t)>& on_start) {
+  using Clock = std::chrono::steady_clock;
+  auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
+  const auto t_prepare = Clock::now();
+  if (auto r = prepare(o, manifest, manifest_json, evidence, log); !r) {
+    log << "tresor-agent: " << r.error().message << std::endl;
+    return 1 << 8;
+  }
+  const double prepare_ms = ms_since(t_prepare);
+  const std::string data = o.private_dir + "/data", out = o.private_dir + "/out";
+  const auto t_job = Clock::now();
+  const pid_t job = ::fork();
+  if (job < 0) return 1 << 8;
+  if (job == 0) {
+    ::setpgid(0, 0);  // its own group: whatever it leaves running can be ended with it
+    ::setenv("TRESOR_DATA", data.c_str(), 1);
+    ::setenv("TRESOR_OUTPUT_DIR", out.c_str(), 1);
+    ::unsetenv("TRESOR_MANIFEST");
+    process::default_signals();
+    ::umask(022);
+    std::vector<std::string> command = o.command;
+    std::vector<char*> cmd;
+    for (auto& a : command) cmd.push_back(a.data());
+    cmd.push_back(nullptr);
+    ::execvp(cmd[0], cmd.data());
+    std::fprintf(stderr, "tresor-agent: cannot run %s: %s\n", cmd[0], std::strerror(errno));
+    std::_Exit(errno == ENOENT ? 127 : 126);
+  }
+  ::setpgid(job, job);
+  if (on_start) on_start(job);
+  const int status = process::wait_for(job);
+  ::kill(-job, SIGKILL);  // what the job left behind in its group does not outlive it
+  const double job_ms = ms_since(t_job);
+  // Whatever the job wrote, sealed: the results of a failed job are the user's too.
+  const auto t_seal = Clock::now();
+  auto sealed = seal_outputs(o, manifest, log);
+  if (timing) {
+    char line[160];
+    std::snprintf(line, sizeof line, "tresor-agent: timing attest_keys_inputs_ms=%.1f job_ms=%.1f seal_ms=%.1f", prepare_ms, job_ms,
+                  ms_since(t_seal));
+    log << line << std::endl;
+  }
+  if (!sealed) {
+    log << "tresor-agent: the outputs could not be sealed: " << sealed.error().message << " (nothing unsealed was written)" << std::endl;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return 1 << 8;
+  }
+  return status;
 }
 
 }  // namespace tresor::agent

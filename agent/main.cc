@@ -7,6 +7,7 @@
 // Evidence: --evidence-fd N, the sim channel the host side holds the other end of (the local
 // backend, sim VMs); or --evidence configfs-tsm|sev-guest|auto, the guest's own AMD-SP in an SNP
 // VM (include/tresor/agent/guest_evidence.h).
+#include <fcntl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -25,6 +26,7 @@
 
 #include "tresor/agent/agent.h"
 #include "tresor/agent/guest_evidence.h"
+#include "guest.h"
 #include "tresor/process.h"
 #include "tresor/slurm/job.h"
 
@@ -41,6 +43,28 @@ int usage(const std::string& why) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Guest mode (agent/guest.cc): tresor-agent --guest PORT | --guest-fd N [--guest-root DIR].
+  if (argc >= 3 && (std::string_view(argv[1]) == "--guest" || std::string_view(argv[1]) == "--guest-fd")) {
+    const bool by_fd = std::string_view(argv[1]) == "--guest-fd";
+    const int fd = by_fd ? std::atoi(argv[2]) : ::open(argv[2], O_RDWR | O_CLOEXEC);
+    if (fd < 0 || ::fcntl(fd, F_GETFD) < 0) {
+      std::fprintf(stderr, "tresor-agent: cannot open the control channel %s: %s\n", argv[2], std::strerror(errno));
+      return 2;
+    }
+    if (by_fd) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    std::string root = "/";
+    if (argc == 5 && std::string_view(argv[3]) == "--guest-root") {
+      root = argv[4];
+    } else if (argc != 3) {
+      return usage("guest mode takes --guest PORT or --guest-fd N, and optionally --guest-root DIR");
+    }
+    struct rlimit no_core {};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    ::prctl(PR_SET_DUMPABLE, 0);
+    ::umask(077);
+    std::signal(SIGPIPE, SIG_IGN);
+    return tresor::agent::run_guest(fd, root);
+  }
   auto args = tresor::process::parse_launcher_args(argc, argv, {"--broker", "--ca", "--data-root", "--output", "--private", "--evidence-fd", "--evidence"});
   if (!args) return usage(args.error().message);
   auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };
@@ -57,6 +81,7 @@ int main(int argc, char** argv) {
   if ((evidence_fd < 0) == evidence_source.empty()) return usage("give exactly one of --evidence-fd N and --evidence SOURCE");
   std::unique_ptr<tresor::agent::EvidenceProvider> evidence;
   if (evidence_fd >= 0) {
+    ::fcntl(evidence_fd, F_SETFD, FD_CLOEXEC);  // the job never inherits the evidence channel
     evidence = std::make_unique<tresor::agent::ChannelEvidence>(evidence_fd);
   } else {
     auto provider = tresor::agent::guest_evidence_provider(evidence_source);
@@ -95,46 +120,10 @@ int main(int argc, char** argv) {
 
   // TRESOR_TIMING=1: one line of phase durations at the end (tresor bench launch reads it).
   const bool timing = std::getenv("TRESOR_TIMING") != nullptr;
-  using Clock = std::chrono::steady_clock;
-  auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
-  const auto t_prepare = Clock::now();
-  if (auto r = tresor::agent::prepare(o, *manifest, *manifest_json, *evidence, std::cerr); !r) {
-    std::fprintf(stderr, "tresor-agent: %s\n", r.error().message.c_str());
-    return 1;
-  }
-  if (evidence_fd >= 0) ::close(evidence_fd);  // nothing more is asked of the host
-
-  const double prepare_ms = ms_since(t_prepare);
-  const std::string data = o.private_dir + "/data", out = o.private_dir + "/out";
-  const auto t_job = Clock::now();
-  const pid_t job = ::fork();
-  if (job < 0) return 1;
-  if (job == 0) {
-    ::setenv("TRESOR_DATA", data.c_str(), 1);
-    ::setenv("TRESOR_OUTPUT_DIR", out.c_str(), 1);
-    ::unsetenv(std::string(tresor::slurm::kManifestEnv).c_str());
-    tresor::process::default_signals();
-    ::umask(022);
-    std::vector<char*> cmd;
-    for (auto& a : o.command) cmd.push_back(a.data());
-    cmd.push_back(nullptr);
-    ::execvp(cmd[0], cmd.data());
-    std::fprintf(stderr, "tresor-agent: cannot run %s: %s\n", cmd[0], std::strerror(errno));
-    std::_Exit(errno == ENOENT ? 127 : 126);
-  }
   tresor::process::install_signal_relay();
-  const int status = tresor::process::wait_for(job);
-  const double job_ms = ms_since(t_job);
-  // Whatever the job wrote, sealed: the results of a failed job are the user's too.
-  const auto t_seal = Clock::now();
-  auto sealed = tresor::agent::seal_outputs(o, *manifest, std::cerr);
-  if (timing) {
-    std::fprintf(stderr, "tresor-agent: timing attest_keys_inputs_ms=%.1f job_ms=%.1f seal_ms=%.1f\n", prepare_ms, job_ms, ms_since(t_seal));
-  }
-  if (!sealed) {
-    std::fprintf(stderr, "tresor-agent: the outputs could not be sealed: %s (nothing unsealed was written)\n",
-                 sealed.error().message.c_str());
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return 1;
-  }
+  const int status = tresor::agent::run_job(o, *manifest, *manifest_json, *evidence, timing, std::cerr, [&](pid_t job) {
+    if (evidence_fd >= 0) ::close(evidence_fd);  // nothing more is asked of the host
+    tresor::process::relay_to(job);
+  });
   tresor::process::exit_like(status);
 }

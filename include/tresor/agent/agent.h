@@ -5,6 +5,9 @@
 // under `private_dir` (the sandbox's tmpfs, the VM's RAM), never to the shared directories.
 #pragma once
 
+#include <sys/types.h>
+
+#include <functional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -33,5 +36,13 @@ struct Options {
 /// After the command: seals every regular file under <private_dir>/out to the manifest's
 /// recipients as <output_dir>/<relative path>.sealed. Returns how many files were sealed.
 [[nodiscard]] Result<size_t> seal_outputs(const Options& options, const Manifest& manifest, std::ostream& log);
+
+/// The whole job, as the sandbox and the VM run it: prepare() (on failure: a message on `log`,
+/// nothing run, exit status 1), the command as a child in its own process group with TRESOR_DATA
+/// and TRESOR_OUTPUT_DIR set (its pid handed to `on_start`, for signals), then seal_outputs()
+/// whatever the command's fate. With `timing`, one line of phase durations on `log`. Returns the
+/// wait status to leave with: the command's, or exit 1 when sealing failed after a success.
+[[nodiscard]] int run_job(const Options& options, const Manifest& manifest, std::string_view manifest_json, EvidenceProvider& evidence,
+                          bool timing, std::ostream& log, const std::function<void(pid_t)>& on_start);
 
 }  // namespace tresor::agent

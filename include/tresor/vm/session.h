@@ -1,0 +1,34 @@
+// tresor/vm/session.h — the host's side of a job VM's control channel (include/tresor/vm/control.h,
+// docs/protocol.md §control channel): hand the guest its job, answer its sim evidence requests,
+// relay its key-broker connections to the broker, write its stdout and stderr where the job's
+// output goes, pass signals in, and return the job's status when the guest reports it.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "tresor/error.h"
+#include "tresor/kbs/client.h"
+#include "tresor/vm/control.h"
+
+namespace tresor::vm {
+
+struct HostSession {
+  control::Start start;
+  /// Signs sim evidence for the launch values the host chose; empty for an SEV-SNP guest, whose
+  /// requests are then refused (it asks its own AMD-SP).
+  std::function<Result<kbs::Evidence>(const std::array<std::byte, 64>&)> evidence;
+  std::string broker_host = "127.0.0.1";
+  uint16_t broker_port = 0;
+  int out_fd = 1, err_fd = 2;
+  int signal_fd = -1;  // read end of a pipe: each byte a signal number for the job
+};
+
+/// Runs the session on the channel `fd` until the guest reports the job's status, and returns it
+/// (a wait status: exit code or death by signal). kUnavailable when the channel ends first (the
+/// guest crashed or was destroyed) — the job's status is then unknown and must not be invented.
+[[nodiscard]] Result<int> serve_guest(int fd, const HostSession& session);
+
+}  // namespace tresor::vm

@@ -1,0 +1,237 @@
+// The guest side of a job VM and the host's side of its control channel, end to end but without
+// the VM: tresor-agent --guest-fd runs in a process with its own user and network namespaces (so,
+// as in a VM, it has no network, only loopback) with its "shares" under a directory, and
+// vm::serve_guest runs here. A real broker over TLS, a sim secure processor and a dataset sealed
+// from a marker text: the agent attests with sim evidence fetched over the channel, reaches the
+// broker only through the relayed connections, opens the input privately, runs the job and seals
+// its output to the user. Also: exit codes and deaths by signal come back exactly, a signal from
+// the host reaches the job, a command other than the signed one does not run, a tampered input
+// fails the job before it runs, and a guest that dies without a status is reported as such.
+#include <signal.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "support/test_support.h"
+#include "tresor/identity.h"
+#include "tresor/manifest.h"
+#include "tresor/slurm/job.h"
+#include "tresor/snp/sim.h"
+#include "tresor/vm/session.h"
+
+namespace tresor {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::run_command;
+
+std::string read_text(const std::string& path) {
+  const Bytes b = testing::read_file(path);
+  return std::string(reinterpret_cast<const char*>(b.data()), b.size());
+}
+using testing::TempDir;
+
+constexpr const char* kMarker = "PLAINTEXT-MARKER-5521";
+
+class GuestSession : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (::access("/usr/bin/unshare", X_OK) != 0) {
+      skip_ = "needs unshare (util-linux) for the guest's network namespace";
+      return;
+    }
+    dir_ = new TempDir();
+    auto ok = [](const testing::CommandResult& r) {
+      EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+      return r;
+    };
+    ok(run_command({TRESOR_BIN, "sim", "init", dir_->file("sim"), "--rsa-bits", "2048"}));
+    const std::string broker = dir_->file("broker");
+    ok(run_command({TRESOR_BROKER_BIN, "--init", broker, "--port", "0", "--sim-trust", dir_->file("sim")}));
+    broker_ = new testing::Background({TRESOR_BROKER_BIN, "--config", broker + "/broker.toml"});
+    port_ = testing::port_in(broker_->first_line());
+    auto admin = [&](std::vector<std::string> args) {
+      args.insert(args.begin(), {TRESOR_BIN, "admin", "--socket", broker + "/admin.sock"});
+      return ok(run_command(args));
+    };
+    auto id = ok(run_command({TRESOR_BIN, "keygen", "-o", dir_->file("alice")}));
+    recipient_ = id.out.substr(0, id.out.find('\n'));
+    admin({"user", "add", "alice", recipient_});
+    std::ofstream(dir_->file("input.txt")) << kMarker << " coronary lumen\n";
+    for (const char* ds : {"dhz/ccta-2024", "dhz/tampered"}) {
+      fs::create_directories(dir_->file(std::string("datasets/") + ds));
+      ok(run_command({TRESOR_BIN, "seal", "--dataset", ds, "--broker", "unix:" + broker + "/admin.sock", "-r", recipient_, "-o",
+                      dir_->file(std::string("datasets/") + ds + "/input.txt.sealed"), dir_->file("input.txt")}));
+    }
+    {
+      std::fstream f(dir_->file("datasets/dhz/tampered/input.txt.sealed"), std::ios::in | std::ios::out | std::ios::binary);
+      f.seekp(-20, std::ios::end);
+      f.put('\x5a');
+    }
+    std::ofstream(dir_->file("policy.json")) << R"({"attestation": {"measurements": [")" << std::string(96, 'a')
+                                             << R"("], "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}, "allow_smt": true, "products": ["Sim"]}})";
+    for (const char* ds : {"dhz/ccta-2024", "dhz/tampered"}) {
+      admin({"policy", "set", ds, dir_->file("policy.json")});
+      admin({"grant", "alice", ds});
+    }
+    ca_pem_ = read_text(broker + "/tls.crt");
+  }
+  static void TearDownTestSuite() {
+    delete broker_;
+    broker_ = nullptr;
+    delete dir_;
+    dir_ = nullptr;
+  }
+  void SetUp() override {
+    if (!skip_.empty()) GTEST_SKIP() << skip_;
+  }
+
+  struct Outcome {
+    Result<int> status = 0;
+    std::string out, err;
+    fs::path root;
+  };
+
+  // A job for `command` over `dataset`, signed by alice for `signed_command` (default: the same).
+  static Outcome run(const std::vector<std::string>& command, const std::string& dataset = "dhz/ccta-2024",
+                     std::vector<std::string> signed_command = {}, int signal_after_ms = -1, bool kill_guest = false) {
+    if (signed_command.empty()) signed_command = command;
+    static int n = 0;
+    Outcome o;
+    o.root = dir_->path() / ("guest-" + std::to_string(n++));
+    fs::create_directories(o.root / "mnt/tresor-out");
+    fs::create_directories(o.root / "tmp");
+    fs::create_symlink(dir_->path() / "datasets" / dataset, o.root / "mnt/tresor-data-0");
+
+    auto alice = *Identity::parse(read_text(dir_->file("alice")));
+    slurm::JobRequest req;
+    req.datasets = {dataset};
+    for (auto& b : req.image.measurement) b = std::byte{0xaa};
+    req.output = "/unused";
+    req.backend = "libvirt";
+    auto manifest = *slurm::build_manifest(req, alice, slurm::command_line_bytes(signed_command), std::time(nullptr), 3600);
+    auto sp = *snp::sim::SecureProcessor::load(dir_->file("sim"));
+    const auto host_data = *manifest_digest(manifest);
+
+    vm::HostSession s;
+    s.start.manifest_env = *slurm::encode_manifest_env(manifest);
+    s.start.command = command;
+    s.start.env = {{"PATH", "/usr/bin:/bin"}, {"HOME", "/tmp"}, {"SLURM_JOB_ID", "42"}};
+    s.start.broker_url = "https://127.0.0.1:" + std::to_string(port_);
+    s.start.broker_ca_pem = ca_pem_;
+    s.start.datasets = {dataset};
+    s.evidence = [&](const std::array<std::byte, 64>& rd) -> Result<kbs::Evidence> {
+      snp::sim::ReportParams p;
+      p.measurement = manifest.image_measurement;
+      p.host_data = host_data;
+      p.report_data = rd;
+      auto r = sp.sign_report(p);
+      if (!r) return std::unexpected(r.error());
+      return kbs::Evidence{Bytes(r->begin(), r->end()), sp.vcek_pem()};
+    };
+    s.broker_port = static_cast<uint16_t>(port_);
+    TempDir io;
+    s.out_fd = ::open(io.file("out").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    s.err_fd = ::open(io.file("err").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    int sig[2];
+    EXPECT_EQ(::pipe2(sig, O_CLOEXEC), 0);
+    s.signal_fd = sig[0];
+
+    int ch[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ch), 0);
+    const pid_t guest = ::fork();
+    if (guest == 0) {
+      ::dup2(ch[1], 3);  // without CLOEXEC: the agent's channel
+      ::execl("/usr/bin/unshare", "unshare", "--user", "--map-root-user", "--net", TRESOR_AGENT_BIN, "--guest-fd", "3", "--guest-root",
+              o.root.c_str(), static_cast<char*>(nullptr));
+      std::_Exit(127);
+    }
+    ::close(ch[1]);
+    std::thread poke;
+    if (signal_after_ms >= 0) {
+      poke = std::thread([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(signal_after_ms));
+        if (kill_guest) {
+          ::kill(guest, SIGKILL);
+        } else {
+          const unsigned char term = SIGTERM;
+          (void)!::write(sig[1], &term, 1);
+        }
+      });
+    }
+    o.status = vm::serve_guest(ch[0], s);
+    if (poke.joinable()) poke.join();
+    int ws = 0;
+    ::waitpid(guest, &ws, 0);
+    for (int f : {ch[0], sig[0], sig[1], s.out_fd, s.err_fd}) ::close(f);
+    o.out = read_text(io.file("out"));
+    o.err = read_text(io.file("err"));
+    return o;
+  }
+  static std::string open_as_alice(const fs::path& sealed) {
+    auto r = run_command({TRESOR_BIN, "open", "-i", dir_->file("alice"), "-o", "-", sealed.string()});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.out;
+  }
+
+  static inline TempDir* dir_ = nullptr;
+  static inline testing::Background* broker_ = nullptr;
+  static inline int port_ = 0;
+  static inline std::string skip_, recipient_, ca_pem_;
+};
+
+TEST_F(GuestSession, TheJobAttestsThroughTheChannelAndItsOutputIsSealed) {
+  auto o = run({"sh", "-c", "echo job-says-hi; echo to-stderr >&2; tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/r.txt"});
+  ASSERT_TRUE(o.status) << o.status.error().message << "\n" << o.err;
+  EXPECT_TRUE(WIFEXITED(*o.status) && WEXITSTATUS(*o.status) == 0) << *o.status << "\n" << o.err;
+  EXPECT_NE(o.out.find("job-says-hi"), std::string::npos) << o.out;
+  EXPECT_NE(o.err.find("to-stderr"), std::string::npos) << o.err;
+  EXPECT_NE(o.err.find("key of dataset dhz/ccta-2024 released"), std::string::npos) << o.err;
+  EXPECT_EQ(open_as_alice(o.root / "mnt/tresor-out/r.txt.sealed"), std::string(kMarker) + " CORONARY LUMEN\n");
+  // Nothing in the clear left in the "shares" or the guest's directory outside its private memory.
+  auto scan = run_command({"/usr/bin/grep", "-rl", "--binary-files=text", "-e", kMarker, (o.root / "mnt").string()});
+  EXPECT_EQ(scan.out, "");
+}
+
+TEST_F(GuestSession, StatusesAndSignalsComeBackExactly) {
+  auto three = run({"sh", "-c", "exit 3"});
+  ASSERT_TRUE(three.status) << three.status.error().message;
+  EXPECT_TRUE(WIFEXITED(*three.status) && WEXITSTATUS(*three.status) == 3) << *three.status;
+  auto killed = run({"sh", "-c", "kill -KILL $$"});
+  ASSERT_TRUE(killed.status) << killed.status.error().message;
+  EXPECT_TRUE(WIFSIGNALED(*killed.status) && WTERMSIG(*killed.status) == SIGKILL) << *killed.status;
+  // SIGTERM from the host (scancel) reaches the job, which dies by it.
+  auto term = run({"sh", "-c", "echo started; sleep 30"}, "dhz/ccta-2024", {}, 3000);
+  ASSERT_TRUE(term.status) << term.status.error().message;
+  EXPECT_TRUE(WIFSIGNALED(*term.status) && WTERMSIG(*term.status) == SIGTERM) << *term.status << "\n" << term.err;
+}
+
+TEST_F(GuestSession, RefusalsAndAGuestThatDies) {
+  auto other = run({"sh", "-c", "echo SHOULD-NOT-RUN"}, "dhz/ccta-2024", {"sh", "-c", "echo signed"});
+  ASSERT_TRUE(other.status);
+  EXPECT_TRUE(WIFEXITED(*other.status) && WEXITSTATUS(*other.status) != 0);
+  EXPECT_EQ(other.out.find("SHOULD-NOT-RUN"), std::string::npos);
+  EXPECT_NE(other.err.find("nothing was run"), std::string::npos) << other.err;
+
+  auto tampered = run({"sh", "-c", "echo SHOULD-NOT-RUN"}, "dhz/tampered");
+  ASSERT_TRUE(tampered.status);
+  EXPECT_TRUE(WIFEXITED(*tampered.status) && WEXITSTATUS(*tampered.status) == 1);
+  EXPECT_EQ(tampered.out.find("SHOULD-NOT-RUN"), std::string::npos);
+  EXPECT_TRUE(fs::is_empty(tampered.root / "mnt/tresor-out")) << "no output";
+
+  // The guest killed mid-job: no status is invented.
+  auto died = run({"sh", "-c", "sleep 30"}, "dhz/ccta-2024", {}, 3000, true);
+  ASSERT_FALSE(died.status);
+  EXPECT_EQ(died.status.error().code, ErrorCode::kUnavailable);
+  EXPECT_NE(died.status.error().message.find("ended without reporting the job's status"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tresor
