@@ -1,7 +1,9 @@
 // Signal relay and exit-status passing for a job's parent process (include/tresor/process.h).
 #include "tresor/process.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <unistd.h>
 #include <sys/wait.h>
 
 #include <cerrno>
@@ -11,9 +13,17 @@ namespace tresor::process {
 namespace {
 
 volatile sig_atomic_t g_target = 0;
+volatile sig_atomic_t g_pipe = -1;
 
 void relay(int sig) {
   if (g_target > 0) ::kill(g_target, sig);
+}
+
+void to_pipe(int sig) {
+  const int saved = errno;
+  const unsigned char b = static_cast<unsigned char>(sig);
+  if (g_pipe >= 0) (void)!::write(g_pipe, &b, 1);
+  errno = saved;
 }
 
 }  // namespace
@@ -47,6 +57,18 @@ void install_signal_relay() {
 }
 
 void relay_to(pid_t pid) { g_target = pid; }
+
+int signal_pipe() {
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return -1;
+  g_pipe = p[1];
+  struct sigaction sa {};
+  sa.sa_handler = to_pipe;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  for (int s : kRelayedSignals) sigaction(s, &sa, nullptr);
+  return p[0];
+}
 
 void default_signals() {
   for (int s : kRelayedSignals) std::signal(s, SIG_DFL);

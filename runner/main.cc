@@ -43,6 +43,7 @@
 #include <vector>
 
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include <filesystem>
 #include <fstream>
@@ -55,7 +56,10 @@
 #include "tresor/process.h"
 #include "tresor/slurm/job.h"
 #include "tresor/snp/sim.h"
+#include "tresor/crypto.h"
+#include "tresor/vm/hypervisor.h"
 #include "tresor/vm/job.h"
+#include "tresor/vm/session.h"
 
 namespace {
 
@@ -204,7 +208,7 @@ std::string env_or(const char* name, const char* fallback) {
 // The libvirt backend: the job's VM, from the allocation and the node's configuration. Returns
 // the exit status for main.
 int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, std::string>& options, const std::string& slurm_job,
-                const std::string& output) {
+                const std::string& output, const std::vector<std::string>& command, int evidence_fd) {
   auto option = [&](const char* name) { return options.contains(name) ? options.at(name) : std::string(); };
   auto fail = [](const std::string& why) {
     std::fprintf(stderr, "tresor-run: libvirt backend: %s\n", why.c_str());
@@ -259,11 +263,96 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
     }
     return 0;
   }
-  return fail("this job's VM is built (" + spec->name + ": " + std::to_string(spec->vcpus) + " vCPUs, " + std::to_string(spec->memory_mib) +
-              " MiB, " + std::to_string(spec->gpus.size()) + " GPUs" + (job.snp ? ", SEV-SNP" : ", NOT confidential") +
-              "; tresor-run --domain-xml - prints it) but this version cannot boot it: guest images and the host-guest control "
-              "channel are not built yet. Nothing was run; use --tresor-backend=local");
+  // Boot it. The runtime directory holds the control socket and the console log; it is named
+  // after the Slurm job so that the plugin's epilog removes it should this runner be killed.
+  std::string rt = "/tmp/tresor-job-" + slurm_job + "-vm-XXXXXX";
+  if (::mkdtemp(rt.data()) == nullptr) return fail(std::string("cannot make the VM's runtime directory: ") + std::strerror(errno));
+  auto cleanup = [&] {
+    std::error_code ec;
+    std::filesystem::remove_all(rt, ec);
+  };
+  spec->control_socket = rt + "/control.sock";
+  spec->console_log = rt + "/console.log";
+  xml = tresor::vm::domain_xml(*spec);
+  if (!xml) {
+    cleanup();
+    return fail(xml.error().message);
+  }
+  std::fprintf(stderr, "tresor-run: job %s (Slurm job %s), backend libvirt: VM %s, %u vCPUs, %llu MiB, %zu GPUs, %s%s\n",
+               manifest.job_id.c_str(), slurm_job.c_str(), spec->name.c_str(), spec->vcpus, static_cast<unsigned long long>(spec->memory_mib),
+               spec->gpus.size(), job.snp ? "SEV-SNP" : "NOT confidential (snp=no: a plain VM, its host can read its memory)",
+               job.accelerator == tresor::vm::Accelerator::kTcg ? ", software emulation (TCG)" : "");
+  auto hv = tresor::vm::Hypervisor::connect(option("--hypervisor").empty() ? "qemu:///system" : option("--hypervisor"), true);
+  if (!hv) {
+    cleanup();
+    return fail(hv.error().message);
+  }
+  auto domain = hv->start(*xml);
+  if (!domain) {
+    cleanup();
+    return fail(domain.error().message);
+  }
+  const int cfd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", spec->control_socket.c_str());
+  if (::connect(cfd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    const std::string why = std::strerror(errno);
+    (void)domain->destroy();
+    cleanup();
+    return fail("cannot connect to the VM's control channel " + spec->control_socket + ": " + why);
+  }
+  tresor::vm::HostSession session;
+  session.start.manifest_env = env_or(std::string(tresor::slurm::kManifestEnv).c_str(), "");
+  session.start.command = command;
+  // A batch script lives on the host: the guest gets its text (the agent checks it against the
+  // manifest's digest, as it would the file).
+  if (std::ifstream in(command[0], std::ios::binary); in) {
+    std::ostringstream text;
+    text << in.rdbuf();
+    auto d = tresor::crypto::sha256(tresor::as_bytes(text.str()));
+    if (d && *d == manifest.script_sha256) session.start.script = text.str();
+  }
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string kv = *e;
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos) continue;
+    const std::string k = kv.substr(0, eq);
+    if (k == tresor::slurm::kManifestEnv || k == "TRESOR_EVIDENCE_FD") continue;
+    session.start.env[k] = kv.substr(eq + 1);
+  }
+  session.start.broker_url = option("--broker");
+  session.start.broker_ca_pem = read_text(option("--ca"));
+  session.start.datasets = manifest.datasets;
+  session.start.evidence = job.snp ? "auto" : "channel";
+  if (!job.snp) {
+    session.evidence = [evidence_fd](const std::array<std::byte, 64>& rd) { return tresor::agent::ChannelEvidence(evidence_fd).evidence(rd); };
+  }
+  {
+    const std::string hp = option("--broker").substr(std::string_view("https://").size());
+    const size_t colon = hp.rfind(':');
+    session.broker_host = hp.substr(0, colon);
+    session.broker_port = static_cast<uint16_t>(std::atoi(hp.substr(colon + 1).c_str()));
+  }
+  session.signal_fd = tresor::process::signal_pipe();
+  auto status = tresor::vm::serve_guest(cfd, session);
+  ::close(cfd);
+  // The guest powers itself off after reporting; give it a little time, then make sure.
+  (void)domain->wait(std::chrono::seconds(status ? 20 : 1));
+  (void)domain->destroy();
+  if (!status) {
+    const std::string console = read_text(spec->console_log);
+    std::fprintf(stderr, "tresor-run: libvirt backend: %s\n", status.error().message.c_str());
+    if (!console.empty()) {
+      std::fprintf(stderr, "tresor-run: the VM's console said:\n%s\n", console.substr(console.size() > 4000 ? console.size() - 4000 : 0).c_str());
+    }
+    cleanup();
+    return 1;
+  }
+  cleanup();
+  tresor::process::exit_like(*status);
 }
+
 
 // Runs the TaskProlog and applies its output to this process's environment (which the job
 // inherits). A TaskProlog that fails stops the task: its environment would be incomplete.
@@ -362,17 +451,19 @@ int main(int argc, char** argv) {
   const std::string ntasks = env_or("SLURM_STEP_NUM_TASKS", "1"), rank = env_or("SLURM_PROCID", "0");
   if (ntasks != "1" && !ntasks.empty()) output += "/task-" + rank;
   if (const std::string prolog = option("--task-prolog"); !prolog.empty() && !run_task_prolog(prolog)) return 1;
-  if (backend == "libvirt") return run_libvirt(*manifest, args->options, slurm_job, output);
+  if (backend == "libvirt" && !option("--domain-xml").empty()) return run_libvirt(*manifest, args->options, slurm_job, output, args->command, -1);
   std::error_code ec;
   std::filesystem::create_directories(output, ec);
   if (ec) {
     std::fprintf(stderr, "tresor-run: cannot create the output directory %s: %s\n", output.c_str(), ec.message().c_str());
     return 2;
   }
-  std::fprintf(stderr,
-               "tresor-run: job %s (Slurm job %s), backend local: NO VM — this job is NOT confidential (the local backend is for "
-               "laptops and CI)\n",
-               manifest->job_id.c_str(), slurm_job.c_str());
+  if (backend == "local") {
+    std::fprintf(stderr,
+                 "tresor-run: job %s (Slurm job %s), backend local: NO VM — this job is NOT confidential (the local backend is for "
+                 "laptops and CI)\n",
+                 manifest->job_id.c_str(), slurm_job.c_str());
+  }
 
   int agent_fd = -1;
   if (evidence_fd_env != nullptr) {
@@ -414,6 +505,8 @@ int main(int argc, char** argv) {
     ::close(channel[0]);
     agent_fd = channel[1];
   }
+
+  if (backend == "libvirt") return run_libvirt(*manifest, args->options, slurm_job, output, args->command, agent_fd);
 
   std::vector<std::string> launch = {agent, "--broker", broker, "--ca", ca, "--data-root", datasets.empty() ? "/nonexistent" : datasets,
                                    "--output", std::filesystem::absolute(output).string(), "--evidence-fd", std::to_string(agent_fd), "--"};

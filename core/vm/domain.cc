@@ -97,6 +97,12 @@ Result<std::string> domain_xml(const DomainSpec& s) {
     if (!valid_name(sh.tag)) return bad("share tag '" + sh.tag + "' must be 1..64 of [A-Za-z0-9_.-]");
     TRESOR_TRY(absolute_path("share '" + sh.tag + "'", sh.host_path, true));
     virtiofs = virtiofs || sh.driver == ShareDriver::kVirtiofs;
+    if (sh.read_only && sh.driver == ShareDriver::kVirtiofs) {
+      return bad("share '" + sh.tag + "': libvirt before 11.0 cannot make a virtiofs share read-only; read-only shares use 9p");
+    }
+  }
+  if (!s.console_log.empty()) {
+    TRESOR_TRY(absolute_path("console log", s.console_log, true));
   }
 
   std::string x;
@@ -127,7 +133,11 @@ Result<std::string> domain_xml(const DomainSpec& s) {
     x += "  </launchSecurity>\n";
   }
   x += "  <devices>\n";
-  x += "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n";
+  if (s.console_log.empty()) {
+    x += "    <console type='pty'>\n      <target type='serial' port='0'/>\n    </console>\n";
+  } else {
+    x += "    <serial type='file'>\n      <source path='" + esc(s.console_log) + "'/>\n      <target port='0'/>\n    </serial>\n";
+  }
   x += "    <channel type='unix'>\n      <source mode='bind' path='" + esc(s.control_socket) + "'/>\n";
   x += "      <target type='virtio' name='" + std::string(kControlChannel) + "'/>\n    </channel>\n";
   for (const auto& sh : s.shares) {

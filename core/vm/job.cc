@@ -74,7 +74,8 @@ Result<DomainSpec> job_domain_spec(const JobVm& job) {
   s.control_socket = job.control_socket;
   s.shares.push_back(Share{std::string(kOutputTag), job.output_dir, false, job.share_driver});
   for (size_t i = 0; i < job.dataset_dirs.size(); ++i) {
-    s.shares.push_back(Share{std::string(kDataTagPrefix) + std::to_string(i), job.dataset_dirs[i], true, job.share_driver});
+    // Read-only, enforced by QEMU: 9p (libvirt before 11.0 cannot make virtiofs read-only).
+    s.shares.push_back(Share{std::string(kDataTagPrefix) + std::to_string(i), job.dataset_dirs[i], true, ShareDriver::k9p});
   }
   // The same checks domain_xml makes (name, paths, PCI addresses, SNP under TCG, memory): the
   // spec is refused here, before anything starts, with the same messages.

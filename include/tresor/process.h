@@ -32,6 +32,10 @@ struct LauncherArgs {
 void install_signal_relay();
 /// Where relayed signals go from now on (0: nowhere).
 void relay_to(pid_t pid);
+/// Instead of relaying: each relayed signal's number is written (one byte) into a pipe, whose
+/// read end is returned (-1 when no pipe could be made). For a parent whose job is not a local
+/// process (a VM's, reached through its control channel).
+int signal_pipe();
 /// Restores the default disposition of the relayed signals (in a child, before exec).
 void default_signals();
 /// Waits for `pid` (through interruptions), relaying signals to it meanwhile; its wait status.

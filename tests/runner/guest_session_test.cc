@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -231,6 +232,80 @@ TEST_F(GuestSession, RefusalsAndAGuestThatDies) {
   ASSERT_FALSE(died.status);
   EXPECT_EQ(died.status.error().code, ErrorCode::kUnavailable);
   EXPECT_NE(died.status.error().message.find("ended without reporting the job's status"), std::string::npos);
+}
+
+// The same job inside a real VM: tresor-run's libvirt backend boots the guest image (built here
+// from Debian's kernel with this build's agent) under TCG through libvirtd, serves its control
+// channel, and leaves with the job's status. Label: slow (about 10 s of emulated boot per run).
+class VmBoot : public GuestSession {
+ protected:
+  static void SetUpTestSuite() {
+    GuestSession::SetUpTestSuite();
+    if (!skip_.empty()) return;
+    if (::geteuid() != 0 || ::access("/usr/sbin/libvirtd", X_OK) != 0 || ::access("/usr/bin/qemu-system-x86_64", X_OK) != 0) {
+      vm_skip_ = "needs root, libvirtd and QEMU (scripts/bootstrap installs them)";
+      return;
+    }
+    auto started = run_command({TRESOR_LIBVIRT_LOCAL, "start"});
+    if (started.exit_code != 0) {
+      vm_skip_ = "libvirtd did not start: " + started.err;
+      return;
+    }
+    // QEMU runs as libvirt's unprivileged user: it reads the (ciphertext) datasets through 9p.
+    run_command({"/bin/chmod", "-R", "a+rX", dir_->file("datasets")});
+    ::chmod(dir_->path().c_str(), 0755);
+    auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN});
+    if (image.exit_code != 0) {
+      vm_skip_ = "no guest image (Debian's kernel and busybox-static are needed): " + image.err;
+      return;
+    }
+    std::ofstream(dir_->file("images.json")) << R"({"images": {"test": {"measurement": ")" << std::string(96, 'a') << R"(", "kernel": ")"
+                                             << dir_->file("image/vmlinux") << R"(", "initrd": ")" << dir_->file("image/initrd.cpio")
+                                             << R"(", "cmdline": "console=ttyS0 panic=-1 loglevel=4"}}})";
+  }
+  static void TearDownTestSuite() {
+    run_command({TRESOR_LIBVIRT_LOCAL, "stop"});
+    GuestSession::TearDownTestSuite();
+  }
+  void SetUp() override {
+    GuestSession::SetUp();
+    if (!vm_skip_.empty()) GTEST_SKIP() << vm_skip_;
+  }
+  // tresor-run with the libvirt backend, as the plugin would start it.
+  static testing::CommandResult run_vm(const std::vector<std::string>& command, const std::string& out) {
+    auto alice = *Identity::parse(read_text(dir_->file("alice")));
+    slurm::JobRequest req;
+    req.datasets = {"dhz/ccta-2024"};
+    for (auto& b : req.image.measurement) b = std::byte{0xaa};
+    req.output = out;
+    req.backend = "libvirt";
+    auto manifest = *slurm::build_manifest(req, alice, slurm::command_line_bytes(command), std::time(nullptr), 3600);
+    std::vector<std::string> argv = {"/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "TRESOR_MANIFEST=" + *slurm::encode_manifest_env(manifest),
+                                     "TRESOR_BACKEND=libvirt", "TRESOR_OUTPUT=" + out, "SLURM_CPUS_ON_NODE=1", "SLURM_MEM_PER_NODE=512",
+                                     TRESOR_RUN_BIN, "--slurm-job-id", "77", "--broker", "https://127.0.0.1:" + std::to_string(port_), "--ca",
+                                     dir_->file("broker/tls.crt"), "--agent", TRESOR_AGENT_BIN, "--datasets", dir_->file("datasets"), "--sim",
+                                     dir_->file("sim"), "--images", dir_->file("images.json"), "--hypervisor", "qemu:///system", "--accel",
+                                     "tcg", "--snp", "no", "--"};
+    argv.insert(argv.end(), command.begin(), command.end());
+    return run_command(argv);
+  }
+  static inline std::string vm_skip_;
+};
+
+TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
+  const std::string out = dir_->file("vm-out");
+  auto r = run_vm({"sh", "-c", "echo in-vm kernel=$(uname -r); tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/r.txt; exit 3"},
+                  out);
+  EXPECT_EQ(r.exit_code, 3) << r.out << r.err;
+  EXPECT_NE(r.err.find("backend libvirt: VM tresor-77.0-"), std::string::npos) << r.err;
+  EXPECT_NE(r.out.find("in-vm kernel="), std::string::npos) << r.out << r.err;
+  EXPECT_NE(r.err.find("key of dataset dhz/ccta-2024 released"), std::string::npos) << r.err;
+  EXPECT_EQ(open_as_alice(fs::path(out) / "r.txt.sealed"), std::string(kMarker) + " CORONARY LUMEN\n");
+  // Nothing left: no domain, no runtime directory.
+  auto list = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"});
+  EXPECT_EQ(list.out.find("tresor-77."), std::string::npos) << list.out;
+  auto dirs = run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-77-vm-* 2>/dev/null"});
+  EXPECT_EQ(dirs.out, "");
 }
 
 }  // namespace

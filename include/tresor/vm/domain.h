@@ -46,11 +46,13 @@ struct DomainSpec {
   std::vector<Share> shares;
   std::vector<std::string> gpus;  // PCI addresses, "0000:41:00.0"
   std::string control_socket;     // the control channel's Unix socket on the host
+  std::string console_log;        // absolute: the serial console into this file; "": a pty
 };
 
 /// The domain XML. kInvalidArgument names the field and the rule: a bad name, a relative path,
 /// a malformed PCI address, SNP without firmware or under TCG, DEBUG in the SNP policy, too little
-/// memory. Every text value is escaped.
+/// memory, a read-only virtiofs share (libvirt before 11.0 cannot enforce it: read-only shares
+/// are 9p). Every text value is escaped.
 [[nodiscard]] Result<std::string> domain_xml(const DomainSpec& spec);
 
 /// The name of the control channel inside the guest (/dev/virtio-ports/<name>).

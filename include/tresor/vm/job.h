@@ -52,7 +52,7 @@ struct JobVm {
   std::string control_socket;                     // absolute
   Accelerator accelerator = Accelerator::kKvm;
   bool snp = true;
-  ShareDriver share_driver = ShareDriver::kVirtiofs;
+  ShareDriver share_driver = ShareDriver::kVirtiofs;  // the output share's; dataset shares are 9p (read-only)
   uint64_t default_memory_mib = 2048;             // when the job asked for none
 };
 

@@ -29,7 +29,7 @@ DomainSpec snp_spec() {
   s.initrd = "/var/lib/tresor/images/ccta-v1/initrd.cpio";
   s.cmdline = "console=ttyS0 panic=-1 tresor.job=t-0123456789abcdef";
   s.shares = {{"job", "/scratch/alice/run1/tresor-output", false, ShareDriver::kVirtiofs},
-              {"ds0", "/shared/datasets/dhz/ccta-2024", true, ShareDriver::kVirtiofs}};
+              {"ds0", "/shared/datasets/dhz/ccta-2024", true, ShareDriver::k9p}};
   s.gpus = {"0000:41:00.0", "0000:c1:00.0"};
   s.control_socket = "/run/tresor/jobs/t-0123456789abcdef/control.sock";
   return s;
@@ -85,6 +85,8 @@ TEST(VmDomain, BadSpecsAreRefusedByName) {
       {"PCI address", [](DomainSpec& s) { s.gpus = {"0000:41:20.0"}; }},
       {"share tag", [](DomainSpec& s) { s.shares[0].tag = "a/b"; }},
       {"control characters", [](DomainSpec& s) { s.cmdline = "a\nb"; }},
+      {"cannot make a virtiofs share read-only", [](DomainSpec& s) { s.shares[1].driver = ShareDriver::kVirtiofs; }},
+      {"console log", [](DomainSpec& s) { s.console_log = "console.log"; }},
   };
   for (const auto& k : cases) {
     SCOPED_TRACE(k.want);
@@ -101,8 +103,10 @@ TEST(VmDomain, LibvirtsOwnParserAcceptsThePlainShape) {
   ASSERT_NE(conn, nullptr);
   DomainSpec s = tcg_spec();
   s.shares.push_back({"ds0", "/srv/datasets/x", true, ShareDriver::k9p});
+  s.console_log = "/tmp/tresor-console.log";  // the serial console into a file, as the runner asks
   auto x = domain_xml(s);
   ASSERT_TRUE(x);
+  EXPECT_NE(x->find("<serial type='file'>\n      <source path='/tmp/tresor-console.log'/>"), std::string::npos) << *x;
   virDomainPtr dom = virDomainCreateXML(conn, x->c_str(), 0);
   ASSERT_NE(dom, nullptr) << virGetLastErrorMessage();
   char* back = virDomainGetXMLDesc(dom, 0);
