@@ -123,6 +123,12 @@ int cleanup_after_job(spank_t sp) {
     if (!name.starts_with(prefix)) continue;
     const std::string path = "/tmp/" + name;
     ::umount2(path.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW);  // normally not mounted here: the tmpfs lived in the sandbox
+    // A VM's runtime directory (tresor-job-<id>-vm-*) holds only its console log and control
+    // socket; anything else in it, as in a sandbox's, is left for the administrator.
+    if (name.find("-vm-") != std::string::npos) {
+      ::unlink((path + "/console.log").c_str());
+      ::unlink((path + "/control.sock").c_str());
+    }
     if (::rmdir(path.c_str()) == 0) {
       slurm_info("tresor: job %u: removed %s left by a runner that did not finish", job_id, path.c_str());
     } else {

@@ -273,6 +273,9 @@ class VmBoot : public GuestSession {
   }
   // tresor-run with the libvirt backend, as the plugin would start it.
   static testing::CommandResult run_vm(const std::vector<std::string>& command, const std::string& out) {
+    return run_command(vm_argv(command, out));
+  }
+  static std::vector<std::string> vm_argv(const std::vector<std::string>& command, const std::string& out) {
     auto alice = *Identity::parse(read_text(dir_->file("alice")));
     slurm::JobRequest req;
     req.datasets = {"dhz/ccta-2024"};
@@ -287,7 +290,11 @@ class VmBoot : public GuestSession {
                                      dir_->file("sim"), "--images", dir_->file("images.json"), "--hypervisor", "qemu:///system", "--accel",
                                      "tcg", "--snp", "no", "--"};
     argv.insert(argv.end(), command.begin(), command.end());
-    return run_command(argv);
+    return argv;
+  }
+  static bool domain_left(const std::string& prefix) {
+    auto list = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"});
+    return list.out.find(prefix) != std::string::npos;
   }
   static inline std::string vm_skip_;
 };
@@ -306,6 +313,53 @@ TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
   EXPECT_EQ(list.out.find("tresor-77."), std::string::npos) << list.out;
   auto dirs = run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-77-vm-* 2>/dev/null"});
   EXPECT_EQ(dirs.out, "");
+}
+
+// scancel: SIGTERM reaches the job inside the VM, which dies by it, and the runner leaves the same
+// way with nothing left behind. SIGKILL (scancel --signal=KILL, a node problem): the runner
+// cannot clean up, but libvirt destroys the VM when its connection drops (autodestroy).
+TEST_F(VmBoot, CancellingLeavesNoVmBehind) {
+  for (int sig : {SIGTERM, SIGKILL}) {
+    SCOPED_TRACE(sig);
+    TempDir io;
+    auto argv = vm_argv({"sh", "-c", "echo started; sleep 120"}, dir_->file("vm-cancel-out"));
+    const pid_t runner = ::fork();
+    if (runner == 0) {
+      const int out = ::open(io.file("out").c_str(), O_WRONLY | O_CREAT, 0600);
+      const int err = ::open(io.file("err").c_str(), O_WRONLY | O_CREAT, 0600);
+      ::dup2(out, 1);
+      ::dup2(err, 2);
+      std::vector<char*> a;
+      for (auto& x : argv) a.push_back(x.data());
+      a.push_back(nullptr);
+      ::execv(a[0], a.data());
+      std::_Exit(127);
+    }
+    bool started = false;
+    for (int i = 0; i < 600 && !started; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      started = read_text(io.file("out")).find("started") != std::string::npos;
+    }
+    ASSERT_TRUE(started) << read_text(io.file("err"));
+    EXPECT_TRUE(domain_left("tresor-77."));
+    ::kill(runner, sig);
+    int status = 0;
+    ::waitpid(runner, &status, 0);
+    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == sig) << status << "\n" << read_text(io.file("err"));
+    bool gone = false;
+    for (int i = 0; i < 100 && !gone; ++i) {
+      gone = !domain_left("tresor-77.");
+      if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_TRUE(gone) << "the VM outlived its runner";
+    auto dirs = run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-77-vm-* 2>/dev/null"});
+    if (sig == SIGTERM) {
+      EXPECT_EQ(dirs.out, "") << "the runner removed its runtime directory";
+    } else {
+      // Left for the plugin's job epilog, which removes /tmp/tresor-job-<id>-* (tests/slurm).
+      run_command({"/bin/sh", "-c", "rm -rf /tmp/tresor-job-77-vm-*"});
+    }
+  }
 }
 
 }  // namespace
