@@ -48,7 +48,9 @@ constexpr const char* kMarker = "PLAINTEXT-MARKER-7319";
 
 class Slurm : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
+  static void SetUpTestSuite() { start_cluster(false); }
+  // The whole setting; `vm`: the libvirt backend allowed (first), with a guest image built here.
+  static void start_cluster(bool vm) {
     if (::access("/usr/sbin/slurmctld", X_OK) != 0 || ::geteuid() != 0) {
       skip_ = "needs Slurm (scripts/bootstrap installs it) and root to run its daemons";
       return;
@@ -106,7 +108,22 @@ class Slurm : public ::testing::Test {
 
     // The cluster: the plugin with the runner, agent, broker, datasets and sim root.
     const std::string images = dir_->file("images.json");
-    std::ofstream(images) << R"({"images": {"ccta-v1": {"measurement": ")" << std::string(96, 'a') << R"("}}, "default": "ccta-v1"})";
+    std::string boot_files, vm_args;
+    if (vm) {
+      auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN});
+      auto lv = run_command({TRESOR_LIBVIRT_LOCAL, "start"});
+      if (image.exit_code != 0 || lv.exit_code != 0) {
+        skip_ = "no guest image or libvirtd (scripts/bootstrap installs the kernel, busybox-static, QEMU and libvirt): " + image.err + lv.err;
+        return;
+      }
+      boot_files = R"(, "kernel": ")" + dir_->file("image/vmlinux") + R"(", "initrd": ")" + dir_->file("image/initrd.cpio") +
+                   R"(", "cmdline": "console=ttyS0 panic=-1 loglevel=4")";
+      vm_args = " hypervisor=qemu:///system accel=tcg snp=no";
+      // QEMU runs as libvirt's own user and reads the (ciphertext) datasets through 9p.
+      run_command({"/bin/chmod", "-R", "a+rX", dir_->file("datasets")});
+    }
+    std::ofstream(images) << R"({"images": {"ccta-v1": {"measurement": ")" << std::string(96, 'a') << "\"" << boot_files
+                          << R"(}}, "default": "ccta-v1"})";
     // The runner and agent run as the job's user: copies in the test's world-readable directory,
     // whatever the permissions of the build tree (a clone in a private temporary directory).
     std::filesystem::create_directories(dir_->file("bin"));
@@ -118,7 +135,7 @@ class Slurm : public ::testing::Test {
     const std::string plugstack = dir_->file("plugstack.conf");
     std::ofstream(plugstack) << "required " << TRESOR_SPANK_SO << " runner=" << dir_->file("bin/tresor-run")
                              << " agent=" << dir_->file("bin/tresor-agent")
-                             << " images=" << images << " backends=local broker=https://127.0.0.1:" << port << " ca=" << dir_->file("ca.pem")
+                             << " images=" << images << (vm ? " backends=libvirt,local" : " backends=local") << vm_args << " broker=https://127.0.0.1:" << port << " ca=" << dir_->file("ca.pem")
                              << " datasets=" << dir_->file("datasets") << " sim=" << sim << "\n";
     // A TaskProlog, as sites use for modules and environment: Slurm runs it for plain tasks, the
     // runner for wrapped ones.
@@ -132,6 +149,7 @@ class Slurm : public ::testing::Test {
   static void TearDownTestSuite() {
     if (dir_ != nullptr) {
       run_command({TRESOR_SLURM_CLUSTER, "stop", dir_->file("cluster")});
+      run_command({TRESOR_LIBVIRT_LOCAL, "stop"});
       delete broker_;
       broker_ = nullptr;
       delete dir_;
@@ -399,4 +417,32 @@ TEST_F(Slurm, AKilledRunnersLeftoversAreRemovedByTheEpilog) {
 }
 
 }  // namespace
+// The product path with a real VM: sbatch with --tresor-backend=libvirt (the cluster's default
+// here) boots the guest image under TCG, the agent inside attests (sim) to the broker through the
+// control channel, decrypts the input, runs the batch script and seals its output; the exit code
+// comes back; no VM is left. Label: slow.
+class SlurmVm : public Slurm {
+ protected:
+  static void SetUpTestSuite() { start_cluster(true); }
+};
+
+TEST_F(SlurmVm, ABatchJobRunsInsideAVmAndItsOutputIsSealed) {
+  const std::string script = dir_->file("vm-job.sh");
+  const std::string results = dir_->file("vm-results");
+  std::ofstream(script) << "#!/bin/sh\n#SBATCH --tresor-dataset=dhz/ccta-2024\n#SBATCH --tresor-backend=libvirt\n#SBATCH --tresor-output="
+                        << results << "\necho in-vm kernel=$(uname -r) inside=$TRESOR_INSIDE_JOB\n"
+                                      "tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/result.txt\nexit 4\n";
+  const std::string out = dir_->file("vm-job.out");
+  auto r = slurm({"/usr/bin/sbatch", "--wait", "-o", out, script});
+  const std::string log = slurp(out);
+  EXPECT_EQ(r.exit_code, 4) << r.err << log;
+  EXPECT_NE(log.find("backend libvirt: VM tresor-"), std::string::npos) << log;
+  EXPECT_NE(log.find("in-vm kernel="), std::string::npos) << log;
+  EXPECT_NE(log.find("inside=1"), std::string::npos) << log;
+  EXPECT_NE(log.find("key of dataset dhz/ccta-2024 released"), std::string::npos) << log;
+  EXPECT_EQ(open_as_alice(results + "/result.txt.sealed"), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
+  auto list = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"});
+  EXPECT_EQ(list.out.find("tresor-"), std::string::npos) << "no VM left: " << list.out;
+}
+
 }  // namespace tresor
