@@ -164,7 +164,7 @@ Result<size_t> seal_outputs(const Options& o, const Manifest& manifest, std::ost
 }
 
 int run_job(const Options& o, const Manifest& manifest, std::string_view manifest_json, EvidenceProvider& evidence, bool timing,
-            std::ostream& log, const std::function<void(pid_t)>& on_start) {
+            std::ostream& log, const std::function<void(pid_t)>& on_start, const std::function<int()>& cancelled) {
   using Clock = std::chrono::steady_clock;
   auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
   const auto t_prepare = Clock::now();
@@ -173,6 +173,10 @@ int run_job(const Options& o, const Manifest& manifest, std::string_view manifes
     return 1 << 8;
   }
   const double prepare_ms = ms_since(t_prepare);
+  if (const int sig = cancelled ? cancelled() : 0; sig != 0) {
+    log << "tresor-agent: the job was cancelled (signal " << sig << ") before it started; nothing was run" << std::endl;
+    return sig;  // the wait status of a death by that signal
+  }
   const std::string data = o.private_dir + "/data", out = o.private_dir + "/out";
   const auto t_job = Clock::now();
   const pid_t job = ::fork();

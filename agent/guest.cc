@@ -223,6 +223,7 @@ int run_guest(int fd, const std::string& root) {
   MuxEvidence mux(ch);
   BrokerRelay relay(ch);
   std::atomic<pid_t> job{0};
+  std::atomic<int> pending{0};
   std::thread reader([&] {
     for (;;) {
       auto m = ch.receive();
@@ -236,7 +237,11 @@ int run_guest(int fd, const std::string& root) {
                                                          std::string(reinterpret_cast<const char*>(m->payload.data()), m->payload.size())));
           break;
         case Type::kSignal:
-          if (m->payload.size() == 1 && job.load() > 0) ::kill(job.load(), static_cast<int>(m->payload[0]));
+          if (m->payload.size() != 1) break;
+          // Before the job starts (scancel while the VM boots or the agent attests), the signal
+          // waits and reaches the job the moment it exists.
+          pending = static_cast<int>(m->payload[0]);
+          if (job.load() > 0) ::kill(job.load(), pending.load());
           break;
         case Type::kBrokerData:
           if (auto c = vm::control::decode_connection(m->payload)) relay.from_host(c->first, c->second);
@@ -318,7 +323,11 @@ int run_guest(int fd, const std::string& root) {
       evidence = own.get();
     }
     status = run_job(o, *manifest, *manifest_json, *evidence, std::getenv("TRESOR_TIMING") != nullptr, std::cerr,
-                     [&](pid_t pid) { job = pid; });
+                     [&](pid_t pid) {
+                       job = pid;
+                       if (pending.load() != 0) ::kill(pid, pending.load());
+                     },
+                     [&] { return pending.load(); });
     job = 0;
   }();
 

@@ -263,6 +263,9 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
     }
     return 0;
   }
+  // From here on scancel's signals are kept for the guest (they reach the job, or stop it from
+  // starting) instead of ending the runner before it has cleaned up.
+  const int signal_fd = tresor::process::signal_pipe();
   // Boot it. The runtime directory holds the control socket and the console log; it is named
   // after the Slurm job so that the plugin's epilog removes it should this runner be killed.
   std::string rt = "/tmp/tresor-job-" + slurm_job + "-vm-XXXXXX";
@@ -334,7 +337,7 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
     session.broker_host = hp.substr(0, colon);
     session.broker_port = static_cast<uint16_t>(std::atoi(hp.substr(colon + 1).c_str()));
   }
-  session.signal_fd = tresor::process::signal_pipe();
+  session.signal_fd = signal_fd;
   auto status = tresor::vm::serve_guest(cfd, session);
   ::close(cfd);
   // The guest powers itself off after reporting; give it a little time, then make sure.

@@ -319,8 +319,9 @@ TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
 // way with nothing left behind. SIGKILL (scancel --signal=KILL, a node problem): the runner
 // cannot clean up, but libvirt destroys the VM when its connection drops (autodestroy).
 TEST_F(VmBoot, CancellingLeavesNoVmBehind) {
-  for (int sig : {SIGTERM, SIGKILL}) {
-    SCOPED_TRACE(sig);
+  // SIGTERM while the VM still boots, then SIGTERM and SIGKILL while the job runs.
+  for (const auto& [sig, during_boot] : std::vector<std::pair<int, bool>>{{SIGTERM, true}, {SIGTERM, false}, {SIGKILL, false}}) {
+    SCOPED_TRACE(std::to_string(sig) + (during_boot ? " during boot" : " during the job"));
     TempDir io;
     auto argv = vm_argv({"sh", "-c", "echo started; sleep 120"}, dir_->file("vm-cancel-out"));
     const pid_t runner = ::fork();
@@ -335,17 +336,29 @@ TEST_F(VmBoot, CancellingLeavesNoVmBehind) {
       ::execv(a[0], a.data());
       std::_Exit(127);
     }
-    bool started = false;
-    for (int i = 0; i < 600 && !started; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      started = read_text(io.file("out")).find("started") != std::string::npos;
+    if (during_boot) {
+      bool created = false;  // the domain exists; the guest is still booting
+      for (int i = 0; i < 300 && !created; ++i) {
+        created = domain_left("tresor-77.");
+        if (!created) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      ASSERT_TRUE(created) << read_text(io.file("err"));
+    } else {
+      bool started = false;
+      for (int i = 0; i < 600 && !started; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        started = read_text(io.file("out")).find("started") != std::string::npos;
+      }
+      ASSERT_TRUE(started) << read_text(io.file("err"));
+      EXPECT_TRUE(domain_left("tresor-77."));
     }
-    ASSERT_TRUE(started) << read_text(io.file("err"));
-    EXPECT_TRUE(domain_left("tresor-77."));
     ::kill(runner, sig);
     int status = 0;
     ::waitpid(runner, &status, 0);
     EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == sig) << status << "\n" << read_text(io.file("err"));
+    if (during_boot) {
+      EXPECT_EQ(read_text(io.file("out")).find("started"), std::string::npos) << "the job never ran";
+    }
     bool gone = false;
     for (int i = 0; i < 100 && !gone; ++i) {
       gone = !domain_left("tresor-77.");

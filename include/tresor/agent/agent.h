@@ -42,7 +42,11 @@ struct Options {
 /// and TRESOR_OUTPUT_DIR set (its pid handed to `on_start`, for signals), then seal_outputs()
 /// whatever the command's fate. With `timing`, one line of phase durations on `log`. Returns the
 /// wait status to leave with: the command's, or exit 1 when sealing failed after a success.
+/// `cancelled`, when given, is asked just before the command would start: a signal number there
+/// (a scancel that came while the VM booted) means the command never runs and the job ends as
+/// killed by that signal.
 [[nodiscard]] int run_job(const Options& options, const Manifest& manifest, std::string_view manifest_json, EvidenceProvider& evidence,
-                          bool timing, std::ostream& log, const std::function<void(pid_t)>& on_start);
+                          bool timing, std::ostream& log, const std::function<void(pid_t)>& on_start,
+                          const std::function<int()>& cancelled = {});
 
 }  // namespace tresor::agent
