@@ -66,6 +66,8 @@ struct Domain::Impl {
 
 Result<Hypervisor> Hypervisor::connect(const std::string& uri, bool autodestroy) {
   ensure_event_loop();
+  // libvirt prints every error on stderr by default; ours say it once, with context.
+  virSetErrorFunc(nullptr, [](void*, virErrorPtr) {});
   auto impl = std::make_shared<Impl>();
   impl->autodestroy = autodestroy;
   impl->conn = virConnectOpen(uri.c_str());
