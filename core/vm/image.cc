@@ -74,12 +74,12 @@ Result<Bytes> extract_vmlinux(ByteSpan bz) {
   const size_t at = find(bz, {0xFD, 0x37, 0x7A, 0x58, 0x5A, 0x00});
   if (at == std::string::npos) {
     if (find(bz, {0x28, 0xB5, 0x2F, 0xFD}) != std::string::npos) {
-      return fail(ErrorCode::kUnsupportedVersion, "the kernel image holds no XZ stream (it looks zstd-compressed): give the "
-                                                  "uncompressed vmlinux with --vmlinux");
+      return fail(ErrorCode::kUnsupportedVersion, "the kernel image holds no XZ stream (it looks zstd-compressed): Tresor "
+                                                  "reads XZ-compressed kernels, as Debian builds them");
     }
     if (find(bz, {0x1F, 0x8B, 0x08}) != std::string::npos) {
-      return fail(ErrorCode::kUnsupportedVersion, "the kernel image holds no XZ stream (it looks gzip-compressed): give the "
-                                                  "uncompressed vmlinux with --vmlinux");
+      return fail(ErrorCode::kUnsupportedVersion, "the kernel image holds no XZ stream (it looks gzip-compressed): Tresor "
+                                                  "reads XZ-compressed kernels, as Debian builds them");
     }
     return std::unexpected(malformed("the kernel image holds no compressed payload Tresor knows (no XZ stream header)"));
   }
