@@ -339,6 +339,7 @@ int run_guest(int fd, const std::string& root) {
   ::dup2(null, STDERR_FILENO);
   out_pump.join();
   err_pump.join();
+  ::sync();  // the sealed outputs are on the host's disk before the host hears the job is done
   (void)ch.send(Type::kExit, vm::control::encode_exit(status));
   ::shutdown(fd, SHUT_WR);  // a socket (tests); a virtio port ignores it and the VM powers off
   reader.detach();          // it ends with the channel, or with the VM

@@ -50,6 +50,7 @@ Result<int> serve_guest(int fd, const HostSession& s) {
   control::Channel ch(fd);
   TRESOR_TRY(ch.send(Type::kStart, control::encode_start(s.start)));
   std::map<uint32_t, int> conns;  // connection id → socket to the broker
+  bool first = true;
   auto close_all = [&] {
     for (auto& [id, c] : conns) ::close(c);
     conns.clear();
@@ -93,6 +94,8 @@ Result<int> serve_guest(int fd, const HostSession& s) {
       }
       return std::unexpected(m.error());
     }
+    if (first && s.on_first_frame) s.on_first_frame();
+    first = false;
     switch (m->type) {
       case Type::kStdout:
         write_all(s.out_fd, m->payload);

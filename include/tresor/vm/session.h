@@ -24,6 +24,7 @@ struct HostSession {
   uint16_t broker_port = 0;
   int out_fd = 1, err_fd = 2;
   int signal_fd = -1;  // read end of a pipe: each byte a signal number for the job
+  std::function<void()> on_first_frame;  // called when the guest's first frame arrives (timing)
 };
 
 /// Runs the session on the channel `fd` until the guest reports the job's status, and returns it
