@@ -123,4 +123,10 @@ Result<void> Domain::destroy() {
   return {};
 }
 
+Result<std::string> Hypervisor::libvirt_version() const {
+  unsigned long v = 0;
+  if (virConnectGetLibVersion(impl_->conn, &v) != 0) return fail(ErrorCode::kUnavailable, "libvirt version: " + last_error());
+  return std::to_string(v / 1000000) + "." + std::to_string(v / 1000 % 1000) + "." + std::to_string(v % 1000);
+}
+
 }  // namespace tresor::vm

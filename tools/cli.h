@@ -106,6 +106,7 @@ int cmd_report(int argc, char** argv);
 int cmd_sim(int argc, char** argv);
 int cmd_measure(int argc, char** argv);
 int cmd_image(int argc, char** argv);
+int cmd_doctor(int argc, char** argv);
 int cmd_bench_verify(int argc, char** argv);
 int cmd_admin(int argc, char** argv);
 int cmd_kbs(int argc, char** argv);

@@ -22,6 +22,7 @@ constexpr Command kCommands[] = {
     {"inspect", tresor::cli::cmd_inspect, "show a sealed file's header (never secrets)"},
     {"report", tresor::cli::cmd_report, "SEV-SNP attestation reports: show, verify against AMD's chain and a policy"},
     {"measure", tresor::cli::cmd_measure, "the SEV-SNP launch measurement of a firmware, kernel and vCPU layout"},
+    {"doctor", tresor::cli::cmd_doctor, "what this host lacks to run Tresor's VMs (plain, and SEV-SNP)"},
     {"image", tresor::cli::cmd_image, "guest images for the VM backend: build one from Debian's kernel, check one"},
     {"sim", tresor::cli::cmd_sim, "the sim secure processor: a test root that signs SNP reports (no hardware)"},
     {"manifest", tresor::cli::cmd_manifest, "create and sign a job manifest, or show one"},

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <set>
+#include <sstream>
 #include <fstream>
 
 #include "support/test_support.h"
@@ -133,6 +134,33 @@ TEST_F(ImageCli, TheImageBootsToItsInitUnderTcg) {
   EXPECT_NE(boot.out.find("tresor-init: no control channel (org.tresor.control): nothing to run"), std::string::npos) << boot.out;
   EXPECT_EQ(boot.out.find("did not load"), std::string::npos) << "every module loads: " << boot.out;
   EXPECT_NE(boot.out.find("reboot: Power down"), std::string::npos) << boot.out;
+}
+
+// tresor doctor on this machine: whatever it has, the verdict and the exit code agree, every
+// missing piece comes with its fix, a GPU the table names but the host lacks is reported, and a
+// malformed GPU table is an error naming it.
+TEST(Doctor, TheVerdictMatchesTheChecks) {
+  testing::TempDir dir;
+  testing::write_file(dir.file("gpus.conf"), as_bytes(std::string("0 0000:ff:1f.7\n")));
+  auto r = run_tresor({"doctor", "--gpus", dir.file("gpus.conf"), "--ovmf", "/nonexistent/OVMF.fd"});
+  const bool ready = r.out.find("this host can run SEV-SNP guests") != std::string::npos;
+  EXPECT_EQ(r.exit_code, ready ? 0 : 1) << r.out << r.err;
+  EXPECT_NE(r.out.find("MISS GPU 0000:ff:1f.7 bound to vfio-pci"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("no such PCI device"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("/nonexistent/OVMF.fd: cannot read it"), std::string::npos) << r.out;
+  // Every MISS line is followed by its fix (an indented line).
+  std::istringstream lines(r.out);
+  std::string line, previous;
+  while (std::getline(lines, line)) {
+    if (previous.starts_with("  MISS")) {
+      EXPECT_TRUE(line.starts_with("       ")) << previous << "\n" << line;
+    }
+    previous = line;
+  }
+  testing::write_file(dir.file("bad.conf"), as_bytes(std::string("zero 0000:41:00.0\n")));
+  auto bad = run_tresor({"doctor", "--gpus", dir.file("bad.conf")});
+  EXPECT_EQ(bad.exit_code, 2) << bad.err;
+  EXPECT_NE(bad.err.find("bad.conf"), std::string::npos) << bad.err;
 }
 
 }  // namespace

@@ -51,6 +51,8 @@ class Hypervisor {
   /// connected so).
   /// kInvalidArgument carries libvirt's reason for refusing the XML.
   [[nodiscard]] Result<Domain> start(const std::string& xml);
+  /// The version of the libvirt daemon behind the connection ("10.5.0").
+  [[nodiscard]] Result<std::string> libvirt_version() const;
   /// Whether a domain of this name exists on the connection.
   [[nodiscard]] Result<bool> exists(const std::string& name) const;
 

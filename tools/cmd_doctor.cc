@@ -1,0 +1,160 @@
+// tresor doctor: what this host lacks to run Tresor's VMs — plain QEMU guests (development, CI)
+// and SEV-SNP guests (confidential jobs). Gathers the facts; include/tresor/vm/doctor.h judges.
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <regex>
+#include <sstream>
+
+#include "options.h"
+#include "tresor/slurm/job.h"
+#include "tresor/snp/measure.h"
+#include "tresor/vm/doctor.h"
+#include "tresor/vm/hypervisor.h"
+
+namespace tresor::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string command_output(const std::vector<std::string>& argv) {
+  int p[2];
+  if (::pipe(p) != 0) return {};
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(p[1], 1);
+    ::close(p[0]);
+    const int null = ::open("/dev/null", O_WRONLY);
+    ::dup2(null, 2);
+    std::vector<char*> a;
+    for (const auto& x : argv) a.push_back(const_cast<char*>(x.c_str()));
+    a.push_back(nullptr);
+    ::execvp(a[0], a.data());
+    std::_Exit(127);
+  }
+  ::close(p[1]);
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  ::close(p[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? out : std::string();
+}
+
+bool kvm_usable() {
+  const int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  if (fd < 0) return false;
+  const int vm = ::ioctl(fd, KVM_CREATE_VM, 0);  // what QEMU does: an unusable /dev/kvm fails here
+  if (vm >= 0) ::close(vm);
+  ::close(fd);
+  return vm >= 0;
+}
+
+}  // namespace
+
+int cmd_doctor(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::string ovmf, gpus, hypervisor = "qemu:///system", images;
+  opts.add_options()
+      ("ovmf", po::value(&ovmf), "the firmware SNP guests would boot (default: the catalogue's, with --images)")
+      ("images", po::value(&images), "the image catalogue (plugstack.conf images=): its firmware is checked")
+      ("gpus", po::value(&gpus), "the node's GPU table (plugstack.conf gpus=): each GPU must be bound to vfio-pci")
+      ("hypervisor", po::value(&hypervisor)->default_value("qemu:///system"), "the libvirt URI (plugstack.conf hypervisor=)");
+  po::variables_map vm;
+  if (auto stop = parse_options("doctor", "[--ovmf F] [--images F] [--gpus F] [--hypervisor URI]", argc, argv, opts, {}, vm)) return *stop;
+
+  vm::HostFacts f;
+  f.cpu_sev_snp = std::regex_search(slurp("/proc/cpuinfo"), std::regex(R"(\bsev_snp\b)"));
+  if (fs::exists("/sys/module/kvm_amd/parameters/sev_snp")) {
+    std::string v = slurp("/sys/module/kvm_amd/parameters/sev_snp");
+    while (!v.empty() && (v.back() == '\n' || v.back() == ' ')) v.pop_back();
+    f.kvm_amd_sev_snp = v;
+  }
+  f.dev_sev = fs::exists("/dev/sev");
+  f.dev_kvm_usable = kvm_usable();
+  std::smatch m;
+  const std::string qemu = command_output({"qemu-system-x86_64", "--version"});
+  if (std::regex_search(qemu, m, std::regex(R"(version ([0-9]+\.[0-9]+(\.[0-9]+)?))"))) f.qemu_version = m[1];
+  if (auto hv = vm::Hypervisor::connect(hypervisor, false)) {
+    if (auto v = hv->libvirt_version()) f.libvirt_version = *v;
+  } else {
+    f.libvirt_error = hv.error().message;
+  }
+  if (ovmf.empty() && !images.empty()) {
+    if (auto c = slurm::parse_image_catalogue(slurp(images))) {
+      for (const auto& [name, img] : c->images) {
+        if (!img.firmware.empty()) ovmf = img.firmware;
+      }
+    }
+  }
+  if (!ovmf.empty()) {
+    f.ovmf = ovmf;
+    const std::string fw = slurp(ovmf);
+    if (fw.empty()) {
+      f.ovmf_problem = "cannot read it";
+    } else {
+      const Bytes kernel(4096);  // any kernel: the question is whether the firmware can measure one
+      snp::MeasureInputs in;
+      in.ovmf = as_bytes(fw);
+      in.kernel = ByteSpan(kernel);
+      if (auto d = snp::launch_digest(in); !d) f.ovmf_problem = d.error().message;
+    }
+  }
+  std::error_code ec;
+  for (auto it = fs::directory_iterator("/sys/kernel/iommu_groups", ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    ++f.iommu_groups;
+  }
+  if (!gpus.empty()) {
+    auto table = slurm::parse_gpu_table(slurp(gpus));
+    if (!table) return report({table.error().code, gpus + ": " + table.error().message});
+    for (const auto& [index, addr] : *table) {
+      const fs::path dev = fs::path("/sys/bus/pci/devices") / addr;
+      if (!fs::exists(dev)) {
+        f.gpu_drivers[addr] = "?";
+      } else {
+        std::error_code e;
+        const auto link = fs::read_symlink(dev / "driver", e);
+        f.gpu_drivers[addr] = e ? "" : link.filename().string();
+      }
+    }
+  }
+
+  const auto checks = vm::judge_host(f);
+  size_t plain_missing = 0, snp_missing = 0;
+  for (const auto& c : checks) {
+    std::printf("  %s %-52s %s\n", c.ok ? "ok  " : "MISS", c.what.c_str(), c.found.c_str());
+    if (!c.ok) {
+      std::printf("       %s\n", c.fix.c_str());
+      (c.snp_only ? snp_missing : plain_missing)++;
+    }
+  }
+  if (plain_missing + snp_missing == 0) {
+    std::printf("this host can run SEV-SNP guests (snp=yes) and plain ones\n");
+    return kExitOk;
+  }
+  if (plain_missing == 0) {
+    std::printf("this host can run plain VMs (snp=no, NOT confidential%s) but not SEV-SNP guests: %zu thing(s) missing\n",
+                f.dev_kvm_usable ? "" : "; software emulation only: accel=tcg", snp_missing);
+  } else {
+    std::printf("this host cannot run Tresor's VMs: %zu thing(s) missing, %zu more for SEV-SNP\n", plain_missing, snp_missing);
+  }
+  return kExitInternal;
+}
+
+}  // namespace tresor::cli
