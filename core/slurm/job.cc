@@ -94,9 +94,15 @@ Result<ImageCatalogue> parse_image_catalogue(std::string_view text) {
     if (!v.is_object() || !v.contains("measurement") || !v["measurement"].is_string()) {
       return bad("image catalogue: image '" + name + "' needs \"measurement\": \"<96 hex digits>\"");
     }
-    static const std::set<std::string> kMembers = {"measurement", "description", "kernel", "initrd", "cmdline", "firmware"};
+    static const std::set<std::string> kMembers = {"measurement", "description", "kernel", "initrd", "cmdline", "firmware", "vcpus"};
     for (const auto& [k, member] : v.items()) {
       if (!kMembers.contains(k)) return bad("image catalogue: image '" + name + "': unknown member \"" + k + "\"");
+      if (k == "vcpus") {
+        if (!member.is_number_unsigned() || member.get<unsigned>() == 0 || member.get<unsigned>() > 512) {
+          return bad("image catalogue: vcpus of '" + name + "' must be a number from 1 to 512");
+        }
+        continue;
+      }
       if (k != "measurement" && !member.is_string()) return bad("image catalogue: " + k + " of '" + name + "' must be a string");
       if ((k == "kernel" || k == "initrd" || k == "firmware") && !member.get<std::string>().starts_with("/")) {
         return bad("image catalogue: " + k + " of '" + name + "' must be an absolute path, not '" + member.get<std::string>() + "'");
@@ -117,6 +123,7 @@ Result<ImageCatalogue> parse_image_catalogue(std::string_view text) {
     img.initrd = member("initrd");
     img.cmdline = member("cmdline");
     img.firmware = member("firmware");
+    if (v.contains("vcpus")) img.vcpus = v["vcpus"].get<unsigned>();
     c.images[name] = std::move(img);
   }
   if (j.contains("default")) {

@@ -62,6 +62,16 @@ Result<DomainSpec> job_domain_spec(const JobVm& job) {
   DomainSpec s;
   s.name = "tresor-" + job.slurm_job + "." + job.slurm_step + "-" + job.job_id;
   s.vcpus = job.allocation.cpus;
+  // An SNP measurement holds for one vCPU count: the VM gets exactly the image's, which the
+  // allocation must cover (the data owner approved that layout, not the job's).
+  if (job.snp && img.vcpus != 0) {
+    if (job.allocation.cpus < img.vcpus) {
+      return fail(ErrorCode::kInvalidArgument, where + " is measured for " + std::to_string(img.vcpus) + " vCPUs, but the job has " +
+                                                   std::to_string(job.allocation.cpus) + " CPUs here: ask for at least " +
+                                                   std::to_string(img.vcpus) + " (--cpus-per-task or -c)");
+    }
+    s.vcpus = img.vcpus;
+  }
   s.memory_mib = job.allocation.memory_mib != 0 ? job.allocation.memory_mib : job.default_memory_mib;
   s.accelerator = job.accelerator;
   s.snp = job.snp;

@@ -53,13 +53,14 @@ struct PluginConfig {
 
 /// The image catalogue an administrator publishes: {"images": {"NAME": {"measurement": "<96
 /// hex>", "description": "…", "kernel": "/abs", "initrd": "/abs", "cmdline": "…", "firmware":
-/// "/abs"}}, "default": "NAME"}. The measurement is what data owners approve; the boot files are
+/// "/abs", "vcpus": N}}, "default": "NAME"}. The measurement is what data owners approve; the boot files are
 /// what the libvirt backend boots (the local backend needs none of them).
 struct Image {
   std::string name;
   std::array<std::byte, 48> measurement{};
   std::string description;
   std::string kernel, initrd, cmdline, firmware;  // firmware: the AmdSev OVMF (SNP), optional otherwise
+  unsigned vcpus = 0;  // the vCPU count the SNP measurement is for (0: not fixed; a plain VM takes the allocation's)
 };
 struct ImageCatalogue {
   std::map<std::string, Image> images;

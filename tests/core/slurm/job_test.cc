@@ -72,13 +72,16 @@ TEST(SlurmJob, ImageCatalogue) {
 
   // The boot files the libvirt backend needs, absolute paths; the command line as written.
   auto vm = parse_image_catalogue(R"({"images": {"ccta-v1": {"measurement": ")" + kMeasurement +
-                                  R"(", "kernel": "/img/vmlinuz", "initrd": "/img/initrd", "cmdline": "console=hvc0 quiet", "firmware": "/fw/OVMF.fd"}}})");
+                                  R"(", "kernel": "/img/vmlinuz", "initrd": "/img/initrd", "cmdline": "console=hvc0 quiet", "firmware": "/fw/OVMF.fd", "vcpus": 4}}})");
   ASSERT_TRUE(vm) << vm.error().message;
   const Image& img = vm->images.at("ccta-v1");
   EXPECT_EQ(img.kernel, "/img/vmlinuz");
   EXPECT_EQ(img.initrd, "/img/initrd");
   EXPECT_EQ(img.cmdline, "console=hvc0 quiet");
   EXPECT_EQ(img.firmware, "/fw/OVMF.fd");
+  EXPECT_EQ(img.vcpus, 4u);
+  EXPECT_TRUE(RefusedWith(parse_image_catalogue(R"({"images": {"x": {"measurement": ")" + kMeasurement + R"(", "vcpus": 0}}})"),
+                          "vcpus of 'x' must be a number from 1 to 512"));
   EXPECT_TRUE(parse_image_catalogue(kCatalogue)->images.at("ccta-v1").kernel.empty());
   EXPECT_TRUE(RefusedWith(parse_image_catalogue(R"({"images": {"x": {"measurement": ")" + kMeasurement + R"(", "kernel": "vmlinuz"}}})"),
                       "kernel of 'x' must be an absolute path"));

@@ -120,6 +120,21 @@ TEST(VmJob, RefusalsNameWhatIsMissing) {
   auto tcg_snp = sample(true);
   tcg_snp.accelerator = Accelerator::kTcg;  // SNP needs KVM: domain_xml's rule, applied here
   EXPECT_FALSE(job_domain_spec(tcg_snp));
+  // An SNP image measured for 2 vCPUs: the VM gets 2 whatever the allocation (4), and an
+  // allocation of 1 CPU cannot run it.
+  auto measured = sample(true);
+  measured.image.vcpus = 2;
+  auto two = job_domain_spec(measured);
+  ASSERT_TRUE(two) << two.error().message;
+  EXPECT_EQ(two->vcpus, 2u);
+  measured.allocation.cpus = 1;
+  auto one = job_domain_spec(measured);
+  ASSERT_FALSE(one);
+  EXPECT_NE(one.error().message.find("is measured for 2 vCPUs, but the job has 1 CPUs here"), std::string::npos) << one.error().message;
+  auto plain_measured = sample(false);
+  plain_measured.image.vcpus = 2;  // a plain VM takes the allocation's
+  plain_measured.image.firmware.clear();
+  EXPECT_EQ(job_domain_spec(plain_measured)->vcpus, 4u);
   auto small = sample(false);
   small.allocation.memory_mib = 100;
   auto m = job_domain_spec(small);
