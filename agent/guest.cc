@@ -38,6 +38,7 @@
 
 #include "tresor/agent/agent.h"
 #include "tresor/agent/guest_evidence.h"
+#include "tresor/io.h"
 #include "tresor/slurm/job.h"
 #include "tresor/vm/control.h"
 
@@ -109,13 +110,7 @@ class BrokerRelay {
     return {};
   }
   void from_host(uint32_t id, ByteSpan data) {
-    const int fd = find(id);
-    if (fd < 0) return;
-    for (size_t off = 0; off < data.size();) {
-      const ssize_t w = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
-      if (w <= 0) return;
-      off += static_cast<size_t>(w);
-    }
+    if (const int fd = find(id); fd >= 0) (void)write_all_fd(fd, data, "broker relay");
   }
   void closed_by_host(uint32_t id) {
     const int fd = find(id);

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -36,6 +37,32 @@ Result<void> pwrite_all(int fd, uint64_t offset, ByteSpan data, const std::strin
 }
 
 }  // namespace
+
+Result<void> write_all_fd(int fd, ByteSpan data, std::string_view what) {
+  for (size_t off = 0; off < data.size();) {
+    ssize_t w = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
+    if (w < 0 && errno == ENOTSOCK) w = ::write(fd, data.data() + off, data.size() - off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return fail(ErrorCode::kIo, std::string(what) + ": write: " + std::strerror(errno));
+    off += static_cast<size_t>(w);
+  }
+  return {};
+}
+
+Result<bool> read_exact_fd(int fd, MutableByteSpan out, std::string_view what) {
+  size_t got = 0;
+  while (got < out.size()) {
+    const ssize_t r = ::read(fd, out.data() + got, out.size() - got);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return fail(ErrorCode::kIo, std::string(what) + ": read: " + std::strerror(errno));
+    if (r == 0) {
+      if (got == 0) return false;
+      return fail(ErrorCode::kTruncated, std::string(what) + ": the other end closed in the middle of a frame");
+    }
+    got += static_cast<size_t>(r);
+  }
+  return true;
+}
 
 Result<size_t> read_full(ByteSource& src, MutableByteSpan out) {
   size_t n = 0;

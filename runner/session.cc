@@ -2,6 +2,8 @@
 // loop over the channel, the signal pipe and the relayed broker connections.
 #include "tresor/vm/session.h"
 
+#include "tresor/io.h"
+
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -32,16 +34,6 @@ int connect_to(const std::string& host, uint16_t port) {
   }
   ::freeaddrinfo(res);
   return fd;
-}
-
-bool write_all(int fd, ByteSpan data) {
-  for (size_t off = 0; off < data.size();) {
-    const ssize_t w = ::write(fd, data.data() + off, data.size() - off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return false;
-    off += static_cast<size_t>(w);
-  }
-  return true;
 }
 
 }  // namespace
@@ -98,10 +90,10 @@ Result<int> serve_guest(int fd, const HostSession& s) {
     first = false;
     switch (m->type) {
       case Type::kStdout:
-        write_all(s.out_fd, m->payload);
+        (void)write_all_fd(s.out_fd, m->payload, "the job's output");
         break;
       case Type::kStderr:
-        write_all(s.err_fd, m->payload);
+        (void)write_all_fd(s.err_fd, m->payload, "the job's output");
         break;
       case Type::kEvidenceRequest: {
         if (!s.evidence || m->payload.size() != 64) {
@@ -132,14 +124,8 @@ Result<int> serve_guest(int fd, const HostSession& s) {
       }
       case Type::kBrokerData: {
         auto c = control::decode_connection(m->payload);
-        if (c && conns.contains(c->first)) {
-          for (size_t off = 0; off < c->second.size();) {
-            const ssize_t w = ::send(conns[c->first], c->second.data() + off, c->second.size() - off, MSG_NOSIGNAL);
-            if (w < 0 && errno == EINTR) continue;
-            if (w <= 0) break;  // the broker went away: its close reaches the guest through poll
-            off += static_cast<size_t>(w);
-          }
-        }
+        // A broker that went away: its close reaches the guest through poll.
+        if (c && conns.contains(c->first)) (void)write_all_fd(conns[c->first], c->second, "broker connection");
         break;
       }
       case Type::kBrokerClose: {

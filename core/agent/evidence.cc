@@ -1,6 +1,8 @@
 // Evidence for the agent across the host channel (include/tresor/agent/evidence.h).
 #include "tresor/agent/evidence.h"
 
+#include "tresor/io.h"
+
 #include <unistd.h>
 
 #include <cerrno>
@@ -11,52 +13,25 @@ namespace {
 
 constexpr size_t kMaxFrame = 1 << 20;
 
-Result<void> write_all(int fd, const std::byte* p, size_t n) {
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return fail(ErrorCode::kIo, std::string("evidence channel: write: ") + std::strerror(errno));
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return {};
-}
-
-// Reads exactly n bytes; false at a clean EOF before the first byte.
-Result<bool> read_all(int fd, std::byte* p, size_t n) {
-  size_t got = 0;
-  while (got < n) {
-    const ssize_t r = ::read(fd, p + got, n - got);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return fail(ErrorCode::kIo, std::string("evidence channel: read: ") + std::strerror(errno));
-    if (r == 0) {
-      if (got == 0) return false;
-      return fail(ErrorCode::kTruncated, "evidence channel: the other end closed in the middle of a frame");
-    }
-    got += static_cast<size_t>(r);
-  }
-  return true;
-}
-
 }  // namespace
 
 Result<void> write_frame(int fd, ByteSpan data) {
   if (data.size() > kMaxFrame) return fail(ErrorCode::kInvalidArgument, "evidence channel: frame too large");
   std::array<std::byte, 4> len{};
   store_be32(len.data(), static_cast<uint32_t>(data.size()));
-  TRESOR_TRY(write_all(fd, len.data(), len.size()));
-  return write_all(fd, data.data(), data.size());
+  TRESOR_TRY(write_all_fd(fd, len, "evidence channel"));
+  return write_all_fd(fd, data, "evidence channel");
 }
 
 Result<Bytes> read_frame(int fd, size_t max) {
   std::array<std::byte, 4> len{};
-  auto got = read_all(fd, len.data(), len.size());
+  auto got = read_exact_fd(fd, len, "evidence channel");
   if (!got) return std::unexpected(got.error());
   if (!*got) return fail(ErrorCode::kUnavailable, "evidence channel: closed");
   const uint32_t n = load_be32(len.data());
   if (n > max) return fail(ErrorCode::kMalformed, "evidence channel: a frame of " + std::to_string(n) + " bytes (at most " + std::to_string(max) + ")");
   Bytes out(n);
-  auto body = read_all(fd, out.data(), n);
+  auto body = read_exact_fd(fd, out, "evidence channel");
   if (!body) return std::unexpected(body.error());
   if (!*body && n > 0) return fail(ErrorCode::kTruncated, "evidence channel: closed before the frame's body");
   return out;

@@ -11,39 +11,13 @@
 #include <cstring>
 #include <set>
 
+#include "tresor/io.h"
 #include "tresor/kbs/jose.h"
 
 namespace tresor::vm::control {
 namespace {
 
 using json = nlohmann::json;
-
-Result<void> write_all(int fd, const std::byte* p, size_t n) {
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) return fail(ErrorCode::kIo, std::string("control channel: write: ") + std::strerror(errno));
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return {};
-}
-
-// Exactly n bytes; false at a clean end of stream before the first.
-Result<bool> read_all(int fd, std::byte* p, size_t n) {
-  size_t got = 0;
-  while (got < n) {
-    const ssize_t r = ::read(fd, p + got, n - got);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) return fail(ErrorCode::kIo, std::string("control channel: read: ") + std::strerror(errno));
-    if (r == 0) {
-      if (got == 0) return false;
-      return fail(ErrorCode::kTruncated, "control channel: the other end closed in the middle of a frame");
-    }
-    got += static_cast<size_t>(r);
-  }
-  return true;
-}
 
 bool known(uint8_t t) {
   static const std::set<uint8_t> kTypes = {0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x81, 0x82, 0x83, 0x84};
@@ -60,25 +34,25 @@ Result<void> Channel::send(Type type, ByteSpan payload) {
   store_be32(head.data(), static_cast<uint32_t>(payload.size() + 1));
   head[4] = static_cast<std::byte>(type);
   std::lock_guard lock(send_mutex_);
-  TRESOR_TRY(write_all(fd_, head.data(), head.size()));
-  return write_all(fd_, payload.data(), payload.size());
+  TRESOR_TRY(write_all_fd(fd_, head, "control channel"));
+  return write_all_fd(fd_, payload, "control channel");
 }
 
 Result<Message> Channel::receive() {
   std::array<std::byte, 5> head{};
-  auto got = read_all(fd_, head.data(), 4);
+  auto got = read_exact_fd(fd_, MutableByteSpan(head).first(4), "control channel");
   if (!got) return std::unexpected(got.error());
   if (!*got) return fail(ErrorCode::kUnavailable, "control channel: closed");
   const uint32_t n = load_be32(head.data());
   if (n == 0 || n - 1 > kMaxPayload) return std::unexpected(malformed("a frame of " + std::to_string(n) + " bytes"));
-  auto t = read_all(fd_, head.data() + 4, 1);
+  auto t = read_exact_fd(fd_, MutableByteSpan(head).subspan(4, 1), "control channel");
   if (!t) return std::unexpected(t.error());
   if (!*t) return fail(ErrorCode::kTruncated, "control channel: the other end closed in the middle of a frame");
   const auto type = static_cast<uint8_t>(head[4]);
   if (!known(type)) return std::unexpected(malformed("unknown message type 0x" + to_hex(ByteSpan(head).subspan(4, 1))));
   Message m{static_cast<Type>(type), Bytes(n - 1)};
   if (n > 1) {
-    auto body = read_all(fd_, m.payload.data(), m.payload.size());
+    auto body = read_exact_fd(fd_, m.payload, "control channel");
     if (!body) return std::unexpected(body.error());
     if (!*body) return fail(ErrorCode::kTruncated, "control channel: the other end closed in the middle of a frame");
   }

@@ -147,6 +147,13 @@ class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
   bool done_ = false;
 };
 
+/// Stream helpers for pipes and sockets (the evidence and control channels): writes all of
+/// `data` (retrying interrupted and short writes; MSG_NOSIGNAL-like: a closed peer is an error,
+/// not a SIGPIPE when `fd` is a socket), and reads exactly out.size() bytes — false at a clean
+/// end of stream before the first byte, kTruncated after it. Errors start with `what`.
+[[nodiscard]] Result<void> write_all_fd(int fd, ByteSpan data, std::string_view what);
+[[nodiscard]] Result<bool> read_exact_fd(int fd, MutableByteSpan out, std::string_view what);
+
 /// Creates `dir` and any missing parents with mode 0700 (existing ones are left as they are).
 [[nodiscard]] Result<void> make_private_dirs(const std::string& dir);
 
