@@ -180,6 +180,19 @@ std::optional<std::pair<std::string, uint16_t>> host_port(const std::string& url
 
 }  // namespace
 
+bool guest_env_allowed(std::string_view name) {
+  // glibc's list of variables unsafe for setuid programs (sysdeps/generic/unsecvars.h), which
+  // covers the dynamic loader's (LD_*), plus PATH, which the guest sets itself.
+  static constexpr std::string_view kUnsafe[] = {"GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "MALLOC_TRACE",
+                                                  "NIS_PATH",   "NLSPATH",     "RESOLV_HOST_CONF", "RES_OPTIONS", "TMPDIR", "TZDIR",
+                                                  "PATH",       "BASH_ENV",    "ENV"};
+  if (name.starts_with("LD_") || name.starts_with("GLIBC_TUNABLES") || name.starts_with("MALLOC_")) return false;
+  for (auto u : kUnsafe) {
+    if (name == u) return false;
+  }
+  return true;
+}
+
 int run_guest(int fd, const std::string& root) {
   Channel ch(fd);
   auto first = ch.receive();
@@ -300,10 +313,15 @@ int run_guest(int fd, const std::string& root) {
       std::cerr << "tresor-agent: " << c.error().message << "; nothing was run" << std::endl;
       return;
     }
+    // The job's environment comes from the untrusted host: nothing in it may choose what code
+    // runs in the guest. The loader's variables and the others glibc ignores for setuid programs
+    // are dropped, and PATH is the guest's own (the shares are also mounted noexec).
     ::clearenv();
-    for (const auto& [k, v] : start->env) ::setenv(k.c_str(), v.c_str(), 1);
-    const std::string path = std::getenv("PATH") != nullptr ? std::getenv("PATH") : "";
-    ::setenv("PATH", ("/bin:" + path).c_str(), 1);  // busybox's applets first: the guest has no /usr
+    for (const auto& [k, v] : start->env) {
+      if (!guest_env_allowed(k)) continue;
+      ::setenv(k.c_str(), v.c_str(), 1);
+    }
+    ::setenv("PATH", "/bin:/usr/bin", 1);
     ::setenv("TMPDIR", (fs::path(root) / "tmp").c_str(), 1);
     ::setenv(std::string(slurm::kInsideEnv).c_str(), "1", 1);
     std::unique_ptr<EvidenceProvider> own;

@@ -22,19 +22,20 @@ done < /etc/tresor/modules
 
 ip link set lo up
 
-# The job's shares, by their tags: virtio-9p devices name theirs in sysfs.
+# The job's shares, by their tags: virtio-9p devices name theirs in sysfs. They belong to the
+# host: nothing on them is ever executed (noexec, nosuid, nodev).
 for tagfile in /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag; do
   [ -e "$tagfile" ] || continue
   tag=$(cat "$tagfile" | tr -d '\0')
   mkdir -p "/mnt/$tag"
-  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "$tag" "/mnt/$tag" || say "share $tag did not mount"
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,nosuid,nodev,noexec "$tag" "/mnt/$tag" || say "share $tag did not mount"
 done
 # virtiofs tags are not listed in sysfs before Linux 6.9: try Tresor's own, tresor-out and
 # tresor-data-0, -1, … until one is missing (a tag a 9p share already took is skipped).
 try_virtiofs() {
   [ -d "/mnt/$1" ] && grep -q " /mnt/$1 " /proc/mounts && return 0
   mkdir -p "/mnt/$1"
-  mount -t virtiofs "$1" "/mnt/$1" 2>/dev/null || { rmdir "/mnt/$1"; return 1; }
+  mount -t virtiofs -o nosuid,nodev,noexec "$1" "/mnt/$1" 2>/dev/null || { rmdir "/mnt/$1"; return 1; }
 }
 try_virtiofs tresor-out
 i=0

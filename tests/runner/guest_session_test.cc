@@ -18,6 +18,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "support/test_support.h"
@@ -102,7 +103,8 @@ class GuestSession : public ::testing::Test {
 
   // A job for `command` over `dataset`, signed by alice for `signed_command` (default: the same).
   static Outcome run(const std::vector<std::string>& command, const std::string& dataset = "dhz/ccta-2024",
-                     std::vector<std::string> signed_command = {}, int signal_after_ms = -1, bool kill_guest = false) {
+                     std::vector<std::string> signed_command = {}, int signal_after_ms = -1, bool kill_guest = false,
+                     const std::map<std::string, std::string>& extra_env = {}) {
     if (signed_command.empty()) signed_command = command;
     static int n = 0;
     Outcome o;
@@ -125,6 +127,7 @@ class GuestSession : public ::testing::Test {
     s.start.manifest_env = *slurm::encode_manifest_env(manifest);
     s.start.command = command;
     s.start.env = {{"PATH", "/usr/bin:/bin"}, {"HOME", "/tmp"}, {"SLURM_JOB_ID", "42"}};
+    for (const auto& [k, v] : extra_env) s.start.env[k] = v;
     s.start.broker_url = "https://127.0.0.1:" + std::to_string(port_);
     s.start.broker_ca_pem = ca_pem_;
     s.start.datasets = {dataset};
@@ -199,6 +202,16 @@ TEST_F(GuestSession, TheJobAttestsThroughTheChannelAndItsOutputIsSealed) {
   // Nothing in the clear left in the "shares" or the guest's directory outside its private memory.
   auto scan = run_command({"/usr/bin/grep", "-rl", "--binary-files=text", "-e", kMarker, (o.root / "mnt").string()});
   EXPECT_EQ(scan.out, "");
+}
+
+// The job's environment comes from the untrusted host: it must not choose code in the guest.
+TEST_F(GuestSession, TheHostCannotChooseCodeThroughTheEnvironment) {
+  auto o = run({"sh", "-c", "echo preload=${LD_PRELOAD:-none} libpath=${LD_LIBRARY_PATH:-none} path=$PATH env=${ENV:-none} job=$SLURM_JOB_ID"},
+               "dhz/ccta-2024", {}, -1, false,
+               {{"LD_PRELOAD", "/mnt/tresor-out/evil.so"}, {"LD_LIBRARY_PATH", "/mnt/tresor-out"}, {"PATH", "/mnt/tresor-out:/bin"},
+                {"ENV", "/mnt/tresor-out/rc"}, {"GCONV_PATH", "/mnt/tresor-out"}});
+  ASSERT_TRUE(o.status) << o.status.error().message;
+  EXPECT_NE(o.out.find("preload=none libpath=none path=/bin:/usr/bin env=none job=42"), std::string::npos) << o.out << o.err;
 }
 
 TEST_F(GuestSession, StatusesAndSignalsComeBackExactly) {
@@ -301,8 +314,15 @@ class VmBoot : public GuestSession {
 
 TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
   const std::string out = dir_->file("vm-out");
-  auto r = run_vm({"sh", "-c", "echo in-vm kernel=$(uname -r); tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/r.txt; exit 3"},
+  // The host plants a program on the output share: inside the guest it cannot run (noexec).
+  fs::create_directories(out);
+  std::ofstream(out + "/planted.sh") << "#!/bin/sh\necho PLANTED-RAN\n";
+  fs::permissions(out + "/planted.sh", fs::perms(0755));
+  auto r = run_vm({"sh", "-c", "echo in-vm kernel=$(uname -r); /mnt/tresor-out/planted.sh; echo planted-rc=$?; "
+                               "tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/r.txt; exit 3"},
                   out);
+  EXPECT_EQ(r.out.find("PLANTED-RAN"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("planted-rc=126"), std::string::npos) << r.out << r.err;
   EXPECT_EQ(r.exit_code, 3) << r.out << r.err;
   EXPECT_NE(r.err.find("backend libvirt: VM tresor-77.0-"), std::string::npos) << r.err;
   EXPECT_NE(r.out.find("in-vm kernel="), std::string::npos) << r.out << r.err;
