@@ -175,7 +175,12 @@ std::optional<std::pair<std::string, uint16_t>> host_port(const std::string& url
   if (colon == std::string::npos) return std::nullopt;
   const int port = std::atoi(rest.substr(colon + 1).c_str());
   if (port <= 0 || port > 65535) return std::nullopt;
-  return std::pair<std::string, uint16_t>{rest.substr(0, colon), static_cast<uint16_t>(port)};
+  const std::string host = rest.substr(0, colon);
+  // A host name or IPv4 address only: it goes into the guest's /etc/hosts.
+  if (host.empty() || host.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-") != std::string::npos) {
+    return std::nullopt;
+  }
+  return std::pair<std::string, uint16_t>{host, static_cast<uint16_t>(port)};
 }
 
 }  // namespace
@@ -295,8 +300,13 @@ int run_guest(int fd, const std::string& root) {
     o.broker_url = start->broker_url;
     o.broker_ca = (base / "broker-ca.pem").string();
     std::ofstream(o.broker_ca) << start->broker_ca_pem;
-    for (size_t i = 0; i < start->datasets.size(); ++i) {
-      const fs::path link = base / "datasets" / start->datasets[i];
+    // The shares are the signed manifest's datasets, in its order; the host's list must agree.
+    if (start->datasets != manifest->datasets) {
+      std::cerr << "tresor-agent: the host's dataset list does not match the job's manifest; nothing was run" << std::endl;
+      return;
+    }
+    for (size_t i = 0; i < manifest->datasets.size(); ++i) {
+      const fs::path link = base / "datasets" / manifest->datasets[i];
       fs::create_directories(link.parent_path(), ec);
       fs::create_symlink(fs::path(root) / ("mnt/tresor-data-" + std::to_string(i)), link, ec);
     }

@@ -130,7 +130,7 @@ class GuestSession : public ::testing::Test {
     for (const auto& [k, v] : extra_env) s.start.env[k] = v;
     s.start.broker_url = "https://127.0.0.1:" + std::to_string(port_);
     s.start.broker_ca_pem = ca_pem_;
-    s.start.datasets = {dataset};
+    s.start.datasets = datasets_override_.empty() ? std::vector<std::string>{dataset} : datasets_override_;
     s.evidence = [&](const std::array<std::byte, 64>& rd) -> Result<kbs::Evidence> {
       snp::sim::ReportParams p;
       p.measurement = manifest.image_measurement;
@@ -188,6 +188,7 @@ class GuestSession : public ::testing::Test {
   static inline TempDir* dir_ = nullptr;
   static inline testing::Background* broker_ = nullptr;
   static inline int port_ = 0;
+  static inline std::vector<std::string> datasets_override_;  // what the host claims, when it lies
   static inline std::string skip_, recipient_, ca_pem_;
 };
 
@@ -233,6 +234,15 @@ TEST_F(GuestSession, RefusalsAndAGuestThatDies) {
   EXPECT_TRUE(WIFEXITED(*other.status) && WEXITSTATUS(*other.status) != 0);
   EXPECT_EQ(other.out.find("SHOULD-NOT-RUN"), std::string::npos);
   EXPECT_NE(other.err.find("nothing was run"), std::string::npos) << other.err;
+
+  // A host that lists other datasets than the signed manifest (to map shares elsewhere).
+  datasets_override_ = {"../../etc"};
+  auto lying = run({"sh", "-c", "echo SHOULD-NOT-RUN"});
+  datasets_override_.clear();
+  ASSERT_TRUE(lying.status);
+  EXPECT_TRUE(WIFEXITED(*lying.status) && WEXITSTATUS(*lying.status) == 2) << *lying.status;
+  EXPECT_EQ(lying.out.find("SHOULD-NOT-RUN"), std::string::npos);
+  EXPECT_NE(lying.err.find("dataset list does not match the job's manifest"), std::string::npos) << lying.err;
 
   auto tampered = run({"sh", "-c", "echo SHOULD-NOT-RUN"}, "dhz/tampered");
   ASSERT_TRUE(tampered.status);
