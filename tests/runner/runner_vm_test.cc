@@ -43,7 +43,8 @@ struct Fixture {
     manifest_env = *slurm::encode_manifest_env(manifest);
   }
   std::vector<std::string> argv(const std::vector<std::string>& env, const std::vector<std::string>& extra) const {
-    std::vector<std::string> a = {"/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "TRESOR_MANIFEST=" + manifest_env};
+    std::vector<std::string> a = {"/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "TRESOR_MANIFEST=" + manifest_env,
+                                  "TRESOR_OUTPUT=" + dir.file("out")};  // a test's own (later assignments win)
     a.insert(a.end(), env.begin(), env.end());
     a.insert(a.end(), {TRESOR_RUN_BIN, "--slurm-job-id", "42", "--broker", "https://127.0.0.1:1", "--ca", dir.file("ca.pem"), "--agent",
                        "/nonexistent/agent", "--sim", dir.file("sim"), "--datasets", "/shared/datasets", "--images",
