@@ -445,4 +445,31 @@ TEST_F(SlurmVm, ABatchJobRunsInsideAVmAndItsOutputIsSealed) {
   EXPECT_EQ(list.out.find("tresor-"), std::string::npos) << "no VM left: " << list.out;
 }
 
+// scancel of a VM job while its job runs: the VM, its QEMU and its runtime directory are gone.
+TEST_F(SlurmVm, ScancelLeavesNoVmBehind) {
+  const std::string script = dir_->file("vm-long.sh");
+  std::ofstream(script) << "#!/bin/sh\n#SBATCH --tresor-dataset=dhz/ccta-2024\n#SBATCH --tresor-backend=libvirt\necho vm-job-started\nsleep 300\n";
+  const std::string out = dir_->file("vm-long.out");
+  auto sub = slurm({"/usr/bin/sbatch", "--parsable", "-o", out, script});
+  ASSERT_EQ(sub.exit_code, 0) << sub.err;
+  const std::string job = sub.out.substr(0, sub.out.find_first_of(";\n"));
+  bool started = false;
+  for (int i = 0; i < 600 && !started; ++i) {
+    started = slurp(out).find("vm-job-started") != std::string::npos;
+    if (!started) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(started) << slurp(out);
+  auto vms = [] { return run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"}).out; };
+  EXPECT_NE(vms().find("tresor-" + job + "."), std::string::npos) << vms();
+  ASSERT_EQ(slurm({"/usr/bin/scancel", job}).exit_code, 0);
+  bool gone = false;
+  for (int i = 0; i < 200 && !gone; ++i) {
+    gone = vms().find("tresor-" + job + ".") == std::string::npos &&
+           run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-" + job + "-vm-* 2>/dev/null"}).out.empty();
+    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(gone) << "VMs: " << vms() << slurp(out);
+  EXPECT_NE(run_command({"/usr/bin/pgrep", "-f", "guest=tresor-" + job + "."}).exit_code, 0) << "no QEMU left";
+}
+
 }  // namespace tresor
