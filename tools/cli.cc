@@ -1,8 +1,11 @@
 #include "cli.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -135,6 +138,43 @@ Result<Output> Output::create(const std::string& path, unsigned mode, bool overw
   if (!f) return std::unexpected(f.error());
   out.file = std::make_unique<AtomicOutputFile>(std::move(*f));
   return out;
+}
+
+Captured run_program(const std::vector<std::string>& argv, Stream out, Stream err) {
+  Captured c;
+  int pipe_fds[2];
+  if (argv.empty() || ::pipe2(pipe_fds, O_CLOEXEC) != 0) return c;
+  const pid_t pid = ::fork();
+  if (pid < 0) {
+    ::close(pipe_fds[0]);
+    ::close(pipe_fds[1]);
+    return c;
+  }
+  if (pid == 0) {
+    const int null = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    for (const auto& [fd, how] : {std::pair{STDOUT_FILENO, out}, std::pair{STDERR_FILENO, err}}) {
+      if (how == Stream::kCapture) ::dup2(pipe_fds[1], fd);
+      if (how == Stream::kDiscard) ::dup2(null, fd);
+    }
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execvp(args[0], args.data());
+    std::_Exit(127);
+  }
+  ::close(pipe_fds[1]);
+  char buf[4096];
+  for (ssize_t n; (n = ::read(pipe_fds[0], buf, sizeof buf)) != 0;) {
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    c.output.append(buf, static_cast<size_t>(n));
+  }
+  ::close(pipe_fds[0]);
+  while (::waitpid(pid, &c.status, 0) < 0 && errno == EINTR) {
+  }
+  return c;
 }
 
 double now_seconds() {

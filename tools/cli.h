@@ -95,6 +95,16 @@ class ProgressSource final : public ByteSource {
 bool want_progress(std::optional<uint64_t> size);
 double now_seconds();
 
+/// Running another program (ldd, qemu-system-x86_64, srun): each of its output streams is left
+/// as this process's, collected, or sent to /dev/null.
+enum class Stream { kInherit, kCapture, kDiscard };
+struct Captured {
+  int status = -1;     // the wait status; -1 when it could not be started
+  std::string output;  // what the kCapture streams wrote, together
+};
+/// Runs argv (the first word looked up in PATH) and waits for it.
+Captured run_program(const std::vector<std::string>& argv, Stream out, Stream err);
+
 int cmd_keygen(int argc, char** argv);
 int cmd_pubkey(int argc, char** argv);
 int cmd_seal(int argc, char** argv);

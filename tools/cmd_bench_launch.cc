@@ -24,29 +24,11 @@ struct Run {
   std::string err;
 };
 
+// The command's time from start to exit, and its standard error (stdout stays ours).
 Run run_timed(const std::vector<std::string>& argv) {
-  int errp[2];
-  Run r;
-  if (::pipe(errp) != 0) return r;
   const auto start = std::chrono::steady_clock::now();
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(errp[1], 2);
-    ::close(errp[0]);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execvp(args[0], args.data());
-    ::_exit(127);
-  }
-  ::close(errp[1]);
-  char buf[4096];
-  ssize_t n;
-  while ((n = ::read(errp[0], buf, sizeof buf)) > 0) r.err.append(buf, static_cast<size_t>(n));
-  ::close(errp[0]);
-  ::waitpid(pid, &r.status, 0);
-  r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  return r;
+  Captured c = run_program(argv, Stream::kInherit, Stream::kCapture);
+  return Run{std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count(), c.status, std::move(c.output)};
 }
 
 double median(std::vector<double> v) {

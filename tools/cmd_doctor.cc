@@ -9,11 +9,10 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <regex>
-#include <sstream>
 
+#include "cli.h"
 #include "options.h"
 #include "tresor/slurm/job.h"
 #include "tresor/snp/measure.h"
@@ -25,36 +24,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// A file's text, or "" when it cannot be read (a fact the host does not have). Firmware images
+// are the largest input: 64 MiB, as tresor measure allows.
 std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string command_output(const std::vector<std::string>& argv) {
-  int p[2];
-  if (::pipe(p) != 0) return {};
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(p[1], 1);
-    ::close(p[0]);
-    const int null = ::open("/dev/null", O_WRONLY);
-    ::dup2(null, 2);
-    std::vector<char*> a;
-    for (const auto& x : argv) a.push_back(const_cast<char*>(x.c_str()));
-    a.push_back(nullptr);
-    ::execvp(a[0], a.data());
-    std::_Exit(127);
-  }
-  ::close(p[1]);
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-  ::close(p[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? out : std::string();
+  auto text = read_small_file(path, 64u << 20);
+  return text ? std::move(*text) : std::string();
 }
 
 bool kvm_usable() {
@@ -89,7 +63,8 @@ int cmd_doctor(int argc, char** argv) {
   f.dev_sev = fs::exists("/dev/sev");
   f.dev_kvm_usable = kvm_usable();
   std::smatch m;
-  const std::string qemu = command_output({"qemu-system-x86_64", "--version"});
+  const Captured q = run_program({"qemu-system-x86_64", "--version"}, Stream::kCapture, Stream::kDiscard);
+  const std::string qemu = WIFEXITED(q.status) && WEXITSTATUS(q.status) == 0 ? q.output : std::string();
   if (std::regex_search(qemu, m, std::regex(R"(version ([0-9]+\.[0-9]+(\.[0-9]+)?))"))) f.qemu_version = m[1];
   if (auto hv = vm::Hypervisor::connect(hypervisor, false)) {
     if (auto v = hv->libvirt_version()) f.libvirt_version = *v;
@@ -125,13 +100,13 @@ int cmd_doctor(int argc, char** argv) {
     if (!table) return report({table.error().code, gpus + ": " + table.error().message});
     for (const auto& [index, addr] : *table) {
       const fs::path dev = fs::path("/sys/bus/pci/devices") / addr;
-      if (!fs::exists(dev)) {
-        f.gpu_drivers[addr] = "?";
-      } else {
+      std::string driver = "?";  // no such device
+      if (fs::exists(dev)) {
         std::error_code e;
         const auto link = fs::read_symlink(dev / "driver", e);
-        f.gpu_drivers[addr] = e ? "" : link.filename().string();
+        driver = e ? std::string() : link.filename().string();
       }
+      f.gpu_drivers.insert_or_assign(addr, std::move(driver));
     }
   }
 

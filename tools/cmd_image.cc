@@ -33,13 +33,12 @@ namespace fs = std::filesystem;
 // control channel's virtio-serial, 9p and virtiofs for the shares, and the SEV-SNP guest driver.
 const std::vector<std::string> kModules = {"virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtiofs", "sev-guest"};
 
+// Kernels, vmlinux images, modules, libraries, firmware: whole files, read in one go.
+constexpr size_t kMaxInput = 1u << 30;
 Result<Bytes> read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return fail(ErrorCode::kIo, "cannot read " + path);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  const std::string s = ss.str();
-  return Bytes(reinterpret_cast<const std::byte*>(s.data()), reinterpret_cast<const std::byte*>(s.data()) + s.size());
+  auto text = read_small_file(path, kMaxInput);
+  if (!text) return std::unexpected(text.error());
+  return to_bytes(*text);
 }
 
 Result<void> write_all(const fs::path& path, ByteSpan data) {
@@ -54,24 +53,10 @@ std::string sha256_hex(ByteSpan b) { return to_hex(*crypto::sha256(b)); }
 // The shared libraries a dynamic executable needs, as the system's loader resolves them (ldd):
 // absolute paths, the loader included.
 Result<std::vector<std::string>> shared_libraries(const std::string& exe) {
-  int out[2];
-  if (::pipe(out) != 0) return fail(ErrorCode::kIo, "pipe failed");
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(out[1], STDOUT_FILENO);
-    ::dup2(out[1], STDERR_FILENO);  // "not a dynamic executable" comes on stderr
-    ::close(out[0]);
-    ::execlp("ldd", "ldd", exe.c_str(), static_cast<char*>(nullptr));
-    std::_Exit(127);
-  }
-  ::close(out[1]);
-  std::string text;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
-  ::close(out[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+  // "not a dynamic executable" comes on stderr: both streams are read.
+  const Captured ldd = run_program({"ldd", exe}, Stream::kCapture, Stream::kCapture);
+  const std::string& text = ldd.output;
+  if (!WIFEXITED(ldd.status) || WEXITSTATUS(ldd.status) != 0) {
     if (text.find("not a dynamic executable") != std::string::npos) return std::vector<std::string>{};  // static: none
     return fail(ErrorCode::kIo, "ldd " + exe + " failed: " + text);
   }
