@@ -58,6 +58,7 @@
 #include "tresor/slurm/job.h"
 #include "tresor/snp/sim.h"
 #include "tresor/crypto.h"
+#include "tresor/io.h"
 #include "tresor/vm/hypervisor.h"
 #include "tresor/vm/job.h"
 #include "tresor/vm/session.h"
@@ -193,12 +194,11 @@ bool write_file(const char* path, const std::string& text) {
   std::_Exit(WIFEXITED(job_status) ? WEXITSTATUS(job_status) : 128 + WTERMSIG(job_status));
 }
 
+// A configuration file's or the console log's text; "" when it cannot be read (the parsers that
+// follow say what is missing).
 std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return {};
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  auto text = tresor::read_small_file(path, 16u << 20);
+  return text ? std::move(*text) : std::string();
 }
 
 std::string env_or(const char* name, const char* fallback) {

@@ -265,13 +265,15 @@ class VmBoot : public GuestSession {
   static void SetUpTestSuite() {
     GuestSession::SetUpTestSuite();
     if (!skip_.empty()) return;
-    if (::geteuid() != 0 || ::access("/usr/sbin/libvirtd", X_OK) != 0 || ::access("/usr/bin/qemu-system-x86_64", X_OK) != 0) {
-      vm_skip_ = "needs root, libvirtd and QEMU (scripts/bootstrap installs them)";
+    if (::geteuid() != 0 || ::access("/usr/sbin/libvirtd", X_OK) != 0 || ::access("/usr/bin/qemu-system-x86_64", X_OK) != 0 ||
+        !have_kernel()) {
+      vm_skip_ = "needs root, libvirtd, QEMU and a kernel in /boot (scripts/bootstrap installs them)";
       return;
     }
+    // With everything installed, a daemon or an image that fails is a failure, not a skip.
     auto started = run_command({TRESOR_LIBVIRT_LOCAL, "start"});
     if (started.exit_code != 0) {
-      vm_skip_ = "libvirtd did not start: " + started.err;
+      vm_error_ = "libvirtd did not start: " + started.err;
       return;
     }
     // QEMU runs as libvirt's unprivileged user: it reads the (ciphertext) datasets through 9p.
@@ -279,7 +281,7 @@ class VmBoot : public GuestSession {
     ::chmod(dir_->path().c_str(), 0755);
     auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN});
     if (image.exit_code != 0) {
-      vm_skip_ = "no guest image (Debian's kernel and busybox-static are needed): " + image.err;
+      vm_error_ = "the guest image could not be built: " + image.err;
       return;
     }
     std::ofstream(dir_->file("images.json")) << R"({"images": {"test": {"measurement": ")" << std::string(96, 'a') << R"(", "kernel": ")"
@@ -293,6 +295,7 @@ class VmBoot : public GuestSession {
   void SetUp() override {
     GuestSession::SetUp();
     if (!vm_skip_.empty()) GTEST_SKIP() << vm_skip_;
+    if (!vm_error_.empty()) FAIL() << vm_error_;
   }
   // tresor-run with the libvirt backend, as the plugin would start it.
   static testing::CommandResult run_vm(const std::vector<std::string>& command, const std::string& out) {
@@ -319,7 +322,13 @@ class VmBoot : public GuestSession {
     auto list = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"});
     return list.out.find(prefix) != std::string::npos;
   }
-  static inline std::string vm_skip_;
+  static inline std::string vm_skip_, vm_error_;
+  static bool have_kernel() {
+    for (const auto& e : fs::directory_iterator("/boot", fs::directory_options::skip_permission_denied)) {
+      if (e.path().filename().string().starts_with("vmlinuz-")) return true;
+    }
+    return false;
+  }
 };
 
 TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
