@@ -8,10 +8,12 @@
 //    TLS connection through the channel; the host only passes bytes on, and TLS is end to end;
 //  - sim evidence (kEvidenceRequest), when the VM is not an SEV-SNP guest;
 //  - signals for the job (kSignal); the job's stdout and stderr go back as kStdout/kStderr;
+//  - the sealed outputs (kOutputBegin/Data/End): sealed into the guest's own memory, then sent
+//    to the host one file at a time (the host has no writable share into the guest);
 //  - the job's status (kExit), last.
-// Shares are where /init mounted them: <root>/mnt/tresor-out (sealed outputs) and
-// <root>/mnt/tresor-data-<i> (the manifest's datasets, in order). `--guest-root` moves <root>
-// (tests run the guest side in a process with its own network namespace instead of a VM).
+// The datasets are read-only shares, where /init mounted them: <root>/mnt/tresor-data-<i> (the
+// manifest's, in order). `--guest-root` moves <root> (tests run the guest side in a process with
+// its own network namespace instead of a VM).
 #include "guest.h"
 
 #include <arpa/inet.h>
@@ -22,6 +24,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -34,6 +37,8 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <algorithm>
+#include <vector>
 #include <thread>
 
 #include "tresor/agent/agent.h"
@@ -183,6 +188,44 @@ std::optional<std::pair<std::string, uint16_t>> host_port(const std::string& url
   return std::pair<std::string, uint16_t>{host, static_cast<uint16_t>(port)};
 }
 
+// Every sealed file under `dir` to the host, in name order, each removed once sent. The first
+// failure ends the sending (the host reports the outputs it did not get complete).
+Result<size_t> send_outputs(Channel& ch, const fs::path& dir) {
+  std::vector<fs::path> files;
+  std::error_code ec;
+  for (const auto& e : fs::recursive_directory_iterator(dir, ec)) {
+    if (e.is_regular_file()) files.push_back(e.path());
+  }
+  if (ec) return fail(ErrorCode::kIo, "cannot list " + dir.string() + ": " + ec.message());
+  std::sort(files.begin(), files.end());
+  std::vector<std::byte> buf(256 << 10);
+  for (const auto& f : files) {
+    const std::string name = fs::relative(f, dir).string();
+    const int fd = ::open(f.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return fail(ErrorCode::kIo, "cannot read the sealed output " + name + ": " + std::strerror(errno));
+    uint64_t total = 0;
+    Result<void> sent = ch.send(Type::kOutputBegin, as_bytes(name));
+    while (sent) {
+      const ssize_t n = ::read(fd, buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        sent = fail(ErrorCode::kIo, "cannot read the sealed output " + name + ": " + std::strerror(errno));
+        break;
+      }
+      if (n == 0) break;
+      total += static_cast<uint64_t>(n);
+      sent = ch.send(Type::kOutputData, ByteSpan(buf.data(), static_cast<size_t>(n)));
+    }
+    ::close(fd);
+    if (!sent) return std::unexpected(sent.error());  // no kOutputEnd: the host drops the partial file
+    std::array<std::byte, 8> len{};
+    store_be64(len.data(), total);
+    TRESOR_TRY(ch.send(Type::kOutputEnd, len));
+    fs::remove(f, ec);
+  }
+  return files.size();
+}
+
 }  // namespace
 
 bool guest_env_allowed(std::string_view name) {
@@ -295,6 +338,7 @@ int run_guest(int fd, const std::string& root) {
     const fs::path base = fs::path(root) / "tmp/tresor-job";
     std::error_code ec;
     fs::create_directories(base / "datasets", ec);
+    fs::create_directories(base / "sealed", ec);
     fs::permissions(base, fs::perms::owner_all, ec);
     Options o;
     o.broker_url = start->broker_url;
@@ -311,7 +355,7 @@ int run_guest(int fd, const std::string& root) {
       fs::create_symlink(fs::path(root) / ("mnt/tresor-data-" + std::to_string(i)), link, ec);
     }
     o.data_root = (base / "datasets").string();
-    o.output_dir = (fs::path(root) / "mnt/tresor-out").string();
+    o.output_dir = (base / "sealed").string();
     o.private_dir = (base / "private").string();
     o.command = start->command;
     if (!start->script.empty()) {
@@ -352,6 +396,13 @@ int run_guest(int fd, const std::string& root) {
                      },
                      [&] { return pending.load(); });
     job = 0;
+    // The outputs it sealed (also those of a failed job: they are the user's too).
+    if (auto sent = send_outputs(ch, o.output_dir); !sent) {
+      std::cerr << "tresor-agent: the sealed outputs could not all be sent to the host: " << sent.error().message << std::endl;
+      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) status = 1 << 8;
+    } else if (*sent > 0) {
+      std::cerr << "tresor-agent: " << *sent << " sealed output file(s) sent to the host" << std::endl;
+    }
   }();
 
   // Output first, then the status: the host leaves when it has the status.
@@ -362,7 +413,6 @@ int run_guest(int fd, const std::string& root) {
   ::dup2(null, STDERR_FILENO);
   out_pump.join();
   err_pump.join();
-  ::sync();  // the sealed outputs are on the host's disk before the host hears the job is done
   (void)ch.send(Type::kExit, vm::control::encode_exit(status));
   ::shutdown(fd, SHUT_WR);  // a socket (tests); a virtio port ignores it and the VM powers off
   reader.detach();          // it ends with the channel, or with the VM

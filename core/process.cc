@@ -28,7 +28,7 @@ void to_pipe(int sig) {
 
 }  // namespace
 
-Result<LauncherArgs> parse_launcher_args(int argc, char** argv, const std::vector<std::string>& known) {
+Result<LauncherArgs> parse_launcher_args(int argc, char** argv, const std::vector<std::string>& known, bool command_required) {
   LauncherArgs out;
   int i = 1;
   for (; i < argc; ++i) {
@@ -44,7 +44,7 @@ Result<LauncherArgs> parse_launcher_args(int argc, char** argv, const std::vecto
     out.options[a] = argv[++i];
   }
   for (; i < argc; ++i) out.command.emplace_back(argv[i]);
-  if (out.command.empty()) return fail(ErrorCode::kInvalidArgument, "no command after --");
+  if (out.command.empty() && command_required) return fail(ErrorCode::kInvalidArgument, "no command after --");
   return out;
 }
 

@@ -22,25 +22,15 @@ done < /etc/tresor/modules
 
 ip link set lo up
 
-# The job's shares, by their tags: virtio-9p devices name theirs in sysfs. They belong to the
-# host: nothing on them is ever executed (noexec, nosuid, nodev).
+# The job's datasets, read-only 9p shares found by their tags in sysfs. They belong to the host:
+# nothing on them is ever executed (noexec, nosuid, nodev). Nothing is shared writable: the sealed
+# outputs go back over the control channel.
 for tagfile in /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag; do
   [ -e "$tagfile" ] || continue
   tag=$(cat "$tagfile" | tr -d '\0')
   mkdir -p "/mnt/$tag"
   mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,nosuid,nodev,noexec "$tag" "/mnt/$tag" || say "share $tag did not mount"
 done
-# virtiofs tags are not listed in sysfs before Linux 6.9: try Tresor's own, tresor-out and
-# tresor-data-0, -1, … until one is missing (a tag a 9p share already took is skipped).
-try_virtiofs() {
-  [ -d "/mnt/$1" ] && grep -q " /mnt/$1 " /proc/mounts && return 0
-  mkdir -p "/mnt/$1"
-  mount -t virtiofs -o nosuid,nodev,noexec "$1" "/mnt/$1" 2>/dev/null || { rmdir "/mnt/$1"; return 1; }
-}
-try_virtiofs tresor-out
-i=0
-while try_virtiofs "tresor-data-$i"; do i=$((i + 1)); done
-
 # The control channel: a virtio-serial port named org.tresor.control (no udev here, so the name
 # is read from sysfs rather than from /dev/virtio-ports).
 control=

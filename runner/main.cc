@@ -11,9 +11,10 @@
 //    its outputs.
 //  - `libvirt`: the job's VM built from the allocation (include/tresor/vm/job.h): the image the
 //    manifest's measurement names in the node's catalogue, the allocation's CPUs, memory and GPUs,
-//    HOST_DATA, the output and dataset shares. `--domain-xml FILE` writes its domain XML and
-//    stops there; booting it needs the guest image and control channel of the real-VM work,
-//    and until then this backend says so and runs nothing.
+//    HOST_DATA, read-only dataset shares. Its keeper (runner/keeper.h) starts it with libvirt's
+//    privileges; this runner, as the job's user, serves the guest's control channel
+//    (include/tresor/vm/session.h) and writes the sealed outputs the guest sends.
+//    `--domain-xml FILE` writes the domain XML and stops there.
 //
 // A step of several tasks (srun -n 4) gives each task its own output subdirectory, task-<rank>,
 // so that their sealed files cannot collide.
@@ -62,6 +63,7 @@
 #include "tresor/vm/hypervisor.h"
 #include "tresor/vm/job.h"
 #include "tresor/vm/session.h"
+#include "keeper.h"
 
 namespace {
 
@@ -206,8 +208,9 @@ std::string env_or(const char* name, const char* fallback) {
   return v != nullptr ? v : fallback;
 }
 
-// The libvirt backend: the job's VM, from the allocation and the node's configuration. Returns
-// the exit status for main.
+// The libvirt backend: the job's VM, from the allocation and the node's configuration, started
+// by its keeper (runner/keeper.h): the plugin's root one (TRESOR_VM_FD), or one this runner forks
+// when it may use libvirt itself. Returns the exit status for main.
 int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, std::string>& options, const std::string& slurm_job,
                 const std::string& output, const std::vector<std::string>& command, int evidence_fd) {
   auto option = [&](const char* name) { return options.contains(name) ? options.at(name) : std::string(); };
@@ -215,46 +218,11 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
     std::fprintf(stderr, "tresor-run: libvirt backend: %s\n", why.c_str());
     return 2;
   };
-  if (option("--images").empty()) return fail("this node's plugstack.conf names no image catalogue (images=): there is nothing to boot");
-  auto catalogue = tresor::slurm::parse_image_catalogue(read_text(option("--images")));
-  if (!catalogue) return fail(option("--images") + ": " + catalogue.error().message);
-  // The image is the one the user signed for: the catalogue entry with the manifest's measurement.
-  const tresor::slurm::Image* image = nullptr;
-  for (const auto& [name, img] : catalogue->images) {
-    if (img.measurement == manifest.image_measurement) image = &img;
-  }
-  if (image == nullptr) {
-    return fail("the job's image (measurement " + tresor::to_hex(manifest.image_measurement).substr(0, 16) +
-                "…) is not in this node's catalogue " + option("--images"));
-  }
-  std::map<unsigned, std::string> gpu_table;
-  if (!option("--gpus").empty()) {
-    auto t = tresor::slurm::parse_gpu_table(read_text(option("--gpus")));
-    if (!t) return fail(option("--gpus") + ": " + t.error().message);
-    gpu_table = std::move(*t);
-  }
-  auto allocation = tresor::vm::allocation_from_env([](std::string_view k) { return env_or(std::string(k).c_str(), ""); }, gpu_table);
-  if (!allocation) return fail(allocation.error().message);
-  auto host_data = tresor::manifest_digest(manifest);
-  if (!host_data) return fail(host_data.error().message);
-  tresor::vm::JobVm job;
-  job.slurm_job = slurm_job;
-  job.slurm_step = env_or("SLURM_STEP_ID", "0");
-  job.job_id = manifest.job_id;
-  job.allocation = std::move(*allocation);
-  job.image = *image;
-  job.host_data = *host_data;
-  job.output_dir = std::filesystem::absolute(output).string();
-  const std::string datasets = option("--datasets");
-  for (const auto& id : manifest.datasets) job.dataset_dirs.push_back(datasets + "/" + id);
-  job.control_socket = "/run/tresor/" + slurm_job + "." + job.slurm_step + "/control.sock";
-  job.accelerator = option("--accel") == "tcg" ? tresor::vm::Accelerator::kTcg : tresor::vm::Accelerator::kKvm;
-  job.snp = option("--snp") != "no";
-  auto spec = tresor::vm::job_domain_spec(job);
-  if (!spec) return fail(spec.error().message);
-  auto xml = tresor::vm::domain_xml(*spec);
-  if (!xml) return fail(xml.error().message);
+  auto plan = tresor::runner::plan_vm(manifest, options, slurm_job, [](std::string_view k) { return env_or(std::string(k).c_str(), ""); });
+  if (!plan) return fail(plan.error().message);
   if (const std::string to = option("--domain-xml"); !to.empty()) {
+    auto xml = tresor::vm::domain_xml(plan->spec);
+    if (!xml) return fail(xml.error().message);
     if (to == "-") {
       std::cout << *xml << std::flush;
     } else {
@@ -264,52 +232,49 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
     }
     return 0;
   }
+  // The guest's sealed outputs are written here, by this process, as the job's user.
+  const int output_fd = ::open(output.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (output_fd < 0) return fail("cannot open the output directory " + output + ": " + std::strerror(errno));
   // From here on scancel's signals are kept for the guest (they reach the job, or stop it from
   // starting) instead of ending the runner before it has cleaned up.
   const int signal_fd = tresor::process::signal_pipe();
-  // Boot it. The runtime directory holds the control socket and the console log; it is named
-  // after the Slurm job so that the plugin's epilog removes it should this runner be killed.
-  std::string rt = "/tmp/tresor-job-" + slurm_job + "-vm-XXXXXX";
-  if (::mkdtemp(rt.data()) == nullptr) return fail(std::string("cannot make the VM's runtime directory: ") + std::strerror(errno));
-  auto cleanup = [&] {
-    std::error_code ec;
-    std::filesystem::remove_all(rt, ec);
-  };
-  spec->control_socket = rt + "/control.sock";
-  spec->console_log = rt + "/console.log";
-  xml = tresor::vm::domain_xml(*spec);
-  if (!xml) {
-    cleanup();
-    return fail(xml.error().message);
+  int keeper_fd = -1;
+  pid_t own_keeper = -1;
+  if (const char* v = std::getenv("TRESOR_VM_FD"); v != nullptr) {
+    keeper_fd = std::atoi(v);
+    if (keeper_fd < 3 || ::fcntl(keeper_fd, F_SETFD, FD_CLOEXEC) != 0) return fail(std::string("TRESOR_VM_FD=") + v + " is not an open descriptor");
+    ::unsetenv("TRESOR_VM_FD");
+  } else {
+    int pair[2];
+    if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) return fail(std::string("socketpair: ") + std::strerror(errno));
+    own_keeper = ::fork();
+    if (own_keeper < 0) return fail(std::string("fork: ") + std::strerror(errno));
+    if (own_keeper == 0) {
+      ::close(pair[0]);
+      std::_Exit(tresor::runner::keep_vm(pair[1], std::move(*plan), option("--hypervisor")));
+    }
+    ::close(pair[1]);
+    keeper_fd = pair[0];
   }
-  std::fprintf(stderr, "tresor-run: job %s (Slurm job %s), backend libvirt: VM %s, %u vCPUs, %llu MiB, %zu GPUs, %s%s\n",
-               manifest.job_id.c_str(), slurm_job.c_str(), spec->name.c_str(), spec->vcpus, static_cast<unsigned long long>(spec->memory_mib),
-               spec->gpus.size(), job.snp ? "SEV-SNP" : "NOT confidential (snp=no: a plain VM, its host can read its memory)",
-               job.accelerator == tresor::vm::Accelerator::kTcg ? ", software emulation (TCG)" : "");
+  const auto& spec = plan->spec;
+  const bool snp = plan->job.snp;
+  std::fprintf(stderr, "tresor-run: job %s (Slurm job %s), backend libvirt: VM %s, %u vCPUs, %llu MiB, %zu GPUs, %s%s; started by %s\n",
+               manifest.job_id.c_str(), slurm_job.c_str(), spec.name.c_str(), spec.vcpus, static_cast<unsigned long long>(spec.memory_mib),
+               spec.gpus.size(), snp ? "SEV-SNP" : "NOT confidential (snp=no: a plain VM, its host can read its memory)",
+               spec.accelerator == tresor::vm::Accelerator::kTcg ? ", software emulation (TCG)" : "",
+               own_keeper < 0 ? "the node's VM keeper" : "this runner (it may use libvirt itself)");
   // TRESOR_TIMING: one line of the VM's phases at the end (tresor bench launch --backend libvirt).
   using Clock = std::chrono::steady_clock;
   auto ms = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
-  const auto t_create = Clock::now();
-  auto hv = tresor::vm::Hypervisor::connect(option("--hypervisor").empty() ? "qemu:///system" : option("--hypervisor"), true);
-  if (!hv) {
-    cleanup();
-    return fail(hv.error().message);
-  }
-  auto domain = hv->start(*xml);
-  if (!domain) {
-    cleanup();
-    return fail(domain.error().message);
-  }
+  auto reap_keeper = [&] {
+    if (own_keeper > 0) tresor::process::wait_for(own_keeper);
+  };
+  auto vm = tresor::runner::await_vm(keeper_fd);
   const auto t_started = Clock::now();
-  const int cfd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", spec->control_socket.c_str());
-  if (::connect(cfd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    const std::string why = std::strerror(errno);
-    (void)domain->destroy();
-    cleanup();
-    return fail("cannot connect to the VM's control channel " + spec->control_socket + ": " + why);
+  if (!vm) {
+    ::close(keeper_fd);
+    reap_keeper();
+    return fail(vm.error().message);
   }
   tresor::vm::HostSession session;
   session.start.manifest_env = env_or(std::string(tresor::slurm::kManifestEnv).c_str(), "");
@@ -333,8 +298,8 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
   session.start.broker_url = option("--broker");
   session.start.broker_ca_pem = read_text(option("--ca"));
   session.start.datasets = manifest.datasets;
-  session.start.evidence = job.snp ? "auto" : "channel";
-  if (!job.snp) {
+  session.start.evidence = snp ? "auto" : "channel";
+  if (!snp) {
     session.evidence = [evidence_fd](const std::array<std::byte, 64>& rd) { return tresor::agent::ChannelEvidence(evidence_fd).evidence(rd); };
   }
   {
@@ -344,28 +309,28 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
     session.broker_port = static_cast<uint16_t>(std::atoi(hp.substr(colon + 1).c_str()));
   }
   session.signal_fd = signal_fd;
+  session.output_dir_fd = output_fd;
   Clock::time_point t_first = t_started;
   session.on_first_frame = [&] { t_first = Clock::now(); };
-  auto status = tresor::vm::serve_guest(cfd, session);
-  ::close(cfd);
+  auto status = tresor::vm::serve_guest(vm->control_fd, session);
+  ::close(vm->control_fd);
+  ::close(output_fd);
   const auto t_reported = Clock::now();
-  // Once the guest has reported, it has nothing left to do (its outputs are synced to the
-  // shares first): the VM is destroyed now rather than waiting for its power-off.
-  (void)domain->destroy();
+  const std::string console = status ? std::string() : tresor::runner::keeper_console(keeper_fd);
+  // Once the guest has reported, it has nothing left to do: the VM is destroyed now rather than
+  // waiting for its power-off.
+  tresor::runner::keeper_destroy(keeper_fd);
+  ::close(keeper_fd);
+  reap_keeper();
   if (std::getenv("TRESOR_TIMING") != nullptr) {
     std::fprintf(stderr, "tresor-run: timing domain_create_ms=%.1f boot_to_agent_ms=%.1f agent_ms=%.1f teardown_ms=%.1f\n",
-                 ms(t_create, t_started), ms(t_started, t_first), ms(t_first, t_reported), ms(t_reported, Clock::now()));
+                 vm->create_ms, ms(t_started, t_first), ms(t_first, t_reported), ms(t_reported, Clock::now()));
   }
   if (!status) {
-    const std::string console = read_text(spec->console_log);
     std::fprintf(stderr, "tresor-run: libvirt backend: %s\n", status.error().message.c_str());
-    if (!console.empty()) {
-      std::fprintf(stderr, "tresor-run: the VM's console said:\n%s\n", console.substr(console.size() > 4000 ? console.size() - 4000 : 0).c_str());
-    }
-    cleanup();
+    if (!console.empty()) std::fprintf(stderr, "tresor-run: the VM's console said:\n%s\n", console.c_str());
     return 1;
   }
-  cleanup();
   tresor::process::exit_like(*status);
 }
 
@@ -425,7 +390,31 @@ int usage(const char* why) {
 
 }  // namespace
 
+// tresor-run --vm-keeper FD [options] --: the VM keeper, as the plugin starts it (root, the
+// node's configuration in its options, the task's Slurm variables and manifest in a filtered
+// environment). It answers the runner on FD (runner/keeper.h).
+int vm_keeper_main(int argc, char** argv) {
+  const int fd = std::atoi(argv[2]);
+  if (fd < 3 || ::fcntl(fd, F_SETFD, FD_CLOEXEC) != 0) return usage("--vm-keeper needs the descriptor the runner holds the other end of");
+  auto args = tresor::process::parse_launcher_args(argc - 2, argv + 2, {"--slurm-job-id", "--images", "--gpus", "--datasets", "--hypervisor",
+                                                                          "--accel", "--snp"}, false);
+  auto refuse = [&](const std::string& why) {
+    tresor::runner::keeper_refuse(fd, why);
+    return 1;
+  };
+  if (!args) return refuse(args.error().message);
+  const char* manifest_env = std::getenv(std::string(tresor::slurm::kManifestEnv).c_str());
+  auto manifest = tresor::slurm::decode_manifest_env(manifest_env != nullptr ? manifest_env : "");
+  if (!manifest) return refuse("the job's manifest is unreadable: " + manifest.error().message);
+  const std::string slurm_job = args->options.contains("--slurm-job-id") ? args->options.at("--slurm-job-id") : "0";
+  if (slurm_job.empty() || slurm_job.find_first_not_of("0123456789") != std::string::npos) return refuse("--slurm-job-id must be a number");
+  auto plan = tresor::runner::plan_vm(*manifest, args->options, slurm_job, [](std::string_view k) { return env_or(std::string(k).c_str(), ""); });
+  if (!plan) return refuse(plan.error().message);
+  return tresor::runner::keep_vm(fd, std::move(*plan), args->options.contains("--hypervisor") ? args->options.at("--hypervisor") : "");
+}
+
 int main(int argc, char** argv) {
+  if (argc >= 3 && std::string_view(argv[1]) == "--vm-keeper") return vm_keeper_main(argc, argv);
   for (int k = 1; k < argc && std::string_view(argv[k]) != "--"; ++k) {
     if (std::string_view(argv[k]) == "--help" || std::string_view(argv[k]) == "-h") {
       usage("runs a confidential job's task (started by the tresor SPANK plugin)");

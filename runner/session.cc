@@ -4,15 +4,22 @@
 
 #include "tresor/io.h"
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <vector>
+
+#include "tresor/crypto.h"
+#include "tresor/encoding.h"
 
 namespace tresor::vm {
 namespace {
@@ -36,11 +43,110 @@ int connect_to(const std::string& host, uint16_t port) {
   return fd;
 }
 
+// The guest's sealed outputs, one file at a time, under the output directory's descriptor. Every
+// directory on the way is opened with O_NOFOLLOW (a symbolic link planted in the output directory
+// cannot redirect a write), the file is created O_EXCL under a hidden temporary name and renamed
+// over the final name only when its announced length has arrived.
+class OutputWriter {
+ public:
+  explicit OutputWriter(int dir_fd) : root_(dir_fd) {}
+  OutputWriter(const OutputWriter&) = delete;
+  OutputWriter& operator=(const OutputWriter&) = delete;
+  ~OutputWriter() { abandon(); }
+
+  void begin(ByteSpan payload) {
+    abandon();
+    name_.assign(reinterpret_cast<const char*>(payload.data()), payload.size());
+    auto parts = control::validate_output_name(name_);
+    if (!parts) return refuse(parts.error());
+    if (root_ < 0) return refuse(Error{ErrorCode::kInvalidArgument, "output " + name_ + ": this job has no output directory"});
+    int dir = ::fcntl(root_, F_DUPFD_CLOEXEC, 0);
+    for (size_t i = 0; i + 1 < parts->size() && dir >= 0; ++i) {
+      const char* p = (*parts)[i].c_str();
+      if (::mkdirat(dir, p, 0755) != 0 && errno != EEXIST) {
+        const int err = errno;
+        ::close(dir);
+        return refuse(Error{ErrorCode::kIo, "output " + name_ + ": cannot create its directory " + (*parts)[i] + ": " + std::strerror(err)});
+      }
+      const int next = ::openat(dir, p, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      const int err = errno;
+      ::close(dir);
+      dir = next;
+      if (dir < 0) {
+        return refuse(Error{ErrorCode::kIo, "output " + name_ + ": " + (*parts)[i] + " is not a directory (or a symbolic link): " + std::strerror(err)});
+      }
+    }
+    if (dir < 0) return refuse(Error{ErrorCode::kIo, "output " + name_ + ": " + std::strerror(errno)});
+    dir_ = dir;
+    final_ = parts->back();
+    std::array<std::byte, 6> rnd{};
+    if (auto r = crypto::random_bytes(rnd); !r) return refuse(r.error());
+    temp_ = "." + final_.substr(0, 200) + ".tresor-" + to_hex(rnd) + ".part";
+    fd_ = ::openat(dir_, temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd_ < 0) {
+      temp_.clear();
+      return refuse(Error{ErrorCode::kIo, "output " + name_ + ": cannot create it: " + std::strerror(errno)});
+    }
+    written_ = 0;
+  }
+  void data(ByteSpan payload) {
+    if (fd_ < 0) return;  // refused or not begun: its bytes are dropped, the error is kept
+    if (auto w = write_all_fd(fd_, payload, "output " + name_); !w) return refuse(w.error());
+    written_ += payload.size();
+  }
+  void end(ByteSpan payload) {
+    if (fd_ < 0) {
+      if (!error_ && name_.empty()) error_ = Error{ErrorCode::kMalformed, "control channel: an output ended that never began"};
+      name_.clear();
+      return;
+    }
+    if (payload.size() != 8 || load_be64(payload.data()) != written_) {
+      return refuse(Error{ErrorCode::kTruncated, "output " + name_ + ": " + std::to_string(written_) + " bytes arrived, not the length the guest announced"});
+    }
+    if (::fsync(fd_) != 0 || ::renameat(dir_, temp_.c_str(), dir_, final_.c_str()) != 0) {
+      return refuse(Error{ErrorCode::kIo, "output " + name_ + ": cannot put it in place: " + std::strerror(errno)});
+    }
+    temp_.clear();
+    ++files_;
+    close_file();
+    name_.clear();
+  }
+  /// The first failure, if any; a file still open (the guest ended mid-file) counts as one.
+  std::optional<Error> finish() {
+    if (fd_ >= 0 && !error_) error_ = Error{ErrorCode::kTruncated, "output " + name_ + ": the guest stopped in the middle of it"};
+    abandon();
+    return error_;
+  }
+
+ private:
+  void refuse(const Error& e) {
+    if (!error_) error_ = e;
+    abandon();
+  }
+  void abandon() {
+    if (!temp_.empty() && dir_ >= 0) ::unlinkat(dir_, temp_.c_str(), 0);
+    temp_.clear();
+    close_file();
+  }
+  void close_file() {
+    if (fd_ >= 0) ::close(fd_);
+    if (dir_ >= 0) ::close(dir_);
+    fd_ = dir_ = -1;
+  }
+  int root_;
+  int dir_ = -1, fd_ = -1;
+  std::string name_, final_, temp_;
+  uint64_t written_ = 0;
+  size_t files_ = 0;
+  std::optional<Error> error_;
+};
+
 }  // namespace
 
 Result<int> serve_guest(int fd, const HostSession& s) {
   control::Channel ch(fd);
   TRESOR_TRY(ch.send(Type::kStart, control::encode_start(s.start)));
+  OutputWriter outputs(s.output_dir_fd);
   std::map<uint32_t, int> conns;  // connection id → socket to the broker
   bool first = true;
   auto close_all = [&] {
@@ -136,9 +242,24 @@ Result<int> serve_guest(int fd, const HostSession& s) {
         }
         break;
       }
+      case Type::kOutputBegin:
+        outputs.begin(m->payload);
+        break;
+      case Type::kOutputData:
+        outputs.data(m->payload);
+        break;
+      case Type::kOutputEnd:
+        outputs.end(m->payload);
+        break;
       case Type::kExit: {
         close_all();
-        return control::decode_exit(m->payload);
+        auto status = control::decode_exit(m->payload);
+        if (auto e = outputs.finish(); e && status) {
+          return fail(e->code, e->message + " (the job itself " +
+                                   (WIFEXITED(*status) ? "exited with " + std::to_string(WEXITSTATUS(*status))
+                                                       : "was killed by signal " + std::to_string(WTERMSIG(*status))) + ")");
+        }
+        return status;
       }
       default:
         break;  // host-bound types only

@@ -110,7 +110,11 @@ extern "C" TRESOR_SPANK_EXPORT int slurm_spank_init_post_opt(spank_t sp, int, ch
 
 extern "C" TRESOR_SPANK_EXPORT int slurm_spank_task_init_privileged(spank_t sp, int, char**) {
   using namespace tresor::spank;
-  return guarded("task_init_privileged", [&] { return spank_context() == S_CTX_REMOTE ? start_evidence_server(sp) : 0; });
+  return guarded("task_init_privileged", [&] {
+    if (spank_context() != S_CTX_REMOTE) return 0;
+    const int evidence = start_evidence_server(sp);
+    return evidence != 0 ? evidence : start_vm_keeper(sp);
+  });
 }
 
 extern "C" TRESOR_SPANK_EXPORT int slurm_spank_task_init(spank_t sp, int, char**) {

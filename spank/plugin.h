@@ -30,6 +30,12 @@ int exec_runner(spank_t sp);
 /// job's evidence server — a root process holding the sim secure processor's key, which the job's
 /// user must not read — on a socket whose other end the runner inherits (TRESOR_EVIDENCE_FD).
 int start_evidence_server(spank_t sp);
+/// Remote side, as root (task_init_privileged), for a libvirt-backend task: starts the job's VM
+/// keeper (`tresor-run --vm-keeper`, runner/keeper.h), which starts the VM with libvirt's
+/// privileges while the task runs as the job's user; the runner inherits the other end of its
+/// socket (TRESOR_VM_FD). Only the node's configuration and the task's Slurm variables and
+/// manifest reach it: nothing else of the user's environment goes into a root process.
+int start_vm_keeper(spank_t sp);
 /// slurmd's epilog (as root): removes what a killed runner left of the job's sandbox on the host
 /// (its empty mount point /tmp/tresor-job-<job id>-*). Never fails the job: 0.
 int cleanup_after_job(spank_t sp);

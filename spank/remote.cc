@@ -8,6 +8,7 @@
 #include <sys/mount.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <fcntl.h>
@@ -136,6 +137,66 @@ int cleanup_after_job(spank_t sp) {
     }
   }
   ::closedir(d);
+  return 0;
+}
+
+int start_vm_keeper(spank_t sp) {
+  char** env = nullptr;
+  if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS) return 0;
+  const std::string manifest_env = env_value(env, tresor::slurm::kManifestEnv);
+  if (manifest_env.empty() || !env_value(env, tresor::slurm::kInsideEnv).empty()) return 0;  // not a confidential task
+  if (env_value(env, "TRESOR_BACKEND") != "libvirt") return 0;
+  if (!state().config_ok) return -1;
+  const auto& c = state().config;
+  if (std::find(c.backends.begin(), c.backends.end(), "libvirt") == c.backends.end()) {
+    slurm_error("tresor: this node does not allow the libvirt backend (plugstack.conf backends=)");
+    return -1;
+  }
+  uint32_t job_id = 0;
+  spank_get_item(sp, S_JOB_ID, &job_id);
+  std::vector<std::string> args = {c.runner, "--vm-keeper", "3", "--slurm-job-id", std::to_string(job_id), "--images", c.images,
+                                   "--datasets", c.datasets, "--hypervisor", c.hypervisor, "--accel", c.accel, "--snp", c.snp ? "yes" : "no"};
+  if (!c.gpus.empty()) args.insert(args.end(), {"--gpus", c.gpus});
+  args.push_back("--");
+  // The keeper is root: of the user's environment it sees only what describes the allocation.
+  std::vector<std::string> kenv = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin"};
+  for (const char* name : {"TRESOR_MANIFEST", "TRESOR_TIMING", "SLURM_STEP_ID", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE",
+                           "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"}) {
+    for (char** e = env; e != nullptr && *e != nullptr; ++e) {
+      if (std::string_view(*e).starts_with(std::string(name) + "=")) kenv.emplace_back(*e);
+    }
+  }
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+    slurm_error("tresor: socketpair: %s", std::strerror(errno));
+    return -1;
+  }
+  const pid_t keeper = ::fork();
+  if (keeper < 0) {
+    slurm_error("tresor: fork: %s", std::strerror(errno));
+    return -1;
+  }
+  if (keeper == 0) {
+    if (pair[1] == 3) {
+      ::fcntl(3, F_SETFD, 0);
+    } else {
+      ::dup2(pair[1], 3);  // the copy is not close-on-exec
+    }
+    ::closefrom(4);
+    std::vector<char*> cargv, cenv;
+    for (auto& a : args) cargv.push_back(a.data());
+    for (auto& e : kenv) cenv.push_back(e.data());
+    cargv.push_back(nullptr);
+    cenv.push_back(nullptr);
+    ::execve(c.runner.c_str(), cargv.data(), cenv.data());
+    ::_exit(127);  // the runner hears the end of the socket: "the VM keeper ended without starting the VM"
+  }
+  ::close(pair[1]);
+  ::fcntl(pair[0], F_SETFD, 0);  // the task's end survives the exec into tresor-run
+  if (spank_setenv(sp, "TRESOR_VM_FD", std::to_string(pair[0]).c_str(), 1) != ESPANK_SUCCESS) {
+    slurm_error("tresor: cannot pass the VM keeper's socket to the task");
+    return -1;
+  }
   return 0;
 }
 

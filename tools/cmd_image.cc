@@ -30,8 +30,9 @@ namespace {
 namespace fs = std::filesystem;
 
 // Modules the guest loads (dependencies are added from modules.dep): the virtio transport, the
-// control channel's virtio-serial, 9p and virtiofs for the shares, and the SEV-SNP guest driver.
-const std::vector<std::string> kModules = {"virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtiofs", "sev-guest"};
+// control channel's virtio-serial, 9p for the (read-only) dataset shares, and the SEV-SNP guest
+// driver.
+const std::vector<std::string> kModules = {"virtio_pci", "virtio_console", "9pnet_virtio", "9p", "sev-guest"};
 
 // Kernels, vmlinux images, modules, libraries, firmware: whole files, read in one go.
 constexpr size_t kMaxInput = 1u << 30;

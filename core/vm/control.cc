@@ -20,7 +20,7 @@ namespace {
 using json = nlohmann::json;
 
 bool known(uint8_t t) {
-  static const std::set<uint8_t> kTypes = {0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x81, 0x82, 0x83, 0x84};
+  static const std::set<uint8_t> kTypes = {0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x81, 0x82, 0x83, 0x84};
   return kTypes.contains(t);
 }
 
@@ -57,6 +57,33 @@ Result<Message> Channel::receive() {
     if (!*body) return fail(ErrorCode::kTruncated, "control channel: the other end closed in the middle of a frame");
   }
   return m;
+}
+
+Result<std::vector<std::string>> validate_output_name(std::string_view name) {
+  auto bad = [&](const std::string& why) {
+    std::string shown;
+    for (char c : name.substr(0, 200)) shown += (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) ? '?' : c;
+    return std::unexpected(malformed("output name '" + shown + "' " + why));
+  };
+  if (name.empty() || name.size() > 4096) return bad("must be 1..4096 bytes");
+  if (name.front() == '/') return bad("must be relative to the output directory");
+  if (!name.ends_with(".sealed") || name.ends_with("/.sealed")) return bad("must name a sealed file (*.sealed)");
+  std::vector<std::string> parts;
+  size_t start = 0;
+  for (;;) {
+    const size_t slash = name.find('/', start);
+    const std::string_view part = name.substr(start, slash == std::string_view::npos ? std::string_view::npos : slash - start);
+    if (part.empty() || part.size() > 255) return bad("has an empty or over-long path component");
+    if (part == "." || part == "..") return bad("must not contain '.' or '..' components");
+    for (char c : part) {
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) return bad("contains a control character");
+    }
+    parts.emplace_back(part);
+    if (parts.size() > 16) return bad("is more than 16 directories deep");
+    if (slash == std::string_view::npos) break;
+    start = slash + 1;
+  }
+  return parts;
 }
 
 Bytes encode_start(const Start& s) {

@@ -82,7 +82,6 @@ Result<DomainSpec> job_domain_spec(const JobVm& job) {
   s.cmdline = img.cmdline;  // measured: exactly the approved image's
   s.gpus = job.allocation.gpus;
   s.control_socket = job.control_socket;
-  s.shares.push_back(Share{std::string(kOutputTag), job.output_dir, false, job.share_driver});
   for (size_t i = 0; i < job.dataset_dirs.size(); ++i) {
     // Read-only, enforced by QEMU: 9p (libvirt before 11.0 cannot make virtiofs read-only).
     s.shares.push_back(Share{std::string(kDataTagPrefix) + std::to_string(i), job.dataset_dirs[i], true, ShareDriver::k9p});

@@ -63,6 +63,14 @@ inline uint32_t load_be32(const std::byte* p) {
   return (std::to_integer<uint32_t>(p[0]) << 24) | (std::to_integer<uint32_t>(p[1]) << 16) | (std::to_integer<uint32_t>(p[2]) << 8) |
          std::to_integer<uint32_t>(p[3]);
 }
+inline void store_be64(std::byte* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = std::byte((v >> (56 - 8 * i)) & 0xff);
+}
+inline uint64_t load_be64(const std::byte* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | std::to_integer<uint64_t>(p[i]);
+  return v;
+}
 inline uint16_t load_le16(const std::byte* p) {
   return static_cast<uint16_t>(std::to_integer<uint16_t>(p[0]) |
                                (std::to_integer<uint16_t>(p[1]) << 8));

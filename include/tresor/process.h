@@ -26,7 +26,7 @@ struct LauncherArgs {
   std::vector<std::string> command;            // non-empty
 };
 /// kInvalidArgument names the problem: an option without a value, an unknown option, no command.
-[[nodiscard]] Result<LauncherArgs> parse_launcher_args(int argc, char** argv, const std::vector<std::string>& known);
+[[nodiscard]] Result<LauncherArgs> parse_launcher_args(int argc, char** argv, const std::vector<std::string>& known, bool command_required = true);
 
 /// Installs handlers that pass each relayed signal to the process set by relay_to().
 void install_signal_relay();

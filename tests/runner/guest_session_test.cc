@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <thread>
@@ -98,18 +99,23 @@ class GuestSession : public ::testing::Test {
   struct Outcome {
     Result<int> status = 0;
     std::string out, err;
-    fs::path root;
+    fs::path root;     // the guest's file system
+    fs::path outputs;  // the host's output directory, where serve_guest writes what the guest sends
   };
 
   // A job for `command` over `dataset`, signed by alice for `signed_command` (default: the same).
   static Outcome run(const std::vector<std::string>& command, const std::string& dataset = "dhz/ccta-2024",
                      std::vector<std::string> signed_command = {}, int signal_after_ms = -1, bool kill_guest = false,
-                     const std::map<std::string, std::string>& extra_env = {}) {
+                     const std::map<std::string, std::string>& extra_env = {},
+                     const std::function<void(const fs::path&)>& prepare_outputs = {}) {
     if (signed_command.empty()) signed_command = command;
     static int n = 0;
     Outcome o;
-    o.root = dir_->path() / ("guest-" + std::to_string(n++));
-    fs::create_directories(o.root / "mnt/tresor-out");
+    o.root = dir_->path() / ("guest-" + std::to_string(n));
+    o.outputs = dir_->path() / ("host-out-" + std::to_string(n++));
+    fs::create_directories(o.outputs);
+    if (prepare_outputs) prepare_outputs(o.outputs);
+    fs::create_directories(o.root / "mnt");
     fs::create_directories(o.root / "tmp");
     fs::create_symlink(dir_->path() / "datasets" / dataset, o.root / "mnt/tresor-data-0");
 
@@ -147,6 +153,7 @@ class GuestSession : public ::testing::Test {
     int sig[2];
     EXPECT_EQ(::pipe2(sig, O_CLOEXEC), 0);
     s.signal_fd = sig[0];
+    s.output_dir_fd = ::open(o.outputs.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 
     int ch[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ch), 0);
@@ -174,7 +181,7 @@ class GuestSession : public ::testing::Test {
     if (poke.joinable()) poke.join();
     int ws = 0;
     ::waitpid(guest, &ws, 0);
-    for (int f : {ch[0], sig[0], sig[1], s.out_fd, s.err_fd}) ::close(f);
+    for (int f : {ch[0], sig[0], sig[1], s.out_fd, s.err_fd, s.output_dir_fd}) ::close(f);
     o.out = read_text(io.file("out"));
     o.err = read_text(io.file("err"));
     return o;
@@ -199,18 +206,43 @@ TEST_F(GuestSession, TheJobAttestsThroughTheChannelAndItsOutputIsSealed) {
   EXPECT_NE(o.out.find("job-says-hi"), std::string::npos) << o.out;
   EXPECT_NE(o.err.find("to-stderr"), std::string::npos) << o.err;
   EXPECT_NE(o.err.find("key of dataset dhz/ccta-2024 released"), std::string::npos) << o.err;
-  EXPECT_EQ(open_as_alice(o.root / "mnt/tresor-out/r.txt.sealed"), std::string(kMarker) + " CORONARY LUMEN\n");
-  // Nothing in the clear left in the "shares" or the guest's directory outside its private memory.
-  auto scan = run_command({"/usr/bin/grep", "-rl", "--binary-files=text", "-e", kMarker, (o.root / "mnt").string()});
+  EXPECT_EQ(open_as_alice(o.outputs / "r.txt.sealed"), std::string(kMarker) + " CORONARY LUMEN\n");
+  // Nothing in the clear on the host's side: the shares, the output directory.
+  auto scan = run_command({"/usr/bin/grep", "-rl", "--binary-files=text", "-e", kMarker, (o.root / "mnt").string(), o.outputs.string()});
   EXPECT_EQ(scan.out, "");
+  EXPECT_EQ(scan.exit_code, 1) << "grep found nothing (and had something to read)";
+}
+
+// The outputs come back over the channel and the host writes them under its output directory
+// without following links: a subdirectory is created, a symbolic link planted where the guest's
+// output goes is refused (the job's results are then reported incomplete), nothing leaves.
+TEST_F(GuestSession, OutputsComeBackOverTheChannelIntoTheOutputDirectoryOnly) {
+  auto nested = run({"sh", "-c", "mkdir -p $TRESOR_OUTPUT_DIR/a/b && echo deep > $TRESOR_OUTPUT_DIR/a/b/r.txt && echo top > $TRESOR_OUTPUT_DIR/t.txt"});
+  ASSERT_TRUE(nested.status) << nested.status.error().message << "\n" << nested.err;
+  EXPECT_EQ(open_as_alice(nested.outputs / "a/b/r.txt.sealed"), "deep\n");
+  EXPECT_EQ(open_as_alice(nested.outputs / "t.txt.sealed"), "top\n");
+  EXPECT_NE(nested.err.find("2 sealed output file(s) sent to the host"), std::string::npos) << nested.err;
+  size_t entries = 0;
+  for (const auto& e : fs::recursive_directory_iterator(nested.outputs)) entries += e.is_regular_file() ? 1u : 0u;
+  EXPECT_EQ(entries, 2u) << "no temporary file left";
+
+  const fs::path elsewhere = dir_->path() / "elsewhere";
+  fs::create_directories(elsewhere);
+  auto planted = run({"sh", "-c", "mkdir -p $TRESOR_OUTPUT_DIR/a && echo x > $TRESOR_OUTPUT_DIR/a/r.txt"}, "dhz/ccta-2024", {}, -1, false, {},
+                     [&](const fs::path& out) { fs::create_directory_symlink(elsewhere, out / "a"); });
+  ASSERT_FALSE(planted.status) << "a job whose output could not be written does not pass for done";
+  EXPECT_NE(planted.status.error().message.find("output a/r.txt.sealed: a is not a directory (or a symbolic link)"), std::string::npos)
+      << planted.status.error().message;
+  EXPECT_NE(planted.status.error().message.find("the job itself exited with 0"), std::string::npos) << planted.status.error().message;
+  EXPECT_TRUE(fs::is_empty(elsewhere)) << "nothing written through the link";
 }
 
 // The job's environment comes from the untrusted host: it must not choose code in the guest.
 TEST_F(GuestSession, TheHostCannotChooseCodeThroughTheEnvironment) {
   auto o = run({"sh", "-c", "echo preload=${LD_PRELOAD:-none} libpath=${LD_LIBRARY_PATH:-none} path=$PATH env=${ENV:-none} job=$SLURM_JOB_ID"},
                "dhz/ccta-2024", {}, -1, false,
-               {{"LD_PRELOAD", "/mnt/tresor-out/evil.so"}, {"LD_LIBRARY_PATH", "/mnt/tresor-out"}, {"PATH", "/mnt/tresor-out:/bin"},
-                {"ENV", "/mnt/tresor-out/rc"}, {"GCONV_PATH", "/mnt/tresor-out"}});
+               {{"LD_PRELOAD", "/mnt/tresor-data-0/evil.so"}, {"LD_LIBRARY_PATH", "/mnt/tresor-data-0"}, {"PATH", "/mnt/tresor-data-0:/bin"},
+                {"ENV", "/mnt/tresor-data-0/rc"}, {"GCONV_PATH", "/mnt/tresor-data-0"}});
   ASSERT_TRUE(o.status) << o.status.error().message;
   EXPECT_NE(o.out.find("preload=none libpath=none path=/bin:/usr/bin env=none job=42"), std::string::npos) << o.out << o.err;
 }
@@ -248,13 +280,76 @@ TEST_F(GuestSession, RefusalsAndAGuestThatDies) {
   ASSERT_TRUE(tampered.status);
   EXPECT_TRUE(WIFEXITED(*tampered.status) && WEXITSTATUS(*tampered.status) == 1);
   EXPECT_EQ(tampered.out.find("SHOULD-NOT-RUN"), std::string::npos);
-  EXPECT_TRUE(fs::is_empty(tampered.root / "mnt/tresor-out")) << "no output";
+  EXPECT_TRUE(fs::is_empty(tampered.outputs)) << "no output";
 
   // The guest killed mid-job: no status is invented.
   auto died = run({"sh", "-c", "sleep 30"}, "dhz/ccta-2024", {}, 3000, true);
   ASSERT_FALSE(died.status);
   EXPECT_EQ(died.status.error().code, ErrorCode::kUnavailable);
   EXPECT_NE(died.status.error().message.find("ended without reporting the job's status"), std::string::npos);
+}
+
+// The host's side of the outputs, against a guest that misbehaves (frames written by the test):
+// names that would leave the output directory, a length that does not match, a guest that stops
+// in the middle of a file. Nothing is written outside the directory, no partial file stays.
+TEST(HostSessionOutputs, BadNamesShortFilesAndCutStreamsLeaveNothing) {
+  struct Case {
+    std::string what;
+    std::function<void(vm::control::Channel&)> guest;
+    std::string error;  // "" for success
+  };
+  auto file = [](vm::control::Channel& ch, const std::string& name, const std::string& body, uint64_t announced) {
+    ASSERT_TRUE(ch.send(vm::control::Type::kOutputBegin, as_bytes(name)));
+    ASSERT_TRUE(ch.send(vm::control::Type::kOutputData, as_bytes(body)));
+    std::array<std::byte, 8> len{};
+    store_be64(len.data(), announced);
+    ASSERT_TRUE(ch.send(vm::control::Type::kOutputEnd, len));
+  };
+  auto exit0 = [](vm::control::Channel& ch) { ASSERT_TRUE(ch.send(vm::control::Type::kExit, vm::control::encode_exit(0))); };
+  const std::vector<Case> cases = {
+      {"a good file", [&](auto& ch) { file(ch, "sub/ok.txt.sealed", "sealed-bytes", 12); exit0(ch); }, ""},
+      {"a parent", [&](auto& ch) { file(ch, "../escape.sealed", "x", 1); exit0(ch); }, "must not contain '.' or '..' components"},
+      {"an absolute name", [&](auto& ch) { file(ch, "/tmp/escape.sealed", "x", 1); exit0(ch); }, "must be relative"},
+      {"not sealed", [&](auto& ch) { file(ch, "plain.txt", "x", 1); exit0(ch); }, "must name a sealed file"},
+      {"a short file", [&](auto& ch) { file(ch, "short.sealed", "abc", 5); exit0(ch); }, "3 bytes arrived"},
+      {"a cut stream", [&](auto& ch) {
+         ASSERT_TRUE(ch.send(vm::control::Type::kOutputBegin, as_bytes(std::string("cut.sealed"))));
+         ASSERT_TRUE(ch.send(vm::control::Type::kOutputData, as_bytes(std::string("abc"))));
+       }, "ended without reporting"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.what);
+    TempDir dir;
+    const fs::path out = dir.path() / "out";
+    fs::create_directories(out);
+    int sp[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
+    std::thread guest([&] {
+      vm::control::Channel ch(sp[1]);
+      (void)ch.receive();  // kStart
+      c.guest(ch);
+      ::shutdown(sp[1], SHUT_WR);
+    });
+    vm::HostSession s;
+    s.out_fd = s.err_fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    s.output_dir_fd = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    auto status = vm::serve_guest(sp[0], s);
+    guest.join();
+    for (int f : {sp[0], sp[1], s.out_fd, s.output_dir_fd}) ::close(f);
+    std::vector<std::string> files;
+    for (const auto& e : fs::recursive_directory_iterator(dir.path())) {
+      if (e.is_regular_file()) files.push_back(fs::relative(e.path(), dir.path()).string());
+    }
+    if (c.error.empty()) {
+      ASSERT_TRUE(status) << status.error().message;
+      EXPECT_EQ(files, std::vector<std::string>{"out/sub/ok.txt.sealed"});
+      EXPECT_EQ(read_text((out / "sub/ok.txt.sealed").string()), "sealed-bytes");
+    } else {
+      ASSERT_FALSE(status);
+      EXPECT_NE(status.error().message.find(c.error), std::string::npos) << status.error().message;
+      EXPECT_EQ(files, std::vector<std::string>{}) << "nothing written, nothing partial left";
+    }
+  }
 }
 
 // The same job inside a real VM: tresor-run's libvirt backend boots the guest image (built here
@@ -333,13 +428,14 @@ class VmBoot : public GuestSession {
 
 TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
   const std::string out = dir_->file("vm-out");
-  // The host plants a program on the output share: inside the guest it cannot run (noexec).
-  fs::create_directories(out);
-  std::ofstream(out + "/planted.sh") << "#!/bin/sh\necho PLANTED-RAN\n";
-  fs::permissions(out + "/planted.sh", fs::perms(0755));
-  auto r = run_vm({"sh", "-c", "echo in-vm kernel=$(uname -r); /mnt/tresor-out/planted.sh; echo planted-rc=$?; "
+  // The host plants a program on a dataset share: inside the guest it cannot run (noexec).
+  const std::string planted = dir_->file("datasets/dhz/ccta-2024/planted.sh");
+  std::ofstream(planted) << "#!/bin/sh\necho PLANTED-RAN\n";
+  fs::permissions(planted, fs::perms(0755));
+  auto r = run_vm({"sh", "-c", "echo in-vm kernel=$(uname -r); /mnt/tresor-data-0/planted.sh; echo planted-rc=$?; "
                                "tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/r.txt; exit 3"},
                   out);
+  fs::remove(planted);
   EXPECT_EQ(r.out.find("PLANTED-RAN"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("planted-rc=126"), std::string::npos) << r.out << r.err;
   EXPECT_EQ(r.exit_code, 3) << r.out << r.err;
@@ -356,7 +452,8 @@ TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
 
 // scancel: SIGTERM reaches the job inside the VM, which dies by it, and the runner leaves the same
 // way with nothing left behind. SIGKILL (scancel --signal=KILL, a node problem): the runner
-// cannot clean up, but libvirt destroys the VM when its connection drops (autodestroy).
+// cannot clean up, but its keeper sees it go and destroys the VM (and were the keeper killed
+// too, libvirt would, when the keeper's connection drops: autodestroy).
 TEST_F(VmBoot, CancellingLeavesNoVmBehind) {
   // SIGTERM while the VM still boots, then SIGTERM and SIGKILL while the job runs.
   for (const auto& [sig, during_boot] : std::vector<std::pair<int, bool>>{{SIGTERM, true}, {SIGTERM, false}, {SIGKILL, false}}) {
@@ -404,13 +501,14 @@ TEST_F(VmBoot, CancellingLeavesNoVmBehind) {
       if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
     EXPECT_TRUE(gone) << "the VM outlived its runner";
-    auto dirs = run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-77-vm-* 2>/dev/null"});
-    if (sig == SIGTERM) {
-      EXPECT_EQ(dirs.out, "") << "the runner removed its runtime directory";
-    } else {
-      // Left for the plugin's job epilog, which removes /tmp/tresor-job-<id>-* (tests/slurm).
-      run_command({"/bin/sh", "-c", "rm -rf /tmp/tresor-job-77-vm-*"});
+    // The keeper removes the runtime directory when the runner ends, even by SIGKILL (the
+    // plugin's job epilog is the safety net when the keeper itself is killed).
+    std::string dirs = "?";
+    for (int i = 0; i < 100 && !dirs.empty(); ++i) {
+      dirs = run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-77-vm-* 2>/dev/null"}).out;
+      if (!dirs.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
+    EXPECT_EQ(dirs, "") << "no runtime directory left";
   }
 }
 

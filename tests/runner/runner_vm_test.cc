@@ -77,12 +77,21 @@ TEST(RunnerVm, DomainFromTheAllocation) {
   }
   ASSERT_EQ(b64.size(), 44u);
   EXPECT_NE(x.find("<hostData>" + b64 + "</hostData>"), std::string::npos) << x;
-  // GPU 1 of the node's table, and one read-only share per dataset; the output read-write.
+  // GPU 1 of the node's table, and one read-only share per dataset; nothing writable (the
+  // outputs come back over the control channel).
   EXPECT_NE(x.find("bus='0x81'"), std::string::npos) << x;
   EXPECT_EQ(x.find("bus='0x41'"), std::string::npos) << "GPU 0 is not the job's";
   EXPECT_NE(x.find("<source dir='/shared/datasets/dhz/ccta-2024'/>"), std::string::npos) << x;
   EXPECT_NE(x.find("<source dir='/shared/datasets/dhz/labels'/>"), std::string::npos) << x;
-  EXPECT_NE(x.find("<source dir='/scratch/alice/out'/>"), std::string::npos) << x;
+  EXPECT_EQ(x.find("<source dir='/scratch/alice/out'/>"), std::string::npos) << x;
+  EXPECT_EQ(x.find("accessmode='passthrough'"), std::string::npos) << x;
+  auto count = [&](std::string_view what) {
+    size_t n = 0;
+    for (size_t at = x.find(what); at != std::string::npos; at = x.find(what, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(count("<filesystem "), 2u) << x;
+  EXPECT_EQ(count("<readonly/>"), 2u) << "every share read-only\n" << x;
   EXPECT_EQ(x.find("<source dir='/shared/datasets'/>"), std::string::npos) << "never the whole dataset tree";
 
   // A plain development guest: no launchSecurity, TCG.

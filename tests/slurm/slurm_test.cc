@@ -5,6 +5,7 @@
 // an srun inside a confidential job, and nothing left behind after scancel.
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -450,6 +451,36 @@ TEST_F(SlurmVm, ABatchJobRunsInsideAVmAndItsOutputIsSealed) {
   EXPECT_EQ(open_as_alice(results + "/result.txt.sealed"), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
   auto list = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"});
   EXPECT_EQ(list.out.find("tresor-"), std::string::npos) << "no VM left: " << list.out;
+}
+
+// A job of an ordinary user (uid 65534) in a VM: the user's runner cannot use libvirt itself; the
+// plugin's root keeper starts the VM, the runner serves it as the user and writes the sealed
+// outputs the guest sends, which are therefore the user's files (no share is writable).
+TEST_F(SlurmVm, AnotherUsersJobRunsInAVmStartedByTheKeeperAndOwnsItsOutputs) {
+  const std::string out = dir_->file("vm-nobody-out");
+  std::filesystem::create_directories(out);
+  std::filesystem::permissions(out, std::filesystem::perms(0777));
+  auto r = slurm({"/usr/bin/srun", "--uid=65534", "--gid=65534", "--chdir=/tmp", "--tresor-dataset=dhz/ccta-2024", "--tresor-backend=libvirt",
+                  "--tresor-output=" + out, "sh", "-c",
+                  "echo in-vm kernel=$(uname -r); mkdir -p $TRESOR_OUTPUT_DIR/sub; "
+                  "tr a-z A-Z < $TRESOR_DATA/dhz/ccta-2024/input.txt > $TRESOR_OUTPUT_DIR/sub/result.txt"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("in-vm kernel="), std::string::npos) << r.out << r.err;
+  EXPECT_NE(r.err.find("started by the node's VM keeper"), std::string::npos) << r.err;
+  // Which it must be: the job's user cannot start VMs itself.
+  auto own = run_command({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/virsh", "-c", "qemu:///system",
+                          "list"});
+  EXPECT_NE(own.exit_code, 0) << "this test needs a user without libvirt access: " << own.out;
+  const std::string sealed = out + "/sub/result.txt.sealed";
+  EXPECT_EQ(open_as_alice(sealed), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
+  for (const std::string& path : {out + "/sub", sealed}) {
+    struct stat st {};
+    ASSERT_EQ(::lstat(path.c_str(), &st), 0) << path;
+    EXPECT_EQ(st.st_uid, 65534u) << path << " belongs to the job's user";
+    EXPECT_EQ(st.st_mode & (S_ISUID | S_ISGID), 0u) << path;
+  }
+  auto vms = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"}).out;
+  EXPECT_EQ(vms.find("tresor-"), std::string::npos) << "no VM left: " << vms;
 }
 
 // scancel of a VM job while its job runs: the VM, its QEMU and its runtime directory are gone.

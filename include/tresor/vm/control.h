@@ -16,6 +16,14 @@
 //                  kBrokerOpen     u32 id: a new connection to the key broker
 //                  kBrokerData     u32 id ‖ bytes towards the broker
 //                  kBrokerClose    u32 id
+//                  kOutputBegin    a sealed output's path, relative to the job's output directory
+//                  kOutputData     the next bytes of that file
+//                  kOutputEnd      u64 its length; the file is complete (one file at a time)
+//
+// The guest's outputs travel over the channel, not over a writable share: the host's runner,
+// running as the job's user, writes them (validate_output_name), so no host process with
+// privileges writes into a directory the user controls, and a guest cannot create files with
+// another owner or setuid bits on the host.
 //
 // The guest has no network: its TLS connections to the key broker travel through the channel,
 // and the host only relays their bytes (it sees ciphertext, as any router would). Nothing the
@@ -28,6 +36,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tresor/encoding.h"
@@ -44,6 +53,9 @@ enum class Type : uint8_t {
   kBrokerOpen = 0x06,
   kBrokerData = 0x07,
   kBrokerClose = 0x08,
+  kOutputBegin = 0x09,
+  kOutputData = 0x0A,
+  kOutputEnd = 0x0B,
   kStart = 0x81,
   kEvidence = 0x82,
   kEvidenceError = 0x83,
@@ -94,6 +106,12 @@ struct Start {
 /// A wait status as kExit carries it, and back.
 [[nodiscard]] Bytes encode_exit(int wait_status);
 [[nodiscard]] Result<int> decode_exit(ByteSpan payload);
+
+/// A sealed output's name as the guest sends it: a relative path of 1..16 components separated by
+/// '/', each 1..255 bytes, none "." or "..", no NUL or control characters, 4096 bytes at most, and
+/// ending in ".sealed" (only sealed files leave the guest). The components, or kMalformed naming
+/// the name and what is wrong with it.
+[[nodiscard]] Result<std::vector<std::string>> validate_output_name(std::string_view name);
 
 [[nodiscard]] Bytes encode_connection(uint32_t id, ByteSpan data = {});
 /// The id, and the data after it.

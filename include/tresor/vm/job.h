@@ -5,9 +5,9 @@
 // What travels where. The kernel command line is part of the measured launch (kernelHashes):
 // it stays exactly the approved image's, so nothing about the job is appended to it. The job is
 // bound to the VM by HOST_DATA (the manifest's digest, which the AMD-SP puts in every report);
-// everything else the guest learns over the control channel. The shares are the job's output
-// directory (read-write: only sealed files are written there) and one read-only share per
-// dataset the manifest names (ciphertext), never the whole dataset tree.
+// everything else the guest learns over the control channel. The shares are one read-only share
+// per dataset the manifest names (ciphertext), never the whole dataset tree. Nothing on the host
+// is shared writable: the sealed outputs come back over the control channel (vm/control.h).
 #pragma once
 
 #include <array>
@@ -37,8 +37,7 @@ struct Allocation {
 [[nodiscard]] Result<Allocation> allocation_from_env(const std::function<std::string(std::string_view)>& env,
                                                      const std::map<unsigned, std::string>& gpu_table);
 
-/// Share tags the guest mounts (tresor-out; tresor-data-0, -1, … in the manifest's dataset order).
-inline constexpr std::string_view kOutputTag = "tresor-out";
+/// Share tags the guest mounts (tresor-data-0, -1, … in the manifest's dataset order).
 inline constexpr std::string_view kDataTagPrefix = "tresor-data-";
 
 struct JobVm {
@@ -47,12 +46,10 @@ struct JobVm {
   Allocation allocation;
   slurm::Image image;                             // kernel, initrd, cmdline (and firmware for SNP)
   std::array<std::byte, 32> host_data{};          // SHA-256 of the manifest
-  std::string output_dir;                         // absolute
   std::vector<std::string> dataset_dirs;          // absolute, one per manifest dataset
   std::string control_socket;                     // absolute
   Accelerator accelerator = Accelerator::kKvm;
   bool snp = true;
-  ShareDriver share_driver = ShareDriver::kVirtiofs;  // the output share's; dataset shares are 9p (read-only)
   uint64_t default_memory_mib = 2048;             // when the job asked for none
 };
 

@@ -166,5 +166,34 @@ TEST(VmControl, EvidenceExitAndConnectionPayloads) {
   EXPECT_TRUE(FailsWith(decode_connection(Bytes(3)), ErrorCode::kMalformed));
 }
 
+// Only sealed files, only below the output directory (protocol.md §12.4).
+TEST(VmControl, OutputNames) {
+  auto ok = validate_output_name("a/b/r.txt.sealed");
+  ASSERT_TRUE(ok) << ok.error().message;
+  EXPECT_EQ(*ok, (std::vector<std::string>{"a", "b", "r.txt.sealed"}));
+  EXPECT_TRUE(validate_output_name("..hidden.sealed"));  // a name that starts with dots is still a name
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"", "must be 1..4096 bytes"},
+      {std::string(4097, 'a'), "must be 1..4096 bytes"},
+      {"/etc/passwd.sealed", "must be relative"},
+      {"r.txt", "must name a sealed file"},
+      {"a/.sealed", "must name a sealed file"},
+      {"../r.sealed", "'.' or '..'"},
+      {"a/./r.sealed", "'.' or '..'"},
+      {"a//r.sealed", "empty or over-long"},
+      {std::string(256, 'x') + ".sealed", "empty or over-long"},
+      {"a\nb.sealed", "control character"},
+      {"1/2/3/4/5/6/7/8/9/10/11/12/13/14/15/16/17.sealed", "16 directories"},
+  };
+  for (const auto& [name, why] : bad) {
+    auto r = validate_output_name(name);
+    ASSERT_FALSE(r) << name;
+    EXPECT_EQ(r.error().code, ErrorCode::kMalformed);
+    EXPECT_NE(r.error().message.find(why), std::string::npos) << r.error().message;
+  }
+  // The name is shown without its control characters.
+  EXPECT_EQ(validate_output_name("a\x1b[2Jb.sealed").error().message.find('\x1b'), std::string::npos);
+}
+
 }  // namespace
 }  // namespace tresor::vm::control

@@ -68,7 +68,6 @@ JobVm sample(bool snp) {
   j.image.cmdline = "console=hvc0 panic=-1";
   j.image.firmware = "/usr/share/tresor/OVMF.amdsev.fd";
   for (size_t i = 0; i < j.host_data.size(); ++i) j.host_data[i] = std::byte(0xa0 + i);
-  j.output_dir = "/scratch/alice/run1/tresor-output";
   j.dataset_dirs = {"/shared/datasets/dhz/ccta-2024", "/shared/datasets/dhz/labels"};
   j.control_socket = "/run/tresor/42.0/control.sock";
   j.snp = snp;
@@ -86,12 +85,12 @@ TEST(VmJob, DomainSpecFromTheJob) {
   EXPECT_EQ(s->cmdline, "console=hvc0 panic=-1");  // measured: nothing of the job appended
   EXPECT_EQ(s->host_data, sample(true).host_data);
   EXPECT_EQ(s->gpus, (std::vector<std::string>{"0000:41:00.0"}));
-  ASSERT_EQ(s->shares.size(), 3u);
-  EXPECT_EQ(s->shares[0].tag, "tresor-out");
-  EXPECT_FALSE(s->shares[0].read_only);
-  EXPECT_EQ(s->shares[2].tag, "tresor-data-1");
-  EXPECT_EQ(s->shares[2].host_path, "/shared/datasets/dhz/labels");
-  EXPECT_TRUE(s->shares[2].read_only);
+  // One read-only share per dataset and nothing writable: outputs come back over the channel.
+  ASSERT_EQ(s->shares.size(), 2u);
+  EXPECT_EQ(s->shares[0].tag, "tresor-data-0");
+  EXPECT_EQ(s->shares[1].tag, "tresor-data-1");
+  EXPECT_EQ(s->shares[1].host_path, "/shared/datasets/dhz/labels");
+  for (const auto& sh : s->shares) EXPECT_TRUE(sh.read_only) << sh.tag;
   auto xml = domain_xml(*s);
   ASSERT_TRUE(xml);
   // HOST_DATA is the manifest digest, base64 in the launchSecurity element.
@@ -141,7 +140,7 @@ TEST(VmJob, RefusalsNameWhatIsMissing) {
   ASSERT_FALSE(m);
   EXPECT_NE(m.error().message.find("at least 256 MiB"), std::string::npos);
   auto relative = sample(false);
-  relative.output_dir = "tresor-output";
+  relative.dataset_dirs = {"datasets/dhz/ccta-2024"};
   EXPECT_FALSE(job_domain_spec(relative));
 }
 
