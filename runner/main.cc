@@ -21,7 +21,7 @@
 //
 //   tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR
 //              [--images FILE] [--gpus FILE] [--hypervisor URI] [--accel kvm|tcg] [--snp yes|no]
-//              [--domain-xml FILE] [--task-prolog PATH] -- COMMAND [ARGS...]
+//              [--domain-xml FILE] [--boot-timeout SECONDS] [--task-prolog PATH] -- COMMAND [ARGS...]
 //
 // --task-prolog: the cluster's TaskProlog (slurm.conf), which Slurm's own task launch would have
 // run and which the plugin's exec bypasses: run here as the job's user with the job's
@@ -310,6 +310,7 @@ int run_libvirt(const tresor::Manifest& manifest, const std::map<std::string, st
   }
   session.signal_fd = signal_fd;
   session.output_dir_fd = output_fd;
+  session.first_frame_timeout = std::chrono::seconds(option("--boot-timeout").empty() ? 300 : std::atoi(option("--boot-timeout").c_str()));
   Clock::time_point t_first = t_started;
   session.on_first_frame = [&] { t_first = Clock::now(); };
   auto status = tresor::vm::serve_guest(vm->control_fd, session);
@@ -422,7 +423,7 @@ int main(int argc, char** argv) {
     }
   }
   auto args = tresor::process::parse_launcher_args(argc, argv, {"--slurm-job-id", "--broker", "--ca", "--agent", "--datasets", "--sim", "--images",
-                                                                "--gpus", "--hypervisor", "--accel", "--snp", "--domain-xml",
+                                                                "--gpus", "--hypervisor", "--accel", "--snp", "--domain-xml", "--boot-timeout",
                                                                 "--task-prolog"});
   if (!args) return usage(args.error().message.c_str());
   auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -153,7 +154,20 @@ Result<int> serve_guest(int fd, const HostSession& s) {
     for (auto& [id, c] : conns) ::close(c);
     conns.clear();
   };
+  const auto deadline = std::chrono::steady_clock::now() + s.first_frame_timeout;
   for (;;) {
+    int wait_ms = -1;
+    if (first && s.first_frame_timeout.count() > 0) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+      if (left <= 0) {
+        close_all();
+        char why[160];
+        std::snprintf(why, sizeof why, "the VM's agent did not answer within %.1f s of the VM's start (it hangs in its firmware or kernel?)",
+                      static_cast<double>(s.first_frame_timeout.count()) / 1000.0);
+        return fail(ErrorCode::kUnavailable, why);
+      }
+      wait_ms = static_cast<int>(left);
+    }
     std::vector<pollfd> fds = {{fd, POLLIN, 0}};
     if (s.signal_fd >= 0) fds.push_back({s.signal_fd, POLLIN, 0});
     const size_t first_conn = fds.size();
@@ -162,7 +176,7 @@ Result<int> serve_guest(int fd, const HostSession& s) {
       fds.push_back({c, POLLIN, 0});
       ids.push_back(id);
     }
-    if (::poll(fds.data(), fds.size(), -1) < 0) {
+    if (::poll(fds.data(), fds.size(), wait_ms) < 0) {
       if (errno == EINTR) continue;
       close_all();
       return fail(ErrorCode::kIo, std::string("control channel: poll: ") + std::strerror(errno));

@@ -95,7 +95,8 @@ int exec_runner(spank_t sp) {
   if (!c.datasets.empty()) args.insert(args.end(), {"--datasets", c.datasets});
   if (!c.images.empty()) args.insert(args.end(), {"--images", c.images});
   if (!c.gpus.empty()) args.insert(args.end(), {"--gpus", c.gpus});
-  args.insert(args.end(), {"--hypervisor", c.hypervisor, "--accel", c.accel, "--snp", c.snp ? "yes" : "no"});
+  args.insert(args.end(), {"--hypervisor", c.hypervisor, "--accel", c.accel, "--snp", c.snp ? "yes" : "no", "--boot-timeout",
+                           std::to_string(c.boot_timeout_s)});
   // Slurm's task launch runs the TaskProlog, which this exec bypasses: the runner runs it.
   const char* conf = std::getenv("SLURM_CONF");
   if (auto prolog = tresor::slurm::task_prolog_from_slurm_conf(read_whole(conf != nullptr ? conf : "/etc/slurm/slurm.conf")); !prolog.empty()) {

@@ -40,7 +40,7 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
   for (const auto& a : args) {
     const size_t eq = a.find('=');
     if (eq == std::string::npos || eq == 0) {
-      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp)");
+      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp, boot_timeout)");
     }
     const std::string key = a.substr(0, eq), value = a.substr(eq + 1);
     if (!seen.insert(key).second) return bad("plugstack.conf argument " + key + "= is given twice");
@@ -67,11 +67,19 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
     } else if (key == "accel") {
       if (value != "kvm" && value != "tcg") return bad("plugstack.conf argument accel= must be kvm or tcg, not '" + value + "'");
       c.accel = value;
+    } else if (key == "boot_timeout") {
+      char* end = nullptr;
+      errno = 0;
+      const unsigned long v = std::strtoul(value.c_str(), &end, 10);
+      if (value.empty() || value[0] == '-' || errno != 0 || *end != '\0' || v < 10 || v > 3600) {
+        return bad("plugstack.conf argument boot_timeout= must be whole seconds from 10 to 3600, not '" + value + "'");
+      }
+      c.boot_timeout_s = static_cast<unsigned>(v);
     } else if (key == "snp") {
       if (value != "yes" && value != "no") return bad("plugstack.conf argument snp= must be yes or no, not '" + value + "'");
       c.snp = value == "yes";
     } else {
-      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp)");
+      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp, boot_timeout)");
     }
   }
   if (c.broker_url.empty() != c.broker_ca.empty()) return bad("plugstack.conf arguments broker= and ca= go together");

@@ -352,6 +352,42 @@ TEST(HostSessionOutputs, BadNamesShortFilesAndCutStreamsLeaveNothing) {
   }
 }
 
+// A guest that never answers (hangs in its firmware or kernel): the host gives up at the boot
+// timeout instead of waiting for Slurm's time limit; one that answers in time is not affected.
+TEST(HostSessionBoot, AGuestThatNeverAnswersIsGivenUpAtTheBootTimeout) {
+  for (const bool answers : {false, true}) {
+    SCOPED_TRACE(answers ? "answers" : "silent");
+    int sp[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp), 0);
+    std::thread guest([&] {
+      vm::control::Channel ch(sp[1]);
+      (void)ch.receive();  // kStart
+      if (answers) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        (void)ch.send(vm::control::Type::kExit, vm::control::encode_exit(5 << 8));
+      } else {
+        char c;
+        (void)!::read(sp[1], &c, 1);  // until the host closes its end
+      }
+    });
+    vm::HostSession s;
+    s.out_fd = s.err_fd = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+    s.first_frame_timeout = std::chrono::milliseconds(400);
+    auto status = vm::serve_guest(sp[0], s);
+    ::shutdown(sp[0], SHUT_RDWR);
+    guest.join();
+    for (int f : {sp[0], sp[1], s.out_fd}) ::close(f);
+    if (answers) {
+      ASSERT_TRUE(status) << status.error().message;
+      EXPECT_EQ(WEXITSTATUS(*status), 5);
+    } else {
+      ASSERT_FALSE(status);
+      EXPECT_EQ(status.error().code, ErrorCode::kUnavailable);
+      EXPECT_NE(status.error().message.find("did not answer within 0.4 s"), std::string::npos) << status.error().message;
+    }
+  }
+}
+
 // The same job inside a real VM: tresor-run's libvirt backend boots the guest image (built here
 // from Debian's kernel with this build's agent) under TCG through libvirtd, serves its control
 // channel, and leaves with the job's status. Label: slow (about 10 s of emulated boot per run).

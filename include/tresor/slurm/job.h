@@ -48,6 +48,9 @@ struct PluginConfig {
   std::string hypervisor = "qemu:///system";
   std::string accel = "kvm";
   bool snp = true;
+  // How long a VM may take from its start to its agent's first message before the runner gives
+  // up on it (the guest hangs in firmware or the kernel): seconds, boot_timeout=.
+  unsigned boot_timeout_s = 300;
 };
 [[nodiscard]] Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args);
 

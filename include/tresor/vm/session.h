@@ -6,6 +6,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -31,6 +32,9 @@ struct HostSession {
   int output_dir_fd = -1;
   int signal_fd = -1;  // read end of a pipe: each byte a signal number for the job
   std::function<void()> on_first_frame;  // called when the guest's first frame arrives (timing)
+  /// How long to wait for the guest's first frame (its agent is up); 0: no limit. Past it,
+  /// serve_guest returns kUnavailable saying so (the caller then destroys the VM).
+  std::chrono::milliseconds first_frame_timeout{0};
 };
 
 /// Runs the session on the channel `fd` until the guest reports the job's status, and returns it

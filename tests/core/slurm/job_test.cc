@@ -35,11 +35,13 @@ TEST(SlurmJob, PluginArgumentsAreStrict) {
   EXPECT_EQ(c->hypervisor, "qemu:///system");
   EXPECT_EQ(c->accel, "kvm");
   EXPECT_TRUE(c->snp);
-  auto dev = parse_plugin_args({"hypervisor=qemu:///session", "accel=tcg", "snp=no"});
+  EXPECT_EQ(c->boot_timeout_s, 300u);
+  auto dev = parse_plugin_args({"hypervisor=qemu:///session", "accel=tcg", "snp=no", "boot_timeout=45"});
   ASSERT_TRUE(dev) << dev.error().message;
   EXPECT_EQ(dev->hypervisor, "qemu:///session");
   EXPECT_EQ(dev->accel, "tcg");
   EXPECT_FALSE(dev->snp);
+  EXPECT_EQ(dev->boot_timeout_s, 45u);
   struct Case {
     std::vector<std::string> args;
     const char* want;
@@ -53,7 +55,10 @@ TEST(SlurmJob, PluginArgumentsAreStrict) {
                                          {{"broker=https://x:1"}, "go together"},
                                          {{"hypervisor=qemu"}, "libvirt URI"},
                                          {{"accel=hvf"}, "kvm or tcg"},
-                                         {{"snp=maybe"}, "yes or no"}}) {
+                                         {{"snp=maybe"}, "yes or no"},
+                                         {{"boot_timeout=5"}, "from 10 to 3600"},
+                                         {{"boot_timeout=-20"}, "from 10 to 3600"},
+                                         {{"boot_timeout=1m"}, "from 10 to 3600"}}) {
     auto r = parse_plugin_args(k.args);
     ASSERT_FALSE(r);
     EXPECT_NE(r.error().message.find(k.want), std::string::npos) << r.error().message;
