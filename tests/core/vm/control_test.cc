@@ -166,7 +166,7 @@ TEST(VmControl, EvidenceExitAndConnectionPayloads) {
   EXPECT_TRUE(FailsWith(decode_connection(Bytes(3)), ErrorCode::kMalformed));
 }
 
-// Only sealed files, only below the output directory (protocol.md §12.4).
+// Only sealed files, only below the output directory (docs/protocol.md §12, outputs).
 TEST(VmControl, OutputNames) {
   auto ok = validate_output_name("a/b/r.txt.sealed");
   ASSERT_TRUE(ok) << ok.error().message;
