@@ -119,6 +119,7 @@ class Slurm : public ::testing::Test {
       // With everything installed, an image or a daemon that fails is a failure, not a skip.
       auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN});
       auto lv = run_command({TRESOR_LIBVIRT_LOCAL, "start"});
+      started_libvirt_ = true;
       if (image.exit_code != 0 || lv.exit_code != 0) {
         fail_ = "the guest image or libvirtd failed: " + image.err + lv.err;
         return;
@@ -150,13 +151,21 @@ class Slurm : public ::testing::Test {
     std::ofstream(prolog) << "#!/bin/sh\necho \"export TRESOR_TEST_PROLOG=ran-$SLURM_JOB_ID\"\necho \"unset TRESOR_TEST_UNSET\"\n"
                              "echo \"print prolog-says-hello\"\n";
     std::filesystem::permissions(prolog, std::filesystem::perms(0755));
+    // A TaskEpilog: slurmstepd runs it itself after each task, wrapped or not (the plugin's exec
+    // replaces only the task). It records the step and the task's environment it saw.
+    const std::string epilog = dir_->file("task-epilog.sh");
+    std::ofstream(epilog) << "#!/bin/sh\necho \"$SLURM_JOB_ID.$SLURM_STEP_ID manifest=${TRESOR_MANIFEST:+yes}\" >> " << dir_->file("task-epilog.log")
+                          << "\n";
+    std::filesystem::permissions(epilog, std::filesystem::perms(0755));
     ok(run_command({TRESOR_SLURM_CLUSTER, "start", dir_->file("cluster"), std::to_string(free_port()), std::to_string(free_port()),
-                    plugstack, prolog}));
+                    plugstack, prolog, epilog}));
   }
   static void TearDownTestSuite() {
     if (dir_ != nullptr) {
       run_command({TRESOR_SLURM_CLUSTER, "stop", dir_->file("cluster")});
-      run_command({TRESOR_LIBVIRT_LOCAL, "stop"});
+      // Only the VM suite's: the other Slurm tests run beside the VM tests of other suites (they
+      // hold no libvirtd lock), whose daemons they must not stop.
+      if (started_libvirt_) run_command({TRESOR_LIBVIRT_LOCAL, "stop"});
       delete broker_;
       broker_ = nullptr;
       delete dir_;
@@ -186,6 +195,7 @@ class Slurm : public ::testing::Test {
   static inline TempDir* dir_ = nullptr;
   static inline tresor::testing::Background* broker_ = nullptr;
   static inline std::string skip_, fail_, admin_socket_;
+  static inline bool started_libvirt_ = false;  // this process started libvirtd (the VM suite)
 };
 
 TEST_F(Slurm, AJobWithoutTresorOptionsRunsAsUsual) {
@@ -265,6 +275,26 @@ TEST_F(Slurm, UnderSallocEachStepIsSignedForItsOwnCommand) {
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find("step-inside=1"), std::string::npos) << r.out << r.err;
   EXPECT_EQ(open_as_alice(out + "/result.txt.sealed"), "PLAINTEXT-MARKER-7319 CORONARY LUMEN\n");
+}
+
+TEST_F(Slurm, TheTaskEpilogRunsAfterAWrappedTaskAsAfterAPlainOne) {
+  for (const bool wrapped : {false, true}) {
+    std::vector<std::string> argv = {"/usr/bin/srun"};
+    if (wrapped) argv.push_back("--tresor-dataset=dhz/ccta-2024");
+    argv.insert(argv.end(), {"sh", "-c", "echo job=$SLURM_JOB_ID.$SLURM_STEP_ID"});
+    auto r = slurm(argv);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const size_t at = r.out.find("job=");
+    ASSERT_NE(at, std::string::npos) << r.out;
+    const std::string step = r.out.substr(at + 4, r.out.find('\n', at) - at - 4);
+    // slurmstepd runs the epilog after the task has ended: wait for its line.
+    std::string log;
+    for (int i = 0; i < 50 && log.find(step + " ") == std::string::npos; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      log = slurp(dir_->file("task-epilog.log"));
+    }
+    EXPECT_NE(log.find(step + " manifest=" + (wrapped ? "yes" : "") + "\n"), std::string::npos) << step << "\n" << log;
+  }
 }
 
 TEST_F(Slurm, TheTaskPrologShapesAWrappedTaskAsAPlainOne) {
