@@ -1,0 +1,283 @@
+// The host side of the GPU AES-256-GCM (include/tresor/gpu/aesgcm.h): the per-key data the
+// kernel needs, the run geometry, the CPU emulation of the kernel (kernels/aesgcm.cuh, every
+// thread of every CUDA block in turn), and the wrappers around the CUDA launch.
+#include "tresor/gpu/aesgcm.h"
+
+#include <openssl/crypto.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "aesgcm.cuh"
+#include "cuda_shim.h"
+
+namespace tresor::gpu {
+namespace {
+
+using aesgcm::Gf;
+using aesgcm::KeyData;
+
+// GF(2^8) arithmetic of AES (FIPS 197 §4.2), for the S-box and the T-table.
+uint8_t xtime(uint8_t b) { return static_cast<uint8_t>((b << 1) ^ ((b & 0x80) != 0 ? 0x1b : 0)); }
+uint8_t gmul(uint8_t a, uint8_t b) {
+  uint8_t r = 0;
+  for (; b != 0; b >>= 1, a = xtime(a)) {
+    if ((b & 1) != 0) r ^= a;
+  }
+  return r;
+}
+// S-box (FIPS 197 §5.1.1): the multiplicative inverse, then the affine transformation.
+uint8_t sbox(uint8_t x) {
+  uint8_t inv = 0;
+  if (x != 0) {
+    inv = 1;
+    for (int i = 0; i < 254; ++i) inv = gmul(inv, x);  // x^254 = x^-1
+  }
+  auto rotl = [](uint8_t v, int n) { return static_cast<uint8_t>((v << n) | (v >> (8 - n))); };
+  return static_cast<uint8_t>(inv ^ rotl(inv, 1) ^ rotl(inv, 2) ^ rotl(inv, 3) ^ rotl(inv, 4) ^ 0x63);
+}
+
+struct Tables {
+  uint8_t s[256];
+  uint32_t te0[256];  // (2·S, S, S, 3·S), big-endian: MixColumns' first column times S[x]
+  Tables() {
+    for (int x = 0; x < 256; ++x) {
+      s[x] = sbox(static_cast<uint8_t>(x));
+      const uint8_t s2 = xtime(s[x]);
+      te0[x] = uint32_t{s2} << 24 | uint32_t{s[x]} << 16 | uint32_t{s[x]} << 8 | uint32_t{static_cast<uint8_t>(s2 ^ s[x])};
+    }
+  }
+};
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+// AES-256 key expansion (FIPS 197 §5.2, Nk = 8, Nr = 14).
+void expand_key(std::span<const std::byte, 32> key, uint32_t rk[aesgcm::kRoundKeyWords]) {
+  const auto& t = tables();
+  auto sub_word = [&](uint32_t w) {
+    return uint32_t{t.s[w >> 24]} << 24 | uint32_t{t.s[(w >> 16) & 0xff]} << 16 | uint32_t{t.s[(w >> 8) & 0xff]} << 8 | t.s[w & 0xff];
+  };
+  for (int i = 0; i < 8; ++i) rk[i] = aesgcm::load_be32(reinterpret_cast<const uint8_t*>(key.data()) + 4 * i);
+  uint8_t rcon = 1;
+  for (int i = 8; i < aesgcm::kRoundKeyWords; ++i) {
+    uint32_t temp = rk[i - 1];
+    if (i % 8 == 0) {
+      temp = sub_word((temp << 8) | (temp >> 24)) ^ (uint32_t{rcon} << 24);
+      rcon = xtime(rcon);
+    } else if (i % 8 == 4) {
+      temp = sub_word(temp);
+    }
+    rk[i] = rk[i - 8] ^ temp;
+  }
+}
+
+// Shared memory of one emulated CUDA block.
+struct Block {
+  std::vector<uint32_t> smem = std::vector<uint32_t>(aesgcm::kSmemWords);
+  ~Block() { OPENSSL_cleanse(smem.data(), smem.size() * sizeof(uint32_t)); }
+};
+
+Error malformed(const std::string& m) { return Error{ErrorCode::kMalformed, "chunk run: " + m}; }
+
+// Each chunk of the run: offsets, plaintext length and nonce.
+struct Piece {
+  uint64_t frame_off, plain_off, len;
+  uint8_t nonce[12];
+};
+std::vector<Piece> pieces(const ChunkRun& run, const RunShape& shape) {
+  std::vector<Piece> out(shape.chunks);
+  for (uint64_t i = 0; i < shape.chunks; ++i) {
+    Piece& p = out[i];
+    p.frame_off = i * (uint64_t{run.chunk_size} + 16);
+    p.plain_off = i * uint64_t{run.chunk_size};
+    p.len = i + 1 < shape.chunks ? run.chunk_size : shape.plaintext_bytes - p.plain_off;
+    std::memcpy(p.nonce, run.nonce_prefix.data(), 7);
+    aesgcm::store_be32(p.nonce + 7, static_cast<uint32_t>(run.first_index + i));
+    p.nonce[11] = run.ends_with_final && i + 1 == shape.chunks ? 1 : 0;
+  }
+  return out;
+}
+
+Error auth_failed(const ChunkRun& run, uint64_t first_failed, uint64_t failed, uint64_t chunks) {
+  return Error{ErrorCode::kChunkAuth, "chunk " + std::to_string(run.first_index + first_failed) + " fails authentication (" + std::to_string(failed) +
+                                          " of " + std::to_string(chunks) +
+                                          " chunks of the run failed): altered, or from another stream or position; nothing was released"};
+}
+
+// The run's shape from the input: frames when opening, plaintext when sealing.
+Result<RunShape> shape_of(const ChunkRun& run, uint64_t in_bytes, bool seal) {
+  if (!seal) return run_shape(run, in_bytes);
+  auto f = frames_size(run, in_bytes);
+  if (!f) return std::unexpected(f.error());
+  return run_shape(run, *f);
+}
+
+Result<void> check_output(const RunShape& shape, uint64_t out_bytes, bool seal) {
+  const uint64_t want = seal ? shape.chunks * 16 + shape.plaintext_bytes : shape.plaintext_bytes;
+  if (out_bytes != want) {
+    return fail(ErrorCode::kInvalidArgument, "chunk run: the output is " + std::to_string(out_bytes) + " bytes, want " + std::to_string(want));
+  }
+  return {};
+}
+
+Result<void> emulate(const ChunkKey& key, const ChunkRun& run, ByteSpan in, MutableByteSpan out, bool seal) {
+  auto shape = shape_of(run, in.size(), seal);
+  if (!shape) return std::unexpected(shape.error());
+  TRESOR_TRY(check_output(*shape, out.size(), seal));
+  const KeyData& kd = key.data();
+  const std::vector<Piece> ps = pieces(run, *shape);
+  Block block;
+  uint64_t failed = 0, first_failed = 0;
+  for (uint64_t c = 0; c < ps.size(); ++c) {
+    const Piece& p = ps[c];
+    aesgcm::ChunkArgs a{};
+    a.in = reinterpret_cast<const uint8_t*>(in.data()) + (seal ? p.plain_off : p.frame_off);
+    a.out = reinterpret_cast<uint8_t*>(out.data()) + (seal ? p.frame_off : p.plain_off);
+    a.len = p.len;
+    std::memcpy(a.nonce, p.nonce, 12);
+    a.seal = seal;
+    for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase0_fill(block.smem.data(), kd, tid);
+    Gf shares{};
+    for (int tid = 0; tid < aesgcm::kThreads; ++tid) shares = aesgcm::gf_xor(shares, aesgcm::phase1_thread(block.smem.data(), kd, a, tid));
+    if (!aesgcm::phase2_tag(block.smem.data(), kd, a, shares)) {
+      if (failed++ == 0) first_failed = c;
+      for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase3_zero(a, tid);
+    }
+  }
+  if (failed > 0) {
+    OPENSSL_cleanse(out.data(), out.size());
+    return std::unexpected(auth_failed(run, first_failed, failed, shape->chunks));
+  }
+  return {};
+}
+
+}  // namespace
+
+void ChunkKey::Wipe::operator()(aesgcm::KeyData* p) const {
+  OPENSSL_cleanse(p, sizeof *p);
+  delete p;
+}
+ChunkKey::ChunkKey(ChunkKey&&) noexcept = default;
+ChunkKey& ChunkKey::operator=(ChunkKey&&) noexcept = default;
+ChunkKey::~ChunkKey() = default;
+
+ByteSpan ChunkKey::bytes() const { return ByteSpan(reinterpret_cast<const std::byte*>(data_.get()), sizeof(KeyData)); }
+
+Result<ChunkKey> ChunkKey::derive(std::span<const std::byte, 32> payload_key) {
+  std::unique_ptr<KeyData, Wipe> kd(new KeyData{});
+  expand_key(payload_key, kd->rk);
+  std::memcpy(kd->te0, tables().te0, sizeof kd->te0);
+  for (unsigned b = 0; b < 16; ++b) kd->r4[b] = aesgcm::reduce4(b);
+  // H = AES(K, 0^128), through the kernel's own block function on an emulated block.
+  Block block;
+  aesgcm::phase0_fill(block.smem.data(), *kd, 0);
+  for (int tid = 1; tid < aesgcm::kThreads; ++tid) aesgcm::phase0_fill(block.smem.data(), *kd, tid);
+  const uint32_t zero[4] = {0, 0, 0, 0};
+  uint32_t hw[4];
+  aesgcm::aes256_block(aesgcm::Lane{block.smem.data(), 0}, kd->rk, zero, hw);
+  const Gf h{uint64_t{hw[0]} << 32 | hw[1], uint64_t{hw[2]} << 32 | hw[3]};
+  Gf p = h;
+  for (int e = 1; e <= aesgcm::kThreads + 1; ++e) {
+    aesgcm::gf_store(kd->h_pow + 16 * (e - 1), p);
+    p = aesgcm::gf_mul(p, h);
+  }
+  aesgcm::Table4 t4{};
+  aesgcm::table4_build(aesgcm::gf_load(kd->h_pow + 16 * (aesgcm::kThreads - 1)), t4);  // H^T
+  for (int b = 0; b < 16; ++b) aesgcm::gf_store(kd->m4_ht + 16 * b, t4.m[b]);
+  OPENSSL_cleanse(&t4, sizeof t4);
+  OPENSSL_cleanse(hw, sizeof hw);
+  return ChunkKey(std::move(kd));
+}
+
+Result<RunShape> run_shape(const ChunkRun& run, uint64_t frames_bytes) {
+  if (run.chunk_size < 16 || run.chunk_size > (64u << 20) || run.chunk_size % 16 != 0) {
+    return std::unexpected(malformed("chunk size " + std::to_string(run.chunk_size) + " is not a multiple of 16 in 16..67108864"));
+  }
+  if (frames_bytes == 0) return std::unexpected(malformed("no frames"));
+  const uint64_t frame = uint64_t{run.chunk_size} + 16;
+  RunShape s;
+  s.chunks = (frames_bytes + frame - 1) / frame;
+  const uint64_t last = frames_bytes - (s.chunks - 1) * frame;
+  if (last < 16) return std::unexpected(malformed("the last frame is " + std::to_string(last) + " bytes, shorter than its 16-byte tag"));
+  if (last < frame && !run.ends_with_final) {
+    return std::unexpected(malformed("a short last frame (" + std::to_string(last) + " bytes) in a run that does not end the stream"));
+  }
+  if (last == 16 && !(run.ends_with_final && run.first_index == 0 && s.chunks == 1)) {
+    return std::unexpected(malformed("an empty chunk that is not the whole of an empty stream"));
+  }
+  if (uint64_t{run.first_index} + s.chunks - 1 > 0xffffffffull) return std::unexpected(malformed("chunk indices past 2^32"));
+  s.plaintext_bytes = (s.chunks - 1) * run.chunk_size + (last - 16);
+  return s;
+}
+
+Result<uint64_t> frames_size(const ChunkRun& run, uint64_t plaintext_bytes) {
+  if (run.chunk_size < 16 || run.chunk_size > (64u << 20) || run.chunk_size % 16 != 0) {
+    return std::unexpected(malformed("chunk size " + std::to_string(run.chunk_size) + " is not a multiple of 16 in 16..67108864"));
+  }
+  const uint64_t chunks = plaintext_bytes == 0 ? 1 : (plaintext_bytes + run.chunk_size - 1) / run.chunk_size;
+  const uint64_t size = plaintext_bytes + 16 * chunks;
+  auto shape = run_shape(run, size);  // the same rules (a non-final run must be whole chunks)
+  if (!shape) return std::unexpected(shape.error());
+  return size;
+}
+
+Result<void> open_chunks_emulated(const ChunkKey& key, const ChunkRun& run, ByteSpan frames, MutableByteSpan out) {
+  return emulate(key, run, frames, out, false);
+}
+Result<void> seal_chunks_emulated(const ChunkKey& key, const ChunkRun& run, ByteSpan plaintext, MutableByteSpan frames) {
+  return emulate(key, run, plaintext, frames, true);
+}
+
+#ifdef TRESOR_HAVE_CUDA
+namespace {
+Result<void> run_cuda(int device, const ChunkKey& key, const ChunkRun& run, ByteSpan in, MutableByteSpan out, bool seal) {
+  auto shape = shape_of(run, in.size(), seal);
+  if (!shape) return std::unexpected(shape.error());
+  TRESOR_TRY(check_output(*shape, out.size(), seal));
+  const std::vector<Piece> ps = pieces(run, *shape);
+  std::vector<detail::AesGcmChunk> chunks(ps.size());
+  for (size_t i = 0; i < ps.size(); ++i) {
+    chunks[i].in_off = seal ? ps[i].plain_off : ps[i].frame_off;
+    chunks[i].out_off = seal ? ps[i].frame_off : ps[i].plain_off;
+    chunks[i].len = ps[i].len;
+    std::memcpy(chunks[i].nonce, ps[i].nonce, 12);
+  }
+  std::vector<uint8_t> failed(ps.size(), 0);
+  const ByteSpan kd = key.bytes();
+  if (auto s = detail::aesgcm_run(device, kd.data(), kd.size(), reinterpret_cast<const uint8_t*>(in.data()), in.size(),
+                                  reinterpret_cast<uint8_t*>(out.data()), out.size(), chunks.data(), chunks.size(), seal, failed.data());
+      s.code != 0) {
+    OPENSSL_cleanse(out.data(), out.size());
+    return fail(ErrorCode::kUnavailable, s.message);
+  }
+  uint64_t n_failed = 0, first_failed = 0;
+  for (uint64_t i = 0; i < failed.size(); ++i) {
+    if (failed[i] != 0 && n_failed++ == 0) first_failed = i;
+  }
+  if (n_failed > 0) {
+    OPENSSL_cleanse(out.data(), out.size());
+    return std::unexpected(auth_failed(run, first_failed, n_failed, shape->chunks));
+  }
+  return {};
+}
+}  // namespace
+
+Result<void> open_chunks_cuda(int device, const ChunkKey& key, const ChunkRun& run, ByteSpan frames, MutableByteSpan out) {
+  return run_cuda(device, key, run, frames, out, false);
+}
+Result<void> seal_chunks_cuda(int device, const ChunkKey& key, const ChunkRun& run, ByteSpan plaintext, MutableByteSpan frames) {
+  return run_cuda(device, key, run, plaintext, frames, true);
+}
+#else
+Result<void> open_chunks_cuda(int, const ChunkKey&, const ChunkRun&, ByteSpan, MutableByteSpan) {
+  return fail(ErrorCode::kUnavailable, "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)");
+}
+Result<void> seal_chunks_cuda(int, const ChunkKey&, const ChunkRun&, ByteSpan, MutableByteSpan) {
+  return fail(ErrorCode::kUnavailable, "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)");
+}
+#endif
+
+}  // namespace tresor::gpu
