@@ -1,6 +1,7 @@
-// The AES-256-GCM chunk kernel (kernels/aesgcm.cuh has the algorithm and its phases) and its
-// launch from host buffers. One CUDA block of kThreads threads per chunk; every CUDA call is
-// checked and reported through CudaStatus (no exceptions or exit() across this boundary).
+// The AES-256-GCM chunk kernel (kernels/aesgcm.cuh has the algorithm and its phases), its launch
+// on a stream, and the CUDA runtime calls the channel's device uses. One CUDA block of kThreads
+// threads per chunk; every CUDA call is checked and reported through CudaStatus (no exceptions
+// or exit() across this boundary).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -21,16 +22,20 @@ CudaStatus status(const char* what, cudaError_t e) {
   return s;
 }
 
-__global__ void __launch_bounds__(kThreads) aesgcm_chunk_kernel(const KeyData* kd, const uint8_t* d_in, uint8_t* d_out,
-                                                                 const AesGcmChunk* d_chunks, bool seal, uint8_t* d_failed) {
+__global__ void __launch_bounds__(kThreads) aesgcm_chunk_kernel(const KeyData* kd, AesGcmRun run, const uint8_t* d_in, uint8_t* d_out,
+                                                                 uint8_t* d_failed) {
   extern __shared__ uint32_t smem[];
-  const AesGcmChunk& c = d_chunks[blockIdx.x];
+  const uint64_t i = blockIdx.x;
+  const bool last = i + 1 == run.chunks;
+  const uint64_t c = run.chunk_size;
   ChunkArgs a{};
-  a.in = d_in + c.in_off;
-  a.out = d_out + c.out_off;
-  a.len = c.len;
-  for (int i = 0; i < 12; ++i) a.nonce[i] = c.nonce[i];
-  a.seal = seal;
+  a.in = d_in + i * (run.seal != 0 ? c : c + 16);
+  a.out = d_out + i * (run.seal != 0 ? c + 16 : c);
+  a.len = last ? run.last_len : c;
+  for (int j = 0; j < 7; ++j) a.nonce[j] = run.prefix[j];
+  store_be32(a.nonce + 7, static_cast<uint32_t>(run.first_index + i));
+  a.nonce[11] = last && run.final_flag != 0 ? 1 : 0;
+  a.seal = run.seal != 0;
   const int tid = static_cast<int>(threadIdx.x);
   phase0_fill(smem, *kd, tid);
   __syncthreads();
@@ -57,58 +62,52 @@ __global__ void __launch_bounds__(kThreads) aesgcm_chunk_kernel(const KeyData* k
     }
     const bool ok = phase2_tag(smem, *kd, a, sum);
     *verdict = ok ? 1u : 0u;
-    d_failed[blockIdx.x] = ok ? 0 : 1;
+    d_failed[i] = ok ? 0 : 1;
   }
   __syncthreads();
   if (*verdict == 0) phase3_zero(a, tid);
 }
 
+cudaMemcpyKind kind_of(int k) { return k == kHostToDevice ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost; }
+
 }  // namespace
 
-CudaStatus aesgcm_run(int device, const void* key_data, size_t key_bytes, const uint8_t* h_in, size_t in_bytes, uint8_t* h_out,
-                      size_t out_bytes, const AesGcmChunk* chunks, size_t n, bool seal, uint8_t* failed) {
-  if (n == 0) return {};
-  if (key_bytes != sizeof(KeyData)) return status("aesgcm_run: key data of the wrong size", cudaErrorInvalidValue);
-  if (n > 0x7fffffffu) return status("aesgcm_run: more than 2^31 - 1 chunks in one launch", cudaErrorInvalidValue);
-  cudaError_t e = cudaSetDevice(device);
-  if (e != cudaSuccess) return status("cudaSetDevice", e);
-  KeyData* d_kd = nullptr;
-  uint8_t *d_in = nullptr, *d_out = nullptr, *d_failed = nullptr;
-  AesGcmChunk* d_chunks = nullptr;
-  const char* what = "cudaMalloc";
-  // Every step runs only while the previous succeeded; the clean-up below runs in every case.
-  e = cudaMalloc(&d_kd, sizeof(KeyData));
-  if (e == cudaSuccess) e = cudaMalloc(&d_in, in_bytes == 0 ? 1 : in_bytes);
-  if (e == cudaSuccess) e = cudaMalloc(&d_out, out_bytes == 0 ? 1 : out_bytes);
-  if (e == cudaSuccess) e = cudaMalloc(&d_chunks, n * sizeof(AesGcmChunk));
-  if (e == cudaSuccess) e = cudaMalloc(&d_failed, n);
-  if (e == cudaSuccess) {
-    what = "cudaMemcpy (to the device)";
-    e = cudaMemcpy(d_kd, key_data, sizeof(KeyData), cudaMemcpyHostToDevice);
-    if (e == cudaSuccess && in_bytes > 0) e = cudaMemcpy(d_in, h_in, in_bytes, cudaMemcpyHostToDevice);
-    if (e == cudaSuccess) e = cudaMemcpy(d_chunks, chunks, n * sizeof(AesGcmChunk), cudaMemcpyHostToDevice);
-  }
-  if (e == cudaSuccess) {
-    what = "aesgcm_chunk_kernel launch";
-    aesgcm_chunk_kernel<<<static_cast<unsigned>(n), kThreads, kSmemBytes>>>(d_kd, d_in, d_out, d_chunks, seal, d_failed);
-    e = cudaPeekAtLastError();
-  }
-  if (e == cudaSuccess) {
-    what = "cudaMemcpy (from the device, aesgcm_chunk_kernel)";
-    e = cudaMemcpy(failed, d_failed, n, cudaMemcpyDeviceToHost);
-    if (e == cudaSuccess && out_bytes > 0) e = cudaMemcpy(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost);
-  }
-  const CudaStatus result = status(what, e);
-  // The key data and the plaintext do not outlive the call in device memory.
-  if (d_kd != nullptr) cudaMemset(d_kd, 0, sizeof(KeyData));
-  if (!seal && d_out != nullptr) cudaMemset(d_out, 0, out_bytes == 0 ? 1 : out_bytes);
-  if (seal && d_in != nullptr) cudaMemset(d_in, 0, in_bytes == 0 ? 1 : in_bytes);
-  cudaDeviceSynchronize();
-  for (void* p : {static_cast<void*>(d_kd), static_cast<void*>(d_in), static_cast<void*>(d_out), static_cast<void*>(d_chunks),
-                  static_cast<void*>(d_failed)}) {
-    if (p != nullptr) cudaFree(p);
-  }
-  return result;
+CudaStatus aesgcm_enqueue(void* stream, const void* d_key, const AesGcmRun& run, const uint8_t* d_in, uint8_t* d_out, uint8_t* d_failed) {
+  if (run.chunks == 0) return {};
+  if (run.chunks > 0x7fffffffu) return status("aesgcm_enqueue: more than 2^31 - 1 chunks in one launch", cudaErrorInvalidValue);
+  aesgcm_chunk_kernel<<<static_cast<unsigned>(run.chunks), kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const KeyData*>(d_key), run, d_in, d_out, d_failed);
+  return status("aesgcm_chunk_kernel launch", cudaPeekAtLastError());
 }
+
+CudaStatus cuda_set_device(int device) { return status("cudaSetDevice", cudaSetDevice(device)); }
+CudaStatus cuda_alloc(void** p, size_t n) { return status("cudaMalloc", cudaMalloc(p, n == 0 ? 1 : n)); }
+CudaStatus cuda_free_wiped(void* p, size_t n) {
+  if (p == nullptr) return {};
+  // Work still queued on other streams may write into p: let it finish before the wipe.
+  cudaError_t e = cudaDeviceSynchronize();
+  if (e == cudaSuccess) e = cudaMemset(p, 0, n == 0 ? 1 : n);
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  const cudaError_t f = cudaFree(p);
+  return status(e != cudaSuccess ? "cudaMemset (wiping before cudaFree)" : "cudaFree", e != cudaSuccess ? e : f);
+}
+CudaStatus cuda_host_alloc(void** p, size_t n) { return status("cudaHostAlloc", cudaHostAlloc(p, n == 0 ? 1 : n, cudaHostAllocDefault)); }
+CudaStatus cuda_host_free(void* p) { return p == nullptr ? CudaStatus{} : status("cudaFreeHost", cudaFreeHost(p)); }
+CudaStatus cuda_stream_create(void** stream) {
+  cudaStream_t s = nullptr;
+  const cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  *stream = s;
+  return status("cudaStreamCreateWithFlags", e);
+}
+CudaStatus cuda_stream_destroy(void* stream) { return status("cudaStreamDestroy", cudaStreamDestroy(static_cast<cudaStream_t>(stream))); }
+CudaStatus cuda_copy_async(void* stream, void* dst, const void* src, size_t n, int kind) {
+  if (n == 0) return {};
+  return status("cudaMemcpyAsync", cudaMemcpyAsync(dst, src, n, kind_of(kind), static_cast<cudaStream_t>(stream)));
+}
+CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind) {
+  if (n == 0) return {};
+  return status("cudaMemcpy", cudaMemcpy(dst, src, n, kind_of(kind)));
+}
+CudaStatus cuda_stream_sync(void* stream) { return status("cudaStreamSynchronize", cudaStreamSynchronize(static_cast<cudaStream_t>(stream))); }
 
 }  // namespace tresor::gpu::detail

@@ -82,25 +82,6 @@ struct Block {
 
 Error malformed(const std::string& m) { return Error{ErrorCode::kMalformed, "chunk run: " + m}; }
 
-// Each chunk of the run: offsets, plaintext length and nonce.
-struct Piece {
-  uint64_t frame_off, plain_off, len;
-  uint8_t nonce[12];
-};
-std::vector<Piece> pieces(const ChunkRun& run, const RunShape& shape) {
-  std::vector<Piece> out(shape.chunks);
-  for (uint64_t i = 0; i < shape.chunks; ++i) {
-    Piece& p = out[i];
-    p.frame_off = i * (uint64_t{run.chunk_size} + 16);
-    p.plain_off = i * uint64_t{run.chunk_size};
-    p.len = i + 1 < shape.chunks ? run.chunk_size : shape.plaintext_bytes - p.plain_off;
-    std::memcpy(p.nonce, run.nonce_prefix.data(), 7);
-    aesgcm::store_be32(p.nonce + 7, static_cast<uint32_t>(run.first_index + i));
-    p.nonce[11] = run.ends_with_final && i + 1 == shape.chunks ? 1 : 0;
-  }
-  return out;
-}
-
 Error auth_failed(const ChunkRun& run, uint64_t first_failed, uint64_t failed, uint64_t chunks) {
   return Error{ErrorCode::kChunkAuth, "chunk " + std::to_string(run.first_index + first_failed) + " fails authentication (" + std::to_string(failed) +
                                           " of " + std::to_string(chunks) +
@@ -127,29 +108,16 @@ Result<void> emulate(const ChunkKey& key, const ChunkRun& run, ByteSpan in, Muta
   auto shape = shape_of(run, in.size(), seal);
   if (!shape) return std::unexpected(shape.error());
   TRESOR_TRY(check_output(*shape, out.size(), seal));
-  const KeyData& kd = key.data();
-  const std::vector<Piece> ps = pieces(run, *shape);
-  Block block;
-  uint64_t failed = 0, first_failed = 0;
-  for (uint64_t c = 0; c < ps.size(); ++c) {
-    const Piece& p = ps[c];
-    aesgcm::ChunkArgs a{};
-    a.in = reinterpret_cast<const uint8_t*>(in.data()) + (seal ? p.plain_off : p.frame_off);
-    a.out = reinterpret_cast<uint8_t*>(out.data()) + (seal ? p.frame_off : p.plain_off);
-    a.len = p.len;
-    std::memcpy(a.nonce, p.nonce, 12);
-    a.seal = seal;
-    for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase0_fill(block.smem.data(), kd, tid);
-    Gf shares{};
-    for (int tid = 0; tid < aesgcm::kThreads; ++tid) shares = aesgcm::gf_xor(shares, aesgcm::phase1_thread(block.smem.data(), kd, a, tid));
-    if (!aesgcm::phase2_tag(block.smem.data(), kd, a, shares)) {
-      if (failed++ == 0) first_failed = c;
-      for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase3_zero(a, tid);
-    }
+  std::vector<std::byte> failed(shape->chunks);
+  run_chunks_emulated(key.data(), run, shape->chunks, shape->plaintext_bytes - (shape->chunks - 1) * run.chunk_size, seal, in.data(),
+                      out.data(), failed.data());
+  uint64_t n_failed = 0, first_failed = 0;
+  for (uint64_t i = 0; i < failed.size(); ++i) {
+    if (failed[i] != std::byte{0} && n_failed++ == 0) first_failed = i;
   }
-  if (failed > 0) {
+  if (n_failed > 0) {
     OPENSSL_cleanse(out.data(), out.size());
-    return std::unexpected(auth_failed(run, first_failed, failed, shape->chunks));
+    return std::unexpected(auth_failed(run, first_failed, n_failed, shape->chunks));
   }
   return {};
 }
@@ -224,6 +192,32 @@ Result<uint64_t> frames_size(const ChunkRun& run, uint64_t plaintext_bytes) {
   return size;
 }
 
+void run_chunks_emulated(const KeyData& kd, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
+                         std::byte* out, std::byte* failed) {
+  Block block;
+  const uint64_t c = run.chunk_size;
+  for (uint64_t i = 0; i < chunks; ++i) {
+    // The kernel's mapping of blockIdx.x = i (kernels/aesgcm.cu).
+    const bool last = i + 1 == chunks;
+    aesgcm::ChunkArgs a{};
+    a.in = reinterpret_cast<const uint8_t*>(in) + i * (seal ? c : c + 16);
+    a.out = reinterpret_cast<uint8_t*>(out) + i * (seal ? c + 16 : c);
+    a.len = last ? last_len : c;
+    std::memcpy(a.nonce, run.nonce_prefix.data(), 7);
+    aesgcm::store_be32(a.nonce + 7, static_cast<uint32_t>(run.first_index + i));
+    a.nonce[11] = last && run.ends_with_final ? 1 : 0;
+    a.seal = seal;
+    for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase0_fill(block.smem.data(), kd, tid);
+    Gf shares{};
+    for (int tid = 0; tid < aesgcm::kThreads; ++tid) shares = aesgcm::gf_xor(shares, aesgcm::phase1_thread(block.smem.data(), kd, a, tid));
+    const bool ok = aesgcm::phase2_tag(block.smem.data(), kd, a, shares);
+    failed[i] = ok ? std::byte{0} : std::byte{1};
+    if (!ok) {
+      for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase3_zero(a, tid);
+    }
+  }
+}
+
 Result<void> open_chunks_emulated(const ChunkKey& key, const ChunkRun& run, ByteSpan frames, MutableByteSpan out) {
   return emulate(key, run, frames, out, false);
 }
@@ -233,26 +227,39 @@ Result<void> seal_chunks_emulated(const ChunkKey& key, const ChunkRun& run, Byte
 
 #ifdef TRESOR_HAVE_CUDA
 namespace {
+// Device memory that is wiped and freed on every path.
+struct DevMem {
+  void* p = nullptr;
+  size_t n = 0;
+  ~DevMem() { (void)detail::cuda_free_wiped(p, n); }
+};
+
 Result<void> run_cuda(int device, const ChunkKey& key, const ChunkRun& run, ByteSpan in, MutableByteSpan out, bool seal) {
   auto shape = shape_of(run, in.size(), seal);
   if (!shape) return std::unexpected(shape.error());
   TRESOR_TRY(check_output(*shape, out.size(), seal));
-  const std::vector<Piece> ps = pieces(run, *shape);
-  std::vector<detail::AesGcmChunk> chunks(ps.size());
-  for (size_t i = 0; i < ps.size(); ++i) {
-    chunks[i].in_off = seal ? ps[i].plain_off : ps[i].frame_off;
-    chunks[i].out_off = seal ? ps[i].frame_off : ps[i].plain_off;
-    chunks[i].len = ps[i].len;
-    std::memcpy(chunks[i].nonce, ps[i].nonce, 12);
-  }
-  std::vector<uint8_t> failed(ps.size(), 0);
-  const ByteSpan kd = key.bytes();
-  if (auto s = detail::aesgcm_run(device, kd.data(), kd.size(), reinterpret_cast<const uint8_t*>(in.data()), in.size(),
-                                  reinterpret_cast<uint8_t*>(out.data()), out.size(), chunks.data(), chunks.size(), seal, failed.data());
-      s.code != 0) {
-    OPENSSL_cleanse(out.data(), out.size());
-    return fail(ErrorCode::kUnavailable, s.message);
-  }
+  const auto cuda = [](const detail::CudaStatus& s) -> Result<void> {
+    if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
+    return {};
+  };
+  TRESOR_TRY(cuda(detail::cuda_set_device(device)));
+  DevMem kd{nullptr, key.bytes().size()}, d_in{nullptr, in.size()}, d_out{nullptr, out.size()}, d_failed{nullptr, shape->chunks};
+  for (DevMem* m : {&kd, &d_in, &d_out, &d_failed}) TRESOR_TRY(cuda(detail::cuda_alloc(&m->p, m->n)));
+  TRESOR_TRY(cuda(detail::cuda_copy(kd.p, key.bytes().data(), kd.n, detail::kHostToDevice)));
+  TRESOR_TRY(cuda(detail::cuda_copy(d_in.p, in.data(), in.size(), detail::kHostToDevice)));
+  detail::AesGcmRun r;
+  std::memcpy(r.prefix, run.nonce_prefix.data(), 7);
+  r.final_flag = run.ends_with_final ? 1 : 0;
+  r.chunk_size = run.chunk_size;
+  r.first_index = run.first_index;
+  r.chunks = shape->chunks;
+  r.last_len = shape->plaintext_bytes - (shape->chunks - 1) * run.chunk_size;
+  r.seal = seal ? 1 : 0;
+  TRESOR_TRY(cuda(detail::aesgcm_enqueue(nullptr, kd.p, r, static_cast<const uint8_t*>(d_in.p), static_cast<uint8_t*>(d_out.p),
+                                         static_cast<uint8_t*>(d_failed.p))));
+  TRESOR_TRY(cuda(detail::cuda_stream_sync(nullptr)));
+  std::vector<uint8_t> failed(shape->chunks, 0);
+  TRESOR_TRY(cuda(detail::cuda_copy(failed.data(), d_failed.p, failed.size(), detail::kDeviceToHost)));
   uint64_t n_failed = 0, first_failed = 0;
   for (uint64_t i = 0; i < failed.size(); ++i) {
     if (failed[i] != 0 && n_failed++ == 0) first_failed = i;
@@ -261,7 +268,7 @@ Result<void> run_cuda(int device, const ChunkKey& key, const ChunkRun& run, Byte
     OPENSSL_cleanse(out.data(), out.size());
     return std::unexpected(auth_failed(run, first_failed, n_failed, shape->chunks));
   }
-  return {};
+  return cuda(detail::cuda_copy(out.data(), d_out.p, out.size(), detail::kDeviceToHost));
 }
 }  // namespace
 

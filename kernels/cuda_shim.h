@@ -18,17 +18,34 @@ CudaStatus cuda_device_properties(int device, char* name, size_t name_len, int* 
                                   uint64_t* memory_bytes);
 CudaStatus selftest_fill(int device, uint32_t seed, uint32_t* h_out, size_t n);
 
-// One chunk of an AES-GCM run for the kernel (kernels/aesgcm.cuh): where its input and output
-// start in the run's buffers, its plaintext length and its nonce.
-struct AesGcmChunk {
-  uint64_t in_off = 0, out_off = 0, len = 0;
-  uint8_t nonce[12] = {};
-  uint8_t pad[4] = {};
+// A run of consecutive chunks for the AES-GCM kernel (kernels/aesgcm.cuh): chunk i of the run
+// has stream index first_index + i, plaintext length chunk_size (last_len for the last), input
+// and output at i·(chunk_size [+ 16]); the final flag goes on the last chunk when final_flag.
+struct AesGcmRun {
+  uint8_t prefix[7] = {};
+  uint8_t final_flag = 0;
+  uint32_t chunk_size = 0;
+  uint32_t first_index = 0;
+  uint64_t chunks = 0;
+  uint64_t last_len = 0;
+  uint8_t seal = 0;
+  uint8_t pad[7] = {};
 };
-// Opens (seal = false) or seals `n` chunks on `device` from host buffers: the key data (wiped on
-// the device before it is freed), in and out copied over and back; failed[i] = 1 for a chunk
-// whose tag did not verify (its output zeroed by the kernel).
-CudaStatus aesgcm_run(int device, const void* key_data, size_t key_bytes, const uint8_t* h_in, size_t in_bytes, uint8_t* h_out,
-                      size_t out_bytes, const AesGcmChunk* chunks, size_t n, bool seal, uint8_t* failed);
+// Queues the kernel on `stream` (a cudaStream_t; nullptr = the default stream) over device
+// memory: the key data, the run's input and output, one verdict byte per chunk (1 = tag failed).
+CudaStatus aesgcm_enqueue(void* stream, const void* d_key, const AesGcmRun& run, const uint8_t* d_in, uint8_t* d_out, uint8_t* d_failed);
+
+// The CUDA runtime calls of the channel's device (kernels/channel_cuda.cc), each checked.
+CudaStatus cuda_set_device(int device);
+CudaStatus cuda_alloc(void** p, size_t n);
+CudaStatus cuda_free_wiped(void* p, size_t n);  // zeroed first: device memory holds plaintext and keys
+CudaStatus cuda_host_alloc(void** p, size_t n);  // pinned
+CudaStatus cuda_host_free(void* p);
+CudaStatus cuda_stream_create(void** stream);
+CudaStatus cuda_stream_destroy(void* stream);
+enum CopyKind { kHostToDevice = 1, kDeviceToHost = 2 };
+CudaStatus cuda_copy_async(void* stream, void* dst, const void* src, size_t n, int kind);
+CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind);
+CudaStatus cuda_stream_sync(void* stream);
 
 }  // namespace tresor::gpu::detail

@@ -66,6 +66,13 @@ struct RunShape {
 [[nodiscard]] Result<void> open_chunks_emulated(const ChunkKey& key, const ChunkRun& run, ByteSpan frames, MutableByteSpan out);
 [[nodiscard]] Result<void> seal_chunks_emulated(const ChunkKey& key, const ChunkRun& run, ByteSpan plaintext, MutableByteSpan frames);
 
+/// One launch's contract, emulated (what a Device runs in place of the kernel): `chunks` chunks
+/// of `run` (the last holding `last_len` plaintext bytes) from `in` to `out` (frames → plaintext,
+/// or plaintext → frames when sealing), one verdict byte per chunk into `failed` (1 = the tag did
+/// not verify and that chunk's output was zeroed). `key` is the kernel's key data.
+void run_chunks_emulated(const aesgcm::KeyData& key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
+                         std::byte* out, std::byte* failed);
+
 /// The kernel on CUDA device `device`, from and to host buffers (copied in and out; for tests and
 /// benchmarks — the channel keeps data on the device). kUnavailable without CUDA or a device.
 [[nodiscard]] Result<void> open_chunks_cuda(int device, const ChunkKey& key, const ChunkRun& run, ByteSpan frames, MutableByteSpan out);

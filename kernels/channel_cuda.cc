@@ -1,0 +1,118 @@
+// The secure channel's CUDA device (include/tresor/gpu/channel.h): device memory, pinned staging,
+// one CUDA stream per staging slot, the AES-GCM kernel queued on them. Plain C++23 over the
+// CUDA shim (kernels/cuda_shim.h); without CUDA in the build, cuda_device() says so.
+#include "tresor/gpu/channel.h"
+
+#include <string>
+#include <vector>
+
+#include "cuda_shim.h"
+#include "tresor/gpu.h"
+
+namespace tresor::gpu {
+
+#ifdef TRESOR_HAVE_CUDA
+namespace {
+
+Result<void> cuda(const detail::CudaStatus& s) {
+  if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
+  return {};
+}
+
+class CudaDevice final : public ChannelDevice {
+ public:
+  static constexpr int kStreams = 4;
+  CudaDevice(int index, std::string name) : index_(index), name_(std::move(name)) {}
+  ~CudaDevice() override {
+    clear_key();
+    for (void* s : streams_) (void)detail::cuda_stream_destroy(s);
+  }
+  Result<void> init() {
+    TRESOR_TRY(cuda(detail::cuda_set_device(index_)));
+    for (int i = 0; i < kStreams; ++i) {
+      void* s = nullptr;
+      TRESOR_TRY(cuda(detail::cuda_stream_create(&s)));
+      streams_.push_back(s);
+    }
+    return {};
+  }
+  std::string name() const override { return "cuda:" + std::to_string(index_) + " " + name_; }
+  bool host_memory() const override { return false; }
+  Result<Mem> device_alloc(size_t n) override {
+    void* p = nullptr;
+    TRESOR_TRY(cuda(detail::cuda_alloc(&p, n)));
+    return Mem{static_cast<std::byte*>(p), n};
+  }
+  void device_free(Mem m) override { (void)detail::cuda_free_wiped(m.p, m.n); }
+  Result<Mem> staging_alloc(size_t n) override {
+    void* p = nullptr;
+    TRESOR_TRY(cuda(detail::cuda_host_alloc(&p, n)));
+    return Mem{static_cast<std::byte*>(p), n};
+  }
+  void staging_free(Mem m) override { (void)detail::cuda_host_free(m.p); }
+  Result<void> set_key(const ChunkKey& key) override {
+    clear_key();
+    auto m = device_alloc(key.bytes().size());
+    if (!m) return std::unexpected(m.error());
+    key_ = *m;
+    return cuda(detail::cuda_copy(key_.p, key.bytes().data(), key_.n, detail::kHostToDevice));
+  }
+  void clear_key() override {
+    if (key_.p != nullptr) device_free(key_);
+    key_ = {};
+  }
+  int streams() const override { return static_cast<int>(streams_.size()); }
+  Result<void> copy_to_device(int s, std::byte* dev, const std::byte* staging, size_t n) override {
+    return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], dev, staging, n, detail::kHostToDevice));
+  }
+  Result<void> copy_to_host(int s, std::byte* staging, const std::byte* dev, size_t n) override {
+    return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], staging, dev, n, detail::kDeviceToHost));
+  }
+  Result<void> run_chunks(int s, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in, std::byte* out,
+                          std::byte* failed) override {
+    if (key_.p == nullptr) return fail(ErrorCode::kInvalidArgument, "cuda device: no key set");
+    detail::AesGcmRun r;
+    std::copy(run.nonce_prefix.begin(), run.nonce_prefix.end(), reinterpret_cast<std::byte*>(r.prefix));
+    r.final_flag = run.ends_with_final ? 1 : 0;
+    r.chunk_size = run.chunk_size;
+    r.first_index = run.first_index;
+    r.chunks = chunks;
+    r.last_len = last_len;
+    r.seal = seal ? 1 : 0;
+    return cuda(detail::aesgcm_enqueue(streams_[static_cast<size_t>(s)], key_.p, r, reinterpret_cast<const uint8_t*>(in),
+                                       reinterpret_cast<uint8_t*>(out), reinterpret_cast<uint8_t*>(failed)));
+  }
+  Result<void> synchronize(int s) override { return cuda(detail::cuda_stream_sync(streams_[static_cast<size_t>(s)])); }
+  Result<void> read_device(MutableByteSpan to, const std::byte* dev) override {
+    return cuda(detail::cuda_copy(to.data(), dev, to.size(), detail::kDeviceToHost));
+  }
+  Result<void> write_device(std::byte* dev, ByteSpan from) override {
+    return cuda(detail::cuda_copy(dev, from.data(), from.size(), detail::kHostToDevice));
+  }
+
+ private:
+  int index_;
+  std::string name_;
+  std::vector<void*> streams_;
+  Mem key_{};
+};
+
+}  // namespace
+
+Result<std::unique_ptr<ChannelDevice>> cuda_device(int index) {
+  auto devs = gpu_probe();
+  if (!devs) return std::unexpected(devs.error());
+  if (index < 0 || static_cast<size_t>(index) >= devs->size()) {
+    return fail(ErrorCode::kUnavailable, "no CUDA device " + std::to_string(index) + " (" + std::to_string(devs->size()) + " found)");
+  }
+  auto d = std::make_unique<CudaDevice>(index, (*devs)[static_cast<size_t>(index)].name);
+  TRESOR_TRY(d->init());
+  return std::unique_ptr<ChannelDevice>(std::move(d));
+}
+#else
+Result<std::unique_ptr<ChannelDevice>> cuda_device(int) {
+  return fail(ErrorCode::kUnavailable, "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)");
+}
+#endif
+
+}  // namespace tresor::gpu
