@@ -68,7 +68,9 @@ __global__ void __launch_bounds__(kThreads) aesgcm_chunk_kernel(const KeyData* k
   if (*verdict == 0) phase3_zero(a, tid);
 }
 
-cudaMemcpyKind kind_of(int k) { return k == kHostToDevice ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost; }
+cudaMemcpyKind kind_of(int k) {
+  return k == kHostToDevice ? cudaMemcpyHostToDevice : k == kDeviceToHost ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
+}
 
 }  // namespace
 

@@ -54,6 +54,10 @@ class HostDevice : public ChannelDevice {
     if (on_staging_) on_staging_(ByteSpan(staging, n));
     return {};
   }
+  Result<void> copy_on_device(int, std::byte* dst, const std::byte* src, size_t n) override {
+    std::memcpy(dst, src, n);
+    return {};
+  }
   Result<void> synchronize(int) override { return {}; }
   Result<void> read_device(MutableByteSpan to, const std::byte* dev) override {
     std::memcpy(to.data(), dev, to.size());

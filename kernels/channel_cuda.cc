@@ -68,6 +68,9 @@ class CudaDevice final : public ChannelDevice {
   Result<void> copy_to_host(int s, std::byte* staging, const std::byte* dev, size_t n) override {
     return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], staging, dev, n, detail::kDeviceToHost));
   }
+  Result<void> copy_on_device(int s, std::byte* dst, const std::byte* src, size_t n) override {
+    return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], dst, src, n, detail::kDeviceToDevice));
+  }
   Result<void> run_chunks(int s, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in, std::byte* out,
                           std::byte* failed) override {
     if (key_.p == nullptr) return fail(ErrorCode::kInvalidArgument, "cuda device: no key set");

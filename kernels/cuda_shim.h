@@ -43,7 +43,7 @@ CudaStatus cuda_host_alloc(void** p, size_t n);  // pinned
 CudaStatus cuda_host_free(void* p);
 CudaStatus cuda_stream_create(void** stream);
 CudaStatus cuda_stream_destroy(void* stream);
-enum CopyKind { kHostToDevice = 1, kDeviceToHost = 2 };
+enum CopyKind { kHostToDevice = 1, kDeviceToHost = 2, kDeviceToDevice = 3 };
 CudaStatus cuda_copy_async(void* stream, void* dst, const void* src, size_t n, int kind);
 CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind);
 CudaStatus cuda_stream_sync(void* stream);

@@ -315,5 +315,25 @@ TEST_F(Cli, BenchPrintsRatiosAndResultLine) {
   EXPECT_EQ(run_tresor({"bench", "nope"}).exit_code, 2);
 }
 
+// The GPU data path's benchmark runs everywhere: on the emulated GPU here (the kernel on the
+// CPU), saying that these are not GPU figures when no GPU exists.
+TEST_F(Cli, BenchGpuMeasuresEveryPathAgainstItsBaseline) {
+  auto r = run_tresor({"bench", "gpu", "--size", "2MiB", "--chunk-size", "64KiB", "--reps", "1", "--device", "emulated", "--batch", "4"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("RESULT gpu_channel device=emulated gpu=none size_mib=2 chunk_kib=64 "), std::string::npos) << r.out;
+  for (const char* key : {"kernel_ratio=", "upload_ratio=", "speedup_vs_cpu_path=", "d2d_gbps=", "pinned_h2d_gbps="}) {
+    EXPECT_NE(r.out.find(key), std::string::npos) << key << "\n" << r.out;
+  }
+  EXPECT_NE(r.out.find("3 in flight at most"), std::string::npos) << r.out;
+  auto auto_dev = run_tresor({"bench", "gpu", "--size", "1MiB", "--chunk-size", "64KiB", "--reps", "1"});
+  ASSERT_EQ(auto_dev.exit_code, 0) << auto_dev.err;
+  if (auto_dev.out.find("gpu=none") != std::string::npos) {
+    EXPECT_NE(auto_dev.out.find("NOT GPU figures"), std::string::npos) << auto_dev.out;
+  }
+  auto bad = run_tresor({"bench", "gpu", "--device", "tpu"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("--device must be auto, cuda:N, cpu or emulated, not 'tpu'"), std::string::npos) << bad.err;
+}
+
 }  // namespace
 }  // namespace tresor

@@ -52,6 +52,8 @@ class ChannelDevice {
   virtual int streams() const = 0;
   virtual Result<void> copy_to_device(int stream, std::byte* dev, const std::byte* staging, size_t n) = 0;
   virtual Result<void> copy_to_host(int stream, std::byte* staging, const std::byte* dev, size_t n) = 0;
+  /// Device to device (the benchmarks' memcpy baseline).
+  virtual Result<void> copy_on_device(int stream, std::byte* dst, const std::byte* src, size_t n) = 0;
   /// Opens (seal = false: frames → plaintext) or seals (plaintext → frames) the run in device
   /// memory; per-chunk verdicts (1 = tag failed, output zeroed) into `failed` (device memory,
   /// one byte per chunk).
