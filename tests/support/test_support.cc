@@ -79,7 +79,11 @@ void write_file(const std::string& path, ByteSpan data, unsigned mode) {
   ::close(fd);
 }
 
-std::string testdata(const std::string& relative) { return std::string(TRESOR_TESTDATA_DIR) + "/" + relative; }
+// TRESOR_TESTDATA overrides the build's path (scripts/gpu-check runs prebuilt tests elsewhere).
+std::string testdata(const std::string& relative) {
+  const char* dir = std::getenv("TRESOR_TESTDATA");
+  return std::string(dir != nullptr && *dir != '\0' ? dir : TRESOR_TESTDATA_DIR) + "/" + relative;
+}
 
 std::string shared_testdata(const std::string& relative) {
   return std::string(TRESOR_SHARED_TESTDATA_DIR) + "/" + relative;
