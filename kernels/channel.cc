@@ -6,9 +6,11 @@
 #include <openssl/crypto.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -44,6 +46,12 @@ class HostDevice : public ChannelDevice {
   Result<Mem> staging_alloc(size_t n) override { return host_alloc(n); }
   void staging_free(Mem m) override { host_free(m); }
   int streams() const override { return 1; }
+  Result<Mem> load_key(const ChunkKey& key) override {
+    auto m = host_alloc(key.bytes().size());
+    if (!m) return std::unexpected(m.error());
+    std::memcpy(m->p, key.bytes().data(), m->n);
+    return m;
+  }
   Result<void> copy_to_device(int, std::byte* dev, const std::byte* staging, size_t n) override {
     if (on_staging_) on_staging_(ByteSpan(staging, n));
     std::memcpy(dev, staging, n);
@@ -75,22 +83,17 @@ class CpuDevice final : public HostDevice {
  public:
   explicit CpuDevice(unsigned threads) : pool_(ThreadPool::resolve(threads)) {}
   std::string name() const override { return "cpu (OpenSSL, " + std::to_string(pool_.size()) + " threads)"; }
-  Result<void> set_key(const ChunkKey& key) override {
-    key_.resize(32);
-    for (int w = 0; w < 8; ++w) aesgcm::store_be32(reinterpret_cast<uint8_t*>(key_.data()) + 4 * w, key.data().rk[w]);  // rk[0..7] = K
-    return {};
-  }
-  void clear_key() override {
-    OPENSSL_cleanse(key_.data(), key_.size());
-    key_.clear();
-  }
-  Result<void> run_chunks(int, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in, std::byte* out,
-                          std::byte* failed) override {
-    if (key_.size() != 32) return fail(ErrorCode::kInvalidArgument, "cpu device: no key set");
+  Result<void> run_chunks(int, const std::byte* key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
+                          std::byte* out, std::byte* failed) override {
+    // The AES key is the first 8 round-key words (FIPS 197 §5.2: w[0..Nk-1] = the key).
+    std::array<std::byte, 32> raw{};
+    const auto& kd = *reinterpret_cast<const aesgcm::KeyData*>(key);
+    for (int w = 0; w < 8; ++w) aesgcm::store_be32(reinterpret_cast<uint8_t*>(raw.data()) + 4 * w, kd.rk[w]);
     const uint64_t c = run.chunk_size;
+    std::lock_guard lock(pool_mutex_);  // one loop at a time on the pool; channels may share the device
     std::vector<std::string> errors(chunks);
     pool_.parallel_for(chunks, [&](size_t i) {
-      auto gcm = crypto::AesGcm::create(key_);
+      auto gcm = crypto::AesGcm::create(raw);
       const bool last = i + 1 == chunks;
       const uint64_t len = last ? last_len : c;
       const auto nonce = sealed::chunk_nonce(run.nonce_prefix, uint64_t{run.first_index} + i, last && run.ends_with_final);
@@ -107,6 +110,7 @@ class CpuDevice final : public HostDevice {
         errors[i] = r.error().message;
       }
     });
+    OPENSSL_cleanse(raw.data(), raw.size());
     for (const auto& e : errors) {
       if (!e.empty()) return fail(ErrorCode::kCrypto, e);
     }
@@ -115,7 +119,7 @@ class CpuDevice final : public HostDevice {
 
  private:
   ThreadPool pool_;
-  std::vector<std::byte> key_;
+  std::mutex pool_mutex_;
 };
 
 // The kernel's CPU emulation behind the device interface: the tests' GPU.
@@ -123,28 +127,11 @@ class EmulatedDevice final : public HostDevice {
  public:
   explicit EmulatedDevice(std::function<void(ByteSpan)> on_staging) { on_staging_ = std::move(on_staging); }
   std::string name() const override { return "emulated GPU (the kernel on the CPU)"; }
-  Result<void> set_key(const ChunkKey& key) override {
-    clear_key();
-    auto m = host_alloc(key.bytes().size());
-    if (!m) return std::unexpected(m.error());
-    std::memcpy(m->p, key.bytes().data(), m->n);
-    key_ = *m;
+  Result<void> run_chunks(int, const std::byte* key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
+                          std::byte* out, std::byte* failed) override {
+    run_chunks_emulated(*reinterpret_cast<const aesgcm::KeyData*>(key), run, chunks, last_len, seal, in, out, failed);
     return {};
   }
-  void clear_key() override {
-    host_free(key_);
-    key_ = {};
-  }
-  ~EmulatedDevice() override { clear_key(); }
-  Result<void> run_chunks(int, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in, std::byte* out,
-                          std::byte* failed) override {
-    if (key_.p == nullptr) return fail(ErrorCode::kInvalidArgument, "emulated device: no key set");
-    run_chunks_emulated(*reinterpret_cast<const aesgcm::KeyData*>(key_.p), run, chunks, last_len, seal, in, out, failed);
-    return {};
-  }
-
- private:
-  Mem key_{};
 };
 
 // Everything the channel allocates for one transfer, released on every path.
@@ -154,12 +141,10 @@ struct Scope {
   Scope& operator=(const Scope&) = delete;
   ChannelDevice& dev;
   std::vector<Mem> device, staging;
-  bool key_set = false;
   ~Scope() {
     for (int s = 0; s < dev.streams(); ++s) (void)dev.synchronize(s);
     for (Mem m : device) dev.device_free(m);
     for (Mem m : staging) dev.staging_free(m);
-    if (key_set) dev.clear_key();
   }
   Result<Mem> dev_mem(size_t n) {
     auto m = dev.device_alloc(n);
@@ -263,8 +248,9 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   if (chunks == 0) return result;
   auto failed = scope.dev_mem(chunks);
   if (!failed) return std::unexpected(failed.error());
-  TRESOR_TRY(device_.set_key(*key));
-  scope.key_set = true;
+  auto d_key = device_.load_key(*key);
+  if (!d_key) return std::unexpected(d_key.error());
+  scope.device.push_back(*d_key);
 
   const uint64_t batch = options_.batch_chunks;
   const size_t slot_bytes = static_cast<size_t>(std::min<uint64_t>(batch, chunks) * (c + 16));
@@ -292,7 +278,7 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
     ChunkRun run = whole;
     run.first_index = static_cast<uint32_t>(b);
     run.ends_with_final = e == shape->chunks;
-    TRESOR_TRY(device_.run_chunks(stream, run, e - b, last_len, false, scratch[slot].p, dest->p + (b - first) * c, failed->p + (b - first)));
+    TRESOR_TRY(device_.run_chunks(stream, d_key->p, run, e - b, last_len, false, scratch[slot].p, dest->p + (b - first) * c, failed->p + (b - first)));
     busy[slot] = true;
     stats_.batches++;
     stats_.staged_bytes += bytes;
@@ -341,8 +327,9 @@ Result<void> SecureChannel::download(const std::byte* data, size_t size, const s
   Scope scope(device_);
   auto failed = scope.dev_mem(chunks);
   if (!failed) return std::unexpected(failed.error());
-  TRESOR_TRY(device_.set_key(*key));
-  scope.key_set = true;
+  auto d_key = device_.load_key(*key);
+  if (!d_key) return std::unexpected(d_key.error());
+  scope.device.push_back(*d_key);
   const size_t slot_bytes = static_cast<size_t>(std::min(batch, chunks) * (c + 16));
   const unsigned depth = static_cast<unsigned>(std::min<uint64_t>(options_.depth, (chunks + batch - 1) / batch));
   struct Pending {
@@ -376,7 +363,7 @@ Result<void> SecureChannel::download(const std::byte* data, size_t size, const s
     ChunkRun run = whole;
     run.first_index = static_cast<uint32_t>(b);
     run.ends_with_final = e == chunks;
-    TRESOR_TRY(device_.run_chunks(stream, run, e - b, last_len, true, data + b * c, scratch[slot].p, failed->p + b));
+    TRESOR_TRY(device_.run_chunks(stream, d_key->p, run, e - b, last_len, true, data + b * c, scratch[slot].p, failed->p + b));
     TRESOR_TRY(device_.copy_to_host(stream, staging[slot].p, scratch[slot].p, bytes));
     pending[slot] = Pending{hdr->bytes.size() + b * (c + 16), bytes, true};
     stats_.batches++;

@@ -24,7 +24,6 @@ class CudaDevice final : public ChannelDevice {
   static constexpr int kStreams = 4;
   CudaDevice(int index, std::string name) : index_(index), name_(std::move(name)) {}
   ~CudaDevice() override {
-    clear_key();
     for (void* s : streams_) (void)detail::cuda_stream_destroy(s);
   }
   Result<void> init() {
@@ -50,16 +49,14 @@ class CudaDevice final : public ChannelDevice {
     return Mem{static_cast<std::byte*>(p), n};
   }
   void staging_free(Mem m) override { (void)detail::cuda_host_free(m.p); }
-  Result<void> set_key(const ChunkKey& key) override {
-    clear_key();
+  Result<Mem> load_key(const ChunkKey& key) override {
     auto m = device_alloc(key.bytes().size());
     if (!m) return std::unexpected(m.error());
-    key_ = *m;
-    return cuda(detail::cuda_copy(key_.p, key.bytes().data(), key_.n, detail::kHostToDevice));
-  }
-  void clear_key() override {
-    if (key_.p != nullptr) device_free(key_);
-    key_ = {};
+    if (auto c = cuda(detail::cuda_copy(m->p, key.bytes().data(), m->n, detail::kHostToDevice)); !c) {
+      device_free(*m);
+      return std::unexpected(c.error());
+    }
+    return m;
   }
   int streams() const override { return static_cast<int>(streams_.size()); }
   Result<void> copy_to_device(int s, std::byte* dev, const std::byte* staging, size_t n) override {
@@ -71,9 +68,8 @@ class CudaDevice final : public ChannelDevice {
   Result<void> copy_on_device(int s, std::byte* dst, const std::byte* src, size_t n) override {
     return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], dst, src, n, detail::kDeviceToDevice));
   }
-  Result<void> run_chunks(int s, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in, std::byte* out,
-                          std::byte* failed) override {
-    if (key_.p == nullptr) return fail(ErrorCode::kInvalidArgument, "cuda device: no key set");
+  Result<void> run_chunks(int s, const std::byte* key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
+                          std::byte* out, std::byte* failed) override {
     detail::AesGcmRun r;
     std::copy(run.nonce_prefix.begin(), run.nonce_prefix.end(), reinterpret_cast<std::byte*>(r.prefix));
     r.final_flag = run.ends_with_final ? 1 : 0;
@@ -82,7 +78,7 @@ class CudaDevice final : public ChannelDevice {
     r.chunks = chunks;
     r.last_len = last_len;
     r.seal = seal ? 1 : 0;
-    return cuda(detail::aesgcm_enqueue(streams_[static_cast<size_t>(s)], key_.p, r, reinterpret_cast<const uint8_t*>(in),
+    return cuda(detail::aesgcm_enqueue(streams_[static_cast<size_t>(s)], key, r, reinterpret_cast<const uint8_t*>(in),
                                        reinterpret_cast<uint8_t*>(out), reinterpret_cast<uint8_t*>(failed)));
   }
   Result<void> synchronize(int s) override { return cuda(detail::cuda_stream_sync(streams_[static_cast<size_t>(s)])); }
@@ -97,7 +93,6 @@ class CudaDevice final : public ChannelDevice {
   int index_;
   std::string name_;
   std::vector<void*> streams_;
-  Mem key_{};
 };
 
 }  // namespace

@@ -152,13 +152,14 @@ int cmd_bench_gpu(int argc, char** argv) {
     run.ends_with_final = true;
     auto shape = gpu::run_shape(run, frames_bytes);
     if (!shape) return std::unexpected(shape.error());
-    TRESOR_TRY(device->set_key(*ck));
+    auto d_key = device->load_key(*ck);
+    if (!d_key) return std::unexpected(d_key.error());
+    freer.m.push_back(*d_key);
     const uint64_t last_len = shape->plaintext_bytes - (shape->chunks - 1) * *chunk;
     auto kernel_s = best_of(reps, [&]() -> Result<void> {
-      TRESOR_TRY(device->run_chunks(0, run, shape->chunks, last_len, false, d_frames->p, d_out->p, d_failed->p));
+      TRESOR_TRY(device->run_chunks(0, d_key->p, run, shape->chunks, last_len, false, d_frames->p, d_out->p, d_failed->p));
       return device->synchronize(0);
     });
-    device->clear_key();
     if (!kernel_s) return std::unexpected(kernel_s.error());
     auto d2d_s = best_of(reps, [&]() -> Result<void> {
       TRESOR_TRY(device->copy_on_device(0, d_out->p, d_frames->p, *size));

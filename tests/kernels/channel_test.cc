@@ -8,8 +8,10 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "support/test_support.h"
@@ -64,11 +66,16 @@ class Channel : public ::testing::Test {
     std::unique_ptr<gpu::ChannelDevice> device;
     std::vector<Bytes>* staged = nullptr;
   };
+  std::mutex staged_mutex_;
   std::vector<Bytes> staged_;
   std::vector<Dev> devices(bool with_cuda = true) {
     std::vector<Dev> out;
     out.push_back({gpu::cpu_device(2), nullptr});
-    out.push_back({gpu::emulated_device([this](ByteSpan b) { staged_.emplace_back(b.begin(), b.end()); }), &staged_});
+    out.push_back({gpu::emulated_device([this](ByteSpan b) {
+                     std::lock_guard lock(staged_mutex_);  // several channels may share the device
+                     staged_.emplace_back(b.begin(), b.end());
+                   }),
+                   &staged_});
     if (with_cuda) {
       if (auto c = gpu::cuda_device(0)) out.push_back({std::move(*c), nullptr});
     }
@@ -223,6 +230,43 @@ TEST_F(Channel, TamperedTruncatedOrForeignFilesGiveNothingAndSayWhy) {
     auto missing = ch.upload(dir.file("no-such.sealed"), ring());
     ASSERT_FALSE(missing);
     EXPECT_NE(missing.error().message.find("no-such.sealed"), std::string::npos);
+  }
+}
+
+// Several channels at once, on threads sharing one device: each transfer has its own key on the
+// device, so none sees another's data, and every result is right.
+TEST_F(Channel, SeveralChannelsShareADeviceAtOnce) {
+  const uint32_t c = 2048;
+  constexpr int kChannels = 4;
+  std::vector<Bytes> plains;
+  std::vector<std::string> paths;
+  for (int i = 0; i < kChannels; ++i) {
+    plains.push_back(marked_plaintext(size_t{7} * c + 100 * static_cast<size_t>(i)));
+    paths.push_back(seal_file("multi-" + std::to_string(i) + ".sealed", plains.back(), c));
+  }
+  for (auto& d : devices()) {
+    SCOPED_TRACE(d.device->name());
+    std::vector<std::string> errors(kChannels);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kChannels; ++i) {
+      threads.emplace_back([&, i] {
+        SecureChannel ch(*d.device, ChannelOptions{.batch_chunks = 2, .depth = 2});
+        for (int round = 0; round < 3; ++round) {
+          auto buf = ch.upload(paths[static_cast<size_t>(i)], ring());
+          if (!buf) {
+            errors[static_cast<size_t>(i)] = buf.error().message;
+            return;
+          }
+          auto host = buf->to_host();
+          if (!host || *host != plains[static_cast<size_t>(i)]) {
+            errors[static_cast<size_t>(i)] = "channel " + std::to_string(i) + " read wrong data";
+            return;
+          }
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (const auto& e : errors) EXPECT_EQ(e, "");
   }
 }
 

@@ -4,7 +4,8 @@
 // decrypts it; results go back the reverse way, sealed by the kernel. Plaintext exists only in
 // device memory.
 //
-// The device sits behind an interface (STYLE.md rule 6) with three implementations:
+// The device sits behind an interface (STYLE.md rule 6) with three implementations; devices may
+// be shared (several channels, on several threads, at once):
 //  - cuda_device(i): a CUDA GPU — pinned staging, one stream per staging slot, copies and kernels
 //    overlapping across slots;
 //  - cpu_device(): no GPU — "device memory" is host memory and chunks are opened with OpenSSL
@@ -45,9 +46,9 @@ class ChannelDevice {
   virtual void device_free(Mem m) = 0;
   virtual Result<Mem> staging_alloc(size_t n) = 0;
   virtual void staging_free(Mem m) = 0;
-  /// The payload key's kernel data into device memory (replacing any), until clear_key().
-  virtual Result<void> set_key(const ChunkKey& key) = 0;
-  virtual void clear_key() = 0;
+  /// The payload key's kernel data in device memory, for run_chunks; device_free wipes it. One
+  /// per transfer, so that several channels can share a device.
+  virtual Result<Mem> load_key(const ChunkKey& key) = 0;
   /// Streams: work on one stream runs in order; streams run concurrently. 0..streams()-1.
   virtual int streams() const = 0;
   virtual Result<void> copy_to_device(int stream, std::byte* dev, const std::byte* staging, size_t n) = 0;
@@ -57,8 +58,8 @@ class ChannelDevice {
   /// Opens (seal = false: frames → plaintext) or seals (plaintext → frames) the run in device
   /// memory; per-chunk verdicts (1 = tag failed, output zeroed) into `failed` (device memory,
   /// one byte per chunk).
-  virtual Result<void> run_chunks(int stream, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
-                                  std::byte* out, std::byte* failed) = 0;
+  virtual Result<void> run_chunks(int stream, const std::byte* key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal,
+                                  const std::byte* in, std::byte* out, std::byte* failed) = 0;
   /// Waits for everything queued on `stream`; the first error of its work.
   virtual Result<void> synchronize(int stream) = 0;
   /// ChannelDevice memory to the caller (for the job, and for tests): a synchronous copy.
