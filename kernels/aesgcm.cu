@@ -66,6 +66,10 @@ __global__ void __launch_bounds__(kThreads) aesgcm_chunk_kernel(const KeyData* k
   }
   __syncthreads();
   if (*verdict == 0) phase3_zero(a, tid);
+  // Shared memory outlives the block: the GHASH table of H^256 (from which H follows) must not
+  // be left for the next kernel to find.
+  __syncthreads();
+  phase4_wipe(smem, tid);
 }
 
 cudaMemcpyKind kind_of(int k) {
@@ -77,21 +81,31 @@ cudaMemcpyKind kind_of(int k) {
 CudaStatus aesgcm_enqueue(void* stream, const void* d_key, const AesGcmRun& run, const uint8_t* d_in, uint8_t* d_out, uint8_t* d_failed) {
   if (run.chunks == 0) return {};
   if (run.chunks > 0x7fffffffu) return status("aesgcm_enqueue: more than 2^31 - 1 chunks in one launch", cudaErrorInvalidValue);
+  // The kernel cannot work in place (frames and plaintext have different strides).
+  const uint64_t plain = (run.chunks - 1) * uint64_t{run.chunk_size} + run.last_len, framed = plain + 16 * run.chunks;
+  const uint64_t in_bytes = run.seal != 0 ? plain : framed, out_bytes = run.seal != 0 ? framed : plain;
+  const auto in_at = reinterpret_cast<uintptr_t>(d_in), out_at = reinterpret_cast<uintptr_t>(d_out);
+  if (in_at < out_at + out_bytes && out_at < in_at + in_bytes) {
+    return status("aesgcm_enqueue: input and output overlap", cudaErrorInvalidValue);
+  }
+  (void)cudaGetLastError();  // an earlier, unrelated failure must not be reported as this launch's
   aesgcm_chunk_kernel<<<static_cast<unsigned>(run.chunks), kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const KeyData*>(d_key), run, d_in, d_out, d_failed);
-  return status("aesgcm_chunk_kernel launch", cudaPeekAtLastError());
+  return status("aesgcm_chunk_kernel launch", cudaGetLastError());
 }
 
 CudaStatus cuda_set_device(int device) { return status("cudaSetDevice", cudaSetDevice(device)); }
 CudaStatus cuda_alloc(void** p, size_t n) { return status("cudaMalloc", cudaMalloc(p, n == 0 ? 1 : n)); }
 CudaStatus cuda_free_wiped(void* p, size_t n) {
   if (p == nullptr) return {};
-  // Work still queued on other streams may write into p: let it finish before the wipe.
-  cudaError_t e = cudaDeviceSynchronize();
-  if (e == cudaSuccess) e = cudaMemset(p, 0, n == 0 ? 1 : n);
+  // Work still queued on other streams may write into p: let it finish before the wipe. The wipe
+  // is attempted even when that fails (a broken context), and its failure is reported.
+  const cudaError_t s = cudaDeviceSynchronize();
+  cudaError_t e = cudaMemset(p, 0, n == 0 ? 1 : n);
   if (e == cudaSuccess) e = cudaDeviceSynchronize();
   const cudaError_t f = cudaFree(p);
-  return status(e != cudaSuccess ? "cudaMemset (wiping before cudaFree)" : "cudaFree", e != cudaSuccess ? e : f);
+  if (e != cudaSuccess) return status("cudaMemset (wiping before cudaFree)", e);
+  return status(s != cudaSuccess ? "cudaDeviceSynchronize (before wiping)" : "cudaFree", s != cudaSuccess ? s : f);
 }
 CudaStatus cuda_host_alloc(void** p, size_t n) { return status("cudaHostAlloc", cudaHostAlloc(p, n == 0 ? 1 : n, cudaHostAllocDefault)); }
 CudaStatus cuda_host_free(void* p) { return p == nullptr ? CudaStatus{} : status("cudaFreeHost", cudaFreeHost(p)); }
@@ -108,8 +122,13 @@ CudaStatus cuda_copy_async(void* stream, void* dst, const void* src, size_t n, i
 }
 CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind) {
   if (n == 0) return {};
-  return status("cudaMemcpy", cudaMemcpy(dst, src, n, kind_of(kind)));
+  cudaError_t e = cudaMemcpy(dst, src, n, kind_of(kind));
+  // From pageable memory cudaMemcpy may return before the DMA has landed, and the channel's
+  // non-blocking streams are not ordered after the default stream: wait for it.
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  return status("cudaMemcpy", e);
 }
+CudaStatus cuda_device_sync() { return status("cudaDeviceSynchronize", cudaDeviceSynchronize()); }
 CudaStatus cuda_stream_sync(void* stream) { return status("cudaStreamSynchronize", cudaStreamSynchronize(static_cast<cudaStream_t>(stream))); }
 
 }  // namespace tresor::gpu::detail

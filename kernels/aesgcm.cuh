@@ -189,7 +189,8 @@ TRESOR_HD inline Gf gf_mul_table(const Lane& t, Gf x) {
 // ---- The chunk, phase by phase -----------------------------------------------------------------
 // One CUDA block opens (or seals) one chunk. Phase 0 fills shared memory; phase 1 is each
 // thread's share of counter mode and GHASH; phase 2 combines the shares into the tag (thread 0)
-// and compares it; phase 3 zeroes the chunk's output if the tag did not verify. The kernel puts
+// and compares it; phase 3 zeroes the chunk's output if the tag did not verify; phase 4 wipes
+// the block's secret shared memory. The kernel puts
 // a barrier between phases; the emulation runs each phase for every thread in turn.
 
 struct ChunkArgs {
@@ -209,9 +210,9 @@ TRESOR_HD inline void phase0_fill(uint32_t* smem, const KeyData& kd, int tid) {
   for (int i = tid; i < 16 * kLanes; i += kThreads) smem[kSmemR4 + i] = kd.r4[i / kLanes];
 }
 
-// A 16-byte block in and out: one vector access on the device when whole and aligned (every
-// block of a run is 16-aligned in device memory: runs start at cudaMalloc'd addresses and frames
-// and chunks are multiples of 16), byte by byte otherwise (the emulation's buffers need not be).
+// A 16-byte block in and out: one vector access on the device when whole and 16-aligned (the
+// channel's runs are: they start at cudaMalloc'd addresses, and frames and chunks are multiples
+// of 16), byte by byte otherwise (a caller's buffer at any offset, the emulation's buffers).
 TRESOR_HD inline void load_block(uint8_t blk[16], const uint8_t* p, uint64_t n) {
 #if defined(__CUDA_ARCH__)
   if (n == 16 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
@@ -299,6 +300,12 @@ TRESOR_HD inline void phase3_zero(const ChunkArgs& a, int tid) {
     const uint64_t n = a.len - i < 16 ? a.len - i : 16;
     for (uint64_t j = 0; j < n; ++j) a.out[i + j] = 0;
   }
+}
+
+// The block's secret shared memory (the GHASH tables, the partial sums, the verdict) zeroed
+// before the block ends; Te0 is public.
+TRESOR_HD inline void phase4_wipe(uint32_t* smem, int tid) {
+  for (int i = kSmemM4 + tid; i < kSmemWords; i += kThreads) smem[i] = 0;
 }
 
 }  // namespace tresor::gpu::aesgcm

@@ -11,6 +11,7 @@
 
 #include "aesgcm.cuh"
 #include "cuda_shim.h"
+#include "tresor/crypto.h"
 
 namespace tresor::gpu {
 namespace {
@@ -57,8 +58,18 @@ const Tables& tables() {
 // AES-256 key expansion (FIPS 197 §5.2, Nk = 8, Nr = 14).
 void expand_key(std::span<const std::byte, 32> key, uint32_t rk[aesgcm::kRoundKeyWords]) {
   const auto& t = tables();
+  // The key schedule runs on the host with real keys: SubWord reads every S-box entry and keeps
+  // the wanted one by mask, so no memory access depends on the key.
+  auto sub_byte = [&](uint32_t x) {
+    uint32_t r = 0;
+    for (uint32_t i = 0; i < 256; ++i) {
+      const uint32_t mask = 0u - (((i ^ x) - 1u) >> 31);  // all ones when i == x (x < 256), else 0
+      r |= t.s[i] & mask;
+    }
+    return r;
+  };
   auto sub_word = [&](uint32_t w) {
-    return uint32_t{t.s[w >> 24]} << 24 | uint32_t{t.s[(w >> 16) & 0xff]} << 16 | uint32_t{t.s[(w >> 8) & 0xff]} << 8 | t.s[w & 0xff];
+    return sub_byte(w >> 24) << 24 | sub_byte((w >> 16) & 0xff) << 16 | sub_byte((w >> 8) & 0xff) << 8 | sub_byte(w & 0xff);
   };
   for (int i = 0; i < 8; ++i) rk[i] = aesgcm::load_be32(reinterpret_cast<const uint8_t*>(key.data()) + 4 * i);
   uint8_t rcon = 1;
@@ -139,14 +150,16 @@ Result<ChunkKey> ChunkKey::derive(std::span<const std::byte, 32> payload_key) {
   expand_key(payload_key, kd->rk);
   std::memcpy(kd->te0, tables().te0, sizeof kd->te0);
   for (unsigned b = 0; b < 16; ++b) kd->r4[b] = aesgcm::reduce4(b);
-  // H = AES(K, 0^128), through the kernel's own block function on an emulated block.
-  Block block;
-  aesgcm::phase0_fill(block.smem.data(), *kd, 0);
-  for (int tid = 1; tid < aesgcm::kThreads; ++tid) aesgcm::phase0_fill(block.smem.data(), *kd, tid);
-  const uint32_t zero[4] = {0, 0, 0, 0};
-  uint32_t hw[4];
-  aesgcm::aes256_block(aesgcm::Lane{block.smem.data(), 0}, kd->rk, zero, hw);
-  const Gf h{uint64_t{hw[0]} << 32 | hw[1], uint64_t{hw[2]} << 32 | hw[3]};
+  // H = AES(K, 0^128) with OpenSSL's constant-time AES (the T-table code indexes memory by
+  // secret bytes; fine on the GPU's bank-replicated tables, not on a CPU's caches).
+  std::array<std::byte, 16> hb{};
+  {
+    auto aes = crypto::AesGcm::create(payload_key);
+    if (!aes) return std::unexpected(aes.error());
+    if (auto e = aes->encrypt_blocks(hb); !e) return std::unexpected(e.error());
+  }
+  Gf h = aesgcm::gf_load(reinterpret_cast<const uint8_t*>(hb.data()));
+  OPENSSL_cleanse(hb.data(), hb.size());
   Gf p = h;
   for (int e = 1; e <= aesgcm::kThreads + 1; ++e) {
     aesgcm::gf_store(kd->h_pow + 16 * (e - 1), p);
@@ -156,7 +169,8 @@ Result<ChunkKey> ChunkKey::derive(std::span<const std::byte, 32> payload_key) {
   aesgcm::table4_build(aesgcm::gf_load(kd->h_pow + 16 * (aesgcm::kThreads - 1)), t4);  // H^T
   for (int b = 0; b < 16; ++b) aesgcm::gf_store(kd->m4_ht + 16 * b, t4.m[b]);
   OPENSSL_cleanse(&t4, sizeof t4);
-  OPENSSL_cleanse(hw, sizeof hw);
+  OPENSSL_cleanse(&h, sizeof h);
+  OPENSSL_cleanse(&p, sizeof p);
   return ChunkKey(std::move(kd));
 }
 
@@ -215,6 +229,7 @@ void run_chunks_emulated(const KeyData& kd, const ChunkRun& run, uint64_t chunks
     if (!ok) {
       for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase3_zero(a, tid);
     }
+    for (int tid = 0; tid < aesgcm::kThreads; ++tid) aesgcm::phase4_wipe(block.smem.data(), tid);
   }
 }
 

@@ -67,6 +67,7 @@ class HostDevice : public ChannelDevice {
     return {};
   }
   Result<void> synchronize(int) override { return {}; }
+  Result<void> synchronize_all() override { return {}; }
   Result<void> read_device(MutableByteSpan to, const std::byte* dev) override {
     std::memcpy(to.data(), dev, to.size());
     return {};
@@ -234,9 +235,12 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
                                                  " are beyond its " + std::to_string(shape->plaintext_bytes) + " bytes of plaintext");
   }
   const uint64_t c = whole.chunk_size;
-  // The chunks the range touches (an empty range: none, but the header was still checked).
+  // The chunks the range touches (an empty range: none, but the header was still checked). An
+  // empty stream's single chunk is always checked: a file cut to its header and any 16 bytes has
+  // the shape of an empty stream, and only the final chunk's tag tells (formats.md §5.3).
+  const bool empty_stream = shape->plaintext_bytes == 0;
   const uint64_t first = n == 0 ? 0 : offset / c;
-  const uint64_t end = n == 0 ? 0 : (offset + n - 1) / c + 1;
+  const uint64_t end = empty_stream ? 1 : n == 0 ? 0 : (offset + n - 1) / c + 1;
   const uint64_t chunks = end - first;
   auto plain_of = [&](uint64_t i) { return i + 1 == shape->chunks ? shape->plaintext_bytes - i * c : c; };
   const uint64_t dest_bytes = chunks == 0 ? 0 : (chunks - 1) * c + plain_of(end - 1);
@@ -320,6 +324,7 @@ Result<void> SecureChannel::download(const std::byte* data, size_t size, const s
   if (!shape) return std::unexpected(shape.error());
   auto out = AtomicOutputFile::create(path, 0644, /*overwrite=*/false);
   if (!out) return std::unexpected(out.error());
+  TRESOR_TRY(device_.synchronize_all());  // the data is complete before the channel's streams read it
   TRESOR_TRY(out->write_at(0, hdr->bytes));
 
   const uint64_t c = whole.chunk_size, chunks = shape->chunks, batch = options_.batch_chunks;

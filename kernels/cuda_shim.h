@@ -45,7 +45,8 @@ CudaStatus cuda_stream_create(void** stream);
 CudaStatus cuda_stream_destroy(void* stream);
 enum CopyKind { kHostToDevice = 1, kDeviceToHost = 2, kDeviceToDevice = 3 };
 CudaStatus cuda_copy_async(void* stream, void* dst, const void* src, size_t n, int kind);
-CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind);
+CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind);  // complete on return, ordered before later work
 CudaStatus cuda_stream_sync(void* stream);
+CudaStatus cuda_device_sync();  // every stream of the current device
 
 }  // namespace tresor::gpu::detail

@@ -219,6 +219,11 @@ TEST_F(Channel, TamperedTruncatedOrForeignFilesGiveNothingAndSayWhy) {
     auto b = ch.upload(write("cut.sealed", cut), ring());
     ASSERT_FALSE(b);
     EXPECT_NE(b.error().message.find("chunk 5 fails authentication"), std::string::npos) << b.error().message;
+    // Cut to its header and 16 bytes, it has the shape of an empty stream: only the tag of that
+    // "final" chunk shows the cut.
+    auto e = ch.upload(write("to-empty.sealed", file.substr(0, header + 16)), ring());
+    ASSERT_FALSE(e) << "a truncated file read as an empty one";
+    EXPECT_NE(e.error().message.find("chunk 0 fails authentication"), std::string::npos) << e.error().message;
     auto h = ch.upload(write("header.sealed", header_changed), ring());
     ASSERT_FALSE(h);
     EXPECT_TRUE(h.error().code == ErrorCode::kHeaderAuth || h.error().code == ErrorCode::kMalformed) << h.error().message;

@@ -62,6 +62,8 @@ class ChannelDevice {
                                   const std::byte* in, std::byte* out, std::byte* failed) = 0;
   /// Waits for everything queued on `stream`; the first error of its work.
   virtual Result<void> synchronize(int stream) = 0;
+  /// Waits for all work on the device, also work queued outside the channel's streams.
+  virtual Result<void> synchronize_all() = 0;
   /// ChannelDevice memory to the caller (for the job, and for tests): a synchronous copy.
   virtual Result<void> read_device(MutableByteSpan to, const std::byte* dev) = 0;
   virtual Result<void> write_device(std::byte* dev, ByteSpan from) = 0;
@@ -94,7 +96,7 @@ class DeviceBuffer {
 };
 
 struct ChannelOptions {
-  unsigned batch_chunks = 16;  // chunks per staging slot (one copy, one kernel launch)
+  unsigned batch_chunks = 64;  // chunks per staging slot (one copy, one launch of that many blocks)
   unsigned depth = 3;          // staging slots: 2 = double, 3 = triple buffering
 };
 
@@ -115,7 +117,8 @@ class SecureChannel {
   [[nodiscard]] Result<DeviceBuffer> upload(const std::string& path, const sealed::KeyRing& keys, uint64_t offset = 0,
                                             std::optional<uint64_t> length = std::nullopt);
   /// `data` (device memory) sealed into a new file at `path` (mode 0644, never partial: it has a
-  /// name only once complete) to `options`' recipients and dataset keys.
+  /// name only once complete) to `options`' recipients and dataset keys. All work on the device
+  /// is waited for first, so `data` may come from kernels still queued on any stream.
   [[nodiscard]] Result<void> download(const std::byte* data, size_t size, const std::string& path, const sealed::SealOptions& options);
   [[nodiscard]] const TransferStats& last() const { return stats_; }
 
