@@ -1,0 +1,87 @@
+// tresor/ct/volume.h — 3D CT volumes and the coronary CT angiography phantom (issue 8,
+// docs/preprocessing.md): HU volumes, label volumes, vessel centerlines; NIfTI-1 in and out.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "tresor/error.h"
+
+namespace tresor::ct {
+
+/// A volume in x-fastest order (index = x + nx·(y + ny·z)); spacing and origin in mm, axes along
+/// the patient's left (x), posterior (y) and superior (z) directions (NIfTI's RAS flipped in x and
+/// y, as DICOM's LPS).
+template <typename T>
+struct Volume {
+  std::array<size_t, 3> dims{0, 0, 0};
+  std::array<double, 3> spacing{1, 1, 1};
+  std::array<double, 3> origin{0, 0, 0};
+  std::vector<T> data;
+
+  size_t size() const { return dims[0] * dims[1] * dims[2]; }
+  size_t index(size_t x, size_t y, size_t z) const { return x + dims[0] * (y + dims[1] * z); }
+  T& at(size_t x, size_t y, size_t z) { return data[index(x, y, z)]; }
+  const T& at(size_t x, size_t y, size_t z) const { return data[index(x, y, z)]; }
+};
+using HuVolume = Volume<int16_t>;
+using LabelVolume = Volume<uint8_t>;
+
+/// The phantom's tissue labels (the label volume's values).
+enum Label : uint8_t {
+  kBody = 0,        // soft tissue and air outside the body share 0; HU tells them apart
+  kBloodPool = 1,   // contrast-filled heart chambers
+  kMyocardium = 2,
+  kAorta = 3,       // ascending and descending, contrast-filled
+  kLung = 4,
+  kBone = 5,        // spine and sternum
+  kFat = 6,         // subcutaneous and epicardial
+  kCoronary = 7,    // the contrast-filled coronary lumen
+};
+
+struct Centerline {
+  std::string name;                             // "LAD", "LCx", "RCA", "D1", "OM1", "PDA"
+  std::vector<std::array<double, 3>> points;    // mm, in the volume's frame
+  std::vector<double> radius;                   // mm, lumen radius at each point (stenoses included)
+  std::vector<double> healthy_radius;           // mm, without the stenoses
+};
+
+struct PhantomOptions {
+  uint64_t seed = 1;
+  std::array<size_t, 3> dims{512, 512, 256};
+  std::array<double, 3> spacing{0.39, 0.39, 0.625};
+  double noise_hu = 18;          // Gaussian noise, standard deviation
+  double blur_mm = 0.45;         // partial-volume blur (Gaussian sigma) applied to the HU volume
+  unsigned stenoses = 3;         // narrowings placed on the main vessels
+};
+
+struct Phantom {
+  HuVolume hu;
+  LabelVolume labels;
+  std::vector<Centerline> centerlines;
+  /// Each stenosis: the vessel, the fraction of its length where it sits, and the radius kept.
+  struct Stenosis {
+    std::string vessel;
+    double at = 0;
+    double remaining = 1;
+  };
+  std::vector<Stenosis> stenoses;
+};
+
+/// A synthetic coronary CT angiography volume with its ground truth, deterministic in `options`
+/// (the same options give the same bytes). kInvalidArgument names a dimension or spacing out of
+/// range (16..1024 voxels, 0.1..5 mm) or a field of view too small for the heart (< 120 mm).
+[[nodiscard]] Result<Phantom> make_phantom(const PhantomOptions& options);
+
+/// NIfTI-1 (.nii) written through libnifti's header conversion, atomically (the file is named only
+/// when complete). HU as int16 with slope 1, labels as uint8; qform and sform from spacing and
+/// origin, units mm.
+[[nodiscard]] Result<void> write_nifti(const std::string& path, const HuVolume& v);
+[[nodiscard]] Result<void> write_nifti(const std::string& path, const LabelVolume& v);
+/// Reads a NIfTI-1 or -2 file (.nii, .nii.gz) of any integer or float type into HU (slope and
+/// intercept applied, rounded, clamped to int16). Errors name the file and the field.
+[[nodiscard]] Result<HuVolume> read_nifti_hu(const std::string& path);
+
+}  // namespace tresor::ct

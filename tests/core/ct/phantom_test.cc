@@ -1,0 +1,161 @@
+// The CCTA phantom (include/tresor/ct/volume.h): deterministic in its seed; every tissue in its HU
+// range; the coronary tree where its centerlines say, tapering, with its stenoses; NIfTI written
+// and read back by Tresor and by nibabel (Debian's python3-nibabel, run with /usr/bin/python3, as
+// an independent reader).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include <unistd.h>
+
+#include "support/test_support.h"
+#include "tresor/crypto.h"
+#include "tresor/ct/volume.h"
+
+namespace tresor::ct {
+namespace {
+
+using testing::TempDir;
+
+// A small phantom (fast): 160×160×96 voxels of 1.2×1.2×1.5 mm.
+PhantomOptions small(uint64_t seed) {
+  PhantomOptions o;
+  o.seed = seed;
+  o.dims = {160, 160, 96};
+  o.spacing = {1.2, 1.2, 1.5};
+  return o;
+}
+
+double median_hu(const Phantom& p, Label l) {
+  std::vector<int16_t> v;
+  for (size_t i = 0; i < p.labels.data.size(); ++i) {
+    if (p.labels.data[i] == l) v.push_back(p.hu.data[i]);
+  }
+  if (v.empty()) return NAN;
+  std::nth_element(v.begin(), v.begin() + static_cast<ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
+TEST(Phantom, IsDeterministicInItsSeed) {
+  auto a = make_phantom(small(7)), b = make_phantom(small(7)), c = make_phantom(small(8));
+  ASSERT_TRUE(a && b && c) << (a ? "" : a.error().message);
+  EXPECT_TRUE(a->hu.data == b->hu.data);
+  EXPECT_TRUE(a->labels.data == b->labels.data);
+  EXPECT_FALSE(a->hu.data == c->hu.data) << "another seed, another phantom";
+  ASSERT_EQ(a->stenoses.size(), 3u);
+  EXPECT_EQ(a->stenoses[0].at, b->stenoses[0].at);
+}
+
+TEST(Phantom, TissuesHaveTheirHuRangesAndTheCoronaryTreeIsWhereItsCenterlinesSay) {
+  auto p = make_phantom(small(3));
+  ASSERT_TRUE(p) << p.error().message;
+  EXPECT_EQ(p->hu.dims, (std::array<size_t, 3>{160, 160, 96}));
+  const std::map<Label, std::pair<double, double>> ranges = {{kBloodPool, {330, 470}}, {kMyocardium, {60, 160}}, {kAorta, {330, 470}},
+                                                             {kLung, {-950, -750}},    {kBone, {350, 800}},      {kFat, {-160, -30}},
+                                                             {kCoronary, {150, 470}}};
+  for (const auto& [label, range] : ranges) {
+    const double m = median_hu(*p, label);
+    EXPECT_GE(m, range.first) << "label " << int(label);
+    EXPECT_LE(m, range.second) << "label " << int(label);
+  }
+  // Six vessels, the three main ones from about 2.2–2.5 mm down to about 1 mm, branches to 0.7.
+  ASSERT_EQ(p->centerlines.size(), 6u);
+  std::map<std::string, const Centerline*> by;
+  for (const auto& c : p->centerlines) by[c.name] = &c;
+  for (const char* n : {"LAD", "LCx", "RCA", "D1", "OM1", "PDA"}) ASSERT_TRUE(by.contains(n)) << n;
+  EXPECT_NEAR(by["LAD"]->healthy_radius.front(), 2.5, 1e-9);
+  EXPECT_NEAR(by["D1"]->healthy_radius.back(), 0.7, 1e-9);
+  for (const auto& c : p->centerlines) {
+    EXPECT_GT(c.points.size(), 100u) << c.name;
+    for (size_t i = 1; i < c.healthy_radius.size(); ++i) ASSERT_LE(c.healthy_radius[i], c.healthy_radius[i - 1] + 1e-12) << c.name;
+  }
+  // Every stenosis narrows its vessel to the radius it says.
+  for (const auto& s : p->stenoses) {
+    const Centerline& c = *by[s.vessel];
+    double min_ratio = 1;
+    for (size_t i = 0; i < c.radius.size(); ++i) min_ratio = std::min(min_ratio, c.radius[i] / c.healthy_radius[i]);
+    EXPECT_LE(min_ratio, s.remaining + 0.02) << s.vessel;
+    EXPECT_GE(s.remaining, 0.3);
+  }
+  // Where a vessel is wider than a voxel, its centerline runs through coronary-labelled voxels.
+  size_t inside = 0, counted = 0;
+  for (const auto& c : p->centerlines) {
+    for (size_t i = 0; i < c.points.size(); i += 5) {
+      if (c.radius[i] < 1.0) continue;
+      const auto& q = c.points[i];
+      const size_t x = static_cast<size_t>(q[0] / 1.2), y = static_cast<size_t>(q[1] / 1.2), z = static_cast<size_t>(q[2] / 1.5);
+      ++counted;
+      inside += p->labels.at(x, y, z) == kCoronary ? 1u : 0u;
+    }
+  }
+  ASSERT_GT(counted, 50u);
+  EXPECT_GE(static_cast<double>(inside) / static_cast<double>(counted), 0.95) << inside << " of " << counted;
+  // The lumen is bright against its surroundings: contrast over the epicardial fat.
+  EXPECT_GT(median_hu(*p, kCoronary) - median_hu(*p, kFat), 250);
+}
+
+TEST(Phantom, BadOptionsAreRefusedNamingTheField) {
+  auto o = small(1);
+  o.dims[1] = 8;
+  auto r = make_phantom(o);
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("dimension 1 is 8 voxels, not 16..1024"), std::string::npos) << r.error().message;
+  o = small(1);
+  o.spacing[2] = 0;
+  EXPECT_NE(make_phantom(o).error().message.find("spacing 2"), std::string::npos);
+  o = small(1);
+  o.dims = {64, 64, 64};
+  o.spacing = {1, 1, 1};
+  EXPECT_NE(make_phantom(o).error().message.find("cannot hold the heart"), std::string::npos);
+}
+
+TEST(Phantom, NiftiRoundTripsThroughTresorAndNibabel) {
+  auto p = make_phantom(small(11));
+  ASSERT_TRUE(p);
+  TempDir dir;
+  const std::string hu = dir.file("ccta.nii"), labels = dir.file("labels.nii");
+  p->hu.origin = {-96.0, -80.5, 12.25};
+  ASSERT_TRUE(write_nifti(hu, p->hu));
+  ASSERT_TRUE(write_nifti(labels, p->labels));
+  auto back = read_nifti_hu(hu);
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(back->dims, p->hu.dims);
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(back->spacing[static_cast<size_t>(i)], p->hu.spacing[static_cast<size_t>(i)], 1e-6);
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(back->origin[static_cast<size_t>(i)], p->hu.origin[static_cast<size_t>(i)], 1e-4);
+  EXPECT_TRUE(back->data == p->hu.data);
+  auto lab = read_nifti_hu(labels);
+  ASSERT_TRUE(lab);
+  EXPECT_EQ(lab->data[p->labels.index(80, 80, 48)], p->labels.at(80, 80, 48));
+
+  // nibabel, independently: shape, zooms, the affine's translation (RAS), and voxel values.
+  if (::access("/usr/bin/python3", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/python3 for the nibabel oracle";
+  const size_t x = 81, y = 77, z = 40;
+  auto r = testing::run_command({"/usr/bin/python3", "-c",
+                                 "import sys, nibabel as nb\n"
+                                 "i = nb.load(sys.argv[1]); d = i.get_fdata()\n"
+                                 "print(i.shape, [round(float(v), 4) for v in i.header.get_zooms()], [round(float(v), 3) for v in i.affine[:3, 3]])\n"
+                                 "print(int(d[int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])]), int(d.min()), int(d.max()))\n",
+                                 hu, std::to_string(x), std::to_string(y), std::to_string(z)});
+  if (r.exit_code != 0 && r.err.find("No module named 'nibabel'") != std::string::npos) {
+    GTEST_SKIP() << "python3-nibabel is not installed (scripts/bootstrap installs it)";
+  }
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto [mn, mx] = std::minmax_element(p->hu.data.begin(), p->hu.data.end());
+  EXPECT_NE(r.out.find("(160, 160, 96) [1.2, 1.2, 1.5] [96.0, 80.5, 12.25]"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(std::to_string(p->hu.at(x, y, z)) + " " + std::to_string(*mn) + " " + std::to_string(*mx)), std::string::npos) << r.out;
+}
+
+TEST(Phantom, ReadingRefusesWhatIsNotAVolume) {
+  TempDir dir;
+  const std::string junk = dir.file("junk.nii");
+  testing::write_file(junk, as_bytes(std::string(400, 'x')));
+  auto r = read_nifti_hu(junk);
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("junk.nii: not a readable NIfTI"), std::string::npos) << r.error().message;
+  EXPECT_FALSE(read_nifti_hu(dir.file("missing.nii")));
+}
+
+}  // namespace
+}  // namespace tresor::ct
