@@ -315,6 +315,24 @@ TEST_F(Cli, BenchPrintsRatiosAndResultLine) {
   EXPECT_EQ(run_tresor({"bench", "nope"}).exit_code, 2);
 }
 
+TEST_F(Cli, PhantomWritesItsVolumesAndRefusesBadSizes) {
+  auto r = run_tresor({"phantom", "-o", dir.file("ph"), "--size", "128x128x64", "--spacing", "1.5x1.5x2", "--seed", "5"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("128x128x64 voxels of 1.5x1.5x2 mm, seed 5"), std::string::npos) << r.out;
+  for (const char* f : {"ccta.nii", "labels.nii", "centerlines.json"}) EXPECT_TRUE(std::filesystem::exists(dir.file("ph/") + f)) << f;
+  EXPECT_EQ(std::filesystem::file_size(dir.file("ph/ccta.nii")), 352u + 128 * 128 * 64 * 2);
+  auto again = run_tresor({"phantom", "-o", dir.file("ph2"), "--size", "128x128x64", "--spacing", "1.5x1.5x2", "--seed", "5"});
+  ASSERT_EQ(again.exit_code, 0);
+  EXPECT_TRUE(testing::read_file(dir.file("ph/ccta.nii")) == testing::read_file(dir.file("ph2/ccta.nii"))) << "the same seed, the same bytes";
+  auto bad = run_tresor({"phantom", "-o", dir.file("x"), "--size", "128x128"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("--size wants three numbers joined by 'x' (e.g. 512x512x256), not '128x128'"), std::string::npos) << bad.err;
+  auto small = run_tresor({"phantom", "-o", dir.file("y"), "--size", "8x128x128"});
+  EXPECT_NE(small.exit_code, 0);
+  EXPECT_NE(small.err.find("dimension 0 is 8 voxels"), std::string::npos) << small.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("y/ccta.nii")));
+}
+
 // The GPU data path's benchmark runs everywhere: on the emulated GPU here (the kernel on the
 // CPU), saying that these are not GPU figures when no GPU exists.
 TEST_F(Cli, BenchGpuMeasuresEveryPathAgainstItsBaseline) {
