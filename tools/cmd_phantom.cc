@@ -1,6 +1,7 @@
 // tresor phantom: a synthetic coronary CT angiography volume with its ground truth (issue 8,
-// docs/preprocessing.md §1): ccta.nii (HU, int16), labels.nii (uint8, the Label values) and
-// centerlines.json (the coronary tree, radii in mm, the stenoses), deterministic in --seed.
+// docs/preprocessing.md §1): ccta.nii (HU, int16), labels.nii (uint8, the Label values),
+// centerlines.json (the coronary tree, radii in mm, the stenoses) and the same HU volume as a
+// DICOM CT series in dicom/, deterministic in --seed.
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -47,13 +48,15 @@ int cmd_phantom(int argc, char** argv) {
   uint64_t seed = 1;
   unsigned stenoses = 3;
   double noise = 18;
+  bool no_dicom = false;
   opts.add_options()
       ("out,o", po::value(&out)->required(), "directory to write (created; existing files in it are replaced)")
       ("seed", po::value(&seed)->default_value(1), "the phantom's seed (same seed, same bytes)")
       ("size", po::value(&size_text)->default_value("512x512x256"), "voxels, XxYxZ (16..1024 each)")
       ("spacing", po::value(&spacing_text)->default_value("0.39x0.39x0.625"), "voxel size in mm, XxYxZ")
       ("stenoses", po::value(&stenoses)->default_value(3), "narrowings on the main vessels")
-      ("noise", po::value(&noise)->default_value(18), "Gaussian noise, HU standard deviation");
+      ("noise", po::value(&noise)->default_value(18), "Gaussian noise, HU standard deviation")
+      ("no-dicom", po::bool_switch(&no_dicom), "write NIfTI only, not the DICOM series in DIR/dicom");
   po::variables_map vm;
   if (auto stop = parse_options("phantom", "-o DIR [--seed N] [--size 512x512x256] [--spacing 0.39x0.39x0.625]", argc, argv, opts, {}, vm)) {
     return *stop;
@@ -75,6 +78,9 @@ int cmd_phantom(int argc, char** argv) {
   if (ec) return report(Error{ErrorCode::kIo, "cannot create " + out + ": " + ec.message()});
   if (auto r = ct::write_nifti(out + "/ccta.nii", p->hu); !r) return report(r.error());
   if (auto r = ct::write_nifti(out + "/labels.nii", p->labels); !r) return report(r.error());
+  if (!no_dicom) {
+    if (auto r = ct::write_dicom_series(out + "/dicom", p->hu, "Tresor CCTA phantom, seed " + std::to_string(seed)); !r) return report(r.error());
+  }
   nlohmann::json j = {{"seed", seed}, {"dims", o.dims}, {"spacing_mm", o.spacing}, {"vessels", nlohmann::json::array()},
                       {"stenoses", nlohmann::json::array()}};
   for (const auto& c : p->centerlines) {
@@ -90,9 +96,10 @@ int cmd_phantom(int argc, char** argv) {
   }
   size_t coronary = 0;
   for (auto l : p->labels.data) coronary += l == ct::kCoronary ? 1 : 0;
-  std::printf("tresor phantom: %zux%zux%zu voxels of %.3gx%.3gx%.3g mm, seed %llu: %s/ccta.nii, labels.nii, centerlines.json "
+  std::printf("tresor phantom: %zux%zux%zu voxels of %.3gx%.3gx%.3g mm, seed %llu: %s/ccta.nii, labels.nii, centerlines.json%s "
               "(%zu vessels, %zu stenoses, %zu coronary voxels)\n",
               o.dims[0], o.dims[1], o.dims[2], o.spacing[0], o.spacing[1], o.spacing[2], static_cast<unsigned long long>(seed), out.c_str(),
+              no_dicom ? "" : ", dicom/",
               p->centerlines.size(), p->stenoses.size(), coronary);
   return kExitOk;
 }

@@ -319,11 +319,15 @@ TEST_F(Cli, PhantomWritesItsVolumesAndRefusesBadSizes) {
   auto r = run_tresor({"phantom", "-o", dir.file("ph"), "--size", "128x128x64", "--spacing", "1.5x1.5x2", "--seed", "5"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("128x128x64 voxels of 1.5x1.5x2 mm, seed 5"), std::string::npos) << r.out;
-  for (const char* f : {"ccta.nii", "labels.nii", "centerlines.json"}) EXPECT_TRUE(std::filesystem::exists(dir.file("ph/") + f)) << f;
+  for (const char* f : {"ccta.nii", "labels.nii", "centerlines.json", "dicom/slice-0000.dcm", "dicom/slice-0063.dcm"}) {
+    EXPECT_TRUE(std::filesystem::exists(dir.file("ph/") + f)) << f;
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir.file("ph/dicom/slice-0064.dcm")));
   EXPECT_EQ(std::filesystem::file_size(dir.file("ph/ccta.nii")), 352u + 128 * 128 * 64 * 2);
-  auto again = run_tresor({"phantom", "-o", dir.file("ph2"), "--size", "128x128x64", "--spacing", "1.5x1.5x2", "--seed", "5"});
+  auto again = run_tresor({"phantom", "-o", dir.file("ph2"), "--size", "128x128x64", "--spacing", "1.5x1.5x2", "--seed", "5", "--no-dicom"});
   ASSERT_EQ(again.exit_code, 0);
   EXPECT_TRUE(testing::read_file(dir.file("ph/ccta.nii")) == testing::read_file(dir.file("ph2/ccta.nii"))) << "the same seed, the same bytes";
+  EXPECT_FALSE(std::filesystem::exists(dir.file("ph2/dicom")));
   auto bad = run_tresor({"phantom", "-o", dir.file("x"), "--size", "128x128"});
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.err.find("--size wants three numbers joined by 'x' (e.g. 512x512x256), not '128x128'"), std::string::npos) << bad.err;

@@ -84,4 +84,15 @@ struct Phantom {
 /// intercept applied, rounded, clamped to int16). Errors name the file and the field.
 [[nodiscard]] Result<HuVolume> read_nifti_hu(const std::string& path);
 
+/// A DICOM CT series: every file in `dir`, one slice each, sorted by position along the slice
+/// normal; HU from RescaleSlope/Intercept; x/y spacing from PixelSpacing, z from the positions;
+/// origin = the first slice's ImagePositionPatient. Refused, naming the files: more than one
+/// series, different sizes or pixel spacings, orientations other than axial, two slices at one
+/// position, uneven slice gaps (missing slices).
+[[nodiscard]] Result<HuVolume> read_dicom_series(const std::string& dir);
+/// `v` as a CT series in `dir` (slice-0000.dcm, …; CT Image Storage, int16 HU with slope 1),
+/// with UIDs derived from the volume and `description`, so that the same volume gives the same
+/// files.
+[[nodiscard]] Result<void> write_dicom_series(const std::string& dir, const HuVolume& v, const std::string& description);
+
 }  // namespace tresor::ct
