@@ -1,0 +1,148 @@
+// CT preprocessing operations, CPU references (include/tresor/ct/ops.h, docs/preprocessing.md §4).
+#include "tresor/ct/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "tresor/thread_pool.h"
+
+namespace tresor::ct {
+namespace {
+
+// The output grid along one axis: centres at 0, s', 2s', … up to the last old centre.
+size_t grid_size(size_t n, double old_spacing, double new_spacing) {
+  const double extent = static_cast<double>(n - 1) * old_spacing;
+  return static_cast<size_t>(std::floor(extent / new_spacing + 1e-9)) + 1;
+}
+
+template <typename Out, typename In>
+Result<Volume<Out>> grid_like(const Volume<In>& v, const std::array<double, 3>& spacing) {
+  Volume<Out> out;
+  for (size_t a = 0; a < 3; ++a) {
+    if (!(spacing[a] >= 0.05 && spacing[a] <= 20)) {
+      return fail(ErrorCode::kInvalidArgument, "resample: spacing " + std::to_string(spacing[a]) + " mm on axis " + std::to_string(a) + " is not 0.05..20");
+    }
+    out.dims[a] = grid_size(v.dims[a], v.spacing[a], spacing[a]);
+  }
+  if (v.data.size() != v.size() || v.size() == 0) return fail(ErrorCode::kInvalidArgument, "resample: an empty volume");
+  if (static_cast<double>(out.dims[0]) * static_cast<double>(out.dims[1]) * static_cast<double>(out.dims[2]) > 2147483648.0) {
+    return fail(ErrorCode::kInvalidArgument, "resample: the output would have more than 2^31 voxels");
+  }
+  out.spacing = spacing;
+  out.origin = v.origin;
+  out.data.resize(out.size());
+  return out;
+}
+
+}  // namespace
+
+Result<FloatVolume> window(const HuVolume& v, double lower, double upper) {
+  if (!(lower < upper)) return fail(ErrorCode::kInvalidArgument, "window: lower " + std::to_string(lower) + " is not below upper " + std::to_string(upper));
+  FloatVolume out;
+  out.dims = v.dims;
+  out.spacing = v.spacing;
+  out.origin = v.origin;
+  out.data.resize(v.data.size());
+  const double scale = 1.0 / (upper - lower);
+  for (size_t i = 0; i < v.data.size(); ++i) out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], lower, upper) - lower) * scale);
+  return out;
+}
+
+Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& foreground) {
+  if (v.dims != foreground.dims || v.data.size() != foreground.data.size()) {
+    return fail(ErrorCode::kInvalidArgument, "ct normalisation: the foreground mask does not have the volume's dimensions");
+  }
+  std::vector<int16_t> fg;
+  for (size_t i = 0; i < v.data.size(); ++i) {
+    if (foreground.data[i] != 0) fg.push_back(v.data[i]);
+  }
+  if (fg.empty()) return fail(ErrorCode::kInvalidArgument, "ct normalisation: the foreground is empty");
+  std::sort(fg.begin(), fg.end());
+  auto percentile = [&](double p) {
+    const double at = p / 100 * static_cast<double>(fg.size() - 1);
+    const size_t lo = static_cast<size_t>(std::floor(at));
+    const size_t hi = std::min(lo + 1, fg.size() - 1);
+    return fg[lo] + (at - static_cast<double>(lo)) * (fg[hi] - fg[lo]);
+  };
+  CtNormalisation n;
+  n.lower = percentile(0.5);
+  n.upper = percentile(99.5);
+  double sum = 0;
+  for (int16_t h : fg) sum += h;
+  n.mean = sum / static_cast<double>(fg.size());
+  double sq = 0;
+  for (int16_t h : fg) sq += (h - n.mean) * (h - n.mean);
+  n.sd = std::sqrt(sq / static_cast<double>(fg.size()));
+  return n;
+}
+
+FloatVolume normalise(const HuVolume& v, const CtNormalisation& n) {
+  FloatVolume out;
+  out.dims = v.dims;
+  out.spacing = v.spacing;
+  out.origin = v.origin;
+  out.data.resize(v.data.size());
+  const double sd = std::max(n.sd, 1e-8);
+  for (size_t i = 0; i < v.data.size(); ++i) out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], n.lower, n.upper) - n.mean) / sd);
+  return out;
+}
+
+Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing) {
+  auto out = grid_like<float>(v, spacing);
+  if (!out) return std::unexpected(out.error());
+  const auto& d = v.dims;
+  const auto& od = out->dims;
+  ThreadPool pool(0);
+  pool.parallel_for(od[2], [&](size_t z) {
+    // Source coordinate along each axis, its lower neighbour and weight (edges clamped).
+    auto coord = [&](size_t j, size_t a, size_t& i0, size_t& i1, double& w) {
+      const double x = static_cast<double>(j) * spacing[a] / v.spacing[a];
+      const double f = std::floor(x);
+      i0 = std::min(static_cast<size_t>(f), d[a] - 1);
+      i1 = std::min(i0 + 1, d[a] - 1);
+      w = x - f;
+    };
+    size_t z0, z1;
+    double wz;
+    coord(z, 2, z0, z1, wz);
+    for (size_t y = 0; y < od[1]; ++y) {
+      size_t y0, y1;
+      double wy;
+      coord(y, 1, y0, y1, wy);
+      for (size_t x = 0; x < od[0]; ++x) {
+        size_t x0, x1;
+        double wx;
+        coord(x, 0, x0, x1, wx);
+        auto at = [&](size_t xx, size_t yy, size_t zz) { return static_cast<double>(v.at(xx, yy, zz)); };
+        const double c00 = at(x0, y0, z0) * (1 - wx) + at(x1, y0, z0) * wx, c10 = at(x0, y1, z0) * (1 - wx) + at(x1, y1, z0) * wx;
+        const double c01 = at(x0, y0, z1) * (1 - wx) + at(x1, y0, z1) * wx, c11 = at(x0, y1, z1) * (1 - wx) + at(x1, y1, z1) * wx;
+        const double c0 = c00 * (1 - wy) + c10 * wy, c1 = c01 * (1 - wy) + c11 * wy;
+        out->at(x, y, z) = static_cast<float>(c0 * (1 - wz) + c1 * wz);
+      }
+    }
+  });
+  return out;
+}
+
+Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3> spacing) {
+  auto out = grid_like<uint8_t>(v, spacing);
+  if (!out) return std::unexpected(out.error());
+  const auto& d = v.dims;
+  const auto& od = out->dims;
+  auto nearest = [&](size_t j, size_t a) {
+    // floor(x + 0.5), as SciPy's order-0 interpolation.
+    return std::min(static_cast<size_t>(std::floor(static_cast<double>(j) * spacing[a] / v.spacing[a] + 0.5)), d[a] - 1);
+  };
+  ThreadPool pool(0);
+  pool.parallel_for(od[2], [&](size_t z) {
+    const size_t sz = nearest(z, 2);
+    for (size_t y = 0; y < od[1]; ++y) {
+      const size_t sy = nearest(y, 1);
+      for (size_t x = 0; x < od[0]; ++x) out->at(x, y, z) = v.at(nearest(x, 0), sy, sz);
+    }
+  });
+  return out;
+}
+
+}  // namespace tresor::ct
