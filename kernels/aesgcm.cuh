@@ -28,11 +28,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TRESOR_HD __host__ __device__
-#else
-#define TRESOR_HD
-#endif
+#include "hd.h"
 
 namespace tresor::gpu::aesgcm {
 

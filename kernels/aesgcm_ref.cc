@@ -12,6 +12,7 @@
 #include "aesgcm.cuh"
 #include "cuda_shim.h"
 #include "tresor/crypto.h"
+#include "tresor/sealed.h"
 
 namespace tresor::gpu {
 namespace {
@@ -172,6 +173,16 @@ Result<ChunkKey> ChunkKey::derive(std::span<const std::byte, 32> payload_key) {
   OPENSSL_cleanse(&h, sizeof h);
   OPENSSL_cleanse(&p, sizeof p);
   return ChunkKey(std::move(kd));
+}
+
+Result<ChunkKey> ChunkKey::for_stream(ByteSpan file_key, const std::array<std::byte, 7>& nonce_prefix) {
+  auto keys = sealed::derive_stream_keys(file_key, nonce_prefix);
+  if (!keys) return std::unexpected(keys.error());
+  std::array<std::byte, 32> kp{};
+  std::memcpy(kp.data(), keys->payload_key.span().data(), kp.size());
+  auto key = derive(kp);
+  OPENSSL_cleanse(kp.data(), kp.size());
+  return key;
 }
 
 Result<RunShape> run_shape(const ChunkRun& run, uint64_t frames_bytes) {

@@ -168,6 +168,15 @@ std::unique_ptr<ChannelDevice> emulated_device(std::function<void(ByteSpan)> on_
   return std::make_unique<EmulatedDevice>(std::move(on_staging));
 }
 
+ChunkRun whole_stream(const sealed::Header& header) {
+  ChunkRun run;
+  run.nonce_prefix = header.nonce_prefix;
+  run.chunk_size = header.chunk_size;
+  run.first_index = 0;
+  run.ends_with_final = true;
+  return run;
+}
+
 DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
     : device_(std::exchange(o.device_, nullptr)), mem_(std::exchange(o.mem_, {})), offset_(o.offset_), size_(std::exchange(o.size_, 0)) {}
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
@@ -215,18 +224,10 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   if (!header) return std::unexpected(named(path, header.error()));
   auto file_key = sealed::unlock(*header, header_bytes, keys, path);
   if (!file_key) return std::unexpected(file_key.error());
-  auto stream_keys = sealed::derive_stream_keys(file_key->span(), header->nonce_prefix);
-  if (!stream_keys) return std::unexpected(stream_keys.error());
-  std::array<std::byte, 32> kp{};
-  std::memcpy(kp.data(), stream_keys->payload_key.span().data(), 32);
-  auto key = ChunkKey::derive(kp);
-  OPENSSL_cleanse(kp.data(), kp.size());
+  auto key = ChunkKey::for_stream(file_key->span(), header->nonce_prefix);
   if (!key) return std::unexpected(key.error());
 
-  ChunkRun whole;
-  whole.nonce_prefix = header->nonce_prefix;
-  whole.chunk_size = header->chunk_size;
-  whole.ends_with_final = true;
+  const ChunkRun whole = whole_stream(*header);
   auto shape = run_shape(whole, *size - *header_len);
   if (!shape) return std::unexpected(named(path, shape.error()));
   const uint64_t n = length.value_or(shape->plaintext_bytes - std::min(offset, shape->plaintext_bytes));
@@ -307,17 +308,9 @@ Result<void> SecureChannel::download(const std::byte* data, size_t size, const s
   TRESOR_TRY(sealed::check_seal_options(options));
   auto hdr = sealed::make_header(options);
   if (!hdr) return std::unexpected(hdr.error());
-  auto stream_keys = sealed::derive_stream_keys(hdr->file_key.span(), hdr->header.nonce_prefix);
-  if (!stream_keys) return std::unexpected(stream_keys.error());
-  std::array<std::byte, 32> kp{};
-  std::memcpy(kp.data(), stream_keys->payload_key.span().data(), 32);
-  auto key = ChunkKey::derive(kp);
-  OPENSSL_cleanse(kp.data(), kp.size());
+  auto key = ChunkKey::for_stream(hdr->file_key.span(), hdr->header.nonce_prefix);
   if (!key) return std::unexpected(key.error());
-  ChunkRun whole;
-  whole.nonce_prefix = hdr->header.nonce_prefix;
-  whole.chunk_size = hdr->header.chunk_size;
-  whole.ends_with_final = true;
+  const ChunkRun whole = whole_stream(hdr->header);
   auto frames = frames_size(whole, size);
   if (!frames) return std::unexpected(frames.error());
   auto shape = run_shape(whole, *frames);

@@ -4,11 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define TRESOR_HD __host__ __device__
-#else
-#define TRESOR_HD
-#endif
+#include "hd.h"
 
 namespace tresor::gpu::detail {
 TRESOR_HD inline uint32_t selftest_mix(uint32_t seed, uint32_t i) {

@@ -140,16 +140,9 @@ int cmd_bench_gpu(int argc, char** argv) {
     TRESOR_TRY(device->write_device(d_frames->p, ByteSpan(file).subspan(header_len)));
     auto unlock = sealed::unlock(*header, ByteSpan(file).first(header_len), ring, path);
     if (!unlock) return std::unexpected(unlock.error());
-    auto keys = sealed::derive_stream_keys(unlock->span(), header->nonce_prefix);
-    if (!keys) return std::unexpected(keys.error());
-    std::array<std::byte, 32> kp{};
-    std::copy_n(keys->payload_key.span().begin(), 32, kp.begin());
-    auto ck = gpu::ChunkKey::derive(kp);
+    auto ck = gpu::ChunkKey::for_stream(unlock->span(), header->nonce_prefix);
     if (!ck) return std::unexpected(ck.error());
-    gpu::ChunkRun run;
-    run.nonce_prefix = header->nonce_prefix;
-    run.chunk_size = static_cast<uint32_t>(*chunk);
-    run.ends_with_final = true;
+    const gpu::ChunkRun run = gpu::whole_stream(*header);
     auto shape = gpu::run_shape(run, frames_bytes);
     if (!shape) return std::unexpected(shape.error());
     auto d_key = device->load_key(*ck);

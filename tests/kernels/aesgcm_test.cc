@@ -264,15 +264,6 @@ TEST(GpuAesGcm, BadRunsAreRefusedNamingWhatIsWrong) {
 
 // ---- On a CUDA device ------------------------------------------------------------------------
 
-#define TRESOR_SKIP_WITHOUT_GPU(devs)                                           \
-  do {                                                                          \
-    if (!(devs)) {                                                              \
-      if (std::getenv("TRESOR_REQUIRE_GPU") != nullptr) {                       \
-        FAIL() << "TRESOR_REQUIRE_GPU is set but: " << (devs).error().message;  \
-      }                                                                         \
-      GTEST_SKIP() << "no GPU: " << (devs).error().message;                     \
-    }                                                                           \
-  } while (false)
 
 TEST(GpuAesGcmDevice, KernelMatchesOpenSslOnRandomSizesAndFailsTamperedChunks) {
   auto devs = gpu::gpu_probe();

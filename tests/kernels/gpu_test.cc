@@ -5,21 +5,12 @@
 #include <cstdlib>
 #include <vector>
 
+#include "support/test_support.h"
 #include "tresor/gpu.h"
 
 namespace tresor {
 namespace {
 
-// scripts/gpu-check sets TRESOR_REQUIRE_GPU=1: on a GPU machine a missing device is a failure.
-#define TRESOR_SKIP_WITHOUT_GPU(devs)                                           \
-  do {                                                                          \
-    if (!(devs)) {                                                              \
-      if (std::getenv("TRESOR_REQUIRE_GPU") != nullptr) {                       \
-        FAIL() << "TRESOR_REQUIRE_GPU is set but: " << (devs).error().message;  \
-      }                                                                         \
-      GTEST_SKIP() << "no GPU: " << (devs).error().message;                     \
-    }                                                                           \
-  } while (false)
 
 TEST(GpuSelftestRef, MatchesIndependentlyComputedValues) {
   // Values computed with a separate Python implementation of the same 32-bit mix.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <ctime>
 #include <filesystem>
 #include <string>
@@ -103,5 +104,17 @@ std::string unix_line_request(const std::string& socket_path, const std::string&
 
 /// The port in a line such as "… listening on https://127.0.0.1:PORT (TLS 1.3) …"; 0 if none.
 int port_in(const std::string& line);
+
+
+// scripts/gpu-check sets TRESOR_REQUIRE_GPU=1: on a GPU machine a missing device is a failure.
+#define TRESOR_SKIP_WITHOUT_GPU(devs)                                           \
+  do {                                                                          \
+    if (!(devs)) {                                                              \
+      if (std::getenv("TRESOR_REQUIRE_GPU") != nullptr) {                       \
+        FAIL() << "TRESOR_REQUIRE_GPU is set but: " << (devs).error().message;  \
+      }                                                                         \
+      GTEST_SKIP() << "no GPU: " << (devs).error().message;                     \
+    }                                                                           \
+  } while (false)
 
 }  // namespace tresor::testing

@@ -27,6 +27,8 @@ struct KeyData;
 class ChunkKey {
  public:
   [[nodiscard]] static Result<ChunkKey> derive(std::span<const std::byte, 32> payload_key);
+  /// From a sealed stream's file key and nonce prefix (its payload key, docs/formats.md §4).
+  [[nodiscard]] static Result<ChunkKey> for_stream(ByteSpan file_key, const std::array<std::byte, 7>& nonce_prefix);
   ChunkKey(ChunkKey&&) noexcept;
   ChunkKey& operator=(ChunkKey&&) noexcept;
   ~ChunkKey();

@@ -75,6 +75,10 @@ class ChannelDevice {
 /// kUnavailable with the reason when this build has no CUDA or the device cannot be used.
 [[nodiscard]] Result<std::unique_ptr<ChannelDevice>> cuda_device(int index);
 
+/// The run of a whole sealed stream with this header: its prefix and chunk size, from chunk 0,
+/// ending with the final chunk.
+[[nodiscard]] ChunkRun whole_stream(const sealed::Header& header);
+
 /// Decrypted data in device memory. Wiped and freed when destroyed.
 class DeviceBuffer {
  public:
