@@ -35,7 +35,53 @@ Result<Volume<Out>> grid_like(const Volume<In>& v, const std::array<double, 3>& 
   return out;
 }
 
+// Mirror an index into 0..n-1 the way SciPy's "reflect" mode does (the edge sample repeated).
+long reflect(long i, long n) {
+  if (n == 1) return 0;
+  const long period = 2 * n;
+  i %= period;
+  if (i < 0) i += period;
+  return i < n ? i : period - 1 - i;
+}
+
 }  // namespace
+
+void gaussian_in_place(std::vector<float>& v, const std::array<size_t, 3>& d, const std::array<double, 3>& spacing,
+                       const std::array<double, 3>& sigma_mm, double truncate) {
+  ThreadPool pool(0);
+  for (size_t axis = 0; axis < 3; ++axis) {
+    const double sigma = sigma_mm[axis] / spacing[axis];
+    if (sigma <= 0) continue;
+    const long r = static_cast<long>(truncate * sigma + 0.5);
+    std::vector<double> k(static_cast<size_t>(2 * r + 1));
+    double sum = 0;
+    for (long i = -r; i <= r; ++i) sum += k[static_cast<size_t>(i + r)] = std::exp(-0.5 * (static_cast<double>(i) / sigma) * (static_cast<double>(i) / sigma));
+    for (auto& x : k) x /= sum;
+    const size_t stride = axis == 0 ? 1 : axis == 1 ? d[0] : d[0] * d[1];
+    const size_t len = d[axis];
+    const size_t lines = v.size() / len;
+    pool.parallel_for(lines, [&](size_t line) {
+      // The line's first element: every index whose coordinate along `axis` is 0.
+      const size_t base = axis == 0 ? line * d[0] : axis == 1 ? (line / d[0]) * d[0] * d[1] + line % d[0] : line;
+      std::vector<double> in(len);
+      for (size_t i = 0; i < len; ++i) in[i] = v[base + i * stride];
+      for (size_t i = 0; i < len; ++i) {
+        double acc = 0;
+        for (long t = -r; t <= r; ++t) acc += k[static_cast<size_t>(t + r)] * in[static_cast<size_t>(reflect(static_cast<long>(i) + t, static_cast<long>(len)))];
+        v[base + i * stride] = static_cast<float>(acc);
+      }
+    });
+  }
+}
+
+Result<FloatVolume> gaussian(const FloatVolume& v, std::array<double, 3> sigma_mm, double truncate) {
+  for (double s : sigma_mm) {
+    if (!(s >= 0)) return fail(ErrorCode::kInvalidArgument, "gaussian: sigma " + std::to_string(s) + " mm is negative");
+  }
+  FloatVolume out = v;
+  gaussian_in_place(out.data, out.dims, out.spacing, sigma_mm, truncate);
+  return out;
+}
 
 Result<FloatVolume> window(const HuVolume& v, double lower, double upper) {
   if (!(lower < upper)) return fail(ErrorCode::kInvalidArgument, "window: lower " + std::to_string(lower) + " is not below upper " + std::to_string(upper));

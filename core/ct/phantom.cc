@@ -14,6 +14,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "tresor/ct/ops.h"
 #include "tresor/ct/volume.h"
 #include "tresor/thread_pool.h"
 
@@ -132,40 +133,6 @@ Centerline vessel(const Anatomy& a, std::string name, const std::vector<std::pai
     c.radius.push_back(r);
   }
   return c;
-}
-
-// Separable Gaussian blur in place along one axis (sigma in voxels), clamped at the edges.
-void blur_axis(std::vector<float>& v, const std::array<size_t, 3>& d, int axis, double sigma, ThreadPool& pool) {
-  if (sigma < 0.2) return;
-  const int r = static_cast<int>(std::ceil(3 * sigma));
-  std::vector<float> k(static_cast<size_t>(2 * r + 1));
-  double sum = 0;
-  for (int i = -r; i <= r; ++i) sum += k[static_cast<size_t>(i + r)] = static_cast<float>(std::exp(-0.5 * sq(i / sigma)));
-  for (auto& x : k) x = static_cast<float>(x / sum);
-  const size_t stride = axis == 0 ? 1 : axis == 1 ? d[0] : d[0] * d[1];
-  const size_t len = d[static_cast<size_t>(axis)];
-  const size_t lines = v.size() / len;
-  pool.parallel_for(lines, [&](size_t line) {
-    // The line's first element: every index whose coordinate along `axis` is 0.
-    size_t base;
-    if (axis == 0) {
-      base = line * d[0];
-    } else if (axis == 1) {
-      base = (line / d[0]) * d[0] * d[1] + line % d[0];
-    } else {
-      base = line;
-    }
-    std::vector<float> in(len);
-    for (size_t i = 0; i < len; ++i) in[i] = v[base + i * stride];
-    for (size_t i = 0; i < len; ++i) {
-      float acc = 0;
-      for (int t = -r; t <= r; ++t) {
-        const long at = std::clamp<long>(static_cast<long>(i) + t, 0, static_cast<long>(len) - 1);
-        acc += k[static_cast<size_t>(t + r)] * in[static_cast<size_t>(at)];
-      }
-      v[base + i * stride] = acc;
-    }
-  });
 }
 
 }  // namespace
@@ -288,7 +255,7 @@ Result<Phantom> make_phantom(const PhantomOptions& o) {
     }
   }
   // Partial volume, then noise (one stream per slice).
-  for (int ax = 0; ax < 3; ++ax) blur_axis(hu, d, ax, o.blur_mm / o.spacing[static_cast<size_t>(ax)], pool);
+  gaussian_in_place(hu, d, o.spacing, {o.blur_mm, o.blur_mm, o.blur_mm}, 3.0);
   ph.hu.data.resize(hu.size());
   pool.parallel_for(d[2], [&](size_t z) {
     Rng noise{o.seed * 0x2545F4914F6CDD1Dull + z + 1};

@@ -25,6 +25,15 @@ struct CtNormalisation {
 [[nodiscard]] Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& foreground);
 [[nodiscard]] FloatVolume normalise(const HuVolume& v, const CtNormalisation& n);
 
+/// A separable 3D Gaussian of standard deviation `sigma_mm` per axis (in mm; 0 leaves an axis),
+/// as scipy.ndimage.gaussian_filter: kernel radius ⌊truncate·σ + 0.5⌋ voxels, weights
+/// exp(−x²/2σ²) normalised, edges mirrored ("reflect": … c b a | a b c …), double accumulation.
+/// kInvalidArgument for a negative sigma.
+[[nodiscard]] Result<FloatVolume> gaussian(const FloatVolume& v, std::array<double, 3> sigma_mm, double truncate = 4.0);
+/// The same in place on a bare float array of `dims` and `spacing` (what the phantom blurs).
+void gaussian_in_place(std::vector<float>& data, const std::array<size_t, 3>& dims, const std::array<double, 3>& spacing,
+                       const std::array<double, 3>& sigma_mm, double truncate = 4.0);
+
 /// Resampling on the physical grid: the new voxel centres start at the old first centre and step
 /// by `spacing` mm up to the old last centre (so the spacing is exact, unlike a zoom that aligns
 /// corner voxels). Intensities trilinearly (edges clamped), labels by the nearest voxel.
