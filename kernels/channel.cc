@@ -157,6 +157,20 @@ struct Scope {
     if (m) staging.push_back(*m);
     return m;
   }
+  // `depth` staging slots of `bytes` pinned host memory, each with device scratch of the same size.
+  Result<void> slots(unsigned depth, size_t bytes, std::vector<Mem>& staged, std::vector<Mem>& scratch) {
+    staged.assign(depth, Mem{});
+    scratch.assign(depth, Mem{});
+    for (unsigned s = 0; s < depth; ++s) {
+      auto st = stage(bytes);
+      if (!st) return std::unexpected(st.error());
+      auto sc = dev_mem(bytes);
+      if (!sc) return std::unexpected(sc.error());
+      staged[s] = *st;
+      scratch[s] = *sc;
+    }
+    return {};
+  }
 };
 
 Error named(const std::string& path, const Error& e) { return Error{e.code, path + ": " + e.message}; }
@@ -260,14 +274,8 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   const uint64_t batch = options_.batch_chunks;
   const size_t slot_bytes = static_cast<size_t>(std::min<uint64_t>(batch, chunks) * (c + 16));
   const unsigned depth = static_cast<unsigned>(std::min<uint64_t>(options_.depth, (chunks + batch - 1) / batch));
-  std::vector<Mem> staging(depth), scratch(depth);
-  for (unsigned s = 0; s < depth; ++s) {
-    auto st = scope.stage(slot_bytes);
-    auto sc = scope.dev_mem(slot_bytes);
-    if (!st || !sc) return std::unexpected(!st ? st.error() : sc.error());
-    staging[s] = *st;
-    scratch[s] = *sc;
-  }
+  std::vector<Mem> staging, scratch;
+  TRESOR_TRY(scope.slots(depth, slot_bytes, staging, scratch));
   std::vector<bool> busy(depth, false);
   const uint64_t frames_at = *header_len;
   for (uint64_t b = first, k = 0; b < end; b += batch, ++k) {
@@ -334,15 +342,9 @@ Result<void> SecureChannel::download(const std::byte* data, size_t size, const s
     uint64_t file_offset = 0, bytes = 0;
     bool busy = false;
   };
-  std::vector<Mem> staging(depth), scratch(depth);
+  std::vector<Mem> staging, scratch;
   std::vector<Pending> pending(depth);
-  for (unsigned s = 0; s < depth; ++s) {
-    auto st = scope.stage(slot_bytes);
-    auto sc = scope.dev_mem(slot_bytes);
-    if (!st || !sc) return std::unexpected(!st ? st.error() : sc.error());
-    staging[s] = *st;
-    scratch[s] = *sc;
-  }
+  TRESOR_TRY(scope.slots(depth, slot_bytes, staging, scratch));
   // A slot's frames reach the file once its stream has finished them.
   auto drain = [&](unsigned slot) -> Result<void> {
     if (!pending[slot].busy) return {};

@@ -15,6 +15,7 @@
 #include "tresor/crypto.h"
 #include "tresor/gpu.h"
 #include "tresor/gpu/aesgcm.h"
+#include "tresor/gpu/channel.h"
 #include "tresor/identity.h"
 #include "tresor/sealed.h"
 
@@ -160,10 +161,7 @@ TEST(GpuAesGcm, EmulatedKernelOpensAndSealsTheSealedFormatBitExactly) {
     Sealed s = seal_with_openssl(plain, k.chunk);
     auto ck = ChunkKey::derive(s.kp);
     ASSERT_TRUE(ck);
-    ChunkRun run;
-    run.nonce_prefix = s.header.nonce_prefix;
-    run.chunk_size = k.chunk;
-    run.ends_with_final = true;
+    const ChunkRun run = gpu::whole_stream(s.header);  // chunk size k.chunk, from the header
     const ByteSpan frames = ByteSpan(s.file).subspan(s.header_len);
     Bytes out(k.size);
     auto opened = gpu::open_chunks_emulated(*ck, run, frames, out);
@@ -196,10 +194,7 @@ TEST(GpuAesGcm, TamperingFailsNamingTheChunkAndZeroesEverything) {
   const Bytes plain = random_bytes(6 * c + 300, 5);
   Sealed s = seal_with_openssl(plain, c);
   auto ck = ChunkKey::derive(s.kp);
-  ChunkRun run;
-  run.nonce_prefix = s.header.nonce_prefix;
-  run.chunk_size = c;
-  run.ends_with_final = true;
+  const ChunkRun run = gpu::whole_stream(s.header);  // chunk size c, from the header
   const Bytes frames(s.file.begin() + static_cast<ptrdiff_t>(s.header_len), s.file.end());
   const size_t f = c + 16;
   struct Case {
@@ -282,10 +277,7 @@ TEST(GpuAesGcmDevice, KernelMatchesOpenSslOnRandomSizesAndFailsTamperedChunks) {
     const Bytes plain = random_bytes(size, seed++);
     Sealed s = seal_with_openssl(plain, chunk);
     auto ck = ChunkKey::derive(s.kp);
-    ChunkRun run;
-    run.nonce_prefix = s.header.nonce_prefix;
-    run.chunk_size = chunk;
-    run.ends_with_final = true;
+    const ChunkRun run = gpu::whole_stream(s.header);  // chunk size chunk, from the header
     const ByteSpan frames = ByteSpan(s.file).subspan(s.header_len);
     Bytes out(size);
     auto r = gpu::open_chunks_cuda(0, *ck, run, frames, out);
