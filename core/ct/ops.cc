@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "internal.h"
 #include "tresor/thread_pool.h"
 
 namespace tresor::ct {
@@ -44,34 +45,71 @@ long reflect(long i, long n) {
   return i < n ? i : period - 1 - i;
 }
 
+std::vector<double> gaussian_kernel(double sigma, double truncate) {
+  const long r = static_cast<long>(truncate * sigma + 0.5);
+  std::vector<double> k(static_cast<size_t>(2 * r + 1));
+  double sum = 0;
+  for (long i = -r; i <= r; ++i) sum += k[static_cast<size_t>(i + r)] = std::exp(-0.5 * (static_cast<double>(i) / sigma) * (static_cast<double>(i) / sigma));
+  for (auto& x : k) x /= sum;
+  return k;
+}
+
+template <typename T>
+void convolve_axis(const T* src, T* dst, const std::array<size_t, 3>& d, size_t axis, const std::vector<double>& k, ThreadPool& pool) {
+  const long r = static_cast<long>(k.size() / 2);
+  const size_t len = d[axis];
+  // Source position of every tap position −r .. len−1+r along the axis, mirrored.
+  std::vector<size_t> at(len + 2 * static_cast<size_t>(r));
+  for (size_t i = 0; i < at.size(); ++i) at[i] = static_cast<size_t>(reflect(static_cast<long>(i) - r, static_cast<long>(len)));
+  const size_t nx = d[0], ny = d[1];
+  pool.parallel_for(d[2], [&](size_t z) {
+    std::vector<double> acc(nx), padded(axis == 0 ? at.size() : 0);
+    for (size_t y = 0; y < ny; ++y) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      if (axis == 0) {
+        // Along x: mirror the row into a padded copy, then accumulate tap by tap (vectorises over x).
+        const T* row = src + nx * (y + ny * z);
+        for (size_t i = 0; i < at.size(); ++i) padded[i] = static_cast<double>(row[at[i]]);
+        for (size_t t = 0; t < k.size(); ++t) {
+          const double w = k[t];
+          const double* p = padded.data() + t;
+          for (size_t x = 0; x < nx; ++x) acc[x] += w * p[x];
+        }
+      } else {
+        // Along y or z: whole rows of x, each tap a row from a mirrored y or z.
+        const size_t pos = axis == 1 ? y : z;
+        for (size_t t = 0; t < k.size(); ++t) {
+          const size_t s = at[pos + t];
+          const T* row = axis == 1 ? src + nx * (s + ny * z) : src + nx * (y + ny * s);
+          const double w = k[t];
+          for (size_t x = 0; x < nx; ++x) acc[x] += w * static_cast<double>(row[x]);
+        }
+      }
+      T* out = dst + nx * (y + ny * z);
+      for (size_t x = 0; x < nx; ++x) out[x] = static_cast<T>(acc[x]);
+    }
+  });
+}
+
 }  // namespace
+
+template <typename T>
+void detail::gaussian_voxels(std::vector<T>& v, const std::array<size_t, 3>& d, const std::array<double, 3>& sigma_voxels, double truncate, ThreadPool& pool) {
+  std::vector<T> tmp;
+  for (size_t axis = 0; axis < 3; ++axis) {
+    if (!(sigma_voxels[axis] > 0)) continue;
+    if (tmp.size() != v.size()) tmp.resize(v.size());
+    convolve_axis(v.data(), tmp.data(), d, axis, gaussian_kernel(sigma_voxels[axis], truncate), pool);
+    v.swap(tmp);
+  }
+}
+template void detail::gaussian_voxels(std::vector<float>&, const std::array<size_t, 3>&, const std::array<double, 3>&, double, ThreadPool&);
+template void detail::gaussian_voxels(std::vector<double>&, const std::array<size_t, 3>&, const std::array<double, 3>&, double, ThreadPool&);
 
 void gaussian_in_place(std::vector<float>& v, const std::array<size_t, 3>& d, const std::array<double, 3>& spacing,
                        const std::array<double, 3>& sigma_mm, double truncate) {
   ThreadPool pool(0);
-  for (size_t axis = 0; axis < 3; ++axis) {
-    const double sigma = sigma_mm[axis] / spacing[axis];
-    if (sigma <= 0) continue;
-    const long r = static_cast<long>(truncate * sigma + 0.5);
-    std::vector<double> k(static_cast<size_t>(2 * r + 1));
-    double sum = 0;
-    for (long i = -r; i <= r; ++i) sum += k[static_cast<size_t>(i + r)] = std::exp(-0.5 * (static_cast<double>(i) / sigma) * (static_cast<double>(i) / sigma));
-    for (auto& x : k) x /= sum;
-    const size_t stride = axis == 0 ? 1 : axis == 1 ? d[0] : d[0] * d[1];
-    const size_t len = d[axis];
-    const size_t lines = v.size() / len;
-    pool.parallel_for(lines, [&](size_t line) {
-      // The line's first element: every index whose coordinate along `axis` is 0.
-      const size_t base = axis == 0 ? line * d[0] : axis == 1 ? (line / d[0]) * d[0] * d[1] + line % d[0] : line;
-      std::vector<double> in(len);
-      for (size_t i = 0; i < len; ++i) in[i] = v[base + i * stride];
-      for (size_t i = 0; i < len; ++i) {
-        double acc = 0;
-        for (long t = -r; t <= r; ++t) acc += k[static_cast<size_t>(t + r)] * in[static_cast<size_t>(reflect(static_cast<long>(i) + t, static_cast<long>(len)))];
-        v[base + i * stride] = static_cast<float>(acc);
-      }
-    });
-  }
+  detail::gaussian_voxels(v, d, {sigma_mm[0] / spacing[0], sigma_mm[1] / spacing[1], sigma_mm[2] / spacing[2]}, truncate, pool);
 }
 
 Result<FloatVolume> gaussian(const FloatVolume& v, std::array<double, 3> sigma_mm, double truncate) {
@@ -189,6 +227,32 @@ Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3>
     }
   });
   return out;
+}
+
+Result<double> roc_auc(const std::vector<float>& score, const LabelVolume& labels, uint8_t positive) {
+  if (score.size() != labels.data.size()) {
+    return fail(ErrorCode::kInvalidArgument, "roc auc: " + std::to_string(score.size()) + " scores for " + std::to_string(labels.data.size()) + " voxels");
+  }
+  std::vector<uint32_t> order(score.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<uint32_t>(i);
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return score[a] < score[b]; });
+  // Sum of the positives' ranks (1-based, tied runs sharing their mean rank).
+  double rank_sum = 0;
+  size_t pos = 0;
+  for (size_t i = 0; i < order.size();) {
+    size_t j = i;
+    size_t run_pos = 0;
+    while (j < order.size() && score[order[j]] == score[order[i]]) run_pos += labels.data[order[j++]] == positive ? 1u : 0u;
+    rank_sum += static_cast<double>(run_pos) * (static_cast<double>(i + 1) + static_cast<double>(j)) / 2;
+    pos += run_pos;
+    i = j;
+  }
+  const size_t neg = score.size() - pos;
+  if (pos == 0 || neg == 0) {
+    return fail(ErrorCode::kInvalidArgument, pos == 0 ? "roc auc: no voxel has label " + std::to_string(positive) : "roc auc: every voxel has label " + std::to_string(positive));
+  }
+  const double p = static_cast<double>(pos), n = static_cast<double>(neg);
+  return (rank_sum - p * (p + 1) / 2) / (p * n);
 }
 
 }  // namespace tresor::ct

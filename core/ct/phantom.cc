@@ -14,6 +14,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "internal.h"
 #include "tresor/ct/ops.h"
 #include "tresor/ct/volume.h"
 #include "tresor/thread_pool.h"
@@ -23,21 +24,7 @@ namespace {
 
 using P3 = std::array<double, 3>;
 
-struct Rng {
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
-  double between(double a, double b) { return a + (b - a) * uniform(); }
-  double normal() {  // Box–Muller
-    const double u1 = 1.0 - uniform(), u2 = uniform();
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(2 * std::numbers::pi * u2);
-  }
-};
+using detail::Rng;
 
 double sq(double v) { return v * v; }
 

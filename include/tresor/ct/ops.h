@@ -41,4 +41,24 @@ void gaussian_in_place(std::vector<float>& data, const std::array<size_t, 3>& di
 [[nodiscard]] Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing);
 [[nodiscard]] Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3> spacing);
 
+/// Multi-scale Frangi vesselness with scikit-image 0.19's definitions (frangi(), see hessian.h
+/// and docs/preprocessing.md §5). Scales in voxels, as scikit-image: resample to isotropic voxels
+/// first and divide a radius in mm by the spacing. gamma is absolute (scikit-image's default 15
+/// suits HU-scale input; pass a smaller one for normalised intensities).
+struct FrangiOptions {
+  std::vector<double> sigmas{1, 2, 3};
+  double alpha = 0.5, beta = 0.5, gamma = 15;
+  bool bright = true;       // bright ridges (contrast-filled lumen); false: scikit-image's black_ridges
+  double truncate = 4.0;    // the Gaussian's radius in σ
+};
+/// The response in [0, 1) per voxel, maximum over scales. kInvalidArgument names an axis with
+/// fewer than 2 voxels, a scale outside (0, 64] voxels, or a non-positive α, β or γ. `threads` 0:
+/// all cores.
+[[nodiscard]] Result<FloatVolume> frangi(const FloatVolume& v, const FrangiOptions& options, unsigned threads = 0);
+
+/// The area under the ROC curve of `score` for telling voxels labelled `positive` from all the
+/// others (Mann–Whitney U over all pairs, ties counted as half). kInvalidArgument when the sizes
+/// differ or either class is empty.
+[[nodiscard]] Result<double> roc_auc(const std::vector<float>& score, const LabelVolume& labels, uint8_t positive);
+
 }  // namespace tresor::ct
