@@ -121,17 +121,41 @@ Result<FloatVolume> gaussian(const FloatVolume& v, std::array<double, 3> sigma_m
   return out;
 }
 
-Result<FloatVolume> window(const HuVolume& v, double lower, double upper) {
-  if (!(lower < upper)) return fail(ErrorCode::kInvalidArgument, "window: lower " + std::to_string(lower) + " is not below upper " + std::to_string(upper));
+namespace {
+
+template <typename T>
+FloatVolume like(const Volume<T>& v) {
   FloatVolume out;
   out.dims = v.dims;
   out.spacing = v.spacing;
   out.origin = v.origin;
   out.data.resize(v.data.size());
+  return out;
+}
+
+template <typename T>
+Result<FloatVolume> window_any(const Volume<T>& v, double lower, double upper) {
+  if (!(lower < upper)) return fail(ErrorCode::kInvalidArgument, "window: lower " + std::to_string(lower) + " is not below upper " + std::to_string(upper));
+  FloatVolume out = like(v);
   const double scale = 1.0 / (upper - lower);
   for (size_t i = 0; i < v.data.size(); ++i) out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], lower, upper) - lower) * scale);
   return out;
 }
+
+template <typename T>
+FloatVolume normalise_any(const Volume<T>& v, const CtNormalisation& n) {
+  FloatVolume out = like(v);
+  const double sd = std::max(n.sd, 1e-8);
+  for (size_t i = 0; i < v.data.size(); ++i) out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], n.lower, n.upper) - n.mean) / sd);
+  return out;
+}
+
+}  // namespace
+
+Result<FloatVolume> window(const HuVolume& v, double lower, double upper) { return window_any(v, lower, upper); }
+Result<FloatVolume> window(const FloatVolume& v, double lower, double upper) { return window_any(v, lower, upper); }
+FloatVolume normalise(const HuVolume& v, const CtNormalisation& n) { return normalise_any(v, n); }
+FloatVolume normalise(const FloatVolume& v, const CtNormalisation& n) { return normalise_any(v, n); }
 
 Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& foreground) {
   if (v.dims != foreground.dims || v.data.size() != foreground.data.size()) {
@@ -159,17 +183,6 @@ Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& f
   for (int16_t h : fg) sq += (h - n.mean) * (h - n.mean);
   n.sd = std::sqrt(sq / static_cast<double>(fg.size()));
   return n;
-}
-
-FloatVolume normalise(const HuVolume& v, const CtNormalisation& n) {
-  FloatVolume out;
-  out.dims = v.dims;
-  out.spacing = v.spacing;
-  out.origin = v.origin;
-  out.data.resize(v.data.size());
-  const double sd = std::max(n.sd, 1e-8);
-  for (size_t i = 0; i < v.data.size(); ++i) out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], n.lower, n.upper) - n.mean) / sd);
-  return out;
 }
 
 Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing) {

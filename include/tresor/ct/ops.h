@@ -12,6 +12,7 @@ using FloatVolume = Volume<float>;
 /// A fixed window: HU clipped to [lower, upper] and mapped linearly onto [0, 1].
 /// kInvalidArgument unless lower < upper.
 [[nodiscard]] Result<FloatVolume> window(const HuVolume& v, double lower, double upper);
+[[nodiscard]] Result<FloatVolume> window(const FloatVolume& v, double lower, double upper);
 
 /// nnU-Net's CT scheme (Isensee et al. 2021, "CTNormalization"): clip to the 0.5th and 99.5th
 /// percentiles of the foreground's intensities, then subtract the foreground's mean and divide by
@@ -24,6 +25,7 @@ struct CtNormalisation {
 /// not match or the foreground is empty.
 [[nodiscard]] Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& foreground);
 [[nodiscard]] FloatVolume normalise(const HuVolume& v, const CtNormalisation& n);
+[[nodiscard]] FloatVolume normalise(const FloatVolume& v, const CtNormalisation& n);
 
 /// A separable 3D Gaussian of standard deviation `sigma_mm` per axis (in mm; 0 leaves an axis),
 /// as scipy.ndimage.gaussian_filter: kernel radius ⌊truncate·σ + 0.5⌋ voxels, weights

@@ -13,6 +13,7 @@
 #include "support/test_support.h"
 #include "tresor/ct/hessian.h"
 #include "tresor/ct/ops.h"
+#include "tresor/ct/prep.h"
 
 namespace tresor::ct {
 namespace {
@@ -327,6 +328,49 @@ TEST(CtFrangi, SeparatesTheCoronariesOnThePhantom) {
   std::printf("ROC AUC: vesselness %.4f overall; among contrast-filled voxels vesselness %.4f, windowed intensity %.4f\n", *auc, *hard, *hard_raw);
   EXPECT_GE(*hard, 0.85);
   EXPECT_LT(*hard_raw, 0.5);  // partial volume makes the thin lumen darker than the chambers
+}
+
+// The pipeline is the composition of the tested operations, with the statistics from the
+// original voxels; bad options and mismatched labels are named.
+TEST(CtPrep, ComposesTheOperations) {
+  const Phantom p = small_phantom();
+  PrepOptions o;
+  o.spacing = 0.9;
+  o.frangi_sigmas_mm = {0.9, 1.8};
+  auto r = prepare(p.hu, &p.labels, o);
+  ASSERT_TRUE(r) << r.error().message;
+  LabelVolume fg = p.labels;
+  for (size_t i = 0; i < fg.data.size(); ++i) fg.data[i] = p.hu.data[i] > -500 ? 1 : 0;
+  const auto stats = *ct_normalisation(p.hu, fg);
+  EXPECT_EQ(r->stats.mean, stats.mean);
+  EXPECT_EQ(r->stats.upper, stats.upper);
+  const auto iso = *resample_linear(p.hu, {0.9, 0.9, 0.9});
+  EXPECT_TRUE(r->image.data == normalise(iso, stats).data);
+  FrangiOptions f;
+  f.sigmas = {1, 2};
+  f.gamma = 0.5;
+  EXPECT_TRUE(r->vesselness.data == frangi(*window(iso, -100, 600), f)->data);
+  ASSERT_TRUE(r->labels);
+  EXPECT_TRUE(r->labels->data == resample_nearest(p.labels, {0.9, 0.9, 0.9})->data);
+  EXPECT_EQ(r->image.dims, r->vesselness.dims);
+  EXPECT_FALSE(prepare(p.hu, nullptr, o)->labels);
+
+  LabelVolume other = p.labels;
+  other.dims[2] -= 1;
+  other.data.resize(other.size());
+  EXPECT_NE(prepare(p.hu, &other, o).error().message.find("the labels are 100×96×55, the volume 100×96×56"), std::string::npos);
+  PrepOptions bad = o;
+  bad.window_lower = 700;
+  EXPECT_NE(prepare(p.hu, nullptr, bad).error().message.find("window"), std::string::npos);
+  bad = o;
+  bad.foreground_hu = 5000;
+  EXPECT_NE(prepare(p.hu, nullptr, bad).error().message.find("foreground threshold"), std::string::npos);
+  bad = o;
+  bad.spacing = 50;
+  EXPECT_NE(prepare(p.hu, nullptr, bad).error().message.find("spacing"), std::string::npos);
+  bad = o;
+  bad.frangi_sigmas_mm = {};
+  EXPECT_NE(prepare(p.hu, nullptr, bad).error().message.find("no Frangi scale"), std::string::npos);
 }
 
 }  // namespace
