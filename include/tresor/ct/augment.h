@@ -1,0 +1,60 @@
+// tresor/ct/augment.h — training patches (docs/preprocessing.md §6): foreground-biased random
+// crops, flips, intensity scale and shift, Gaussian noise, after nnU-Net's defaults (Isensee et
+// al., Nature Methods 18, 2021: one third of the patches centred on foreground, mirroring on
+// every axis, multiplicative brightness 0.75–1.25, Gaussian noise of variance up to 0.1). Seeded:
+// patch i of seed s is the same on every machine and thread count.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+#include "tresor/ct/volume.h"
+
+namespace tresor::ct {
+
+struct AugmentOptions {
+  std::array<size_t, 3> patch{96, 96, 96};     // voxels; at most the volume's size on every axis
+  double foreground_fraction = 1.0 / 3;        // patches centred on a voxel of foreground_label
+  uint8_t foreground_label = kCoronary;
+  double flip_probability = 0.5;               // each axis independently
+  double intensity_probability = 0.15;         // then scale and shift drawn uniformly:
+  double scale_min = 0.75, scale_max = 1.25;
+  double shift_min = -0.1, shift_max = 0.1;    // in image units (z-scored intensities)
+  double noise_probability = 0.1;              // then the variance drawn uniformly:
+  double noise_variance_min = 0, noise_variance_max = 0.1;
+};
+
+struct Patch {
+  Volume<float> image;
+  LabelVolume labels;
+  // What was drawn, so that a patch can be explained and checked.
+  std::array<size_t, 3> corner{};              // in the source volume, before flipping
+  std::array<bool, 3> flipped{};
+  bool foreground = false;                     // centred on foreground (false also when it was
+                                               // asked for but the volume has none: see no_foreground)
+  bool no_foreground = false;                  // foreground was drawn but the volume has none
+  double scale = 1, shift = 0, noise_sd = 0;
+};
+
+/// Draws patches from one volume and its labels. The foreground voxels are listed once, here.
+class PatchSampler {
+ public:
+  /// kInvalidArgument names what is wrong: labels of other dimensions, a patch larger than the
+  /// volume on an axis or empty, a probability or fraction outside [0, 1], a range with min > max,
+  /// a negative variance.
+  [[nodiscard]] static Result<PatchSampler> create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options);
+
+  /// Patch `index` of the stream `seed`: independent of any other call.
+  [[nodiscard]] Patch sample(uint64_t seed, uint64_t index) const;
+  size_t foreground_voxels() const { return foreground_.size(); }
+
+ private:
+  PatchSampler(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options)
+      : image_(&image), labels_(&labels), o_(options) {}
+  const Volume<float>* image_;
+  const LabelVolume* labels_;
+  AugmentOptions o_;
+  std::vector<uint32_t> foreground_;
+};
+
+}  // namespace tresor::ct
