@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "tresor/encoding.h"
 #include "tresor/error.h"
 
 namespace tresor::ct {
@@ -76,13 +77,22 @@ struct Phantom {
 [[nodiscard]] Result<Phantom> make_phantom(const PhantomOptions& options);
 
 /// NIfTI-1 (.nii) written through libnifti's header conversion, atomically (the file is named only
-/// when complete). HU as int16 with slope 1, labels as uint8; qform and sform from spacing and
-/// origin, units mm.
+/// when complete). HU as int16 with slope 1, labels as uint8, float volumes as float32; qform and
+/// sform from spacing and origin, units mm. nifti_bytes: the same file's bytes.
 [[nodiscard]] Result<void> write_nifti(const std::string& path, const HuVolume& v);
 [[nodiscard]] Result<void> write_nifti(const std::string& path, const LabelVolume& v);
-/// Reads a NIfTI-1 or -2 file (.nii, .nii.gz) of any integer or float type into HU (slope and
-/// intercept applied, rounded, clamped to int16). Errors name the file and the field.
+[[nodiscard]] Result<void> write_nifti(const std::string& path, const Volume<float>& v);
+[[nodiscard]] Result<Bytes> nifti_bytes(const HuVolume& v);
+[[nodiscard]] Result<Bytes> nifti_bytes(const LabelVolume& v);
+[[nodiscard]] Result<Bytes> nifti_bytes(const Volume<float>& v);
+/// Reads a single-file NIfTI-1 or -2 volume (.nii, or gzip-compressed .nii.gz) of any integer or
+/// float type into HU (slope and intercept applied, rounded, clamped to int16). Errors name the
+/// file (or `name`) and the field. From bytes: what a sealed volume opens into.
 [[nodiscard]] Result<HuVolume> read_nifti_hu(const std::string& path);
+[[nodiscard]] Result<HuVolume> read_nifti_hu(ByteSpan bytes, const std::string& name);
+/// A label volume: values as stored (no scaling), whole numbers 0..255 or kMalformed.
+[[nodiscard]] Result<LabelVolume> read_nifti_labels(const std::string& path);
+[[nodiscard]] Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name);
 
 /// A DICOM CT series: every file in `dir`, one slice each, sorted by position along the slice
 /// normal; HU from RescaleSlope/Intercept; x/y spacing from PixelSpacing, z from the positions;

@@ -4,6 +4,8 @@
 // an independent reader).
 #include <gtest/gtest.h>
 
+#include <sstream>
+
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -147,6 +149,61 @@ TEST(Phantom, NiftiRoundTripsThroughTresorAndNibabel) {
   EXPECT_NE(r.out.find(std::to_string(p->hu.at(x, y, z)) + " " + std::to_string(*mn) + " " + std::to_string(*mx)), std::string::npos) << r.out;
 }
 
+// Files nibabel writes in every form the reader claims: NIfTI-2, gzip, big-endian, float with a
+// slope; labels as uint8 and as float; and float volumes Tresor writes, read by nibabel.
+TEST(Phantom, ReadsWhatNibabelWritesAndTheOtherWayRound) {
+  if (testing::run_command({"/usr/bin/python3", "-c", "import nibabel"}).exit_code != 0) GTEST_SKIP() << "python3-nibabel is not installed";
+  auto p = make_phantom(small(12));
+  ASSERT_TRUE(p);
+  TempDir dir;
+  ASSERT_TRUE(write_nifti(dir.file("src.nii"), p->hu));
+  ASSERT_TRUE(write_nifti(dir.file("lab.nii"), p->labels));
+  auto r = testing::run_command({"/usr/bin/python3", "-c",
+                                 "import sys, numpy as np, nibabel as nb\n"
+                                 "d = sys.argv[1]; i = nb.load(d + '/src.nii'); a = np.asanyarray(i.dataobj)\n"
+                                 "nb.save(nb.Nifti2Image(a, i.affine), d + '/two.nii')\n"
+                                 "nb.save(nb.Nifti1Image(a, i.affine), d + '/gz.nii.gz')\n"
+                                 "h = nb.Nifti1Header(endianness='>'); h.set_data_dtype('>i2')\n"
+                                 "nb.save(nb.Nifti1Image(a.astype('>i2'), i.affine, h), d + '/big.nii')\n"
+                                 "f = nb.Nifti1Image(((a + 1024) / 2.0).astype(np.float32), i.affine); f.header.set_slope_inter(2.0, -1024)\n"
+                                 "nb.save(f, d + '/float.nii')\n"
+                                 "l = np.asanyarray(nb.load(d + '/lab.nii').dataobj)\n"
+                                 "nb.save(nb.Nifti1Image(l.astype(np.float32), i.affine), d + '/labf.nii')\n"
+                                 "nb.save(nb.Nifti1Image((l.astype(np.float32) + 0.5), i.affine), d + '/labhalf.nii')\n",
+                                 dir.path().string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  for (const char* f : {"two.nii", "gz.nii.gz", "big.nii", "float.nii"}) {
+    auto v = read_nifti_hu(dir.file(f));
+    ASSERT_TRUE(v) << f << ": " << v.error().message;
+    EXPECT_EQ(v->dims, p->hu.dims) << f;
+    EXPECT_NEAR(v->spacing[2], p->hu.spacing[2], 1e-6) << f;
+    EXPECT_TRUE(v->data == p->hu.data) << f;
+  }
+  auto lf = read_nifti_labels(dir.file("labf.nii"));
+  ASSERT_TRUE(lf) << lf.error().message;
+  EXPECT_TRUE(lf->data == p->labels.data);
+  auto half = read_nifti_labels(dir.file("labhalf.nii"));
+  ASSERT_FALSE(half);
+  EXPECT_NE(half.error().message.find("labhalf.nii: a label volume with values that are not whole numbers"), std::string::npos) << half.error().message;
+
+  Volume<float> f;
+  f.dims = p->hu.dims;
+  f.spacing = p->hu.spacing;
+  f.data.resize(f.size());
+  for (size_t i = 0; i < f.data.size(); ++i) f.data[i] = static_cast<float>(p->hu.data[i]) / 7.0f;
+  ASSERT_TRUE(write_nifti(dir.file("out.nii"), f));
+  auto back = testing::run_command({"/usr/bin/python3", "-c",
+                                    "import sys, numpy as np, nibabel as nb\n"
+                                    "a = np.asanyarray(nb.load(sys.argv[1]).dataobj)\n"
+                                    "print(a.dtype, a.shape, repr(float(a[5, 7, 9])))\n",
+                                    dir.file("out.nii")});
+  ASSERT_EQ(back.exit_code, 0) << back.err;
+  std::ostringstream want;
+  want << "float32 (" << f.dims[0] << ", " << f.dims[1] << ", " << f.dims[2] << ") ";
+  EXPECT_EQ(back.out.find(want.str()), 0u) << back.out;
+  EXPECT_NEAR(std::stod(back.out.substr(want.str().size())), f.at(5, 7, 9), 1e-6);
+}
+
 TEST(Phantom, ReadingRefusesWhatIsNotAVolume) {
   TempDir dir;
   const std::string junk = dir.file("junk.nii");
@@ -155,6 +212,16 @@ TEST(Phantom, ReadingRefusesWhatIsNotAVolume) {
   ASSERT_FALSE(r);
   EXPECT_NE(r.error().message.find("junk.nii: not a readable NIfTI"), std::string::npos) << r.error().message;
   EXPECT_FALSE(read_nifti_hu(dir.file("missing.nii")));
+  // A header promising more voxels than the file holds; a corrupt gzip stream.
+  auto p = make_phantom(small(13));
+  const Bytes good = *nifti_bytes(p->hu);
+  const Bytes cut(good.begin(), good.end() - 100);
+  auto t = read_nifti_hu(cut, "cut.nii");
+  ASSERT_FALSE(t);
+  EXPECT_NE(t.error().message.find("cut.nii: the header promises"), std::string::npos) << t.error().message;
+  Bytes gz = {std::byte{0x1F}, std::byte{0x8B}, std::byte{8}, std::byte{0}, std::byte{1}, std::byte{2}};
+  EXPECT_NE(read_nifti_hu(gz, "bad.nii.gz").error().message.find("bad.nii.gz: the gzip stream is corrupt"), std::string::npos);
+  EXPECT_TRUE(read_nifti_hu(good, "good.nii"));
 }
 
 }  // namespace
