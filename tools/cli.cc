@@ -83,6 +83,22 @@ Result<std::vector<Recipient>> parse_recipients(const std::vector<std::string>& 
   return out;
 }
 
+// Pairs --dataset-key-file F with --dataset ID (in order).
+Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>& files,
+                                                  const std::vector<std::string>& ids, bool ids_required) {
+  if (ids.size() > files.size() || (ids_required && ids.size() != files.size())) {
+    return fail(ErrorCode::kInvalidArgument, "give one --dataset ID for each --dataset-key-file (got " +
+                                                 std::to_string(ids.size()) + " and " + std::to_string(files.size()) + ")");
+  }
+  std::vector<DatasetKey> out;
+  for (size_t i = 0; i < files.size(); ++i) {
+    auto k = load_dataset_key(files[i], i < ids.size() ? ids[i] : std::string());
+    if (!k) return std::unexpected(k.error());
+    out.push_back(std::move(*k));
+  }
+  return out;
+}
+
 Result<DatasetKey> load_dataset_key(const std::string& path, const std::string& id) {
   auto text = read_secret_file(path);
   if (!text) return std::unexpected(text.error());

@@ -38,6 +38,8 @@ Result<Identity> load_identity(const std::string& path);
 Result<std::vector<Recipient>> parse_recipients(const std::vector<std::string>& values);
 /// Loads a dataset key file for dataset `id` (empty id: match any dataset stanza).
 Result<DatasetKey> load_dataset_key(const std::string& path, const std::string& id);
+/// Pairs --dataset-key-file F with --dataset ID (in order).
+Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>& files, const std::vector<std::string>& ids, bool ids_required);
 
 /// An input endpoint: a file path or "-" for stdin.
 struct Input {
@@ -125,6 +127,7 @@ int cmd_bench_broker(int argc, char** argv);
 int cmd_bench_launch(int argc, char** argv);
 int cmd_bench_gpu(int argc, char** argv);
 int cmd_phantom(int argc, char** argv);
+int cmd_prep(int argc, char** argv);
 
 /// Reads a job manifest file; returns it with its canonical signed JSON (what goes to the broker).
 Result<std::pair<Manifest, std::string>> read_manifest_file(const std::string& path);

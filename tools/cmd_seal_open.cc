@@ -17,22 +17,6 @@ unsigned current_umask() {
   return static_cast<unsigned>(m);
 }
 
-// Pairs --dataset-key-file F with --dataset ID (in order).
-Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>& files,
-                                                  const std::vector<std::string>& ids, bool ids_required) {
-  if (ids.size() > files.size() || (ids_required && ids.size() != files.size())) {
-    return fail(ErrorCode::kInvalidArgument, "give one --dataset ID for each --dataset-key-file (got " +
-                                                 std::to_string(ids.size()) + " and " + std::to_string(files.size()) + ")");
-  }
-  std::vector<DatasetKey> out;
-  for (size_t i = 0; i < files.size(); ++i) {
-    auto k = load_dataset_key(files[i], i < ids.size() ? ids[i] : std::string());
-    if (!k) return std::unexpected(k.error());
-    out.push_back(std::move(*k));
-  }
-  return out;
-}
-
 // Counts what reaches the real sink, to tell the user whether stdout holds partial output.
 class CountingSink final : public ByteSink {
  public:

@@ -29,6 +29,7 @@ constexpr Command kCommands[] = {
     {"kbs", tresor::cli::cmd_kbs, "talk to a key broker by hand (get-resource with sim evidence)"},
     {"admin", tresor::cli::cmd_admin, "administer a key broker over its admin socket"},
     {"phantom", tresor::cli::cmd_phantom, "a synthetic coronary CT angiography volume with its ground truth (NIfTI)"},
+    {"prep", tresor::cli::cmd_prep, "CT preprocessing: isotropic z-scored volumes, vesselness, training patches, previews"},
     {"bench", tresor::cli::cmd_bench, "benchmarks: seal (throughput against OpenSSL), verify (SNP reports), broker (KBS flows under load), launch, gpu (the GPU data path)"},
     {"version", tresor::cli::cmd_version, "print version, OpenSSL and CUDA information"},
 };

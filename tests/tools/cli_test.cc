@@ -337,6 +337,87 @@ TEST_F(Cli, PhantomWritesItsVolumesAndRefusesBadSizes) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("y/ccta.nii")));
 }
 
+// tresor prep on a directory of cases, in the clear and sealed end to end (sealed inputs opened
+// in memory, every output sealed): the sealed run's outputs open to the clear run's bytes.
+TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
+  const std::string cases = dir.file("cases");
+  for (const char* seed : {"1", "2"}) {
+    auto ph = run_tresor({"phantom", "-o", cases + "/case" + seed, "--size", "240x240x136", "--spacing", "0.5x0.5x0.6", "--seed", seed, "--no-dicom"});
+    ASSERT_EQ(ph.exit_code, 0) << ph.err;
+  }
+  auto r = run_tresor({"prep", "-o", dir.file("out"), cases, "--spacing", "0.6", "--sigmas", "0.6,1.2", "--patches", "2", "--patch-size", "48x40x32", "-j", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("prep: 1/2 case1: 200x200x136 at 0.6 mm"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("prep: 2 cases in"), std::string::npos) << r.out;
+  for (const char* f : {"image.nii", "vesselness.nii", "labels.nii", "preview.png", "prep.json", "patches/patch-0000-image.nii", "patches/patch-0001-labels.nii"}) {
+    EXPECT_TRUE(std::filesystem::exists(dir.file("out/case2/") + f)) << f;
+  }
+  EXPECT_EQ(std::filesystem::file_size(dir.file("out/case1/patches/patch-0000-image.nii")), 352u + 48 * 40 * 32 * 4);
+  const auto j = nlohmann::json::parse(to_string(testing::read_file(dir.file("out/case1/prep.json"))));
+  EXPECT_GE(j["coronary_vesselness_roc_auc"].get<double>(), 0.9) << j.dump();
+  EXPECT_EQ(j["output"]["dims"], nlohmann::json({200, 200, 136}));
+  EXPECT_EQ(j["patches"]["list"].size(), 2u);
+
+  // Sealed: inputs sealed to me, outputs sealed to me; nothing in the clear.
+  const std::string sc = dir.file("sealed/case1");
+  std::filesystem::create_directories(sc);
+  for (const char* f : {"ccta.nii", "labels.nii"}) {
+    auto s = run_tresor({"seal", "-r", recipient, "-o", sc + "/" + f + ".sealed", cases + "/case1/" + f});
+    ASSERT_EQ(s.exit_code, 0) << s.err;
+  }
+  auto sr = run_tresor({"prep", "-o", dir.file("sout"), sc, "-i", identity, "-r", recipient, "--spacing", "0.6", "--sigmas", "0.6,1.2", "--patches", "2",
+                        "--patch-size", "48x40x32"});
+  ASSERT_EQ(sr.exit_code, 0) << sr.err;
+  EXPECT_NE(sr.out.find("(sealed)"), std::string::npos) << sr.out;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir.file("sout"))) {
+    if (e.is_regular_file()) {
+      EXPECT_TRUE(e.path().string().ends_with(".sealed")) << e.path();
+    }
+  }
+  for (const char* f : {"image.nii", "vesselness.nii", "labels.nii", "patches/patch-0001-image.nii"}) {
+    auto o = run_tresor({"open", "-i", identity, "-o", dir.file("opened"), "-f", dir.file("sout/case1/") + f + ".sealed"});
+    ASSERT_EQ(o.exit_code, 0) << o.err;
+    EXPECT_TRUE(testing::read_file(dir.file("opened")) == testing::read_file(dir.file("out/case1/") + f)) << f;
+  }
+
+  // Someone else's identity: the case fails naming it, exit 4 (no matching key), no outputs.
+  auto other = run_tresor({"keygen", "-o", dir.file("other.identity")});
+  ASSERT_EQ(other.exit_code, 0);
+  auto wrong = run_tresor({"prep", "-o", dir.file("wout"), sc, "-i", dir.file("other.identity")});
+  EXPECT_EQ(wrong.exit_code, 4) << wrong.err;
+  EXPECT_NE(wrong.err.find("case case1: "), std::string::npos) << wrong.err;
+  EXPECT_NE(wrong.err.find("1 of 1 cases failed"), std::string::npos) << wrong.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("wout/case1/image.nii")));
+}
+
+TEST_F(Cli, PrepNamesWhatIsWrongWithItsInputs) {
+  auto missing = run_tresor({"prep", "-o", dir.file("o"), dir.file("nothing")});
+  EXPECT_EQ(missing.exit_code, 3);
+  EXPECT_NE(missing.err.find("nothing: no such file or directory"), std::string::npos) << missing.err;
+  std::filesystem::create_directories(dir.file("empty/sub"));
+  auto empty = run_tresor({"prep", "-o", dir.file("o"), dir.file("empty")});
+  EXPECT_EQ(empty.exit_code, 2);
+  EXPECT_NE(empty.err.find("empty: holds no case"), std::string::npos) << empty.err;
+  write_file(dir.file("notes.txt"), as_bytes(std::string("x")), 0644);
+  auto txt = run_tresor({"prep", "-o", dir.file("o"), dir.file("notes.txt")});
+  EXPECT_NE(txt.err.find("notes.txt: not a NIfTI file"), std::string::npos) << txt.err;
+  // A volume without labels cannot give patches; a bad option is named before any work.
+  auto ph = run_tresor({"phantom", "-o", dir.file("p"), "--size", "128x128x64", "--spacing", "1x1x1.5", "--no-dicom"});
+  ASSERT_EQ(ph.exit_code, 0) << ph.err;
+  auto nolab = run_tresor({"prep", "-o", dir.file("o"), dir.file("p/ccta.nii"), "--patches", "1", "--spacing", "1.5"});
+  EXPECT_NE(nolab.exit_code, 0);
+  EXPECT_NE(nolab.err.find("case ccta: ccta: --patches needs labels"), std::string::npos) << nolab.err;
+  auto sig = run_tresor({"prep", "-o", dir.file("o"), dir.file("p"), "--sigmas", "1,x"});
+  EXPECT_EQ(sig.exit_code, 2);
+  EXPECT_NE(sig.err.find("--sigmas wants numbers separated by commas, not '1,x'"), std::string::npos) << sig.err;
+  auto win = run_tresor({"prep", "-o", dir.file("o"), dir.file("p"), "--window-lower", "700", "--spacing", "1.5"});
+  EXPECT_EQ(win.exit_code, 2);
+  EXPECT_NE(win.err.find("window: lower 700"), std::string::npos) << win.err;
+  // The same case twice.
+  auto twice = run_tresor({"prep", "-o", dir.file("o"), dir.file("p"), dir.file("p")});
+  EXPECT_NE(twice.err.find("two inputs are both case 'p'"), std::string::npos) << twice.err;
+}
+
 // The GPU data path's benchmark runs everywhere: on the emulated GPU here (the kernel on the
 // CPU), saying that these are not GPU figures when no GPU exists.
 TEST_F(Cli, BenchGpuMeasuresEveryPathAgainstItsBaseline) {

@@ -1,0 +1,376 @@
+// tresor prep: CT volumes in, preprocessed volumes, training patches and previews out (issue 8,
+// docs/preprocessing.md §7, docs/cli.md §21). Each input is a case:
+//   - a NIfTI file (.nii, .nii.gz), or one sealed (…​.sealed, opened into memory only);
+//   - a directory holding ccta.nii or image.nii (any of the forms above) and perhaps labels.nii,
+//     or a DICOM series (in dicom/ or in the directory itself);
+//   - any other directory: a collection, each entry of which is a case.
+// For each case OUT/<case>/ gets image.nii (isotropic, z-scored), vesselness.nii, labels.nii,
+// preview.png, patches/ and prep.json; with -r every file is sealed to the recipients instead
+// (name.sealed), so nothing is written in the clear.
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <optional>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "cli.h"
+#include "options.h"
+#include "tresor/ct/augment.h"
+#include "tresor/ct/prep.h"
+#include "tresor/ct/preview.h"
+#include "tresor/sealed.h"
+
+namespace tresor::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Case {
+  std::string name;
+  std::string image;   // a NIfTI file (maybe sealed) or a DICOM directory
+  bool dicom = false;
+  std::string labels;  // empty: none
+};
+
+bool is_nifti_name(const std::string& n) {
+  for (const char* ext : {".nii", ".nii.gz", ".nii.sealed", ".nii.gz.sealed"}) {
+    const std::string e(ext);
+    if (n.size() > e.size() && n.compare(n.size() - e.size(), e.size(), e) == 0) return true;
+  }
+  return false;
+}
+std::string stem(std::string n) {
+  for (const char* ext : {".sealed", ".gz", ".nii"}) {
+    const std::string e(ext);
+    if (n.size() > e.size() && n.compare(n.size() - e.size(), e.size(), e) == 0) n.resize(n.size() - e.size());
+  }
+  return n;
+}
+std::optional<std::string> first_existing(const fs::path& dir, const char* base) {
+  for (const char* ext : {".nii", ".nii.gz", ".nii.sealed", ".nii.gz.sealed"}) {
+    const fs::path p = dir / (std::string(base) + ext);
+    std::error_code ec;
+    if (fs::is_regular_file(p, ec)) return p.string();
+  }
+  return std::nullopt;
+}
+bool holds_dicom(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.is_regular_file() && e.path().extension() == ".dcm") return true;
+  }
+  return false;
+}
+
+// The cases an input names, in a stable order (sorted directory entries).
+Result<void> collect(const fs::path& in, std::vector<Case>& out, int depth = 0) {
+  std::error_code ec;
+  if (fs::is_regular_file(in, ec)) {
+    if (!is_nifti_name(in.filename().string())) {
+      return fail(ErrorCode::kInvalidArgument, in.string() + ": not a NIfTI file (.nii, .nii.gz, optionally .sealed) or a case directory");
+    }
+    out.push_back({stem(in.filename().string()), in.string(), false, {}});
+    return {};
+  }
+  if (!fs::is_directory(in, ec)) return fail(ErrorCode::kIo, in.string() + ": no such file or directory");
+  const std::string name = fs::absolute(in).lexically_normal().filename().string().empty() ? fs::absolute(in).lexically_normal().parent_path().filename().string()
+                                                                                            : fs::absolute(in).lexically_normal().filename().string();
+  const auto labels = first_existing(in, "labels");
+  if (auto img = first_existing(in, "ccta") ? first_existing(in, "ccta") : first_existing(in, "image")) {
+    out.push_back({name, *img, false, labels.value_or("")});
+    return {};
+  }
+  if (fs::is_directory(in / "dicom", ec) && holds_dicom(in / "dicom")) {
+    out.push_back({name, (in / "dicom").string(), true, labels.value_or("")});
+    return {};
+  }
+  if (holds_dicom(in)) {
+    out.push_back({name, in.string(), true, labels.value_or("")});
+    return {};
+  }
+  if (depth > 0) return {};  // a subdirectory that is not a case: ignored inside a collection
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(in, ec)) entries.push_back(e.path());
+  if (ec) return fail(ErrorCode::kIo, in.string() + ": " + ec.message());
+  std::sort(entries.begin(), entries.end());
+  const size_t before = out.size();
+  for (const auto& e : entries) {
+    if (fs::is_directory(e, ec) || is_nifti_name(e.filename().string())) TRESOR_TRY(collect(e, out, depth + 1));
+  }
+  if (out.size() == before) return fail(ErrorCode::kInvalidArgument, in.string() + ": holds no case (no ccta.nii, image.nii, DICOM series or NIfTI files)");
+  return {};
+}
+
+struct Context {
+  sealed::KeyRing ring;
+  sealed::SealOptions seal;  // recipients empty: write in the clear
+  unsigned threads = 0;
+};
+
+// A NIfTI file's bytes; a sealed one opened into memory (the plaintext never touches a file).
+template <typename T, typename Read>
+Result<T> read_volume(const std::string& path, const Context& c, Read read) {
+  if (path.size() > 7 && path.compare(path.size() - 7, 7, ".sealed") == 0) {
+    auto in = FdFile::open_read(path);
+    if (!in) return std::unexpected(in.error());
+    auto size = in->size();
+    if (!size) return std::unexpected(size.error());
+    Bytes sealed_bytes(static_cast<size_t>(*size));
+    TRESOR_TRY(in->read_at(0, sealed_bytes));
+    sealed::OpenOptions oo;
+    oo.threads = c.threads;
+    oo.name = path;
+    auto plain = sealed::open_buffer(sealed_bytes, c.ring, oo);
+    if (!plain) return std::unexpected(plain.error());
+    return read(ByteSpan(plain->data(), plain->size()), path);
+  }
+  auto in = FdFile::open_read(path);
+  if (!in) return std::unexpected(in.error());
+  auto size = in->size();
+  if (!size) return std::unexpected(size.error());
+  Bytes bytes(static_cast<size_t>(*size));
+  TRESOR_TRY(in->read_at(0, bytes));
+  return read(ByteSpan(bytes), path);
+}
+
+// One output file, sealed to the recipients when there are any.
+Result<std::string> emit(const fs::path& path, ByteSpan bytes, const Context& c) {
+  std::string name = path.string();
+  Bytes sealed_bytes;
+  if (!c.seal.recipients.empty()) {
+    auto s = sealed::seal_buffer(bytes, c.seal);
+    if (!s) return std::unexpected(s.error());
+    sealed_bytes = std::move(*s);
+    bytes = sealed_bytes;
+    name += ".sealed";
+  }
+  auto out = AtomicOutputFile::create(name, c.seal.recipients.empty() ? 0600 : 0644, /*overwrite=*/true);
+  if (!out) return std::unexpected(out.error());
+  TRESOR_TRY(out->write(bytes));
+  TRESOR_TRY(out->commit());
+  return name;
+}
+
+template <typename V>
+Result<void> emit_nifti(const fs::path& path, const V& v, const Context& c) {
+  auto b = ct::nifti_bytes(v);
+  if (!b) return std::unexpected(b.error());
+  auto r = emit(path, *b, c);
+  if (!r) return std::unexpected(r.error());
+  return {};
+}
+
+// The comma-separated numbers of an option ("0.5,1,1.5").
+Result<std::vector<double>> numbers(const std::string& text, const char* what) {
+  std::vector<double> out;
+  size_t at = 0;
+  while (at <= text.size()) {
+    const size_t comma = std::min(text.find(',', at), text.size());
+    const std::string part = text.substr(at, comma - at);
+    try {
+      size_t used = 0;
+      out.push_back(std::stod(part, &used));
+      if (used != part.size()) throw std::invalid_argument(part);
+    } catch (const std::exception&) {
+      return fail(ErrorCode::kInvalidArgument, std::string(what) + " wants numbers separated by commas, not '" + text + "'");
+    }
+    at = comma + 1;
+  }
+  return out;
+}
+
+struct Job {
+  ct::PrepOptions prep;
+  size_t patches = 0;
+  ct::AugmentOptions augment;
+  uint64_t seed = 1;
+  bool preview = true;
+};
+
+// One case: read, prepare, write. Returns the summary for prep.json and the console.
+Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Job& job, const Context& c) {
+  const double t0 = now_seconds();
+  Result<ct::HuVolume> hu = k.dicom ? ct::read_dicom_series(k.image)
+                                    : read_volume<ct::HuVolume>(k.image, c, [](ByteSpan b, const std::string& n) { return ct::read_nifti_hu(b, n); });
+  if (!hu) return std::unexpected(hu.error());
+  std::optional<ct::LabelVolume> labels;
+  if (!k.labels.empty()) {
+    auto l = read_volume<ct::LabelVolume>(k.labels, c, [](ByteSpan b, const std::string& n) { return ct::read_nifti_labels(b, n); });
+    if (!l) return std::unexpected(l.error());
+    labels = std::move(*l);
+  }
+  const double t_read = now_seconds();
+  auto p = ct::prepare(*hu, labels ? &*labels : nullptr, job.prep);
+  if (!p) return fail(p.error().code, k.name + ": " + p.error().message);
+  const double t_prep = now_seconds();
+
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot create " + out_dir.string() + ": " + ec.message());
+  TRESOR_TRY(emit_nifti(out_dir / "image.nii", p->image, c));
+  TRESOR_TRY(emit_nifti(out_dir / "vesselness.nii", p->vesselness, c));
+  if (p->labels) TRESOR_TRY(emit_nifti(out_dir / "labels.nii", *p->labels, c));
+  if (job.preview) {
+    // Vesselness scaled to half its maximum, so that thin vessels show too.
+    const float vmax = *std::max_element(p->vesselness.data.begin(), p->vesselness.data.end());
+    std::vector<ct::PreviewPanel> panels = {{&p->image, -1.0, 3.0, nullptr}, {&p->vesselness, 0.0, std::max(0.5 * vmax, 1e-6), nullptr}};
+    if (p->labels) panels.push_back({nullptr, 0, 1, &*p->labels});
+    auto png = ct::mip_png(panels, 2);
+    if (!png) return std::unexpected(png.error());
+    auto r = emit(out_dir / "preview.png", *png, c);
+    if (!r) return std::unexpected(r.error());
+  }
+  nlohmann::json j = {{"case", k.name},
+                      {"source", k.image},
+                      {"labels_source", k.labels},
+                      {"input", {{"dims", hu->dims}, {"spacing_mm", hu->spacing}, {"origin_mm", hu->origin}}},
+                      {"output", {{"dims", p->image.dims}, {"spacing_mm", p->image.spacing}}},
+                      {"normalisation", {{"foreground_hu_above", job.prep.foreground_hu}, {"clip_lower", p->stats.lower}, {"clip_upper", p->stats.upper},
+                                         {"mean", p->stats.mean}, {"sd", p->stats.sd}}},
+                      {"vesselness", {{"window_hu", {job.prep.window_lower, job.prep.window_upper}}, {"sigmas_mm", job.prep.frangi_sigmas_mm},
+                                      {"alpha", job.prep.frangi_alpha}, {"beta", job.prep.frangi_beta}, {"gamma", job.prep.frangi_gamma}}},
+                      {"device", "cpu"}};
+  if (p->labels) {
+    auto auc = ct::roc_auc(p->vesselness.data, *p->labels, ct::kCoronary);
+    j["coronary_vesselness_roc_auc"] = auc ? nlohmann::json(*auc) : nlohmann::json(nullptr);
+  }
+  if (job.patches > 0) {
+    if (!p->labels) return fail(ErrorCode::kInvalidArgument, k.name + ": --patches needs labels (labels.nii beside the volume)");
+    auto sampler = ct::PatchSampler::create(p->image, *p->labels, job.augment);
+    if (!sampler) return fail(sampler.error().code, k.name + ": " + sampler.error().message);
+    fs::create_directories(out_dir / "patches", ec);
+    if (ec) return fail(ErrorCode::kIo, "cannot create " + (out_dir / "patches").string() + ": " + ec.message());
+    nlohmann::json list = nlohmann::json::array();
+    for (size_t i = 0; i < job.patches; ++i) {
+      const ct::Patch patch = sampler->sample(job.seed, i);
+      char base[32];
+      std::snprintf(base, sizeof base, "patch-%04zu", i);
+      TRESOR_TRY(emit_nifti(out_dir / "patches" / (std::string(base) + "-image.nii"), patch.image, c));
+      TRESOR_TRY(emit_nifti(out_dir / "patches" / (std::string(base) + "-labels.nii"), patch.labels, c));
+      list.push_back({{"name", base}, {"corner", patch.corner}, {"flipped", patch.flipped}, {"foreground", patch.foreground},
+                      {"foreground_missing", patch.no_foreground}, {"scale", patch.scale}, {"shift", patch.shift}, {"noise_sd", patch.noise_sd}});
+    }
+    j["patches"] = {{"seed", job.seed}, {"size", job.augment.patch}, {"list", list}};
+  }
+  const double t_end = now_seconds();
+  j["seconds"] = {{"read", t_read - t0}, {"prepare", t_prep - t_read}, {"write", t_end - t_prep}, {"total", t_end - t0}};
+  const std::string text = j.dump(1) + "\n";
+  auto r = emit(out_dir / "prep.json", as_bytes(text), c);
+  if (!r) return std::unexpected(r.error());
+  return j;
+}
+
+}  // namespace
+
+int cmd_prep(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::vector<std::string> inputs, identities, key_files, datasets, recipients;
+  std::string out, sigmas_text = "0.5,1,1.5", patch_text = "96x96x96", device = "cpu";
+  Job job;
+  unsigned threads = 0;
+  opts.add_options()
+      ("out,o", po::value(&out)->required(), "output directory: one subdirectory per case")
+      ("spacing", po::value(&job.prep.spacing)->default_value(0.5), "isotropic output voxel, mm")
+      ("foreground-hu", po::value(&job.prep.foreground_hu)->default_value(-500), "the z-score statistics use voxels above this HU")
+      ("window-lower", po::value(&job.prep.window_lower)->default_value(-100), "vesselness window, HU")
+      ("window-upper", po::value(&job.prep.window_upper)->default_value(600), "vesselness window, HU")
+      ("sigmas", po::value(&sigmas_text)->default_value("0.5,1,1.5"), "Frangi scales, mm, comma-separated")
+      ("alpha", po::value(&job.prep.frangi_alpha)->default_value(0.5), "Frangi α (plate vs line)")
+      ("beta", po::value(&job.prep.frangi_beta)->default_value(0.5), "Frangi β (blob vs line)")
+      ("gamma", po::value(&job.prep.frangi_gamma)->default_value(0.5), "Frangi γ (structure), on the [0, 1] window")
+      ("patches", po::value(&job.patches)->default_value(0), "training patches per case (needs labels)")
+      ("patch-size", po::value(&patch_text)->default_value("96x96x96"), "patch size in voxels, XxYxZ")
+      ("seed", po::value(&job.seed)->default_value(1), "the patches' seed (same seed, same patches)")
+      ("no-preview", "do not write preview.png")
+      ("identity,i", po::value(&identities)->composing(), "identity file for sealed inputs; repeatable")
+      ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
+      ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable")
+      ("device", po::value(&device)->default_value("cpu"), "cpu (the CPU reference)")
+      ("threads,j", po::value(&threads)->default_value(0), "CPU threads (0 = all cores)")
+      ("input", po::value(&inputs)->composing(), "case file or directory, or a directory of cases");
+  po::positional_options_description pos;
+  pos.add("input", -1);
+  po::variables_map vm;
+  if (auto stop = parse_options("prep", "-o OUT [options] INPUT...", argc, argv, opts, pos, vm)) return *stop;
+  if (inputs.empty()) return usage_error("prep", "name at least one input (a NIfTI file, a case directory or a directory of cases)");
+  if (device != "cpu") return usage_error("prep", "--device " + device + ": this build runs prep on the CPU only");
+  auto sig = numbers(sigmas_text, "--sigmas");
+  if (!sig) return usage_error("prep", sig.error().message);
+  job.prep.frangi_sigmas_mm = *sig;
+  job.prep.threads = threads;
+  job.preview = vm.count("no-preview") == 0;
+  {
+    std::array<size_t, 3> ps{};
+    char extra = 0;
+    unsigned long a = 0, b = 0, cc = 0;
+    if (std::sscanf(patch_text.c_str(), "%lux%lux%lu%c", &a, &b, &cc, &extra) != 3) {
+      return usage_error("prep", "--patch-size wants three numbers joined by 'x' (e.g. 96x96x96), not '" + patch_text + "'");
+    }
+    ps = {a, b, cc};
+    job.augment.patch = ps;
+  }
+  Context c;
+  c.threads = threads;
+  std::vector<Identity> ids;
+  for (const auto& path : identities) {
+    auto id = load_identity(path);
+    if (!id) return report(id.error());
+    ids.push_back(std::move(*id));
+  }
+  auto dkeys = load_dataset_keys(key_files, datasets, /*ids_required=*/false);
+  if (!dkeys) return report(dkeys.error());
+  for (const auto& id : ids) c.ring.identities.push_back(&id);
+  for (const auto& k : *dkeys) c.ring.dataset_keys.push_back(&k);
+  if (!recipients.empty()) {
+    auto r = parse_recipients(recipients);
+    if (!r) return report(r.error());
+    c.seal.recipients = std::move(*r);
+    c.seal.threads = threads;
+  }
+
+  std::vector<Case> cases;
+  for (const auto& in : inputs) {
+    if (auto r = collect(in, cases); !r) return report(r.error());
+  }
+  std::sort(cases.begin(), cases.end(), [](const Case& a, const Case& b) { return a.name < b.name; });
+  for (size_t i = 1; i < cases.size(); ++i) {
+    if (cases[i].name == cases[i - 1].name) return report(Error{ErrorCode::kInvalidArgument, "two inputs are both case '" + cases[i].name + "': " + cases[i - 1].image + " and " + cases[i].image});
+  }
+  const bool tty = ::isatty(2) != 0;
+  const double start = now_seconds();
+  size_t failed = 0;
+  int first_code = kExitOk;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Case& k = cases[i];
+    if (tty) std::fprintf(stderr, "\rprep: %zu/%zu %s …\x1b[K", i + 1, cases.size(), k.name.c_str());
+    auto r = run_case(k, fs::path(out) / k.name, job, c);
+    const double elapsed = now_seconds() - start;
+    if (tty) std::fprintf(stderr, "\r\x1b[K");
+    if (!r) {
+      ++failed;
+      const int code = report(Error{r.error().code, "case " + k.name + ": " + r.error().message});
+      if (first_code == kExitOk) first_code = code;
+      continue;
+    }
+    const auto& d = (*r)["output"]["dims"];
+    std::printf("prep: %zu/%zu %s: %zux%zux%zu at %.3g mm, %.2f s%s (%.2f volumes/s)\n", i + 1, cases.size(), k.name.c_str(), d[0].get<size_t>(),
+                d[1].get<size_t>(), d[2].get<size_t>(), job.prep.spacing, (*r)["seconds"]["total"].get<double>(),
+                r->contains("coronary_vesselness_roc_auc") && (*r)["coronary_vesselness_roc_auc"].is_number()
+                    ? (", vesselness AUC " + std::to_string((*r)["coronary_vesselness_roc_auc"].get<double>()).substr(0, 6)).c_str()
+                    : "",
+                static_cast<double>(i + 1 - failed) / elapsed);
+    std::fflush(stdout);
+  }
+  if (failed > 0) {
+    std::fprintf(stderr, "tresor: prep: %zu of %zu cases failed; the others are complete in %s\n", failed, cases.size(), out.c_str());
+    return first_code;
+  }
+  std::printf("prep: %zu cases in %.1f s -> %s%s\n", cases.size(), now_seconds() - start, out.c_str(), c.seal.recipients.empty() ? "" : " (sealed)");
+  return kExitOk;
+}
+
+}  // namespace tresor::cli
