@@ -111,6 +111,10 @@ Result<FloatVolume> frangi(const FloatVolume& v, const FrangiOptions& o, unsigne
           } else {
             hess.at(x, y, z, h);
           }
+          // A bright ridge needs λ2, λ3 <= 0 with |λ1| <= |λ2| <= |λ3|, so tr = λ1 + λ2 + λ3 <=
+          // |λ1| − |λ2| − |λ3| <= 0: a positive trace gives 0 without the eigenvalues (about half
+          // of all voxels; bright/dark is folded into the sign of g already).
+          if (h[0] + h[3] + h[5] > 0) continue;
           double l[3];
           hessian::sym3_eigenvalues_abs_sorted(h[0] * s2, h[1] * s2, h[2] * s2, h[3] * s2, h[4] * s2, h[5] * s2, l);
           const float r = static_cast<float>(hessian::frangi_response(l, ta, tb, tg));

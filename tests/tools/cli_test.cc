@@ -418,6 +418,23 @@ TEST_F(Cli, PrepNamesWhatIsWrongWithItsInputs) {
   EXPECT_NE(twice.err.find("two inputs are both case 'p'"), std::string::npos) << twice.err;
 }
 
+// bench prep measures the CPU Frangi against scikit-image on the same volume in the same run
+// (a small volume here: the ratio itself is for docs/benchmarks.md, not asserted).
+TEST_F(Cli, BenchPrepComparesFrangiWithScikitImage) {
+  if (testing::run_command({"/usr/bin/python3", "-c", "import skimage"}).exit_code != 0) GTEST_SKIP() << "python3-skimage is not installed";
+  auto r = run_tresor({"bench", "prep", "--size", "48x48x32", "--pipeline-size", "64x64x40", "-j", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const size_t at = r.out.find("RESULT bench_prep size=48x48x32 threads=2 ");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  for (const char* key : {"skimage_frangi_s=", "frangi_ratio=", "max_abs_diff=", "pipeline_cpu_s="}) EXPECT_NE(r.out.find(key, at), std::string::npos) << key;
+  // The two implementations agree (the benchmark would otherwise compare different work).
+  const size_t d = r.out.find("max_abs_diff=", at);
+  EXPECT_LT(std::stod(r.out.substr(d + 13)), 1e-5) << r.out;
+  auto bad = run_tresor({"bench", "prep", "--size", "48x48"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("--size wants XxYxZ, not '48x48'"), std::string::npos) << bad.err;
+}
+
 // The GPU data path's benchmark runs everywhere: on the emulated GPU here (the kernel on the
 // CPU), saying that these are not GPU figures when no GPU exists.
 TEST_F(Cli, BenchGpuMeasuresEveryPathAgainstItsBaseline) {
