@@ -38,7 +38,7 @@ int cmd_bench_prep(int argc, char** argv) {
   bool no_skimage = false, no_pipeline = false;
   opts.add_options()
       ("size", po::value(&size_text)->default_value("256x256x128"), "the Frangi comparison's volume, voxels XxYxZ (0.5 mm phantom)")
-      ("pipeline-size", po::value(&pipeline_text)->default_value("512x512x256"), "the pipeline's volume, voxels (0.39x0.39x0.625 mm phantom)")
+      ("pipeline-size", po::value(&pipeline_text)->default_value("512x512x256"), "the pipeline's volume, voxels (0.39x0.39x0.625 mm phantom, coarser if too small for the heart)")
       ("threads,j", po::value(&threads)->default_value(2), "threads for the parallel runs (1 is always measured too)")
       ("no-skimage", po::bool_switch(&no_skimage), "skip scikit-image (then no ratio)")
       ("no-pipeline", po::bool_switch(&no_pipeline), "skip the whole-pipeline run");
@@ -129,6 +129,8 @@ int cmd_bench_prep(int argc, char** argv) {
   if (!no_pipeline) {
     ct::PhantomOptions pp;
     pp.dims = pdims;
+    pp.spacing = {std::max(0.39, 121.0 / static_cast<double>(pdims[0])), std::max(0.39, 121.0 / static_cast<double>(pdims[1])),
+                  std::max(0.625, 81.0 / static_cast<double>(pdims[2]))};
     auto big = ct::make_phantom(pp);
     if (!big) return report(big.error());
     ct::PrepOptions o;
@@ -137,6 +139,7 @@ int cmd_bench_prep(int argc, char** argv) {
     pipeline = seconds([&] { prepared = ct::prepare(big->hu, &big->labels, o); });
     if (!prepared) return report(prepared.error());
     pout = prepared->image.dims;
+    std::fflush(stdout);
     std::printf("pipeline %zux%zux%zu -> %zux%zux%zu at 0.5 mm (statistics, resampling, z-score, window, Frangi 3 scales, labels): CPU %.2f s on %u threads\n",
                 pdims[0], pdims[1], pdims[2], pout[0], pout[1], pout[2], pipeline, threads);
   }
