@@ -10,6 +10,8 @@
 
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -93,10 +95,14 @@ class Slurm : public ::testing::Test {
       f.seekp(-20, std::ios::end);
       f.put('\x5a');
     }
+    // The CCTA preprocessing example's dataset, made by the example's own script: two small
+    // phantoms sealed under a key the broker creates.
+    ok(run_command({"/usr/bin/env", std::string("TRESOR_BIN=") + TRESOR_BIN, TRESOR_EXAMPLES_DIR "/ccta-preprocess/make-dataset.sh", dir_->file("datasets"),
+                    broker + "/admin.sock", "2", "200x200x136", "0.6x0.6x0.6"}));
     std::ofstream(dir_->file("policy.json"))
         << R"({"attestation": {"measurements": [")" << std::string(96, 'a')
         << R"("], "min_tcb": {"bootloader": 0, "tee": 0, "snp": 0, "microcode": 0}, "allow_smt": true, "products": ["Sim"]}})";
-    for (const char* ds : {"dhz/ccta-2024", "dhz/tampered"}) {
+    for (const char* ds : {"dhz/ccta-2024", "dhz/tampered", "demo/ccta-phantoms"}) {
       admin({"policy", "set", ds, dir_->file("policy.json")});
       admin({"grant", "alice", ds});
     }
@@ -363,6 +369,31 @@ TEST_F(Slurm, ABatchJobReadsItsInputWritesAResultAndIsWrappedOnce) {
   EXPECT_NE(log.find("this step runs outside the job's sandbox"), std::string::npos) << "and says where it runs:\n" << log;
   // A failed job's outputs are sealed too, in their subdirectory.
   EXPECT_EQ(open_as_alice(results + "/stats/words.txt.sealed"), "3\n");
+}
+
+// examples/ccta-preprocess as a user runs it: sbatch prep-job.sh on the sealed phantoms; the job
+// preprocesses every case in private memory and its outputs come back sealed to the user, the
+// same as `tresor prep` gives on the plaintext.
+TEST_F(Slurm, TheCctaPreprocessingExampleRunsOnTheSealedPhantoms) {
+  const std::string results = dir_->file("prep-results");
+  const std::string out = dir_->file("prep.out");
+  auto r = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "PREP_SPACING=0.8", "PREP_PATCHES=2", "PREP_PATCH_SIZE=32x32x24", "/usr/bin/sbatch", "--wait",
+                  "--tresor-output=" + results, "-o", out, TRESOR_EXAMPLES_DIR "/ccta-preprocess/prep-job.sh"});
+  const std::string log = slurp(out);
+  ASSERT_EQ(r.exit_code, 0) << r.err << log;
+  EXPECT_NE(log.find("ccta-prep: 2 entries in demo/ccta-phantoms"), std::string::npos) << log;
+  EXPECT_NE(log.find("prep: 2 cases in"), std::string::npos) << log;
+  size_t files = 0;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(results)) {
+    if (!e.is_regular_file()) continue;
+    ++files;
+    EXPECT_TRUE(e.path().string().ends_with(".sealed")) << "only sealed outputs: " << e.path();
+  }
+  EXPECT_EQ(files, 2u * (5 + 2 * 2)) << "image, vesselness, labels, preview, prep.json and two patch pairs per case";
+  const auto j = nlohmann::json::parse(open_as_alice(results + "/case02/prep.json.sealed"));
+  EXPECT_EQ(j["output"]["dims"], nlohmann::json({150, 150, 102}));
+  EXPECT_GE(j["coronary_vesselness_roc_auc"].get<double>(), 0.8) << j.dump();
+  EXPECT_EQ(open_as_alice(results + "/case01/preview.png.sealed").substr(1, 3), "PNG");
 }
 
 TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
