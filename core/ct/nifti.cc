@@ -117,17 +117,29 @@ Result<NimPtr> parse(ByteSpan raw, const std::string& name) {
   int32_t sizeof_hdr = 0;
   if (raw.size() >= 4) std::memcpy(&sizeof_hdr, raw.data(), 4);
   const int32_t swapped = static_cast<int32_t>(__builtin_bswap32(static_cast<uint32_t>(sizeof_hdr)));
+  // libnifti's conversion trusts dim[0] and writes dim[2..dim[0]] into its 8-element array on
+  // the stack (found by nifti_fuzz): dim[0], in the header's byte order, must be 1..7 before
+  // libnifti sees the header. Everything else the conversion yields is checked below.
+  const bool swap = sizeof_hdr != 348 && sizeof_hdr != 540;
   if ((sizeof_hdr == 348 || swapped == 348) && raw.size() >= sizeof(nifti_1_header)) {
     nifti_1_header h;
     std::memcpy(&h, raw.data(), sizeof h);
+    const int16_t dim0 = swap ? static_cast<int16_t>(__builtin_bswap16(static_cast<uint16_t>(h.dim[0]))) : h.dim[0];
+    if (dim0 < 1 || dim0 > 7) return fail(ErrorCode::kMalformed, name + ": dim[0] is " + std::to_string(dim0) + ", not 1..7");
     if (std::memcmp(h.magic, "n+1", 4) == 0) nim.reset(nifti_convert_n1hdr2nim(h, name.c_str()));
   } else if ((sizeof_hdr == 540 || swapped == 540) && raw.size() >= sizeof(nifti_2_header)) {
     nifti_2_header h;
     std::memcpy(&h, raw.data(), sizeof h);
+    const int64_t dim0 = swap ? static_cast<int64_t>(__builtin_bswap64(static_cast<uint64_t>(h.dim[0]))) : h.dim[0];
+    if (dim0 < 1 || dim0 > 7) return fail(ErrorCode::kMalformed, name + ": dim[0] is " + std::to_string(dim0) + ", not 1..7");
     if (std::memcmp(h.magic, "n+2", 3) == 0) nim.reset(nifti_convert_n2hdr2nim(h, name.c_str()));
   }
   if (!nim) return fail(ErrorCode::kMalformed, name + ": not a readable NIfTI-1 or NIfTI-2 file (single-file .nii or .nii.gz)");
   if (nim->nbyper <= 0 || nim->nvox <= 0 || nim->iname_offset < 0) return fail(ErrorCode::kMalformed, name + ": the header describes no voxels");
+  if (static_cast<uint64_t>(nim->nvox) > raw.size() || nim->nbyper > 16) {
+    return fail(ErrorCode::kMalformed, name + ": the header promises " + std::to_string(nim->nvox) + " voxels of " + std::to_string(nim->nbyper) +
+                                           " bytes but the file has " + std::to_string(raw.size()) + " bytes");
+  }
   const auto offset = static_cast<size_t>(nim->iname_offset);
   const auto bytes = static_cast<size_t>(nim->nvox) * static_cast<size_t>(nim->nbyper);
   if (offset > raw.size() || raw.size() - offset < bytes) {
@@ -146,6 +158,12 @@ Result<Volume<Out>> to_volume(const NimPtr& nim, const std::string& name, bool l
   if (nim->ndim < 3 || (nim->ndim > 3 && nim->nt * nim->nu * nim->nv * nim->nw != 1)) {
     return fail(ErrorCode::kMalformed, name + ": a " + std::to_string(nim->ndim) + "-dimensional image, not a single 3D volume");
   }
+  // Each axis 1..65535 voxels, and the three together exactly the voxels the header counts
+  // (libnifti multiplies int64 dims without checking for overflow).
+  for (int64_t n : {nim->nx, nim->ny, nim->nz}) {
+    if (n < 1 || n > 65535) return fail(ErrorCode::kMalformed, name + ": an axis of " + std::to_string(n) + " voxels (1..65535 are read)");
+  }
+  if (nim->nx * nim->ny * nim->nz != nim->nvox) return fail(ErrorCode::kMalformed, name + ": the dimensions do not multiply to the voxel count");
   Volume<Out> v;
   v.dims = {static_cast<size_t>(nim->nx), static_cast<size_t>(nim->ny), static_cast<size_t>(nim->nz)};
   v.spacing = {std::abs(nim->dx), std::abs(nim->dy), std::abs(nim->dz)};

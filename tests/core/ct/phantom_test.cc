@@ -4,6 +4,7 @@
 // an independent reader).
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <sstream>
 
 #include <algorithm>
@@ -222,6 +223,17 @@ TEST(Phantom, ReadingRefusesWhatIsNotAVolume) {
   Bytes gz = {std::byte{0x1F}, std::byte{0x8B}, std::byte{8}, std::byte{0}, std::byte{1}, std::byte{2}};
   EXPECT_NE(read_nifti_hu(gz, "bad.nii.gz").error().message.find("bad.nii.gz: the gzip stream is corrupt"), std::string::npos);
   EXPECT_TRUE(read_nifti_hu(good, "good.nii"));
+  // dim[0] beyond 7 (libnifti would write past its dim array) and dimensions whose product
+  // overflows: refused before the voxels are touched (both found by nifti_fuzz).
+  Bytes bad_dim0 = good;
+  const int16_t hundred = 100;
+  std::memcpy(bad_dim0.data() + 40, &hundred, 2);
+  EXPECT_NE(read_nifti_hu(bad_dim0, "d.nii").error().message.find("d.nii: dim[0] is 100, not 1..7"), std::string::npos);
+  Bytes huge = good;
+  const int16_t big = 30000;
+  for (size_t axis = 1; axis <= 3; ++axis) std::memcpy(huge.data() + 40 + 2 * axis, &big, 2);
+  EXPECT_NE(read_nifti_hu(huge, "h.nii").error().message.find("h.nii: the header promises 27000000000000 voxels"), std::string::npos)
+      << read_nifti_hu(huge, "h.nii").error().message;
 }
 
 }  // namespace
