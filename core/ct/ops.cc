@@ -123,6 +123,17 @@ Result<FloatVolume> gaussian(const FloatVolume& v, std::array<double, 3> sigma_m
 
 namespace {
 
+// fn(i) for every voxel index, in blocks of 1 Mi voxels over all cores.
+template <typename F>
+void for_each_block(size_t n, F&& fn) {
+  constexpr size_t kBlock = size_t{1} << 20;
+  ThreadPool pool(0);
+  pool.parallel_for((n + kBlock - 1) / kBlock, [&](size_t b) {
+    const size_t end = std::min(n, (b + 1) * kBlock);
+    for (size_t i = b * kBlock; i < end; ++i) fn(i);
+  });
+}
+
 template <typename T>
 FloatVolume like(const Volume<T>& v) {
   FloatVolume out;
@@ -138,7 +149,7 @@ Result<FloatVolume> window_any(const Volume<T>& v, double lower, double upper) {
   if (!(lower < upper)) return fail(ErrorCode::kInvalidArgument, "window: lower " + std::to_string(lower) + " is not below upper " + std::to_string(upper));
   FloatVolume out = like(v);
   const double scale = 1.0 / (upper - lower);
-  for (size_t i = 0; i < v.data.size(); ++i) out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], lower, upper) - lower) * scale);
+  for_each_block(v.data.size(), [&](size_t i) { out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], lower, upper) - lower) * scale); });
   return out;
 }
 
@@ -146,7 +157,7 @@ template <typename T>
 FloatVolume normalise_any(const Volume<T>& v, const CtNormalisation& n) {
   FloatVolume out = like(v);
   const double sd = std::max(n.sd, 1e-8);
-  for (size_t i = 0; i < v.data.size(); ++i) out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], n.lower, n.upper) - n.mean) / sd);
+  for_each_block(v.data.size(), [&](size_t i) { out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], n.lower, n.upper) - n.mean) / sd); });
   return out;
 }
 
@@ -161,28 +172,49 @@ Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& f
   if (v.dims != foreground.dims || v.data.size() != foreground.data.size()) {
     return fail(ErrorCode::kInvalidArgument, "ct normalisation: the foreground mask does not have the volume's dimensions");
   }
-  std::vector<int16_t> fg;
+  // HU are int16: a histogram of the 65536 values gives the exact order statistics in one pass
+  // (no sort), and integer sums give the exact mean and variance.
+  std::vector<uint64_t> count(65536, 0);
+  uint64_t n = 0;
+  int64_t sum = 0;
+  unsigned __int128 sq = 0;
   for (size_t i = 0; i < v.data.size(); ++i) {
-    if (foreground.data[i] != 0) fg.push_back(v.data[i]);
+    if (foreground.data[i] == 0) continue;
+    const int16_t h = v.data[i];
+    ++count[static_cast<uint16_t>(h) ^ 0x8000u];  // offset binary: bin order = value order
+    ++n;
+    sum += h;
+    sq += static_cast<unsigned __int128>(static_cast<int64_t>(h) * h);
   }
-  if (fg.empty()) return fail(ErrorCode::kInvalidArgument, "ct normalisation: the foreground is empty");
-  std::sort(fg.begin(), fg.end());
-  auto percentile = [&](double p) {
-    const double at = p / 100 * static_cast<double>(fg.size() - 1);
-    const size_t lo = static_cast<size_t>(std::floor(at));
-    const size_t hi = std::min(lo + 1, fg.size() - 1);
-    return fg[lo] + (at - static_cast<double>(lo)) * (fg[hi] - fg[lo]);
+  if (n == 0) return fail(ErrorCode::kInvalidArgument, "ct normalisation: the foreground is empty");
+  // The k-th smallest foreground value (0-based).
+  auto kth = [&](uint64_t k) {
+    uint64_t seen = 0;
+    for (size_t b = 0; b < count.size(); ++b) {
+      seen += count[b];
+      if (seen > k) return static_cast<double>(static_cast<int>(b) - 32768);
+    }
+    return 0.0;  // not reached: k < n
   };
-  CtNormalisation n;
-  n.lower = percentile(0.5);
-  n.upper = percentile(99.5);
-  double sum = 0;
-  for (int16_t h : fg) sum += h;
-  n.mean = sum / static_cast<double>(fg.size());
-  double sq = 0;
-  for (int16_t h : fg) sq += (h - n.mean) * (h - n.mean);
-  n.sd = std::sqrt(sq / static_cast<double>(fg.size()));
-  return n;
+  // NumPy's default percentile: linear interpolation between the order statistics around
+  // p/100·(n−1).
+  auto percentile = [&](double p) {
+    const double at = p / 100 * static_cast<double>(n - 1);
+    const auto lo = static_cast<uint64_t>(std::floor(at));
+    const uint64_t hi = std::min(lo + 1, n - 1);
+    const double a = kth(lo), b = kth(hi);
+    return a + (at - static_cast<double>(lo)) * (b - a);
+  };
+  CtNormalisation out;
+  out.lower = percentile(0.5);
+  out.upper = percentile(99.5);
+  out.mean = static_cast<double>(sum) / static_cast<double>(n);
+  // Population variance (n·Σx² − (Σx)²) / n², exact in 128-bit integers before the division.
+  const auto nn = static_cast<unsigned __int128>(n);
+  const auto s2 = static_cast<unsigned __int128>(static_cast<__int128>(sum) * sum);
+  const unsigned __int128 num = nn * sq - s2;
+  out.sd = std::sqrt(static_cast<double>(num) / (static_cast<double>(n) * static_cast<double>(n)));
+  return out;
 }
 
 Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing) {
