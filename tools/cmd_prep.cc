@@ -20,6 +20,7 @@
 #include "tresor/ct/augment.h"
 #include "tresor/ct/prep.h"
 #include "tresor/ct/preview.h"
+#include "tresor/gpu/ct.h"
 #include "tresor/sealed.h"
 
 namespace tresor::cli {
@@ -182,8 +183,12 @@ Result<std::vector<double>> numbers(const std::string& text, const char* what) {
   return out;
 }
 
+enum class Device { kCpu, kGpu, kEmulated };
+
 struct Job {
   ct::PrepOptions prep;
+  Device device = Device::kCpu;
+  int gpu = 0;
   size_t patches = 0;
   ct::AugmentOptions augment;
   uint64_t seed = 1;
@@ -203,7 +208,11 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
     labels = std::move(*l);
   }
   const double t_read = now_seconds();
-  auto p = ct::prepare(*hu, labels ? &*labels : nullptr, job.prep);
+  gpu::ct::PrepTimings timings;
+  const ct::LabelVolume* lp = labels ? &*labels : nullptr;
+  auto p = job.device == Device::kGpu        ? gpu::ct::prepare(*hu, lp, job.prep, &timings, job.gpu)
+           : job.device == Device::kEmulated ? gpu::ct::prepare_emulated(*hu, lp, job.prep)
+                                             : ct::prepare(*hu, lp, job.prep);
   if (!p) return fail(p.error().code, k.name + ": " + p.error().message);
   const double t_prep = now_seconds();
 
@@ -232,7 +241,12 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
                                          {"mean", p->stats.mean}, {"sd", p->stats.sd}}},
                       {"vesselness", {{"window_hu", {job.prep.window_lower, job.prep.window_upper}}, {"sigmas_mm", job.prep.frangi_sigmas_mm},
                                       {"alpha", job.prep.frangi_alpha}, {"beta", job.prep.frangi_beta}, {"gamma", job.prep.frangi_gamma}}},
-                      {"device", "cpu"}};
+                      {"device", job.device == Device::kGpu ? "cuda:" + std::to_string(job.gpu) : job.device == Device::kEmulated ? "emulated" : "cpu"}};
+  if (job.device == Device::kGpu) {
+    j["gpu_ms"] = {{"upload", timings.upload_ms}, {"statistics", timings.normalise_ms}, {"resample_normalise_window", timings.resample_ms},
+                   {"frangi", timings.frangi_ms}, {"total", timings.total_ms}, {"download", timings.download_ms},
+                   {"peak_device_bytes", timings.peak_device_bytes}};
+  }
   if (p->labels) {
     auto auc = ct::roc_auc(p->vesselness.data, *p->labels, ct::kCoronary);
     j["coronary_vesselness_roc_auc"] = auc ? nlohmann::json(*auc) : nlohmann::json(nullptr);
@@ -268,7 +282,7 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
 int cmd_prep(int argc, char** argv) {
   po::options_description opts("Options");
   std::vector<std::string> inputs, identities, key_files, datasets, recipients;
-  std::string out, sigmas_text = "0.5,1,1.5", patch_text = "96x96x96", device = "cpu";
+  std::string out, sigmas_text = "0.5,1,1.5", patch_text = "96x96x96", device = "auto";
   Job job;
   unsigned threads = 0;
   opts.add_options()
@@ -289,7 +303,8 @@ int cmd_prep(int argc, char** argv) {
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
       ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
       ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable")
-      ("device", po::value(&device)->default_value("cpu"), "cpu (the CPU reference)")
+      ("device", po::value(&device)->default_value("auto"),
+       "auto (cuda:0 where usable, else cpu), cpu (the CPU reference), cuda:N, or emulated (the CUDA kernels' code on the CPU; slow, for checking)")
       ("threads,j", po::value(&threads)->default_value(0), "CPU threads (0 = all cores)")
       ("input", po::value(&inputs)->composing(), "case file or directory, or a directory of cases");
   po::positional_options_description pos;
@@ -297,7 +312,22 @@ int cmd_prep(int argc, char** argv) {
   po::variables_map vm;
   if (auto stop = parse_options("prep", "-o OUT [options] INPUT...", argc, argv, opts, pos, vm)) return *stop;
   if (inputs.empty()) return usage_error("prep", "name at least one input (a NIfTI file, a case directory or a directory of cases)");
-  if (device != "cpu") return usage_error("prep", "--device " + device + ": this build runs prep on the CPU only");
+  if (device == "cpu") {
+    job.device = Device::kCpu;
+  } else if (device == "emulated") {
+    job.device = Device::kEmulated;
+  } else if (device == "auto") {
+    auto ok = gpu::ct::available(0);
+    job.device = ok && *ok ? Device::kGpu : Device::kCpu;
+  } else if (device.starts_with("cuda:") && device.size() > 5 && device.find_first_not_of("0123456789", 5) == std::string::npos && device.size() < 9) {
+    job.device = Device::kGpu;
+    job.gpu = std::stoi(device.substr(5));
+    auto ok = gpu::ct::available(job.gpu);
+    if (!ok) return report(ok.error());
+    if (!*ok) return report(Error{ErrorCode::kUnavailable, "--device " + device + ": no such CUDA device, or one older than compute capability 8.0"});
+  } else {
+    return usage_error("prep", "--device must be auto, cpu, cuda:N or emulated, not '" + device + "'");
+  }
   auto sig = numbers(sigmas_text, "--sigmas");
   if (!sig) return usage_error("prep", sig.error().message);
   job.prep.frangi_sigmas_mm = *sig;
@@ -369,7 +399,9 @@ int cmd_prep(int argc, char** argv) {
     std::fprintf(stderr, "tresor: prep: %zu of %zu cases failed; the others are complete in %s\n", failed, cases.size(), out.c_str());
     return first_code;
   }
-  std::printf("prep: %zu cases in %.1f s -> %s%s\n", cases.size(), now_seconds() - start, out.c_str(), c.seal.recipients.empty() ? "" : " (sealed)");
+  std::printf("prep: %zu cases in %.1f s on %s -> %s%s\n", cases.size(), now_seconds() - start,
+              job.device == Device::kGpu ? ("cuda:" + std::to_string(job.gpu)).c_str() : job.device == Device::kEmulated ? "the emulated GPU" : "the CPU", out.c_str(),
+              c.seal.recipients.empty() ? "" : " (sealed)");
   return kExitOk;
 }
 

@@ -390,6 +390,31 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("wout/case1/image.nii")));
 }
 
+// --device: auto falls back to the CPU without a GPU and says where it ran; emulated runs the
+// CUDA kernels' own code on the CPU and agrees with the reference (labels exactly).
+TEST_F(Cli, PrepRunsOnTheDeviceAskedFor) {
+  auto ph = run_tresor({"phantom", "-o", dir.file("c/case"), "--size", "128x128x64", "--spacing", "1x1x1.5", "--no-dicom"});
+  ASSERT_EQ(ph.exit_code, 0) << ph.err;
+  auto cpu = run_tresor({"prep", "-o", dir.file("cpu"), dir.file("c"), "--spacing", "1.5", "--sigmas", "1.5,3", "--device", "cpu"});
+  ASSERT_EQ(cpu.exit_code, 0) << cpu.err;
+  EXPECT_NE(cpu.out.find("on the CPU"), std::string::npos) << cpu.out;
+  auto emu = run_tresor({"prep", "-o", dir.file("emu"), dir.file("c"), "--spacing", "1.5", "--sigmas", "1.5,3", "--device", "emulated"});
+  ASSERT_EQ(emu.exit_code, 0) << emu.err;
+  EXPECT_NE(emu.out.find("on the emulated GPU"), std::string::npos) << emu.out;
+  EXPECT_TRUE(testing::read_file(dir.file("cpu/case/labels.nii")) == testing::read_file(dir.file("emu/case/labels.nii")));
+  const auto j = nlohmann::json::parse(to_string(testing::read_file(dir.file("emu/case/prep.json"))));
+  EXPECT_EQ(j["device"], "emulated");
+  const auto jc = nlohmann::json::parse(to_string(testing::read_file(dir.file("cpu/case/prep.json"))));
+  EXPECT_NEAR(j["coronary_vesselness_roc_auc"].get<double>(), jc["coronary_vesselness_roc_auc"].get<double>(), 1e-4);
+  EXPECT_NEAR(j["normalisation"]["sd"].get<double>(), jc["normalisation"]["sd"].get<double>(), 1e-9);
+  auto any = run_tresor({"prep", "-o", dir.file("auto"), dir.file("c"), "--spacing", "1.5", "--sigmas", "1.5"});
+  ASSERT_EQ(any.exit_code, 0) << any.err;
+  EXPECT_TRUE(any.out.find("on the CPU") != std::string::npos || any.out.find("on cuda:0") != std::string::npos) << any.out;
+  auto bad = run_tresor({"prep", "-o", dir.file("x"), dir.file("c"), "--device", "tpu"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("--device must be auto, cpu, cuda:N or emulated, not 'tpu'"), std::string::npos) << bad.err;
+}
+
 TEST_F(Cli, PrepNamesWhatIsWrongWithItsInputs) {
   auto missing = run_tresor({"prep", "-o", dir.file("o"), dir.file("nothing")});
   EXPECT_EQ(missing.exit_code, 3);
