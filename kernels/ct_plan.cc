@@ -37,29 +37,11 @@ Result<void> empty_foreground(const PrepOptions& o) {
 
 Result<std::array<size_t, 3>> check_grid(const std::array<size_t, 3>& dims, size_t data_size, const std::array<double, 3>& spacing,
                                          const PrepOptions& o) {
-  // resample_linear (grid_like): the output spacing per axis, an empty volume, 2^31 voxels.
-  for (size_t a = 0; a < 3; ++a) {
-    if (!(o.spacing >= 0.05 && o.spacing <= 20)) {
-      return fail(ErrorCode::kInvalidArgument, "resample: spacing " + std::to_string(o.spacing) + " mm on axis " + std::to_string(a) + " is not 0.05..20");
-    }
-  }
-  if (data_size != dims[0] * dims[1] * dims[2] || data_size == 0) return fail(ErrorCode::kInvalidArgument, "resample: an empty volume");
-  std::array<size_t, 3> out{};
-  double total = 1;
-  for (size_t a = 0; a < 3; ++a) {
-    // Not checked by the reference, whose grid size is then undefined (a negative extent cast to
-    // size_t): refused here.
-    if (!(spacing[a] > 0 && std::isfinite(spacing[a]))) {
-      return fail(ErrorCode::kInvalidArgument, "prep: the volume's spacing " + std::to_string(spacing[a]) + " mm on axis " + std::to_string(a) +
-                                                   " is not a positive number");
-    }
-    // grid_size(): centres 0, s', 2s', … up to the last old centre.
-    const double cells = std::floor(static_cast<double>(dims[a] - 1) * spacing[a] / o.spacing + 1e-9) + 1;
-    total *= cells;
-    if (cells > 2147483648.0) break;  // the check below fails; no cast of a value past size_t
-    out[a] = static_cast<size_t>(cells);
-  }
-  if (total > 2147483648.0) return fail(ErrorCode::kInvalidArgument, "resample: the output would have more than 2^31 voxels");
+  // resample_linear's checks and grid, from the reference itself.
+  if (data_size != dims[0] * dims[1] * dims[2]) return fail(ErrorCode::kInvalidArgument, "resample: an empty volume");
+  auto grid = tresor::ct::resample_grid(dims, spacing, {o.spacing, o.spacing, o.spacing});
+  if (!grid) return std::unexpected(grid.error());
+  const std::array<size_t, 3> out = *grid;
   if (!(o.window_lower < o.window_upper)) {
     return fail(ErrorCode::kInvalidArgument, "window: lower " + std::to_string(o.window_lower) + " is not below upper " + std::to_string(o.window_upper));
   }

@@ -11,25 +11,13 @@
 namespace tresor::ct {
 namespace {
 
-// The output grid along one axis: centres at 0, s', 2s', … up to the last old centre.
-size_t grid_size(size_t n, double old_spacing, double new_spacing) {
-  const double extent = static_cast<double>(n - 1) * old_spacing;
-  return static_cast<size_t>(std::floor(extent / new_spacing + 1e-9)) + 1;
-}
-
 template <typename Out, typename In>
 Result<Volume<Out>> grid_like(const Volume<In>& v, const std::array<double, 3>& spacing) {
+  if (v.data.size() != v.size()) return fail(ErrorCode::kInvalidArgument, "resample: an empty volume");
+  auto dims = resample_grid(v.dims, v.spacing, spacing);
+  if (!dims) return std::unexpected(dims.error());
   Volume<Out> out;
-  for (size_t a = 0; a < 3; ++a) {
-    if (!(spacing[a] >= 0.05 && spacing[a] <= 20)) {
-      return fail(ErrorCode::kInvalidArgument, "resample: spacing " + std::to_string(spacing[a]) + " mm on axis " + std::to_string(a) + " is not 0.05..20");
-    }
-    out.dims[a] = grid_size(v.dims[a], v.spacing[a], spacing[a]);
-  }
-  if (v.data.size() != v.size() || v.size() == 0) return fail(ErrorCode::kInvalidArgument, "resample: an empty volume");
-  if (static_cast<double>(out.dims[0]) * static_cast<double>(out.dims[1]) * static_cast<double>(out.dims[2]) > 2147483648.0) {
-    return fail(ErrorCode::kInvalidArgument, "resample: the output would have more than 2^31 voxels");
-  }
+  out.dims = *dims;
   out.spacing = spacing;
   out.origin = v.origin;
   out.data.resize(out.size());
@@ -93,6 +81,27 @@ void convolve_axis(const T* src, T* dst, const std::array<size_t, 3>& d, size_t 
 
 }  // namespace
 
+Result<std::array<size_t, 3>> resample_grid(const std::array<size_t, 3>& dims, const std::array<double, 3>& spacing,
+                                            const std::array<double, 3>& new_spacing) {
+  if (dims[0] * dims[1] * dims[2] == 0) return fail(ErrorCode::kInvalidArgument, "resample: an empty volume");
+  std::array<size_t, 3> out{};
+  double voxels = 1;
+  for (size_t a = 0; a < 3; ++a) {
+    if (!(new_spacing[a] >= 0.05 && new_spacing[a] <= 20)) {
+      return fail(ErrorCode::kInvalidArgument, "resample: spacing " + std::to_string(new_spacing[a]) + " mm on axis " + std::to_string(a) + " is not 0.05..20");
+    }
+    if (!(spacing[a] > 0 && spacing[a] <= 1e4)) {
+      return fail(ErrorCode::kInvalidArgument, "resample: the volume's spacing " + std::to_string(spacing[a]) + " mm on axis " + std::to_string(a) + " is not positive");
+    }
+    // Centres at 0, s', 2s', … up to the last old centre.
+    const double n = std::floor(static_cast<double>(dims[a] - 1) * spacing[a] / new_spacing[a] + 1e-9) + 1;
+    voxels *= n;
+    if (voxels > 2147483648.0) return fail(ErrorCode::kInvalidArgument, "resample: the output would have more than 2^31 voxels");
+    out[a] = static_cast<size_t>(n);
+  }
+  return out;
+}
+
 template <typename T>
 void detail::gaussian_voxels(std::vector<T>& v, const std::array<size_t, 3>& d, const std::array<double, 3>& sigma_voxels, double truncate, ThreadPool& pool) {
   std::vector<T> tmp;
@@ -125,9 +134,9 @@ namespace {
 
 // fn(i) for every voxel index, in blocks of 1 Mi voxels over all cores.
 template <typename F>
-void for_each_block(size_t n, F&& fn) {
+void for_each_block(size_t n, unsigned threads, F&& fn) {
   constexpr size_t kBlock = size_t{1} << 20;
-  ThreadPool pool(0);
+  ThreadPool pool(threads);
   pool.parallel_for((n + kBlock - 1) / kBlock, [&](size_t b) {
     const size_t end = std::min(n, (b + 1) * kBlock);
     for (size_t i = b * kBlock; i < end; ++i) fn(i);
@@ -145,28 +154,28 @@ FloatVolume like(const Volume<T>& v) {
 }
 
 template <typename T>
-Result<FloatVolume> window_any(const Volume<T>& v, double lower, double upper) {
+Result<FloatVolume> window_any(const Volume<T>& v, double lower, double upper, unsigned threads) {
   if (!(lower < upper)) return fail(ErrorCode::kInvalidArgument, "window: lower " + std::to_string(lower) + " is not below upper " + std::to_string(upper));
   FloatVolume out = like(v);
   const double scale = 1.0 / (upper - lower);
-  for_each_block(v.data.size(), [&](size_t i) { out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], lower, upper) - lower) * scale); });
+  for_each_block(v.data.size(), threads, [&](size_t i) { out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], lower, upper) - lower) * scale); });
   return out;
 }
 
 template <typename T>
-FloatVolume normalise_any(const Volume<T>& v, const CtNormalisation& n) {
+FloatVolume normalise_any(const Volume<T>& v, const CtNormalisation& n, unsigned threads) {
   FloatVolume out = like(v);
   const double sd = std::max(n.sd, 1e-8);
-  for_each_block(v.data.size(), [&](size_t i) { out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], n.lower, n.upper) - n.mean) / sd); });
+  for_each_block(v.data.size(), threads, [&](size_t i) { out.data[i] = static_cast<float>((std::clamp<double>(v.data[i], n.lower, n.upper) - n.mean) / sd); });
   return out;
 }
 
 }  // namespace
 
-Result<FloatVolume> window(const HuVolume& v, double lower, double upper) { return window_any(v, lower, upper); }
-Result<FloatVolume> window(const FloatVolume& v, double lower, double upper) { return window_any(v, lower, upper); }
-FloatVolume normalise(const HuVolume& v, const CtNormalisation& n) { return normalise_any(v, n); }
-FloatVolume normalise(const FloatVolume& v, const CtNormalisation& n) { return normalise_any(v, n); }
+Result<FloatVolume> window(const HuVolume& v, double lower, double upper, unsigned threads) { return window_any(v, lower, upper, threads); }
+Result<FloatVolume> window(const FloatVolume& v, double lower, double upper, unsigned threads) { return window_any(v, lower, upper, threads); }
+FloatVolume normalise(const HuVolume& v, const CtNormalisation& n, unsigned threads) { return normalise_any(v, n, threads); }
+FloatVolume normalise(const FloatVolume& v, const CtNormalisation& n, unsigned threads) { return normalise_any(v, n, threads); }
 
 Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& foreground) {
   if (v.dims != foreground.dims || v.data.size() != foreground.data.size()) {
@@ -217,12 +226,12 @@ Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& f
   return out;
 }
 
-Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing) {
+Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing, unsigned threads) {
   auto out = grid_like<float>(v, spacing);
   if (!out) return std::unexpected(out.error());
   const auto& d = v.dims;
   const auto& od = out->dims;
-  ThreadPool pool(0);
+  ThreadPool pool(threads);
   pool.parallel_for(od[2], [&](size_t z) {
     // Source coordinate along each axis, its lower neighbour and weight (edges clamped).
     auto coord = [&](size_t j, size_t a, size_t& i0, size_t& i1, double& w) {
@@ -254,7 +263,7 @@ Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spa
   return out;
 }
 
-Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3> spacing) {
+Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3> spacing, unsigned threads) {
   auto out = grid_like<uint8_t>(v, spacing);
   if (!out) return std::unexpected(out.error());
   const auto& d = v.dims;
@@ -263,7 +272,7 @@ Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3>
     // floor(x + 0.5), as SciPy's order-0 interpolation.
     return std::min(static_cast<size_t>(std::floor(static_cast<double>(j) * spacing[a] / v.spacing[a] + 0.5)), d[a] - 1);
   };
-  ThreadPool pool(0);
+  ThreadPool pool(threads);
   pool.parallel_for(od[2], [&](size_t z) {
     const size_t sz = nearest(z, 2);
     for (size_t y = 0; y < od[1]; ++y) {

@@ -16,9 +16,9 @@ Result<Prepared> prepare(const HuVolume& hu, const LabelVolume* labels, const Pr
   for (size_t i = 0; i < hu.data.size(); ++i) fg.data[i] = hu.data[i] > o.foreground_hu ? 1 : 0;
   auto stats = ct_normalisation(hu, fg);
   if (!stats) return fail(ErrorCode::kInvalidArgument, "prep: no voxel above the foreground threshold " + std::to_string(o.foreground_hu) + " HU");
-  auto iso = resample_linear(hu, {o.spacing, o.spacing, o.spacing});
+  auto iso = resample_linear(hu, {o.spacing, o.spacing, o.spacing}, o.threads);
   if (!iso) return std::unexpected(iso.error());
-  auto win = window(*iso, o.window_lower, o.window_upper);
+  auto win = window(*iso, o.window_lower, o.window_upper, o.threads);
   if (!win) return std::unexpected(win.error());
   FrangiOptions f;
   f.sigmas.clear();
@@ -30,10 +30,10 @@ Result<Prepared> prepare(const HuVolume& hu, const LabelVolume* labels, const Pr
   if (!ves) return std::unexpected(ves.error());
   Prepared p;
   p.stats = *stats;
-  p.image = normalise(*iso, *stats);
+  p.image = normalise(*iso, *stats, o.threads);
   p.vesselness = std::move(*ves);
   if (labels != nullptr) {
-    auto l = resample_nearest(*labels, {o.spacing, o.spacing, o.spacing});
+    auto l = resample_nearest(*labels, {o.spacing, o.spacing, o.spacing}, o.threads);
     if (!l) return std::unexpected(l.error());
     p.labels = std::move(*l);
   }

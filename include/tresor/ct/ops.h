@@ -11,8 +11,9 @@ using FloatVolume = Volume<float>;
 
 /// A fixed window: HU clipped to [lower, upper] and mapped linearly onto [0, 1].
 /// kInvalidArgument unless lower < upper.
-[[nodiscard]] Result<FloatVolume> window(const HuVolume& v, double lower, double upper);
-[[nodiscard]] Result<FloatVolume> window(const FloatVolume& v, double lower, double upper);
+/// `threads` here and below: 0 = all cores.
+[[nodiscard]] Result<FloatVolume> window(const HuVolume& v, double lower, double upper, unsigned threads = 0);
+[[nodiscard]] Result<FloatVolume> window(const FloatVolume& v, double lower, double upper, unsigned threads = 0);
 
 /// nnU-Net's CT scheme (Isensee et al. 2021, "CTNormalization"): clip to the 0.5th and 99.5th
 /// percentiles of the foreground's intensities, then subtract the foreground's mean and divide by
@@ -24,8 +25,8 @@ struct CtNormalisation {
 /// linearly between order statistics, as NumPy's default). kInvalidArgument when the volumes do
 /// not match or the foreground is empty.
 [[nodiscard]] Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& foreground);
-[[nodiscard]] FloatVolume normalise(const HuVolume& v, const CtNormalisation& n);
-[[nodiscard]] FloatVolume normalise(const FloatVolume& v, const CtNormalisation& n);
+[[nodiscard]] FloatVolume normalise(const HuVolume& v, const CtNormalisation& n, unsigned threads = 0);
+[[nodiscard]] FloatVolume normalise(const FloatVolume& v, const CtNormalisation& n, unsigned threads = 0);
 
 /// A separable 3D Gaussian of standard deviation `sigma_mm` per axis (in mm; 0 leaves an axis),
 /// as scipy.ndimage.gaussian_filter: kernel radius ⌊truncate·σ + 0.5⌋ voxels, weights
@@ -39,9 +40,14 @@ void gaussian_in_place(std::vector<float>& data, const std::array<size_t, 3>& di
 /// Resampling on the physical grid: the new voxel centres start at the old first centre and step
 /// by `spacing` mm up to the old last centre (so the spacing is exact, unlike a zoom that aligns
 /// corner voxels). Intensities trilinearly (edges clamped), labels by the nearest voxel.
-/// kInvalidArgument for a spacing outside 0.05..20 mm or more than 2^31 output voxels.
-[[nodiscard]] Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing);
-[[nodiscard]] Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3> spacing);
+/// kInvalidArgument for an empty volume, a volume spacing that is not positive, a spacing outside
+/// 0.05..20 mm or more than 2^31 output voxels.
+[[nodiscard]] Result<FloatVolume> resample_linear(const HuVolume& v, std::array<double, 3> spacing, unsigned threads = 0);
+/// The output grid of resampling `dims` voxels of `spacing` mm to `new_spacing`, with the same
+/// checks and messages (what the CUDA pipeline plans with).
+[[nodiscard]] Result<std::array<size_t, 3>> resample_grid(const std::array<size_t, 3>& dims, const std::array<double, 3>& spacing,
+                                                          const std::array<double, 3>& new_spacing);
+[[nodiscard]] Result<LabelVolume> resample_nearest(const LabelVolume& v, std::array<double, 3> spacing, unsigned threads = 0);
 
 /// Multi-scale Frangi vesselness with scikit-image 0.19's definitions (frangi(), see hessian.h
 /// and docs/preprocessing.md §5). Scales in voxels, as scikit-image: resample to isotropic voxels

@@ -130,6 +130,17 @@ TEST_F(CtOps, ResamplingOnThePhysicalGridMatchesScipy) {
   for (size_t i = 0; i < lwant.size(); ++i) diff += static_cast<double>(near->data[i]) != lwant[i] ? 1u : 0u;
   EXPECT_EQ(diff, 0u) << "labels differing from SciPy's nearest neighbour";
   EXPECT_FALSE(resample_linear(p.hu, {0.7, 0.01, 0.7}));
+  // An input spacing that is not positive, an empty volume: named, nothing computed.
+  HuVolume odd = p.hu;
+  odd.spacing[1] = 0;
+  EXPECT_NE(resample_linear(odd, iso).error().message.find("the volume's spacing 0.000000 mm on axis 1 is not positive"), std::string::npos);
+  odd.spacing[1] = std::nan("");
+  EXPECT_FALSE(resample_linear(odd, iso));
+  HuVolume empty;
+  EXPECT_NE(resample_linear(empty, iso).error().message.find("an empty volume"), std::string::npos);
+  EXPECT_NE(resample_linear(p.hu, {0.05, 0.05, 0.05}).error().message.find("more than 2^31"), std::string::npos);
+  // One thread gives the same bytes as all.
+  EXPECT_TRUE(resample_linear(p.hu, iso, 1)->data == lin->data);
 }
 
 TEST_F(CtOps, GaussianMatchesScipyGaussianFilter) {
