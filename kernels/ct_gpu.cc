@@ -79,7 +79,7 @@ using namespace detail;
 
 Result<void> require_device(int device) {
   auto devs = gpu_probe();
-  if (!devs) return fail(ErrorCode::kUnavailable, "no CUDA device: " + devs.error().message);
+  if (!devs) return std::unexpected(devs.error());  // "no usable CUDA device: …"
   if (device < 0 || static_cast<size_t>(device) >= devs->size()) {
     return fail(ErrorCode::kUnavailable, "no CUDA device: there is no device " + std::to_string(device) + " (" + std::to_string(devs->size()) + " found)");
   }
@@ -217,7 +217,7 @@ Result<DevicePrepared> run(const int16_t* d_hu, const uint8_t* d_labels, Plan& p
 
 Result<bool> available(int device) {
   auto devs = gpu_probe();
-  if (!devs) return fail(ErrorCode::kUnavailable, "no CUDA device: " + devs.error().message);
+  if (!devs) return std::unexpected(devs.error());  // "no usable CUDA device: …"
   if (device < 0 || static_cast<size_t>(device) >= devs->size()) return false;
   return (*devs)[static_cast<size_t>(device)].cc_major >= 8;
 }
