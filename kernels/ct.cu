@@ -178,19 +178,19 @@ CudaStatus ct_histogram_launch(void* stream, const int16_t* d_hu, uint64_t n, in
   uint64_t blocks = std::min<uint64_t>((n + kThreads * 16 - 1) / (kThreads * 16), uint64_t(8) * static_cast<uint64_t>(std::max(sms, 1)));
   blocks = std::max<uint64_t>({blocks, 1, (n >> 31) + 1});
   ct_histogram_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(d_hu, n, threshold, reinterpret_cast<unsigned long long*>(d_hist));
-  return status("ct_histogram_kernel launch", cudaGetLastError());
+  return status("ct_histogram_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
 }
 
 CudaStatus ct_resample_launch(void* stream, const int16_t* d_hu, const FusedParams& p, Grid g, const LerpTap* d_lerp, float* d_image, float* d_window) {
   (void)cudaGetLastError();
   ct_resample_kernel<<<blocks_for(voxels(g), kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(d_hu, p, g, d_lerp, d_image, d_window);
-  return status("ct_resample_kernel launch", cudaGetLastError());
+  return status("ct_resample_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
 }
 
 CudaStatus ct_labels_launch(void* stream, const uint8_t* d_in, uint64_t in_nx, uint64_t in_ny, Grid g, const uint64_t* d_nearest, uint8_t* d_out) {
   (void)cudaGetLastError();
   ct_labels_kernel<<<blocks_for(voxels(g), kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(d_in, in_nx, in_ny, g, d_nearest, d_out);
-  return status("ct_labels_kernel launch", cudaGetLastError());
+  return status("ct_labels_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
 }
 
 CudaStatus ct_gaussian_launch(void* stream, const float* d_src, float* d_a, float* d_b, Grid g, const double* d_taps, int radius) {
@@ -204,7 +204,7 @@ CudaStatus ct_gaussian_launch(void* stream, const float* d_src, float* d_a, floa
   const size_t x_bytes = taps_bytes + sizeof(float) * static_cast<size_t>(kGaussTile + 2 * radius);
   ct_gauss_x_kernel<<<xgrid, kGaussTile, x_bytes, s>>>(d_src, d_a, g, d_taps, radius);
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return status("ct_gauss_x_kernel launch", e);
+  if (e != cudaSuccess) return status("ct_gauss_x_kernel launch (or an earlier kernel's fault)", e);
   const unsigned blocks = blocks_for(voxels(g), kThreads);
   ct_gauss_yz_kernel<<<blocks, kThreads, taps_bytes, s>>>(d_a, d_b, g, 1, d_taps, radius);
   e = cudaGetLastError();
@@ -218,7 +218,7 @@ CudaStatus ct_frangi_launch(void* stream, const float* d_smooth, Grid g, double 
   (void)cudaGetLastError();
   ct_frangi_kernel<<<blocks_for(voxels(g), kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(d_smooth, g, s2, two_alpha2, two_beta2,
                                                                                                          two_gamma2, first ? 1 : 0, d_out);
-  return status("ct_frangi_kernel launch", cudaGetLastError());
+  return status("ct_frangi_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
 }
 
 CudaStatus ct_event_create(void** event) {

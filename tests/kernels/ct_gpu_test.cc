@@ -66,6 +66,17 @@ const ct::Phantom& phantom_b() {
   return p;
 }
 
+const ct::Phantom& phantom_c() {
+  static const ct::Phantom p = [] {
+    ct::Phantom q = phantom({40, 40, 24}, {3.0, 3.0, 3.4}, 9);
+    q.hu.data[0] = 32767;
+    q.hu.data[1] = -32768;
+    q.hu.data[q.hu.data.size() - 1] = 32767;
+    return q;
+  }();
+  return p;
+}
+
 // A small random volume with a foreground, for the checks (the reference fails fast on it).
 HuVolume small_volume(std::array<size_t, 3> dims = {24, 20, 12}) {
   HuVolume v;
@@ -347,7 +358,16 @@ std::vector<DeviceCase> device_cases() {
   b.window_upper = 500;
   b.frangi_sigmas_mm = {0.6, 1.3, 2.2};
   b.frangi_alpha = 0.4;
-  return {{"100×96×56 phantom at 0.7 mm", &phantom_a(), a}, {"odd 81×77×49 anisotropic phantom at 0.85 mm, other options", &phantom_b(), b}};
+  // Extremes: Gaussian radii far beyond the axis lengths (σ up to 20 voxels, radius 80, on axes of
+  // about 40: reflection wraps more than once), and a foreground threshold below every int16 so
+  // that the histogram's global-memory path counts every voxel, with voxels at both int16 ends.
+  PrepOptions c;
+  c.spacing = 3.0;
+  c.foreground_hu = -40000;
+  c.frangi_sigmas_mm = {3.0, 60.0};
+  return {{"100×96×56 phantom at 0.7 mm", &phantom_a(), a},
+          {"odd 81×77×49 anisotropic phantom at 0.85 mm, other options", &phantom_b(), b},
+          {"40×40×24 phantom at 3 mm, radius 80 voxels, every voxel foreground, int16 extremes", &phantom_c(), c}};
 }
 
 // The kernels' per-voxel code, run on the CPU, against the reference: everything but the CUDA
@@ -466,6 +486,11 @@ TEST(CtGpuDevice, CctaSizedVolume) {
   EXPECT_EQ(got->stats.mean, stats->mean);
   EXPECT_EQ(got->stats.sd, stats->sd);
   EXPECT_LE(t.peak_device_bytes, size_t{4} << 30);
+  // At full size the x pass's blocks loop over rows (more than 65536 of them) and reuse their
+  // tile: the outputs, not only the statistics, must match the reference.
+  auto want = ct::prepare(p.hu, &p.labels, o);
+  ASSERT_TRUE(want) << want.error().message;
+  expect_matches_reference(*got, *want, "512×512×256 on the device");
   std::printf("512×512×256 → %zu×%zu×%zu at 0.5 mm on %s: normalise %.2f ms, resample+window %.2f ms, frangi (3 scales) %.2f ms, total %.2f ms "
               "(targets: total <= 20, frangi <= 10); upload %.2f ms, download %.2f ms, setup %.2f ms; peak %.0f MiB\n",
               got->image.dims[0], got->image.dims[1], got->image.dims[2], devs->front().name.c_str(), t.normalise_ms, t.resample_ms, t.frangi_ms,
