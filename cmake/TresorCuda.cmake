@@ -11,8 +11,11 @@ if(TRESOR_CUDA)
       set(CMAKE_CUDA_ARCHITECTURES 80 90)
     endif()
     enable_language(CUDA)
-    # CMake 3.25 predates CUDA 13 and cannot map CUDA_STANDARD 20 to flags; pass it directly.
-    set(CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS} -std=c++20")
+    # CMake 3.25 predates CUDA 13: it cannot map CUDA_STANDARD 20 to flags, and it appends its
+    # default dialect's flag (-std=c++17) after any in CMAKE_CUDA_FLAGS, which nvcc then obeys.
+    # So the flag CMake uses for that default is made C++20's.
+    set(CMAKE_CUDA17_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA17_EXTENSION_COMPILE_OPTION "-std=c++20")
     find_package(CUDAToolkit REQUIRED)
     set(TRESOR_HAVE_CUDA ON)
     message(STATUS "tresor: CUDA ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${CMAKE_CUDA_ARCHITECTURES}")
