@@ -1,0 +1,320 @@
+// The 3D U-Net's layers, CPU reference (include/tresor/train/layers.h, docs/training.md §2).
+// Float storage, double accumulation; the loops are the definitions written out, parallel over
+// independent outputs so that results do not depend on the thread count.
+#include "tresor/train/layers.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "tresor/thread_pool.h"
+
+namespace tresor::train {
+
+std::string Tensor::shape_text() const {
+  return std::to_string(shape[0]) + "×" + std::to_string(shape[1]) + "×" + std::to_string(shape[2]) + "×" + std::to_string(shape[3]) + "×" +
+         std::to_string(shape[4]);
+}
+
+namespace {
+
+Result<void> check_tensor(const Tensor& t, const char* what) {
+  if (t.data.size() != t.size() || t.size() == 0) return fail(ErrorCode::kInvalidArgument, std::string(what) + ": empty, or its data does not match its shape " + t.shape_text());
+  return {};
+}
+
+Result<void> check_conv(const Conv3d& c, const Tensor& x) {
+  TRESOR_TRY(check_tensor(x, "conv3d input"));
+  if (x.shape[1] != c.cin) return fail(ErrorCode::kInvalidArgument, "conv3d: the input has " + std::to_string(x.shape[1]) + " channels, the layer takes " + std::to_string(c.cin));
+  if (c.k == 0 || c.stride == 0) return fail(ErrorCode::kInvalidArgument, "conv3d: kernel size and stride must be positive");
+  if (c.weight.size() != c.cout * c.cin * c.k * c.k * c.k || c.bias.size() != c.cout) {
+    return fail(ErrorCode::kInvalidArgument, "conv3d: weight has " + std::to_string(c.weight.size()) + " values and bias " + std::to_string(c.bias.size()) +
+                                                 ", the layer needs " + std::to_string(c.cout * c.cin * c.k * c.k * c.k) + " and " + std::to_string(c.cout));
+  }
+  for (size_t a = 2; a < 5; ++a) {
+    if (x.shape[a] + 2 * c.pad < c.k) {
+      return fail(ErrorCode::kInvalidArgument, "conv3d: a kernel of " + std::to_string(c.k) + " does not fit the padded input " + x.shape_text());
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<Tensor> Conv3d::forward(const Tensor& x, unsigned threads) const {
+  TRESOR_TRY(check_conv(*this, x));
+  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
+  Tensor y({n, cout, out_size(d), out_size(h), out_size(w)});
+  const size_t od = y.shape[2], oh = y.shape[3], ow = y.shape[4];
+  const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
+  ThreadPool pool(threads);
+  pool.parallel_for(n * cout * od, [&](size_t job) {
+    const size_t oz = job % od, co = (job / od) % cout, b = job / (od * cout);
+    for (size_t oy = 0; oy < oh; ++oy) {
+      for (size_t ox = 0; ox < ow; ++ox) {
+        double acc = bias[co];
+        for (size_t ci = 0; ci < cin; ++ci) {
+          const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
+          const float* wk = weight.data() + (co * cin + ci) * k * k * k;
+          for (long kz = 0; kz < K; ++kz) {
+            const long iz = static_cast<long>(oz) * S - P + kz;
+            if (iz < 0 || iz >= static_cast<long>(d)) continue;
+            for (long ky = 0; ky < K; ++ky) {
+              const long iy = static_cast<long>(oy) * S - P + ky;
+              if (iy < 0 || iy >= static_cast<long>(h)) continue;
+              for (long kx = 0; kx < K; ++kx) {
+                const long ix = static_cast<long>(ox) * S - P + kx;
+                if (ix < 0 || ix >= static_cast<long>(w)) continue;
+                acc += static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]) *
+                       static_cast<double>(xin[(static_cast<size_t>(iz) * h + static_cast<size_t>(iy)) * w + static_cast<size_t>(ix)]);
+              }
+            }
+          }
+        }
+        y.data[((b * cout + co) * od + oz) * oh * ow + oy * ow + ox] = static_cast<float>(acc);
+      }
+    }
+  });
+  return y;
+}
+
+Result<Tensor> Conv3d::backward(const Tensor& x, const Tensor& dy, std::vector<float>& dweight, std::vector<float>& dbias, unsigned threads) const {
+  TRESOR_TRY(check_conv(*this, x));
+  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
+  const std::array<size_t, 5> want{n, cout, out_size(d), out_size(h), out_size(w)};
+  if (dy.shape != want || dy.data.size() != dy.size()) {
+    return fail(ErrorCode::kInvalidArgument, "conv3d backward: the output gradient is " + dy.shape_text() + ", the output " + Tensor(want).shape_text());
+  }
+  if (dweight.size() != weight.size() || dbias.size() != bias.size()) return fail(ErrorCode::kInvalidArgument, "conv3d backward: gradient buffers of the wrong size");
+  const size_t od = want[2], oh = want[3], ow = want[4];
+  const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
+  ThreadPool pool(threads);
+  // ∂L/∂b[co] = Σ dy[·, co, ·].
+  pool.parallel_for(cout, [&](size_t co) {
+    double acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
+      for (size_t i = 0; i < od * oh * ow; ++i) acc += g[i];
+    }
+    dbias[co] += static_cast<float>(acc);
+  });
+  // ∂L/∂w[co, ci, kz, ky, kx] = Σ over samples and outputs of dy · x at the tap.
+  pool.parallel_for(cout * cin, [&](size_t job) {
+    const size_t co = job / cin, ci = job % cin;
+    for (long kz = 0; kz < K; ++kz)
+      for (long ky = 0; ky < K; ++ky)
+        for (long kx = 0; kx < K; ++kx) {
+          double acc = 0;
+          for (size_t b = 0; b < n; ++b) {
+            const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
+            const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
+            for (size_t oz = 0; oz < od; ++oz) {
+              const long iz = static_cast<long>(oz) * S - P + kz;
+              if (iz < 0 || iz >= static_cast<long>(d)) continue;
+              for (size_t oy = 0; oy < oh; ++oy) {
+                const long iy = static_cast<long>(oy) * S - P + ky;
+                if (iy < 0 || iy >= static_cast<long>(h)) continue;
+                for (size_t ox = 0; ox < ow; ++ox) {
+                  const long ix = static_cast<long>(ox) * S - P + kx;
+                  if (ix < 0 || ix >= static_cast<long>(w)) continue;
+                  acc += static_cast<double>(g[(oz * oh + oy) * ow + ox]) *
+                         static_cast<double>(xin[(static_cast<size_t>(iz) * h + static_cast<size_t>(iy)) * w + static_cast<size_t>(ix)]);
+                }
+              }
+            }
+          }
+          dweight[((co * cin + ci) * k + static_cast<size_t>(kz)) * k * k + static_cast<size_t>(ky) * k + static_cast<size_t>(kx)] += static_cast<float>(acc);
+        }
+  });
+  // ∂L/∂x: every output scatters dy · w back to the inputs its taps read; one (sample, input
+  // channel) per job, accumulated in double.
+  Tensor dx(x.shape);
+  pool.parallel_for(n * cin, [&](size_t job) {
+    const size_t b = job / cin, ci = job % cin;
+    std::vector<double> acc(d * h * w, 0.0);
+    for (size_t co = 0; co < cout; ++co) {
+      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
+      const float* wk = weight.data() + (co * cin + ci) * k * k * k;
+      for (size_t oz = 0; oz < od; ++oz)
+        for (size_t oy = 0; oy < oh; ++oy)
+          for (size_t ox = 0; ox < ow; ++ox) {
+            const double gv = g[(oz * oh + oy) * ow + ox];
+            if (gv == 0) continue;
+            for (long kz = 0; kz < K; ++kz) {
+              const long iz = static_cast<long>(oz) * S - P + kz;
+              if (iz < 0 || iz >= static_cast<long>(d)) continue;
+              for (long ky = 0; ky < K; ++ky) {
+                const long iy = static_cast<long>(oy) * S - P + ky;
+                if (iy < 0 || iy >= static_cast<long>(h)) continue;
+                for (long kx = 0; kx < K; ++kx) {
+                  const long ix = static_cast<long>(ox) * S - P + kx;
+                  if (ix < 0 || ix >= static_cast<long>(w)) continue;
+                  acc[(static_cast<size_t>(iz) * h + static_cast<size_t>(iy)) * w + static_cast<size_t>(ix)] +=
+                      gv * static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]);
+                }
+              }
+            }
+          }
+    }
+    float* out = dx.data.data() + (b * cin + ci) * d * h * w;
+    for (size_t i = 0; i < acc.size(); ++i) out[i] = static_cast<float>(acc[i]);
+  });
+  return dx;
+}
+
+namespace {
+
+Result<void> check_norm(const InstanceNormLeakyRelu& l, const Tensor& x) {
+  TRESOR_TRY(check_tensor(x, "instance norm input"));
+  if (x.shape[1] != l.channels || l.gamma.size() != l.channels || l.beta.size() != l.channels) {
+    return fail(ErrorCode::kInvalidArgument, "instance norm: the input has " + std::to_string(x.shape[1]) + " channels, the layer " + std::to_string(l.channels) +
+                                                 " (γ " + std::to_string(l.gamma.size()) + ", β " + std::to_string(l.beta.size()) + ")");
+  }
+  if (!(l.eps > 0)) return fail(ErrorCode::kInvalidArgument, "instance norm: eps must be positive");
+  return {};
+}
+
+// Mean and biased variance of one (sample, channel).
+std::pair<double, double> moments(const float* v, size_t m) {
+  double s = 0;
+  for (size_t i = 0; i < m; ++i) s += v[i];
+  const double mean = s / static_cast<double>(m);
+  double q = 0;
+  for (size_t i = 0; i < m; ++i) q += (v[i] - mean) * (v[i] - mean);
+  return {mean, q / static_cast<double>(m)};
+}
+
+}  // namespace
+
+Result<Tensor> InstanceNormLeakyRelu::forward(const Tensor& x, unsigned threads) const {
+  TRESOR_TRY(check_norm(*this, x));
+  Tensor y(x.shape);
+  const size_t m = x.spatial();
+  ThreadPool pool(threads);
+  pool.parallel_for(x.shape[0] * channels, [&](size_t job) {
+    const size_t c = job % channels;
+    const float* v = x.data.data() + job * m;
+    float* out = y.data.data() + job * m;
+    const auto [mean, var] = moments(v, m);
+    const double inv = 1.0 / std::sqrt(var + eps);
+    for (size_t i = 0; i < m; ++i) {
+      const double z = gamma[c] * (v[i] - mean) * inv + beta[c];
+      out[i] = static_cast<float>(z > 0 ? z : slope * z);
+    }
+  });
+  return y;
+}
+
+Result<Tensor> InstanceNormLeakyRelu::backward(const Tensor& x, const Tensor& dy, std::vector<float>& dgamma, std::vector<float>& dbeta, unsigned threads) const {
+  TRESOR_TRY(check_norm(*this, x));
+  if (dy.shape != x.shape || dy.data.size() != dy.size()) return fail(ErrorCode::kInvalidArgument, "instance norm backward: the output gradient is " + dy.shape_text() + ", the input " + x.shape_text());
+  if (dgamma.size() != channels || dbeta.size() != channels) return fail(ErrorCode::kInvalidArgument, "instance norm backward: gradient buffers of the wrong size");
+  Tensor dx(x.shape);
+  const size_t m = x.spatial(), n = x.shape[0];
+  std::vector<double> dg(n * channels), db(n * channels);
+  ThreadPool pool(threads);
+  pool.parallel_for(n * channels, [&](size_t job) {
+    const size_t c = job % channels;
+    const float* v = x.data.data() + job * m;
+    const float* g = dy.data.data() + job * m;
+    const auto [mean, var] = moments(v, m);
+    const double inv = 1.0 / std::sqrt(var + eps);
+    // dz = dy through the leaky ReLU; x̂ = (x − μ)/σ; dx̂ = γ·dz;
+    // dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) / σ.
+    double sum_dz_xhat = 0, sum_dz = 0;
+    for (size_t i = 0; i < m; ++i) {
+      const double xhat = (v[i] - mean) * inv;
+      const double z = gamma[c] * xhat + beta[c];
+      const double dz = g[i] * (z > 0 ? 1.0 : slope);
+      sum_dz += dz;
+      sum_dz_xhat += dz * xhat;
+    }
+    dg[job] = sum_dz_xhat;
+    db[job] = sum_dz;
+    const double md = gamma[c] * sum_dz / static_cast<double>(m), mdx = gamma[c] * sum_dz_xhat / static_cast<double>(m);
+    float* out = dx.data.data() + job * m;
+    for (size_t i = 0; i < m; ++i) {
+      const double xhat = (v[i] - mean) * inv;
+      const double z = gamma[c] * xhat + beta[c];
+      const double dxhat = gamma[c] * g[i] * (z > 0 ? 1.0 : slope);
+      out[i] = static_cast<float>((dxhat - md - xhat * mdx) * inv);
+    }
+  });
+  for (size_t b = 0; b < n; ++b)
+    for (size_t c = 0; c < channels; ++c) {
+      dgamma[c] += static_cast<float>(dg[b * channels + c]);
+      dbeta[c] += static_cast<float>(db[b * channels + c]);
+    }
+  return dx;
+}
+
+Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth, unsigned threads) {
+  TRESOR_TRY(check_tensor(logits, "loss logits"));
+  const size_t n = logits.shape[0], classes = logits.shape[1], m = logits.spatial();
+  if (classes < 2) return fail(ErrorCode::kInvalidArgument, "loss: " + std::to_string(classes) + " class(es); at least 2 (background and one foreground)");
+  if (target.size() != n * m) return fail(ErrorCode::kInvalidArgument, "loss: " + std::to_string(target.size()) + " target voxels for " + std::to_string(n * m));
+  for (size_t i = 0; i < target.size(); ++i) {
+    if (target[i] >= classes) return fail(ErrorCode::kInvalidArgument, "loss: target voxel " + std::to_string(i) + " is class " + std::to_string(target[i]) + " of " + std::to_string(classes));
+  }
+  if (!(smooth >= 0)) return fail(ErrorCode::kInvalidArgument, "loss: smooth must not be negative");
+  // Softmax per voxel (max subtracted), kept in double.
+  std::vector<double> p(n * classes * m);
+  std::vector<double> ce(n, 0.0);
+  ThreadPool pool(threads);
+  pool.parallel_for(n, [&](size_t b) {
+    for (size_t v = 0; v < m; ++v) {
+      double mx = -INFINITY;
+      for (size_t c = 0; c < classes; ++c) mx = std::max(mx, static_cast<double>(logits.data[(b * classes + c) * m + v]));
+      double z = 0;
+      for (size_t c = 0; c < classes; ++c) z += std::exp(logits.data[(b * classes + c) * m + v] - mx);
+      for (size_t c = 0; c < classes; ++c) p[(b * classes + c) * m + v] = std::exp(logits.data[(b * classes + c) * m + v] - mx) / z;
+      const size_t t = target[b * m + v];
+      ce[b] -= (logits.data[(b * classes + t) * m + v] - mx) - std::log(z);
+    }
+  });
+  const double voxels = static_cast<double>(n * m);
+  LossResult r;
+  for (double e : ce) r.cross_entropy += e;
+  r.cross_entropy /= voxels;
+  // Batch soft Dice per foreground class.
+  std::vector<double> inter(classes, 0.0), total(classes, 0.0);
+  for (size_t c = 1; c < classes; ++c) {
+    for (size_t b = 0; b < n; ++b)
+      for (size_t v = 0; v < m; ++v) {
+        const double pv = p[(b * classes + c) * m + v];
+        const double g = target[b * m + v] == c ? 1.0 : 0.0;
+        inter[c] += pv * g;
+        total[c] += pv + g;
+      }
+    r.dice += (2 * inter[c] + smooth) / (total[c] + smooth);
+  }
+  const double fg = static_cast<double>(classes - 1);
+  r.dice /= fg;
+  r.loss = r.cross_entropy - r.dice;
+  // Gradient: CE gives (p − onehot)/voxels; −mean Dice gives, per probability,
+  // −(1/fg)·(2g(S + s) − (2I + s))/(S + s)², carried through the softmax's Jacobian.
+  r.dlogits = Tensor(logits.shape);
+  pool.parallel_for(n, [&](size_t b) {
+    std::vector<double> dp(classes);
+    for (size_t v = 0; v < m; ++v) {
+      const size_t t = target[b * m + v];
+      double dot = 0;
+      for (size_t c = 0; c < classes; ++c) {
+        const double pv = p[(b * classes + c) * m + v];
+        dp[c] = 0;
+        if (c > 0) {
+          const double g = t == c ? 1.0 : 0.0, S = total[c] + smooth;
+          dp[c] = -(2 * g * S - (2 * inter[c] + smooth)) / (S * S) / fg;
+        }
+        dot += pv * dp[c];
+      }
+      for (size_t c = 0; c < classes; ++c) {
+        const double pv = p[(b * classes + c) * m + v];
+        const double d_ce = (pv - (t == c ? 1.0 : 0.0)) / voxels;
+        r.dlogits.data[(b * classes + c) * m + v] = static_cast<float>(d_ce + pv * (dp[c] - dot));
+      }
+    }
+  });
+  return r;
+}
+
+}  // namespace tresor::train

@@ -1,0 +1,68 @@
+// tresor/train/layers.h — the 3D U-Net's layers, CPU reference (issue 9, docs/training.md): each
+// with forward and backward, multi-threaded, float storage and double accumulation. These are the
+// definitions the CUDA kernels are tested against; they are themselves tested against PyTorch
+// (Debian's python3-torch, float64) and finite differences.
+//
+// Tensors are NCDHW (batch, channels, depth z, height y, width x), x fastest, as PyTorch's.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "tresor/error.h"
+
+namespace tresor::train {
+
+struct Tensor {
+  std::array<size_t, 5> shape{0, 0, 0, 0, 0};  // n, c, d, h, w
+  std::vector<float> data;
+
+  Tensor() = default;
+  explicit Tensor(std::array<size_t, 5> s, float fill = 0) : shape(s), data(s[0] * s[1] * s[2] * s[3] * s[4], fill) {}
+  size_t size() const { return shape[0] * shape[1] * shape[2] * shape[3] * shape[4]; }
+  size_t spatial() const { return shape[2] * shape[3] * shape[4]; }
+  std::string shape_text() const;
+};
+
+/// A 3D convolution with a cubic kernel: weight [cout, cin, k, k, k], bias [cout]; zero padding
+/// `pad` on every side, `stride` on every axis (PyTorch's Conv3d with those arguments).
+struct Conv3d {
+  size_t cin = 0, cout = 0, k = 3, stride = 1, pad = 1;
+  std::vector<float> weight, bias;
+
+  /// The output's spatial size for an input of `n` voxels along an axis: ⌊(n + 2·pad − k)/stride⌋ + 1.
+  size_t out_size(size_t n) const { return (n + 2 * pad - k) / stride + 1; }
+  /// kInvalidArgument names the mismatch: channels, a kernel larger than the padded input, sizes
+  /// of weight or bias.
+  [[nodiscard]] Result<Tensor> forward(const Tensor& x, unsigned threads = 0) const;
+  /// From the output's gradient `dy`: the input's gradient, and the weight's and bias's
+  /// gradients added into `dweight`, `dbias` (sized like weight and bias; accumulate over calls).
+  [[nodiscard]] Result<Tensor> backward(const Tensor& x, const Tensor& dy, std::vector<float>& dweight, std::vector<float>& dbias, unsigned threads = 0) const;
+};
+
+/// Instance normalisation over each (sample, channel) with affine γ, β, then leaky ReLU:
+/// y = lrelu(γ·(x − μ)/√(σ² + eps) + β), σ² the biased variance (PyTorch's InstanceNorm3d with
+/// affine=True followed by LeakyReLU, nnU-Net's eps 1e-5 and slope 0.01).
+struct InstanceNormLeakyRelu {
+  size_t channels = 0;
+  double eps = 1e-5, slope = 0.01;
+  std::vector<float> gamma, beta;
+
+  [[nodiscard]] Result<Tensor> forward(const Tensor& x, unsigned threads = 0) const;
+  [[nodiscard]] Result<Tensor> backward(const Tensor& x, const Tensor& dy, std::vector<float>& dgamma, std::vector<float>& dbeta, unsigned threads = 0) const;
+};
+
+/// nnU-Net's training loss on logits [n, classes, d, h, w] and integer targets [n, 1, d, h, w]:
+/// cross-entropy (mean over voxels) plus soft Dice loss: softmax p; per foreground class c ≥ 1,
+/// over the whole batch, dice_c = (2·Σ p·g + smooth) / (Σ p + Σ g + smooth), smooth 1e-5; loss =
+/// CE − mean_c dice_c (nnU-Net's DC_and_CE_loss with batch Dice and no background). Returns the
+/// loss and the logits' gradient.
+struct LossResult {
+  double loss = 0, cross_entropy = 0, dice = 0;  // dice: the mean soft Dice of the classes
+  Tensor dlogits;
+};
+[[nodiscard]] Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth = 1e-5, unsigned threads = 0);
+
+}  // namespace tresor::train

@@ -1,0 +1,64 @@
+#!/usr/bin/python3
+# The PyTorch oracle for the training layers' tests (tests/core/train/layers_test.cc): Debian's
+# python3-torch on the CPU, in float64. Run with /usr/bin/python3 (Debian's packages work only with
+# that interpreter).
+#   torch_oracle.py DIR
+# DIR/case.json names the layer and its arguments; inputs are DIR/<name>.f32 (float32, the C++
+# tensors' bytes) and DIR/target.u8; outputs go to DIR/<name>.f64 (float64).
+import json
+import sys
+
+import numpy as np
+import torch
+
+d = sys.argv[1]
+case = json.load(open(d + "/case.json"))
+
+
+def load(name, shape):
+    return torch.from_numpy(np.fromfile(f"{d}/{name}.f32", dtype=np.float32).astype(np.float64).reshape(shape))
+
+
+def save(name, t):
+    t.detach().numpy().astype(np.float64).ravel().tofile(f"{d}/{name}.f64")
+
+
+kind = case["layer"]
+if kind == "conv3d":
+    x = load("x", case["x"]).requires_grad_(True)
+    ci, co, k = case["cin"], case["cout"], case["k"]
+    w = load("w", [co, ci, k, k, k]).requires_grad_(True)
+    b = load("b", [co]).requires_grad_(True)
+    y = torch.nn.functional.conv3d(x, w, b, stride=case["stride"], padding=case["pad"])
+    dy = load("dy", list(y.shape))
+    y.backward(dy)
+    save("y", y), save("dx", x.grad), save("dw", w.grad), save("db", b.grad)
+elif kind == "norm":
+    x = load("x", case["x"]).requires_grad_(True)
+    c = case["x"][1]
+    g = load("gamma", [c]).requires_grad_(True)
+    be = load("beta", [c]).requires_grad_(True)
+    # InstanceNorm3d(affine=True) then LeakyReLU(0.01), as nnU-Net's conv blocks.
+    z = torch.nn.functional.instance_norm(x, weight=g, bias=be, eps=case["eps"])
+    y = torch.nn.functional.leaky_relu(z, case["slope"])
+    dy = load("dy", list(y.shape))
+    y.backward(dy)
+    save("y", y), save("dx", x.grad), save("dgamma", g.grad), save("dbeta", be.grad)
+elif kind == "loss":
+    logits = load("logits", case["x"]).requires_grad_(True)
+    n, classes = case["x"][0], case["x"][1]
+    t = torch.from_numpy(np.fromfile(f"{d}/target.u8", dtype=np.uint8).astype(np.int64).reshape([n] + case["x"][2:]))
+    ce = torch.nn.functional.cross_entropy(logits, t)
+    p = torch.softmax(logits, 1)
+    onehot = torch.nn.functional.one_hot(t, classes).permute(0, 4, 1, 2, 3).to(torch.float64)
+    s = case["smooth"]
+    # nnU-Net's SoftDiceLoss with batch_dice=True, do_bg=False: sums over batch and space per class.
+    axes = [0, 2, 3, 4]
+    tp = (p * onehot).sum(axes)
+    dc = (2 * tp + s) / (p.sum(axes) + onehot.sum(axes) + s)
+    dice = dc[1:].mean()
+    loss = ce - dice
+    loss.backward()
+    save("loss", torch.stack([loss, ce, dice])), save("dlogits", logits.grad)
+else:
+    sys.exit("unknown layer " + kind)
