@@ -317,4 +317,210 @@ Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>
   return r;
 }
 
+namespace {
+
+Result<void> check_transposed(const ConvTranspose3d& c, const Tensor& x) {
+  TRESOR_TRY(check_tensor(x, "transposed conv3d input"));
+  if (x.shape[1] != c.cin) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: the input has " + std::to_string(x.shape[1]) + " channels, the layer takes " + std::to_string(c.cin));
+  if (c.k == 0 || c.stride == 0) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: kernel size and stride must be positive");
+  if (c.weight.size() != c.cin * c.cout * c.k * c.k * c.k || c.bias.size() != c.cout) {
+    return fail(ErrorCode::kInvalidArgument, "transposed conv3d: weight has " + std::to_string(c.weight.size()) + " values and bias " + std::to_string(c.bias.size()) +
+                                                 ", the layer needs " + std::to_string(c.cin * c.cout * c.k * c.k * c.k) + " and " + std::to_string(c.cout));
+  }
+  for (size_t a = 2; a < 5; ++a) {
+    if ((x.shape[a] - 1) * c.stride + c.k <= 2 * c.pad) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: padding leaves no output for " + x.shape_text());
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<Tensor> ConvTranspose3d::forward(const Tensor& x, unsigned threads) const {
+  TRESOR_TRY(check_transposed(*this, x));
+  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
+  Tensor y({n, cout, out_size(d), out_size(h), out_size(w)});
+  const size_t od = y.shape[2], oh = y.shape[3], ow = y.shape[4];
+  const long P = static_cast<long>(pad), S = static_cast<long>(stride);
+  ThreadPool pool(threads);
+  // Gathered per output (no write conflicts): output o receives input i through tap o + pad − i·stride.
+  pool.parallel_for(n * cout * od, [&](size_t job) {
+    const size_t oz = job % od, co = (job / od) % cout, b = job / (od * cout);
+    for (size_t oy = 0; oy < oh; ++oy)
+      for (size_t ox = 0; ox < ow; ++ox) {
+        double acc = bias[co];
+        for (size_t ci = 0; ci < cin; ++ci) {
+          const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
+          const float* wk = weight.data() + (ci * cout + co) * k * k * k;
+          for (size_t iz = 0; iz < d; ++iz) {
+            const long kz = static_cast<long>(oz) + P - static_cast<long>(iz) * S;
+            if (kz < 0 || kz >= static_cast<long>(k)) continue;
+            for (size_t iy = 0; iy < h; ++iy) {
+              const long ky = static_cast<long>(oy) + P - static_cast<long>(iy) * S;
+              if (ky < 0 || ky >= static_cast<long>(k)) continue;
+              for (size_t ix = 0; ix < w; ++ix) {
+                const long kx = static_cast<long>(ox) + P - static_cast<long>(ix) * S;
+                if (kx < 0 || kx >= static_cast<long>(k)) continue;
+                acc += static_cast<double>(xin[(iz * h + iy) * w + ix]) *
+                       static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]);
+              }
+            }
+          }
+        }
+        y.data[((b * cout + co) * od + oz) * oh * ow + oy * ow + ox] = static_cast<float>(acc);
+      }
+  });
+  return y;
+}
+
+Result<Tensor> ConvTranspose3d::backward(const Tensor& x, const Tensor& dy, std::vector<float>& dweight, std::vector<float>& dbias, unsigned threads) const {
+  TRESOR_TRY(check_transposed(*this, x));
+  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
+  const std::array<size_t, 5> want{n, cout, out_size(d), out_size(h), out_size(w)};
+  if (dy.shape != want || dy.data.size() != dy.size()) {
+    return fail(ErrorCode::kInvalidArgument, "transposed conv3d backward: the output gradient is " + dy.shape_text() + ", the output " + Tensor(want).shape_text());
+  }
+  if (dweight.size() != weight.size() || dbias.size() != bias.size()) return fail(ErrorCode::kInvalidArgument, "transposed conv3d backward: gradient buffers of the wrong size");
+  const size_t od = want[2], oh = want[3], ow = want[4];
+  const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
+  // The output position input i reaches through tap t along an axis of `on` outputs, or −1.
+  auto at = [&](size_t i, long t, size_t on) {
+    const long o = static_cast<long>(i) * S - P + t;
+    return o >= 0 && o < static_cast<long>(on) ? o : -1;
+  };
+  ThreadPool pool(threads);
+  pool.parallel_for(cout, [&](size_t co) {
+    double acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
+      for (size_t i = 0; i < od * oh * ow; ++i) acc += g[i];
+    }
+    dbias[co] += static_cast<float>(acc);
+  });
+  // ∂w[ci, co, t] = Σ x[ci, i]·dy[co, i·s − p + t]; ∂x[ci, i] = Σ_co,t dy[co, i·s − p + t]·w[ci, co, t].
+  pool.parallel_for(cin * cout, [&](size_t job) {
+    const size_t ci = job / cout, co = job % cout;
+    for (long kz = 0; kz < K; ++kz)
+      for (long ky = 0; ky < K; ++ky)
+        for (long kx = 0; kx < K; ++kx) {
+          double acc = 0;
+          for (size_t b = 0; b < n; ++b) {
+            const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
+            const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
+            for (size_t iz = 0; iz < d; ++iz) {
+              const long oz = at(iz, kz, od);
+              if (oz < 0) continue;
+              for (size_t iy = 0; iy < h; ++iy) {
+                const long oy = at(iy, ky, oh);
+                if (oy < 0) continue;
+                for (size_t ix = 0; ix < w; ++ix) {
+                  const long ox = at(ix, kx, ow);
+                  if (ox < 0) continue;
+                  acc += static_cast<double>(xin[(iz * h + iy) * w + ix]) *
+                         static_cast<double>(g[(static_cast<size_t>(oz) * oh + static_cast<size_t>(oy)) * ow + static_cast<size_t>(ox)]);
+                }
+              }
+            }
+          }
+          dweight[((ci * cout + co) * k + static_cast<size_t>(kz)) * k * k + static_cast<size_t>(ky) * k + static_cast<size_t>(kx)] += static_cast<float>(acc);
+        }
+  });
+  Tensor dx(x.shape);
+  pool.parallel_for(n * cin, [&](size_t job) {
+    const size_t b = job / cin, ci = job % cin;
+    float* out = dx.data.data() + job * d * h * w;
+    for (size_t iz = 0; iz < d; ++iz)
+      for (size_t iy = 0; iy < h; ++iy)
+        for (size_t ix = 0; ix < w; ++ix) {
+          double acc = 0;
+          for (size_t co = 0; co < cout; ++co) {
+            const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
+            const float* wk = weight.data() + (ci * cout + co) * k * k * k;
+            for (long kz = 0; kz < K; ++kz) {
+              const long oz = at(iz, kz, od);
+              if (oz < 0) continue;
+              for (long ky = 0; ky < K; ++ky) {
+                const long oy = at(iy, ky, oh);
+                if (oy < 0) continue;
+                for (long kx = 0; kx < K; ++kx) {
+                  const long ox = at(ix, kx, ow);
+                  if (ox < 0) continue;
+                  acc += static_cast<double>(g[(static_cast<size_t>(oz) * oh + static_cast<size_t>(oy)) * ow + static_cast<size_t>(ox)]) *
+                         static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]);
+                }
+              }
+            }
+          }
+          out[(iz * h + iy) * w + ix] = static_cast<float>(acc);
+        }
+  });
+  return dx;
+}
+
+Result<Tensor> concat_channels(const Tensor& a, const Tensor& b) {
+  TRESOR_TRY(check_tensor(a, "concat"));
+  TRESOR_TRY(check_tensor(b, "concat"));
+  if (a.shape[0] != b.shape[0] || a.shape[2] != b.shape[2] || a.shape[3] != b.shape[3] || a.shape[4] != b.shape[4]) {
+    return fail(ErrorCode::kInvalidArgument, "concat: " + a.shape_text() + " and " + b.shape_text() + " differ outside the channels");
+  }
+  Tensor out({a.shape[0], a.shape[1] + b.shape[1], a.shape[2], a.shape[3], a.shape[4]});
+  const size_t m = a.spatial();
+  for (size_t s = 0; s < a.shape[0]; ++s) {
+    std::copy_n(a.data.begin() + static_cast<std::ptrdiff_t>(s * a.shape[1] * m), a.shape[1] * m, out.data.begin() + static_cast<std::ptrdiff_t>(s * out.shape[1] * m));
+    std::copy_n(b.data.begin() + static_cast<std::ptrdiff_t>(s * b.shape[1] * m), b.shape[1] * m,
+                out.data.begin() + static_cast<std::ptrdiff_t>((s * out.shape[1] + a.shape[1]) * m));
+  }
+  return out;
+}
+
+Result<std::pair<Tensor, Tensor>> split_channels(const Tensor& d, size_t channels_a) {
+  TRESOR_TRY(check_tensor(d, "split"));
+  if (channels_a == 0 || channels_a >= d.shape[1]) return fail(ErrorCode::kInvalidArgument, "split: " + std::to_string(channels_a) + " of " + std::to_string(d.shape[1]) + " channels");
+  Tensor a({d.shape[0], channels_a, d.shape[2], d.shape[3], d.shape[4]}), b({d.shape[0], d.shape[1] - channels_a, d.shape[2], d.shape[3], d.shape[4]});
+  const size_t m = d.spatial();
+  for (size_t s = 0; s < d.shape[0]; ++s) {
+    std::copy_n(d.data.begin() + static_cast<std::ptrdiff_t>(s * d.shape[1] * m), a.shape[1] * m, a.data.begin() + static_cast<std::ptrdiff_t>(s * a.shape[1] * m));
+    std::copy_n(d.data.begin() + static_cast<std::ptrdiff_t>((s * d.shape[1] + channels_a) * m), b.shape[1] * m, b.data.begin() + static_cast<std::ptrdiff_t>(s * b.shape[1] * m));
+  }
+  return std::pair{std::move(a), std::move(b)};
+}
+
+Result<void> Sgd::step(std::vector<float>& p, const std::vector<float>& g, double lr) {
+  if (p.size() != g.size()) return fail(ErrorCode::kInvalidArgument, "sgd: " + std::to_string(p.size()) + " parameters, " + std::to_string(g.size()) + " gradients");
+  if (velocity.empty()) velocity.assign(p.size(), 0.0f);
+  if (velocity.size() != p.size()) return fail(ErrorCode::kInvalidArgument, "sgd: the momentum buffer has another size than the parameters");
+  // PyTorch's SGD: the first step's buffer is the gradient itself (buf = g), later μ·buf + g;
+  // with a zero-initialised buffer both are μ·0 + g.
+  for (size_t i = 0; i < p.size(); ++i) {
+    const double gi = static_cast<double>(g[i]) + weight_decay * p[i];
+    const double v = momentum * velocity[i] + gi;
+    velocity[i] = static_cast<float>(v);
+    p[i] = static_cast<float>(p[i] - lr * (nesterov ? gi + momentum * v : v));
+  }
+  return {};
+}
+
+Result<void> AdamW::step(std::vector<float>& p, const std::vector<float>& g, double lr) {
+  if (p.size() != g.size()) return fail(ErrorCode::kInvalidArgument, "adamw: " + std::to_string(p.size()) + " parameters, " + std::to_string(g.size()) + " gradients");
+  if (m.empty()) m.assign(p.size(), 0.0f);
+  if (v.empty()) v.assign(p.size(), 0.0f);
+  if (m.size() != p.size() || v.size() != p.size()) return fail(ErrorCode::kInvalidArgument, "adamw: moment buffers of another size than the parameters");
+  ++t;
+  const double c1 = 1 - std::pow(beta1, static_cast<double>(t)), c2 = 1 - std::pow(beta2, static_cast<double>(t));
+  for (size_t i = 0; i < p.size(); ++i) {
+    double pi = p[i] * (1 - lr * weight_decay);
+    const double mi = beta1 * m[i] + (1 - beta1) * g[i];
+    const double vi = beta2 * v[i] + (1 - beta2) * static_cast<double>(g[i]) * g[i];
+    m[i] = static_cast<float>(mi);
+    v[i] = static_cast<float>(vi);
+    pi -= lr * (mi / c1) / (std::sqrt(vi / c2) + eps);
+    p[i] = static_cast<float>(pi);
+  }
+  return {};
+}
+
+double poly_lr(double lr0, uint64_t step, uint64_t steps) {
+  if (steps == 0 || step >= steps) return 0;
+  return lr0 * std::pow(1.0 - static_cast<double>(step) / static_cast<double>(steps), 0.9);
+}
+
 }  // namespace tresor::train

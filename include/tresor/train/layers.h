@@ -42,6 +42,22 @@ struct Conv3d {
   [[nodiscard]] Result<Tensor> backward(const Tensor& x, const Tensor& dy, std::vector<float>& dweight, std::vector<float>& dbias, unsigned threads = 0) const;
 };
 
+/// A transposed 3D convolution (the U-Net's upsampling; nnU-Net uses k = stride = 2): weight
+/// [cin, cout, k, k, k] (PyTorch's ConvTranspose3d layout), bias [cout]; input voxel i feeds
+/// outputs i·stride − pad + tap; output size (n − 1)·stride − 2·pad + k.
+struct ConvTranspose3d {
+  size_t cin = 0, cout = 0, k = 2, stride = 2, pad = 0;
+  std::vector<float> weight, bias;
+
+  size_t out_size(size_t n) const { return (n - 1) * stride + k - 2 * pad; }
+  [[nodiscard]] Result<Tensor> forward(const Tensor& x, unsigned threads = 0) const;
+  [[nodiscard]] Result<Tensor> backward(const Tensor& x, const Tensor& dy, std::vector<float>& dweight, std::vector<float>& dbias, unsigned threads = 0) const;
+};
+
+/// Channel concatenation (the U-Net's skip connections) and its backward, the split.
+[[nodiscard]] Result<Tensor> concat_channels(const Tensor& a, const Tensor& b);
+[[nodiscard]] Result<std::pair<Tensor, Tensor>> split_channels(const Tensor& d, size_t channels_a);
+
 /// Instance normalisation over each (sample, channel) with affine γ, β, then leaky ReLU:
 /// y = lrelu(γ·(x − μ)/√(σ² + eps) + β), σ² the biased variance (PyTorch's InstanceNorm3d with
 /// affine=True followed by LeakyReLU, nnU-Net's eps 1e-5 and slope 0.01).
@@ -64,5 +80,26 @@ struct LossResult {
   Tensor dlogits;
 };
 [[nodiscard]] Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth = 1e-5, unsigned threads = 0);
+
+/// The optimizers, over one flat parameter vector and its gradient (PyTorch's definitions):
+///  SGD (nnU-Net: lr 0.01, momentum 0.99, Nesterov, weight decay 3e-5):
+///    g += wd·p; v = μ·v + g; p −= lr·(g + μ·v) with Nesterov, lr·v without;
+///  AdamW: p −= lr·wd·p; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²;
+///    p −= lr·(m/(1−β1^t)) / (√(v/(1−β2^t)) + eps).
+/// One call is one step over all parameters (the CUDA version is one launch).
+struct Sgd {
+  double momentum = 0.99, weight_decay = 3e-5;
+  bool nesterov = true;
+  std::vector<float> velocity;
+  [[nodiscard]] Result<void> step(std::vector<float>& params, const std::vector<float>& grads, double lr);
+};
+struct AdamW {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01;
+  std::vector<float> m, v;
+  uint64_t t = 0;
+  [[nodiscard]] Result<void> step(std::vector<float>& params, const std::vector<float>& grads, double lr);
+};
+/// nnU-Net's poly schedule: lr0·(1 − step/steps)^0.9.
+[[nodiscard]] double poly_lr(double lr0, uint64_t step, uint64_t steps);
 
 }  // namespace tresor::train

@@ -156,6 +156,92 @@ TEST_F(Torch, DiceCrossEntropyLossMatchesPyTorch) {
   }
 }
 
+TEST_F(Torch, TransposedConvolutionMatchesPyTorch) {
+  struct Case {
+    std::array<size_t, 5> x;
+    size_t cout, k, stride, pad;
+  };
+  const Case cases[] = {
+      {{2, 4, 3, 4, 5}, 3, 2, 2, 0},  // the U-Net's upsampling
+      {{1, 2, 3, 3, 2}, 2, 3, 2, 1},  // overlapping taps, padding
+  };
+  uint32_t seed = 50;
+  for (const Case& c : cases) {
+    ConvTranspose3d t;
+    t.cin = c.x[1];
+    t.cout = c.cout;
+    t.k = c.k;
+    t.stride = c.stride;
+    t.pad = c.pad;
+    t.weight = random_values(c.x[1] * c.cout * c.k * c.k * c.k, seed++, 0.3f);
+    t.bias = random_values(c.cout, seed++);
+    const Tensor x = random_tensor(c.x, seed++);
+    auto y = t.forward(x);
+    ASSERT_TRUE(y) << y.error().message;
+    const Tensor dy = random_tensor(y->shape, seed++);
+    std::vector<float> dw(t.weight.size(), 0), db(t.bias.size(), 0);
+    auto dx = t.backward(x, dy, dw, db);
+    ASSERT_TRUE(dx) << dx.error().message;
+    put("x", x.data);
+    put("w", t.weight);
+    put("b", t.bias);
+    put("dy", dy.data);
+    run({{"layer", "tconv"}, {"x", c.x}, {"cin", c.x[1]}, {"cout", c.cout}, {"k", c.k}, {"stride", c.stride}, {"pad", c.pad}});
+    const std::string what = "transposed conv3d " + x.shape_text() + " k" + std::to_string(c.k);
+    EXPECT_LT(rel_error(y->data, get("y")), kTol) << what;
+    EXPECT_LT(rel_error(dx->data, get("dx")), kTol) << what;
+    EXPECT_LT(rel_error(dw, get("dw")), kTol) << what;
+    EXPECT_LT(rel_error(db, get("db")), kTol) << what;
+  }
+}
+
+// Five steps of each optimizer from the same parameters and gradients as torch.optim's.
+TEST_F(Torch, OptimizersMatchTorchOptim) {
+  const size_t n = 257, steps = 5;
+  const std::vector<float> p0 = random_values(n, 60), grads = random_values(n * steps, 61);
+  put("p", p0);
+  put("g", grads);
+  for (bool nesterov : {true, false}) {
+    Sgd sgd;
+    sgd.nesterov = nesterov;
+    std::vector<float> p = p0;
+    for (size_t s = 0; s < steps; ++s) {
+      const std::vector<float> g(grads.begin() + static_cast<std::ptrdiff_t>(s * n), grads.begin() + static_cast<std::ptrdiff_t>((s + 1) * n));
+      ASSERT_TRUE(sgd.step(p, g, 0.01));
+    }
+    run({{"layer", "sgd"}, {"n", n}, {"steps", steps}, {"lr", 0.01}, {"momentum", 0.99}, {"nesterov", nesterov}, {"wd", 3e-5}});
+    EXPECT_LT(rel_error(p, get("p")), kTol) << "sgd nesterov " << nesterov;
+  }
+  AdamW adam;
+  std::vector<float> p = p0;
+  for (size_t s = 0; s < steps; ++s) {
+    const std::vector<float> g(grads.begin() + static_cast<std::ptrdiff_t>(s * n), grads.begin() + static_cast<std::ptrdiff_t>((s + 1) * n));
+    ASSERT_TRUE(adam.step(p, g, 3e-3));
+  }
+  run({{"layer", "adamw"}, {"n", n}, {"steps", steps}, {"lr", 3e-3}, {"beta1", 0.9}, {"beta2", 0.999}, {"eps", 1e-8}, {"wd", 0.01}});
+  EXPECT_LT(rel_error(p, get("p")), kTol) << "adamw";
+  EXPECT_FALSE(adam.step(p, std::vector<float>(3), 0.1));
+  // The poly schedule: lr0 at the start, 0 at the end, (1/2)^0.9 halfway.
+  EXPECT_DOUBLE_EQ(poly_lr(0.01, 0, 100), 0.01);
+  EXPECT_NEAR(poly_lr(0.01, 50, 100), 0.01 * std::pow(0.5, 0.9), 1e-15);
+  EXPECT_EQ(poly_lr(0.01, 100, 100), 0.0);
+}
+
+TEST(TrainLayers, ConcatAndSplitAreInverses) {
+  const Tensor a = random_tensor({2, 3, 2, 3, 4}, 70), b = random_tensor({2, 2, 2, 3, 4}, 71);
+  auto c = concat_channels(a, b);
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->shape, (std::array<size_t, 5>{2, 5, 2, 3, 4}));
+  // Sample 1, channel 3 is b's channel 0 of sample 1.
+  EXPECT_EQ(c->data[(1 * 5 + 3) * 24 + 7], b.data[(1 * 2 + 0) * 24 + 7]);
+  auto s = split_channels(*c, 3);
+  ASSERT_TRUE(s);
+  EXPECT_TRUE(s->first.data == a.data);
+  EXPECT_TRUE(s->second.data == b.data);
+  EXPECT_NE(concat_channels(a, random_tensor({2, 2, 2, 3, 5}, 72)).error().message.find("differ outside the channels"), std::string::npos);
+  EXPECT_NE(split_channels(*c, 5).error().message.find("split: 5 of 5 channels"), std::string::npos);
+}
+
 // The reference's gradients against its own forward pass, by central differences in double of a
 // random projection of the output (independent of PyTorch): a check that the backward formulas
 // are the forward's derivative.

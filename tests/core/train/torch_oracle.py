@@ -60,5 +60,26 @@ elif kind == "loss":
     loss = ce - dice
     loss.backward()
     save("loss", torch.stack([loss, ce, dice])), save("dlogits", logits.grad)
+elif kind == "tconv":
+    x = load("x", case["x"]).requires_grad_(True)
+    ci, co, k = case["cin"], case["cout"], case["k"]
+    w = load("w", [ci, co, k, k, k]).requires_grad_(True)
+    b = load("b", [co]).requires_grad_(True)
+    y = torch.nn.functional.conv_transpose3d(x, w, b, stride=case["stride"], padding=case["pad"])
+    dy = load("dy", list(y.shape))
+    y.backward(dy)
+    save("y", y), save("dx", x.grad), save("dw", w.grad), save("db", b.grad)
+elif kind in ("sgd", "adamw"):
+    n, steps = case["n"], case["steps"]
+    p = torch.nn.Parameter(load("p", [n]))
+    grads = load("g", [steps, n])
+    if kind == "sgd":
+        opt = torch.optim.SGD([p], lr=case["lr"], momentum=case["momentum"], nesterov=case["nesterov"], weight_decay=case["wd"])
+    else:
+        opt = torch.optim.AdamW([p], lr=case["lr"], betas=(case["beta1"], case["beta2"]), eps=case["eps"], weight_decay=case["wd"])
+    for i in range(steps):
+        p.grad = grads[i].clone()
+        opt.step()
+    save("p", p)
 else:
     sys.exit("unknown layer " + kind)
