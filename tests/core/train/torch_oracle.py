@@ -81,5 +81,62 @@ elif kind in ("sgd", "adamw"):
         p.grad = grads[i].clone()
         opt.step()
     save("p", p)
+elif kind == "unet_step":
+    # The same network as tresor::train::UNet, written with torch.nn.functional over one flat
+    # parameter vector in UNet::parameters()'s order; forward, nnU-Net's loss, backward, one
+    # SGD step (Nesterov) — the whole training step.
+    L, base, cap, cin, classes = case["levels"], case["base"], case["max"], case["in"], case["classes"]
+    flat = torch.nn.Parameter(load("params", [case["count"]]))
+    x = load("x", case["x"])
+    at = [0]
+
+    def take(*shape):
+        n = 1
+        for v in shape:
+            n *= v
+        t = flat[at[0]:at[0] + n].view(*shape)
+        at[0] += n
+        return t
+
+    def width(s):
+        return min(base << s, cap)
+
+    def block(h, ci, co, stride):
+        w, b = take(co, ci, 3, 3, 3), take(co)
+        g, be = take(co), take(co)
+        h = torch.nn.functional.conv3d(h, w, b, stride=stride, padding=1)
+        h = torch.nn.functional.instance_norm(h, weight=g, bias=be, eps=1e-5)
+        return torch.nn.functional.leaky_relu(h, 0.01)
+
+    skips = []
+    h, c = x, cin
+    for s in range(L):
+        h = block(h, c, width(s), 1 if s == 0 else 2)
+        h = block(h, width(s), width(s), 1)
+        skips.append(h)
+        c = width(s)
+    for s in range(L - 2, -1, -1):
+        w, b = take(width(s + 1), width(s), 2, 2, 2), take(width(s))
+        h = torch.nn.functional.conv_transpose3d(h, w, b, stride=2)
+        h = torch.cat((h, skips[s]), 1)
+        h = block(h, 2 * width(s), width(s), 1)
+        h = block(h, width(s), width(s), 1)
+    w, b = take(classes, width(0), 1, 1, 1), take(classes)
+    logits = torch.nn.functional.conv3d(h, w, b)
+    assert at[0] == case["count"], (at[0], case["count"])
+    n = case["x"][0]
+    t = torch.from_numpy(np.fromfile(f"{d}/target.u8", dtype=np.uint8).astype(np.int64).reshape([n] + case["x"][2:]))
+    ce = torch.nn.functional.cross_entropy(logits, t)
+    p = torch.softmax(logits, 1)
+    onehot = torch.nn.functional.one_hot(t, classes).permute(0, 4, 1, 2, 3).to(torch.float64)
+    axes = [0, 2, 3, 4]
+    tp = (p * onehot).sum(axes)
+    dc = (2 * tp + 1e-5) / (p.sum(axes) + onehot.sum(axes) + 1e-5)
+    loss = ce - dc[1:].mean()
+    loss.backward()
+    save("logits", logits), save("loss", loss.reshape(1)), save("grads", flat.grad)
+    opt = torch.optim.SGD([flat], lr=case["lr"], momentum=0.99, nesterov=True, weight_decay=3e-5)
+    opt.step()
+    save("after", flat)
 else:
     sys.exit("unknown layer " + kind)

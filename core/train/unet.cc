@@ -1,0 +1,256 @@
+// The 3D U-Net, CPU reference (include/tresor/train/unet.h, docs/training.md §4).
+#include "tresor/train/unet.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numbers>
+
+namespace tresor::train {
+namespace {
+
+// SplitMix64 + Box–Muller: the same initial weights on every platform.
+struct Rng {
+  uint64_t s;
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+  double normal() { return std::sqrt(-2.0 * std::log(1.0 - uniform())) * std::cos(2 * std::numbers::pi * uniform()); }
+};
+
+Conv3d make_conv(size_t cin, size_t cout, size_t k, size_t stride, Rng& rng) {
+  Conv3d c;
+  c.cin = cin;
+  c.cout = cout;
+  c.k = k;
+  c.stride = stride;
+  c.pad = k / 2;
+  // Kaiming normal, fan_in, leaky ReLU slope a = 0.01: sd = sqrt(2 / ((1 + a²)·fan_in)).
+  const double sd = std::sqrt(2.0 / ((1 + 1e-4) * static_cast<double>(cin * k * k * k)));
+  c.weight.resize(cout * cin * k * k * k);
+  for (auto& w : c.weight) w = static_cast<float>(sd * rng.normal());
+  c.bias.assign(cout, 0.0f);
+  return c;
+}
+
+InstanceNormLeakyRelu make_norm(size_t channels) {
+  InstanceNormLeakyRelu n;
+  n.channels = channels;
+  n.gamma.assign(channels, 1.0f);
+  n.beta.assign(channels, 0.0f);
+  return n;
+}
+
+void add_into(Tensor& acc, const Tensor& t) {
+  if (acc.data.empty()) {
+    acc = t;
+    return;
+  }
+  for (size_t i = 0; i < acc.data.size(); ++i) acc.data[i] += t.data[i];
+}
+
+}  // namespace
+
+Result<UNet> UNet::create(const UNetConfig& c, uint64_t seed) {
+  if (c.levels < 1 || c.levels > 8) return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(c.levels) + " levels, not 1..8");
+  if (c.base_channels == 0 || c.in_channels == 0 || c.max_channels < c.base_channels) {
+    return fail(ErrorCode::kInvalidArgument, "unet: channels must be positive and max_channels at least base_channels");
+  }
+  if (c.classes < 2) return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(c.classes) + " class(es); at least 2");
+  UNet u;
+  u.config_ = c;
+  Rng rng{seed};
+  auto width = [&](size_t s) { return std::min(c.base_channels << s, c.max_channels); };
+  size_t in = c.in_channels;
+  for (size_t s = 0; s < c.levels; ++s) {
+    Stage st;
+    st.blocks[0].conv = make_conv(in, width(s), 3, s == 0 ? 1 : 2, rng);
+    st.blocks[0].norm = make_norm(width(s));
+    st.blocks[1].conv = make_conv(width(s), width(s), 3, 1, rng);
+    st.blocks[1].norm = make_norm(width(s));
+    u.encoder_.push_back(std::move(st));
+    in = width(s);
+  }
+  for (size_t s = c.levels - 1; s-- > 0;) {
+    Stage st;
+    st.up.cin = width(s + 1);
+    st.up.cout = width(s);
+    const double sd = std::sqrt(2.0 / ((1 + 1e-4) * static_cast<double>(width(s) * 8)));  // PyTorch's fan_in of a transposed conv: weight.size(1)·k³
+    st.up.weight.resize(width(s + 1) * width(s) * 8);
+    for (auto& w : st.up.weight) w = static_cast<float>(sd * rng.normal());
+    st.up.bias.assign(width(s), 0.0f);
+    st.skip_channels = width(s);
+    st.blocks[0].conv = make_conv(2 * width(s), width(s), 3, 1, rng);
+    st.blocks[0].norm = make_norm(width(s));
+    st.blocks[1].conv = make_conv(width(s), width(s), 3, 1, rng);
+    st.blocks[1].norm = make_norm(width(s));
+    u.decoder_.push_back(std::move(st));
+  }
+  u.head_ = make_conv(width(0), c.classes, 1, 1, rng);
+  return u;
+}
+
+template <typename F>
+void UNet::each_parameter_array(F&& f) {
+  auto block = [&](Block& b) {
+    f(b.conv.weight);
+    f(b.conv.bias);
+    f(b.norm.gamma);
+    f(b.norm.beta);
+  };
+  for (auto& st : encoder_) {
+    block(st.blocks[0]);
+    block(st.blocks[1]);
+  }
+  for (auto& st : decoder_) {
+    f(st.up.weight);
+    f(st.up.bias);
+    block(st.blocks[0]);
+    block(st.blocks[1]);
+  }
+  f(head_.weight);
+  f(head_.bias);
+}
+
+size_t UNet::parameter_count() const {
+  size_t n = 0;
+  const_cast<UNet*>(this)->each_parameter_array([&](std::vector<float>& a) { n += a.size(); });
+  return n;
+}
+
+std::vector<float> UNet::parameters() const {
+  std::vector<float> out;
+  const_cast<UNet*>(this)->each_parameter_array([&](std::vector<float>& a) { out.insert(out.end(), a.begin(), a.end()); });
+  return out;
+}
+
+Result<void> UNet::set_parameters(const std::vector<float>& flat) {
+  if (flat.size() != parameter_count()) {
+    return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(flat.size()) + " parameters given, the model has " + std::to_string(parameter_count()));
+  }
+  size_t at = 0;
+  each_parameter_array([&](std::vector<float>& a) {
+    std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), a.size(), a.begin());
+    at += a.size();
+  });
+  return {};
+}
+
+Result<Tensor> UNet::forward(const Tensor& x, unsigned threads) {
+  const size_t f = size_t{1} << (config_.levels - 1);
+  if (x.shape[1] != config_.in_channels) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + std::to_string(x.shape[1]) + " channels, the model takes " + std::to_string(config_.in_channels));
+  for (size_t a = 2; a < 5; ++a) {
+    if (x.shape[a] == 0 || x.shape[a] % f != 0) {
+      return fail(ErrorCode::kInvalidArgument, "unet: the input " + x.shape_text() + " is not a multiple of " + std::to_string(f) + " on every spatial axis");
+    }
+  }
+  auto run_block = [&](Block& b, const Tensor& in) -> Result<Tensor> {
+    b.in = in;
+    auto pre = b.conv.forward(in, threads);
+    if (!pre) return std::unexpected(pre.error());
+    b.pre = std::move(*pre);
+    return b.norm.forward(b.pre, threads);
+  };
+  Tensor cur = x;
+  for (auto& st : encoder_) {
+    for (auto& b : st.blocks) {
+      auto y = run_block(b, cur);
+      if (!y) return std::unexpected(y.error());
+      cur = std::move(*y);
+    }
+    st.out = cur;
+  }
+  for (size_t i = 0; i < decoder_.size(); ++i) {
+    Stage& st = decoder_[i];
+    st.up_in = cur;
+    auto up = st.up.forward(cur, threads);
+    if (!up) return std::unexpected(up.error());
+    const Stage& skip = encoder_[encoder_.size() - 2 - i];
+    auto cat = concat_channels(*up, skip.out);
+    if (!cat) return std::unexpected(cat.error());
+    cur = std::move(*cat);
+    for (auto& b : st.blocks) {
+      auto y = run_block(b, cur);
+      if (!y) return std::unexpected(y.error());
+      cur = std::move(*y);
+    }
+    st.out = cur;
+  }
+  head_in_ = cur;
+  return head_.forward(cur, threads);
+}
+
+Result<std::vector<float>> UNet::backward(const Tensor& dlogits, unsigned threads) {
+  if (head_in_.data.empty()) return fail(ErrorCode::kInvalidArgument, "unet: backward before forward");
+  // Gradient buffers in each_parameter_array's order, filled per layer then flattened.
+  struct Grads {
+    std::vector<float> w, b, g, be;
+  };
+  auto block_back = [&](Block& bl, const Tensor& dy, Grads& gr) -> Result<Tensor> {
+    gr.w.assign(bl.conv.weight.size(), 0);
+    gr.b.assign(bl.conv.bias.size(), 0);
+    gr.g.assign(bl.norm.gamma.size(), 0);
+    gr.be.assign(bl.norm.beta.size(), 0);
+    auto dpre = bl.norm.backward(bl.pre, dy, gr.g, gr.be, threads);
+    if (!dpre) return std::unexpected(dpre.error());
+    return bl.conv.backward(bl.in, *dpre, gr.w, gr.b, threads);
+  };
+  std::vector<float> head_w(head_.weight.size(), 0), head_b(head_.bias.size(), 0);
+  auto dcur = head_.backward(head_in_, dlogits, head_w, head_b, threads);
+  if (!dcur) return std::unexpected(dcur.error());
+  Tensor d = std::move(*dcur);
+  std::vector<Tensor> skip_grad(encoder_.size());
+  std::vector<std::array<Grads, 2>> dec_grads(decoder_.size());
+  std::vector<std::pair<std::vector<float>, std::vector<float>>> up_grads(decoder_.size());
+  for (size_t i = decoder_.size(); i-- > 0;) {
+    Stage& st = decoder_[i];
+    for (size_t k = 2; k-- > 0;) {
+      auto dx = block_back(st.blocks[k], d, dec_grads[i][k]);
+      if (!dx) return std::unexpected(dx.error());
+      d = std::move(*dx);
+    }
+    auto parts = split_channels(d, st.up.cout);
+    if (!parts) return std::unexpected(parts.error());
+    add_into(skip_grad[encoder_.size() - 2 - i], parts->second);
+    up_grads[i].first.assign(st.up.weight.size(), 0);
+    up_grads[i].second.assign(st.up.bias.size(), 0);
+    auto din = st.up.backward(st.up_in, parts->first, up_grads[i].first, up_grads[i].second, threads);
+    if (!din) return std::unexpected(din.error());
+    d = std::move(*din);
+  }
+  std::vector<std::array<Grads, 2>> enc_grads(encoder_.size());
+  for (size_t s = encoder_.size(); s-- > 0;) {
+    if (!skip_grad[s].data.empty()) add_into(d, skip_grad[s]);
+    for (size_t k = 2; k-- > 0;) {
+      auto dx = block_back(encoder_[s].blocks[k], d, enc_grads[s][k]);
+      if (!dx) return std::unexpected(dx.error());
+      d = std::move(*dx);
+    }
+  }
+  std::vector<float> out;
+  auto put = [&](const std::vector<float>& v) { out.insert(out.end(), v.begin(), v.end()); };
+  auto put_block = [&](const Grads& g) {
+    put(g.w);
+    put(g.b);
+    put(g.g);
+    put(g.be);
+  };
+  for (size_t s = 0; s < encoder_.size(); ++s) {
+    put_block(enc_grads[s][0]);
+    put_block(enc_grads[s][1]);
+  }
+  for (size_t i = 0; i < decoder_.size(); ++i) {
+    put(up_grads[i].first);
+    put(up_grads[i].second);
+    put_block(dec_grads[i][0]);
+    put_block(dec_grads[i][1]);
+  }
+  put(head_w);
+  put(head_b);
+  return out;
+}
+
+}  // namespace tresor::train

@@ -1,0 +1,112 @@
+// The 3D U-Net's whole training step (forward, nnU-Net's loss, backward, SGD) against the same
+// network in PyTorch (float64, tests/core/train/torch_oracle.py), from the same parameters; the
+// model's shapes, initialisation and refusals.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "support/test_support.h"
+#include "tresor/train/unet.h"
+
+namespace tresor::train {
+namespace {
+
+TEST(UNet, WholeTrainingStepMatchesPyTorch) {
+  if (testing::run_command({"/usr/bin/python3", "-c", "import torch"}).exit_code != 0) GTEST_SKIP() << "python3-torch is not installed (scripts/bootstrap installs it)";
+  for (const UNetConfig& c : {UNetConfig{3, 4, 320, 1, 2}, UNetConfig{2, 3, 5, 2, 3}}) {
+    auto net = UNet::create(c, 7);
+    ASSERT_TRUE(net) << net.error().message;
+    const size_t f = size_t{1} << (c.levels - 1);
+    Tensor x({2, c.in_channels, 2 * f, 3 * f, f * 2});
+    std::mt19937 g(3);
+    std::normal_distribution<float> nd(0, 1);
+    for (auto& v : x.data) v = nd(g);
+    std::vector<uint8_t> target(2 * x.spatial());
+    for (size_t i = 0; i < target.size(); ++i) target[i] = static_cast<uint8_t>((i / 3 + i % 5) % c.classes);
+    const std::vector<float> params = net->parameters();
+    auto logits = net->forward(x);
+    ASSERT_TRUE(logits) << logits.error().message;
+    auto loss = dice_ce_loss(*logits, target);
+    ASSERT_TRUE(loss);
+    auto grads = net->backward(loss->dlogits);
+    ASSERT_TRUE(grads) << grads.error().message;
+    ASSERT_EQ(grads->size(), params.size());
+    std::vector<float> after = params;
+    Sgd sgd;
+    ASSERT_TRUE(sgd.step(after, *grads, 0.01));
+
+    testing::TempDir dir;
+    auto put = [&](const std::string& name, const std::vector<float>& v) {
+      testing::write_file(dir.file(name + ".f32"), ByteSpan(reinterpret_cast<const std::byte*>(v.data()), v.size() * 4));
+    };
+    put("params", params);
+    put("x", x.data);
+    testing::write_file(dir.file("target.u8"), ByteSpan(reinterpret_cast<const std::byte*>(target.data()), target.size()));
+    const nlohmann::json spec = {{"layer", "unet_step"}, {"levels", c.levels}, {"base", c.base_channels}, {"max", c.max_channels}, {"in", c.in_channels},
+                                 {"classes", c.classes}, {"count", params.size()}, {"x", x.shape}, {"lr", 0.01}};
+    testing::write_file(dir.file("case.json"), as_bytes(spec.dump()));
+    auto r = testing::run_command({"/usr/bin/python3", TRESOR_TORCH_ORACLE, dir.path().string()});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto get = [&](const std::string& name) {
+      const Bytes b = testing::read_file(dir.file(name + ".f64"));
+      std::vector<double> v(b.size() / 8);
+      std::memcpy(v.data(), b.data(), v.size() * 8);
+      return v;
+    };
+    auto rel = [](const std::vector<float>& a, const std::vector<double>& b) {
+      double worst = 0, mag = 1e-30;
+      for (double v : b) mag = std::max(mag, std::abs(v));
+      for (size_t i = 0; i < a.size() && i < b.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+      return worst / mag;
+    };
+    const std::string what = std::to_string(c.levels) + " levels, base " + std::to_string(c.base_channels) + ", " + std::to_string(params.size()) + " parameters";
+    const auto want_logits = get("logits"), want_grads = get("grads"), want_after = get("after");
+    ASSERT_EQ(want_grads.size(), params.size()) << what;
+    EXPECT_LT(rel(logits->data, want_logits), 1e-5) << what;
+    EXPECT_NEAR(loss->loss, get("loss")[0], 1e-6) << what;
+    // Gradients pass through every layer in float32 storage (measured about 1e-7 of the largest):
+    // 1e-5 leaves room for larger networks' longer sums.
+    EXPECT_LT(rel(*grads, want_grads), 1e-5) << what;
+    EXPECT_LT(rel(after, want_after), 1e-6) << what;
+    std::printf("%s: logits %.2g, gradients %.2g, parameters after the step %.2g (relative to the largest)\n", what.c_str(), rel(logits->data, want_logits),
+                rel(*grads, want_grads), rel(after, want_after));
+  }
+}
+
+TEST(UNet, ShapesInitialisationAndRefusals) {
+  auto net = UNet::create({3, 4, 8, 1, 2}, 1);
+  ASSERT_TRUE(net);
+  // Channels 4, 8, 8 (capped): parameter count by hand.
+  auto block = [](size_t ci, size_t co) { return co * ci * 27 + co + 2 * co; };
+  const size_t want = block(1, 4) + block(4, 4) + block(4, 8) + block(8, 8) + block(8, 8) + block(8, 8) +  // encoder
+                      (8 * 8 * 8 + 8) + block(16, 8) + block(8, 8) +                                     // decoder at 8 channels
+                      (8 * 4 * 8 + 4) + block(8, 4) + block(4, 4) +                                     // decoder at 4
+                      (2 * 4 + 2);                                                                      // head
+  EXPECT_EQ(net->parameter_count(), want);
+  // He initialisation: the first conv's weights have sd sqrt(2 / 27).
+  const auto p = net->parameters();
+  double sq = 0;
+  for (size_t i = 0; i < 4 * 27; ++i) sq += p[i] * p[i];
+  EXPECT_NEAR(std::sqrt(sq / (4 * 27)), std::sqrt(2.0 / 27), 0.08);
+  EXPECT_TRUE(UNet::create({3, 4, 8, 1, 2}, 1)->parameters() == p) << "deterministic in the seed";
+  EXPECT_FALSE(UNet::create({3, 4, 8, 1, 2}, 2)->parameters() == p);
+  Tensor x({1, 1, 8, 8, 6});
+  EXPECT_NE(net->forward(x).error().message.find("is not a multiple of 4"), std::string::npos);
+  Tensor x2({1, 2, 8, 8, 8});
+  EXPECT_NE(net->forward(x2).error().message.find("the input has 2 channels, the model takes 1"), std::string::npos);
+  EXPECT_NE(net->backward(Tensor({1, 2, 8, 8, 8})).error().message.find("backward before forward"), std::string::npos);
+  EXPECT_NE(net->set_parameters({1, 2, 3}).error().message.find("3 parameters given"), std::string::npos);
+  EXPECT_NE(UNet::create({0, 4, 8, 1, 2}, 1).error().message.find("0 levels"), std::string::npos);
+  EXPECT_NE(UNet::create({2, 4, 8, 1, 1}, 1).error().message.find("1 class(es)"), std::string::npos);
+  Tensor ok({1, 1, 8, 8, 8});
+  auto y = net->forward(ok);
+  ASSERT_TRUE(y);
+  EXPECT_EQ(y->shape, (std::array<size_t, 5>{1, 2, 8, 8, 8}));
+}
+
+}  // namespace
+}  // namespace tresor::train
