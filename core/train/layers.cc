@@ -247,7 +247,7 @@ Result<Tensor> InstanceNormLeakyRelu::backward(const Tensor& x, const Tensor& dy
   return dx;
 }
 
-Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth, unsigned threads) {
+Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth, unsigned threads, double dice_weight) {
   TRESOR_TRY(check_tensor(logits, "loss logits"));
   const size_t n = logits.shape[0], classes = logits.shape[1], m = logits.spatial();
   if (classes < 2) return fail(ErrorCode::kInvalidArgument, "loss: " + std::to_string(classes) + " class(es); at least 2 (background and one foreground)");
@@ -289,7 +289,7 @@ Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>
   }
   const double fg = static_cast<double>(classes - 1);
   r.dice /= fg;
-  r.loss = r.cross_entropy - r.dice;
+  r.loss = r.cross_entropy - dice_weight * r.dice;
   // Gradient: CE gives (p − onehot)/voxels; −mean Dice gives, per probability,
   // −(1/fg)·(2g(S + s) − (2I + s))/(S + s)², carried through the softmax's Jacobian.
   r.dlogits = Tensor(logits.shape);
@@ -303,7 +303,7 @@ Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>
         dp[c] = 0;
         if (c > 0) {
           const double g = t == c ? 1.0 : 0.0, S = total[c] + smooth;
-          dp[c] = -(2 * g * S - (2 * inter[c] + smooth)) / (S * S) / fg;
+          dp[c] = -dice_weight * (2 * g * S - (2 * inter[c] + smooth)) / (S * S) / fg;
         }
         dot += pv * dp[c];
       }

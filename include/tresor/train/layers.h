@@ -79,7 +79,10 @@ struct LossResult {
   double loss = 0, cross_entropy = 0, dice = 0;  // dice: the mean soft Dice of the classes
   Tensor dlogits;
 };
-[[nodiscard]] Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth = 1e-5, unsigned threads = 0);
+/// `dice_weight` scales the Dice term (0: cross-entropy alone, whose gradient over a batch is the
+/// mean of its parts' — what the data-parallel equivalence test uses; batch Dice couples samples).
+[[nodiscard]] Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth = 1e-5, unsigned threads = 0,
+                                              double dice_weight = 1.0);
 
 /// The optimizers, over one flat parameter vector and its gradient (PyTorch's definitions):
 ///  SGD (nnU-Net: lr 0.01, momentum 0.99, Nesterov, weight decay 3e-5):
