@@ -1,0 +1,51 @@
+// tresor/train/trainer.h — training the U-Net on preprocessed CT (issue 9, docs/training.md §6):
+// patches drawn from `tresor prep`'s outputs (foreground-biased crops and augmentation,
+// tresor/ct/augment.h), two input channels (the z-scored image and the vesselness), a binary
+// target (the foreground label against everything else), nnU-Net's loss, an optimizer step per
+// batch, and validation Dice on fixed patches of held-out cases. CPU reference.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "tresor/ct/augment.h"
+#include "tresor/ct/prep.h"
+#include "tresor/train/unet.h"
+
+namespace tresor::train {
+
+struct TrainerOptions {
+  UNetConfig model{3, 4, 32, 2, 2};       // two input channels, two classes
+  size_t patch = 24;                      // voxels per side (a multiple of 2^(levels−1))
+  size_t batch = 2;
+  size_t steps = 200;
+  bool adamw = true;                      // false: SGD with Nesterov momentum (nnU-Net's)
+  double lr = 1e-2, weight_decay = 1e-4;  // the poly schedule decays lr to 0 over `steps`
+  double vesselness_scale = 5;            // the second channel: vesselness × this
+  uint8_t foreground_label = ct::kCoronary;
+  double foreground_fraction = 2.0 / 3;
+  size_t validation_patches = 8;
+  size_t validate_every = 50;
+  uint64_t seed = 1;
+  unsigned threads = 0;
+};
+
+struct TrainingLog {
+  std::vector<double> loss;                          // per step
+  std::vector<std::pair<size_t, double>> val_dice;  // (steps done, Dice); the first entry is before training
+};
+
+/// Progress: steps done, the last loss, the last validation Dice (or −1).
+using TrainProgress = std::function<void(size_t, double, double)>;
+
+/// Trains `net` (whose config must have 2 input channels and 2 classes) on `train` and validates on
+/// `validation` (each a prepared case with labels). kInvalidArgument names what is wrong: no
+/// cases, a case without labels, a patch that does not fit a case or is not a multiple of
+/// 2^(levels−1), a model of other channels or classes.
+[[nodiscard]] Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>& train, const std::vector<const ct::Prepared*>& validation,
+                                             const TrainerOptions& options, const TrainProgress& progress = {});
+
+/// The Dice of class 1 (argmax of the logits) against binary targets [n·d·h·w].
+[[nodiscard]] double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target);
+
+}  // namespace tresor::train
