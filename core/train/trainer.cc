@@ -2,6 +2,8 @@
 // docs/training.md §6).
 #include "tresor/train/trainer.h"
 
+#include <algorithm>
+#include <cstring>
 #include <memory>
 
 namespace tresor::train {
@@ -48,7 +50,7 @@ double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& targ
 }
 
 Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>& train, const std::vector<const ct::Prepared*>& validation,
-                               const TrainerOptions& o, const TrainProgress& progress) {
+                               const TrainerOptions& o, const TrainProgress& progress, TrainState* state) {
   const UNetConfig& mc = net.config();
   if (mc.in_channels != 2 || mc.classes != 2) return fail(ErrorCode::kInvalidArgument, "train: the model must take 2 channels (image, vesselness) and give 2 classes");
   if (train.empty() || validation.empty()) return fail(ErrorCode::kInvalidArgument, "train: no training or no validation case");
@@ -88,15 +90,18 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
   TrainingLog log;
   auto d0 = validate();
   if (!d0) return std::unexpected(d0.error());
-  log.val_dice.push_back({0, *d0});
+  TrainState local;
+  TrainState& st = state != nullptr ? *state : local;
+  log.val_dice.push_back({st.step, *d0});
   std::vector<float> params = net.parameters();
-  Sgd sgd;
-  AdamW adam;
+  Sgd& sgd = st.sgd;
+  AdamW& adam = st.adam;
   adam.weight_decay = o.weight_decay;
   sgd.weight_decay = o.weight_decay;
   Tensor x({o.batch, 2, P, P, P});
   std::vector<uint8_t> y(o.batch * m);
-  for (size_t step = 0; step < o.steps; ++step) {
+  const size_t end = o.stop_after == 0 ? o.steps : std::min(o.stop_after, o.steps);
+  for (size_t step = st.step; step < end; ++step) {
     for (size_t b = 0; b < o.batch; ++b) fill((*tr)[(step * o.batch + b) % tr->size()], o.seed, step * o.batch + b, b, o, x, y);
     auto logits = net.forward(x, o.threads);
     if (!logits) return std::unexpected(logits.error());
@@ -108,9 +113,10 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
     auto stepped = o.adamw ? adam.step(params, *grads, lr) : sgd.step(params, *grads, lr);
     if (!stepped) return std::unexpected(stepped.error());
     TRESOR_TRY(net.set_parameters(params));
+    st.step = step + 1;
     log.loss.push_back(loss->loss);
     double dice = -1;
-    if ((step + 1) % o.validate_every == 0 || step + 1 == o.steps) {
+    if ((step + 1) % o.validate_every == 0 || step + 1 == end) {
       auto d = validate();
       if (!d) return std::unexpected(d.error());
       dice = *d;
@@ -119,6 +125,102 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
     if (progress) progress(step + 1, loss->loss, dice);
   }
   return log;
+}
+
+namespace {
+
+// Little-endian fields (docs/training.md §7).
+void put_u32(Bytes& b, uint32_t v) {
+  for (int i = 0; i < 4; ++i) b.push_back(static_cast<std::byte>(v >> (8 * i)));
+}
+void put_u64(Bytes& b, uint64_t v) {
+  for (int i = 0; i < 8; ++i) b.push_back(static_cast<std::byte>(v >> (8 * i)));
+}
+void put_floats(Bytes& b, const std::vector<float>& v, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t u = 0;
+    const float f = i < v.size() ? v[i] : 0.0f;
+    std::memcpy(&u, &f, 4);
+    put_u32(b, u);
+  }
+}
+constexpr char kMagic[8] = {'T', 'R', 'E', 'S', 'O', 'R', 'C', 'K'};
+
+}  // namespace
+
+Bytes checkpoint_bytes(const UNet& net, const TrainState& state, bool adamw) {
+  Bytes b(reinterpret_cast<const std::byte*>(kMagic), reinterpret_cast<const std::byte*>(kMagic) + 8);
+  put_u32(b, 1);
+  put_u64(b, state.step);
+  const UNetConfig& c = net.config();
+  for (size_t v : {c.levels, c.base_channels, c.max_channels, c.in_channels, c.classes}) put_u32(b, static_cast<uint32_t>(v));
+  put_u32(b, adamw ? 1 : 0);
+  put_u64(b, state.adam.t);
+  const std::vector<float> p = net.parameters();
+  put_u64(b, p.size());
+  put_floats(b, p, p.size());
+  put_floats(b, adamw ? state.adam.m : state.sgd.velocity, p.size());
+  put_floats(b, adamw ? state.adam.v : std::vector<float>{}, p.size());
+  return b;
+}
+
+Result<Checkpoint> parse_checkpoint(ByteSpan b) {
+  size_t at = 0;
+  auto need = [&](size_t n, const char* what) -> Result<void> {
+    if (b.size() - at < n) return fail(ErrorCode::kMalformed, std::string("checkpoint: truncated in ") + what);
+    return {};
+  };
+  auto u32 = [&]() {
+    uint32_t v = 0;
+    for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(b[at++]) << (8 * i);
+    return v;
+  };
+  auto u64 = [&]() {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; ++i) v |= static_cast<uint64_t>(b[at++]) << (8 * i);
+    return v;
+  };
+  TRESOR_TRY(need(8 + 4 + 8 + 20 + 4 + 8 + 8, "the header"));
+  if (std::memcmp(b.data(), kMagic, 8) != 0) return fail(ErrorCode::kMalformed, "checkpoint: not a Tresor checkpoint (magic)");
+  at = 8;
+  if (const uint32_t v = u32(); v != 1) return fail(ErrorCode::kMalformed, "checkpoint: version " + std::to_string(v) + ", this build reads 1");
+  Checkpoint c;
+  c.state.step = u64();
+  c.config.levels = u32();
+  c.config.base_channels = u32();
+  c.config.max_channels = u32();
+  c.config.in_channels = u32();
+  c.config.classes = u32();
+  const uint32_t opt = u32();
+  if (opt > 1) return fail(ErrorCode::kMalformed, "checkpoint: optimizer " + std::to_string(opt) + " is not 0 (SGD) or 1 (AdamW)");
+  c.adamw = opt == 1;
+  c.state.adam.t = u64();
+  const uint64_t n = u64();
+  auto net = UNet::create(c.config, 0);
+  if (!net) return fail(ErrorCode::kMalformed, "checkpoint: its model configuration is invalid: " + net.error().message);
+  if (n != net->parameter_count()) {
+    return fail(ErrorCode::kMalformed, "checkpoint: " + std::to_string(n) + " parameters for a model of " + std::to_string(net->parameter_count()));
+  }
+  TRESOR_TRY(need(12 * n, "the parameters and optimizer state"));
+  auto floats = [&](std::vector<float>& v) {
+    v.resize(n);
+    for (auto& f : v) {
+      const uint32_t u = u32();
+      std::memcpy(&f, &u, 4);
+    }
+  };
+  floats(c.parameters);
+  std::vector<float> s1, s2;
+  floats(s1);
+  floats(s2);
+  if (at != b.size()) return fail(ErrorCode::kMalformed, "checkpoint: " + std::to_string(b.size() - at) + " bytes after the end");
+  if (c.adamw) {
+    c.state.adam.m = std::move(s1);
+    c.state.adam.v = std::move(s2);
+  } else {
+    c.state.sgd.velocity = std::move(s1);
+  }
+  return c;
 }
 
 }  // namespace tresor::train

@@ -10,6 +10,7 @@
 
 #include "tresor/ct/augment.h"
 #include "tresor/ct/prep.h"
+#include "tresor/encoding.h"
 #include "tresor/train/unet.h"
 
 namespace tresor::train {
@@ -18,7 +19,8 @@ struct TrainerOptions {
   UNetConfig model{3, 4, 32, 2, 2};       // two input channels, two classes
   size_t patch = 24;                      // voxels per side (a multiple of 2^(levels−1))
   size_t batch = 2;
-  size_t steps = 200;
+  size_t steps = 200;                     // the run's length (the schedule spans it)
+  size_t stop_after = 0;                  // stop once this many steps are done (0: at `steps`)
   bool adamw = true;                      // false: SGD with Nesterov momentum (nnU-Net's)
   double lr = 1e-2, weight_decay = 1e-4;  // the poly schedule decays lr to 0 over `steps`
   double vesselness_scale = 5;            // the second channel: vesselness × this
@@ -35,6 +37,25 @@ struct TrainingLog {
   std::vector<std::pair<size_t, double>> val_dice;  // (steps done, Dice); the first entry is before training
 };
 
+/// Where a run stands: the steps done and the optimizers' state. A run resumed from a state
+/// continues exactly as if it had not stopped (patch draws and the schedule follow the step).
+struct TrainState {
+  uint64_t step = 0;
+  Sgd sgd;
+  AdamW adam;
+};
+
+/// A checkpoint: the model's configuration and parameters, and the state (docs/training.md §7).
+[[nodiscard]] Bytes checkpoint_bytes(const UNet& net, const TrainState& state, bool adamw);
+struct Checkpoint {
+  UNetConfig config;
+  std::vector<float> parameters;
+  TrainState state;
+  bool adamw = true;
+};
+/// kMalformed names the field: magic, version, sizes, trailing bytes.
+[[nodiscard]] Result<Checkpoint> parse_checkpoint(ByteSpan bytes);
+
 /// Progress: steps done, the last loss, the last validation Dice (or −1).
 using TrainProgress = std::function<void(size_t, double, double)>;
 
@@ -42,8 +63,9 @@ using TrainProgress = std::function<void(size_t, double, double)>;
 /// `validation` (each a prepared case with labels). kInvalidArgument names what is wrong: no
 /// cases, a case without labels, a patch that does not fit a case or is not a multiple of
 /// 2^(levels−1), a model of other channels or classes.
+/// With `state`, training continues from state->step (to options.steps) and leaves the state there.
 [[nodiscard]] Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>& train, const std::vector<const ct::Prepared*>& validation,
-                                             const TrainerOptions& options, const TrainProgress& progress = {});
+                                             const TrainerOptions& options, const TrainProgress& progress = {}, TrainState* state = nullptr);
 
 /// The Dice of class 1 (argmax of the logits) against binary targets [n·d·h·w].
 [[nodiscard]] double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target);

@@ -44,6 +44,51 @@ TEST(TrainLearning, ValidationDiceRisesFromAboutZeroToAtLeastHalf) {
   EXPECT_GE(last, 0.5);
 }
 
+// Stopping after 6 steps, writing a checkpoint, reading it into a fresh model and resuming to 12
+// gives exactly the weights of 12 uninterrupted steps (patch draws and schedule follow the step),
+// for both optimizers.
+TEST(TrainLearning, ACheckpointedRunResumesExactly) {
+  const ct::Prepared a = prepared(3);
+  for (bool adamw : {true, false}) {
+    TrainerOptions o;
+    o.steps = 12;
+    o.validate_every = 100;
+    o.validation_patches = 1;
+    o.adamw = adamw;
+    auto straight = UNet::create(o.model, 5);
+    ASSERT_TRUE(train_unet(*straight, {&a}, {&a}, o));
+
+    auto first = UNet::create(o.model, 5);
+    TrainState st;
+    TrainerOptions half = o;
+    half.stop_after = 6;
+    ASSERT_TRUE(train_unet(*first, {&a}, {&a}, half, {}, &st));
+    EXPECT_EQ(st.step, 6u);
+    const Bytes ck = checkpoint_bytes(*first, st, adamw);
+    auto parsed = parse_checkpoint(ck);
+    ASSERT_TRUE(parsed) << parsed.error().message;
+    EXPECT_EQ(parsed->state.step, 6u);
+    EXPECT_EQ(parsed->adamw, adamw);
+    auto resumed = UNet::create(parsed->config, 999);  // other initial weights: the checkpoint's replace them
+    ASSERT_TRUE(resumed->set_parameters(parsed->parameters));
+    TrainState rs = parsed->state;
+    ASSERT_TRUE(train_unet(*resumed, {&a}, {&a}, o, {}, &rs));
+    EXPECT_EQ(rs.step, 12u);
+    EXPECT_TRUE(resumed->parameters() == straight->parameters()) << (adamw ? "AdamW" : "SGD");
+    // Damage is named: magic, truncation, trailing bytes, version.
+    Bytes bad = ck;
+    bad[0] = std::byte{'X'};
+    EXPECT_NE(parse_checkpoint(bad).error().message.find("magic"), std::string::npos);
+    EXPECT_NE(parse_checkpoint(ByteSpan(ck.data(), ck.size() - 4)).error().message.find("truncated"), std::string::npos);
+    Bytes longer = ck;
+    longer.push_back(std::byte{0});
+    EXPECT_NE(parse_checkpoint(longer).error().message.find("1 bytes after the end"), std::string::npos);
+    Bytes v2 = ck;
+    v2[8] = std::byte{2};
+    EXPECT_NE(parse_checkpoint(v2).error().message.find("version 2"), std::string::npos);
+  }
+}
+
 TEST(TrainLearning, BadSetupsAreNamed) {
   auto net = UNet::create({3, 4, 32, 2, 2}, 3);
   ct::Prepared none;
