@@ -99,6 +99,42 @@ Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>
   return out;
 }
 
+Result<Bytes> read_whole_file(const std::string& path) {
+  auto in = FdFile::open_read(path);
+  if (!in) return std::unexpected(in.error());
+  auto size = in->size();
+  if (!size) return std::unexpected(size.error());
+  Bytes bytes(static_cast<size_t>(*size));
+  TRESOR_TRY(in->read_at(0, bytes));
+  return bytes;
+}
+
+Result<SecretBuffer> open_sealed_file(const std::string& path, const sealed::KeyRing& ring, unsigned threads) {
+  auto sealed_bytes = read_whole_file(path);
+  if (!sealed_bytes) return std::unexpected(sealed_bytes.error());
+  sealed::OpenOptions oo;
+  oo.threads = threads;
+  oo.name = path;
+  return sealed::open_buffer(*sealed_bytes, ring, oo);
+}
+
+Result<std::string> write_output(const std::string& path, ByteSpan bytes, const sealed::SealOptions& seal) {
+  std::string name = path;
+  Bytes sealed_bytes;
+  if (!seal.recipients.empty()) {
+    auto s = sealed::seal_buffer(bytes, seal);
+    if (!s) return std::unexpected(s.error());
+    sealed_bytes = std::move(*s);
+    bytes = sealed_bytes;
+    name += ".sealed";
+  }
+  auto out = AtomicOutputFile::create(name, seal.recipients.empty() ? 0600 : 0644, /*overwrite=*/true);
+  if (!out) return std::unexpected(out.error());
+  TRESOR_TRY(out->write(bytes));
+  TRESOR_TRY(out->commit());
+  return name;
+}
+
 Result<DatasetKey> load_dataset_key(const std::string& path, const std::string& id) {
   auto text = read_secret_file(path);
   if (!text) return std::unexpected(text.error());

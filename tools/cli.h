@@ -41,6 +41,25 @@ Result<DatasetKey> load_dataset_key(const std::string& path, const std::string& 
 /// Pairs --dataset-key-file F with --dataset ID (in order).
 Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>& files, const std::vector<std::string>& ids, bool ids_required);
 
+/// A file's bytes to `read(bytes, path)`: a name ending in ".sealed" is opened with `ring` into
+/// memory first (the plaintext never touches a file), anything else is read as it is.
+Result<Bytes> read_whole_file(const std::string& path);
+Result<SecretBuffer> open_sealed_file(const std::string& path, const sealed::KeyRing& ring, unsigned threads);
+template <typename T, typename Read>
+Result<T> with_input(const std::string& path, const sealed::KeyRing& ring, unsigned threads, Read read) {
+  if (path.ends_with(".sealed")) {
+    auto plain = open_sealed_file(path, ring, threads);
+    if (!plain) return std::unexpected(plain.error());
+    return read(ByteSpan(plain->data(), plain->size()), path);
+  }
+  auto bytes = read_whole_file(path);
+  if (!bytes) return std::unexpected(bytes.error());
+  return read(ByteSpan(*bytes), path);
+}
+/// Writes `bytes` to `path` atomically — sealed to `seal`'s recipients as `path.sealed` when it
+/// has any (mode 0644), else in the clear (mode 0600). Returns the name written.
+Result<std::string> write_output(const std::string& path, ByteSpan bytes, const sealed::SealOptions& seal);
+
 /// An input endpoint: a file path or "-" for stdin.
 struct Input {
   std::unique_ptr<FdFile> file;
@@ -128,6 +147,7 @@ int cmd_bench_launch(int argc, char** argv);
 int cmd_bench_gpu(int argc, char** argv);
 int cmd_phantom(int argc, char** argv);
 int cmd_prep(int argc, char** argv);
+int cmd_train(int argc, char** argv);
 int cmd_bench_prep(int argc, char** argv);
 
 /// Reads a job manifest file; returns it with its canonical signed JSON (what goes to the broker).

@@ -111,55 +111,11 @@ struct Context {
   unsigned threads = 0;
 };
 
-// A NIfTI file's bytes; a sealed one opened into memory (the plaintext never touches a file).
-template <typename T, typename Read>
-Result<T> read_volume(const std::string& path, const Context& c, Read read) {
-  if (path.size() > 7 && path.compare(path.size() - 7, 7, ".sealed") == 0) {
-    auto in = FdFile::open_read(path);
-    if (!in) return std::unexpected(in.error());
-    auto size = in->size();
-    if (!size) return std::unexpected(size.error());
-    Bytes sealed_bytes(static_cast<size_t>(*size));
-    TRESOR_TRY(in->read_at(0, sealed_bytes));
-    sealed::OpenOptions oo;
-    oo.threads = c.threads;
-    oo.name = path;
-    auto plain = sealed::open_buffer(sealed_bytes, c.ring, oo);
-    if (!plain) return std::unexpected(plain.error());
-    return read(ByteSpan(plain->data(), plain->size()), path);
-  }
-  auto in = FdFile::open_read(path);
-  if (!in) return std::unexpected(in.error());
-  auto size = in->size();
-  if (!size) return std::unexpected(size.error());
-  Bytes bytes(static_cast<size_t>(*size));
-  TRESOR_TRY(in->read_at(0, bytes));
-  return read(ByteSpan(bytes), path);
-}
-
-// One output file, sealed to the recipients when there are any.
-Result<std::string> emit(const fs::path& path, ByteSpan bytes, const Context& c) {
-  std::string name = path.string();
-  Bytes sealed_bytes;
-  if (!c.seal.recipients.empty()) {
-    auto s = sealed::seal_buffer(bytes, c.seal);
-    if (!s) return std::unexpected(s.error());
-    sealed_bytes = std::move(*s);
-    bytes = sealed_bytes;
-    name += ".sealed";
-  }
-  auto out = AtomicOutputFile::create(name, c.seal.recipients.empty() ? 0600 : 0644, /*overwrite=*/true);
-  if (!out) return std::unexpected(out.error());
-  TRESOR_TRY(out->write(bytes));
-  TRESOR_TRY(out->commit());
-  return name;
-}
-
 template <typename V>
 Result<void> emit_nifti(const fs::path& path, const V& v, const Context& c) {
   auto b = ct::nifti_bytes(v);
   if (!b) return std::unexpected(b.error());
-  auto r = emit(path, *b, c);
+  auto r = write_output(path.string(), *b, c.seal);
   if (!r) return std::unexpected(r.error());
   return {};
 }
@@ -199,11 +155,11 @@ struct Job {
 Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Job& job, const Context& c) {
   const double t0 = now_seconds();
   Result<ct::HuVolume> hu = k.dicom ? ct::read_dicom_series(k.image)
-                                    : read_volume<ct::HuVolume>(k.image, c, [](ByteSpan b, const std::string& n) { return ct::read_nifti_hu(b, n); });
+                                    : with_input<ct::HuVolume>(k.image, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_hu(b, n); });
   if (!hu) return std::unexpected(hu.error());
   std::optional<ct::LabelVolume> labels;
   if (!k.labels.empty()) {
-    auto l = read_volume<ct::LabelVolume>(k.labels, c, [](ByteSpan b, const std::string& n) { return ct::read_nifti_labels(b, n); });
+    auto l = with_input<ct::LabelVolume>(k.labels, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_labels(b, n); });
     if (!l) return std::unexpected(l.error());
     labels = std::move(*l);
   }
@@ -229,7 +185,7 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
     if (p->labels) panels.push_back({nullptr, 0, 1, &*p->labels});
     auto png = ct::mip_png(panels, 2);
     if (!png) return std::unexpected(png.error());
-    auto r = emit(out_dir / "preview.png", *png, c);
+    auto r = write_output((out_dir / "preview.png").string(), *png, c.seal);
     if (!r) return std::unexpected(r.error());
   }
   nlohmann::json j = {{"case", k.name},
@@ -272,7 +228,7 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
   const double t_end = now_seconds();
   j["seconds"] = {{"read", t_read - t0}, {"prepare", t_prep - t_read}, {"write", t_end - t_prep}, {"total", t_end - t0}};
   const std::string text = j.dump(1) + "\n";
-  auto r = emit(out_dir / "prep.json", as_bytes(text), c);
+  auto r = write_output((out_dir / "prep.json").string(), as_bytes(text), c.seal);
   if (!r) return std::unexpected(r.error());
   return j;
 }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 
@@ -155,6 +156,7 @@ Result<NimPtr> parse(ByteSpan raw, const std::string& name) {
 
 template <typename Out>
 Result<Volume<Out>> to_volume(const NimPtr& nim, const std::string& name, bool labels) {
+  constexpr bool kFloat = std::is_same_v<Out, float>;
   if (nim->ndim < 3 || (nim->ndim > 3 && nim->nt * nim->nu * nim->nv * nim->nw != 1)) {
     return fail(ErrorCode::kMalformed, name + ": a " + std::to_string(nim->ndim) + "-dimensional image, not a single 3D volume");
   }
@@ -185,7 +187,10 @@ Result<Volume<Out>> to_volume(const NimPtr& nim, const std::string& name, bool l
   auto put = [&](auto* src) {
     for (size_t i = 0; i < v.data.size(); ++i) {
       const double x = static_cast<double>(src[i]) * slope + inter;
-      if (labels) {
+      if constexpr (kFloat) {
+        bad_label |= !std::isfinite(x);
+        v.data[i] = static_cast<Out>(x);
+      } else if (labels) {
         bad_label |= !(x >= 0 && x <= 255 && x == std::floor(x));
         v.data[i] = static_cast<Out>(std::isfinite(x) ? std::clamp(x, 0.0, 255.0) : 0.0);
       } else {
@@ -204,6 +209,7 @@ Result<Volume<Out>> to_volume(const NimPtr& nim, const std::string& name, bool l
     default:
       return fail(ErrorCode::kMalformed, name + ": voxel type " + std::string(nifti_datatype_string(nim->datatype)) + " is not supported");
   }
+  if (bad_label && kFloat) return fail(ErrorCode::kMalformed, name + ": a voxel that is not a finite number");
   if (bad_label) return fail(ErrorCode::kMalformed, name + ": a label volume with values that are not whole numbers 0..255");
   return v;
 }
@@ -241,6 +247,11 @@ Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name) {
   auto nim = parse(bytes, name);
   if (!nim) return std::unexpected(nim.error());
   return to_volume<uint8_t>(*nim, name, true);
+}
+Result<Volume<float>> read_nifti_float(ByteSpan bytes, const std::string& name) {
+  auto nim = parse(bytes, name);
+  if (!nim) return std::unexpected(nim.error());
+  return to_volume<float>(*nim, name, false);
 }
 Result<HuVolume> read_nifti_hu(const std::string& path) {
   auto b = read_whole(path);

@@ -93,18 +93,25 @@ Result<Bytes> mip_png(const std::vector<PreviewPanel>& panels, size_t axis) {
         for (size_t a = 0; a < pw; ++a) put(a, b, label_colour(m[a + pw * b]));
     }
   }
+  return rgb_png(width, ph, rgb);
+}
+
+Result<Bytes> rgb_png(size_t width, size_t height, const std::vector<uint8_t>& rgb) {
+  if (width == 0 || height == 0 || width > 0x7FFFFFFF / 3 || height > 0x7FFFFFFF || rgb.size() != width * height * 3) {
+    return fail(ErrorCode::kInvalidArgument, "png: " + std::to_string(width) + "×" + std::to_string(height) + " pixels and " + std::to_string(rgb.size()) + " bytes");
+  }
   png_image image{};
   image.version = PNG_IMAGE_VERSION;
   image.width = static_cast<png_uint_32>(width);
-  image.height = static_cast<png_uint_32>(ph);
+  image.height = static_cast<png_uint_32>(height);
   image.format = PNG_FORMAT_RGB;
   png_alloc_size_t size = 0;
   if (png_image_write_to_memory(&image, nullptr, &size, 0, rgb.data(), 0, nullptr) == 0) {
-    return fail(ErrorCode::kIo, std::string("preview: libpng: ") + image.message);
+    return fail(ErrorCode::kIo, std::string("png: libpng: ") + image.message);
   }
   Bytes png(size);
   if (png_image_write_to_memory(&image, png.data(), &size, 0, rgb.data(), 0, nullptr) == 0) {
-    return fail(ErrorCode::kIo, std::string("preview: libpng: ") + image.message);
+    return fail(ErrorCode::kIo, std::string("png: libpng: ") + image.message);
   }
   png.resize(size);
   return png;

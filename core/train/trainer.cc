@@ -33,6 +33,42 @@ void fill(const CaseSampler& c, uint64_t seed, uint64_t index, size_t slot, cons
       }
 }
 
+Result<std::vector<CaseSampler>> make_samplers(const std::vector<const ct::Prepared*>& cases, bool augment, const TrainerOptions& o) {
+  std::vector<CaseSampler> out;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    if (!cases[i]->labels) return fail(ErrorCode::kInvalidArgument, "train: case " + std::to_string(i) + " has no labels");
+    ct::AugmentOptions a;
+    a.patch = {o.patch, o.patch, o.patch};
+    a.foreground_label = o.foreground_label;
+    a.foreground_fraction = augment ? o.foreground_fraction : 1.0;
+    if (!augment) a.flip_probability = a.intensity_probability = a.noise_probability = 0;
+    auto s = ct::PatchSampler::create(cases[i]->image, *cases[i]->labels, a);
+    if (!s) return fail(s.error().code, "train: case " + std::to_string(i) + ": " + s.error().message);
+    out.push_back({cases[i], std::make_unique<ct::PatchSampler>(std::move(*s))});
+  }
+  return out;
+}
+
+// The validation set: fixed patches centred on foreground, round-robin over the cases.
+void build_validation(const std::vector<CaseSampler>& va, const TrainerOptions& o, Tensor& vx, std::vector<uint8_t>& vy) {
+  const size_t P = o.patch;
+  vx = Tensor({o.validation_patches, 2, P, P, P});
+  vy.assign(o.validation_patches * P * P * P, 0);
+  for (size_t i = 0; i < o.validation_patches; ++i) fill(va[i % va.size()], o.seed ^ 0x5A5A5A5Aull, i, i, o, vx, vy);
+}
+
+}  // namespace
+
+Result<std::pair<Tensor, std::vector<uint8_t>>> validation_batch(const std::vector<const ct::Prepared*>& cases, const TrainerOptions& o) {
+  if (cases.empty() || o.validation_patches == 0) return fail(ErrorCode::kInvalidArgument, "train: no validation case or patch");
+  auto va = make_samplers(cases, false, o);
+  if (!va) return std::unexpected(va.error());
+  std::pair<Tensor, std::vector<uint8_t>> out;
+  build_validation(*va, o, out.first, out.second);
+  return out;
+}
+
+namespace {
 }  // namespace
 
 double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target) {
@@ -57,31 +93,15 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
   const size_t f = size_t{1} << (mc.levels - 1);
   if (o.patch == 0 || o.patch % f != 0) return fail(ErrorCode::kInvalidArgument, "train: a patch of " + std::to_string(o.patch) + " is not a multiple of " + std::to_string(f));
   if (o.batch == 0 || o.steps == 0) return fail(ErrorCode::kInvalidArgument, "train: batch and steps must be positive");
-  auto samplers = [&](const std::vector<const ct::Prepared*>& cases, bool augment) -> Result<std::vector<CaseSampler>> {
-    std::vector<CaseSampler> out;
-    for (size_t i = 0; i < cases.size(); ++i) {
-      if (!cases[i]->labels) return fail(ErrorCode::kInvalidArgument, "train: case " + std::to_string(i) + " has no labels");
-      ct::AugmentOptions a;
-      a.patch = {o.patch, o.patch, o.patch};
-      a.foreground_label = o.foreground_label;
-      a.foreground_fraction = augment ? o.foreground_fraction : 1.0;
-      if (!augment) a.flip_probability = a.intensity_probability = a.noise_probability = 0;
-      auto s = ct::PatchSampler::create(cases[i]->image, *cases[i]->labels, a);
-      if (!s) return fail(s.error().code, "train: case " + std::to_string(i) + ": " + s.error().message);
-      out.push_back({cases[i], std::make_unique<ct::PatchSampler>(std::move(*s))});
-    }
-    return out;
-  };
-  auto tr = samplers(train, true);
+  auto tr = make_samplers(train, true, o);
   if (!tr) return std::unexpected(tr.error());
-  auto va = samplers(validation, false);
+  auto va = make_samplers(validation, false, o);
   if (!va) return std::unexpected(va.error());
 
   const size_t P = o.patch, m = P * P * P;
-  // The validation set: fixed patches centred on foreground, round-robin over the cases.
-  Tensor vx({o.validation_patches, 2, P, P, P});
-  std::vector<uint8_t> vy(o.validation_patches * m);
-  for (size_t i = 0; i < o.validation_patches; ++i) fill((*va)[i % va->size()], o.seed ^ 0x5A5A5A5Aull, i, i, o, vx, vy);
+  Tensor vx;
+  std::vector<uint8_t> vy;
+  build_validation(*va, o, vx, vy);
   auto validate = [&]() -> Result<double> {
     auto logits = net.forward(vx, o.threads);
     if (!logits) return std::unexpected(logits.error());

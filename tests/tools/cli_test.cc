@@ -460,6 +460,65 @@ TEST_F(Cli, BenchPrepComparesFrangiWithScikitImage) {
   EXPECT_NE(bad.err.find("--size wants XxYxZ, not '48x48'"), std::string::npos) << bad.err;
 }
 
+// tresor train on prepared phantoms: outputs, the progress line, a run stopped and resumed from
+// its checkpoint ends with the uninterrupted run's checkpoint byte for byte, sealed outputs, and
+// configuration errors named.
+TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
+  for (const char* seed : {"1", "2"}) {
+    auto ph = run_tresor({"phantom", "-o", dir.file(std::string("cases/case") + seed), "--size", "240x240x136", "--spacing", "0.5x0.5x0.6", "--seed", seed, "--no-dicom"});
+    ASSERT_EQ(ph.exit_code, 0) << ph.err;
+  }
+  auto prep = run_tresor({"prep", "-o", dir.file("prepared"), dir.file("cases"), "--spacing", "1.0", "--sigmas", "1,2", "--no-preview"});
+  ASSERT_EQ(prep.exit_code, 0) << prep.err;
+  auto config = [&](const std::string& name, const std::string& out, const std::string& extra = "") {
+    write_file(dir.file(name),
+               as_bytes("[model]\nlevels = 2\nbase_channels = 4\n[data]\ntrain = [\"prepared/case1\"]\nvalidation = [\"prepared/case2\"]\n"
+                        "[training]\nsteps = 16\nbatch = 2\npatch = 16\nvalidate_every = 8\nvalidation_patches = 2\n" +
+                        extra + "[output]\ndir = \"" + out + "\"\n"),
+               0644);
+    return dir.file(name);
+  };
+  auto whole = run_tresor({"train", "--config", config("a.toml", "whole")});
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  EXPECT_NE(whole.out.find("train: 16 steps in"), std::string::npos) << whole.out;
+  EXPECT_NE(whole.err.find("train: step 16/16, "), std::string::npos) << whole.err;
+  for (const char* f : {"checkpoint.tck", "metrics.json", "curves.png", "prediction.png"}) EXPECT_TRUE(std::filesystem::exists(dir.file("whole/") + f)) << f;
+  const auto metrics = nlohmann::json::parse(to_string(testing::read_file(dir.file("whole/metrics.json"))));
+  EXPECT_EQ(metrics["loss"].size(), 16u);
+  EXPECT_EQ(metrics["validation_dice"].size(), 3u);  // before, at 8, at 16
+
+  auto half = run_tresor({"train", "--config", config("b.toml", "split"), "--stop-after", "8"});
+  ASSERT_EQ(half.exit_code, 0) << half.err;
+  auto rest = run_tresor({"train", "--config", config("b.toml", "split"), "--resume", dir.file("split/checkpoint.tck")});
+  ASSERT_EQ(rest.exit_code, 0) << rest.err;
+  EXPECT_NE(rest.out.find("train: 8 steps in"), std::string::npos) << rest.out;
+  EXPECT_TRUE(testing::read_file(dir.file("split/checkpoint.tck")) == testing::read_file(dir.file("whole/checkpoint.tck")))
+      << "stopped at 8 and resumed: the same weights and optimizer state as 16 straight steps";
+
+  // Sealed: every output sealed to me, and a sealed checkpoint resumes with my identity.
+  auto sealed = run_tresor({"train", "--config", config("c.toml", "sealed"), "--stop-after", "8", "-r", recipient});
+  ASSERT_EQ(sealed.exit_code, 0) << sealed.err;
+  for (const auto& e : std::filesystem::directory_iterator(dir.file("sealed"))) EXPECT_TRUE(e.path().string().ends_with(".sealed")) << e.path();
+  auto resumed = run_tresor({"train", "--config", config("c.toml", "sealed"), "--resume", dir.file("sealed/checkpoint.tck.sealed"), "-i", identity});
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.err;
+  auto opened = run_tresor({"open", "-i", identity, "-o", dir.file("ck"), dir.file("sealed/checkpoint.tck")});
+  EXPECT_NE(opened.exit_code, 0) << "no clear checkpoint exists";
+
+  // Configuration errors name the key.
+  auto bad_key = run_tresor({"train", "--config", config("d.toml", "x", "epochs = 3\n")});
+  EXPECT_EQ(bad_key.exit_code, 2);
+  EXPECT_NE(bad_key.err.find("unknown key training.epochs"), std::string::npos) << bad_key.err;
+  auto bad_opt = run_tresor({"train", "--config", config("e.toml", "x", "optimizer = \"adam\"\n")});
+  EXPECT_NE(bad_opt.err.find("training.optimizer must be \"adamw\" or \"sgd\""), std::string::npos) << bad_opt.err;
+  auto bad_patch = run_tresor({"train", "--config", config("f.toml", "x", "seed = -1\n")});
+  EXPECT_NE(bad_patch.err.find("training.seed must be an integer"), std::string::npos) << bad_patch.err;
+  write_file(dir.file("g.toml"), as_bytes("[model]\nlevels = 2\n[data]\ntrain = []\n[output]\ndir = \"x\"\n"), 0644);
+  auto no_data = run_tresor({"train", "--config", dir.file("g.toml")});
+  EXPECT_NE(no_data.err.find("data.train must list at least one prepared case directory"), std::string::npos) << no_data.err;
+  auto wrong_resume = run_tresor({"train", "--config", config("h.toml", "y", "optimizer = \"sgd\"\n"), "--resume", dir.file("whole/checkpoint.tck")});
+  EXPECT_NE(wrong_resume.err.find("the checkpoint's model or optimizer differs"), std::string::npos) << wrong_resume.err;
+}
+
 // The GPU data path's benchmark runs everywhere: on the emulated GPU here (the kernel on the
 // CPU), saying that these are not GPU figures when no GPU exists.
 TEST_F(Cli, BenchGpuMeasuresEveryPathAgainstItsBaseline) {

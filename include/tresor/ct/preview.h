@@ -29,6 +29,9 @@ struct PreviewPanel {
 /// sizes; kIo names the file.
 [[nodiscard]] Result<void> write_mip_png(const std::string& path, const std::vector<PreviewPanel>& panels, size_t axis);
 
+/// An 8-bit RGB image (rows top to bottom, 3 bytes per pixel) as PNG bytes.
+[[nodiscard]] Result<Bytes> rgb_png(size_t width, size_t height, const std::vector<uint8_t>& rgb);
+
 /// The colour of a label in previews (kCoronary red, blood pool dark red, aorta orange, …).
 [[nodiscard]] std::array<uint8_t, 3> label_colour(uint8_t label);
 

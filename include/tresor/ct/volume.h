@@ -90,6 +90,8 @@ struct Phantom {
 /// file (or `name`) and the field. From bytes: what a sealed volume opens into.
 [[nodiscard]] Result<HuVolume> read_nifti_hu(const std::string& path);
 [[nodiscard]] Result<HuVolume> read_nifti_hu(ByteSpan bytes, const std::string& name);
+/// A float volume (slope and intercept applied, every voxel finite): `tresor prep`'s outputs.
+[[nodiscard]] Result<Volume<float>> read_nifti_float(ByteSpan bytes, const std::string& name);
 /// A label volume: values as stored (no scaling), whole numbers 0..255 or kMalformed.
 [[nodiscard]] Result<LabelVolume> read_nifti_labels(const std::string& path);
 [[nodiscard]] Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name);

@@ -67,6 +67,11 @@ using TrainProgress = std::function<void(size_t, double, double)>;
 [[nodiscard]] Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>& train, const std::vector<const ct::Prepared*>& validation,
                                              const TrainerOptions& options, const TrainProgress& progress = {}, TrainState* state = nullptr);
 
+/// The validation batch train_unet uses: options.validation_patches patches centred on the
+/// foreground, round-robin over the cases, no augmentation; inputs [n, 2, P, P, P] and binary
+/// targets.
+[[nodiscard]] Result<std::pair<Tensor, std::vector<uint8_t>>> validation_batch(const std::vector<const ct::Prepared*>& cases, const TrainerOptions& options);
+
 /// The Dice of class 1 (argmax of the logits) against binary targets [n·d·h·w].
 [[nodiscard]] double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target);
 

@@ -1,0 +1,297 @@
+// tresor train: the 3D U-Net trained on `tresor prep`'s outputs, CPU reference (issue 9,
+// docs/training.md §8): a TOML configuration, a progress line, a checkpoint (sealed with -r),
+// metrics.json, curves.png (loss and validation Dice) and prediction.png (MIPs of a validation
+// patch: image, labels, prediction); --resume continues a run exactly.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+#include <toml++/toml.h>
+
+#include "cli.h"
+#include "options.h"
+#include "tresor/ct/preview.h"
+#include "tresor/train/trainer.h"
+
+namespace tresor::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TrainConfig {
+  train::TrainerOptions options;
+  std::vector<std::string> train, validation;
+  std::string out;
+};
+
+Result<TrainConfig> parse_config(const std::string& path) {
+  toml::table t;
+  try {
+    t = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    return fail(ErrorCode::kInvalidArgument, path + ": " + std::string(e.description()) + " at line " + std::to_string(e.source().begin.line));
+  }
+  const std::map<std::string, std::set<std::string>> keys = {
+      {"model", {"levels", "base_channels", "max_channels"}},
+      {"data", {"train", "validation"}},
+      {"training", {"steps", "batch", "patch", "optimizer", "lr", "weight_decay", "seed", "validate_every", "validation_patches", "threads"}},
+      {"output", {"dir"}}};
+  for (const auto& [k, v] : t) {
+    const std::string key(k.str());
+    if (!keys.contains(key) || !v.is_table()) return fail(ErrorCode::kInvalidArgument, path + ": unknown section [" + key + "]");
+    for (const auto& [k2, v2] : *v.as_table()) {
+      (void)v2;
+      if (!keys.at(key).contains(std::string(k2.str()))) return fail(ErrorCode::kInvalidArgument, path + ": unknown key " + key + "." + std::string(k2.str()));
+    }
+  }
+  TrainConfig c;
+  auto& o = c.options;
+  auto integer = [&](const char* section, const char* key, size_t& into, int64_t lo, int64_t hi) -> Result<void> {
+    const auto node = t[section][key];
+    if (!node) return {};
+    const auto v = node.value<int64_t>();
+    if (!v || *v < lo || *v > hi) {
+      return fail(ErrorCode::kInvalidArgument, path + ": " + section + "." + key + " must be an integer " + std::to_string(lo) + ".." + std::to_string(hi));
+    }
+    into = static_cast<size_t>(*v);
+    return {};
+  };
+  auto number = [&](const char* section, const char* key, double& into, double lo, double hi) -> Result<void> {
+    const auto node = t[section][key];
+    if (!node) return {};
+    const auto v = node.value<double>();
+    if (!v || !(*v >= lo && *v <= hi)) return fail(ErrorCode::kInvalidArgument, path + ": " + section + "." + key + " must be a number in " + std::to_string(lo) + ".." + std::to_string(hi));
+    into = *v;
+    return {};
+  };
+  TRESOR_TRY(integer("model", "levels", o.model.levels, 1, 6));
+  TRESOR_TRY(integer("model", "base_channels", o.model.base_channels, 1, 512));
+  TRESOR_TRY(integer("model", "max_channels", o.model.max_channels, 1, 1024));
+  TRESOR_TRY(integer("training", "steps", o.steps, 1, 10000000));
+  TRESOR_TRY(integer("training", "batch", o.batch, 1, 1024));
+  TRESOR_TRY(integer("training", "patch", o.patch, 4, 512));
+  TRESOR_TRY(integer("training", "validate_every", o.validate_every, 1, 10000000));
+  TRESOR_TRY(integer("training", "validation_patches", o.validation_patches, 1, 4096));
+  size_t seed = o.seed, threads = 0;
+  TRESOR_TRY(integer("training", "seed", seed, 0, INT64_MAX));
+  TRESOR_TRY(integer("training", "threads", threads, 0, 1024));
+  o.seed = seed;
+  o.threads = static_cast<unsigned>(threads);
+  TRESOR_TRY(number("training", "lr", o.lr, 0, 10));
+  TRESOR_TRY(number("training", "weight_decay", o.weight_decay, 0, 1));
+  if (const auto opt = t["training"]["optimizer"]) {
+    const auto s = opt.value<std::string>();
+    if (!s || (*s != "adamw" && *s != "sgd")) return fail(ErrorCode::kInvalidArgument, path + ": training.optimizer must be \"adamw\" or \"sgd\"");
+    o.adamw = *s == "adamw";
+  }
+  o.model.in_channels = 2;
+  o.model.classes = 2;
+  for (auto [key, into] : {std::pair{"train", &c.train}, {"validation", &c.validation}}) {
+    const auto* arr = t["data"][key].as_array();
+    if (arr == nullptr || arr->empty()) return fail(ErrorCode::kInvalidArgument, path + ": data." + key + " must list at least one prepared case directory");
+    for (const auto& e : *arr) {
+      const auto s = e.value<std::string>();
+      if (!s) return fail(ErrorCode::kInvalidArgument, path + ": data." + key + " must hold strings");
+      // Relative to the configuration file's directory.
+      const fs::path p(*s);
+      into->push_back(p.is_absolute() ? p.string() : (fs::path(path).parent_path() / p).string());
+    }
+  }
+  const auto dir = t["output"]["dir"].value<std::string>();
+  if (!dir) return fail(ErrorCode::kInvalidArgument, path + ": output.dir is missing");
+  c.out = fs::path(*dir).is_absolute() ? *dir : (fs::path(path).parent_path() / *dir).string();
+  return c;
+}
+
+// A prepared case directory: image.nii, vesselness.nii, labels.nii, each possibly .sealed.
+Result<ct::Prepared> load_case(const std::string& dir, const sealed::KeyRing& ring, unsigned threads) {
+  auto find = [&](const char* base) -> Result<std::string> {
+    for (const char* ext : {".nii", ".nii.sealed"}) {
+      const fs::path p = fs::path(dir) / (std::string(base) + ext);
+      std::error_code ec;
+      if (fs::is_regular_file(p, ec)) return p.string();
+    }
+    return fail(ErrorCode::kIo, dir + ": no " + base + ".nii (a directory that tresor prep wrote)");
+  };
+  ct::Prepared p;
+  auto read_float = [](ByteSpan b, const std::string& n) { return ct::read_nifti_float(b, n); };
+  for (auto [base, into] : {std::pair{"image", &p.image}, {"vesselness", &p.vesselness}}) {
+    auto f = find(base);
+    if (!f) return std::unexpected(f.error());
+    auto v = with_input<ct::Volume<float>>(*f, ring, threads, read_float);
+    if (!v) return std::unexpected(v.error());
+    *into = std::move(*v);
+  }
+  auto lf = find("labels");
+  if (!lf) return std::unexpected(lf.error());
+  auto l = with_input<ct::LabelVolume>(*lf, ring, threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_labels(b, n); });
+  if (!l) return std::unexpected(l.error());
+  p.labels = std::move(*l);
+  if (p.image.dims != p.vesselness.dims || p.image.dims != p.labels->dims) return fail(ErrorCode::kInvalidArgument, dir + ": image, vesselness and labels differ in size");
+  return p;
+}
+
+// Loss (blue, scaled to its range) and validation Dice (red, 0..1) against the step, 640×320.
+Result<Bytes> curves_png(const train::TrainingLog& log, size_t steps) {
+  const size_t W = 640, H = 320, M = 20;
+  std::vector<uint8_t> rgb(W * H * 3, 255);
+  auto px = [&](long x, long y, std::array<uint8_t, 3> c) {
+    if (x < 0 || y < 0 || x >= static_cast<long>(W) || y >= static_cast<long>(H)) return;
+    std::copy(c.begin(), c.end(), rgb.begin() + 3 * (static_cast<long>(W) * y + x));
+  };
+  for (size_t x = M; x < W - M; ++x) px(static_cast<long>(x), static_cast<long>(H - M), {0, 0, 0});
+  for (size_t y = M; y < H - M; ++y) px(static_cast<long>(M), static_cast<long>(y), {0, 0, 0});
+  auto to_x = [&](double step) { return static_cast<long>(M + (W - 2 * M) * step / static_cast<double>(std::max<size_t>(steps, 1))); };
+  auto to_y = [&](double v) { return static_cast<long>(static_cast<double>(H - M) - (H - 2 * M) * std::clamp(v, 0.0, 1.0)); };
+  auto line = [&](long x0, long y0, long x1, long y1, std::array<uint8_t, 3> c) {
+    const long n = std::max({std::abs(x1 - x0), std::abs(y1 - y0), 1L});
+    for (long i = 0; i <= n; ++i) px(x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n, c);
+  };
+  if (!log.loss.empty()) {
+    const auto [lo, hi] = std::minmax_element(log.loss.begin(), log.loss.end());
+    const double span = std::max(*hi - *lo, 1e-12);
+    const size_t first = steps - std::min(steps, log.loss.size());
+    for (size_t i = 1; i < log.loss.size(); ++i) {
+      line(to_x(static_cast<double>(first + i)), to_y((log.loss[i - 1] - *lo) / span), to_x(static_cast<double>(first + i + 1)), to_y((log.loss[i] - *lo) / span), {40, 80, 220});
+    }
+  }
+  for (size_t i = 1; i < log.val_dice.size(); ++i) {
+    line(to_x(static_cast<double>(log.val_dice[i - 1].first)), to_y(log.val_dice[i - 1].second), to_x(static_cast<double>(log.val_dice[i].first)),
+         to_y(log.val_dice[i].second), {220, 30, 30});
+  }
+  return ct::rgb_png(W, H, rgb);
+}
+
+}  // namespace
+
+int cmd_train(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::string config_path, resume;
+  std::vector<std::string> identities, key_files, datasets, recipients;
+  opts.add_options()
+      ("config,c", po::value(&config_path)->required(), "the run's TOML configuration (docs/training.md §8)")
+      ("resume", po::value(&resume), "continue from this checkpoint (checkpoint.tck, or .sealed with -i)")
+      ("stop-after", po::value<size_t>(), "stop once this many steps are done (the schedule still spans training.steps)")
+      ("identity,i", po::value(&identities)->composing(), "identity for sealed inputs and checkpoints; repeatable")
+      ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
+      ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable");
+  po::variables_map vm;
+  if (auto stop = parse_options("train", "--config FILE [--resume CHECKPOINT] [-i IDENTITY] [-r RECIPIENT]", argc, argv, opts, {}, vm)) return *stop;
+  auto cfg = parse_config(config_path);
+  if (!cfg) return report(cfg.error());
+  if (vm.count("stop-after")) cfg->options.stop_after = vm["stop-after"].as<size_t>();
+  std::vector<Identity> ids;
+  for (const auto& p : identities) {
+    auto id = load_identity(p);
+    if (!id) return report(id.error());
+    ids.push_back(std::move(*id));
+  }
+  auto dkeys = load_dataset_keys(key_files, datasets, false);
+  if (!dkeys) return report(dkeys.error());
+  sealed::KeyRing ring;
+  for (const auto& id : ids) ring.identities.push_back(&id);
+  for (const auto& k : *dkeys) ring.dataset_keys.push_back(&k);
+  sealed::SealOptions seal;
+  if (!recipients.empty()) {
+    auto r = parse_recipients(recipients);
+    if (!r) return report(r.error());
+    seal.recipients = std::move(*r);
+  }
+  std::vector<ct::Prepared> train_cases, val_cases;
+  for (auto [list, into] : {std::pair{&cfg->train, &train_cases}, {&cfg->validation, &val_cases}}) {
+    for (const auto& dir : *list) {
+      auto c = load_case(dir, ring, cfg->options.threads);
+      if (!c) return report(c.error());
+      into->push_back(std::move(*c));
+    }
+  }
+  std::vector<const ct::Prepared*> tr, va;
+  for (const auto& c : train_cases) tr.push_back(&c);
+  for (const auto& c : val_cases) va.push_back(&c);
+
+  auto net = train::UNet::create(cfg->options.model, cfg->options.seed);
+  if (!net) return report(net.error());
+  train::TrainState state;
+  if (!resume.empty()) {
+    Result<train::Checkpoint> parsed = fail(ErrorCode::kInvalidArgument, "not read");
+    if (resume.ends_with(".sealed")) {
+      auto plain = open_sealed_file(resume, ring, 0);
+      if (!plain) return report(plain.error());
+      parsed = train::parse_checkpoint(ByteSpan(plain->data(), plain->size()));
+    } else {
+      auto bytes = read_whole_file(resume);
+      if (!bytes) return report(bytes.error());
+      parsed = train::parse_checkpoint(*bytes);
+    }
+    if (!parsed) return report(Error{parsed.error().code, resume + ": " + parsed.error().message});
+    const auto& m = cfg->options.model;
+    if (parsed->config.levels != m.levels || parsed->config.base_channels != m.base_channels || parsed->config.max_channels != m.max_channels ||
+        parsed->adamw != cfg->options.adamw) {
+      return report(Error{ErrorCode::kInvalidArgument, resume + ": the checkpoint's model or optimizer differs from the configuration's"});
+    }
+    if (auto r = net->set_parameters(parsed->parameters); !r) return report(r.error());
+    state = parsed->state;
+  }
+  std::error_code ec;
+  fs::create_directories(cfg->out, ec);
+  if (ec) return report(Error{ErrorCode::kIo, "cannot create " + cfg->out + ": " + ec.message()});
+  const bool tty = ::isatty(2) != 0;
+  const double start = now_seconds();
+  const uint64_t first_step = state.step;
+  double last_dice = -1;
+  auto log = train::train_unet(*net, tr, va, cfg->options,
+                               [&](size_t step, double loss, double dice) {
+                                 if (dice >= 0) last_dice = dice;
+                                 const double rate = static_cast<double>(step - first_step) / std::max(now_seconds() - start, 1e-9);
+                                 if (tty || dice >= 0) {
+                                   std::fprintf(stderr, "%strain: step %zu/%zu, %.2f it/s, loss %.4f, validation Dice %s%s", tty ? "\r" : "", step, cfg->options.steps, rate,
+                                                loss, last_dice >= 0 ? std::to_string(last_dice).substr(0, 5).c_str() : "-", tty ? "\x1b[K" : "\n");
+                                 }
+                               },
+                               &state);
+  if (tty) std::fputc('\n', stderr);
+  if (!log) return report(log.error());
+  const fs::path out(cfg->out);
+  auto ck = write_output((out / "checkpoint.tck").string(), train::checkpoint_bytes(*net, state, cfg->options.adamw), seal);
+  if (!ck) return report(ck.error());
+  nlohmann::json metrics = {{"steps_done", state.step}, {"steps", cfg->options.steps}, {"parameters", net->parameter_count()}, {"loss", log->loss},
+                            {"validation_dice", nlohmann::json::array()}, {"seconds", now_seconds() - start}};
+  for (const auto& [s, d] : log->val_dice) metrics["validation_dice"].push_back({s, d});
+  if (auto r = write_output((out / "metrics.json").string(), as_bytes(metrics.dump(1) + "\n"), seal); !r) return report(r.error());
+  auto curves = curves_png(*log, cfg->options.steps);
+  if (!curves) return report(curves.error());
+  if (auto r = write_output((out / "curves.png").string(), *curves, seal); !r) return report(r.error());
+  // Prediction over labels on the first validation patch: MIPs of the image, the labels and the
+  // prediction (coronary red).
+  auto vb = train::validation_batch(va, cfg->options);
+  if (!vb) return report(vb.error());
+  auto logits = net->forward(vb->first, cfg->options.threads);
+  if (!logits) return report(logits.error());
+  const size_t P = cfg->options.patch, m = P * P * P;
+  ct::Volume<float> img;
+  ct::LabelVolume truth, pred;
+  img.dims = truth.dims = pred.dims = {P, P, P};
+  img.data.assign(vb->first.data.begin(), vb->first.data.begin() + static_cast<std::ptrdiff_t>(m));
+  truth.data.resize(m);
+  pred.data.resize(m);
+  for (size_t i = 0; i < m; ++i) {
+    truth.data[i] = vb->second[i] != 0 ? ct::kCoronary : ct::kBody;
+    pred.data[i] = logits->data[m + i] > logits->data[i] ? ct::kCoronary : ct::kBody;
+  }
+  auto png = ct::mip_png({{&img, -1.0, 3.0, nullptr}, {nullptr, 0, 1, &truth}, {nullptr, 0, 1, &pred}}, 2);
+  if (!png) return report(png.error());
+  if (auto r = write_output((out / "prediction.png").string(), *png, seal); !r) return report(r.error());
+  std::printf("train: %llu steps in %.1f s, validation Dice %.3f -> %.3f; %s, metrics.json, curves.png, prediction.png in %s%s\n",
+              static_cast<unsigned long long>(state.step - first_step), now_seconds() - start, log->val_dice.front().second, log->val_dice.back().second,
+              fs::path(*ck).filename().c_str(), cfg->out.c_str(), seal.recipients.empty() ? "" : " (sealed)");
+  return kExitOk;
+}
+
+}  // namespace tresor::cli
