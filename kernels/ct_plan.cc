@@ -135,43 +135,10 @@ void set_stats(FusedParams& p, const CtNormalisation& n) {
 }
 
 Result<CtNormalisation> stats_from_histogram(std::span<const uint64_t> hist, const PrepOptions& o) {
-  uint64_t n = 0;
-  for (uint64_t c : hist) n += c;
-  if (n == 0) return std::unexpected(empty_foreground(o).error());
-  // The k-th smallest value (0-based), as the sorted foreground holds it.
-  auto value_at = [&](uint64_t k) {
-    uint64_t seen = 0;
-    for (size_t b = 0; b < hist.size(); ++b) {
-      seen += hist[b];
-      if (k < seen) return static_cast<double>(static_cast<int>(b) - kHistOffset);
-    }
-    return 0.0;  // not reached: k < n
-  };
-  // ct_normalisation's percentile(), the same expression on the same order statistics.
-  auto percentile = [&](double p) {
-    const double at = p / 100 * static_cast<double>(n - 1);
-    const auto lo = static_cast<uint64_t>(std::floor(at));
-    const uint64_t hi = std::min(lo + 1, n - 1);
-    const double a = value_at(lo), b = value_at(hi);
-    return a + (at - static_cast<double>(lo)) * (b - a);
-  };
-  CtNormalisation s;
-  s.lower = percentile(0.5);
-  s.upper = percentile(99.5);
-  // The reference's exact integer sums, here per bin: Σx and Σx² do not depend on the order.
-  int64_t sum = 0;
-  unsigned __int128 sq = 0;
-  for (size_t b = 0; b < hist.size(); ++b) {
-    if (hist[b] == 0) continue;
-    const int64_t v = static_cast<int64_t>(b) - kHistOffset;
-    sum += v * static_cast<int64_t>(hist[b]);
-    sq += static_cast<unsigned __int128>(v * v) * hist[b];
-  }
-  s.mean = static_cast<double>(sum) / static_cast<double>(n);
-  // Population variance (n·Σx² − (Σx)²) / n², exact in 128-bit integers before the division.
-  const auto nn = static_cast<unsigned __int128>(n);
-  const auto s2 = static_cast<unsigned __int128>(static_cast<__int128>(sum) * sum);
-  s.sd = std::sqrt(static_cast<double>(nn * sq - s2) / (static_cast<double>(n) * static_cast<double>(n)));
+  // The reference's own computation on the device's histogram (bin = HU + kHistOffset).
+  static_assert(kHistOffset == 32768);
+  auto s = tresor::ct::ct_normalisation_from_histogram(hist);
+  if (!s) return std::unexpected(empty_foreground(o).error());
   return s;
 }
 

@@ -182,18 +182,25 @@ Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& f
     return fail(ErrorCode::kInvalidArgument, "ct normalisation: the foreground mask does not have the volume's dimensions");
   }
   // HU are int16: a histogram of the 65536 values gives the exact order statistics in one pass
-  // (no sort), and integer sums give the exact mean and variance.
+  // (no sort), and exact integer sums for the mean and variance.
   std::vector<uint64_t> count(65536, 0);
+  for (size_t i = 0; i < v.data.size(); ++i) {
+    if (foreground.data[i] != 0) ++count[static_cast<size_t>(v.data[i] + 32768)];
+  }
+  return ct_normalisation_from_histogram(count);
+}
+
+Result<CtNormalisation> ct_normalisation_from_histogram(std::span<const uint64_t> count) {
+  if (count.size() != 65536) return fail(ErrorCode::kInvalidArgument, "ct normalisation: a histogram of " + std::to_string(count.size()) + " bins, not 65536");
   uint64_t n = 0;
   int64_t sum = 0;
   unsigned __int128 sq = 0;
-  for (size_t i = 0; i < v.data.size(); ++i) {
-    if (foreground.data[i] == 0) continue;
-    const int16_t h = v.data[i];
-    ++count[static_cast<uint16_t>(h) ^ 0x8000u];  // offset binary: bin order = value order
-    ++n;
-    sum += h;
-    sq += static_cast<unsigned __int128>(static_cast<int64_t>(h) * h);
+  for (size_t b = 0; b < count.size(); ++b) {
+    if (count[b] == 0) continue;
+    const int64_t h = static_cast<int64_t>(b) - 32768;
+    n += count[b];
+    sum += h * static_cast<int64_t>(count[b]);
+    sq += static_cast<unsigned __int128>(h * h) * count[b];
   }
   if (n == 0) return fail(ErrorCode::kInvalidArgument, "ct normalisation: the foreground is empty");
   // The k-th smallest foreground value (0-based).
@@ -221,8 +228,7 @@ Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& f
   // Population variance (n·Σx² − (Σx)²) / n², exact in 128-bit integers before the division.
   const auto nn = static_cast<unsigned __int128>(n);
   const auto s2 = static_cast<unsigned __int128>(static_cast<__int128>(sum) * sum);
-  const unsigned __int128 num = nn * sq - s2;
-  out.sd = std::sqrt(static_cast<double>(num) / (static_cast<double>(n) * static_cast<double>(n)));
+  out.sd = std::sqrt(static_cast<double>(nn * sq - s2) / (static_cast<double>(n) * static_cast<double>(n)));
   return out;
 }
 

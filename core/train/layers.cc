@@ -22,14 +22,22 @@ Result<void> check_tensor(const Tensor& t, const char* what) {
   return {};
 }
 
-Result<void> check_conv(const Conv3d& c, const Tensor& x) {
-  TRESOR_TRY(check_tensor(x, "conv3d input"));
-  if (x.shape[1] != c.cin) return fail(ErrorCode::kInvalidArgument, "conv3d: the input has " + std::to_string(x.shape[1]) + " channels, the layer takes " + std::to_string(c.cin));
-  if (c.k == 0 || c.stride == 0) return fail(ErrorCode::kInvalidArgument, "conv3d: kernel size and stride must be positive");
-  if (c.weight.size() != c.cout * c.cin * c.k * c.k * c.k || c.bias.size() != c.cout) {
-    return fail(ErrorCode::kInvalidArgument, "conv3d: weight has " + std::to_string(c.weight.size()) + " values and bias " + std::to_string(c.bias.size()) +
-                                                 ", the layer needs " + std::to_string(c.cout * c.cin * c.k * c.k * c.k) + " and " + std::to_string(c.cout));
+// The checks both convolutions share: channels, kernel and stride, the sizes of weight (cin·cout·k³
+// values in either layout) and bias.
+Result<void> check_kernel(const char* name, size_t cin, size_t cout, size_t k, size_t stride, const std::vector<float>& weight, const std::vector<float>& bias,
+                          const Tensor& x) {
+  TRESOR_TRY(check_tensor(x, name));
+  if (x.shape[1] != cin) return fail(ErrorCode::kInvalidArgument, std::string(name) + ": the input has " + std::to_string(x.shape[1]) + " channels, the layer takes " + std::to_string(cin));
+  if (k == 0 || stride == 0) return fail(ErrorCode::kInvalidArgument, std::string(name) + ": kernel size and stride must be positive");
+  if (weight.size() != cout * cin * k * k * k || bias.size() != cout) {
+    return fail(ErrorCode::kInvalidArgument, std::string(name) + ": weight has " + std::to_string(weight.size()) + " values and bias " + std::to_string(bias.size()) +
+                                                 ", the layer needs " + std::to_string(cout * cin * k * k * k) + " and " + std::to_string(cout));
   }
+  return {};
+}
+
+Result<void> check_conv(const Conv3d& c, const Tensor& x) {
+  TRESOR_TRY(check_kernel("conv3d", c.cin, c.cout, c.k, c.stride, c.weight, c.bias, x));
   for (size_t a = 2; a < 5; ++a) {
     if (x.shape[a] + 2 * c.pad < c.k) {
       return fail(ErrorCode::kInvalidArgument, "conv3d: a kernel of " + std::to_string(c.k) + " does not fit the padded input " + x.shape_text());
@@ -320,13 +328,7 @@ Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>
 namespace {
 
 Result<void> check_transposed(const ConvTranspose3d& c, const Tensor& x) {
-  TRESOR_TRY(check_tensor(x, "transposed conv3d input"));
-  if (x.shape[1] != c.cin) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: the input has " + std::to_string(x.shape[1]) + " channels, the layer takes " + std::to_string(c.cin));
-  if (c.k == 0 || c.stride == 0) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: kernel size and stride must be positive");
-  if (c.weight.size() != c.cin * c.cout * c.k * c.k * c.k || c.bias.size() != c.cout) {
-    return fail(ErrorCode::kInvalidArgument, "transposed conv3d: weight has " + std::to_string(c.weight.size()) + " values and bias " + std::to_string(c.bias.size()) +
-                                                 ", the layer needs " + std::to_string(c.cin * c.cout * c.k * c.k * c.k) + " and " + std::to_string(c.cout));
-  }
+  TRESOR_TRY(check_kernel("transposed conv3d", c.cin, c.cout, c.k, c.stride, c.weight, c.bias, x));
   for (size_t a = 2; a < 5; ++a) {
     if ((x.shape[a] - 1) * c.stride + c.k <= 2 * c.pad) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: padding leaves no output for " + x.shape_text());
   }

@@ -1,6 +1,8 @@
 // The 3D U-Net, CPU reference (include/tresor/train/unet.h, docs/training.md §4).
 #include "tresor/train/unet.h"
 
+#include "tresor/splitmix.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numbers>
@@ -8,18 +10,8 @@
 namespace tresor::train {
 namespace {
 
-// SplitMix64 + Box–Muller: the same initial weights on every platform.
-struct Rng {
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-  double normal() { return std::sqrt(-2.0 * std::log(1.0 - uniform())) * std::cos(2 * std::numbers::pi * uniform()); }
-};
+// The same initial weights on every platform.
+using Rng = SplitMix64;
 
 Conv3d make_conv(size_t cin, size_t cout, size_t k, size_t stride, Rng& rng) {
   Conv3d c;

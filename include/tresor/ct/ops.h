@@ -3,6 +3,8 @@
 // physical grid. Multi-threaded over slices; each is checked against NumPy/SciPy in the tests.
 #pragma once
 
+#include <span>
+
 #include "tresor/ct/volume.h"
 
 namespace tresor::ct {
@@ -25,6 +27,9 @@ struct CtNormalisation {
 /// linearly between order statistics, as NumPy's default). kInvalidArgument when the volumes do
 /// not match or the foreground is empty.
 [[nodiscard]] Result<CtNormalisation> ct_normalisation(const HuVolume& v, const LabelVolume& foreground);
+/// The same statistics from a histogram of the foreground's HU (65536 bins, bin = HU + 32768),
+/// exactly: what ct_normalisation computes, and what the CUDA pipeline's histogram gives.
+[[nodiscard]] Result<CtNormalisation> ct_normalisation_from_histogram(std::span<const uint64_t> counts);
 [[nodiscard]] FloatVolume normalise(const HuVolume& v, const CtNormalisation& n, unsigned threads = 0);
 [[nodiscard]] FloatVolume normalise(const FloatVolume& v, const CtNormalisation& n, unsigned threads = 0);
 
