@@ -36,6 +36,30 @@ Result<void> check_kernel(const char* name, size_t cin, size_t cout, size_t k, s
   return {};
 }
 
+// A convolution's backward inputs: the output gradient of the forward's output shape, gradient
+// buffers sized like the parameters.
+Result<void> check_backward(const char* name, const std::array<size_t, 5>& want, const Tensor& dy, const std::vector<float>& dweight, const std::vector<float>& weight,
+                            const std::vector<float>& dbias, const std::vector<float>& bias) {
+  if (dy.shape != want || dy.data.size() != dy.size()) {
+    return fail(ErrorCode::kInvalidArgument, std::string(name) + " backward: the output gradient is " + dy.shape_text() + ", the output " + Tensor(want).shape_text());
+  }
+  if (dweight.size() != weight.size() || dbias.size() != bias.size()) return fail(ErrorCode::kInvalidArgument, std::string(name) + " backward: gradient buffers of the wrong size");
+  return {};
+}
+
+// ∂L/∂b[co] = Σ dy[·, co, ·], added into dbias.
+void add_bias_gradient(const Tensor& dy, std::vector<float>& dbias, ThreadPool& pool) {
+  const size_t n = dy.shape[0], cout = dy.shape[1], m = dy.spatial();
+  pool.parallel_for(cout, [&](size_t co) {
+    double acc = 0;
+    for (size_t b = 0; b < n; ++b) {
+      const float* g = dy.data.data() + (b * cout + co) * m;
+      for (size_t i = 0; i < m; ++i) acc += g[i];
+    }
+    dbias[co] += static_cast<float>(acc);
+  });
+}
+
 Result<void> check_conv(const Conv3d& c, const Tensor& x) {
   TRESOR_TRY(check_kernel("conv3d", c.cin, c.cout, c.k, c.stride, c.weight, c.bias, x));
   for (size_t a = 2; a < 5; ++a) {
@@ -89,22 +113,11 @@ Result<Tensor> Conv3d::backward(const Tensor& x, const Tensor& dy, std::vector<f
   TRESOR_TRY(check_conv(*this, x));
   const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
   const std::array<size_t, 5> want{n, cout, out_size(d), out_size(h), out_size(w)};
-  if (dy.shape != want || dy.data.size() != dy.size()) {
-    return fail(ErrorCode::kInvalidArgument, "conv3d backward: the output gradient is " + dy.shape_text() + ", the output " + Tensor(want).shape_text());
-  }
-  if (dweight.size() != weight.size() || dbias.size() != bias.size()) return fail(ErrorCode::kInvalidArgument, "conv3d backward: gradient buffers of the wrong size");
+  TRESOR_TRY(check_backward("conv3d", want, dy, dweight, weight, dbias, bias));
   const size_t od = want[2], oh = want[3], ow = want[4];
   const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
   ThreadPool pool(threads);
-  // ∂L/∂b[co] = Σ dy[·, co, ·].
-  pool.parallel_for(cout, [&](size_t co) {
-    double acc = 0;
-    for (size_t b = 0; b < n; ++b) {
-      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
-      for (size_t i = 0; i < od * oh * ow; ++i) acc += g[i];
-    }
-    dbias[co] += static_cast<float>(acc);
-  });
+  add_bias_gradient(dy, dbias, pool);
   // ∂L/∂w[co, ci, kz, ky, kx] = Σ over samples and outputs of dy · x at the tap.
   pool.parallel_for(cout * cin, [&](size_t job) {
     const size_t co = job / cin, ci = job % cin;
@@ -378,10 +391,7 @@ Result<Tensor> ConvTranspose3d::backward(const Tensor& x, const Tensor& dy, std:
   TRESOR_TRY(check_transposed(*this, x));
   const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
   const std::array<size_t, 5> want{n, cout, out_size(d), out_size(h), out_size(w)};
-  if (dy.shape != want || dy.data.size() != dy.size()) {
-    return fail(ErrorCode::kInvalidArgument, "transposed conv3d backward: the output gradient is " + dy.shape_text() + ", the output " + Tensor(want).shape_text());
-  }
-  if (dweight.size() != weight.size() || dbias.size() != bias.size()) return fail(ErrorCode::kInvalidArgument, "transposed conv3d backward: gradient buffers of the wrong size");
+  TRESOR_TRY(check_backward("transposed conv3d", want, dy, dweight, weight, dbias, bias));
   const size_t od = want[2], oh = want[3], ow = want[4];
   const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
   // The output position input i reaches through tap t along an axis of `on` outputs, or −1.
@@ -390,14 +400,7 @@ Result<Tensor> ConvTranspose3d::backward(const Tensor& x, const Tensor& dy, std:
     return o >= 0 && o < static_cast<long>(on) ? o : -1;
   };
   ThreadPool pool(threads);
-  pool.parallel_for(cout, [&](size_t co) {
-    double acc = 0;
-    for (size_t b = 0; b < n; ++b) {
-      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
-      for (size_t i = 0; i < od * oh * ow; ++i) acc += g[i];
-    }
-    dbias[co] += static_cast<float>(acc);
-  });
+  add_bias_gradient(dy, dbias, pool);
   // ∂w[ci, co, t] = Σ x[ci, i]·dy[co, i·s − p + t]; ∂x[ci, i] = Σ_co,t dy[co, i·s − p + t]·w[ci, co, t].
   pool.parallel_for(cin * cout, [&](size_t job) {
     const size_t ci = job / cout, co = job % cout;
