@@ -396,6 +396,31 @@ TEST_F(Slurm, TheCctaPreprocessingExampleRunsOnTheSealedPhantoms) {
   EXPECT_EQ(open_as_alice(results + "/case01/preview.png.sealed").substr(1, 3), "PNG");
 }
 
+// examples/coronary-unet as a user runs it: prepare and train inside the confidential job, a few
+// steps on the two sealed phantoms; the checkpoint and metrics come back sealed.
+TEST_F(Slurm, TheCoronaryUnetExampleTrainsInAConfidentialJob) {
+  const std::string results = dir_->file("unet-results");
+  const std::string out = dir_->file("unet.out");
+  auto r = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "TRAIN_STEPS=12", "TRAIN_VALIDATE_EVERY=6", "/usr/bin/sbatch", "--wait", "--tresor-output=" + results, "-o",
+                  out, TRESOR_EXAMPLES_DIR "/coronary-unet/train-job.sh"});
+  const std::string log = slurp(out);
+  ASSERT_EQ(r.exit_code, 0) << r.err << log;
+  EXPECT_NE(log.find("coronary-unet: 1 training case(s), 1 validation case"), std::string::npos) << log;
+  EXPECT_NE(log.find("train: 12 steps in"), std::string::npos) << log;
+  for (const char* f : {"checkpoint.tck.sealed", "metrics.json.sealed", "curves.png.sealed", "prediction.png.sealed"}) {
+    EXPECT_TRUE(std::filesystem::exists(results + "/" + f)) << f;
+  }
+  for (const auto& e : std::filesystem::recursive_directory_iterator(results)) {
+    if (e.is_regular_file()) {
+      EXPECT_TRUE(e.path().string().ends_with(".sealed")) << "only sealed outputs: " << e.path();
+    }
+  }
+  const auto j = nlohmann::json::parse(open_as_alice(results + "/metrics.json.sealed"));
+  EXPECT_EQ(j["steps_done"], 12);
+  EXPECT_EQ(j["loss"].size(), 12u);
+  EXPECT_EQ(open_as_alice(results + "/checkpoint.tck.sealed").substr(0, 8), "TRESORCK");
+}
+
 TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
   const std::string sandboxes_before = sandbox_dirs();
   const std::string script = dir_->file("long.sh");

@@ -1,0 +1,47 @@
+#!/bin/bash
+# A confidential training job: the sealed CCTA phantoms of examples/ccta-preprocess are prepared
+# in the job's private memory, the coronary 3D U-Net is trained on all cases but the last and
+# validated on the last, and the checkpoint, metrics and PNGs come back sealed to you.
+# Submit with `sbatch train-job.sh` (README.md); CPU reference trainer (the GPU trainer is to come).
+#SBATCH --job-name=coronary-unet
+#SBATCH --time=02:00:00
+#SBATCH --cpus-per-task=2
+#SBATCH --tresor-dataset=demo/ccta-phantoms
+#SBATCH --tresor-output=coronary-unet-results
+set -eu
+dataset=${TRESOR_DATASET_ID:-demo/ccta-phantoms}
+tresor=${TRESOR_BIN:-tresor}
+work=$TMPDIR/coronary-unet   # private memory, gone with the job
+mkdir -p "$work"
+"$tresor" prep "$TRESOR_DATA/$dataset" -o "$work/prepared" --spacing 1.0 --sigmas 1,2 --no-preview \
+  --threads "${SLURM_CPUS_PER_TASK:-0}"
+cases=$(cd "$work/prepared" && ls -d */ | tr -d /)
+n=$(echo "$cases" | wc -l)
+if [ "$n" -lt 2 ]; then echo "coronary-unet: need at least 2 cases, found $n" >&2; exit 2; fi
+train=$(echo "$cases" | head -n $((n - 1)) | sed 's/.*/"prepared\/&"/' | paste -sd, -)
+val=$(echo "$cases" | tail -n 1 | sed 's/.*/"prepared\/&"/')
+cat > "$work/train.toml" <<TOML
+[model]
+levels = 3
+base_channels = ${UNET_BASE_CHANNELS:-4}
+max_channels = 32
+
+[data]
+train = [$train]
+validation = [$val]
+
+[training]
+steps = ${TRAIN_STEPS:-300}
+batch = 2
+patch = 24
+optimizer = "adamw"
+lr = 0.01
+validate_every = ${TRAIN_VALIDATE_EVERY:-50}
+threads = ${SLURM_CPUS_PER_TASK:-0}
+
+[output]
+dir = "$TRESOR_OUTPUT_DIR"
+TOML
+echo "coronary-unet: $((n - 1)) training case(s), 1 validation case"
+"$tresor" train --config "$work/train.toml"
+echo "coronary-unet: done"
