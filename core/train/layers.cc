@@ -72,38 +72,54 @@ Result<void> check_conv(const Conv3d& c, const Tensor& x) {
 
 }  // namespace
 
+namespace {
+
+// The outputs [lo, hi) of a row of `ow` whose tap `t` reads inside an input row of `w`:
+// 0 <= o·stride − pad + t < w.
+std::pair<size_t, size_t> tap_range(size_t t, size_t stride, size_t pad, size_t w, size_t ow) {
+  const size_t lo = t >= pad ? 0 : (pad - t + stride - 1) / stride;
+  if (w + pad <= t) return {0, 0};
+  const size_t hi = std::min(ow, (w - 1 + pad - t) / stride + 1);
+  return {std::min(lo, hi), hi};
+}
+
+}  // namespace
+
+// The loops run whole rows of x innermost (one tap's contribution to a row of outputs), so that
+// the compiler vectorises them; bounds are settled once per row and tap.
 Result<Tensor> Conv3d::forward(const Tensor& x, unsigned threads) const {
   TRESOR_TRY(check_conv(*this, x));
   const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
   Tensor y({n, cout, out_size(d), out_size(h), out_size(w)});
   const size_t od = y.shape[2], oh = y.shape[3], ow = y.shape[4];
-  const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
+  std::vector<std::pair<size_t, size_t>> range(k);
+  for (size_t t = 0; t < k; ++t) range[t] = tap_range(t, stride, pad, w, ow);
   ThreadPool pool(threads);
   pool.parallel_for(n * cout * od, [&](size_t job) {
     const size_t oz = job % od, co = (job / od) % cout, b = job / (od * cout);
+    std::vector<double> acc(ow);
     for (size_t oy = 0; oy < oh; ++oy) {
-      for (size_t ox = 0; ox < ow; ++ox) {
-        double acc = bias[co];
-        for (size_t ci = 0; ci < cin; ++ci) {
-          const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
-          const float* wk = weight.data() + (co * cin + ci) * k * k * k;
-          for (long kz = 0; kz < K; ++kz) {
-            const long iz = static_cast<long>(oz) * S - P + kz;
-            if (iz < 0 || iz >= static_cast<long>(d)) continue;
-            for (long ky = 0; ky < K; ++ky) {
-              const long iy = static_cast<long>(oy) * S - P + ky;
-              if (iy < 0 || iy >= static_cast<long>(h)) continue;
-              for (long kx = 0; kx < K; ++kx) {
-                const long ix = static_cast<long>(ox) * S - P + kx;
-                if (ix < 0 || ix >= static_cast<long>(w)) continue;
-                acc += static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]) *
-                       static_cast<double>(xin[(static_cast<size_t>(iz) * h + static_cast<size_t>(iy)) * w + static_cast<size_t>(ix)]);
-              }
+      std::fill(acc.begin(), acc.end(), static_cast<double>(bias[co]));
+      for (size_t ci = 0; ci < cin; ++ci) {
+        const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
+        const float* wk = weight.data() + (co * cin + ci) * k * k * k;
+        for (size_t kz = 0; kz < k; ++kz) {
+          const size_t iz = oz * stride + kz;  // + pad offset below
+          if (iz < pad || iz - pad >= d) continue;
+          for (size_t ky = 0; ky < k; ++ky) {
+            const size_t iy = oy * stride + ky;
+            if (iy < pad || iy - pad >= h) continue;
+            const float* row = xin + ((iz - pad) * h + (iy - pad)) * w;
+            for (size_t kx = 0; kx < k; ++kx) {
+              const double wv = wk[(kz * k + ky) * k + kx];
+              const auto [lo, hi] = range[kx];
+              for (size_t ox = lo; ox < hi; ++ox) acc[ox] += wv * static_cast<double>(row[ox * stride + kx - pad]);
             }
           }
         }
-        y.data[((b * cout + co) * od + oz) * oh * ow + oy * ow + ox] = static_cast<float>(acc);
       }
+      float* out = y.data.data() + ((b * cout + co) * od + oz) * oh * ow + oy * ow;
+      for (size_t ox = 0; ox < ow; ++ox) out[ox] = static_cast<float>(acc[ox]);
     }
   });
   return y;
@@ -115,39 +131,43 @@ Result<Tensor> Conv3d::backward(const Tensor& x, const Tensor& dy, std::vector<f
   const std::array<size_t, 5> want{n, cout, out_size(d), out_size(h), out_size(w)};
   TRESOR_TRY(check_backward("conv3d", want, dy, dweight, weight, dbias, bias));
   const size_t od = want[2], oh = want[3], ow = want[4];
-  const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
+  std::vector<std::pair<size_t, size_t>> range(k);
+  for (size_t t = 0; t < k; ++t) range[t] = tap_range(t, stride, pad, w, ow);
   ThreadPool pool(threads);
   add_bias_gradient(dy, dbias, pool);
-  // ∂L/∂w[co, ci, kz, ky, kx] = Σ over samples and outputs of dy · x at the tap.
+  // ∂L/∂w[co, ci, kz, ky, kx] = Σ over samples and outputs of dy · x at the tap: per row pair
+  // (output row, input row), one dot product per kx.
   pool.parallel_for(cout * cin, [&](size_t job) {
     const size_t co = job / cin, ci = job % cin;
-    for (long kz = 0; kz < K; ++kz)
-      for (long ky = 0; ky < K; ++ky)
-        for (long kx = 0; kx < K; ++kx) {
-          double acc = 0;
-          for (size_t b = 0; b < n; ++b) {
-            const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
-            const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
-            for (size_t oz = 0; oz < od; ++oz) {
-              const long iz = static_cast<long>(oz) * S - P + kz;
-              if (iz < 0 || iz >= static_cast<long>(d)) continue;
-              for (size_t oy = 0; oy < oh; ++oy) {
-                const long iy = static_cast<long>(oy) * S - P + ky;
-                if (iy < 0 || iy >= static_cast<long>(h)) continue;
-                for (size_t ox = 0; ox < ow; ++ox) {
-                  const long ix = static_cast<long>(ox) * S - P + kx;
-                  if (ix < 0 || ix >= static_cast<long>(w)) continue;
-                  acc += static_cast<double>(g[(oz * oh + oy) * ow + ox]) *
-                         static_cast<double>(xin[(static_cast<size_t>(iz) * h + static_cast<size_t>(iy)) * w + static_cast<size_t>(ix)]);
-                }
+    std::vector<double> taps(k * k * k, 0.0);
+    for (size_t b = 0; b < n; ++b) {
+      const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
+      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
+      for (size_t oz = 0; oz < od; ++oz)
+        for (size_t kz = 0; kz < k; ++kz) {
+          const size_t iz = oz * stride + kz;
+          if (iz < pad || iz - pad >= d) continue;
+          for (size_t oy = 0; oy < oh; ++oy) {
+            const float* grow = g + (oz * oh + oy) * ow;
+            for (size_t ky = 0; ky < k; ++ky) {
+              const size_t iy = oy * stride + ky;
+              if (iy < pad || iy - pad >= h) continue;
+              const float* xrow = xin + ((iz - pad) * h + (iy - pad)) * w;
+              for (size_t kx = 0; kx < k; ++kx) {
+                const auto [lo, hi] = range[kx];
+                double dot = 0;
+                for (size_t ox = lo; ox < hi; ++ox) dot += static_cast<double>(grow[ox]) * static_cast<double>(xrow[ox * stride + kx - pad]);
+                taps[(kz * k + ky) * k + kx] += dot;
               }
             }
           }
-          dweight[((co * cin + ci) * k + static_cast<size_t>(kz)) * k * k + static_cast<size_t>(ky) * k + static_cast<size_t>(kx)] += static_cast<float>(acc);
         }
+    }
+    float* dw = dweight.data() + (co * cin + ci) * k * k * k;
+    for (size_t t = 0; t < taps.size(); ++t) dw[t] += static_cast<float>(taps[t]);
   });
-  // ∂L/∂x: every output scatters dy · w back to the inputs its taps read; one (sample, input
-  // channel) per job, accumulated in double.
+  // ∂L/∂x: every output row scatters dy · w back to the input rows its taps read; one (sample,
+  // input channel) per job, accumulated in double.
   Tensor dx(x.shape);
   pool.parallel_for(n * cin, [&](size_t job) {
     const size_t b = job / cin, ci = job % cin;
@@ -156,25 +176,23 @@ Result<Tensor> Conv3d::backward(const Tensor& x, const Tensor& dy, std::vector<f
       const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
       const float* wk = weight.data() + (co * cin + ci) * k * k * k;
       for (size_t oz = 0; oz < od; ++oz)
-        for (size_t oy = 0; oy < oh; ++oy)
-          for (size_t ox = 0; ox < ow; ++ox) {
-            const double gv = g[(oz * oh + oy) * ow + ox];
-            if (gv == 0) continue;
-            for (long kz = 0; kz < K; ++kz) {
-              const long iz = static_cast<long>(oz) * S - P + kz;
-              if (iz < 0 || iz >= static_cast<long>(d)) continue;
-              for (long ky = 0; ky < K; ++ky) {
-                const long iy = static_cast<long>(oy) * S - P + ky;
-                if (iy < 0 || iy >= static_cast<long>(h)) continue;
-                for (long kx = 0; kx < K; ++kx) {
-                  const long ix = static_cast<long>(ox) * S - P + kx;
-                  if (ix < 0 || ix >= static_cast<long>(w)) continue;
-                  acc[(static_cast<size_t>(iz) * h + static_cast<size_t>(iy)) * w + static_cast<size_t>(ix)] +=
-                      gv * static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]);
-                }
+        for (size_t kz = 0; kz < k; ++kz) {
+          const size_t iz = oz * stride + kz;
+          if (iz < pad || iz - pad >= d) continue;
+          for (size_t oy = 0; oy < oh; ++oy) {
+            const float* grow = g + (oz * oh + oy) * ow;
+            for (size_t ky = 0; ky < k; ++ky) {
+              const size_t iy = oy * stride + ky;
+              if (iy < pad || iy - pad >= h) continue;
+              double* arow = acc.data() + ((iz - pad) * h + (iy - pad)) * w;
+              for (size_t kx = 0; kx < k; ++kx) {
+                const double wv = wk[(kz * k + ky) * k + kx];
+                const auto [lo, hi] = range[kx];
+                for (size_t ox = lo; ox < hi; ++ox) arow[ox * stride + kx - pad] += wv * static_cast<double>(grow[ox]);
               }
             }
           }
+        }
     }
     float* out = dx.data.data() + (b * cin + ci) * d * h * w;
     for (size_t i = 0; i < acc.size(); ++i) out[i] = static_cast<float>(acc[i]);
