@@ -31,6 +31,11 @@ Tensor random_tensor(std::array<size_t, 5> shape, uint32_t seed, float scale = 1
   return t;
 }
 
+struct ConvCase {
+  std::array<size_t, 5> x;
+  size_t cout, k, stride, pad;
+};
+
 class Torch : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -59,6 +64,10 @@ class Torch : public ::testing::Test {
     for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) worst = std::max(worst, std::abs(static_cast<double>(a[i]) - b[i]));
     return worst / mag;
   }
+  // A convolution of either kind against the oracle's `layer` on random weights, input and
+  // output gradient: outputs and every gradient within kTol; one thread gives the same bytes.
+  template <typename Layer>
+  void check_convolution(Layer& layer, const ConvCase& c, const char* oracle_layer, uint32_t& seed);
   TempDir dir_;
 };
 
@@ -67,46 +76,46 @@ class Torch : public ::testing::Test {
 // largest magnitude bounds it with room for sums of hundreds of terms.
 constexpr double kTol = 1e-5;
 
+template <typename Layer>
+void Torch::check_convolution(Layer& layer, const ConvCase& c, const char* oracle_layer, uint32_t& seed) {
+  layer.cin = c.x[1];
+  layer.cout = c.cout;
+  layer.k = c.k;
+  layer.stride = c.stride;
+  layer.pad = c.pad;
+  layer.weight = random_values(c.cout * c.x[1] * c.k * c.k * c.k, seed++, 0.3f);
+  layer.bias = random_values(c.cout, seed++);
+  const Tensor x = random_tensor(c.x, seed++);
+  auto y = layer.forward(x);
+  ASSERT_TRUE(y) << y.error().message;
+  const Tensor dy = random_tensor(y->shape, seed++);
+  std::vector<float> dw(layer.weight.size(), 0), db(layer.bias.size(), 0);
+  auto dx = layer.backward(x, dy, dw, db);
+  ASSERT_TRUE(dx) << dx.error().message;
+  put("x", x.data);
+  put("w", layer.weight);
+  put("b", layer.bias);
+  put("dy", dy.data);
+  run({{"layer", oracle_layer}, {"x", c.x}, {"cin", c.x[1]}, {"cout", c.cout}, {"k", c.k}, {"stride", c.stride}, {"pad", c.pad}});
+  const std::string what = std::string(oracle_layer) + " " + x.shape_text() + " k" + std::to_string(c.k) + " s" + std::to_string(c.stride) + " p" + std::to_string(c.pad);
+  EXPECT_LT(rel_error(y->data, get("y")), kTol) << what;
+  EXPECT_LT(rel_error(dx->data, get("dx")), kTol) << what;
+  EXPECT_LT(rel_error(dw, get("dw")), kTol) << what;
+  EXPECT_LT(rel_error(db, get("db")), kTol) << what;
+  EXPECT_TRUE(layer.forward(x, 1)->data == y->data) << what << ": one thread, the same bytes";
+}
+
 TEST_F(Torch, Conv3dForwardAndBackwardMatchPyTorch) {
-  struct Case {
-    std::array<size_t, 5> x;
-    size_t cout, k, stride, pad;
-  };
-  const Case cases[] = {
+  const ConvCase cases[] = {
       {{2, 3, 7, 6, 5}, 4, 3, 1, 1},   // 3×3×3, stride 1 (the U-Net's convolutions)
       {{1, 2, 9, 8, 7}, 3, 3, 2, 1},   // 3×3×3, stride 2 (its downsampling), odd sizes
       {{2, 5, 4, 3, 6}, 2, 1, 1, 0},   // 1×1×1 (its segmentation heads)
       {{1, 1, 5, 5, 5}, 1, 3, 1, 0},   // no padding
   };
   uint32_t seed = 1;
-  for (const Case& c : cases) {
+  for (const ConvCase& c : cases) {
     Conv3d conv;
-    conv.cin = c.x[1];
-    conv.cout = c.cout;
-    conv.k = c.k;
-    conv.stride = c.stride;
-    conv.pad = c.pad;
-    conv.weight = random_values(c.cout * c.x[1] * c.k * c.k * c.k, seed++, 0.3f);
-    conv.bias = random_values(c.cout, seed++);
-    const Tensor x = random_tensor(c.x, seed++);
-    auto y = conv.forward(x);
-    ASSERT_TRUE(y) << y.error().message;
-    const Tensor dy = random_tensor(y->shape, seed++);
-    std::vector<float> dw(conv.weight.size(), 0), db(conv.bias.size(), 0);
-    auto dx = conv.backward(x, dy, dw, db);
-    ASSERT_TRUE(dx) << dx.error().message;
-    put("x", x.data);
-    put("w", conv.weight);
-    put("b", conv.bias);
-    put("dy", dy.data);
-    run({{"layer", "conv3d"}, {"x", c.x}, {"cin", c.x[1]}, {"cout", c.cout}, {"k", c.k}, {"stride", c.stride}, {"pad", c.pad}});
-    const std::string what = "conv3d " + x.shape_text() + " k" + std::to_string(c.k) + " s" + std::to_string(c.stride) + " p" + std::to_string(c.pad);
-    EXPECT_LT(rel_error(y->data, get("y")), kTol) << what;
-    EXPECT_LT(rel_error(dx->data, get("dx")), kTol) << what;
-    EXPECT_LT(rel_error(dw, get("dw")), kTol) << what;
-    EXPECT_LT(rel_error(db, get("db")), kTol) << what;
-    // One thread, the same bytes.
-    EXPECT_TRUE(conv.forward(x, 1)->data == y->data) << what;
+    check_convolution(conv, c, "conv3d", seed);
   }
 }
 
@@ -157,41 +166,14 @@ TEST_F(Torch, DiceCrossEntropyLossMatchesPyTorch) {
 }
 
 TEST_F(Torch, TransposedConvolutionMatchesPyTorch) {
-  struct Case {
-    std::array<size_t, 5> x;
-    size_t cout, k, stride, pad;
-  };
-  const Case cases[] = {
+  const ConvCase cases[] = {
       {{2, 4, 3, 4, 5}, 3, 2, 2, 0},  // the U-Net's upsampling
       {{1, 2, 3, 3, 2}, 2, 3, 2, 1},  // overlapping taps, padding
   };
   uint32_t seed = 50;
-  for (const Case& c : cases) {
+  for (const ConvCase& c : cases) {
     ConvTranspose3d t;
-    t.cin = c.x[1];
-    t.cout = c.cout;
-    t.k = c.k;
-    t.stride = c.stride;
-    t.pad = c.pad;
-    t.weight = random_values(c.x[1] * c.cout * c.k * c.k * c.k, seed++, 0.3f);
-    t.bias = random_values(c.cout, seed++);
-    const Tensor x = random_tensor(c.x, seed++);
-    auto y = t.forward(x);
-    ASSERT_TRUE(y) << y.error().message;
-    const Tensor dy = random_tensor(y->shape, seed++);
-    std::vector<float> dw(t.weight.size(), 0), db(t.bias.size(), 0);
-    auto dx = t.backward(x, dy, dw, db);
-    ASSERT_TRUE(dx) << dx.error().message;
-    put("x", x.data);
-    put("w", t.weight);
-    put("b", t.bias);
-    put("dy", dy.data);
-    run({{"layer", "tconv"}, {"x", c.x}, {"cin", c.x[1]}, {"cout", c.cout}, {"k", c.k}, {"stride", c.stride}, {"pad", c.pad}});
-    const std::string what = "transposed conv3d " + x.shape_text() + " k" + std::to_string(c.k);
-    EXPECT_LT(rel_error(y->data, get("y")), kTol) << what;
-    EXPECT_LT(rel_error(dx->data, get("dx")), kTol) << what;
-    EXPECT_LT(rel_error(dw, get("dw")), kTol) << what;
-    EXPECT_LT(rel_error(db, get("db")), kTol) << what;
+    check_convolution(t, c, "tconv", seed);
   }
 }
 

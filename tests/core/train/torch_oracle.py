@@ -24,12 +24,14 @@ def save(name, t):
 
 
 kind = case["layer"]
-if kind == "conv3d":
+if kind in ("conv3d", "tconv"):
+    # Conv3d's weight is [cout, cin, k³], ConvTranspose3d's [cin, cout, k³] (PyTorch's layouts).
     x = load("x", case["x"]).requires_grad_(True)
     ci, co, k = case["cin"], case["cout"], case["k"]
-    w = load("w", [co, ci, k, k, k]).requires_grad_(True)
+    conv = torch.nn.functional.conv3d if kind == "conv3d" else torch.nn.functional.conv_transpose3d
+    w = load("w", [co, ci, k, k, k] if kind == "conv3d" else [ci, co, k, k, k]).requires_grad_(True)
     b = load("b", [co]).requires_grad_(True)
-    y = torch.nn.functional.conv3d(x, w, b, stride=case["stride"], padding=case["pad"])
+    y = conv(x, w, b, stride=case["stride"], padding=case["pad"])
     dy = load("dy", list(y.shape))
     y.backward(dy)
     save("y", y), save("dx", x.grad), save("dw", w.grad), save("db", b.grad)
@@ -60,15 +62,6 @@ elif kind == "loss":
     loss = ce - dice
     loss.backward()
     save("loss", torch.stack([loss, ce, dice])), save("dlogits", logits.grad)
-elif kind == "tconv":
-    x = load("x", case["x"]).requires_grad_(True)
-    ci, co, k = case["cin"], case["cout"], case["k"]
-    w = load("w", [ci, co, k, k, k]).requires_grad_(True)
-    b = load("b", [co]).requires_grad_(True)
-    y = torch.nn.functional.conv_transpose3d(x, w, b, stride=case["stride"], padding=case["pad"])
-    dy = load("dy", list(y.shape))
-    y.backward(dy)
-    save("y", y), save("dx", x.grad), save("dw", w.grad), save("db", b.grad)
 elif kind in ("sgd", "adamw"):
     n, steps = case["n"], case["steps"]
     p = torch.nn.Parameter(load("p", [n]))
