@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <map>
 #include <set>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 #include <toml++/toml.h>
@@ -181,12 +182,47 @@ int cmd_train(int argc, char** argv) {
       ("identity,i", po::value(&identities)->composing(), "identity for sealed inputs and checkpoints; repeatable")
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
       ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
-      ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable");
+      ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable")
+      ("ranks", po::value<int>(), "data-parallel ranks on this machine (default: SLURM_NTASKS in a Slurm step, else 1)")
+      ("rank", po::value<int>(), "this process's rank, with --ranks (default: SLURM_PROCID)")
+      ("rendezvous", po::value<std::string>(), "a directory private to the job where the ranks meet (default: output.dir)")
+      ("join-timeout", po::value<int>()->default_value(120), "seconds the ranks wait for each other to appear")
+      ("run-id", po::value<std::string>(), "tells runs sharing the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID, or \"local\")");
   po::variables_map vm;
-  if (auto stop = parse_options("train", "--config FILE [--resume CHECKPOINT] [-i IDENTITY] [-r RECIPIENT]", argc, argv, opts, {}, vm)) return *stop;
+  if (auto stop = parse_options("train", "--config FILE [--resume CHECKPOINT] [-i IDENTITY] [-r RECIPIENT] [--ranks N --rank R]", argc, argv, opts, {}, vm)) return *stop;
   auto cfg = parse_config(config_path);
   if (!cfg) return report(cfg.error());
   if (vm.count("stop-after")) cfg->options.stop_after = vm["stop-after"].as<size_t>();
+  // Data parallelism (docs/training.md §5): the ranks from the flags, or from Slurm's step.
+  train::Rendezvous rv;
+  rv.directory = vm.count("rendezvous") ? vm["rendezvous"].as<std::string>() : cfg->out;
+  int ranks_per_node = 1;
+  if (vm.count("ranks") || vm.count("rank")) {
+    if (!vm.count("ranks") || !vm.count("rank")) return report(Error{ErrorCode::kInvalidArgument, "train: --rank and --ranks go together"});
+    rv.size = vm["ranks"].as<int>();
+    rv.rank = vm["rank"].as<int>();
+    ranks_per_node = rv.size;
+  } else {
+    auto slurm = train::ranks_from_slurm([](const char* name) { return std::getenv(name); });
+    if (!slurm) return report(Error{slurm.error().code, "train: " + slurm.error().message});
+    if (*slurm) {
+      if ((*slurm)->nodes > 1) {
+        return report(Error{ErrorCode::kInvalidArgument, "train: the step spans " + std::to_string((*slurm)->nodes) +
+                                                             " nodes; the CPU collective joins ranks on one machine only (several nodes need the GPU backend over the encrypted "
+                                                             "overlay, docs/training.md §5)"});
+      }
+      rv.size = (*slurm)->size;
+      rv.rank = (*slurm)->rank;
+      rv.run_id = (*slurm)->run_id;
+      ranks_per_node = rv.size;
+    }
+  }
+  if (vm.count("run-id")) rv.run_id = vm["run-id"].as<std::string>();
+  const int join_s = vm["join-timeout"].as<int>();
+  if (join_s < 1 || join_s > 86400) return report(Error{ErrorCode::kInvalidArgument, "train: --join-timeout must be 1..86400 seconds"});
+  rv.join_timeout_ms = join_s * 1000;
+  // Ranks share the machine's cores unless the configuration says otherwise.
+  if (cfg->options.threads == 0 && ranks_per_node > 1) cfg->options.threads = std::max(1u, std::thread::hardware_concurrency() / static_cast<unsigned>(ranks_per_node));
   std::vector<Identity> ids;
   for (const auto& p : identities) {
     auto id = load_identity(p);
@@ -242,6 +278,14 @@ int cmd_train(int argc, char** argv) {
   std::error_code ec;
   fs::create_directories(cfg->out, ec);
   if (ec) return report(Error{ErrorCode::kIo, "cannot create " + cfg->out + ": " + ec.message()});
+  std::unique_ptr<train::Collective> comm;
+  if (rv.size > 1 || rv.rank != 0) {
+    auto c = train::connect_tcp(rv);
+    if (!c) return report(Error{c.error().code, "train: " + c.error().message});
+    comm = std::move(*c);
+    cfg->options.collective = comm.get();
+  }
+  const bool lead = rv.rank == 0;
   const bool tty = ::isatty(2) != 0;
   const double start = now_seconds();
   const uint64_t first_step = state.step;
@@ -250,18 +294,19 @@ int cmd_train(int argc, char** argv) {
                                [&](size_t step, double loss, double dice) {
                                  if (dice >= 0) last_dice = dice;
                                  const double rate = static_cast<double>(step - first_step) / std::max(now_seconds() - start, 1e-9);
-                                 if (tty || dice >= 0) {
+                                 if (lead && (tty || dice >= 0)) {
                                    std::fprintf(stderr, "%strain: step %zu/%zu, %.2f it/s, loss %.4f, validation Dice %s%s", tty ? "\r" : "", step, cfg->options.steps, rate,
                                                 loss, last_dice >= 0 ? std::to_string(last_dice).substr(0, 5).c_str() : "-", tty ? "\x1b[K" : "\n");
                                  }
                                },
                                &state);
-  if (tty) std::fputc('\n', stderr);
-  if (!log) return report(log.error());
+  if (tty && lead) std::fputc('\n', stderr);
+  if (!log) return report(Error{log.error().code, rv.size > 1 ? "train: rank " + std::to_string(rv.rank) + ": " + log.error().message : log.error().message});
+  if (!lead) return kExitOk;  // rank 0 writes the outputs; every rank holds the same weights
   const fs::path out(cfg->out);
   auto ck = write_output((out / "checkpoint.tck").string(), train::checkpoint_bytes(*net, state, cfg->options.adamw), seal);
   if (!ck) return report(ck.error());
-  nlohmann::json metrics = {{"steps_done", state.step}, {"steps", cfg->options.steps}, {"parameters", net->parameter_count()}, {"loss", log->loss},
+  nlohmann::json metrics = {{"steps_done", state.step}, {"steps", cfg->options.steps}, {"parameters", net->parameter_count()}, {"ranks", rv.size}, {"loss", log->loss},
                             {"validation_dice", nlohmann::json::array()}, {"seconds", now_seconds() - start}};
   for (const auto& [s, d] : log->val_dice) metrics["validation_dice"].push_back({s, d});
   if (auto r = write_output((out / "metrics.json").string(), as_bytes(metrics.dump(1) + "\n"), seal); !r) return report(r.error());
@@ -288,9 +333,9 @@ int cmd_train(int argc, char** argv) {
   auto png = ct::mip_png({{&img, -1.0, 3.0, nullptr}, {nullptr, 0, 1, &truth}, {nullptr, 0, 1, &pred}}, 2);
   if (!png) return report(png.error());
   if (auto r = write_output((out / "prediction.png").string(), *png, seal); !r) return report(r.error());
-  std::printf("train: %llu steps in %.1f s, validation Dice %.3f -> %.3f; %s, metrics.json, curves.png, prediction.png in %s%s\n",
-              static_cast<unsigned long long>(state.step - first_step), now_seconds() - start, log->val_dice.front().second, log->val_dice.back().second,
-              fs::path(*ck).filename().c_str(), cfg->out.c_str(), seal.recipients.empty() ? "" : " (sealed)");
+  std::printf("train: %llu steps in %.1f s%s, validation Dice %.3f -> %.3f; %s, metrics.json, curves.png, prediction.png in %s%s\n",
+              static_cast<unsigned long long>(state.step - first_step), now_seconds() - start, rv.size > 1 ? (" on " + std::to_string(rv.size) + " ranks").c_str() : "",
+              log->val_dice.front().second, log->val_dice.back().second, fs::path(*ck).filename().c_str(), cfg->out.c_str(), seal.recipients.empty() ? "" : " (sealed)");
   return kExitOk;
 }
 

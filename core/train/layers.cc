@@ -286,7 +286,8 @@ Result<Tensor> InstanceNormLeakyRelu::backward(const Tensor& x, const Tensor& dy
   return dx;
 }
 
-Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth, unsigned threads, double dice_weight) {
+Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth, unsigned threads, double dice_weight,
+                                const LossAllReduce& across) {
   TRESOR_TRY(check_tensor(logits, "loss logits"));
   const size_t n = logits.shape[0], classes = logits.shape[1], m = logits.spatial();
   if (classes < 2) return fail(ErrorCode::kInvalidArgument, "loss: " + std::to_string(classes) + " class(es); at least 2 (background and one foreground)");
@@ -310,20 +311,32 @@ Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>
       ce[b] -= (logits.data[(b * classes + t) * m + v] - mx) - std::log(z);
     }
   });
-  const double voxels = static_cast<double>(n * m);
-  LossResult r;
-  for (double e : ce) r.cross_entropy += e;
-  r.cross_entropy /= voxels;
-  // Batch soft Dice per foreground class.
-  std::vector<double> inter(classes, 0.0), total(classes, 0.0);
+  // The statistics: [Σ CE, voxels, Σp·g for classes 1.., Σp + Σg for classes 1..]; summed over the
+  // ranks when data-parallel.
+  std::vector<double> stats(2 + 2 * (classes - 1), 0.0);
+  for (double e : ce) stats[0] += e;
+  stats[1] = static_cast<double>(n * m);
   for (size_t c = 1; c < classes; ++c) {
+    double inter = 0, total = 0;
     for (size_t b = 0; b < n; ++b)
       for (size_t v = 0; v < m; ++v) {
         const double pv = p[(b * classes + c) * m + v];
         const double g = target[b * m + v] == c ? 1.0 : 0.0;
-        inter[c] += pv * g;
-        total[c] += pv + g;
+        inter += pv * g;
+        total += pv + g;
       }
+    stats[2 + (c - 1)] = inter;
+    stats[2 + (classes - 1) + (c - 1)] = total;
+  }
+  if (across) TRESOR_TRY(across(stats));
+  const double voxels = stats[1];
+  LossResult r;
+  r.cross_entropy = stats[0] / voxels;
+  // Batch soft Dice per foreground class.
+  std::vector<double> inter(classes, 0.0), total(classes, 0.0);
+  for (size_t c = 1; c < classes; ++c) {
+    inter[c] = stats[2 + (c - 1)];
+    total[c] = stats[2 + (classes - 1) + (c - 1)];
     r.dice += (2 * inter[c] + smooth) / (total[c] + smooth);
   }
   const double fg = static_cast<double>(classes - 1);

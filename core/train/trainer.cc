@@ -49,12 +49,17 @@ Result<std::vector<CaseSampler>> make_samplers(const std::vector<const ct::Prepa
   return out;
 }
 
-// The validation set: fixed patches centred on foreground, round-robin over the cases.
-void build_validation(const std::vector<CaseSampler>& va, const TrainerOptions& o, Tensor& vx, std::vector<uint8_t>& vy) {
+// The validation set: fixed patches centred on foreground, round-robin over the cases; with
+// ranks, rank r takes patches r, r + R, … .
+void build_validation(const std::vector<CaseSampler>& va, const TrainerOptions& o, Tensor& vx, std::vector<uint8_t>& vy, size_t rank = 0, size_t ranks = 1) {
   const size_t P = o.patch;
-  vx = Tensor({o.validation_patches, 2, P, P, P});
-  vy.assign(o.validation_patches * P * P * P, 0);
-  for (size_t i = 0; i < o.validation_patches; ++i) fill(va[i % va.size()], o.seed ^ 0x5A5A5A5Aull, i, i, o, vx, vy);
+  const size_t mine = o.validation_patches / ranks + (rank < o.validation_patches % ranks ? 1 : 0);
+  vx = Tensor({mine, 2, P, P, P});
+  vy.assign(mine * P * P * P, 0);
+  for (size_t k = 0; k < mine; ++k) {
+    const size_t i = rank + k * ranks;
+    fill(va[i % va.size()], o.seed ^ 0x5A5A5A5Aull, i, k, o, vx, vy);
+  }
 }
 
 }  // namespace
@@ -68,22 +73,23 @@ Result<std::pair<Tensor, std::vector<uint8_t>>> validation_batch(const std::vect
   return out;
 }
 
-namespace {
-}  // namespace
-
-double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target) {
+std::array<double, 3> dice_counts(const Tensor& logits, const std::vector<uint8_t>& target) {
   const size_t m = logits.spatial();
-  double inter = 0, pred = 0, truth = 0;
+  std::array<double, 3> c{0, 0, 0};
   for (size_t n = 0; n < logits.shape[0]; ++n)
     for (size_t i = 0; i < m; ++i) {
       const bool p = logits.data[(n * logits.shape[1] + 1) * m + i] > logits.data[(n * logits.shape[1] + 0) * m + i];
       const bool g = target[n * m + i] != 0;
-      inter += p && g ? 1 : 0;
-      pred += p ? 1 : 0;
-      truth += g ? 1 : 0;
+      c[0] += p && g ? 1 : 0;
+      c[1] += p ? 1 : 0;
+      c[2] += g ? 1 : 0;
     }
-  return pred + truth == 0 ? 1.0 : 2 * inter / (pred + truth);
+  return c;
 }
+
+double dice_from_counts(const std::array<double, 3>& c) { return c[1] + c[2] == 0 ? 1.0 : 2 * c[0] / (c[1] + c[2]); }
+
+double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target) { return dice_from_counts(dice_counts(logits, target)); }
 
 Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>& train, const std::vector<const ct::Prepared*>& validation,
                                const TrainerOptions& o, const TrainProgress& progress, TrainState* state) {
@@ -93,19 +99,32 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
   const size_t f = size_t{1} << (mc.levels - 1);
   if (o.patch == 0 || o.patch % f != 0) return fail(ErrorCode::kInvalidArgument, "train: a patch of " + std::to_string(o.patch) + " is not a multiple of " + std::to_string(f));
   if (o.batch == 0 || o.steps == 0) return fail(ErrorCode::kInvalidArgument, "train: batch and steps must be positive");
+  Collective* const comm = o.collective;
+  const size_t ranks = comm != nullptr ? static_cast<size_t>(comm->size()) : 1, rank = comm != nullptr ? static_cast<size_t>(comm->rank()) : 0;
+  if (o.batch < ranks) return fail(ErrorCode::kInvalidArgument, "train: a global batch of " + std::to_string(o.batch) + " cannot be shared by " + std::to_string(ranks) + " ranks");
+  if (o.validation_patches < ranks) {
+    return fail(ErrorCode::kInvalidArgument, "train: " + std::to_string(o.validation_patches) + " validation patches cannot be shared by " + std::to_string(ranks) + " ranks");
+  }
   auto tr = make_samplers(train, true, o);
   if (!tr) return std::unexpected(tr.error());
   auto va = make_samplers(validation, false, o);
   if (!va) return std::unexpected(va.error());
 
   const size_t P = o.patch, m = P * P * P;
+  std::vector<float> params = net.parameters();
+  if (comm != nullptr) {
+    TRESOR_TRY(comm->broadcast(params, 0));
+    TRESOR_TRY(net.set_parameters(params));
+  }
   Tensor vx;
   std::vector<uint8_t> vy;
-  build_validation(*va, o, vx, vy);
+  build_validation(*va, o, vx, vy, rank, ranks);
   auto validate = [&]() -> Result<double> {
     auto logits = net.forward(vx, o.threads);
     if (!logits) return std::unexpected(logits.error());
-    return dice_of_prediction(*logits, vy);
+    std::array<double, 3> c = dice_counts(*logits, vy);
+    if (comm != nullptr) TRESOR_TRY(comm->all_reduce_sum(std::span<double>(c)));
+    return dice_from_counts(c);
   };
   TrainingLog log;
   auto d0 = validate();
@@ -113,24 +132,33 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
   TrainState local;
   TrainState& st = state != nullptr ? *state : local;
   log.val_dice.push_back({st.step, *d0});
-  std::vector<float> params = net.parameters();
   Sgd& sgd = st.sgd;
   AdamW& adam = st.adam;
   adam.weight_decay = o.weight_decay;
   sgd.weight_decay = o.weight_decay;
-  Tensor x({o.batch, 2, P, P, P});
-  std::vector<uint8_t> y(o.batch * m);
+  // This rank's share of the global batch: slots [lo, hi).
+  const size_t lo = o.batch * rank / ranks, hi = o.batch * (rank + 1) / ranks;
+  Tensor x({hi - lo, 2, P, P, P});
+  std::vector<uint8_t> y((hi - lo) * m);
+  std::vector<float> grads(params.size());
+  LossAllReduce across;
+  if (comm != nullptr) across = [comm](std::span<double> stats) { return comm->all_reduce_sum(stats); };
   const size_t end = o.stop_after == 0 ? o.steps : std::min(o.stop_after, o.steps);
   for (size_t step = st.step; step < end; ++step) {
-    for (size_t b = 0; b < o.batch; ++b) fill((*tr)[(step * o.batch + b) % tr->size()], o.seed, step * o.batch + b, b, o, x, y);
+    for (size_t b = lo; b < hi; ++b) fill((*tr)[(step * o.batch + b) % tr->size()], o.seed, step * o.batch + b, b - lo, o, x, y);
     auto logits = net.forward(x, o.threads);
     if (!logits) return std::unexpected(logits.error());
-    auto loss = dice_ce_loss(*logits, y, 1e-5, o.threads);
+    auto loss = dice_ce_loss(*logits, y, 1e-5, o.threads, 1.0, across);
     if (!loss) return std::unexpected(loss.error());
-    auto grads = net.backward(loss->dlogits, o.threads);
-    if (!grads) return std::unexpected(grads.error());
+    if (comm != nullptr) {
+      OverlappedAllReduce reducer(*comm, grads, o.bucket_elements);
+      TRESOR_TRY(net.backward_into(loss->dlogits, grads, o.threads, [&](size_t at, size_t n) { reducer.ready(at, n); }));
+      TRESOR_TRY(reducer.finish());
+    } else {
+      TRESOR_TRY(net.backward_into(loss->dlogits, grads, o.threads));
+    }
     const double lr = poly_lr(o.lr, step, o.steps);
-    auto stepped = o.adamw ? adam.step(params, *grads, lr) : sgd.step(params, *grads, lr);
+    auto stepped = o.adamw ? adam.step(params, grads, lr) : sgd.step(params, grads, lr);
     if (!stepped) return std::unexpected(stepped.error());
     TRESOR_TRY(net.set_parameters(params));
     st.step = step + 1;

@@ -175,74 +175,77 @@ Result<Tensor> UNet::forward(const Tensor& x, unsigned threads) {
   return head_.forward(cur, threads);
 }
 
+size_t UNet::offset_of(const std::vector<float>& array) {
+  size_t at = 0, found = SIZE_MAX;
+  each_parameter_array([&](std::vector<float>& a) {
+    if (&a == &array) found = at;
+    at += a.size();
+  });
+  return found;
+}
+
 Result<std::vector<float>> UNet::backward(const Tensor& dlogits, unsigned threads) {
+  std::vector<float> out(parameter_count());
+  TRESOR_TRY(backward_into(dlogits, out, threads));
+  return out;
+}
+
+Result<void> UNet::backward_into(const Tensor& dlogits, std::span<float> out, unsigned threads, const GradientReady& ready) {
   if (head_in_.data.empty()) return fail(ErrorCode::kInvalidArgument, "unet: backward before forward");
-  // Gradient buffers in each_parameter_array's order, filled per layer then flattened.
-  struct Grads {
-    std::vector<float> w, b, g, be;
+  if (out.size() != parameter_count()) {
+    return fail(ErrorCode::kInvalidArgument, "unet: a gradient buffer of " + std::to_string(out.size()) + " values for " + std::to_string(parameter_count()) + " parameters");
+  }
+  // Each layer's gradients go to their place in the flat layout as soon as they are final.
+  auto put = [&](const std::vector<float>& param, const std::vector<float>& grad) {
+    const size_t at = offset_of(param);
+    std::copy(grad.begin(), grad.end(), out.begin() + static_cast<std::ptrdiff_t>(at));
+    if (ready) ready(at, grad.size());
   };
-  auto block_back = [&](Block& bl, const Tensor& dy, Grads& gr) -> Result<Tensor> {
-    gr.w.assign(bl.conv.weight.size(), 0);
-    gr.b.assign(bl.conv.bias.size(), 0);
-    gr.g.assign(bl.norm.gamma.size(), 0);
-    gr.be.assign(bl.norm.beta.size(), 0);
-    auto dpre = bl.norm.backward(bl.pre, dy, gr.g, gr.be, threads);
+  auto block_back = [&](Block& bl, const Tensor& dy) -> Result<Tensor> {
+    std::vector<float> w(bl.conv.weight.size(), 0), b(bl.conv.bias.size(), 0), g(bl.norm.gamma.size(), 0), be(bl.norm.beta.size(), 0);
+    auto dpre = bl.norm.backward(bl.pre, dy, g, be, threads);
     if (!dpre) return std::unexpected(dpre.error());
-    return bl.conv.backward(bl.in, *dpre, gr.w, gr.b, threads);
+    put(bl.norm.beta, be);
+    put(bl.norm.gamma, g);
+    auto dx = bl.conv.backward(bl.in, *dpre, w, b, threads);
+    if (!dx) return std::unexpected(dx.error());
+    put(bl.conv.bias, b);
+    put(bl.conv.weight, w);
+    return dx;
   };
   std::vector<float> head_w(head_.weight.size(), 0), head_b(head_.bias.size(), 0);
   auto dcur = head_.backward(head_in_, dlogits, head_w, head_b, threads);
   if (!dcur) return std::unexpected(dcur.error());
+  put(head_.bias, head_b);
+  put(head_.weight, head_w);
   Tensor d = std::move(*dcur);
   std::vector<Tensor> skip_grad(encoder_.size());
-  std::vector<std::array<Grads, 2>> dec_grads(decoder_.size());
-  std::vector<std::pair<std::vector<float>, std::vector<float>>> up_grads(decoder_.size());
   for (size_t i = decoder_.size(); i-- > 0;) {
     Stage& st = decoder_[i];
     for (size_t k = 2; k-- > 0;) {
-      auto dx = block_back(st.blocks[k], d, dec_grads[i][k]);
+      auto dx = block_back(st.blocks[k], d);
       if (!dx) return std::unexpected(dx.error());
       d = std::move(*dx);
     }
     auto parts = split_channels(d, st.up.cout);
     if (!parts) return std::unexpected(parts.error());
     add_into(skip_grad[encoder_.size() - 2 - i], parts->second);
-    up_grads[i].first.assign(st.up.weight.size(), 0);
-    up_grads[i].second.assign(st.up.bias.size(), 0);
-    auto din = st.up.backward(st.up_in, parts->first, up_grads[i].first, up_grads[i].second, threads);
+    std::vector<float> uw(st.up.weight.size(), 0), ub(st.up.bias.size(), 0);
+    auto din = st.up.backward(st.up_in, parts->first, uw, ub, threads);
     if (!din) return std::unexpected(din.error());
+    put(st.up.bias, ub);
+    put(st.up.weight, uw);
     d = std::move(*din);
   }
-  std::vector<std::array<Grads, 2>> enc_grads(encoder_.size());
   for (size_t s = encoder_.size(); s-- > 0;) {
     if (!skip_grad[s].data.empty()) add_into(d, skip_grad[s]);
     for (size_t k = 2; k-- > 0;) {
-      auto dx = block_back(encoder_[s].blocks[k], d, enc_grads[s][k]);
+      auto dx = block_back(encoder_[s].blocks[k], d);
       if (!dx) return std::unexpected(dx.error());
       d = std::move(*dx);
     }
   }
-  std::vector<float> out;
-  auto put = [&](const std::vector<float>& v) { out.insert(out.end(), v.begin(), v.end()); };
-  auto put_block = [&](const Grads& g) {
-    put(g.w);
-    put(g.b);
-    put(g.g);
-    put(g.be);
-  };
-  for (size_t s = 0; s < encoder_.size(); ++s) {
-    put_block(enc_grads[s][0]);
-    put_block(enc_grads[s][1]);
-  }
-  for (size_t i = 0; i < decoder_.size(); ++i) {
-    put(up_grads[i].first);
-    put(up_grads[i].second);
-    put_block(dec_grads[i][0]);
-    put_block(dec_grads[i][1]);
-  }
-  put(head_w);
-  put(head_b);
-  return out;
+  return {};
 }
 
 }  // namespace tresor::train

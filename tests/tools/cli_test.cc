@@ -6,8 +6,10 @@
 #include <sys/stat.h>
 
 #include <filesystem>
+#include <future>
 
 #include "support/test_support.h"
+#include "tresor/train/trainer.h"
 #include "tresor/sealed.h"
 
 namespace tresor {
@@ -494,6 +496,38 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_NE(rest.out.find("train: 8 steps in"), std::string::npos) << rest.out;
   EXPECT_TRUE(testing::read_file(dir.file("split/checkpoint.tck")) == testing::read_file(dir.file("whole/checkpoint.tck")))
       << "stopped at 8 and resumed: the same weights and optimizer state as 16 straight steps";
+
+  // Two ranks (processes meeting over TCP on 127.0.0.1) on the global batch of 2 train the
+  // weights one rank trains, up to the order of float additions; rank 0 alone writes the outputs.
+  auto one_rank = run_tresor({"train", "--config", config("sgd1.toml", "sgd1", "optimizer = \"sgd\"\n")});
+  ASSERT_EQ(one_rank.exit_code, 0) << one_rank.err;
+  const std::string dp_config = config("dp.toml", "dp", "optimizer = \"sgd\"\n");
+  auto rank1 = std::async(std::launch::async, [&] { return run_tresor({"train", "--config", dp_config, "--ranks", "2", "--rank", "1"}); });
+  auto rank0 = run_tresor({"train", "--config", dp_config, "--ranks", "2", "--rank", "0"});
+  const auto r1 = rank1.get();
+  ASSERT_EQ(rank0.exit_code, 0) << rank0.err;
+  ASSERT_EQ(r1.exit_code, 0) << r1.err;
+  EXPECT_NE(rank0.out.find("train: 16 steps in"), std::string::npos) << rank0.out;
+  EXPECT_NE(rank0.out.find(" on 2 ranks"), std::string::npos) << rank0.out;
+  EXPECT_EQ(r1.out, "") << "only rank 0 reports";
+  EXPECT_EQ(r1.err, "");
+  auto ck1 = train::parse_checkpoint(testing::read_file(dir.file("sgd1/checkpoint.tck")));
+  auto ck2 = train::parse_checkpoint(testing::read_file(dir.file("dp/checkpoint.tck")));
+  ASSERT_TRUE(ck1 && ck2);
+  ASSERT_EQ(ck1->parameters.size(), ck2->parameters.size());
+  double worst = 0, mag = 0;
+  for (size_t i = 0; i < ck1->parameters.size(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::abs(ck1->parameters[i] - ck2->parameters[i])));
+    mag = std::max(mag, static_cast<double>(std::abs(ck1->parameters[i])));
+  }
+  EXPECT_LT(worst, 1e-5 * mag) << "2 ranks against 1: largest weight difference " << worst;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("dp/tresor-dp-local.json"))) << "the rendezvous file is removed";
+  EXPECT_EQ(nlohmann::json::parse(to_string(testing::read_file(dir.file("dp/metrics.json"))))["ranks"], 2);
+  auto orphan = run_tresor({"train", "--config", dp_config, "--ranks", "2", "--rank", "1", "--join-timeout", "1"});
+  EXPECT_EQ(orphan.exit_code, 3);
+  EXPECT_NE(orphan.err.find("rank 1 found no rank 0 through"), std::string::npos) << orphan.err;
+  auto half_flags = run_tresor({"train", "--config", dp_config, "--rank", "1"});
+  EXPECT_NE(half_flags.err.find("--rank and --ranks go together"), std::string::npos) << half_flags.err;
 
   // Sealed: every output sealed to me, and a sealed checkpoint resumes with my identity.
   auto sealed = run_tresor({"train", "--config", config("c.toml", "sealed"), "--stop-after", "8", "-r", recipient});

@@ -1,11 +1,16 @@
 // tresor/train/collective.h — the collectives data-parallel training needs (issue 9,
-// docs/training.md §5), behind one interface: NCCL on GPUs (to come), and a CPU backend in which
-// the ranks are threads of one process sharing memory, so that multi-rank semantics are tested on
-// machines without GPUs.
+// docs/training.md §5), behind one interface: NCCL on GPUs (to come), and two CPU backends — ranks
+// as threads of one process sharing memory, and ranks as processes on one machine over TCP on
+// 127.0.0.1 — so that multi-rank semantics are tested on machines without GPUs.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <span>
+#include <string>
+#include <vector>
 
 #include "tresor/error.h"
 
@@ -18,8 +23,9 @@ class Collective {
   virtual int size() const = 0;
   /// Every rank's `data` becomes the element-wise sum over ranks, added in rank order (0, 1, …),
   /// so the result is the same on every rank and does not depend on timing. All ranks must call
-  /// it with the same length (kInvalidArgument on every rank otherwise).
+  /// it with the same length and type (kInvalidArgument on every rank otherwise).
   [[nodiscard]] virtual Result<void> all_reduce_sum(std::span<float> data) = 0;
+  [[nodiscard]] virtual Result<void> all_reduce_sum(std::span<double> data) = 0;
   /// Every rank's `data` becomes `root`'s.
   [[nodiscard]] virtual Result<void> broadcast(std::span<float> data, int root) = 0;
 };
@@ -34,5 +40,69 @@ class SharedMemoryGroup {
   [[nodiscard]] virtual Result<std::unique_ptr<Collective>> member(int rank) = 0;
   virtual ~SharedMemoryGroup() = default;
 };
+
+/// The gradient all-reduce overlapped with the backward pass (docs/training.md §5). The flat
+/// gradient is cut into buckets of `bucket_elements`; as the backward pass reports parameter arrays
+/// final (UNet::backward_into's `ready`), each bucket whose elements are all final is queued, and a
+/// communication thread all-reduces the queue in order while the backward pass goes on. finish()
+/// queues what is left, waits, and returns the first error. Buckets complete in the same order on
+/// every rank because every rank runs the same backward pass; the collective must not be used by
+/// anyone else between the first ready() and finish().
+class OverlappedAllReduce {
+ public:
+  OverlappedAllReduce(Collective& collective, std::span<float> grads, size_t bucket_elements);
+  ~OverlappedAllReduce();
+  OverlappedAllReduce(const OverlappedAllReduce&) = delete;
+  OverlappedAllReduce& operator=(const OverlappedAllReduce&) = delete;
+  /// grads[offset, offset + count) is final (kept out of range by clamping; an element reported
+  /// twice counts once).
+  void ready(size_t offset, size_t count);
+  [[nodiscard]] Result<void> finish();
+  /// How many buckets were queued before finish() (those that overlapped the backward pass).
+  size_t buckets_queued_early() const { return early_; }
+  size_t buckets() const { return pending_.size(); }
+
+ private:
+  struct State;
+  Collective& c_;
+  std::span<float> grads_;
+  size_t bucket_;
+  std::vector<size_t> pending_;   // per bucket: elements not yet final
+  std::vector<bool> done_;        // per element: reported
+  size_t early_ = 0;
+  std::unique_ptr<State> state_;
+};
+
+/// Where the ranks of one run find each other (docs/training.md §5). Rank 0 listens on an
+/// ephemeral port of 127.0.0.1 and writes the port and a fresh 32-byte random token to
+/// `directory`/tresor-dp-`run_id`.json (mode 0600, written whole then renamed into place); the
+/// other ranks read it, connect and present the token. The file is removed once every rank has
+/// joined. The directory must be private to the job's user: whoever can read the token can join.
+struct Rendezvous {
+  int rank = 0, size = 1;
+  std::string directory;
+  std::string run_id = "local";        // distinguishes runs sharing the directory (Slurm: job.step)
+  int join_timeout_ms = 120'000;       // how long ranks wait for each other to appear
+  int io_timeout_ms = 30 * 60'000;     // how long a collective call waits for a silent peer
+};
+
+/// The ranks as processes on one machine over TCP on 127.0.0.1 (the CPU backend of several
+/// processes). Every rank sends its buffers to rank 0, which adds them in rank order and sends the
+/// result back: the same sums as SharedMemoryGroup, bit for bit. kInvalidArgument for a bad rank,
+/// size, directory or run id; kIo when the others do not appear in time (naming the missing ranks
+/// or the rendezvous file), when a peer closes its connection or stays silent past io_timeout_ms,
+/// and when a rank presents a wrong token (rank 0 reports it and keeps waiting for the real one).
+[[nodiscard]] Result<std::unique_ptr<Collective>> connect_tcp(const Rendezvous& rendezvous);
+
+/// The data-parallel layout of this process from Slurm's environment: SLURM_PROCID (the rank),
+/// SLURM_NTASKS (the ranks), SLURM_LOCALID (the rank on its node, which picks the GPU),
+/// SLURM_NNODES, SLURM_JOB_ID and SLURM_STEP_ID (the run id). nullopt outside a Slurm step or for a
+/// step of one task; kInvalidArgument names a variable that is malformed or inconsistent.
+struct SlurmRanks {
+  int rank = 0, size = 1, local_rank = 0, nodes = 1;
+  std::string run_id;  // "JOB.STEP"
+};
+using GetEnv = std::function<const char*(const char*)>;
+[[nodiscard]] Result<std::optional<SlurmRanks>> ranks_from_slurm(const GetEnv& getenv);
 
 }  // namespace tresor::train

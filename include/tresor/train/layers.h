@@ -8,6 +8,8 @@
 
 #include <array>
 #include <cstddef>
+#include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -79,10 +81,17 @@ struct LossResult {
   double loss = 0, cross_entropy = 0, dice = 0;  // dice: the mean soft Dice of the classes
   Tensor dlogits;
 };
-/// `dice_weight` scales the Dice term (0: cross-entropy alone, whose gradient over a batch is the
-/// mean of its parts' — what the data-parallel equivalence test uses; batch Dice couples samples).
+/// `dice_weight` scales the Dice term (0: cross-entropy alone).
+///
+/// Data parallelism: the loss is defined over the global batch, split across ranks. `across`, when
+/// given, sums a vector of statistics over the ranks in place (every rank calls it once, with the
+/// same length): the cross-entropy's sum and voxel count, and per foreground class Σp·g and
+/// Σp + Σg. Each rank then returns the global loss and its own slice of the global batch's
+/// gradient, so the sum of the ranks' parameter gradients is the single-rank gradient of the whole
+/// batch (nnU-Net gathers the batch Dice's terms across ranks in the same way).
+using LossAllReduce = std::function<Result<void>(std::span<double>)>;
 [[nodiscard]] Result<LossResult> dice_ce_loss(const Tensor& logits, const std::vector<uint8_t>& target, double smooth = 1e-5, unsigned threads = 0,
-                                              double dice_weight = 1.0);
+                                              double dice_weight = 1.0, const LossAllReduce& across = {});
 
 /// The optimizers, over one flat parameter vector and its gradient (PyTorch's definitions):
 ///  SGD (nnU-Net: lr 0.01, momentum 0.99, Nesterov, weight decay 3e-5):

@@ -11,6 +11,7 @@
 #include "tresor/ct/augment.h"
 #include "tresor/ct/prep.h"
 #include "tresor/encoding.h"
+#include "tresor/train/collective.h"
 #include "tresor/train/unet.h"
 
 namespace tresor::train {
@@ -30,6 +31,15 @@ struct TrainerOptions {
   size_t validate_every = 50;
   uint64_t seed = 1;
   unsigned threads = 0;
+  /// Data parallelism (docs/training.md §5): with a collective of R ranks, every rank runs this
+  /// with the same options; rank r trains on its share of each global batch of `batch` patches
+  /// (the same patches one rank would draw), the loss's statistics and the gradients are summed
+  /// over the ranks (the gradients bucket by bucket while the backward pass runs), and every rank
+  /// takes the same optimizer step: the weights match a single-rank run's up to the order of
+  /// floating-point additions. Validation patches are split over the ranks and their Dice counts
+  /// summed. Rank 0's parameters are broadcast first.
+  Collective* collective = nullptr;
+  size_t bucket_elements = size_t{25} << 18;  // 25 MiB of float gradients, PyTorch DDP's default bucket
 };
 
 struct TrainingLog {
@@ -72,7 +82,10 @@ using TrainProgress = std::function<void(size_t, double, double)>;
 /// targets.
 [[nodiscard]] Result<std::pair<Tensor, std::vector<uint8_t>>> validation_batch(const std::vector<const ct::Prepared*>& cases, const TrainerOptions& options);
 
-/// The Dice of class 1 (argmax of the logits) against binary targets [n·d·h·w].
+/// The Dice of class 1 (argmax of the logits) against binary targets [n·d·h·w]: 2·|P∩G| / (|P| + |G|),
+/// 1 when both are empty. dice_counts gives |P∩G|, |P|, |G| (what ranks sum before dividing).
 [[nodiscard]] double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target);
+[[nodiscard]] std::array<double, 3> dice_counts(const Tensor& logits, const std::vector<uint8_t>& target);
+[[nodiscard]] double dice_from_counts(const std::array<double, 3>& counts);
 
 }  // namespace tresor::train

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <span>
 #include <vector>
 
 #include "tresor/train/layers.h"
@@ -40,6 +42,12 @@ class UNet {
   [[nodiscard]] Result<Tensor> forward(const Tensor& x, unsigned threads = 0);
   /// The parameters' gradient (parameters()'s layout) for the logits' gradient of the last forward.
   [[nodiscard]] Result<std::vector<float>> backward(const Tensor& dlogits, unsigned threads = 0);
+  /// The same into `grads` (parameter_count() values, overwritten); `ready(offset, count)` is
+  /// called, on this thread, as soon as each parameter array's gradient is final — in reverse
+  /// layer order, the head's first — so that data-parallel training can reduce those gradients
+  /// while the rest of the backward pass runs (the order is the same on every rank).
+  using GradientReady = std::function<void(size_t offset, size_t count)>;
+  [[nodiscard]] Result<void> backward_into(const Tensor& dlogits, std::span<float> grads, unsigned threads = 0, const GradientReady& ready = {});
 
  private:
   struct Block {
@@ -56,6 +64,8 @@ class UNet {
   };
   template <typename F>
   void each_parameter_array(F&& f);
+  /// Where each parameter array starts in the flat layout, keyed by its address.
+  size_t offset_of(const std::vector<float>& array);
   UNetConfig config_;
   std::vector<Stage> encoder_, decoder_;  // decoder_[0] is the deepest
   Conv3d head_;
