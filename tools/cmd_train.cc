@@ -2,7 +2,13 @@
 // docs/training.md §8): a TOML configuration, a progress line, a checkpoint (sealed with -r),
 // metrics.json, curves.png (loss and validation Dice) and prediction.png (MIPs of a validation
 // patch: image, labels, prediction); --resume continues a run exactly.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <algorithm>
 #include <cmath>
@@ -169,6 +175,53 @@ Result<Bytes> curves_png(const train::TrainingLog& log, size_t steps) {
   return ct::rgb_png(W, H, rgb);
 }
 
+// The ranks a launcher (`--ranks N` without `--rank`) starts: copies of this executable with
+// `--rank r`. Until wait_all() they are stopped and reaped when the launcher gives up.
+class ChildRanks {
+ public:
+  ChildRanks() = default;
+  ChildRanks(const ChildRanks&) = delete;
+  ChildRanks& operator=(const ChildRanks&) = delete;
+  ~ChildRanks() {
+    for (const auto& [rank, pid] : pids_) ::kill(pid, SIGTERM);
+    for (const auto& [rank, pid] : pids_) {
+      int status = 0;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+    }
+  }
+  bool empty() const { return pids_.empty(); }
+  Result<void> spawn(std::vector<std::string> args, int rank) {
+    args.push_back(std::to_string(rank));
+    std::vector<char*> cargs;
+    for (auto& a : args) cargs.push_back(a.data());
+    cargs.push_back(nullptr);
+    pid_t pid = 0;
+    if (const int e = ::posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, cargs.data(), environ); e != 0) {
+      return fail(ErrorCode::kIo, "cannot start rank " + std::to_string(rank) + ": " + std::strerror(e));
+    }
+    pids_.emplace_back(rank, pid);
+    return {};
+  }
+  /// Waits for every rank; "" when all exited 0, else which did not and how.
+  std::string wait_all() {
+    std::string failed;
+    for (const auto& [rank, pid] : pids_) {
+      int status = 0;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) continue;
+      failed += (failed.empty() ? "" : "; ") + std::string("rank ") + std::to_string(rank) +
+                (WIFEXITED(status) ? " exited with status " + std::to_string(WEXITSTATUS(status)) : " was killed by signal " + std::to_string(WTERMSIG(status)));
+    }
+    pids_.clear();
+    return failed;
+  }
+
+ private:
+  std::vector<std::pair<int, pid_t>> pids_;
+};
+
 }  // namespace
 
 int cmd_train(int argc, char** argv) {
@@ -183,8 +236,8 @@ int cmd_train(int argc, char** argv) {
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
       ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
       ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable")
-      ("ranks", po::value<int>(), "data-parallel ranks on this machine (default: SLURM_NTASKS in a Slurm step, else 1)")
-      ("rank", po::value<int>(), "this process's rank, with --ranks (default: SLURM_PROCID)")
+      ("ranks", po::value<int>(), "data-parallel ranks on this machine; without --rank, this process starts the others (default: SLURM_NTASKS in a Slurm step, else 1)")
+      ("rank", po::value<int>(), "run as this one rank of --ranks (default: SLURM_PROCID)")
       ("rendezvous", po::value<std::string>(), "a directory private to the job where the ranks meet (default: output.dir)")
       ("join-timeout", po::value<int>()->default_value(120), "seconds the ranks wait for each other to appear")
       ("run-id", po::value<std::string>(), "tells runs sharing the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID, or \"local\")");
@@ -197,11 +250,25 @@ int cmd_train(int argc, char** argv) {
   train::Rendezvous rv;
   rv.directory = vm.count("rendezvous") ? vm["rendezvous"].as<std::string>() : cfg->out;
   int ranks_per_node = 1;
+  ChildRanks children;
   if (vm.count("ranks") || vm.count("rank")) {
-    if (!vm.count("ranks") || !vm.count("rank")) return report(Error{ErrorCode::kInvalidArgument, "train: --rank and --ranks go together"});
+    if (!vm.count("ranks")) return report(Error{ErrorCode::kInvalidArgument, "train: --rank needs --ranks"});
     rv.size = vm["ranks"].as<int>();
-    rv.rank = vm["rank"].as<int>();
+    if (rv.size < 1 || rv.size > 256) return report(Error{ErrorCode::kInvalidArgument, "train: --ranks must be 1..256"});
     ranks_per_node = rv.size;
+    if (vm.count("rank")) {
+      rv.rank = vm["rank"].as<int>();
+    } else if (rv.size > 1) {
+      // The launcher: this process is rank 0 and starts ranks 1 … N−1 as copies of itself.
+      rv.run_id = vm.count("run-id") ? vm["run-id"].as<std::string>() : "launch-" + std::to_string(::getpid());
+      std::vector<std::string> base = {"tresor"};
+      for (int i = 0; i < argc; ++i) base.emplace_back(argv[i]);
+      base.insert(base.end(), {"--run-id", rv.run_id, "--rank"});
+      for (int r = 1; r < rv.size; ++r) {
+        auto child = children.spawn(base, r);
+        if (!child) return report(Error{child.error().code, "train: " + child.error().message});
+      }
+    }
   } else {
     auto slurm = train::ranks_from_slurm([](const char* name) { return std::getenv(name); });
     if (!slurm) return report(Error{slurm.error().code, "train: " + slurm.error().message});
@@ -217,7 +284,7 @@ int cmd_train(int argc, char** argv) {
       ranks_per_node = rv.size;
     }
   }
-  if (vm.count("run-id")) rv.run_id = vm["run-id"].as<std::string>();
+  if (vm.count("run-id") && children.empty()) rv.run_id = vm["run-id"].as<std::string>();
   const int join_s = vm["join-timeout"].as<int>();
   if (join_s < 1 || join_s > 86400) return report(Error{ErrorCode::kInvalidArgument, "train: --join-timeout must be 1..86400 seconds"});
   rv.join_timeout_ms = join_s * 1000;
@@ -336,6 +403,7 @@ int cmd_train(int argc, char** argv) {
   std::printf("train: %llu steps in %.1f s%s, validation Dice %.3f -> %.3f; %s, metrics.json, curves.png, prediction.png in %s%s\n",
               static_cast<unsigned long long>(state.step - first_step), now_seconds() - start, rv.size > 1 ? (" on " + std::to_string(rv.size) + " ranks").c_str() : "",
               log->val_dice.front().second, log->val_dice.back().second, fs::path(*ck).filename().c_str(), cfg->out.c_str(), seal.recipients.empty() ? "" : " (sealed)");
+  if (auto failed = children.wait_all(); !failed.empty()) return report(Error{ErrorCode::kIo, "train: " + failed});
   return kExitOk;
 }
 

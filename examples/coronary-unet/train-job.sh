@@ -3,6 +3,8 @@
 # in the job's private memory, the coronary 3D U-Net is trained on all cases but the last and
 # validated on the last, and the checkpoint, metrics and PNGs come back sealed to you.
 # Submit with `sbatch train-job.sh` (README.md); CPU reference trainer (the GPU trainer is to come).
+# TRAIN_RANKS=N trains data-parallel on N ranks inside the job (one process each, sharing the
+# job's cores; docs/training.md §5): the same weights as one rank, up to rounding.
 #SBATCH --job-name=coronary-unet
 #SBATCH --time=02:00:00
 #SBATCH --cpus-per-task=2
@@ -37,11 +39,13 @@ patch = 24
 optimizer = "adamw"
 lr = 0.01
 validate_every = ${TRAIN_VALIDATE_EVERY:-50}
-threads = ${SLURM_CPUS_PER_TASK:-0}
+threads = $(( ${SLURM_CPUS_PER_TASK:-2} / ${TRAIN_RANKS:-1} > 0 ? ${SLURM_CPUS_PER_TASK:-2} / ${TRAIN_RANKS:-1} : 1 ))
 
 [output]
 dir = "$TRESOR_OUTPUT_DIR"
 TOML
-echo "coronary-unet: $((n - 1)) training case(s), 1 validation case"
-"$tresor" train --config "$work/train.toml"
+ranks=${TRAIN_RANKS:-1}
+echo "coronary-unet: $((n - 1)) training case(s), 1 validation case, $ranks rank(s)"
+# The ranks meet in the job's private directory.
+"$tresor" train --config "$work/train.toml" --ranks "$ranks" --rendezvous "$work"
 echo "coronary-unet: done"

@@ -397,16 +397,18 @@ TEST_F(Slurm, TheCctaPreprocessingExampleRunsOnTheSealedPhantoms) {
 }
 
 // examples/coronary-unet as a user runs it: prepare and train inside the confidential job, a few
-// steps on the two sealed phantoms; the checkpoint and metrics come back sealed.
+// steps on the two sealed phantoms, data-parallel on two ranks inside the job; the checkpoint and
+// metrics come back sealed.
 TEST_F(Slurm, TheCoronaryUnetExampleTrainsInAConfidentialJob) {
   const std::string results = dir_->file("unet-results");
   const std::string out = dir_->file("unet.out");
-  auto r = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "TRAIN_STEPS=12", "TRAIN_VALIDATE_EVERY=6", "/usr/bin/sbatch", "--wait", "--tresor-output=" + results, "-o",
+  auto r = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "TRAIN_STEPS=12", "TRAIN_VALIDATE_EVERY=6", "TRAIN_RANKS=2", "/usr/bin/sbatch", "--wait", "--tresor-output=" + results, "-o",
                   out, TRESOR_EXAMPLES_DIR "/coronary-unet/train-job.sh"});
   const std::string log = slurp(out);
   ASSERT_EQ(r.exit_code, 0) << r.err << log;
-  EXPECT_NE(log.find("coronary-unet: 1 training case(s), 1 validation case"), std::string::npos) << log;
+  EXPECT_NE(log.find("coronary-unet: 1 training case(s), 1 validation case, 2 rank(s)"), std::string::npos) << log;
   EXPECT_NE(log.find("train: 12 steps in"), std::string::npos) << log;
+  EXPECT_NE(log.find(" on 2 ranks"), std::string::npos) << log;
   for (const char* f : {"checkpoint.tck.sealed", "metrics.json.sealed", "curves.png.sealed", "prediction.png.sealed"}) {
     EXPECT_TRUE(std::filesystem::exists(results + "/" + f)) << f;
   }
@@ -417,6 +419,7 @@ TEST_F(Slurm, TheCoronaryUnetExampleTrainsInAConfidentialJob) {
   }
   const auto j = nlohmann::json::parse(open_as_alice(results + "/metrics.json.sealed"));
   EXPECT_EQ(j["steps_done"], 12);
+  EXPECT_EQ(j["ranks"], 2);
   EXPECT_EQ(j["loss"].size(), 12u);
   EXPECT_EQ(open_as_alice(results + "/checkpoint.tck.sealed").substr(0, 8), "TRESORCK");
 }

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <sys/stat.h>
 
+#include <cstring>
 #include <filesystem>
 #include <future>
 
@@ -523,11 +524,16 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_LT(worst, 1e-5 * mag) << "2 ranks against 1: largest weight difference " << worst;
   EXPECT_FALSE(std::filesystem::exists(dir.file("dp/tresor-dp-local.json"))) << "the rendezvous file is removed";
   EXPECT_EQ(nlohmann::json::parse(to_string(testing::read_file(dir.file("dp/metrics.json"))))["ranks"], 2);
+  // The launcher form starts rank 1 itself: the same run, byte for byte.
+  auto launched = run_tresor({"train", "--config", config("launch.toml", "launch", "optimizer = \"sgd\"\n"), "--ranks", "2"});
+  ASSERT_EQ(launched.exit_code, 0) << launched.err;
+  EXPECT_NE(launched.out.find(" on 2 ranks"), std::string::npos) << launched.out;
+  EXPECT_TRUE(testing::read_file(dir.file("launch/checkpoint.tck")) == testing::read_file(dir.file("dp/checkpoint.tck")));
   auto orphan = run_tresor({"train", "--config", dp_config, "--ranks", "2", "--rank", "1", "--join-timeout", "1"});
   EXPECT_EQ(orphan.exit_code, 3);
   EXPECT_NE(orphan.err.find("rank 1 found no rank 0 through"), std::string::npos) << orphan.err;
   auto half_flags = run_tresor({"train", "--config", dp_config, "--rank", "1"});
-  EXPECT_NE(half_flags.err.find("--rank and --ranks go together"), std::string::npos) << half_flags.err;
+  EXPECT_NE(half_flags.err.find("--rank needs --ranks"), std::string::npos) << half_flags.err;
 
   // Sealed: every output sealed to me, and a sealed checkpoint resumes with my identity.
   auto sealed = run_tresor({"train", "--config", config("c.toml", "sealed"), "--stop-after", "8", "-r", recipient});
@@ -551,6 +557,26 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_NE(no_data.err.find("data.train must list at least one prepared case directory"), std::string::npos) << no_data.err;
   auto wrong_resume = run_tresor({"train", "--config", config("h.toml", "y", "optimizer = \"sgd\"\n"), "--resume", dir.file("whole/checkpoint.tck")});
   EXPECT_NE(wrong_resume.err.find("the checkpoint's model or optimizer differs"), std::string::npos) << wrong_resume.err;
+}
+
+// tresor bench train: the U-Net step and one convolution against PyTorch on the same model (small
+// sizes here), one RESULT line with the ratios; bad sizes named.
+TEST_F(Cli, BenchTrainComparesTheStepWithPyTorch) {
+  auto r = run_tresor({"bench", "train", "--levels", "2", "--base-channels", "4", "--patch", "8", "--steps", "1", "--conv-channels", "4", "--conv-size", "8", "-j", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const size_t at = r.out.find("RESULT bench_train device=cpu gpu=none levels=2 base_channels=4 patch=8 batch=2 threads=1 params=");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  for (const char* key : {" step_s=", " conv_gflops=", " torch_step_s=", " step_ratio=", " torch_conv_gflops=", " conv_ratio="}) {
+    const size_t k = r.out.find(key, at);
+    ASSERT_NE(k, std::string::npos) << key << "\n" << r.out;
+    EXPECT_GT(std::stod(r.out.substr(k + std::strlen(key))), 0.0) << key;
+  }
+  auto no_torch = run_tresor({"bench", "train", "--levels", "2", "--base-channels", "4", "--patch", "8", "--steps", "1", "--conv-size", "8", "--no-torch"});
+  ASSERT_EQ(no_torch.exit_code, 0) << no_torch.err;
+  EXPECT_EQ(no_torch.out.find("step_ratio="), std::string::npos) << "no baseline, no ratio";
+  auto bad = run_tresor({"bench", "train", "--levels", "3", "--patch", "10"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("--patch 10 is not a multiple of 4"), std::string::npos) << bad.err;
 }
 
 // The GPU data path's benchmark runs everywhere: on the emulated GPU here (the kernel on the
