@@ -24,6 +24,7 @@
 #include "cli.h"
 #include "options.h"
 #include "tresor/ct/preview.h"
+#include "tresor/train/inference.h"
 #include "tresor/train/trainer.h"
 
 namespace tresor::cli {
@@ -33,6 +34,7 @@ namespace fs = std::filesystem;
 
 struct TrainConfig {
   train::TrainerOptions options;
+  bool full_volume = true;  // the final validation on whole volumes (sliding windows)
   std::vector<std::string> train, validation;
   std::string out;
 };
@@ -47,7 +49,7 @@ Result<TrainConfig> parse_config(const std::string& path) {
   const std::map<std::string, std::set<std::string>> keys = {
       {"model", {"levels", "base_channels", "max_channels"}},
       {"data", {"train", "validation"}},
-      {"training", {"steps", "batch", "patch", "optimizer", "lr", "weight_decay", "seed", "validate_every", "validation_patches", "threads"}},
+      {"training", {"steps", "batch", "patch", "optimizer", "lr", "weight_decay", "seed", "validate_every", "validation_patches", "threads", "full_volume_validation"}},
       {"output", {"dir"}}};
   for (const auto& [k, v] : t) {
     const std::string key(k.str());
@@ -96,6 +98,10 @@ Result<TrainConfig> parse_config(const std::string& path) {
     const auto s = opt.value<std::string>();
     if (!s || (*s != "adamw" && *s != "sgd")) return fail(ErrorCode::kInvalidArgument, path + ": training.optimizer must be \"adamw\" or \"sgd\"");
     o.adamw = *s == "adamw";
+  }
+  if (const auto fv = t["training"]["full_volume_validation"]) {
+    if (!fv.is_boolean()) return fail(ErrorCode::kInvalidArgument, path + ": training.full_volume_validation must be true or false");
+    c.full_volume = *fv.value<bool>();
   }
   o.model.in_channels = 2;
   o.model.classes = 2;
@@ -376,27 +382,57 @@ int cmd_train(int argc, char** argv) {
   nlohmann::json metrics = {{"steps_done", state.step}, {"steps", cfg->options.steps}, {"parameters", net->parameter_count()}, {"ranks", rv.size}, {"loss", log->loss},
                             {"validation_dice", nlohmann::json::array()}, {"seconds", now_seconds() - start}};
   for (const auto& [s, d] : log->val_dice) metrics["validation_dice"].push_back({s, d});
-  if (auto r = write_output((out / "metrics.json").string(), as_bytes(metrics.dump(1) + "\n"), seal); !r) return report(r.error());
   auto curves = curves_png(*log, cfg->options.steps);
   if (!curves) return report(curves.error());
   if (auto r = write_output((out / "curves.png").string(), *curves, seal); !r) return report(r.error());
-  // Prediction over labels on the first validation patch: MIPs of the image, the labels and the
-  // prediction (coronary red).
-  auto vb = train::validation_batch(va, cfg->options);
-  if (!vb) return report(vb.error());
-  auto logits = net->forward(vb->first, cfg->options.threads);
-  if (!logits) return report(logits.error());
-  const size_t P = cfg->options.patch, m = P * P * P;
+  // The trained network on whole validation volumes (sliding windows with Gaussian weighting,
+  // docs/training.md §10): the Dice per case; prediction.png shows the first case's MIPs of the
+  // image, the labels and the prediction (coronary red). Without full_volume_validation, the
+  // first validation patch instead.
   ct::Volume<float> img;
   ct::LabelVolume truth, pred;
-  img.dims = truth.dims = pred.dims = {P, P, P};
-  img.data.assign(vb->first.data.begin(), vb->first.data.begin() + static_cast<std::ptrdiff_t>(m));
-  truth.data.resize(m);
-  pred.data.resize(m);
-  for (size_t i = 0; i < m; ++i) {
-    truth.data[i] = vb->second[i] != 0 ? ct::kCoronary : ct::kBody;
-    pred.data[i] = logits->data[m + i] > logits->data[i] ? ct::kCoronary : ct::kBody;
+  nlohmann::json volume_dice = nlohmann::json::array();
+  if (cfg->full_volume) {
+    train::SlidingWindowOptions so;
+    so.tile = cfg->options.patch;
+    so.batch = cfg->options.batch;
+    so.threads = cfg->options.threads;
+    for (size_t i = 0; i < val_cases.size(); ++i) {
+      const ct::Prepared& c = val_cases[i];
+      auto logits = train::sliding_window_logits(*net, train::case_input(c, cfg->options.vesselness_scale), so);
+      if (!logits) return report(logits.error());
+      const size_t m = c.image.size();
+      std::vector<uint8_t> target(m);
+      for (size_t v = 0; v < m; ++v) target[v] = c.labels->data[v] == cfg->options.foreground_label ? 1 : 0;
+      const double dice = train::dice_of_prediction(*logits, target);
+      volume_dice.push_back({{"case", cfg->validation[i]}, {"dice", dice}});
+      std::fprintf(stderr, "train: whole-volume validation Dice %.3f on %s\n", dice, cfg->validation[i].c_str());
+      if (i == 0) {
+        img = c.image;
+        truth = pred = *c.labels;
+        for (size_t v = 0; v < m; ++v) {
+          truth.data[v] = target[v] != 0 ? ct::kCoronary : ct::kBody;
+          pred.data[v] = logits->data[m + v] > logits->data[v] ? ct::kCoronary : ct::kBody;
+        }
+      }
+    }
+  } else {
+    auto vb = train::validation_batch(va, cfg->options);
+    if (!vb) return report(vb.error());
+    auto logits = net->forward(vb->first, cfg->options.threads);
+    if (!logits) return report(logits.error());
+    const size_t P = cfg->options.patch, m = P * P * P;
+    img.dims = truth.dims = pred.dims = {P, P, P};
+    img.data.assign(vb->first.data.begin(), vb->first.data.begin() + static_cast<std::ptrdiff_t>(m));
+    truth.data.resize(m);
+    pred.data.resize(m);
+    for (size_t i = 0; i < m; ++i) {
+      truth.data[i] = vb->second[i] != 0 ? ct::kCoronary : ct::kBody;
+      pred.data[i] = logits->data[m + i] > logits->data[i] ? ct::kCoronary : ct::kBody;
+    }
   }
+  metrics["validation_dice_volume"] = volume_dice;
+  if (auto r = write_output((out / "metrics.json").string(), as_bytes(metrics.dump(1) + "\n"), seal); !r) return report(r.error());
   auto png = ct::mip_png({{&img, -1.0, 3.0, nullptr}, {nullptr, 0, 1, &truth}, {nullptr, 0, 1, &pred}}, 2);
   if (!png) return report(png.error());
   if (auto r = write_output((out / "prediction.png").string(), *png, seal); !r) return report(r.error());

@@ -473,22 +473,31 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   }
   auto prep = run_tresor({"prep", "-o", dir.file("prepared"), dir.file("cases"), "--spacing", "1.0", "--sigmas", "1,2", "--no-preview"});
   ASSERT_EQ(prep.exit_code, 0) << prep.err;
-  auto config = [&](const std::string& name, const std::string& out, const std::string& extra = "") {
+  // The whole-volume validation (sliding windows over the validation case) runs in the first
+  // run only: it takes seconds per run on 2 cores.
+  auto config = [&](const std::string& name, const std::string& out, const std::string& extra = "", bool full_volume = false) {
     write_file(dir.file(name),
                as_bytes("[model]\nlevels = 2\nbase_channels = 4\n[data]\ntrain = [\"prepared/case1\"]\nvalidation = [\"prepared/case2\"]\n"
                         "[training]\nsteps = 16\nbatch = 2\npatch = 16\nvalidate_every = 8\nvalidation_patches = 2\n" +
-                        extra + "[output]\ndir = \"" + out + "\"\n"),
+                        std::string(full_volume ? "" : "full_volume_validation = false\n") + extra + "[output]\ndir = \"" + out + "\"\n"),
                0644);
     return dir.file(name);
   };
-  auto whole = run_tresor({"train", "--config", config("a.toml", "whole")});
+  auto whole = run_tresor({"train", "--config", config("a.toml", "whole", "", true)});
   ASSERT_EQ(whole.exit_code, 0) << whole.err;
   EXPECT_NE(whole.out.find("train: 16 steps in"), std::string::npos) << whole.out;
   EXPECT_NE(whole.err.find("train: step 16/16, "), std::string::npos) << whole.err;
+  EXPECT_NE(whole.err.find("train: whole-volume validation Dice "), std::string::npos) << whole.err;
   for (const char* f : {"checkpoint.tck", "metrics.json", "curves.png", "prediction.png"}) EXPECT_TRUE(std::filesystem::exists(dir.file("whole/") + f)) << f;
   const auto metrics = nlohmann::json::parse(to_string(testing::read_file(dir.file("whole/metrics.json"))));
   EXPECT_EQ(metrics["loss"].size(), 16u);
   EXPECT_EQ(metrics["validation_dice"].size(), 3u);  // before, at 8, at 16
+  ASSERT_EQ(metrics["validation_dice_volume"].size(), 1u);
+  EXPECT_TRUE(metrics["validation_dice_volume"][0]["case"].get<std::string>().ends_with("prepared/case2"));
+  const double volume_dice = metrics["validation_dice_volume"][0]["dice"].get<double>();
+  EXPECT_TRUE(volume_dice >= 0 && volume_dice <= 1) << volume_dice;
+  auto bad_fv = run_tresor({"train", "--config", config("fv.toml", "x", "full_volume_validation = 1\n", true)});
+  EXPECT_NE(bad_fv.err.find("training.full_volume_validation must be true or false"), std::string::npos) << bad_fv.err;
 
   auto half = run_tresor({"train", "--config", config("b.toml", "split"), "--stop-after", "8"});
   ASSERT_EQ(half.exit_code, 0) << half.err;
