@@ -47,7 +47,7 @@ Result<TrainConfig> parse_config(const std::string& path) {
     return fail(ErrorCode::kInvalidArgument, path + ": " + std::string(e.description()) + " at line " + std::to_string(e.source().begin.line));
   }
   const std::map<std::string, std::set<std::string>> keys = {
-      {"model", {"levels", "base_channels", "max_channels"}},
+      {"model", {"levels", "base_channels", "max_channels", "deep_supervision"}},
       {"data", {"train", "validation"}},
       {"training", {"steps", "batch", "patch", "optimizer", "lr", "weight_decay", "seed", "validate_every", "validation_patches", "threads", "full_volume_validation"}},
       {"output", {"dir"}}};
@@ -98,6 +98,10 @@ Result<TrainConfig> parse_config(const std::string& path) {
     const auto s = opt.value<std::string>();
     if (!s || (*s != "adamw" && *s != "sgd")) return fail(ErrorCode::kInvalidArgument, path + ": training.optimizer must be \"adamw\" or \"sgd\"");
     o.adamw = *s == "adamw";
+  }
+  if (const auto ds = t["model"]["deep_supervision"]) {
+    if (!ds.is_boolean()) return fail(ErrorCode::kInvalidArgument, path + ": model.deep_supervision must be true or false");
+    o.model.deep_supervision = *ds.value<bool>();
   }
   if (const auto fv = t["training"]["full_volume_validation"]) {
     if (!fv.is_boolean()) return fail(ErrorCode::kInvalidArgument, path + ": training.full_volume_validation must be true or false");
@@ -342,7 +346,7 @@ int cmd_train(int argc, char** argv) {
     if (!parsed) return report(Error{parsed.error().code, resume + ": " + parsed.error().message});
     const auto& m = cfg->options.model;
     if (parsed->config.levels != m.levels || parsed->config.base_channels != m.base_channels || parsed->config.max_channels != m.max_channels ||
-        parsed->adamw != cfg->options.adamw) {
+        parsed->config.deep_supervision != m.deep_supervision || parsed->adamw != cfg->options.adamw) {
       return report(Error{ErrorCode::kInvalidArgument, resume + ": the checkpoint's model or optimizer differs from the configuration's"});
     }
     if (auto r = net->set_parameters(parsed->parameters); !r) return report(r.error());

@@ -3,6 +3,7 @@
 #include "tresor/train/trainer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -91,6 +92,58 @@ double dice_from_counts(const std::array<double, 3>& c) { return c[1] + c[2] == 
 
 double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target) { return dice_from_counts(dice_counts(logits, target)); }
 
+std::vector<double> deep_supervision_weights(size_t outputs) {
+  if (outputs <= 1) return {1.0};
+  std::vector<double> w(outputs);
+  for (size_t j = 0; j < outputs; ++j) w[j] = std::ldexp(1.0, -static_cast<int>(j));
+  w.back() = 0;
+  double sum = 0;
+  for (double v : w) sum += v;
+  for (double& v : w) v /= sum;
+  return w;
+}
+
+std::vector<uint8_t> downsample_target(const std::vector<uint8_t>& target, std::array<size_t, 4> s, size_t j) {
+  const size_t f = size_t{1} << j, half = f / 2;  // ⌊(i + ½)·f⌋ = i·f + f/2 for f ≥ 2
+  const size_t d = s[1] / f, h = s[2] / f, w = s[3] / f;
+  std::vector<uint8_t> out(s[0] * d * h * w);
+  for (size_t n = 0; n < s[0]; ++n)
+    for (size_t z = 0; z < d; ++z)
+      for (size_t y = 0; y < h; ++y)
+        for (size_t x = 0; x < w; ++x) {
+          out[((n * d + z) * h + y) * w + x] = target[((n * s[1] + z * f + half) * s[2] + y * f + half) * s[3] + x * f + half];
+        }
+  return out;
+}
+
+Result<MultiLoss> deep_supervision_loss(const std::vector<Tensor>& outputs, const std::vector<uint8_t>& target, unsigned threads, const LossAllReduce& across) {
+  if (outputs.empty()) return fail(ErrorCode::kInvalidArgument, "loss: no outputs");
+  const std::vector<double> w = deep_supervision_weights(outputs.size());
+  const auto& s = outputs[0].shape;
+  MultiLoss r;
+  for (size_t j = 0; j < outputs.size(); ++j) {
+    const size_t f = size_t{1} << j;
+    if (outputs[j].shape[2] * f != s[2] || outputs[j].shape[3] * f != s[3] || outputs[j].shape[4] * f != s[4]) {
+      return fail(ErrorCode::kInvalidArgument, "loss: output " + std::to_string(j) + " is " + outputs[j].shape_text() + ", not 1/" + std::to_string(f) + " of " +
+                                                   outputs[0].shape_text());
+    }
+    if (w[j] == 0) {
+      r.dlogits.emplace_back(outputs[j].shape);
+      continue;
+    }
+    auto l = dice_ce_loss(outputs[j], j == 0 ? target : downsample_target(target, {s[0], s[2], s[3], s[4]}, j), 1e-5, threads, 1.0, across);
+    if (!l) return std::unexpected(l.error());
+    r.loss += w[j] * l->loss;
+    if (j == 0) {
+      r.cross_entropy = l->cross_entropy;
+      r.dice = l->dice;
+    }
+    for (auto& g : l->dlogits.data) g = static_cast<float>(g * w[j]);
+    r.dlogits.push_back(std::move(l->dlogits));
+  }
+  return r;
+}
+
 Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>& train, const std::vector<const ct::Prepared*>& validation,
                                const TrainerOptions& o, const TrainProgress& progress, TrainState* state) {
   const UNetConfig& mc = net.config();
@@ -146,16 +199,16 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
   const size_t end = o.stop_after == 0 ? o.steps : std::min(o.stop_after, o.steps);
   for (size_t step = st.step; step < end; ++step) {
     for (size_t b = lo; b < hi; ++b) fill((*tr)[(step * o.batch + b) % tr->size()], o.seed, step * o.batch + b, b - lo, o, x, y);
-    auto logits = net.forward(x, o.threads);
-    if (!logits) return std::unexpected(logits.error());
-    auto loss = dice_ce_loss(*logits, y, 1e-5, o.threads, 1.0, across);
+    auto outs = net.forward_outputs(x, o.threads);
+    if (!outs) return std::unexpected(outs.error());
+    auto loss = deep_supervision_loss(*outs, y, o.threads, across);
     if (!loss) return std::unexpected(loss.error());
     if (comm != nullptr) {
       OverlappedAllReduce reducer(*comm, grads, o.bucket_elements);
-      TRESOR_TRY(net.backward_into(loss->dlogits, grads, o.threads, [&](size_t at, size_t n) { reducer.ready(at, n); }));
+      TRESOR_TRY(net.backward_outputs_into(loss->dlogits, grads, o.threads, [&](size_t at, size_t n) { reducer.ready(at, n); }));
       TRESOR_TRY(reducer.finish());
     } else {
-      TRESOR_TRY(net.backward_into(loss->dlogits, grads, o.threads));
+      TRESOR_TRY(net.backward_outputs_into(loss->dlogits, grads, o.threads));
     }
     const double lr = poly_lr(o.lr, step, o.steps);
     auto stepped = o.adamw ? adam.step(params, grads, lr) : sgd.step(params, grads, lr);
@@ -198,10 +251,11 @@ constexpr char kMagic[8] = {'T', 'R', 'E', 'S', 'O', 'R', 'C', 'K'};
 
 Bytes checkpoint_bytes(const UNet& net, const TrainState& state, bool adamw) {
   Bytes b(reinterpret_cast<const std::byte*>(kMagic), reinterpret_cast<const std::byte*>(kMagic) + 8);
-  put_u32(b, 1);
+  put_u32(b, 2);
   put_u64(b, state.step);
   const UNetConfig& c = net.config();
   for (size_t v : {c.levels, c.base_channels, c.max_channels, c.in_channels, c.classes}) put_u32(b, static_cast<uint32_t>(v));
+  put_u32(b, c.deep_supervision ? 1 : 0);  // flags (version 2): bit 0 deep supervision
   put_u32(b, adamw ? 1 : 0);
   put_u64(b, state.adam.t);
   const std::vector<float> p = net.parameters();
@@ -231,7 +285,8 @@ Result<Checkpoint> parse_checkpoint(ByteSpan b) {
   TRESOR_TRY(need(8 + 4 + 8 + 20 + 4 + 8 + 8, "the header"));
   if (std::memcmp(b.data(), kMagic, 8) != 0) return fail(ErrorCode::kMalformed, "checkpoint: not a Tresor checkpoint (magic)");
   at = 8;
-  if (const uint32_t v = u32(); v != 1) return fail(ErrorCode::kMalformed, "checkpoint: version " + std::to_string(v) + ", this build reads 1");
+  const uint32_t version = u32();
+  if (version != 1 && version != 2) return fail(ErrorCode::kMalformed, "checkpoint: version " + std::to_string(version) + ", this build reads 1 and 2");
   Checkpoint c;
   c.state.step = u64();
   c.config.levels = u32();
@@ -239,6 +294,12 @@ Result<Checkpoint> parse_checkpoint(ByteSpan b) {
   c.config.max_channels = u32();
   c.config.in_channels = u32();
   c.config.classes = u32();
+  if (version >= 2) {
+    TRESOR_TRY(need(4 + 4 + 8 + 8, "the header"));
+    const uint32_t flags = u32();
+    if ((flags & ~1u) != 0) return fail(ErrorCode::kMalformed, "checkpoint: unknown flags " + std::to_string(flags));
+    c.config.deep_supervision = (flags & 1) != 0;
+  }
   const uint32_t opt = u32();
   if (opt > 1) return fail(ErrorCode::kMalformed, "checkpoint: optimizer " + std::to_string(opt) + " is not 0 (SGD) or 1 (AdamW)");
   c.adamw = opt == 1;

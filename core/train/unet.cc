@@ -52,6 +52,7 @@ Result<UNet> UNet::create(const UNetConfig& c, uint64_t seed) {
     return fail(ErrorCode::kInvalidArgument, "unet: channels must be positive and max_channels at least base_channels");
   }
   if (c.classes < 2) return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(c.classes) + " class(es); at least 2");
+  if (c.deep_supervision && c.levels < 3) return fail(ErrorCode::kInvalidArgument, "unet: deep supervision needs at least 3 levels, not " + std::to_string(c.levels));
   UNet u;
   u.config_ = c;
   Rng rng{seed};
@@ -82,6 +83,10 @@ Result<UNet> UNet::create(const UNetConfig& c, uint64_t seed) {
     u.decoder_.push_back(std::move(st));
   }
   u.head_ = make_conv(width(0), c.classes, 1, 1, rng);
+  // Drawn after every other weight, so that a model with and without deep supervision share them.
+  if (c.deep_supervision) {
+    for (size_t j = 1; j + 1 < c.levels; ++j) u.ds_heads_.push_back(make_conv(width(j), c.classes, 1, 1, rng));
+  }
   return u;
 }
 
@@ -105,6 +110,10 @@ void UNet::each_parameter_array(F&& f) {
   }
   f(head_.weight);
   f(head_.bias);
+  for (auto& h : ds_heads_) {
+    f(h.weight);
+    f(h.bias);
+  }
 }
 
 size_t UNet::parameter_count() const {
@@ -132,6 +141,12 @@ Result<void> UNet::set_parameters(const std::vector<float>& flat) {
 }
 
 Result<Tensor> UNet::forward(const Tensor& x, unsigned threads) {
+  auto all = forward_outputs(x, threads);
+  if (!all) return std::unexpected(all.error());
+  return std::move(all->front());
+}
+
+Result<std::vector<Tensor>> UNet::forward_outputs(const Tensor& x, unsigned threads) {
   const size_t f = size_t{1} << (config_.levels - 1);
   if (x.shape[1] != config_.in_channels) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + std::to_string(x.shape[1]) + " channels, the model takes " + std::to_string(config_.in_channels));
   for (size_t a = 2; a < 5; ++a) {
@@ -172,7 +187,17 @@ Result<Tensor> UNet::forward(const Tensor& x, unsigned threads) {
     st.out = cur;
   }
   head_in_ = cur;
-  return head_.forward(cur, threads);
+  std::vector<Tensor> out;
+  auto main = head_.forward(cur, threads);
+  if (!main) return std::unexpected(main.error());
+  out.push_back(std::move(*main));
+  // Output j (1/2^j of full resolution) comes from decoder stage levels − 2 − j.
+  for (size_t j = 1; j <= ds_heads_.size(); ++j) {
+    auto o = ds_heads_[j - 1].forward(decoder_[decoder_.size() - 1 - j].out, threads);
+    if (!o) return std::unexpected(o.error());
+    out.push_back(std::move(*o));
+  }
+  return out;
 }
 
 size_t UNet::offset_of(const std::vector<float>& array) {
@@ -191,7 +216,15 @@ Result<std::vector<float>> UNet::backward(const Tensor& dlogits, unsigned thread
 }
 
 Result<void> UNet::backward_into(const Tensor& dlogits, std::span<float> out, unsigned threads, const GradientReady& ready) {
+  return backward_outputs_into(std::span<const Tensor>(&dlogits, 1), out, threads, ready);
+}
+
+Result<void> UNet::backward_outputs_into(std::span<const Tensor> dlogits_all, std::span<float> out, unsigned threads, const GradientReady& ready) {
   if (head_in_.data.empty()) return fail(ErrorCode::kInvalidArgument, "unet: backward before forward");
+  if (dlogits_all.size() != 1 && dlogits_all.size() != outputs()) {
+    return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(dlogits_all.size()) + " output gradients for " + std::to_string(outputs()) + " outputs");
+  }
+  const Tensor& dlogits = dlogits_all[0];
   if (out.size() != parameter_count()) {
     return fail(ErrorCode::kInvalidArgument, "unet: a gradient buffer of " + std::to_string(out.size()) + " values for " + std::to_string(parameter_count()) + " parameters");
   }
@@ -222,6 +255,19 @@ Result<void> UNet::backward_into(const Tensor& dlogits, std::span<float> out, un
   std::vector<Tensor> skip_grad(encoder_.size());
   for (size_t i = decoder_.size(); i-- > 0;) {
     Stage& st = decoder_[i];
+    // A deep-supervision head on this stage's output adds its input gradient here.
+    const size_t j = decoder_.size() - 1 - i;
+    if (j >= 1 && j <= ds_heads_.size()) {
+      Conv3d& h = ds_heads_[j - 1];
+      std::vector<float> hw(h.weight.size(), 0), hb(h.bias.size(), 0);
+      if (dlogits_all.size() > 1) {
+        auto dx = h.backward(st.out, dlogits_all[j], hw, hb, threads);
+        if (!dx) return std::unexpected(dx.error());
+        add_into(d, *dx);
+      }
+      put(h.bias, hb);
+      put(h.weight, hw);
+    }
     for (size_t k = 2; k-- > 0;) {
       auto dx = block_back(st.blocks[k], d);
       if (!dx) return std::unexpected(dx.error());

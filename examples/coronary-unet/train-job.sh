@@ -27,6 +27,7 @@ cat > "$work/train.toml" <<TOML
 levels = 3
 base_channels = ${UNET_BASE_CHANNELS:-4}
 max_channels = 32
+deep_supervision = ${UNET_DEEP_SUPERVISION:-true}
 
 [data]
 train = [$train]

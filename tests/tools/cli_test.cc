@@ -496,6 +496,9 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_TRUE(metrics["validation_dice_volume"][0]["case"].get<std::string>().ends_with("prepared/case2"));
   const double volume_dice = metrics["validation_dice_volume"][0]["dice"].get<double>();
   EXPECT_TRUE(volume_dice >= 0 && volume_dice <= 1) << volume_dice;
+  write_file(dir.file("ds.toml"), as_bytes("[model]\nlevels = 3\ndeep_supervision = \"yes\"\n[data]\ntrain = [\"a\"]\nvalidation = [\"b\"]\n[output]\ndir = \"x\"\n"), 0644);
+  auto bad_ds = run_tresor({"train", "--config", dir.file("ds.toml")});
+  EXPECT_NE(bad_ds.err.find("model.deep_supervision must be true or false"), std::string::npos) << bad_ds.err;
   auto bad_fv = run_tresor({"train", "--config", config("fv.toml", "x", "full_volume_validation = 1\n", true)});
   EXPECT_NE(bad_fv.err.find("training.full_volume_validation must be true or false"), std::string::npos) << bad_fv.err;
 

@@ -82,6 +82,23 @@ using TrainProgress = std::function<void(size_t, double, double)>;
 /// targets.
 [[nodiscard]] Result<std::pair<Tensor, std::vector<uint8_t>>> validation_batch(const std::vector<const ct::Prepared*>& cases, const TrainerOptions& options);
 
+/// Deep supervision (nnU-Net, docs/training.md §4): the weights of `outputs` outputs — 1/2^j for
+/// output j, the last (lowest resolution) 0, normalised to sum 1; {1} for one output.
+[[nodiscard]] std::vector<double> deep_supervision_weights(size_t outputs);
+/// Targets [n, d, h, w] (x fastest) at 1/2^j resolution, nearest-exact as PyTorch's
+/// interpolate(mode="nearest-exact"): output voxel i takes source ⌊(i + ½)·2^j⌋ on each axis
+/// (d, h, w must be multiples of 2^j).
+[[nodiscard]] std::vector<uint8_t> downsample_target(const std::vector<uint8_t>& target, std::array<size_t, 4> ndhw, size_t j);
+/// The loss over every output of UNet::forward_outputs: Σ_j w_j · dice_ce_loss(output j, target at
+/// 1/2^j) with deep_supervision_weights; outputs of weight 0 get zero gradients. `loss` is the
+/// weighted sum; cross_entropy and dice are the full-resolution output's.
+struct MultiLoss {
+  double loss = 0, cross_entropy = 0, dice = 0;
+  std::vector<Tensor> dlogits;
+};
+[[nodiscard]] Result<MultiLoss> deep_supervision_loss(const std::vector<Tensor>& outputs, const std::vector<uint8_t>& target, unsigned threads = 0,
+                                                      const LossAllReduce& across = {});
+
 /// The Dice of class 1 (argmax of the logits) against binary targets [n·d·h·w]: 2·|P∩G| / (|P| + |G|),
 /// 1 when both are empty. dice_counts gives |P∩G|, |P|, |G| (what ranks sum before dividing).
 [[nodiscard]] double dice_of_prediction(const Tensor& logits, const std::vector<uint8_t>& target);

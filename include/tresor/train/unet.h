@@ -20,6 +20,9 @@ struct UNetConfig {
   size_t max_channels = 320;
   size_t in_channels = 1;
   size_t classes = 2;
+  /// nnU-Net's deep supervision: 1×1×1 heads also on the decoder stages below the top one, giving
+  /// logits at 1/2, 1/4, … of the input's resolution (docs/training.md §4). Needs levels ≥ 3.
+  bool deep_supervision = false;
 };
 
 class UNet {
@@ -40,6 +43,11 @@ class UNet {
   /// Logits [n, classes, d, h, w] for x [n, in_channels, d, h, w]; d, h, w must be multiples of
   /// 2^(levels−1). Keeps the activations for backward.
   [[nodiscard]] Result<Tensor> forward(const Tensor& x, unsigned threads = 0);
+  /// Every output: [0] the logits at full resolution, then with deep supervision the logits at
+  /// 1/2^j of it for j = 1 … levels − 2 (from the decoder stage at that resolution).
+  [[nodiscard]] Result<std::vector<Tensor>> forward_outputs(const Tensor& x, unsigned threads = 0);
+  /// How many outputs forward_outputs gives: 1, or levels − 1 with deep supervision.
+  size_t outputs() const { return 1 + ds_heads_.size(); }
   /// The parameters' gradient (parameters()'s layout) for the logits' gradient of the last forward.
   [[nodiscard]] Result<std::vector<float>> backward(const Tensor& dlogits, unsigned threads = 0);
   /// The same into `grads` (parameter_count() values, overwritten); `ready(offset, count)` is
@@ -48,6 +56,9 @@ class UNet {
   /// while the rest of the backward pass runs (the order is the same on every rank).
   using GradientReady = std::function<void(size_t offset, size_t count)>;
   [[nodiscard]] Result<void> backward_into(const Tensor& dlogits, std::span<float> grads, unsigned threads = 0, const GradientReady& ready = {});
+  /// The same from the gradients of every output of forward_outputs (outputs() tensors; with
+  /// only the first, the deep-supervision heads get zero gradients).
+  [[nodiscard]] Result<void> backward_outputs_into(std::span<const Tensor> dlogits, std::span<float> grads, unsigned threads = 0, const GradientReady& ready = {});
 
  private:
   struct Block {
@@ -70,6 +81,7 @@ class UNet {
   std::vector<Stage> encoder_, decoder_;  // decoder_[0] is the deepest
   Conv3d head_;
   Tensor head_in_;
+  std::vector<Conv3d> ds_heads_;  // [j − 1]: the head of the output at 1/2^j
 };
 
 }  // namespace tresor::train

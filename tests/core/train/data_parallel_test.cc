@@ -335,47 +335,51 @@ TEST(DataParallelTraining, TwoRanksTrainTheSameWeightsAsOne) {
   const ct::Prepared* cp = small_case();
   ASSERT_NE(cp, nullptr);
   const ct::Prepared& c = *cp;
-  TrainerOptions o = dp_options();
-  auto single = UNet::create(o.model, 7);
-  ASSERT_TRUE(single);
-  auto one = train_unet(*single, {&c}, {&c}, o);
-  ASSERT_TRUE(one) << one.error().message;
+  for (bool deep : {false, true}) {
+    SCOPED_TRACE(deep ? "deep supervision" : "one output");
+    TrainerOptions o = dp_options();
+    if (deep) o.model = {3, 4, 16, 2, 2, true};  // every output's loss statistics summed over the ranks
+    auto single = UNet::create(o.model, 7);
+    ASSERT_TRUE(single);
+    auto one = train_unet(*single, {&c}, {&c}, o);
+    ASSERT_TRUE(one) << one.error().message;
 
-  for (const char* backend : {"shared memory", "tcp"}) {
-    std::vector<std::vector<float>> weights(2);
-    std::vector<TrainingLog> logs(2);
-    auto run = [&](int r, Collective& comm) {
-      auto net = UNet::create(o.model, r == 0 ? 7 : 1234);  // rank 1 starts elsewhere: rank 0's weights are broadcast
-      ASSERT_TRUE(net);
-      TrainerOptions ro = o;
-      ro.collective = &comm;
-      auto log = train_unet(*net, {&c}, {&c}, ro);
-      ASSERT_TRUE(log) << log.error().message;
-      logs[static_cast<size_t>(r)] = *log;
-      weights[static_cast<size_t>(r)] = net->parameters();
-    };
-    if (std::string(backend) == "tcp") {
-      testing::TempDir dir;
-      on_tcp_ranks(2, dir.path().string(), run);
-    } else {
-      auto group = SharedMemoryGroup::create(2);
-      ASSERT_TRUE(group);
-      std::vector<std::unique_ptr<Collective>> members;
-      for (int r = 0; r < 2; ++r) members.push_back(std::move(*(*group)->member(r)));
-      std::vector<std::jthread> threads;
-      for (int r = 0; r < 2; ++r) threads.emplace_back([&, r] { run(r, *members[static_cast<size_t>(r)]); });
+    for (const char* backend : {"shared memory", "tcp"}) {
+      std::vector<std::vector<float>> weights(2);
+      std::vector<TrainingLog> logs(2);
+      auto run = [&](int r, Collective& comm) {
+        auto net = UNet::create(o.model, r == 0 ? 7 : 1234);  // rank 1 starts elsewhere: rank 0's weights are broadcast
+        ASSERT_TRUE(net);
+        TrainerOptions ro = o;
+        ro.collective = &comm;
+        auto log = train_unet(*net, {&c}, {&c}, ro);
+        ASSERT_TRUE(log) << log.error().message;
+        logs[static_cast<size_t>(r)] = *log;
+        weights[static_cast<size_t>(r)] = net->parameters();
+      };
+      if (std::string(backend) == "tcp") {
+        testing::TempDir dir;
+        on_tcp_ranks(2, dir.path().string(), run);
+      } else {
+        auto group = SharedMemoryGroup::create(2);
+        ASSERT_TRUE(group);
+        std::vector<std::unique_ptr<Collective>> members;
+        for (int r = 0; r < 2; ++r) members.push_back(std::move(*(*group)->member(r)));
+        std::vector<std::jthread> threads;
+        for (int r = 0; r < 2; ++r) threads.emplace_back([&, r] { run(r, *members[static_cast<size_t>(r)]); });
+      }
+      EXPECT_TRUE(weights[0] == weights[1]) << backend << ": every rank holds the same weights";
+      expect_close(single->parameters(), weights[0], backend);
+      ASSERT_EQ(logs[0].loss.size(), one->loss.size());
+      for (size_t i = 0; i < one->loss.size(); ++i) EXPECT_NEAR(logs[0].loss[i], one->loss[i], 1e-5 * std::abs(one->loss[i])) << backend << " step " << i;
+      EXPECT_EQ(logs[0].loss, logs[1].loss) << "every rank reports the global loss";
+      ASSERT_EQ(logs[0].val_dice.size(), one->val_dice.size());
+      for (size_t i = 0; i < one->val_dice.size(); ++i) EXPECT_NEAR(logs[0].val_dice[i].second, one->val_dice[i].second, 1e-6) << backend;
     }
-    EXPECT_TRUE(weights[0] == weights[1]) << backend << ": every rank holds the same weights";
-    expect_close(single->parameters(), weights[0], backend);
-    ASSERT_EQ(logs[0].loss.size(), one->loss.size());
-    for (size_t i = 0; i < one->loss.size(); ++i) EXPECT_NEAR(logs[0].loss[i], one->loss[i], 1e-5 * std::abs(one->loss[i])) << backend << " step " << i;
-    EXPECT_EQ(logs[0].loss, logs[1].loss) << "every rank reports the global loss";
-    ASSERT_EQ(logs[0].val_dice.size(), one->val_dice.size());
-    for (size_t i = 0; i < one->val_dice.size(); ++i) EXPECT_NEAR(logs[0].val_dice[i].second, one->val_dice[i].second, 1e-6) << backend;
+    // The weights moved: the comparison is not of untouched initial weights.
+    auto fresh = UNet::create(o.model, 7);
+    EXPECT_FALSE(fresh->parameters() == single->parameters());
   }
-  // The weights moved: the comparison is not of untouched initial weights.
-  auto fresh = UNet::create(o.model, 7);
-  EXPECT_FALSE(fresh->parameters() == single->parameters());
 }
 
 TEST(DataParallelTraining, ABatchTooSmallForTheRanksIsRefused) {

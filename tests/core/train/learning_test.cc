@@ -83,9 +83,9 @@ TEST(TrainLearning, ACheckpointedRunResumesExactly) {
     Bytes longer = ck;
     longer.push_back(std::byte{0});
     EXPECT_NE(parse_checkpoint(longer).error().message.find("1 bytes after the end"), std::string::npos);
-    Bytes v2 = ck;
-    v2[8] = std::byte{2};
-    EXPECT_NE(parse_checkpoint(v2).error().message.find("version 2"), std::string::npos);
+    Bytes v3 = ck;
+    v3[8] = std::byte{3};
+    EXPECT_NE(parse_checkpoint(v3).error().message.find("version 3, this build reads 1 and 2"), std::string::npos);
   }
 }
 

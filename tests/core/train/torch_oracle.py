@@ -108,24 +108,46 @@ elif kind == "unet_step":
         h = block(h, width(s), width(s), 1)
         skips.append(h)
         c = width(s)
+    dec = {}  # decoder stage outputs by resolution level s
     for s in range(L - 2, -1, -1):
         w, b = take(width(s + 1), width(s), 2, 2, 2), take(width(s))
         h = torch.nn.functional.conv_transpose3d(h, w, b, stride=2)
         h = torch.cat((h, skips[s]), 1)
         h = block(h, 2 * width(s), width(s), 1)
         h = block(h, width(s), width(s), 1)
+        dec[s] = h
     w, b = take(classes, width(0), 1, 1, 1), take(classes)
     logits = torch.nn.functional.conv3d(h, w, b)
+    outputs = [logits]
+    if case.get("ds"):
+        # nnU-Net's deep supervision: a 1x1x1 head on the decoder stage at 1/2^j, j = 1 .. L-2.
+        for j in range(1, L - 1):
+            w, b = take(classes, width(j), 1, 1, 1), take(classes)
+            outputs.append(torch.nn.functional.conv3d(dec[j], w, b))
     assert at[0] == case["count"], (at[0], case["count"])
     n = case["x"][0]
     t = torch.from_numpy(np.fromfile(f"{d}/target.u8", dtype=np.uint8).astype(np.int64).reshape([n] + case["x"][2:]))
-    ce = torch.nn.functional.cross_entropy(logits, t)
-    p = torch.softmax(logits, 1)
-    onehot = torch.nn.functional.one_hot(t, classes).permute(0, 4, 1, 2, 3).to(torch.float64)
-    axes = [0, 2, 3, 4]
-    tp = (p * onehot).sum(axes)
-    dc = (2 * tp + 1e-5) / (p.sum(axes) + onehot.sum(axes) + 1e-5)
-    loss = ce - dc[1:].mean()
+
+    def dice_ce(lg, tt):
+        ce = torch.nn.functional.cross_entropy(lg, tt)
+        p = torch.softmax(lg, 1)
+        onehot = torch.nn.functional.one_hot(tt, classes).permute(0, 4, 1, 2, 3).to(torch.float64)
+        axes = [0, 2, 3, 4]
+        tp = (p * onehot).sum(axes)
+        dc = (2 * tp + 1e-5) / (p.sum(axes) + onehot.sum(axes) + 1e-5)
+        return ce - dc[1:].mean()
+
+    # nnU-Net's DeepSupervisionWrapper weights: 1/2^j, the lowest resolution 0, normalised;
+    # targets downsampled nearest-exact.
+    weights = np.array([1 / (2 ** j) for j in range(len(outputs))])
+    if len(outputs) > 1:
+        weights[-1] = 0
+    weights = weights / weights.sum()
+    loss = 0
+    for j, out in enumerate(outputs):
+        tj = t if j == 0 else torch.nn.functional.interpolate(t[:, None].double(), size=list(out.shape[2:]), mode="nearest-exact")[:, 0].long()
+        if weights[j] != 0:
+            loss = loss + weights[j] * dice_ce(out, tj)
     loss.backward()
     save("logits", logits), save("loss", loss.reshape(1)), save("grads", flat.grad)
     opt = torch.optim.SGD([flat], lr=case["lr"], momentum=0.99, nesterov=True, weight_decay=3e-5)

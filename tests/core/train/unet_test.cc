@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/test_support.h"
+#include "tresor/train/trainer.h"
 #include "tresor/train/unet.h"
 
 namespace tresor::train {
@@ -17,7 +18,9 @@ namespace {
 
 TEST(UNet, WholeTrainingStepMatchesPyTorch) {
   if (testing::run_command({"/usr/bin/python3", "-c", "import torch"}).exit_code != 0) GTEST_SKIP() << "python3-torch is not installed (scripts/bootstrap installs it)";
-  for (const UNetConfig& c : {UNetConfig{3, 4, 320, 1, 2}, UNetConfig{2, 3, 5, 2, 3}}) {
+  // The third with deep supervision: heads at 1/2 and 1/4 (the last of weight 0), targets
+  // downsampled nearest-exact, nnU-Net's weighted sum — against the same in PyTorch.
+  for (const UNetConfig& c : {UNetConfig{3, 4, 320, 1, 2}, UNetConfig{2, 3, 5, 2, 3}, UNetConfig{4, 3, 12, 2, 3, true}}) {
     auto net = UNet::create(c, 7);
     ASSERT_TRUE(net) << net.error().message;
     const size_t f = size_t{1} << (c.levels - 1);
@@ -28,11 +31,29 @@ TEST(UNet, WholeTrainingStepMatchesPyTorch) {
     std::vector<uint8_t> target(2 * x.spatial());
     for (size_t i = 0; i < target.size(); ++i) target[i] = static_cast<uint8_t>((i / 3 + i % 5) % c.classes);
     const std::vector<float> params = net->parameters();
-    auto logits = net->forward(x);
-    ASSERT_TRUE(logits) << logits.error().message;
-    auto loss = dice_ce_loss(*logits, target);
-    ASSERT_TRUE(loss);
-    auto grads = net->backward(loss->dlogits);
+    Result<Tensor> logits = fail(ErrorCode::kInvalidArgument, "not run");
+    double loss_value = 0;
+    Result<std::vector<float>> grads = fail(ErrorCode::kInvalidArgument, "not run");
+    if (c.deep_supervision) {
+      auto outs = net->forward_outputs(x);
+      ASSERT_TRUE(outs) << outs.error().message;
+      ASSERT_EQ(outs->size(), c.levels - 1);
+      EXPECT_EQ((*outs)[2].shape, (std::array<size_t, 5>{2, c.classes, x.shape[2] / 4, x.shape[3] / 4, x.shape[4] / 4}));
+      auto ml = deep_supervision_loss(*outs, target);
+      ASSERT_TRUE(ml) << ml.error().message;
+      loss_value = ml->loss;
+      std::vector<float> flat(net->parameter_count());
+      ASSERT_TRUE(net->backward_outputs_into(ml->dlogits, flat));
+      grads = flat;
+      logits = (*outs)[0];
+    } else {
+      logits = net->forward(x);
+      ASSERT_TRUE(logits) << logits.error().message;
+      auto loss = dice_ce_loss(*logits, target);
+      ASSERT_TRUE(loss);
+      loss_value = loss->loss;
+      grads = net->backward(loss->dlogits);
+    }
     ASSERT_TRUE(grads) << grads.error().message;
     ASSERT_EQ(grads->size(), params.size());
     std::vector<float> after = params;
@@ -47,7 +68,7 @@ TEST(UNet, WholeTrainingStepMatchesPyTorch) {
     put("x", x.data);
     testing::write_file(dir.file("target.u8"), ByteSpan(reinterpret_cast<const std::byte*>(target.data()), target.size()));
     const nlohmann::json spec = {{"layer", "unet_step"}, {"levels", c.levels}, {"base", c.base_channels}, {"max", c.max_channels}, {"in", c.in_channels},
-                                 {"classes", c.classes}, {"count", params.size()}, {"x", x.shape}, {"lr", 0.01}};
+                                 {"classes", c.classes}, {"count", params.size()}, {"x", x.shape}, {"lr", 0.01}, {"ds", c.deep_supervision}};
     testing::write_file(dir.file("case.json"), as_bytes(spec.dump()));
     auto r = testing::run_command({"/usr/bin/python3", TRESOR_TORCH_ORACLE, dir.path().string()});
     ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -63,11 +84,12 @@ TEST(UNet, WholeTrainingStepMatchesPyTorch) {
       for (size_t i = 0; i < a.size() && i < b.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
       return worst / mag;
     };
-    const std::string what = std::to_string(c.levels) + " levels, base " + std::to_string(c.base_channels) + ", " + std::to_string(params.size()) + " parameters";
+    const std::string what = std::to_string(c.levels) + " levels, base " + std::to_string(c.base_channels) + ", " + std::to_string(params.size()) + " parameters" +
+                             (c.deep_supervision ? ", deep supervision" : "");
     const auto want_logits = get("logits"), want_grads = get("grads"), want_after = get("after");
     ASSERT_EQ(want_grads.size(), params.size()) << what;
     EXPECT_LT(rel(logits->data, want_logits), 1e-5) << what;
-    EXPECT_NEAR(loss->loss, get("loss")[0], 1e-6) << what;
+    EXPECT_NEAR(loss_value, get("loss")[0], 1e-6) << what;
     // Gradients pass through every layer in float32 storage (measured about 1e-7 of the largest):
     // 1e-5 leaves room for larger networks' longer sums.
     EXPECT_LT(rel(*grads, want_grads), 1e-5) << what;
@@ -106,6 +128,64 @@ TEST(UNet, ShapesInitialisationAndRefusals) {
   auto y = net->forward(ok);
   ASSERT_TRUE(y);
   EXPECT_EQ(y->shape, (std::array<size_t, 5>{1, 2, 8, 8, 8}));
+}
+
+// Deep supervision's pieces: nnU-Net's weights, nearest-exact downsampling, the heads' layout
+// (appended after the main head, the shared weights unchanged), refusals, and a checkpoint that
+// keeps the flag (format version 2; version 1 files still read).
+TEST(UNet, DeepSupervisionPiecesAndCheckpoints) {
+  EXPECT_EQ(deep_supervision_weights(1), std::vector<double>{1.0});
+  const auto w = deep_supervision_weights(4);  // 1, 1/2, 1/4, 0 → /1.75
+  ASSERT_EQ(w.size(), 4u);
+  EXPECT_DOUBLE_EQ(w[0], 1 / 1.75);
+  EXPECT_DOUBLE_EQ(w[1], 0.5 / 1.75);
+  EXPECT_DOUBLE_EQ(w[2], 0.25 / 1.75);
+  EXPECT_EQ(w[3], 0.0);
+  std::vector<uint8_t> t(1 * 4 * 4 * 8);
+  for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<uint8_t>(i);
+  // 1/2: voxel (z, y, x) takes (2z + 1, 2y + 1, 2x + 1).
+  const auto half = downsample_target(t, {1, 4, 4, 8}, 1);
+  ASSERT_EQ(half.size(), 2u * 2 * 4);
+  EXPECT_EQ(half[0], t[(1 * 4 + 1) * 8 + 1]);
+  EXPECT_EQ(half[(1 * 2 + 1) * 4 + 3], t[(3 * 4 + 3) * 8 + 7]);
+  const auto quarter = downsample_target(t, {1, 4, 4, 8}, 2);  // (4z + 2, 4y + 2, 4x + 2)
+  EXPECT_EQ(quarter, (std::vector<uint8_t>{t[(2 * 4 + 2) * 8 + 2], t[(2 * 4 + 2) * 8 + 6]}));
+
+  auto plain = UNet::create({4, 4, 16, 2, 2}, 9);
+  auto ds = UNet::create({4, 4, 16, 2, 2, true}, 9);
+  ASSERT_TRUE(plain && ds);
+  EXPECT_EQ(plain->outputs(), 1u);
+  EXPECT_EQ(ds->outputs(), 3u);
+  // Two extra heads (8→2 and 16→2 channels, with biases) after every shared weight, which are equal.
+  EXPECT_EQ(ds->parameter_count(), plain->parameter_count() + (8 * 2 + 2) + (16 * 2 + 2));
+  const auto pp = plain->parameters(), dp = ds->parameters();
+  EXPECT_TRUE(std::equal(pp.begin(), pp.end(), dp.begin()));
+  EXPECT_NE(UNet::create({2, 4, 16, 2, 2, true}, 9).error().message.find("deep supervision needs at least 3 levels"), std::string::npos);
+  Tensor x({1, 2, 8, 8, 8});
+  ASSERT_TRUE(ds->forward(x));
+  std::vector<float> g(ds->parameter_count());
+  Tensor d({1, 2, 8, 8, 8});
+  const std::vector<Tensor> two = {d, d};
+  EXPECT_NE(ds->backward_outputs_into(two, g).error().message.find("2 output gradients for 3 outputs"), std::string::npos);
+
+  TrainState st;
+  st.step = 5;
+  const Bytes ck = checkpoint_bytes(*ds, st, true);
+  auto back = parse_checkpoint(ck);
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_TRUE(back->config.deep_supervision);
+  EXPECT_EQ(back->parameters, dp);
+  Bytes flags = ck;
+  flags[40] = std::byte{3};  // the flags field: bit 1 is unknown
+  EXPECT_NE(parse_checkpoint(flags).error().message.find("unknown flags 3"), std::string::npos);
+  // Version 1 (no flags field) from a model without deep supervision.
+  Bytes v1 = checkpoint_bytes(*plain, st, true);
+  v1[8] = std::byte{1};
+  v1.erase(v1.begin() + 40, v1.begin() + 44);
+  auto old = parse_checkpoint(v1);
+  ASSERT_TRUE(old) << old.error().message;
+  EXPECT_FALSE(old->config.deep_supervision);
+  EXPECT_EQ(old->parameters, pp);
 }
 
 }  // namespace
