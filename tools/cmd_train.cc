@@ -127,7 +127,7 @@ Result<TrainConfig> parse_config(const std::string& path) {
 }
 
 // A prepared case directory: image.nii, vesselness.nii, labels.nii, each possibly .sealed.
-Result<ct::Prepared> load_case(const std::string& dir, const sealed::KeyRing& ring, unsigned threads) {
+Result<ct::Prepared> load_case(const std::string& dir, const sealed::KeyRing& ring, unsigned threads, bool labels_required = true) {
   auto find = [&](const char* base) -> Result<std::string> {
     for (const char* ext : {".nii", ".nii.sealed"}) {
       const fs::path p = fs::path(dir) / (std::string(base) + ext);
@@ -145,13 +145,72 @@ Result<ct::Prepared> load_case(const std::string& dir, const sealed::KeyRing& ri
     if (!v) return std::unexpected(v.error());
     *into = std::move(*v);
   }
+  if (p.image.dims != p.vesselness.dims) return fail(ErrorCode::kInvalidArgument, dir + ": image and vesselness differ in size");
   auto lf = find("labels");
-  if (!lf) return std::unexpected(lf.error());
+  if (!lf) {
+    if (labels_required) return std::unexpected(lf.error());
+    return p;
+  }
   auto l = with_input<ct::LabelVolume>(*lf, ring, threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_labels(b, n); });
   if (!l) return std::unexpected(l.error());
   p.labels = std::move(*l);
-  if (p.image.dims != p.vesselness.dims || p.image.dims != p.labels->dims) return fail(ErrorCode::kInvalidArgument, dir + ": image, vesselness and labels differ in size");
+  if (p.image.dims != p.labels->dims) return fail(ErrorCode::kInvalidArgument, dir + ": image and labels differ in size");
   return p;
+}
+
+// The keys for sealed inputs (identities and dataset keys), kept alive with the ring that points at them.
+struct Keys {
+  std::vector<Identity> ids;
+  std::vector<DatasetKey> dataset_keys;
+  sealed::KeyRing ring;
+};
+Result<std::unique_ptr<Keys>> load_keys(const std::vector<std::string>& identities, const std::vector<std::string>& key_files, const std::vector<std::string>& datasets) {
+  auto k = std::make_unique<Keys>();
+  for (const auto& p : identities) {
+    auto id = load_identity(p);
+    if (!id) return std::unexpected(id.error());
+    k->ids.push_back(std::move(*id));
+  }
+  auto dk = load_dataset_keys(key_files, datasets, false);
+  if (!dk) return std::unexpected(dk.error());
+  k->dataset_keys = std::move(*dk);
+  for (const auto& id : k->ids) k->ring.identities.push_back(&id);
+  for (const auto& d : k->dataset_keys) k->ring.dataset_keys.push_back(&d);
+  return k;
+}
+
+// A checkpoint file, opened in memory with the ring when it is sealed; errors name the file.
+Result<train::Checkpoint> read_checkpoint(const std::string& path, const sealed::KeyRing& ring) {
+  Result<train::Checkpoint> parsed = fail(ErrorCode::kInvalidArgument, "not read");
+  if (path.ends_with(".sealed")) {
+    auto plain = open_sealed_file(path, ring, 0);
+    if (!plain) return std::unexpected(plain.error());
+    parsed = train::parse_checkpoint(ByteSpan(plain->data(), plain->size()));
+  } else {
+    auto bytes = read_whole_file(path);
+    if (!bytes) return std::unexpected(bytes.error());
+    parsed = train::parse_checkpoint(*bytes);
+  }
+  if (!parsed) return fail(parsed.error().code, path + ": " + parsed.error().message);
+  return parsed;
+}
+
+// The foreground of a case's labels as 0/1, and the prediction (argmax of two-class logits) as
+// labels (coronary, or body) for NIfTI files and previews.
+std::vector<uint8_t> binary_target(const ct::LabelVolume& l, uint8_t foreground) {
+  std::vector<uint8_t> t(l.data.size());
+  for (size_t v = 0; v < t.size(); ++v) t[v] = l.data[v] == foreground ? 1 : 0;
+  return t;
+}
+ct::LabelVolume predicted_labels(const ct::Prepared& c, const train::Tensor& logits) {
+  ct::LabelVolume pred;
+  pred.dims = c.image.dims;
+  pred.spacing = c.image.spacing;
+  pred.origin = c.image.origin;
+  const size_t m = c.image.size();
+  pred.data.resize(m);
+  for (size_t v = 0; v < m; ++v) pred.data[v] = logits.data[m + v] > logits.data[v] ? ct::kCoronary : ct::kBody;
+  return pred;
 }
 
 // Loss (blue, scaled to its range) and validation Dice (red, 0..1) against the step, 640×320.
@@ -300,17 +359,9 @@ int cmd_train(int argc, char** argv) {
   rv.join_timeout_ms = join_s * 1000;
   // Ranks share the machine's cores unless the configuration says otherwise.
   if (cfg->options.threads == 0 && ranks_per_node > 1) cfg->options.threads = std::max(1u, std::thread::hardware_concurrency() / static_cast<unsigned>(ranks_per_node));
-  std::vector<Identity> ids;
-  for (const auto& p : identities) {
-    auto id = load_identity(p);
-    if (!id) return report(id.error());
-    ids.push_back(std::move(*id));
-  }
-  auto dkeys = load_dataset_keys(key_files, datasets, false);
-  if (!dkeys) return report(dkeys.error());
-  sealed::KeyRing ring;
-  for (const auto& id : ids) ring.identities.push_back(&id);
-  for (const auto& k : *dkeys) ring.dataset_keys.push_back(&k);
+  auto keys = load_keys(identities, key_files, datasets);
+  if (!keys) return report(keys.error());
+  const sealed::KeyRing& ring = (*keys)->ring;
   sealed::SealOptions seal;
   if (!recipients.empty()) {
     auto r = parse_recipients(recipients);
@@ -333,17 +384,8 @@ int cmd_train(int argc, char** argv) {
   if (!net) return report(net.error());
   train::TrainState state;
   if (!resume.empty()) {
-    Result<train::Checkpoint> parsed = fail(ErrorCode::kInvalidArgument, "not read");
-    if (resume.ends_with(".sealed")) {
-      auto plain = open_sealed_file(resume, ring, 0);
-      if (!plain) return report(plain.error());
-      parsed = train::parse_checkpoint(ByteSpan(plain->data(), plain->size()));
-    } else {
-      auto bytes = read_whole_file(resume);
-      if (!bytes) return report(bytes.error());
-      parsed = train::parse_checkpoint(*bytes);
-    }
-    if (!parsed) return report(Error{parsed.error().code, resume + ": " + parsed.error().message});
+    auto parsed = read_checkpoint(resume, ring);
+    if (!parsed) return report(parsed.error());
     const auto& m = cfg->options.model;
     if (parsed->config.levels != m.levels || parsed->config.base_channels != m.base_channels || parsed->config.max_channels != m.max_channels ||
         parsed->config.deep_supervision != m.deep_supervision || parsed->adamw != cfg->options.adamw) {
@@ -381,7 +423,7 @@ int cmd_train(int argc, char** argv) {
   if (!log) return report(Error{log.error().code, rv.size > 1 ? "train: rank " + std::to_string(rv.rank) + ": " + log.error().message : log.error().message});
   if (!lead) return kExitOk;  // rank 0 writes the outputs; every rank holds the same weights
   const fs::path out(cfg->out);
-  auto ck = write_output((out / "checkpoint.tck").string(), train::checkpoint_bytes(*net, state, cfg->options.adamw), seal);
+  auto ck = write_output((out / "checkpoint.tck").string(), train::checkpoint_bytes(*net, state, cfg->options.adamw, cfg->options.patch), seal);
   if (!ck) return report(ck.error());
   nlohmann::json metrics = {{"steps_done", state.step}, {"steps", cfg->options.steps}, {"parameters", net->parameter_count()}, {"ranks", rv.size}, {"loss", log->loss},
                             {"validation_dice", nlohmann::json::array()}, {"seconds", now_seconds() - start}};
@@ -406,18 +448,15 @@ int cmd_train(int argc, char** argv) {
       auto logits = train::sliding_window_logits(*net, train::case_input(c, cfg->options.vesselness_scale), so);
       if (!logits) return report(logits.error());
       const size_t m = c.image.size();
-      std::vector<uint8_t> target(m);
-      for (size_t v = 0; v < m; ++v) target[v] = c.labels->data[v] == cfg->options.foreground_label ? 1 : 0;
+      const std::vector<uint8_t> target = binary_target(*c.labels, cfg->options.foreground_label);
       const double dice = train::dice_of_prediction(*logits, target);
       volume_dice.push_back({{"case", cfg->validation[i]}, {"dice", dice}});
       std::fprintf(stderr, "train: whole-volume validation Dice %.3f on %s\n", dice, cfg->validation[i].c_str());
       if (i == 0) {
         img = c.image;
-        truth = pred = *c.labels;
-        for (size_t v = 0; v < m; ++v) {
-          truth.data[v] = target[v] != 0 ? ct::kCoronary : ct::kBody;
-          pred.data[v] = logits->data[m + v] > logits->data[v] ? ct::kCoronary : ct::kBody;
-        }
+        truth = *c.labels;
+        for (size_t v = 0; v < m; ++v) truth.data[v] = target[v] != 0 ? ct::kCoronary : ct::kBody;
+        pred = predicted_labels(c, *logits);
       }
     }
   } else {
@@ -444,6 +483,99 @@ int cmd_train(int argc, char** argv) {
               static_cast<unsigned long long>(state.step - first_step), now_seconds() - start, rv.size > 1 ? (" on " + std::to_string(rv.size) + " ranks").c_str() : "",
               log->val_dice.front().second, log->val_dice.back().second, fs::path(*ck).filename().c_str(), cfg->out.c_str(), seal.recipients.empty() ? "" : " (sealed)");
   if (auto failed = children.wait_all(); !failed.empty()) return report(Error{ErrorCode::kIo, "train: " + failed});
+  return kExitOk;
+}
+
+// tresor predict: a trained checkpoint applied to whole prepared cases by sliding windows
+// (docs/training.md §10): per case prediction.nii (labels: coronary, or body) and prediction.png
+// (MIPs of the image, the labels when the case has them, the prediction), sealed with -r; the
+// Dice against the case's labels when it has them, in predict.json.
+int cmd_predict(int argc, char** argv) {
+  po::options_description opts("Options");
+  std::string checkpoint, out_dir;
+  std::vector<std::string> cases, identities, key_files, datasets, recipients;
+  size_t tile = 0, batch = 2;
+  unsigned threads = 0;
+  double step = 0.5, vesselness_scale = 5;
+  opts.add_options()
+      ("checkpoint,c", po::value(&checkpoint)->required(), "the trained checkpoint (checkpoint.tck, or .sealed with -i)")
+      ("output,o", po::value(&out_dir)->required(), "output directory (one subdirectory per case)")
+      ("case", po::value(&cases)->composing(), "a directory tresor prep wrote; repeatable (or positional)")
+      ("tile", po::value(&tile)->default_value(0), "sliding-window tile (0: the checkpoint's training patch)")
+      ("step", po::value(&step)->default_value(0.5), "tile step, as a fraction of the tile")
+      ("batch", po::value(&batch)->default_value(2), "tiles per forward pass")
+      ("threads,j", po::value(&threads)->default_value(0), "threads (0: all cores)")
+      ("identity,i", po::value(&identities)->composing(), "identity for sealed inputs and checkpoints; repeatable")
+      ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
+      ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable");
+  po::positional_options_description pos;
+  pos.add("case", -1);
+  po::variables_map vm;
+  if (auto stop = parse_options("predict", "--checkpoint CK -o DIR CASE_DIR... [-i IDENTITY] [-r RECIPIENT]", argc, argv, opts, pos, vm)) return *stop;
+  if (cases.empty()) return usage_error("predict", "no case directory given");
+  auto keys = load_keys(identities, key_files, datasets);
+  if (!keys) return report(keys.error());
+  sealed::SealOptions seal;
+  if (!recipients.empty()) {
+    auto r = parse_recipients(recipients);
+    if (!r) return report(r.error());
+    seal.recipients = std::move(*r);
+  }
+  auto ck = read_checkpoint(checkpoint, (*keys)->ring);
+  if (!ck) return report(ck.error());
+  if (ck->config.in_channels != 2 || ck->config.classes != 2) return report(Error{ErrorCode::kInvalidArgument, checkpoint + ": not a coronary model (2 channels in, 2 classes)"});
+  auto net = train::UNet::create(ck->config, 0);
+  if (!net) return report(net.error());
+  if (auto r = net->set_parameters(ck->parameters); !r) return report(r.error());
+  train::SlidingWindowOptions so;
+  so.tile = tile != 0 ? tile : ck->patch;
+  if (so.tile == 0) return usage_error("predict", checkpoint + " does not record its training patch (format version 1): pass --tile");
+  so.step = step;
+  so.batch = batch;
+  so.threads = threads;
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) return report(Error{ErrorCode::kIo, "cannot create " + out_dir + ": " + ec.message()});
+  nlohmann::json summary = {{"checkpoint", checkpoint}, {"tile", so.tile}, {"step", so.step}, {"cases", nlohmann::json::array()}};
+  std::set<std::string> names;
+  for (const auto& dir : cases) {
+    const std::string name = fs::path(dir).filename().empty() ? fs::path(dir).parent_path().filename().string() : fs::path(dir).filename().string();
+    if (!names.insert(name).second) return usage_error("predict", "two cases are named " + name + ": their outputs would collide");
+    auto c = load_case(dir, (*keys)->ring, threads, false);
+    if (!c) return report(c.error());
+    const double t0 = now_seconds();
+    auto logits = train::sliding_window_logits(*net, train::case_input(*c, vesselness_scale), so);
+    if (!logits) return report(Error{logits.error().code, dir + ": " + logits.error().message});
+    const ct::LabelVolume pred = predicted_labels(*c, *logits);
+    const fs::path o = fs::path(out_dir) / name;
+    fs::create_directories(o, ec);
+    if (ec) return report(Error{ErrorCode::kIo, "cannot create " + o.string() + ": " + ec.message()});
+    auto nii = ct::nifti_bytes(pred);
+    if (!nii) return report(nii.error());
+    if (auto r = write_output((o / "prediction.nii").string(), *nii, seal); !r) return report(r.error());
+    nlohmann::json entry = {{"case", dir}, {"seconds", now_seconds() - t0}, {"foreground_voxels", std::count(pred.data.begin(), pred.data.end(), ct::kCoronary)}};
+    std::vector<ct::PreviewPanel> panels = {{&c->image, -1.0, 3.0, nullptr}};
+    ct::LabelVolume truth;
+    if (c->labels) {
+      const auto target = binary_target(*c->labels, ct::kCoronary);
+      const double dice = train::dice_of_prediction(*logits, target);
+      entry["dice"] = dice;
+      truth = *c->labels;
+      for (size_t v = 0; v < truth.data.size(); ++v) truth.data[v] = target[v] != 0 ? ct::kCoronary : ct::kBody;
+      panels.push_back({nullptr, 0, 1, &truth});
+      std::fprintf(stderr, "predict: %s: Dice %.3f against its labels (%.1f s)\n", name.c_str(), dice, now_seconds() - t0);
+    } else {
+      std::fprintf(stderr, "predict: %s (%.1f s)\n", name.c_str(), now_seconds() - t0);
+    }
+    panels.push_back({nullptr, 0, 1, &pred});
+    auto png = ct::mip_png(panels, 2);
+    if (!png) return report(png.error());
+    if (auto r = write_output((o / "prediction.png").string(), *png, seal); !r) return report(r.error());
+    summary["cases"].push_back(entry);
+  }
+  if (auto r = write_output((fs::path(out_dir) / "predict.json").string(), as_bytes(summary.dump(1) + "\n"), seal); !r) return report(r.error());
+  std::printf("predict: %zu case(s) in %s%s\n", cases.size(), out_dir.c_str(), seal.recipients.empty() ? "" : " (sealed)");
   return kExitOk;
 }
 

@@ -249,13 +249,14 @@ constexpr char kMagic[8] = {'T', 'R', 'E', 'S', 'O', 'R', 'C', 'K'};
 
 }  // namespace
 
-Bytes checkpoint_bytes(const UNet& net, const TrainState& state, bool adamw) {
+Bytes checkpoint_bytes(const UNet& net, const TrainState& state, bool adamw, size_t patch) {
   Bytes b(reinterpret_cast<const std::byte*>(kMagic), reinterpret_cast<const std::byte*>(kMagic) + 8);
   put_u32(b, 2);
   put_u64(b, state.step);
   const UNetConfig& c = net.config();
   for (size_t v : {c.levels, c.base_channels, c.max_channels, c.in_channels, c.classes}) put_u32(b, static_cast<uint32_t>(v));
   put_u32(b, c.deep_supervision ? 1 : 0);  // flags (version 2): bit 0 deep supervision
+  put_u32(b, static_cast<uint32_t>(patch));  // the training patch (version 2)
   put_u32(b, adamw ? 1 : 0);
   put_u64(b, state.adam.t);
   const std::vector<float> p = net.parameters();
@@ -295,10 +296,11 @@ Result<Checkpoint> parse_checkpoint(ByteSpan b) {
   c.config.in_channels = u32();
   c.config.classes = u32();
   if (version >= 2) {
-    TRESOR_TRY(need(4 + 4 + 8 + 8, "the header"));
+    TRESOR_TRY(need(4 + 4 + 4 + 8 + 8, "the header"));
     const uint32_t flags = u32();
     if ((flags & ~1u) != 0) return fail(ErrorCode::kMalformed, "checkpoint: unknown flags " + std::to_string(flags));
     c.config.deep_supervision = (flags & 1) != 0;
+    c.patch = u32();
   }
   const uint32_t opt = u32();
   if (opt > 1) return fail(ErrorCode::kMalformed, "checkpoint: optimizer " + std::to_string(opt) + " is not 0 (SGD) or 1 (AdamW)");

@@ -499,6 +499,37 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   write_file(dir.file("ds.toml"), as_bytes("[model]\nlevels = 3\ndeep_supervision = \"yes\"\n[data]\ntrain = [\"a\"]\nvalidation = [\"b\"]\n[output]\ndir = \"x\"\n"), 0644);
   auto bad_ds = run_tresor({"train", "--config", dir.file("ds.toml")});
   EXPECT_NE(bad_ds.err.find("model.deep_supervision must be true or false"), std::string::npos) << bad_ds.err;
+  // tresor predict with that checkpoint on the validation case: the same whole-volume Dice as the
+  // training run's (the same windows), a NIfTI of the case's size that nibabel reads, a preview;
+  // sealed with -r; errors named.
+  auto predicted = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("pred"), dir.file("prepared/case2")});
+  ASSERT_EQ(predicted.exit_code, 0) << predicted.err;
+  EXPECT_NE(predicted.err.find("predict: case2: Dice "), std::string::npos) << predicted.err;
+  const auto pj = nlohmann::json::parse(to_string(testing::read_file(dir.file("pred/predict.json"))));
+  EXPECT_EQ(pj["tile"], 16) << "the checkpoint's training patch";
+  EXPECT_DOUBLE_EQ(pj["cases"][0]["dice"].get<double>(), volume_dice);
+  const auto nib = testing::run_command({"/usr/bin/python3", "-c",
+                                         "import sys, nibabel, numpy as np\np = nibabel.load(sys.argv[1]).get_fdata()\nl = nibabel.load(sys.argv[2]).get_fdata()\n"
+                                         "print(p.shape == l.shape, sorted(set(np.unique(p).astype(int))))",
+                                         dir.file("pred/case2/prediction.nii"), dir.file("prepared/case2/labels.nii")});
+  ASSERT_EQ(nib.exit_code, 0) << nib.err;
+  EXPECT_TRUE(nib.out.starts_with("True [")) << nib.out;
+  EXPECT_TRUE(std::filesystem::exists(dir.file("pred/case2/prediction.png")));
+  auto sealed_pred = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("spred"), dir.file("prepared/case2"), "-r", recipient, "--step", "1"});
+  ASSERT_EQ(sealed_pred.exit_code, 0) << sealed_pred.err;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir.file("spred"))) {
+    if (e.is_regular_file()) {
+      EXPECT_TRUE(e.path().string().ends_with(".sealed")) << e.path();
+    }
+  }
+  auto no_case = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("x")});
+  EXPECT_EQ(no_case.exit_code, 2);
+  EXPECT_NE(no_case.err.find("no case directory given"), std::string::npos) << no_case.err;
+  auto bad_step = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("x"), dir.file("prepared/case2"), "--step", "0"});
+  EXPECT_NE(bad_step.err.find("the step must be in (0, 1]"), std::string::npos) << bad_step.err;
+  auto not_ck = run_tresor({"predict", "-c", dir.file("whole/metrics.json"), "-o", dir.file("x"), dir.file("prepared/case2")});
+  EXPECT_NE(not_ck.err.find("not a Tresor checkpoint"), std::string::npos) << not_ck.err;
+
   auto bad_fv = run_tresor({"train", "--config", config("fv.toml", "x", "full_volume_validation = 1\n", true)});
   EXPECT_NE(bad_fv.err.find("training.full_volume_validation must be true or false"), std::string::npos) << bad_fv.err;
 

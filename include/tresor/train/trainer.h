@@ -56,9 +56,11 @@ struct TrainState {
 };
 
 /// A checkpoint: the model's configuration and parameters, and the state (docs/training.md §7).
-[[nodiscard]] Bytes checkpoint_bytes(const UNet& net, const TrainState& state, bool adamw);
+/// `patch`: the training patch size, which inference uses as its tile (0: not recorded).
+[[nodiscard]] Bytes checkpoint_bytes(const UNet& net, const TrainState& state, bool adamw, size_t patch = 0);
 struct Checkpoint {
   UNetConfig config;
+  size_t patch = 0;  // 0 in version 1 files
   std::vector<float> parameters;
   TrainState state;
   bool adamw = true;

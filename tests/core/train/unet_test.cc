@@ -170,10 +170,11 @@ TEST(UNet, DeepSupervisionPiecesAndCheckpoints) {
 
   TrainState st;
   st.step = 5;
-  const Bytes ck = checkpoint_bytes(*ds, st, true);
+  const Bytes ck = checkpoint_bytes(*ds, st, true, 32);
   auto back = parse_checkpoint(ck);
   ASSERT_TRUE(back) << back.error().message;
   EXPECT_TRUE(back->config.deep_supervision);
+  EXPECT_EQ(back->patch, 32u);
   EXPECT_EQ(back->parameters, dp);
   Bytes flags = ck;
   flags[40] = std::byte{3};  // the flags field: bit 1 is unknown
@@ -181,10 +182,11 @@ TEST(UNet, DeepSupervisionPiecesAndCheckpoints) {
   // Version 1 (no flags field) from a model without deep supervision.
   Bytes v1 = checkpoint_bytes(*plain, st, true);
   v1[8] = std::byte{1};
-  v1.erase(v1.begin() + 40, v1.begin() + 44);
+  v1.erase(v1.begin() + 40, v1.begin() + 48);  // no flags, no patch
   auto old = parse_checkpoint(v1);
   ASSERT_TRUE(old) << old.error().message;
   EXPECT_FALSE(old->config.deep_supervision);
+  EXPECT_EQ(old->patch, 0u);
   EXPECT_EQ(old->parameters, pp);
 }
 
