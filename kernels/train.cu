@@ -23,6 +23,8 @@
 //  - reductions (bias gradient, instance-norm statistics, loss sums): one block of kReduceThreads
 //    per plane or channel, strided per-thread partials, a fixed pairwise tree in shared memory,
 //    double throughout; deterministic and equal to the emulation's to the bit.
+//  - the U-Net's glue (kernels/unet_gpu.cc): add_kernel (a skip connection's gradient added into
+//    the encoder's) and cudaMemsetAsync for the gradient before a backward pass.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -198,6 +200,10 @@ __global__ void __launch_bounds__(256) loss_grad_kernel(const float* __restrict_
   }
 }
 
+__global__ void __launch_bounds__(256) add_kernel(uint64_t count, const float* __restrict__ d_x, float* __restrict__ d_y) {
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < count; i += uint64_t{gridDim.x} * blockDim.x) d_y[i] += d_x[i];
+}
+
 __global__ void __launch_bounds__(256) sgd_kernel(uint64_t count, float* __restrict__ d_params, const float* __restrict__ d_grads, float* __restrict__ d_velocity,
                                                   uint16_t* __restrict__ d_bf16, SgdConsts k) {
   for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < count; i += uint64_t{gridDim.x} * blockDim.x) {
@@ -302,6 +308,18 @@ CudaStatus adamw_launch(void* stream, uint64_t count, float* d_params, const flo
   if (count == 0) return {};
   adamw_kernel<<<blocks_for(count, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(count, d_params, d_grads, d_m, d_v, d_bf16, k);
   return status("adamw_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
+}
+
+CudaStatus add_launch(void* stream, uint64_t count, const float* d_x, float* d_y) {
+  (void)cudaGetLastError();
+  if (count == 0) return {};
+  add_kernel<<<blocks_for(count, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(count, d_x, d_y);
+  return status("add_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
+}
+
+CudaStatus zero_launch(void* stream, void* d_p, uint64_t bytes) {
+  if (bytes == 0) return {};
+  return status("cudaMemsetAsync", cudaMemsetAsync(d_p, 0, bytes, static_cast<cudaStream_t>(stream)));
 }
 
 }  // namespace tresor::gpu::train::detail

@@ -4,6 +4,9 @@
 // the CUDA shim; without CUDA in the build every device entry returns kUnavailable after its
 // checks, and the emulation still runs.
 //
+// The device-pointer entries run the emulation too when their DeviceStream's backend is
+// kEmulated (host pointers; the U-Net step in unet_gpu.cc is tested that way everywhere).
+//
 // The emulation (Backend::kEmulated) runs kernels/train.cuh's functions — the GEMMs' gathers and
 // stores, the reductions' per-thread partials and tree, the per-voxel and per-parameter formulas —
 // element by element on the CPU, with the kernels' launch geometry (split-K chunks, reduction
@@ -13,6 +16,7 @@
 #include "tresor/gpu/train.h"
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
@@ -201,20 +205,32 @@ void conv_forward_emulated(const ConvShape& s, const ConvGeom& g, const float* x
   gemm_emulated(forward_kind(s), g, gemm_dims(forward_kind(s), g), op);
 }
 
-void conv_backward_emulated(const ConvShape& s, const ConvGeom& g, const float* x, const float* dy, const uint16_t* w, float* dx, float* dweight, float* dbias) {
+void conv_backward_data_emulated(const ConvShape& s, const ConvGeom& g, const float* dy, const uint16_t* w, float* dx) {
   GemmOperands op;
-  op.x = x;
   op.dy = dy;
   op.w = w;
   op.out = dx;
   gemm_emulated(data_kind(s), g, gemm_dims(data_kind(s), g), op);
+}
+
+// `partials` holds the split-K partials (dims.splits·M·N floats), as the device's scratch does.
+void conv_backward_weight_emulated(const ConvShape& s, const ConvGeom& g, const float* x, const float* dy, float* dweight, float* dbias, float* partials) {
+  GemmOperands op;
+  op.x = x;
+  op.dy = dy;
+  op.out = partials;
   const GemmDims dm = gemm_dims(weight_kind(s), g);
   const uint64_t mn = uint64_t{dm.m} * dm.n;
-  std::vector<float> partials(dm.splits * mn);
-  op.out = partials.data();
   gemm_emulated(weight_kind(s), g, dm, op);
-  for (uint64_t i = 0; i < mn; ++i) splitk_accumulate(partials.data(), dm.splits, mn, i, dweight);
+  for (uint64_t i = 0; i < mn; ++i) splitk_accumulate(partials, dm.splits, mn, i, dweight);
   bias_grad_emulated(dy, g.n, g.cout, out_voxels(g), dbias);
+}
+
+void conv_backward_emulated(const ConvShape& s, const ConvGeom& g, const float* x, const float* dy, const uint16_t* w, float* dx, float* dweight, float* dbias) {
+  conv_backward_data_emulated(s, g, dy, w, dx);
+  const GemmDims dm = gemm_dims(weight_kind(s), g);
+  std::vector<float> partials(size_t{dm.splits} * dm.m * dm.n);
+  conv_backward_weight_emulated(s, g, x, dy, dweight, dbias, partials.data());
 }
 
 // The statistics of one plane, as norm_forward_kernel computes them.
@@ -697,31 +713,44 @@ Result<size_t> dice_ce_loss_scratch(const LossShape& s) {
   return sizeof(double) * (size_t{loss_blocks(*g)} + 1) * loss_quantities(*g);
 }
 
+// Each entry: the checks, then the emulation (host pointers, run now) or the launch on the stream.
 #ifdef TRESOR_HAVE_CUDA
+#define TRESOR_ON_DEVICE(st, expr)                              \
+  TRESOR_TRY(cuda(gpu::detail::cuda_set_device((st).device))); \
+  return cuda(expr)
+#else
+#define TRESOR_ON_DEVICE(st, expr) return fail(ErrorCode::kUnavailable, kNoCuda)
+#endif
 
 Result<void> conv_forward_device(DeviceStream st, const ConvShape& s, const float* d_x, const uint16_t* d_w, const float* d_bias, float* d_y) {
   auto g = geometry(s);
   if (!g) return std::unexpected(g.error());
   TRESOR_TRY(check_pointers(layer_name(s), {{"d_x", d_x}, {"d_w", d_w}, {"d_bias", d_bias}, {"d_y", d_y}}));
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
+  if (st.backend == Backend::kEmulated) {
+    conv_forward_emulated(s, *g, d_x, d_w, d_bias, d_y);
+    return {};
+  }
   GemmOperands op;
   op.x = d_x;
   op.w = d_w;
   op.bias = d_bias;
   op.out = d_y;
-  return cuda(detail::gemm_launch(st.stream, forward_kind(s), *g, gemm_dims(forward_kind(s), *g), op));
+  TRESOR_ON_DEVICE(st, detail::gemm_launch(st.stream, forward_kind(s), *g, gemm_dims(forward_kind(s), *g), op));
 }
 
 Result<void> conv_backward_data_device(DeviceStream st, const ConvShape& s, const float* d_dy, const uint16_t* d_w, float* d_dx) {
   auto g = geometry(s);
   if (!g) return std::unexpected(g.error());
   TRESOR_TRY(check_pointers(layer_name(s), {{"d_dy", d_dy}, {"d_w", d_w}, {"d_dx", d_dx}}));
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
+  if (st.backend == Backend::kEmulated) {
+    conv_backward_data_emulated(s, *g, d_dy, d_w, d_dx);
+    return {};
+  }
   GemmOperands op;
   op.dy = d_dy;
   op.w = d_w;
   op.out = d_dx;
-  return cuda(detail::gemm_launch(st.stream, data_kind(s), *g, gemm_dims(data_kind(s), *g), op));
+  TRESOR_ON_DEVICE(st, detail::gemm_launch(st.stream, data_kind(s), *g, gemm_dims(data_kind(s), *g), op));
 }
 
 Result<void> conv_backward_weight_device(DeviceStream st, const ConvShape& s, const float* d_x, const float* d_dy, float* d_dweight, float* d_dbias, void* d_scratch,
@@ -734,6 +763,11 @@ Result<void> conv_backward_weight_device(DeviceStream st, const ConvShape& s, co
   if (scratch_bytes < need) {
     return fail(ErrorCode::kInvalidArgument, std::string(layer_name(s)) + ": scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
   }
+  if (st.backend == Backend::kEmulated) {
+    conv_backward_weight_emulated(s, *g, d_x, d_dy, d_dweight, d_dbias, static_cast<float*>(d_scratch));
+    return {};
+  }
+#ifdef TRESOR_HAVE_CUDA
   TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
   GemmOperands op;
   op.x = d_x;
@@ -742,17 +776,23 @@ Result<void> conv_backward_weight_device(DeviceStream st, const ConvShape& s, co
   TRESOR_TRY(cuda(detail::gemm_launch(st.stream, weight_kind(s), *g, dm, op)));
   TRESOR_TRY(cuda(detail::gemm_splitk_launch(st.stream, op.out, dm.splits, uint64_t{dm.m} * dm.n, d_dweight)));
   return cuda(detail::bias_grad_launch(st.stream, d_dy, g->n, g->cout, out_voxels(*g), d_dbias));
+#else
+  return fail(ErrorCode::kUnavailable, kNoCuda);
+#endif
 }
 
 Result<void> norm_lrelu_forward_device(DeviceStream st, const NormShape& s, const float* d_x, const float* d_gamma, const float* d_beta, float* d_y) {
   TRESOR_TRY(check_norm(s));
   TRESOR_TRY(check_pointers("instance norm", {{"d_x", d_x}, {"d_gamma", d_gamma}, {"d_beta", d_beta}, {"d_y", d_y}}));
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
+  if (st.backend == Backend::kEmulated) {
+    norm_forward_emulated(s, d_x, d_gamma, d_beta, d_y);
+    return {};
+  }
   NormConsts k;
   k.eps = s.eps;
   k.slope = s.slope;
-  return cuda(detail::norm_forward_launch(st.stream, d_x, static_cast<uint32_t>(s.n * s.channels), static_cast<uint32_t>(s.channels), static_cast<uint32_t>(s.spatial),
-                                          d_gamma, d_beta, k, d_y));
+  TRESOR_ON_DEVICE(st, detail::norm_forward_launch(st.stream, d_x, static_cast<uint32_t>(s.n * s.channels), static_cast<uint32_t>(s.channels),
+                                                   static_cast<uint32_t>(s.spatial), d_gamma, d_beta, k, d_y));
 }
 
 Result<void> norm_lrelu_backward_device(DeviceStream st, const NormShape& s, const float* d_x, const float* d_dy, const float* d_gamma, const float* d_beta, float* d_dx,
@@ -763,12 +803,15 @@ Result<void> norm_lrelu_backward_device(DeviceStream st, const NormShape& s, con
   if (scratch_bytes < norm_lrelu_backward_scratch(s)) {
     return fail(ErrorCode::kInvalidArgument, "instance norm backward: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(norm_lrelu_backward_scratch(s)));
   }
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
+  if (st.backend == Backend::kEmulated) {
+    norm_backward_emulated(s, d_x, d_dy, d_gamma, d_beta, d_dx, d_dgamma, d_dbeta);
+    return {};
+  }
   NormConsts k;
   k.eps = s.eps;
   k.slope = s.slope;
-  return cuda(detail::norm_backward_launch(st.stream, d_x, d_dy, static_cast<uint32_t>(s.n * s.channels), static_cast<uint32_t>(s.channels),
-                                           static_cast<uint32_t>(s.spatial), d_gamma, d_beta, k, d_dx, static_cast<double*>(d_scratch), d_dgamma, d_dbeta));
+  TRESOR_ON_DEVICE(st, detail::norm_backward_launch(st.stream, d_x, d_dy, static_cast<uint32_t>(s.n * s.channels), static_cast<uint32_t>(s.channels),
+                                                    static_cast<uint32_t>(s.spatial), d_gamma, d_beta, k, d_dx, static_cast<double*>(d_scratch), d_dgamma, d_dbeta));
 }
 
 Result<LossValues> dice_ce_loss_device(DeviceStream st, const LossShape& s, const float* d_logits, const uint8_t* d_target, double smooth, double dice_weight,
@@ -778,10 +821,12 @@ Result<LossValues> dice_ce_loss_device(DeviceStream st, const LossShape& s, cons
   TRESOR_TRY(check_pointers("loss", {{"d_logits", d_logits}, {"d_target", d_target}, {"d_dlogits", d_dlogits}, {"d_scratch", d_scratch}}));
   const size_t need = sizeof(double) * (size_t{loss_blocks(*g)} + 1) * loss_quantities(*g);
   if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
   LossConsts k;
   k.smooth = smooth;
   k.dice_weight = dice_weight;
+  if (st.backend == Backend::kEmulated) return loss_values(*g, loss_emulated(*g, d_logits, d_target, k, d_dlogits), smooth, dice_weight);
+#ifdef TRESOR_HAVE_CUDA
+  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
   auto* partials = static_cast<double*>(d_scratch);
   double* d_totals = partials + size_t{loss_blocks(*g)} * loss_quantities(*g);
   TRESOR_TRY(cuda(detail::loss_launch(st.stream, d_logits, d_target, *g, k, partials, d_totals, d_dlogits)));
@@ -789,61 +834,87 @@ Result<LossValues> dice_ce_loss_device(DeviceStream st, const LossShape& s, cons
   TRESOR_TRY(cuda(gpu::detail::cuda_copy_async(st.stream, totals.data(), d_totals, sizeof(double) * totals.size(), gpu::detail::kDeviceToHost)));
   TRESOR_TRY(cuda(gpu::detail::cuda_stream_sync(st.stream)));
   return loss_values(*g, totals, smooth, dice_weight);
+#else
+  return fail(ErrorCode::kUnavailable, kNoCuda);
+#endif
 }
 
 Result<void> sgd_step_device(DeviceStream st, size_t count, float* d_params, const float* d_grads, float* d_velocity, uint16_t* d_bf16, double lr, double momentum,
                              double weight_decay, bool nesterov) {
   if (count > 0) TRESOR_TRY(check_pointers("sgd", {{"d_params", d_params}, {"d_grads", d_grads}, {"d_velocity", d_velocity}}));
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
-  return cuda(detail::sgd_launch(st.stream, count, d_params, d_grads, d_velocity, d_bf16, sgd_consts(lr, momentum, weight_decay, nesterov)));
+  const SgdConsts k = sgd_consts(lr, momentum, weight_decay, nesterov);
+  if (st.backend == Backend::kEmulated) {
+    for (size_t i = 0; i < count; ++i) {
+      const uint16_t b = sgd_update(&d_params[i], d_grads[i], &d_velocity[i], k);
+      if (d_bf16 != nullptr) d_bf16[i] = b;
+    }
+    return {};
+  }
+  TRESOR_ON_DEVICE(st, detail::sgd_launch(st.stream, count, d_params, d_grads, d_velocity, d_bf16, k));
 }
 
 Result<void> adamw_step_device(DeviceStream st, size_t count, float* d_params, const float* d_grads, float* d_m, float* d_v, uint16_t* d_bf16, double lr, double beta1,
                                double beta2, double eps, double weight_decay, uint64_t step) {
   if (step == 0) return fail(ErrorCode::kInvalidArgument, "adamw: step = 0; the first step is 1");
   if (count > 0) TRESOR_TRY(check_pointers("adamw", {{"d_params", d_params}, {"d_grads", d_grads}, {"d_m", d_m}, {"d_v", d_v}}));
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
-  return cuda(detail::adamw_launch(st.stream, count, d_params, d_grads, d_m, d_v, d_bf16, adamw_consts(lr, beta1, beta2, eps, weight_decay, step)));
+  const AdamWConsts k = adamw_consts(lr, beta1, beta2, eps, weight_decay, step);
+  if (st.backend == Backend::kEmulated) {
+    for (size_t i = 0; i < count; ++i) {
+      const uint16_t b = adamw_update(&d_params[i], d_grads[i], &d_m[i], &d_v[i], k);
+      if (d_bf16 != nullptr) d_bf16[i] = b;
+    }
+    return {};
+  }
+  TRESOR_ON_DEVICE(st, detail::adamw_launch(st.stream, count, d_params, d_grads, d_m, d_v, d_bf16, k));
 }
 
-#else  // no CUDA in this build: the same checks, then kUnavailable.
-
-Result<void> conv_forward_device(DeviceStream, const ConvShape& s, const float*, const uint16_t*, const float*, float*) {
-  auto g = geometry(s);
-  if (!g) return std::unexpected(g.error());
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-Result<void> conv_backward_data_device(DeviceStream, const ConvShape& s, const float*, const uint16_t*, float*) {
-  auto g = geometry(s);
-  if (!g) return std::unexpected(g.error());
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-Result<void> conv_backward_weight_device(DeviceStream, const ConvShape& s, const float*, const float*, float*, float*, void*, size_t) {
-  auto g = geometry(s);
-  if (!g) return std::unexpected(g.error());
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-Result<void> norm_lrelu_forward_device(DeviceStream, const NormShape& s, const float*, const float*, const float*, float*) {
-  TRESOR_TRY(check_norm(s));
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-Result<void> norm_lrelu_backward_device(DeviceStream, const NormShape& s, const float*, const float*, const float*, const float*, float*, float*, float*, void*, size_t) {
-  TRESOR_TRY(check_norm(s));
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-Result<LossValues> dice_ce_loss_device(DeviceStream, const LossShape& s, const float*, const uint8_t*, double smooth, double, float*, void*, size_t) {
-  auto g = loss_geometry(s, smooth);
-  if (!g) return std::unexpected(g.error());
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-Result<void> sgd_step_device(DeviceStream, size_t, float*, const float*, float*, uint16_t*, double, double, double, bool) {
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-Result<void> adamw_step_device(DeviceStream, size_t, float*, const float*, float*, float*, uint16_t*, double, double, double, double, double, uint64_t step) {
-  if (step == 0) return fail(ErrorCode::kInvalidArgument, "adamw: step = 0; the first step is 1");
-  return fail(ErrorCode::kUnavailable, kNoCuda);
-}
-
+Result<void> copy_channels_device(DeviceStream st, const ChannelCopy& c, const float* d_src, float* d_dst) {
+  if (c.src_first + c.channels > c.src_channels) {
+    return fail(ErrorCode::kInvalidArgument, "copy channels: src_first + channels = " + str(c.src_first + c.channels) + " > src_channels = " + str(c.src_channels));
+  }
+  if (c.dst_first + c.channels > c.dst_channels) {
+    return fail(ErrorCode::kInvalidArgument, "copy channels: dst_first + channels = " + str(c.dst_first + c.channels) + " > dst_channels = " + str(c.dst_channels));
+  }
+  if (c.n == 0 || c.channels == 0 || c.spatial == 0) return {};
+  TRESOR_TRY(check_pointers("copy channels", {{"d_src", d_src}, {"d_dst", d_dst}}));
+  const size_t block = c.channels * c.spatial;
+  for (size_t b = 0; b < c.n; ++b) {
+    const float* from = d_src + (b * c.src_channels + c.src_first) * c.spatial;
+    float* to = d_dst + (b * c.dst_channels + c.dst_first) * c.spatial;
+    if (st.backend == Backend::kEmulated) {
+      std::memcpy(to, from, block * sizeof(float));
+      continue;
+    }
+#ifdef TRESOR_HAVE_CUDA
+    if (b == 0) TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
+    TRESOR_TRY(cuda(gpu::detail::cuda_copy_async(st.stream, to, from, block * sizeof(float), gpu::detail::kDeviceToDevice)));
+#else
+    return fail(ErrorCode::kUnavailable, kNoCuda);
 #endif
+  }
+  return {};
+}
+
+Result<void> add_device(DeviceStream st, size_t count, const float* d_x, float* d_y) {
+  if (count == 0) return {};
+  TRESOR_TRY(check_pointers("add", {{"d_x", d_x}, {"d_y", d_y}}));
+  if (st.backend == Backend::kEmulated) {
+    for (size_t i = 0; i < count; ++i) d_y[i] += d_x[i];
+    return {};
+  }
+  TRESOR_ON_DEVICE(st, detail::add_launch(st.stream, count, d_x, d_y));
+}
+
+Result<void> zero_device(DeviceStream st, void* d_p, size_t bytes) {
+  if (bytes == 0) return {};
+  TRESOR_TRY(check_pointers("zero", {{"d_p", d_p}}));
+  if (st.backend == Backend::kEmulated) {
+    std::memset(d_p, 0, bytes);
+    return {};
+  }
+  TRESOR_ON_DEVICE(st, detail::zero_launch(st.stream, d_p, bytes));
+}
+
+#undef TRESOR_ON_DEVICE
 
 }  // namespace tresor::gpu::train

@@ -44,4 +44,11 @@ CudaStatus loss_launch(void* stream, const float* d_logits, const uint8_t* d_tar
 CudaStatus sgd_launch(void* stream, uint64_t count, float* d_params, const float* d_grads, float* d_velocity, uint16_t* d_bf16, SgdConsts k);
 CudaStatus adamw_launch(void* stream, uint64_t count, float* d_params, const float* d_grads, float* d_m, float* d_v, uint16_t* d_bf16, AdamWConsts k);
 
+/// d_y[i] += d_x[i] for i < count: a skip connection's gradient added into the encoder's (one
+/// float addition per element, as the reference's add).
+CudaStatus add_launch(void* stream, uint64_t count, const float* d_x, float* d_y);
+/// Zeroes `bytes` at d_p on the stream (cudaMemsetAsync): a gradient before the backward pass
+/// accumulates into it.
+CudaStatus zero_launch(void* stream, void* d_p, uint64_t bytes);
+
 }  // namespace tresor::gpu::train::detail

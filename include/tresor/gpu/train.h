@@ -85,10 +85,16 @@ struct Where {
 // caller synchronises, except dice_ce_loss_device, which waits for its sums. Every pointer is
 // device memory of that device, float unless said otherwise; weights are bf16 bit patterns.
 // The checks come first (kInvalidArgument naming the field), then kUnavailable for CUDA failures.
+//
+// With `backend` = kEmulated every pointer is host memory and each call runs the kernels' CPU
+// emulation (the host-tensor entries' kEmulated path) before it returns; `device` and `stream`
+// are ignored. Orchestration written against this API (tresor/gpu/unet.h) is thereby tested on
+// machines without a GPU.
 
 struct DeviceStream {
   int device = 0;
   void* stream = nullptr;
+  Backend backend = Backend::kDevice;
 };
 
 /// A convolution: input n×cin×d×h×w, weight as the reference's layer (Conv3d [cout][cin][k³],
@@ -145,5 +151,20 @@ struct LossValues {
 /// `step` is the step number t ≥ 1 after this step (the reference increments it first).
 [[nodiscard]] Result<void> adamw_step_device(DeviceStream s, size_t count, float* d_params, const float* d_grads, float* d_m, float* d_v, uint16_t* d_bf16,
                                              double lr, double beta1, double beta2, double eps, double weight_decay, uint64_t step);
+
+/// The glue between layers. copy_channels_device: for every sample b < n and channel c <
+/// channels, dst[b][dst_first + c][·] = src[b][src_first + c][·] (`spatial` floats per channel;
+/// src has src_channels channels per sample, dst dst_channels): the concatenation's halves and
+/// the split of its gradient. One copy per sample (cudaMemcpyAsync, device to device).
+struct ChannelCopy {
+  size_t n = 0, channels = 0, spatial = 0;
+  size_t src_channels = 0, src_first = 0;
+  size_t dst_channels = 0, dst_first = 0;
+};
+[[nodiscard]] Result<void> copy_channels_device(DeviceStream s, const ChannelCopy& copy, const float* d_src, float* d_dst);
+/// d_y[i] += d_x[i] for i < count (a skip connection's gradient added into the encoder's).
+[[nodiscard]] Result<void> add_device(DeviceStream s, size_t count, const float* d_x, float* d_y);
+/// Zeroes `bytes` bytes at d_p (a gradient before the backward pass accumulates into it).
+[[nodiscard]] Result<void> zero_device(DeviceStream s, void* d_p, size_t bytes);
 
 }  // namespace tresor::gpu::train

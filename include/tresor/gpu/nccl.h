@@ -1,0 +1,48 @@
+// tresor/gpu/nccl.h — collectives over GPU memory for data-parallel training on GPUs (issue 9,
+// docs/training.md §5): NCCL, one rank per GPU. The ranks find each other through any CPU
+// Collective (the TCP one between the processes of a Slurm step): rank 0 draws NCCL's unique id
+// and broadcasts it — NCCL's own recommended bootstrap ("ncclGetUniqueId … broadcast to all
+// ranks", NCCL's documentation, "Creating a communicator").
+//
+// NCCL's reductions are not added in rank order as the CPU backends' are: their order is fixed by
+// NCCL's algorithm for a given topology and size (the same on every rank and from run to run on
+// the same machine), so GPU and CPU data parallelism agree to float rounding, not bit for bit.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <memory>
+
+#include "tresor/error.h"
+#include "tresor/train/collective.h"
+
+namespace tresor::gpu {
+
+class DeviceCollective {
+ public:
+  virtual ~DeviceCollective() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual int device() const = 0;
+  /// Sums `count` floats at `d_data` (this rank's GPU's memory) over the ranks, in place, queued on
+  /// `stream` (a cudaStream_t; nullptr: the default stream). Every rank makes the same calls in
+  /// the same order. kUnavailable names NCCL's error.
+  [[nodiscard]] virtual Result<void> all_reduce_sum(float* d_data, size_t count, void* stream) = 0;
+  /// `root`'s `count` floats at `d_data` to every rank.
+  [[nodiscard]] virtual Result<void> broadcast(float* d_data, size_t count, int root, void* stream) = 0;
+};
+
+/// NCCL's unique id (128 bytes) from rank 0 to every rank of `bootstrap`: rank 0 passes its id,
+/// the others receive it into theirs (byte by byte as floats 0..255, which the CPU collectives
+/// carry exactly).
+[[nodiscard]] Result<void> share_unique_id(train::Collective& bootstrap, std::array<std::byte, 128>& id);
+
+/// Whether this build has NCCL.
+bool nccl_built();
+
+/// One rank per GPU over the ranks of `bootstrap`, this rank on CUDA device `device` (Slurm:
+/// SLURM_LOCALID). kUnavailable when the build has no NCCL, no such device exists, or NCCL fails
+/// (its error named); every rank must call it.
+[[nodiscard]] Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device);
+
+}  // namespace tresor::gpu

@@ -1,0 +1,86 @@
+// tresor/gpu/unet.h — the 3D U-Net's training step on a CUDA device (issue 9): the network of
+// tresor/train/unet.h (nnU-Net's PlainConvUNet, which specifies it) run over the device-pointer
+// layers of tresor/gpu/train.h, with Backend::kEmulated running the same orchestration on the
+// kernels' CPU emulation (host memory standing in for device memory), so that the buffer layout,
+// the layer order, the skip connections and the parameter offsets are tested on every machine.
+//
+// Memory: the parameters as fp32 master weights (parameters()' flat layout, the CPU UNet's, so
+// checkpoints are interchangeable), the bf16 copy the convolutions read (refreshed by each
+// optimizer step), the flat gradient, the optimizer's state (created zeroed at its first step).
+// Activations kept for backward, gradient scratch and the kernels' scratch are allocated for an
+// input shape at its first forward and reused until the shape changes. Device memory is zeroed
+// before it is freed (training data is patient data); the emulation's host buffers likewise.
+//
+// Numerics: every convolution reads bf16 operands and accumulates in fp32 (see train.h), the
+// norm, loss and optimizers are the reference's expressions; so logits and gradients match the
+// CPU UNet within a bf16 bound amplified through the network's depth (tests/kernels/
+// unet_gpu_test.cc derives and measures it), and an optimizer step on the same gradient matches
+// Sgd/AdamW's to the bit.
+//
+// Not supported yet: deep supervision (create refuses a config with it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "tresor/error.h"
+#include "tresor/gpu/train.h"
+#include "tresor/train/layers.h"
+#include "tresor/train/unet.h"
+
+namespace tresor::gpu::train {
+
+class GpuUNet {
+ public:
+  /// The network of `cpu_net` (its configuration, its current parameters) on `where`: a device
+  /// (kUnavailable without CUDA or without a device of compute capability 8.0 or newer) or the
+  /// emulation. kInvalidArgument for a configuration this class cannot run (deep supervision).
+  [[nodiscard]] static Result<GpuUNet> create(const tresor::train::UNet& cpu_net, Where where);
+
+  GpuUNet(GpuUNet&&) noexcept;
+  GpuUNet& operator=(GpuUNet&&) noexcept;
+  ~GpuUNet();
+
+  const tresor::train::UNetConfig& config() const;
+  Where where() const;
+  size_t parameter_count() const;
+
+  /// Logits [n, classes, d, h, w] for x [n, in_channels, d, h, w] (d, h, w multiples of
+  /// 2^(levels−1)), as UNet::forward; keeps the activations for loss_and_backward. A new input
+  /// shape reallocates the activations. kInvalidArgument names the field as UNet::forward does.
+  [[nodiscard]] Result<tresor::train::Tensor> forward(const tresor::train::Tensor& x);
+  /// dice_ce_loss (train.h) of the last forward's logits against `target` (n·d·h·w classes),
+  /// then the backward pass: the flat gradient (parameters()' layout, overwritten) stays on the
+  /// device for the next optimizer step; gradients() reads it. kInvalidArgument before any
+  /// forward ("backward before forward") or for targets of the wrong size or class.
+  [[nodiscard]] Result<LossValues> loss_and_backward(const std::vector<uint8_t>& target, double smooth = 1e-5, double dice_weight = 1.0);
+
+  /// One optimizer step over the flat parameters with the last gradient, in one launch, refreshing
+  /// the bf16 copy; the state (velocity; m, v and the step count) lives on the device. Defaults
+  /// are the reference's (tresor::train::Sgd, AdamW). kInvalidArgument before any backward.
+  [[nodiscard]] Result<void> sgd_step(double lr, double momentum = 0.99, double weight_decay = 3e-5, bool nesterov = true);
+  [[nodiscard]] Result<void> adamw_step(double lr, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.01);
+
+  /// The fp32 master parameters, UNet::parameters()' layout (UNet::set_parameters takes them).
+  [[nodiscard]] Result<std::vector<float>> parameters() const;
+  /// Replaces the parameters (and their bf16 copy); kInvalidArgument for a wrong count.
+  [[nodiscard]] Result<void> set_parameters(const std::vector<float>& flat);
+  /// The last loss_and_backward's flat gradient.
+  [[nodiscard]] Result<std::vector<float>> gradients() const;
+  /// The optimizers' state, as the reference's structs hold it (for checkpoints): velocity
+  /// (empty before the first SGD step); m, v (empty before the first AdamW step) and t. The
+  /// hyperparameters are left as `into` has them. The setters load such a state (sizes checked;
+  /// empty vectors: start from zero).
+  [[nodiscard]] Result<void> sgd_state(tresor::train::Sgd& into) const;
+  [[nodiscard]] Result<void> adamw_state(tresor::train::AdamW& into) const;
+  [[nodiscard]] Result<void> set_sgd_state(const tresor::train::Sgd& from);
+  [[nodiscard]] Result<void> set_adamw_state(const tresor::train::AdamW& from);
+
+ private:
+  struct Impl;
+  explicit GpuUNet(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tresor::gpu::train

@@ -1,0 +1,111 @@
+// NCCL collectives over GPU memory (include/tresor/gpu/nccl.h). Compiled with NCCL where the
+// build found it (TRESOR_HAVE_NCCL); the bootstrap exchange is plain C++ and runs everywhere.
+#include "tresor/gpu/nccl.h"
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifdef TRESOR_HAVE_NCCL
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#endif
+
+namespace tresor::gpu {
+
+Result<void> share_unique_id(train::Collective& bootstrap, std::array<std::byte, 128>& id) {
+  std::vector<float> v(id.size());
+  if (bootstrap.rank() == 0) {
+    for (size_t i = 0; i < id.size(); ++i) v[i] = static_cast<float>(std::to_integer<unsigned>(id[i]));
+  }
+  TRESOR_TRY(bootstrap.broadcast(v, 0));
+  for (size_t i = 0; i < id.size(); ++i) {
+    if (!(v[i] >= 0 && v[i] <= 255) || v[i] != static_cast<float>(static_cast<unsigned>(v[i]))) {
+      return fail(ErrorCode::kInvalidArgument, "nccl: the unique id arrived damaged at byte " + std::to_string(i));
+    }
+    id[i] = static_cast<std::byte>(static_cast<unsigned>(v[i]));
+  }
+  return {};
+}
+
+#ifdef TRESOR_HAVE_NCCL
+
+bool nccl_built() { return true; }
+
+namespace {
+
+Result<void> nccl(ncclResult_t r, const char* what) {
+  if (r != ncclSuccess) return fail(ErrorCode::kUnavailable, std::string("nccl: ") + what + ": " + ncclGetErrorString(r));
+  return {};
+}
+Result<void> cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) return fail(ErrorCode::kUnavailable, std::string("nccl: ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+  return {};
+}
+
+class Nccl final : public DeviceCollective {
+ public:
+  Nccl(ncclComm_t comm, int rank, int size, int device) : comm_(comm), rank_(rank), size_(size), device_(device) {}
+  ~Nccl() override {
+    (void)cudaSetDevice(device_);
+    (void)ncclCommDestroy(comm_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  int device() const override { return device_; }
+  Result<void> all_reduce_sum(float* d, size_t count, void* stream) override {
+    TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
+    return nccl(ncclAllReduce(d, d, count, ncclFloat32, ncclSum, comm_, static_cast<cudaStream_t>(stream)), "ncclAllReduce");
+  }
+  Result<void> broadcast(float* d, size_t count, int root, void* stream) override {
+    if (root < 0 || root >= size_) return fail(ErrorCode::kInvalidArgument, "nccl: broadcast root " + std::to_string(root) + " is not a rank");
+    TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
+    return nccl(ncclBroadcast(d, d, count, ncclFloat32, root, comm_, static_cast<cudaStream_t>(stream)), "ncclBroadcast");
+  }
+
+ private:
+  ncclComm_t comm_;
+  int rank_, size_, device_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device) {
+  int count = 0;
+  // Every rank takes part in the id exchange even when its own device is missing, so that the
+  // others fail at NCCL's initialisation instead of waiting in the broadcast.
+  const cudaError_t probe = cudaGetDeviceCount(&count);
+  std::array<std::byte, 128> id{};
+  Result<void> local{};
+  if (probe != cudaSuccess) {
+    local = cuda(probe, "no CUDA device");
+  } else if (device < 0 || device >= count) {
+    local = fail(ErrorCode::kUnavailable, "nccl: CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) + " here)");
+  }
+  if (bootstrap.rank() == 0 && local) {
+    ncclUniqueId u;
+    local = nccl(ncclGetUniqueId(&u), "ncclGetUniqueId");
+    if (local) std::memcpy(id.data(), u.internal, id.size());
+  }
+  TRESOR_TRY(share_unique_id(bootstrap, id));
+  if (!local) return std::unexpected(local.error());
+  TRESOR_TRY(cuda(cudaSetDevice(device), "cudaSetDevice"));
+  ncclUniqueId u;
+  std::memcpy(u.internal, id.data(), id.size());
+  ncclComm_t comm = nullptr;
+  TRESOR_TRY(nccl(ncclCommInitRank(&comm, bootstrap.size(), u, bootstrap.rank()), "ncclCommInitRank"));
+  return std::unique_ptr<DeviceCollective>(std::make_unique<Nccl>(comm, bootstrap.rank(), bootstrap.size(), device));
+}
+
+#else
+
+bool nccl_built() { return false; }
+
+Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int) {
+  (void)bootstrap;
+  return fail(ErrorCode::kUnavailable, "nccl: this build has no NCCL (CUDA toolkit with NCCL not found at configure time)");
+}
+
+#endif
+
+}  // namespace tresor::gpu
