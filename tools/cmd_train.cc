@@ -24,6 +24,7 @@
 #include "cli.h"
 #include "options.h"
 #include "tresor/ct/preview.h"
+#include "tresor/gpu/trainer.h"
 #include "tresor/train/inference.h"
 #include "tresor/train/trainer.h"
 
@@ -308,6 +309,7 @@ int cmd_train(int argc, char** argv) {
       ("ranks", po::value<int>(), "data-parallel ranks on this machine; without --rank, this process starts the others (default: SLURM_NTASKS in a Slurm step, else 1)")
       ("rank", po::value<int>(), "run as this one rank of --ranks (default: SLURM_PROCID)")
       ("rendezvous", po::value<std::string>(), "a directory private to the job where the ranks meet (default: output.dir)")
+      ("device", po::value<std::string>()->default_value("cpu"), "where the step runs: cpu (the reference), cuda:N (the GPU trainer), emulated (the GPU trainer on its CPU emulation; slow)")
       ("join-timeout", po::value<int>()->default_value(120), "seconds the ranks wait for each other to appear")
       ("run-id", po::value<std::string>(), "tells runs sharing the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID, or \"local\")");
   po::variables_map vm;
@@ -315,6 +317,19 @@ int cmd_train(int argc, char** argv) {
   auto cfg = parse_config(config_path);
   if (!cfg) return report(cfg.error());
   if (vm.count("stop-after")) cfg->options.stop_after = vm["stop-after"].as<size_t>();
+  // Where the step runs (docs/training.md §12).
+  const std::string device = vm["device"].as<std::string>();
+  std::optional<gpu::train::Where> gpu_where;
+  if (device == "emulated") {
+    gpu_where = gpu::train::Where{gpu::train::Backend::kEmulated, 0};
+  } else if (device.starts_with("cuda:") && device.size() > 5 && device.size() < 9 && device.find_first_not_of("0123456789", 5) == std::string::npos) {
+    gpu_where = gpu::train::Where{gpu::train::Backend::kDevice, std::stoi(device.substr(5))};
+    auto ok = gpu::train::available(gpu_where->device);
+    if (!ok) return report(Error{ok.error().code, "train: --device " + device + ": " + ok.error().message});
+    if (!*ok) return report(Error{ErrorCode::kUnavailable, "train: --device " + device + ": no such CUDA device, or one older than compute capability 8.0"});
+  } else if (device != "cpu") {
+    return usage_error("train", "--device must be cpu, cuda:N or emulated, not '" + device + "'");
+  }
   // Data parallelism (docs/training.md §5): the ranks from the flags, or from Slurm's step.
   train::Rendezvous rv;
   rv.directory = vm.count("rendezvous") ? vm["rendezvous"].as<std::string>() : cfg->out;
@@ -409,23 +424,23 @@ int cmd_train(int argc, char** argv) {
   const double start = now_seconds();
   const uint64_t first_step = state.step;
   double last_dice = -1;
-  auto log = train::train_unet(*net, tr, va, cfg->options,
-                               [&](size_t step, double loss, double dice) {
-                                 if (dice >= 0) last_dice = dice;
-                                 const double rate = static_cast<double>(step - first_step) / std::max(now_seconds() - start, 1e-9);
-                                 if (lead && (tty || dice >= 0)) {
-                                   std::fprintf(stderr, "%strain: step %zu/%zu, %.2f it/s, loss %.4f, validation Dice %s%s", tty ? "\r" : "", step, cfg->options.steps, rate,
-                                                loss, last_dice >= 0 ? std::to_string(last_dice).substr(0, 5).c_str() : "-", tty ? "\x1b[K" : "\n");
-                                 }
-                               },
-                               &state);
+  const train::TrainProgress progress = [&](size_t step, double loss, double dice) {
+    if (dice >= 0) last_dice = dice;
+    const double rate = static_cast<double>(step - first_step) / std::max(now_seconds() - start, 1e-9);
+    if (lead && (tty || dice >= 0)) {
+      std::fprintf(stderr, "%strain: step %zu/%zu, %.2f it/s, loss %.4f, validation Dice %s%s", tty ? "\r" : "", step, cfg->options.steps, rate, loss,
+                   last_dice >= 0 ? std::to_string(last_dice).substr(0, 5).c_str() : "-", tty ? "\x1b[K" : "\n");
+    }
+  };
+  auto log = gpu_where ? gpu::train::train_unet_gpu(*net, tr, va, cfg->options, *gpu_where, progress, &state)
+                       : train::train_unet(*net, tr, va, cfg->options, progress, &state);
   if (tty && lead) std::fputc('\n', stderr);
   if (!log) return report(Error{log.error().code, rv.size > 1 ? "train: rank " + std::to_string(rv.rank) + ": " + log.error().message : log.error().message});
   if (!lead) return kExitOk;  // rank 0 writes the outputs; every rank holds the same weights
   const fs::path out(cfg->out);
   auto ck = write_output((out / "checkpoint.tck").string(), train::checkpoint_bytes(*net, state, cfg->options.adamw, cfg->options.patch), seal);
   if (!ck) return report(ck.error());
-  nlohmann::json metrics = {{"steps_done", state.step}, {"steps", cfg->options.steps}, {"parameters", net->parameter_count()}, {"ranks", rv.size}, {"loss", log->loss},
+  nlohmann::json metrics = {{"steps_done", state.step}, {"steps", cfg->options.steps}, {"parameters", net->parameter_count()}, {"ranks", rv.size}, {"device", device}, {"loss", log->loss},
                             {"validation_dice", nlohmann::json::array()}, {"seconds", now_seconds() - start}};
   for (const auto& [s, d] : log->val_dice) metrics["validation_dice"].push_back({s, d});
   auto curves = curves_png(*log, cfg->options.steps);

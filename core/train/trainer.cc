@@ -65,6 +65,29 @@ void build_validation(const std::vector<CaseSampler>& va, const TrainerOptions& 
 
 }  // namespace
 
+struct PatchSource::Impl {
+  std::vector<CaseSampler> cases;
+  TrainerOptions options;
+};
+
+Result<PatchSource> PatchSource::create(const std::vector<const ct::Prepared*>& cases, const TrainerOptions& o) {
+  if (cases.empty()) return fail(ErrorCode::kInvalidArgument, "train: no training case");
+  auto s = make_samplers(cases, true, o);
+  if (!s) return std::unexpected(s.error());
+  auto impl = std::make_shared<Impl>();
+  impl->cases = std::move(*s);
+  impl->options = o;
+  impl->options.collective = nullptr;
+  PatchSource p;
+  p.impl_ = std::move(impl);
+  return p;
+}
+
+void PatchSource::fill_step(size_t step, size_t lo, size_t hi, Tensor& x, std::vector<uint8_t>& y) const {
+  const TrainerOptions& o = impl_->options;
+  for (size_t b = lo; b < hi; ++b) fill(impl_->cases[(step * o.batch + b) % impl_->cases.size()], o.seed, step * o.batch + b, b - lo, o, x, y);
+}
+
 Result<std::pair<Tensor, std::vector<uint8_t>>> validation_batch(const std::vector<const ct::Prepared*>& cases, const TrainerOptions& o) {
   if (cases.empty() || o.validation_patches == 0) return fail(ErrorCode::kInvalidArgument, "train: no validation case or patch");
   auto va = make_samplers(cases, false, o);
@@ -158,7 +181,7 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
   if (o.validation_patches < ranks) {
     return fail(ErrorCode::kInvalidArgument, "train: " + std::to_string(o.validation_patches) + " validation patches cannot be shared by " + std::to_string(ranks) + " ranks");
   }
-  auto tr = make_samplers(train, true, o);
+  auto tr = PatchSource::create(train, o);
   if (!tr) return std::unexpected(tr.error());
   auto va = make_samplers(validation, false, o);
   if (!va) return std::unexpected(va.error());
@@ -198,7 +221,7 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
   if (comm != nullptr) across = [comm](std::span<double> stats) { return comm->all_reduce_sum(stats); };
   const size_t end = o.stop_after == 0 ? o.steps : std::min(o.stop_after, o.steps);
   for (size_t step = st.step; step < end; ++step) {
-    for (size_t b = lo; b < hi; ++b) fill((*tr)[(step * o.batch + b) % tr->size()], o.seed, step * o.batch + b, b - lo, o, x, y);
+    tr->fill_step(step, lo, hi, x, y);
     auto outs = net.forward_outputs(x, o.threads);
     if (!outs) return std::unexpected(outs.error());
     auto loss = deep_supervision_loss(*outs, y, o.threads, across);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "tresor/ct/augment.h"
@@ -78,6 +79,21 @@ using TrainProgress = std::function<void(size_t, double, double)>;
 /// With `state`, training continues from state->step (to options.steps) and leaves the state there.
 [[nodiscard]] Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>& train, const std::vector<const ct::Prepared*>& validation,
                                              const TrainerOptions& options, const TrainProgress& progress = {}, TrainState* state = nullptr);
+
+/// The training patches train_unet draws (foreground-biased crops and augmentation of the cases,
+/// seeded by the step): any trainer that uses it sees exactly the CPU trainer's data. kInvalidArgument
+/// names a case without labels or a patch that does not fit.
+class PatchSource {
+ public:
+  [[nodiscard]] static Result<PatchSource> create(const std::vector<const ct::Prepared*>& cases, const TrainerOptions& options);
+  /// Slots [lo, hi) of training step `step`'s global batch of options.batch patches into x
+  /// [hi − lo, 2, P, P, P] and the binary targets y [(hi − lo)·P³].
+  void fill_step(size_t step, size_t lo, size_t hi, Tensor& x, std::vector<uint8_t>& y) const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
 
 /// The validation batch train_unet uses: options.validation_patches patches centred on the
 /// foreground, round-robin over the cases, no augmentation; inputs [n, 2, P, P, P] and binary
