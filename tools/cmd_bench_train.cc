@@ -11,6 +11,7 @@
 
 #include "cli.h"
 #include "options.h"
+#include "tresor/gpu/trainer.h"
 #include "tresor/splitmix.h"
 #include "tresor/thread_pool.h"
 #include "tresor/train/unet.h"
@@ -24,8 +25,17 @@ namespace {
 constexpr const char* kTorchBaseline = R"PY(
 import sys, time, torch, torch.nn as nn
 levels, base, maxc, patch, batch, threads, steps, conv_c, conv_p = map(int, sys.argv[1:10])
+dev = sys.argv[10] if len(sys.argv) > 10 else "cpu"
+if dev == "cuda" and not torch.cuda.is_available():
+    print("unavailable")
+    sys.exit(0)
 torch.set_num_threads(threads)
 torch.manual_seed(1)
+if dev == "cuda":
+    torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithms, as nnU-Net lets it
+# On the GPU: cuDNN with bf16 autocast, as nnU-Net trains (its own choice is fp16 autocast).
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev == "cuda" else (lambda: torch.autocast("cpu", enabled=False))
 w = lambda s: min(base << s, maxc)
 def block(ci, co, stride):
     return [nn.Conv3d(ci, co, 3, stride, 1), nn.InstanceNorm3d(co, eps=1e-5, affine=True), nn.LeakyReLU(0.01)]
@@ -49,14 +59,16 @@ class UNet(nn.Module):
         for u, d in zip(self.up, self.dec):
             x = d(torch.cat([u(x), skips.pop()], 1))
         return self.head(x)
-net = UNet()
+net = UNet().to(dev)
 opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
-x = torch.randn(batch, 2, patch, patch, patch)
-t = (torch.rand(batch, patch, patch, patch) < 0.1).long()
+x = torch.randn(batch, 2, patch, patch, patch, device=dev)
+t = (torch.rand(batch, patch, patch, patch, device=dev) < 0.1).long()
 onehot = torch.nn.functional.one_hot(t, 2).permute(0, 4, 1, 2, 3).float()
 def step():
     opt.zero_grad()
-    logits = net(x)
+    with amp():
+        logits = net(x)
+    logits = logits.float()
     p = torch.softmax(logits, 1)
     axes = [0, 2, 3, 4]
     dc = (2 * (p * onehot).sum(axes) + 1e-5) / (p.sum(axes) + onehot.sum(axes) + 1e-5)
@@ -64,21 +76,37 @@ def step():
     loss.backward()
     opt.step()
 step()
+sync()
 t0 = time.perf_counter()
 for _ in range(steps):
     step()
+sync()
 step_s = (time.perf_counter() - t0) / steps
-conv = nn.Conv3d(conv_c, conv_c, 3, 1, 1)
-cx = torch.randn(batch, conv_c, conv_p, conv_p, conv_p, requires_grad=True)
+conv = nn.Conv3d(conv_c, conv_c, 3, 1, 1).to(dev)
+cx = torch.randn(batch, conv_c, conv_p, conv_p, conv_p, device=dev, requires_grad=True)
 def conv_once():
-    y = conv(cx)
+    with amp():
+        y = conv(cx)
     y.backward(torch.ones_like(y))
 conv_once()
+sync()
 t0 = time.perf_counter()
 for _ in range(steps):
     conv_once()
-print(step_s, (time.perf_counter() - t0) / steps)
+sync()
+peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else 0
+print(step_s, (time.perf_counter() - t0) / steps, peak)
 )PY";
+
+// Runs the baseline; its stdout.
+Result<std::string> run_torch(const std::string& python, const std::vector<size_t>& numbers, const std::string& device) {
+  std::vector<std::string> args = {python, "-c", kTorchBaseline};
+  for (size_t v : numbers) args.push_back(std::to_string(v));
+  args.push_back(device);
+  auto r = run_program(args, Stream::kCapture, Stream::kInherit);
+  if (!(r.status >= 0 && WIFEXITED(r.status) && WEXITSTATUS(r.status) == 0)) return fail(ErrorCode::kUnavailable, "PyTorch exited with an error");
+  return r.output;
+}
 
 }  // namespace
 
@@ -97,6 +125,10 @@ int cmd_bench_train(int argc, char** argv) {
       ("conv-channels", po::value(&conv_c)->default_value(16), "the single convolution's channels in and out")
       ("conv-size", po::value(&conv_p)->default_value(32), "the single convolution's input side")
       ("threads,j", po::value(&threads)->default_value(0), "threads, for both (0: all cores)")
+      ("device", po::value<std::string>()->default_value("auto"), "auto (the GPU figures too when a GPU is usable), cpu, or cuda:N")
+      ("gpu-patch", po::value<size_t>()->default_value(128), "the GPU step's patch side (nnU-Net's 3D full-resolution scale)")
+      ("gpu-base-channels", po::value<size_t>()->default_value(32), "the GPU step's base channels")
+      ("python", po::value<std::string>()->default_value("/usr/bin/python3"), "the Python with PyTorch (with CUDA for the GPU baseline)")
       ("no-torch", po::bool_switch(&no_torch), "skip PyTorch (then no ratio)");
   po::variables_map vm;
   if (auto stop = parse_options("bench train", "[--patch 32] [--batch 2] [--base-channels 8] [-j N] [--no-torch]", argc, argv, opts, {}, vm)) return *stop;
@@ -166,24 +198,72 @@ int cmd_bench_train(int argc, char** argv) {
 
   double torch_step = 0, torch_conv = 0;
   if (!no_torch) {
-    std::printf("PyTorch (python3-torch, CPU, float32, /usr/bin/python3) on the same model …\n");
+    std::printf("PyTorch (CPU, float32, %s) on the same model …\n", vm["python"].as<std::string>().c_str());
     std::fflush(stdout);
-    std::vector<std::string> args = {"/usr/bin/python3", "-c", kTorchBaseline};
-    for (size_t v : {levels, base, maxc, patch, batch, static_cast<size_t>(threads), steps, conv_c, conv_p}) args.push_back(std::to_string(v));
-    auto r = run_program(args, Stream::kCapture, Stream::kInherit);
-    if (!(r.status >= 0 && WIFEXITED(r.status) && WEXITSTATUS(r.status) == 0) || std::sscanf(r.output.c_str(), "%lf %lf", &torch_step, &torch_conv) != 2) {
-      return report(Error{ErrorCode::kUnavailable, "PyTorch did not run (install python3-torch, or pass --no-torch): '" + r.output + "'"});
+    double unused = 0;
+    auto r = run_torch(vm["python"].as<std::string>(), {levels, base, maxc, patch, batch, static_cast<size_t>(threads), steps, conv_c, conv_p}, "cpu");
+    if (!r || std::sscanf(r->c_str(), "%lf %lf %lf", &torch_step, &torch_conv, &unused) != 3) {
+      return report(Error{ErrorCode::kUnavailable, "PyTorch did not run (install python3-torch, or pass --no-torch): '" + (r ? *r : r.error().message) + "'"});
     }
     std::printf("PyTorch CPU: %.3f s per step, conv3d %.3f s (%.1f GFLOP/s): Tresor's step is %.2fx PyTorch's speed, its conv3d %.2fx\n", torch_step, torch_conv,
                 conv_flops / torch_conv / 1e9, torch_step / step_s, torch_conv / conv_s);
   }
-  std::printf("RESULT bench_train device=cpu gpu=none levels=%zu base_channels=%zu patch=%zu batch=%zu threads=%u params=%zu step_s=%.4f conv_gflops=%.2f", levels, base,
-              patch, batch, threads, net->parameter_count(), step_s, conv_flops / conv_s / 1e9);
+  // The GPU figures: the bf16 matrix peak, Tresor's convolution, GpuUNet's step on the GPU-sized
+  // model, and PyTorch with cuDNN and bf16 autocast on the same model where it has CUDA.
+  const std::string device = vm["device"].as<std::string>();
+  int gpu_index = -1;
+  if (device == "auto") {
+    auto ok = gpu::train::available(0);
+    if (ok && *ok) gpu_index = 0;
+    if (!ok || !*ok) std::printf("GPU: none usable here (%s): no GPU figures\n", ok ? "no device of compute capability 8.0 or newer" : ok.error().message.c_str());
+  } else if (device.starts_with("cuda:") && device.size() > 5 && device.size() < 9 && device.find_first_not_of("0123456789", 5) == std::string::npos) {
+    gpu_index = std::stoi(device.substr(5));
+  } else if (device != "cpu") {
+    return usage_error("bench train", "--device must be auto, cpu or cuda:N, not '" + device + "'");
+  }
+  std::string gpu_fields, gpu_name = "none";
+  if (gpu_index >= 0) {
+    const size_t gp = vm["gpu-patch"].as<size_t>(), gb = vm["gpu-base-channels"].as<size_t>();
+    if (gp == 0 || gp % f != 0 || gp > 512 || gb == 0 || gb > 512) return usage_error("bench train", "--gpu-patch must be a multiple of " + std::to_string(f) + " up to 512");
+    const train::UNetConfig gcfg{levels, gb, maxc, 2, 2};
+    std::printf("GPU %d: U-Net %zu levels, %zu base channels, batch %zu of %zu^3 …\n", gpu_index, levels, gb, batch, gp);
+    std::fflush(stdout);
+    auto g = gpu::train::bench_train_device(gpu_index, gcfg, batch, gp, 64, 64, steps);
+    if (!g) return report(g.error());
+    std::printf("%s: bf16 GEMM %.1f TFLOP/s; conv3d 64->64 on 64^3 forward+backward %.2f ms (%.1f TFLOP/s, %.2f of the GEMM); step %.1f ms (loss %.4f -> %.4f)\n",
+                g->device_name.c_str(), g->gemm_bf16_tflops, g->conv_s * 1e3, g->conv_tflops, g->conv_tflops / g->gemm_bf16_tflops, g->step_s * 1e3, g->first_loss,
+                g->last_loss);
+    gpu_name = g->device_name;
+    for (auto& ch : gpu_name)
+      if (ch == ' ' || ch == '=') ch = '_';  // one RESULT token
+    char buf[512];
+    std::snprintf(buf, sizeof buf, " gpu_patch=%zu gpu_base_channels=%zu gemm_bf16_tflops=%.1f conv_gpu_tflops=%.2f conv_peak_ratio=%.3f gpu_step_s=%.4f", gp, gb,
+                  g->gemm_bf16_tflops, g->conv_tflops, g->conv_tflops / g->gemm_bf16_tflops, g->step_s);
+    gpu_fields = buf;
+    if (!no_torch) {
+      auto r = run_torch(vm["python"].as<std::string>(), {levels, gb, maxc, gp, batch, static_cast<size_t>(threads), steps, 64, 64}, "cuda");
+      double ts = 0, tc = 0, peak = 0;
+      if (r && r->starts_with("unavailable")) {
+        std::printf("PyTorch: no CUDA in this PyTorch (Debian's python3-torch is CPU-only; --python names another): no cuDNN baseline\n");
+        gpu_fields += " torch_gpu=unavailable";
+      } else if (r && std::sscanf(r->c_str(), "%lf %lf %lf", &ts, &tc, &peak) == 3) {
+        std::printf("PyTorch cuDNN bf16 autocast: step %.1f ms, conv3d %.2f ms, peak %.0f MiB: Tresor's step %.2fx, conv %.2fx\n", ts * 1e3, tc * 1e3, peak,
+                    ts / g->step_s, tc / g->conv_s);
+        std::snprintf(buf, sizeof buf, " torch_gpu_step_s=%.4f gpu_step_ratio=%.3f torch_gpu_conv_s=%.5f gpu_conv_ratio=%.3f torch_gpu_peak_mib=%.0f", ts, ts / g->step_s, tc,
+                      tc / g->conv_s, peak);
+        gpu_fields += buf;
+      } else {
+        return report(Error{ErrorCode::kUnavailable, "PyTorch on CUDA failed: '" + (r ? *r : r.error().message) + "'"});
+      }
+    }
+  }
+  std::printf("RESULT bench_train device=cpu gpu=%s levels=%zu base_channels=%zu patch=%zu batch=%zu threads=%u params=%zu step_s=%.4f conv_gflops=%.2f", gpu_name.c_str(),
+              levels, base, patch, batch, threads, net->parameter_count(), step_s, conv_flops / conv_s / 1e9);
   if (!no_torch) {
     std::printf(" torch_step_s=%.4f step_ratio=%.3f torch_conv_gflops=%.2f conv_ratio=%.3f", torch_step, torch_step / step_s, conv_flops / torch_conv / 1e9,
                 torch_conv / conv_s);
   }
-  std::printf("\n");
+  std::printf("%s\n", gpu_fields.c_str());
   return kExitOk;
 }
 

@@ -7,6 +7,7 @@
 // loop) and deep supervision (GpuUNet refuses it).
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "tresor/gpu/train.h"
@@ -22,5 +23,18 @@ namespace tresor::gpu::train {
                                                                 const std::vector<const tresor::ct::Prepared*>& validation,
                                                                 const tresor::train::TrainerOptions& options, Where where,
                                                                 const tresor::train::TrainProgress& progress = {}, tresor::train::TrainState* state = nullptr);
+
+/// What `tresor bench train` measures on a GPU (docs/benchmarks.md), in one run: the bf16 matrix
+/// peak (cuBLAS GEMM, n = 8192, bf16 inputs, fp32 accumulation), one 3×3×3 convolution's forward
+/// and backward (data and weight) through Tresor's kernels, and GpuUNet's whole step (forward,
+/// loss and backward, AdamW) on random data. kUnavailable without CUDA or a usable device.
+struct GpuTrainFigures {
+  std::string device_name;
+  double gemm_bf16_tflops = 0;
+  double conv_s = 0, conv_tflops = 0;
+  double step_s = 0, first_loss = 0, last_loss = 0;
+};
+[[nodiscard]] Result<GpuTrainFigures> bench_train_device(int device, const tresor::train::UNetConfig& model, size_t batch, size_t patch, size_t conv_channels,
+                                                         size_t conv_size, size_t steps);
 
 }  // namespace tresor::gpu::train
