@@ -309,7 +309,7 @@ int cmd_train(int argc, char** argv) {
       ("ranks", po::value<int>(), "data-parallel ranks on this machine; without --rank, this process starts the others (default: SLURM_NTASKS in a Slurm step, else 1)")
       ("rank", po::value<int>(), "run as this one rank of --ranks (default: SLURM_PROCID)")
       ("rendezvous", po::value<std::string>(), "a directory private to the job where the ranks meet (default: output.dir)")
-      ("device", po::value<std::string>()->default_value("cpu"), "where the step runs: cpu (the reference), cuda:N (the GPU trainer), emulated (the GPU trainer on its CPU emulation; slow)")
+      ("device", po::value<std::string>()->default_value("cpu"), "where the step runs: cpu (the reference), cuda:N or cuda (the GPU trainer; cuda: the rank's GPU on its node), emulated (the GPU trainer on its CPU emulation; slow)")
       ("join-timeout", po::value<int>()->default_value(120), "seconds the ranks wait for each other to appear")
       ("run-id", po::value<std::string>(), "tells runs sharing the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID, or \"local\")");
   po::variables_map vm;
@@ -317,23 +317,10 @@ int cmd_train(int argc, char** argv) {
   auto cfg = parse_config(config_path);
   if (!cfg) return report(cfg.error());
   if (vm.count("stop-after")) cfg->options.stop_after = vm["stop-after"].as<size_t>();
-  // Where the step runs (docs/training.md §12).
-  const std::string device = vm["device"].as<std::string>();
-  std::optional<gpu::train::Where> gpu_where;
-  if (device == "emulated") {
-    gpu_where = gpu::train::Where{gpu::train::Backend::kEmulated, 0};
-  } else if (device.starts_with("cuda:") && device.size() > 5 && device.size() < 9 && device.find_first_not_of("0123456789", 5) == std::string::npos) {
-    gpu_where = gpu::train::Where{gpu::train::Backend::kDevice, std::stoi(device.substr(5))};
-    auto ok = gpu::train::available(gpu_where->device);
-    if (!ok) return report(Error{ok.error().code, "train: --device " + device + ": " + ok.error().message});
-    if (!*ok) return report(Error{ErrorCode::kUnavailable, "train: --device " + device + ": no such CUDA device, or one older than compute capability 8.0"});
-  } else if (device != "cpu") {
-    return usage_error("train", "--device must be cpu, cuda:N or emulated, not '" + device + "'");
-  }
   // Data parallelism (docs/training.md §5): the ranks from the flags, or from Slurm's step.
   train::Rendezvous rv;
   rv.directory = vm.count("rendezvous") ? vm["rendezvous"].as<std::string>() : cfg->out;
-  int ranks_per_node = 1;
+  int ranks_per_node = 1, local_rank = 0;
   ChildRanks children;
   if (vm.count("ranks") || vm.count("rank")) {
     if (!vm.count("ranks")) return report(Error{ErrorCode::kInvalidArgument, "train: --rank needs --ranks"});
@@ -342,6 +329,7 @@ int cmd_train(int argc, char** argv) {
     ranks_per_node = rv.size;
     if (vm.count("rank")) {
       rv.rank = vm["rank"].as<int>();
+      local_rank = rv.rank;
     } else if (rv.size > 1) {
       // The launcher: this process is rank 0 and starts ranks 1 … N−1 as copies of itself.
       rv.run_id = vm.count("run-id") ? vm["run-id"].as<std::string>() : "launch-" + std::to_string(::getpid());
@@ -365,8 +353,24 @@ int cmd_train(int argc, char** argv) {
       rv.size = (*slurm)->size;
       rv.rank = (*slurm)->rank;
       rv.run_id = (*slurm)->run_id;
+      local_rank = (*slurm)->local_rank;
       ranks_per_node = rv.size;
     }
+  }
+  // Where the step runs (docs/training.md §12): "cuda" alone is the GPU of this rank's index on
+  // its node (SLURM_LOCALID, or --rank), one GPU per rank.
+  const std::string device = vm["device"].as<std::string>();
+  std::optional<gpu::train::Where> gpu_where;
+  if (device == "emulated") {
+    gpu_where = gpu::train::Where{gpu::train::Backend::kEmulated, 0};
+  } else if (device == "cuda" || (device.starts_with("cuda:") && device.size() > 5 && device.size() < 9 && device.find_first_not_of("0123456789", 5) == std::string::npos)) {
+    gpu_where = gpu::train::Where{gpu::train::Backend::kDevice, device == "cuda" ? local_rank : std::stoi(device.substr(5))};
+    auto ok = gpu::train::available(gpu_where->device);
+    const std::string named = "train: --device " + device + " (cuda:" + std::to_string(gpu_where->device) + ")";
+    if (!ok) return report(Error{ok.error().code, named + ": " + ok.error().message});
+    if (!*ok) return report(Error{ErrorCode::kUnavailable, named + ": no such CUDA device, or one older than compute capability 8.0"});
+  } else if (device != "cpu") {
+    return usage_error("train", "--device must be cpu, cuda, cuda:N or emulated, not '" + device + "'");
   }
   if (vm.count("run-id") && children.empty()) rv.run_id = vm["run-id"].as<std::string>();
   const int join_s = vm["join-timeout"].as<int>();

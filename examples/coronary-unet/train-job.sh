@@ -5,6 +5,8 @@
 # Submit with `sbatch train-job.sh` (README.md); CPU reference trainer (the GPU trainer is to come).
 # TRAIN_RANKS=N trains data-parallel on N ranks inside the job (one process each, sharing the
 # job's cores; docs/training.md §5): the same weights as one rank, up to rounding.
+# TRAIN_DEVICE=cuda trains on the job's GPU (one per rank; submit with --gres=gpu:N), cpu (the
+# default) on the reference trainer, emulated on the GPU trainer's CPU emulation (slow; tests).
 #SBATCH --job-name=coronary-unet
 #SBATCH --time=02:00:00
 #SBATCH --cpus-per-task=2
@@ -46,7 +48,7 @@ threads = $(( ${SLURM_CPUS_PER_TASK:-2} / ${TRAIN_RANKS:-1} > 0 ? ${SLURM_CPUS_P
 dir = "$TRESOR_OUTPUT_DIR"
 TOML
 ranks=${TRAIN_RANKS:-1}
-echo "coronary-unet: $((n - 1)) training case(s), 1 validation case, $ranks rank(s)"
+echo "coronary-unet: $((n - 1)) training case(s), 1 validation case, $ranks rank(s) on ${TRAIN_DEVICE:-cpu}"
 # The ranks meet in the job's private directory.
-"$tresor" train --config "$work/train.toml" --ranks "$ranks" --rendezvous "$work"
+"$tresor" train --config "$work/train.toml" --ranks "$ranks" --rendezvous "$work" --device "${TRAIN_DEVICE:-cpu}"
 echo "coronary-unet: done"

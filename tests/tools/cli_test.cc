@@ -513,7 +513,7 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   }
   auto bad_device = run_tresor({"train", "--config", config("dev.toml", "x"), "--device", "gpu"});
   EXPECT_EQ(bad_device.exit_code, 2);
-  EXPECT_NE(bad_device.err.find("--device must be cpu, cuda:N or emulated, not 'gpu'"), std::string::npos) << bad_device.err;
+  EXPECT_NE(bad_device.err.find("--device must be cpu, cuda, cuda:N or emulated, not 'gpu'"), std::string::npos) << bad_device.err;
   if (!gpu::gpu_probe()) {
     auto no_gpu = run_tresor({"train", "--config", config("dev.toml", "x"), "--device", "cuda:0"});
     EXPECT_EQ(no_gpu.exit_code, 1);
