@@ -330,11 +330,11 @@ Result<Checkpoint> parse_checkpoint(ByteSpan b) {
   c.adamw = opt == 1;
   c.state.adam.t = u64();
   const uint64_t n = u64();
-  auto net = UNet::create(c.config, 0);
-  if (!net) return fail(ErrorCode::kMalformed, "checkpoint: its model configuration is invalid: " + net.error().message);
-  if (n != net->parameter_count()) {
-    return fail(ErrorCode::kMalformed, "checkpoint: " + std::to_string(n) + " parameters for a model of " + std::to_string(net->parameter_count()));
-  }
+  // The model's size is computed, not built: a damaged or hostile header cannot make this
+  // allocate more than the file's own size.
+  auto expect = UNet::count_parameters(c.config);
+  if (!expect) return fail(ErrorCode::kMalformed, "checkpoint: its model configuration is invalid: " + expect.error().message);
+  if (n != *expect) return fail(ErrorCode::kMalformed, "checkpoint: " + std::to_string(n) + " parameters for a model of " + std::to_string(*expect));
   TRESOR_TRY(need(12 * n, "the parameters and optimizer state"));
   auto floats = [&](std::vector<float>& v) {
     v.resize(n);
@@ -347,6 +347,12 @@ Result<Checkpoint> parse_checkpoint(ByteSpan b) {
   std::vector<float> s1, s2;
   floats(s1);
   floats(s2);
+  // Weights or moments that are not finite would only poison training: refused, named.
+  for (auto [v, what] : {std::pair{&c.parameters, "parameter"}, {&s1, "optimizer state (first) value"}, {&s2, "optimizer state (second) value"}}) {
+    for (size_t i = 0; i < v->size(); ++i) {
+      if (!std::isfinite((*v)[i])) return fail(ErrorCode::kMalformed, std::string("checkpoint: ") + what + " " + std::to_string(i) + " is not finite");
+    }
+  }
   if (at != b.size()) return fail(ErrorCode::kMalformed, "checkpoint: " + std::to_string(b.size() - at) + " bytes after the end");
   if (c.adamw) {
     c.state.adam.m = std::move(s1);

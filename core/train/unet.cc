@@ -46,13 +46,53 @@ void add_into(Tensor& acc, const Tensor& t) {
 
 }  // namespace
 
-Result<UNet> UNet::create(const UNetConfig& c, uint64_t seed) {
+namespace {
+
+Result<void> check_config(const UNetConfig& c) {
   if (c.levels < 1 || c.levels > 8) return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(c.levels) + " levels, not 1..8");
   if (c.base_channels == 0 || c.in_channels == 0 || c.max_channels < c.base_channels) {
     return fail(ErrorCode::kInvalidArgument, "unet: channels must be positive and max_channels at least base_channels");
   }
   if (c.classes < 2) return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(c.classes) + " class(es); at least 2");
   if (c.deep_supervision && c.levels < 3) return fail(ErrorCode::kInvalidArgument, "unet: deep supervision needs at least 3 levels, not " + std::to_string(c.levels));
+  return {};
+}
+
+}  // namespace
+
+Result<size_t> UNet::count_parameters(const UNetConfig& c) {
+  TRESOR_TRY(check_config(c));
+  constexpr unsigned __int128 kLimit = static_cast<unsigned __int128>(1) << 40;
+  // 128-bit sums of products of values below 2^64: no overflow for the fields a checkpoint holds.
+  unsigned __int128 n = 0;
+  auto width = [&](size_t s) -> unsigned __int128 { return std::min<unsigned __int128>(static_cast<unsigned __int128>(c.base_channels) << s, c.max_channels); };
+  auto conv = [&](unsigned __int128 cin, unsigned __int128 cout, unsigned k) { n += cout * cin * k * k * k + cout; };
+  auto block = [&](unsigned __int128 cin, unsigned __int128 cout) {
+    conv(cin, cout, 3);
+    n += 2 * cout;  // γ, β
+  };
+  unsigned __int128 in = c.in_channels;
+  for (size_t s = 0; s < c.levels; ++s) {
+    block(in, width(s));
+    block(width(s), width(s));
+    in = width(s);
+    if (n > kLimit) break;
+  }
+  for (size_t s = c.levels - 1; s-- > 0 && n <= kLimit;) {
+    n += width(s + 1) * width(s) * 8 + width(s);  // the transposed conv
+    block(2 * width(s), width(s));
+    block(width(s), width(s));
+  }
+  conv(width(0), c.classes, 1);
+  if (c.deep_supervision) {
+    for (size_t j = 1; j + 1 < c.levels; ++j) conv(width(j), c.classes, 1);
+  }
+  if (n > kLimit) return fail(ErrorCode::kInvalidArgument, "unet: more than 2^40 parameters");
+  return static_cast<size_t>(n);
+}
+
+Result<UNet> UNet::create(const UNetConfig& c, uint64_t seed) {
+  TRESOR_TRY(check_config(c));
   UNet u;
   u.config_ = c;
   Rng rng{seed};

@@ -34,6 +34,9 @@ class UNet {
 
   const UNetConfig& config() const { return config_; }
   size_t parameter_count() const;
+  /// The parameter count of a model of `config`, without building it (a checkpoint's claim is
+  /// checked before anything is allocated): kInvalidArgument as create, or beyond 2^40.
+  [[nodiscard]] static Result<size_t> count_parameters(const UNetConfig& config);
   /// All parameters as one vector, in a fixed order: encoder stages (per block: conv weight,
   /// conv bias, γ, β), decoder stages from the deepest (transposed conv weight and bias, then its
   /// blocks), the head. set_parameters takes the same layout.

@@ -179,6 +179,28 @@ TEST(UNet, DeepSupervisionPiecesAndCheckpoints) {
   Bytes flags = ck;
   flags[40] = std::byte{3};  // the flags field: bit 1 is unknown
   EXPECT_NE(parse_checkpoint(flags).error().message.find("unknown flags 3"), std::string::npos);
+  // The count is computed without building the model, for every shape of configuration.
+  for (const UNetConfig& c : {UNetConfig{1, 1, 1, 1, 2}, UNetConfig{3, 4, 320, 1, 2}, UNetConfig{5, 6, 20, 2, 3, true}, UNetConfig{4, 4, 16, 2, 2, true}}) {
+    auto built = UNet::create(c, 1);
+    ASSERT_TRUE(built);
+    auto counted = UNet::count_parameters(c);
+    ASSERT_TRUE(counted) << counted.error().message;
+    EXPECT_EQ(*counted, built->parameter_count());
+  }
+  EXPECT_NE(UNet::count_parameters({8, size_t{1} << 31, size_t{1} << 32, 1, 2}).error().message.find("more than 2^40 parameters"), std::string::npos);
+  // A checkpoint claiming a huge model is refused before anything is allocated for it.
+  Bytes huge = ck;
+  huge[24] = std::byte{0xFF};  // base channels' top byte
+  huge[27] = std::byte{0x7F};
+  huge[28] = std::byte{0xFF};  // max channels
+  huge[31] = std::byte{0xFF};
+  EXPECT_NE(parse_checkpoint(huge).error().message.find("model configuration is invalid: unet: more than 2^40 parameters"), std::string::npos)
+      << parse_checkpoint(huge).error().message;
+  Bytes nan = ck;
+  const size_t first_param = 68;
+  nan[first_param + 4 * 3 + 3] = std::byte{0x7F};  // parameter 3 becomes a NaN (exponent all ones)
+  nan[first_param + 4 * 3 + 2] = std::byte{0xC0};
+  EXPECT_NE(parse_checkpoint(nan).error().message.find("parameter 3 is not finite"), std::string::npos) << parse_checkpoint(nan).error().message;
   // Version 1 (no flags field) from a model without deep supervision.
   Bytes v1 = checkpoint_bytes(*plain, st, true);
   v1[8] = std::byte{1};
