@@ -281,19 +281,28 @@ CudaStatus norm_backward_launch(void* stream, const float* d_x, const float* d_d
   return status("norm_params_kernel launch", cudaGetLastError());
 }
 
-CudaStatus loss_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, LossConsts k, double* d_partials, double* d_totals,
-                       float* d_dlogits) {
+CudaStatus loss_stats_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, double* d_partials, double* d_totals) {
   (void)cudaGetLastError();
   const auto s = static_cast<cudaStream_t>(stream);
   const uint32_t blocks = loss_blocks(g), nq = loss_quantities(g);
   loss_partials_kernel<<<blocks, kReduceThreads, 0, s>>>(d_logits, d_target, g, d_partials);
-  cudaError_t e = cudaGetLastError();
+  const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return status("loss_partials_kernel launch (or an earlier kernel's fault)", e);
   loss_totals_kernel<<<1, 32, 0, s>>>(d_partials, blocks, nq, d_totals);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return status("loss_totals_kernel launch", e);
-  loss_grad_kernel<<<blocks_for(uint64_t{g.n} * g.m, 256), 256, 0, s>>>(d_logits, d_target, g, d_totals, k, d_dlogits);
-  return status("loss_grad_kernel launch", cudaGetLastError());
+  return status("loss_totals_kernel launch", cudaGetLastError());
+}
+
+CudaStatus loss_grad_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, LossConsts k, const double* d_totals, float* d_dlogits) {
+  (void)cudaGetLastError();
+  loss_grad_kernel<<<blocks_for(uint64_t{g.n} * g.m, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(d_logits, d_target, g, d_totals, k, d_dlogits);
+  return status("loss_grad_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
+}
+
+CudaStatus loss_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, LossConsts k, double* d_partials, double* d_totals,
+                       float* d_dlogits) {
+  const CudaStatus st = loss_stats_launch(stream, d_logits, d_target, g, d_partials, d_totals);
+  if (st.code != 0) return st;
+  return loss_grad_launch(stream, d_logits, d_target, g, k, d_totals, d_dlogits);
 }
 
 CudaStatus sgd_launch(void* stream, uint64_t count, float* d_params, const float* d_grads, float* d_velocity, uint16_t* d_bf16, SgdConsts k) {

@@ -448,21 +448,26 @@ TRESOR_HD inline void loss_thread_partials(const float* logits, const uint8_t* t
   }
 }
 
-/// The constants of the gradient pass, from the summed quantities (host-independent: the device
-/// computes them from the totals in loss_grad_voxel).
+/// The constants of the gradient pass (the device computes the rest from the totals in
+/// loss_grad_voxel). `voxels` is the voxel count of the batch the totals were summed over: this
+/// call's n·m, or the global batch's when the totals were summed over data-parallel ranks.
+/// `scale` multiplies the gradient before it is rounded to float (deep supervision's weight w_j; 1
+/// leaves the bits unchanged).
 struct LossConsts {
   double smooth = 1e-5, dice_weight = 1.0;
+  double voxels = 0, scale = 1.0;
 };
 
 /// The logits' gradient at voxel v: CE's (p − onehot)/voxels plus −dice_weight·mean Dice's,
-/// −(1/fg)·(2g(S + s) − (2I + s))/(S + s)² per probability, through the softmax's Jacobian.
+/// −(1/fg)·(2g(S + s) − (2I + s))/(S + s)² per probability, through the softmax's Jacobian; times
+/// k.scale.
 TRESOR_HD inline void loss_grad_voxel(const float* logits, const uint8_t* target, const LossGeom& g, uint64_t v, const double* totals, const LossConsts& k,
                                       float* dlogits) {
   double p[kMaxClasses], dp[kMaxClasses];
   double mx = 0, log_z = 0;
   softmax_voxel(logits, g, v, p, &mx, &log_z);
   const uint32_t t = target[v];
-  const double fg = static_cast<double>(g.classes - 1), voxels = static_cast<double>(uint64_t{g.n} * g.m);
+  const double fg = static_cast<double>(g.classes - 1), voxels = k.voxels;
   double dot = 0;
   for (uint32_t c = 0; c < g.classes; ++c) {
     dp[c] = 0;
@@ -476,7 +481,7 @@ TRESOR_HD inline void loss_grad_voxel(const float* logits, const uint8_t* target
   const uint64_t b = v / g.m, s = v % g.m;
   for (uint32_t c = 0; c < g.classes; ++c) {
     const double d_ce = ddiv(dsub(p[c], t == c ? 1.0 : 0.0), voxels);
-    dlogits[(b * g.classes + c) * g.m + s] = static_cast<float>(dadd(d_ce, dmul(p[c], dsub(dp[c], dot))));
+    dlogits[(b * g.classes + c) * g.m + s] = static_cast<float>(dmul(k.scale, dadd(d_ce, dmul(p[c], dsub(dp[c], dot)))));
   }
 }
 

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -134,9 +135,9 @@ Result<LossGeom> loss_geometry(const LossShape& s, double smooth) {
   return g;
 }
 
-LossValues loss_values(const LossGeom& g, const std::vector<double>& totals, double smooth, double dice_weight) {
+LossValues loss_values(const LossGeom& g, const std::vector<double>& totals, double smooth, double dice_weight, double voxels = 0) {
   LossValues v;
-  v.cross_entropy = totals[0] / static_cast<double>(uint64_t{g.n} * g.m);
+  v.cross_entropy = totals[0] / (voxels > 0 ? voxels : static_cast<double>(uint64_t{g.n} * g.m));
   for (uint32_t c = 1; c < g.classes; ++c) v.dice += (2 * totals[c] + smooth) / (totals[g.classes - 1 + c] + smooth);
   v.dice /= static_cast<double>(g.classes - 1);
   v.loss = v.cross_entropy - dice_weight * v.dice;
@@ -278,7 +279,8 @@ void norm_backward_emulated(const NormShape& s, const float* x, const float* dy,
     }
 }
 
-std::vector<double> loss_emulated(const LossGeom& g, const float* logits, const uint8_t* target, const LossConsts& k, float* dlogits) {
+// The statistics pass: loss_quantities(g) totals, the kernels' partials and block order.
+std::vector<double> loss_stats_emulated(const LossGeom& g, const float* logits, const uint8_t* target) {
   const uint32_t blocks = loss_blocks(g), nq = loss_quantities(g);
   std::vector<double> partials(uint64_t{blocks} * nq), totals(nq, 0.0);
   ThreadPool pool(0);
@@ -291,8 +293,33 @@ std::vector<double> loss_emulated(const LossGeom& g, const float* logits, const 
   });
   for (uint32_t q = 0; q < nq; ++q)
     for (uint32_t b = 0; b < blocks; ++b) totals[q] = dadd(totals[q], partials[uint64_t{b} * nq + q]);
+  return totals;
+}
+
+void loss_grad_emulated(const LossGeom& g, const float* logits, const uint8_t* target, const double* totals, const LossConsts& k, float* dlogits) {
   const uint64_t voxels = uint64_t{g.n} * g.m;
-  for (uint64_t v = 0; v < voxels; ++v) loss_grad_voxel(logits, target, g, v, totals.data(), k, dlogits);
+  for (uint64_t v = 0; v < voxels; ++v) loss_grad_voxel(logits, target, g, v, totals, k, dlogits);
+}
+
+std::vector<double> loss_emulated(const LossGeom& g, const float* logits, const uint8_t* target, const LossConsts& k, float* dlogits) {
+  std::vector<double> totals = loss_stats_emulated(g, logits, target);
+  loss_grad_emulated(g, logits, target, totals.data(), k, dlogits);
+  return totals;
+}
+
+// The kernels' totals [Σ CE, Σp·g for classes 1.., Σp + Σg for classes 1..] in dice_ce_loss's
+// LossAllReduce layout (the voxel count second), and back.
+std::vector<double> stats_of_totals(const LossGeom& g, const std::vector<double>& totals) {
+  std::vector<double> stats(2 * size_t{g.classes});
+  stats[0] = totals[0];
+  stats[1] = static_cast<double>(uint64_t{g.n} * g.m);
+  for (uint32_t q = 1; q < loss_quantities(g); ++q) stats[q + 1] = totals[q];
+  return stats;
+}
+std::vector<double> totals_of_stats(const LossGeom& g, std::span<const double> stats) {
+  std::vector<double> totals(loss_quantities(g));
+  totals[0] = stats[0];
+  for (uint32_t q = 1; q < loss_quantities(g); ++q) totals[q] = stats[q + 1];
   return totals;
 }
 
@@ -609,6 +636,7 @@ Result<tresor::train::LossResult> dice_ce_loss(const Tensor& logits, const std::
     LossConsts k;
     k.smooth = smooth;
     k.dice_weight = dice_weight;
+    k.voxels = static_cast<double>(shape.n * shape.spatial);
     v = loss_values(*g, loss_emulated(*g, logits.data.data(), target.data(), k, r.dlogits.data.data()), smooth, dice_weight);
   } else {
     auto scratch = dice_ce_loss_scratch(shape);
@@ -824,6 +852,7 @@ Result<LossValues> dice_ce_loss_device(DeviceStream st, const LossShape& s, cons
   LossConsts k;
   k.smooth = smooth;
   k.dice_weight = dice_weight;
+  k.voxels = static_cast<double>(s.n * s.spatial);
   if (st.backend == Backend::kEmulated) return loss_values(*g, loss_emulated(*g, d_logits, d_target, k, d_dlogits), smooth, dice_weight);
 #ifdef TRESOR_HAVE_CUDA
   TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
@@ -834,6 +863,68 @@ Result<LossValues> dice_ce_loss_device(DeviceStream st, const LossShape& s, cons
   TRESOR_TRY(cuda(gpu::detail::cuda_copy_async(st.stream, totals.data(), d_totals, sizeof(double) * totals.size(), gpu::detail::kDeviceToHost)));
   TRESOR_TRY(cuda(gpu::detail::cuda_stream_sync(st.stream)));
   return loss_values(*g, totals, smooth, dice_weight);
+#else
+  return fail(ErrorCode::kUnavailable, kNoCuda);
+#endif
+}
+
+Result<std::vector<double>> dice_ce_loss_stats_device(DeviceStream st, const LossShape& s, const float* d_logits, const uint8_t* d_target, void* d_scratch,
+                                                      size_t scratch_bytes) {
+  auto g = loss_geometry(s, 0);
+  if (!g) return std::unexpected(g.error());
+  TRESOR_TRY(check_pointers("loss statistics", {{"d_logits", d_logits}, {"d_target", d_target}, {"d_scratch", d_scratch}}));
+  const size_t need = sizeof(double) * (size_t{loss_blocks(*g)} + 1) * loss_quantities(*g);
+  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss statistics: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
+  if (st.backend == Backend::kEmulated) return stats_of_totals(*g, loss_stats_emulated(*g, d_logits, d_target));
+#ifdef TRESOR_HAVE_CUDA
+  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
+  auto* partials = static_cast<double*>(d_scratch);
+  double* d_totals = partials + size_t{loss_blocks(*g)} * loss_quantities(*g);
+  TRESOR_TRY(cuda(detail::loss_stats_launch(st.stream, d_logits, d_target, *g, partials, d_totals)));
+  std::vector<double> totals(loss_quantities(*g));
+  TRESOR_TRY(cuda(gpu::detail::cuda_copy_async(st.stream, totals.data(), d_totals, sizeof(double) * totals.size(), gpu::detail::kDeviceToHost)));
+  TRESOR_TRY(cuda(gpu::detail::cuda_stream_sync(st.stream)));
+  return stats_of_totals(*g, totals);
+#else
+  return fail(ErrorCode::kUnavailable, kNoCuda);
+#endif
+}
+
+Result<LossValues> dice_ce_loss_grad_device(DeviceStream st, const LossShape& s, const float* d_logits, const uint8_t* d_target, std::span<const double> stats,
+                                            double smooth, double dice_weight, double scale, float* d_dlogits, void* d_scratch, size_t scratch_bytes) {
+  auto g = loss_geometry(s, smooth);
+  if (!g) return std::unexpected(g.error());
+  TRESOR_TRY(check_pointers("loss gradient", {{"d_logits", d_logits}, {"d_target", d_target}, {"d_dlogits", d_dlogits}, {"d_scratch", d_scratch}}));
+  if (stats.size() != 2 * s.classes) {
+    return fail(ErrorCode::kInvalidArgument, "loss gradient: " + str(stats.size()) + " statistics for " + str(s.classes) + " classes, want " + str(2 * s.classes));
+  }
+  // The voxels summed over the ranks: at least this call's, a whole number (a corrupted vector or
+  // one of another layout fails here rather than scaling the gradient).
+  const double own = static_cast<double>(s.n * s.spatial);
+  if (!(stats[1] >= own) || stats[1] != std::floor(stats[1])) {
+    return fail(ErrorCode::kInvalidArgument, "loss gradient: statistics[1] (the voxel count) is " + std::to_string(stats[1]) + ", want a whole number ≥ this batch's " + str(s.n * s.spatial));
+  }
+  if (!std::isfinite(scale)) return fail(ErrorCode::kInvalidArgument, "loss gradient: scale = " + std::to_string(scale) + "; it must be finite");
+  const size_t need = sizeof(double) * (size_t{loss_blocks(*g)} + 1) * loss_quantities(*g);
+  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss gradient: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
+  LossConsts k;
+  k.smooth = smooth;
+  k.dice_weight = dice_weight;
+  k.voxels = stats[1];
+  k.scale = scale;
+  const std::vector<double> totals = totals_of_stats(*g, stats);
+  const LossValues v = loss_values(*g, totals, smooth, dice_weight, stats[1]);
+  if (st.backend == Backend::kEmulated) {
+    loss_grad_emulated(*g, d_logits, d_target, totals.data(), k, d_dlogits);
+    return v;
+  }
+#ifdef TRESOR_HAVE_CUDA
+  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
+  double* d_totals = static_cast<double*>(d_scratch) + size_t{loss_blocks(*g)} * loss_quantities(*g);
+  // From pageable memory: the copy returns once `totals` is staged, so it may go at return.
+  TRESOR_TRY(cuda(gpu::detail::cuda_copy_async(st.stream, d_totals, totals.data(), sizeof(double) * totals.size(), gpu::detail::kHostToDevice)));
+  TRESOR_TRY(cuda(detail::loss_grad_launch(st.stream, d_logits, d_target, *g, k, d_totals, d_dlogits)));
+  return v;
 #else
   return fail(ErrorCode::kUnavailable, kNoCuda);
 #endif

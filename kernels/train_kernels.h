@@ -38,6 +38,10 @@ CudaStatus norm_backward_launch(void* stream, const float* d_x, const float* d_d
 /// sums in block order (d_totals, loss_quantities(g) doubles), then the logits' gradient.
 CudaStatus loss_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, LossConsts k, double* d_partials, double* d_totals,
                        float* d_dlogits);
+/// The same in two halves (data parallelism sums the totals over the ranks in between): the
+/// partials and their totals; the gradient from totals (loss_quantities(g) doubles, device memory).
+CudaStatus loss_stats_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, double* d_partials, double* d_totals);
+CudaStatus loss_grad_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, LossConsts k, const double* d_totals, float* d_dlogits);
 
 /// One optimizer step over `count` parameters in one launch; d_bf16 (nullable) receives the
 /// updated parameters rounded to bf16.

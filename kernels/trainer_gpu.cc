@@ -1,6 +1,19 @@
 // The training loop with the step on the GPU (include/tresor/gpu/trainer.h): train_unet's loop
-// (core/train/trainer.cc) around GpuUNet.
+// (core/train/trainer.cc) around GpuUNet, with its deep supervision and data parallelism.
+//
+// Data parallelism, as the CPU trainer's (docs/training.md §5): rank 0's parameters are broadcast
+// first; rank r trains on slots [B·r/R, B·(r+1)/R) of each global batch (PatchSource::fill_step:
+// the patches one rank would draw); the loss statistics of every output are summed over the ranks
+// (one all-reduce of doubles through the CPU collective) before the gradient is formed, so that
+// each rank's logit gradient is its slice of the global batch's; the flat gradient is then summed
+// over the ranks — on the device by the DeviceCollective (NCCL) when one is given, otherwise
+// through host memory by the CPU collective — and every rank takes the same optimizer step.
+// Validation patches are dealt round-robin and their Dice counts summed.
 #include "tresor/gpu/trainer.h"
+
+#include <algorithm>
+#include <array>
+#include <span>
 
 #include "tresor/gpu/unet.h"
 
@@ -8,20 +21,68 @@ namespace tresor::gpu::train {
 
 namespace tt = tresor::train;
 
+namespace {
+
+// Samples `pick` of x [n, c, ...] and their targets (m voxels each), in that order.
+void take_samples(const tt::Tensor& x, const std::vector<uint8_t>& y, const std::vector<size_t>& pick, tt::Tensor& out_x, std::vector<uint8_t>& out_y) {
+  const size_t per = x.size() / x.shape[0], m = y.size() / x.shape[0];
+  out_x = tt::Tensor({pick.size(), x.shape[1], x.shape[2], x.shape[3], x.shape[4]});
+  out_y.assign(pick.size() * m, 0);
+  for (size_t k = 0; k < pick.size(); ++k) {
+    std::copy_n(x.data.begin() + static_cast<std::ptrdiff_t>(pick[k] * per), per, out_x.data.begin() + static_cast<std::ptrdiff_t>(k * per));
+    std::copy_n(y.begin() + static_cast<std::ptrdiff_t>(pick[k] * m), m, out_y.begin() + static_cast<std::ptrdiff_t>(k * m));
+  }
+}
+
+}  // namespace
+
 Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tresor::ct::Prepared*>& train,
                                        const std::vector<const tresor::ct::Prepared*>& validation, const tt::TrainerOptions& o, Where where,
-                                       const tt::TrainProgress& progress, tt::TrainState* state) {
+                                       const tt::TrainProgress& progress, tt::TrainState* state, DeviceCollective* device_collective) {
   const tt::UNetConfig& mc = net.config();
   if (mc.in_channels != 2 || mc.classes != 2) return fail(ErrorCode::kInvalidArgument, "train: the model must take 2 channels (image, vesselness) and give 2 classes");
   if (train.empty() || validation.empty()) return fail(ErrorCode::kInvalidArgument, "train: no training or no validation case");
   const size_t f = size_t{1} << (mc.levels - 1);
   if (o.patch == 0 || o.patch % f != 0) return fail(ErrorCode::kInvalidArgument, "train: a patch of " + std::to_string(o.patch) + " is not a multiple of " + std::to_string(f));
   if (o.batch == 0 || o.steps == 0) return fail(ErrorCode::kInvalidArgument, "train: batch and steps must be positive");
-  if (o.collective != nullptr) return fail(ErrorCode::kInvalidArgument, "train: data-parallel training on GPUs is not wired yet (NCCL is built; the GPU loop runs one rank)");
+  tt::Collective* const comm = o.collective;
+  const size_t ranks = comm != nullptr ? static_cast<size_t>(comm->size()) : 1, rank = comm != nullptr ? static_cast<size_t>(comm->rank()) : 0;
+  if (o.batch < ranks) return fail(ErrorCode::kInvalidArgument, "train: a global batch of " + std::to_string(o.batch) + " cannot be shared by " + std::to_string(ranks) + " ranks");
+  if (o.validation_patches < ranks) {
+    return fail(ErrorCode::kInvalidArgument, "train: " + std::to_string(o.validation_patches) + " validation patches cannot be shared by " + std::to_string(ranks) + " ranks");
+  }
+  if (device_collective != nullptr) {
+    // The loss statistics (doubles), the broadcast and the validation counts go through the CPU
+    // collective NCCL was bootstrapped from; only the gradient goes through the device's.
+    if (comm == nullptr) return fail(ErrorCode::kInvalidArgument, "train: a device collective needs options.collective too (the ranks' CPU collective)");
+    if (device_collective->rank() != comm->rank() || device_collective->size() != comm->size()) {
+      return fail(ErrorCode::kInvalidArgument, "train: the device collective is rank " + std::to_string(device_collective->rank()) + " of " +
+                                                   std::to_string(device_collective->size()) + ", the CPU collective rank " + std::to_string(comm->rank()) + " of " +
+                                                   std::to_string(comm->size()));
+    }
+    if (where.backend == Backend::kDevice && device_collective->device() != where.device) {
+      return fail(ErrorCode::kInvalidArgument, "train: the device collective is on device " + std::to_string(device_collective->device()) + ", training on device " +
+                                                   std::to_string(where.device));
+    }
+  }
   auto source = tt::PatchSource::create(train, o);
   if (!source) return std::unexpected(source.error());
   auto vb = tt::validation_batch(validation, o);
   if (!vb) return std::unexpected(vb.error());
+  // This rank's validation patches: r, r + R, … of the whole set (the patches the CPU trainer's
+  // rank r builds).
+  tt::Tensor vx;
+  std::vector<uint8_t> vy;
+  {
+    std::vector<size_t> mine;
+    for (size_t i = rank; i < o.validation_patches; i += ranks) mine.push_back(i);
+    take_samples(vb->first, vb->second, mine, vx, vy);
+  }
+  if (comm != nullptr) {
+    std::vector<float> params = net.parameters();
+    TRESOR_TRY(comm->broadcast(params, 0));
+    TRESOR_TRY(net.set_parameters(params));
+  }
   auto g = GpuUNet::create(net, where);
   if (!g) return std::unexpected(g.error());
 
@@ -36,24 +97,39 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
     TRESOR_TRY(g->set_sgd_state(st.sgd));
   }
   auto validate = [&]() -> Result<double> {
-    auto logits = g->forward(vb->first);
+    auto logits = g->forward(vx);
     if (!logits) return std::unexpected(logits.error());
-    return tt::dice_of_prediction(*logits, vb->second);
+    std::array<double, 3> c = tt::dice_counts(*logits, vy);
+    if (comm != nullptr) TRESOR_TRY(comm->all_reduce_sum(std::span<double>(c)));
+    return tt::dice_from_counts(c);
   };
   tt::TrainingLog log;
   auto d0 = validate();
   if (!d0) return std::unexpected(d0.error());
   log.val_dice.push_back({st.step, *d0});
   const size_t P = o.patch;
-  tt::Tensor x({o.batch, 2, P, P, P});
-  std::vector<uint8_t> y(o.batch * P * P * P);
+  const size_t lo = o.batch * rank / ranks, hi = o.batch * (rank + 1) / ranks;
+  tt::Tensor x({hi - lo, 2, P, P, P});
+  std::vector<uint8_t> y((hi - lo) * P * P * P);
   const size_t end = o.stop_after == 0 ? o.steps : std::min(o.stop_after, o.steps);
   for (size_t step = st.step; step < end; ++step) {
-    source->fill_step(step, 0, o.batch, x, y);
+    source->fill_step(step, lo, hi, x, y);
     auto logits = g->forward(x);
     if (!logits) return std::unexpected(logits.error());
-    auto loss = g->loss_and_backward(y);
+    auto stats = g->loss_statistics(y);
+    if (!stats) return std::unexpected(stats.error());
+    if (comm != nullptr) TRESOR_TRY(comm->all_reduce_sum(std::span<double>(*stats)));
+    auto loss = g->backward_from_statistics(*stats);
     if (!loss) return std::unexpected(loss.error());
+    if (device_collective != nullptr) {
+      // In place on the device, queued on the network's stream before the optimizer step.
+      TRESOR_TRY(device_collective->all_reduce_sum(g->device_gradients(), g->parameter_count(), g->stream().stream));
+    } else if (comm != nullptr) {
+      auto grads = g->gradients();
+      if (!grads) return std::unexpected(grads.error());
+      TRESOR_TRY(comm->all_reduce_sum(std::span<float>(*grads)));
+      TRESOR_TRY(g->set_gradients(*grads));
+    }
     const double lr = tt::poly_lr(o.lr, step, o.steps);
     if (o.adamw) {
       TRESOR_TRY(g->adamw_step(lr, st.adam.beta1, st.adam.beta2, st.adam.eps, st.adam.weight_decay));

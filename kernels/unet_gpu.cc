@@ -10,7 +10,14 @@
 //   encoder's gradient when the backward pass reaches it);
 //   gradient scratch g_cur, g_mid, g_pre (a block's output, middle, pre-norm gradient), g_up,
 //   g_cat, each as large as the largest level needs; the kernels' scratch (split-K partials, the
-//   norm's per-plane sums, the loss's partials) sized for the largest layer.
+//   norm's per-plane sums, the loss's partials) sized for the largest layer;
+//   with deep supervision, per output j ≥ 1 of nonzero weight: its logits, their gradient and the
+//   target downsampled to level j (made on the host by tresor::train::downsample_target, the
+//   reference's, and uploaded: a few bytes per voxel once per step).
+//
+// The loss runs in two halves (loss_statistics, backward_from_statistics) so that data-parallel
+// ranks can sum the statistics in between; loss_and_backward is both with nothing in between, the
+// same bits as the fused kernel (the totals travel to the host and back unchanged).
 #include "tresor/gpu/unet.h"
 
 #include <algorithm>
@@ -24,6 +31,7 @@
 
 #include "cuda_shim.h"
 #include "train.cuh"
+#include "tresor/train/trainer.h"
 
 namespace tresor::gpu::train {
 
@@ -155,6 +163,8 @@ struct GpuUNet::Impl {
   DeviceStream st;
   std::vector<StageParams> enc, dec;  // dec[0] is the deepest, as the CPU UNet's decoder_
   ConvParams head;
+  std::vector<ConvParams> ds_heads;  // [j − 1]: the head of the output at 1/2^j (deep supervision)
+  std::vector<double> ds_weights;    // per output: deep_supervision_weights (one output: {1})
   size_t count = 0;
   double eps = 1e-5, slope = 0.01;  // InstanceNormLeakyRelu's, as the CPU UNet builds them
 
@@ -184,6 +194,12 @@ struct GpuUNet::Impl {
   float* logits = nullptr;
   float* dlogits = nullptr;
   uint8_t* target = nullptr;
+  struct Output {  // deep supervision's output j ≥ 1 (those of weight 0 stay null)
+    float* logits = nullptr;
+    float* dlogits = nullptr;
+    uint8_t* target = nullptr;
+  };
+  std::vector<Output> ds_out;  // [j − 1]
   float *g_cur = nullptr, *g_mid = nullptr, *g_pre = nullptr, *g_up = nullptr, *g_cat = nullptr;
   void* w_scratch = nullptr;
   void* n_scratch = nullptr;
@@ -191,6 +207,7 @@ struct GpuUNet::Impl {
   size_t w_scratch_bytes = 0, n_scratch_bytes = 0, l_scratch_bytes = 0;
   bool allocated = false;     // the per-shape buffers exist for `shape`
   bool have_forward = false;  // they hold a complete forward pass
+  bool have_stats = false;    // loss_statistics ran on that forward pass
 
   ~Impl() {
     shape_mem.release();
@@ -216,6 +233,15 @@ struct GpuUNet::Impl {
   Result<void> conv_backward(const ConvParams& p, const Dims& in, const float* x_in, const float* dy, float* dx_in);
   Result<void> run_forward();
   Result<void> run_backward();
+  // The outputs the loss uses: j with a nonzero weight, in order (0 first).
+  std::vector<size_t> weighted_outputs() const {
+    std::vector<size_t> js;
+    for (size_t j = 0; j < ds_weights.size(); ++j)
+      if (ds_weights[j] != 0) js.push_back(j);
+    return js;
+  }
+  // Decoder stage (dec index) whose output feeds output j ≥ 1: the one at level j.
+  size_t dec_of_output(size_t j) const { return dec.size() - 1 - j; }
   Result<void> refresh_bf16(const std::vector<float>& flat);
 };
 
@@ -230,13 +256,12 @@ size_t GpuUNet::parameter_count() const { return impl_->count; }
 
 Result<GpuUNet> GpuUNet::create(const tresor::train::UNet& cpu_net, Where where) {
   const UNetConfig& c = cpu_net.config();
-  if (c.deep_supervision) return fail(ErrorCode::kInvalidArgument, "deep supervision is not supported on the GPU yet");
   auto impl = std::make_unique<Impl>();
   impl->config = c;
   impl->where = where;
   // The layout, in UNet::each_parameter_array's order: encoder stages (per block: conv weight,
   // conv bias, γ, β), decoder stages from the deepest (transposed conv weight, bias, its blocks),
-  // the head.
+  // the head, then deep supervision's heads (j = 1 first).
   size_t at = 0;
   auto take = [&at](size_t size) {
     const size_t o = at;
@@ -276,6 +301,15 @@ Result<GpuUNet> GpuUNet::create(const tresor::train::UNet& cpu_net, Where where)
   impl->head = ConvParams{width(0), c.classes, 1, 1, false, 0, 0};
   impl->head.w = take(c.classes * width(0));
   impl->head.b = take(c.classes);
+  if (c.deep_supervision) {
+    for (size_t j = 1; j + 1 < c.levels; ++j) {
+      ConvParams h{width(j), c.classes, 1, 1, false, 0, 0};
+      h.w = take(c.classes * width(j));
+      h.b = take(c.classes);
+      impl->ds_heads.push_back(h);
+    }
+  }
+  impl->ds_weights = tresor::train::deep_supervision_weights(1 + impl->ds_heads.size());
   impl->count = at;
   const std::vector<float> flat = cpu_net.parameters();
   if (flat.size() != impl->count) {
@@ -330,6 +364,7 @@ Result<void> GpuUNet::Impl::allocate(const std::array<size_t, 5>& xs) {
   shape_mem.release();
   allocated = false;
   have_forward = false;
+  have_stats = false;
   shape = xs;
   n = xs[0];
   const size_t levels = config.levels;
@@ -379,6 +414,14 @@ Result<void> GpuUNet::Impl::allocate(const std::array<size_t, 5>& xs) {
     TRESOR_TRY(conv_scratch(dec[i].blocks[1].conv, dims[l]));
   }
   TRESOR_TRY(conv_scratch(head, dims[0]));
+  ds_out.assign(ds_heads.size(), Impl::Output{});
+  for (size_t j = 1; j <= ds_heads.size(); ++j) {
+    if (ds_weights[j] == 0) continue;  // neither run nor differentiated
+    TRESOR_TRY(conv_scratch(ds_heads[j - 1], dims[j]));
+    TRESOR_ALLOC(ds_out[j - 1].logits, fl(n * config.classes * dims[j].voxels()));
+    TRESOR_ALLOC(ds_out[j - 1].dlogits, fl(n * config.classes * dims[j].voxels()));
+    TRESOR_ALLOC(ds_out[j - 1].target, shape_mem.alloc<uint8_t>(n * dims[j].voxels()));
+  }
   const size_t logit_count = n * config.classes * dims[0].voxels();
   TRESOR_ALLOC(logits, fl(logit_count));
   TRESOR_ALLOC(dlogits, fl(logit_count));
@@ -388,11 +431,15 @@ Result<void> GpuUNet::Impl::allocate(const std::array<size_t, 5>& xs) {
   TRESOR_ALLOC(g_pre, fl(act_max));
   TRESOR_ALLOC(g_up, fl(act_max));
   TRESOR_ALLOC(g_cat, fl(std::max<size_t>(cat_max, 1)));
-  auto ls = dice_ce_loss_scratch(LossShape{n, config.classes, dims[0].voxels()});
-  if (!ls) return std::unexpected(ls.error());
+  size_t loss_max = 0;
+  for (size_t j : weighted_outputs()) {
+    auto ls = dice_ce_loss_scratch(LossShape{n, config.classes, dims[j].voxels()});
+    if (!ls) return std::unexpected(ls.error());
+    loss_max = std::max(loss_max, *ls);
+  }
   w_scratch_bytes = w_max;
   n_scratch_bytes = nrm_max;
-  l_scratch_bytes = *ls;
+  l_scratch_bytes = loss_max;
   TRESOR_ALLOC(w_scratch, shape_mem.alloc<std::byte>(w_scratch_bytes));
   TRESOR_ALLOC(n_scratch, shape_mem.alloc<std::byte>(n_scratch_bytes));
   TRESOR_ALLOC(l_scratch, shape_mem.alloc<std::byte>(l_scratch_bytes));
@@ -452,6 +499,12 @@ Result<void> GpuUNet::Impl::run_backward() {
     const size_t l = levels - 2 - i;
     const size_t ch = dec[i].channels;
     const Acts& a = dec_a[i];
+    // A deep-supervision head on this stage's output (level l = j) adds its input gradient here,
+    // as the CPU UNet's; a head of weight 0 has zero gradients (left from the zeroing above).
+    if (l >= 1 && l <= ds_heads.size() && ds_weights[l] != 0) {
+      TRESOR_TRY(conv_backward(ds_heads[l - 1], dims[l], a.out[1], ds_out[l - 1].dlogits, g_mid));
+      TRESOR_TRY(add_device(st, n * ch * dims[l].voxels(), g_mid, g_cur));
+    }
     TRESOR_TRY(block_backward(dec[i].blocks[1], dims[l], dims[l], a.out[0], a.pre[1], g_cur, g_mid));
     TRESOR_TRY(block_backward(dec[i].blocks[0], dims[l], dims[l], a.cat, a.pre[0], g_mid, g_cat));
     // split: the upsampled half to the transposed conv, the skip half kept for the encoder.
@@ -483,6 +536,7 @@ Result<Tensor> GpuUNet::forward(const Tensor& x) {
   if (x.data.size() != x.size()) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + str(x.data.size()) + " values for its shape " + x.shape_text());
   TRESOR_TRY(m.allocate(x.shape));
   m.have_forward = false;
+  m.have_stats = false;
   TRESOR_TRY(upload(m.st, m.x, x.data.data(), x.data.size() * sizeof(float)));
   TRESOR_TRY(m.run_forward());
   Tensor logits({x.shape[0], c.classes, x.shape[2], x.shape[3], x.shape[4]});
@@ -491,7 +545,9 @@ Result<Tensor> GpuUNet::forward(const Tensor& x) {
   return logits;
 }
 
-Result<LossValues> GpuUNet::loss_and_backward(const std::vector<uint8_t>& target, double smooth, double dice_weight) {
+size_t GpuUNet::outputs() const { return 1 + impl_->ds_heads.size(); }
+
+Result<std::vector<double>> GpuUNet::loss_statistics(const std::vector<uint8_t>& target) {
   Impl& m = *impl_;
   if (!m.have_forward) return fail(ErrorCode::kInvalidArgument, "unet: backward before forward");
   const size_t voxels = m.n * m.dims[0].voxels();
@@ -501,14 +557,63 @@ Result<LossValues> GpuUNet::loss_and_backward(const std::vector<uint8_t>& target
     if (target[i] >= m.config.classes) return fail(ErrorCode::kInvalidArgument, "unet: target voxel " + str(i) + " is class " + str(target[i]) + " of " + str(m.config.classes));
   }
   m.have_grads = false;
+  m.have_stats = false;
   TRESOR_TRY(upload(m.st, m.target, target.data(), target.size()));
-  auto v = dice_ce_loss_device(m.st, LossShape{m.n, m.config.classes, m.dims[0].voxels()}, m.logits, m.target, smooth, dice_weight, m.dlogits, m.l_scratch,
-                               m.l_scratch_bytes);
-  if (!v) return std::unexpected(v.error());
+  std::vector<std::vector<uint8_t>> small;  // kept until the uploads are complete
+  for (size_t j : m.weighted_outputs()) {
+    if (j == 0) continue;
+    small.push_back(tresor::train::downsample_target(target, {m.n, m.dims[0].d, m.dims[0].h, m.dims[0].w}, j));
+    TRESOR_TRY(upload(m.st, m.ds_out[j - 1].target, small.back().data(), small.back().size()));
+    TRESOR_TRY(conv_forward_device(m.st, m.conv_shape_of(m.ds_heads[j - 1], m.dims[j]), m.dec_a[m.dec_of_output(j)].out[1], m.d_bf16 + m.ds_heads[j - 1].w,
+                                   m.d_params + m.ds_heads[j - 1].b, m.ds_out[j - 1].logits));
+  }
+  std::vector<double> stats;
+  for (size_t j : m.weighted_outputs()) {
+    const float* logits = j == 0 ? m.logits : m.ds_out[j - 1].logits;
+    const uint8_t* t = j == 0 ? m.target : m.ds_out[j - 1].target;
+    auto s = dice_ce_loss_stats_device(m.st, LossShape{m.n, m.config.classes, m.dims[j].voxels()}, logits, t, m.l_scratch, m.l_scratch_bytes);
+    if (!s) return std::unexpected(s.error());
+    stats.insert(stats.end(), s->begin(), s->end());
+  }
+  m.have_stats = true;
+  return stats;
+}
+
+Result<LossValues> GpuUNet::backward_from_statistics(std::span<const double> stats, double smooth, double dice_weight) {
+  Impl& m = *impl_;
+  if (!m.have_stats) return fail(ErrorCode::kInvalidArgument, "unet: backward before loss_statistics on the last forward");
+  const std::vector<size_t> js = m.weighted_outputs();
+  const size_t per = 2 * m.config.classes;
+  if (stats.size() != js.size() * per) {
+    return fail(ErrorCode::kInvalidArgument, "unet: " + str(stats.size()) + " loss statistics, want " + str(js.size() * per) + " (" + str(js.size()) + " outputs of " + str(per) + ")");
+  }
+  m.have_grads = false;
+  LossValues r;
+  for (size_t k = 0; k < js.size(); ++k) {
+    const size_t j = js[k];
+    const double w = m.ds_weights[j];
+    auto v = dice_ce_loss_grad_device(m.st, LossShape{m.n, m.config.classes, m.dims[j].voxels()}, j == 0 ? m.logits : m.ds_out[j - 1].logits,
+                                      j == 0 ? m.target : m.ds_out[j - 1].target, stats.subspan(k * per, per), smooth, dice_weight, w, j == 0 ? m.dlogits : m.ds_out[j - 1].dlogits,
+                                      m.l_scratch, m.l_scratch_bytes);
+    if (!v) return std::unexpected(v.error());
+    // deep_supervision_loss's sum (w = 1 with one output: the loss unchanged).
+    r.loss += w * v->loss;
+    if (j == 0) {
+      r.cross_entropy = v->cross_entropy;
+      r.dice = v->dice;
+    }
+  }
   TRESOR_TRY(m.run_backward());
   TRESOR_TRY(download(m.st, nullptr, nullptr, 0));  // every failure of the pass surfaces here
+  m.have_stats = false;
   m.have_grads = true;
-  return *v;
+  return r;
+}
+
+Result<LossValues> GpuUNet::loss_and_backward(const std::vector<uint8_t>& target, double smooth, double dice_weight) {
+  auto stats = loss_statistics(target);
+  if (!stats) return std::unexpected(stats.error());
+  return backward_from_statistics(*stats, smooth, dice_weight);
 }
 
 Result<void> GpuUNet::sgd_step(double lr, double momentum, double weight_decay, bool nesterov) {
@@ -541,6 +646,17 @@ Result<void> GpuUNet::set_parameters(const std::vector<float>& flat) {
   TRESOR_TRY(upload(m.st, m.d_params, flat.data(), flat.size() * sizeof(float)));
   return m.refresh_bf16(flat);
 }
+
+Result<void> GpuUNet::set_gradients(const std::vector<float>& flat) {
+  Impl& m = *impl_;
+  if (!m.have_grads) return fail(ErrorCode::kInvalidArgument, "unet: no gradient to replace yet (loss_and_backward has not run)");
+  if (flat.size() != m.count) return fail(ErrorCode::kInvalidArgument, "unet: " + str(flat.size()) + " gradient values given, the model has " + str(m.count) + " parameters");
+  TRESOR_TRY(upload(m.st, m.d_grads, flat.data(), flat.size() * sizeof(float)));
+  return download(m.st, nullptr, nullptr, 0);  // flat may go
+}
+
+float* GpuUNet::device_gradients() { return impl_->d_grads; }
+DeviceStream GpuUNet::stream() const { return impl_->st; }
 
 Result<std::vector<float>> GpuUNet::gradients() const {
   if (!impl_->have_grads) return fail(ErrorCode::kInvalidArgument, "unet: no gradient yet (loss_and_backward has not run)");

@@ -24,6 +24,7 @@
 #include "cli.h"
 #include "options.h"
 #include "tresor/ct/preview.h"
+#include "tresor/gpu/nccl.h"
 #include "tresor/gpu/trainer.h"
 #include "tresor/train/inference.h"
 #include "tresor/train/trainer.h"
@@ -366,7 +367,7 @@ int cmd_train(int argc, char** argv) {
   } else if (device == "cuda" || (device.starts_with("cuda:") && device.size() > 5 && device.size() < 9 && device.find_first_not_of("0123456789", 5) == std::string::npos)) {
     gpu_where = gpu::train::Where{gpu::train::Backend::kDevice, device == "cuda" ? local_rank : std::stoi(device.substr(5))};
     auto ok = gpu::train::available(gpu_where->device);
-    const std::string named = "train: --device " + device + " (cuda:" + std::to_string(gpu_where->device) + ")";
+    const std::string named = "train: --device " + device + (device == "cuda" ? " (cuda:" + std::to_string(gpu_where->device) + ")" : "");
     if (!ok) return report(Error{ok.error().code, named + ": " + ok.error().message});
     if (!*ok) return report(Error{ErrorCode::kUnavailable, named + ": no such CUDA device, or one older than compute capability 8.0"});
   } else if (device != "cpu") {
@@ -423,6 +424,14 @@ int cmd_train(int argc, char** argv) {
     comm = std::move(*c);
     cfg->options.collective = comm.get();
   }
+  // Ranks on GPUs sum their gradients with NCCL in device memory, bootstrapped through the TCP
+  // collective (docs/training.md §5); the TCP collective still carries the loss statistics.
+  std::unique_ptr<gpu::DeviceCollective> nccl;
+  if (comm && gpu_where && gpu_where->backend == gpu::train::Backend::kDevice) {
+    auto n = gpu::connect_nccl(*comm, gpu_where->device);
+    if (!n) return report(Error{n.error().code, "train: rank " + std::to_string(rv.rank) + ": " + n.error().message});
+    nccl = std::move(*n);
+  }
   const bool lead = rv.rank == 0;
   const bool tty = ::isatty(2) != 0;
   const double start = now_seconds();
@@ -436,7 +445,7 @@ int cmd_train(int argc, char** argv) {
                    last_dice >= 0 ? std::to_string(last_dice).substr(0, 5).c_str() : "-", tty ? "\x1b[K" : "\n");
     }
   };
-  auto log = gpu_where ? gpu::train::train_unet_gpu(*net, tr, va, cfg->options, *gpu_where, progress, &state)
+  auto log = gpu_where ? gpu::train::train_unet_gpu(*net, tr, va, cfg->options, *gpu_where, progress, &state, nccl.get())
                        : train::train_unet(*net, tr, va, cfg->options, progress, &state);
   if (tty && lead) std::fputc('\n', stderr);
   if (!log) return report(Error{log.error().code, rv.size > 1 ? "train: rank " + std::to_string(rv.rank) + ": " + log.error().message : log.error().message});

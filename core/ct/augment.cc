@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "internal.h"
+#include "tresor/ct/augment_hd.h"
 
 namespace tresor::ct {
 namespace {
@@ -22,15 +23,12 @@ Result<void> check_range(const char* name, double lo, double hi) {
 
 }  // namespace
 
-Result<PatchSampler> PatchSampler::create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& o) {
-  if (labels.dims != image.dims || labels.data.size() != image.data.size() || image.data.size() != image.size()) {
-    return fail(ErrorCode::kInvalidArgument, "augment: the labels do not have the image's dimensions");
-  }
-  if (image.size() > 0xFFFFFFFFu) return fail(ErrorCode::kInvalidArgument, "augment: the volume has more than 2^32 voxels");
+Result<void> PatchSampler::check(const AugmentOptions& o, const std::array<size_t, 3>& dims) {
+  if (dims[0] * dims[1] * dims[2] > 0xFFFFFFFFu) return fail(ErrorCode::kInvalidArgument, "augment: the volume has more than 2^32 voxels");
   for (size_t a = 0; a < 3; ++a) {
-    if (o.patch[a] == 0 || o.patch[a] > image.dims[a]) {
+    if (o.patch[a] == 0 || o.patch[a] > dims[a]) {
       return fail(ErrorCode::kInvalidArgument, "augment: a patch of " + std::to_string(o.patch[a]) + " voxels on axis " + std::to_string(a) +
-                                                   " does not fit the volume's " + std::to_string(image.dims[a]));
+                                                   " does not fit the volume's " + std::to_string(dims[a]));
     }
   }
   for (auto [name, p] : {std::pair{"foreground fraction", o.foreground_fraction}, {"flip probability", o.flip_probability},
@@ -41,6 +39,14 @@ Result<PatchSampler> PatchSampler::create(const Volume<float>& image, const Labe
   if (auto r = check_range("shift", o.shift_min, o.shift_max); !r) return std::unexpected(r.error());
   if (auto r = check_range("noise variance", o.noise_variance_min, o.noise_variance_max); !r) return std::unexpected(r.error());
   if (o.noise_variance_min < 0) return fail(ErrorCode::kInvalidArgument, "augment: noise variance " + std::to_string(o.noise_variance_min) + " is negative");
+  return {};
+}
+
+Result<PatchSampler> PatchSampler::create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& o) {
+  if (labels.dims != image.dims || labels.data.size() != image.data.size() || image.data.size() != image.size()) {
+    return fail(ErrorCode::kInvalidArgument, "augment: the labels do not have the image's dimensions");
+  }
+  TRESOR_TRY(check(o, image.dims));
   PatchSampler s(image, labels, o);
   for (size_t i = 0; i < labels.data.size(); ++i) {
     if (labels.data[i] == o.foreground_label) s.foreground_.push_back(static_cast<uint32_t>(i));
@@ -48,32 +54,46 @@ Result<PatchSampler> PatchSampler::create(const Volume<float>& image, const Labe
   return s;
 }
 
-Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
+PatchDraw PatchSampler::draw(const AugmentOptions& o, const std::array<size_t, 3>& d, bool have_foreground, uint64_t seed, uint64_t index) {
   // One SplitMix64 stream per (seed, index); the draws in a fixed order.
   detail::Rng rng{seed ^ (index * 0xD1B54A32D192ED03ull + 0x8CB92BA72F3D8DD7ull)};
   rng.next();
+  PatchDraw p;
+  p.want_foreground = rng.uniform() < o.foreground_fraction;
+  if (p.want_foreground && have_foreground) {
+    p.from_foreground = true;
+    p.foreground_draw = rng.next();  // SplitMix64::below(n) is next() % n
+  } else {
+    for (size_t a = 0; a < 3; ++a) p.corner[a] = rng.below(d[a] - o.patch[a] + 1);
+  }
+  for (size_t a = 0; a < 3; ++a) p.flipped[a] = rng.uniform() < o.flip_probability;
+  if (rng.uniform() < o.intensity_probability) {
+    p.scale = rng.between(o.scale_min, o.scale_max);
+    p.shift = rng.between(o.shift_min, o.shift_max);
+  }
+  if (rng.uniform() < o.noise_probability) p.noise_sd = std::sqrt(rng.between(o.noise_variance_min, o.noise_variance_max));
+  p.noise_state = rng.s;
+  return p;
+}
+
+Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
   const auto& d = image_->dims;
+  const PatchDraw dr = draw(o_, d, !foreground_.empty(), seed, index);
   Patch p;
-  const bool want_fg = rng.uniform() < o_.foreground_fraction;
-  if (want_fg && !foreground_.empty()) {
+  if (dr.from_foreground) {
     // Centred on a foreground voxel, moved inside the volume where the edge is closer than half.
-    const uint32_t v = foreground_[rng.below(foreground_.size())];
+    const uint32_t v = foreground_[static_cast<size_t>(dr.foreground_draw % foreground_.size())];
     const size_t c[3] = {v % d[0], (v / d[0]) % d[1], v / (d[0] * d[1])};
-    for (size_t a = 0; a < 3; ++a) {
-      const size_t half = o_.patch[a] / 2;
-      p.corner[a] = std::min(c[a] > half ? c[a] - half : 0, d[a] - o_.patch[a]);
-    }
+    for (size_t a = 0; a < 3; ++a) p.corner[a] = static_cast<size_t>(augment_hd::centred_corner(c[a], o_.patch[a], d[a]));
     p.foreground = true;
   } else {
-    p.no_foreground = want_fg;
-    for (size_t a = 0; a < 3; ++a) p.corner[a] = rng.below(d[a] - o_.patch[a] + 1);
+    p.no_foreground = dr.want_foreground;
+    p.corner = dr.corner;
   }
-  for (size_t a = 0; a < 3; ++a) p.flipped[a] = rng.uniform() < o_.flip_probability;
-  if (rng.uniform() < o_.intensity_probability) {
-    p.scale = rng.between(o_.scale_min, o_.scale_max);
-    p.shift = rng.between(o_.shift_min, o_.shift_max);
-  }
-  if (rng.uniform() < o_.noise_probability) p.noise_sd = std::sqrt(rng.between(o_.noise_variance_min, o_.noise_variance_max));
+  p.flipped = dr.flipped;
+  p.scale = dr.scale;
+  p.shift = dr.shift;
+  p.noise_sd = dr.noise_sd;
 
   const auto& n = o_.patch;
   p.image.dims = n;
@@ -86,6 +106,8 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
   p.labels.origin = p.image.origin;
   p.image.data.resize(p.image.size());
   p.labels.data.resize(p.labels.size());
+  // Voxel k (in the patch's index order) takes the stream's normals at k: the draws a sequential
+  // loop would take, addressed directly so that the GPU loader computes the same (augment_hd.h).
   for (size_t z = 0; z < n[2]; ++z) {
     const size_t sz = p.corner[2] + (p.flipped[2] ? n[2] - 1 - z : z);
     for (size_t y = 0; y < n[1]; ++y) {
@@ -93,9 +115,7 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
       for (size_t x = 0; x < n[0]; ++x) {
         const size_t sx = p.corner[0] + (p.flipped[0] ? n[0] - 1 - x : x);
         const size_t src = image_->index(sx, sy, sz), dst = p.image.index(x, y, z);
-        double v = static_cast<double>(image_->data[src]) * p.scale + p.shift;
-        if (p.noise_sd > 0) v += p.noise_sd * rng.normal();
-        p.image.data[dst] = static_cast<float>(v);
+        p.image.data[dst] = augment_hd::augment_voxel(image_->data[src], p.scale, p.shift, p.noise_sd, dr.noise_state, dst);
         p.labels.data[dst] = labels_->data[src];
       }
     }

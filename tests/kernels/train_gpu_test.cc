@@ -491,6 +491,86 @@ TEST(TrainGpuEmulation, DiceCrossEntropyMatchesTheReference) {
   for (const auto& c : loss_cases()) check_loss_case(c, seed += 10, kEmulated, "emulation");
 }
 
+// The loss in two halves (statistics, then the gradient from them), the data-parallel form:
+// (1) on one batch with scale 1 the fused entry's bits exactly (values and gradient); with scale
+// ¼ (a power of two) exactly ¼ of them; (2) the statistics in dice_ce_loss's LossAllReduce layout,
+// within double rounding of the CPU reference's `across` vector; (3) the batch split in two
+// "ranks" whose statistics are summed: the concatenated gradients are the CPU reference's over
+// the whole batch (within check_loss_case's bound) and the values equal its.
+TEST(TrainGpuEmulation, DiceCrossEntropyInTwoHalvesForDataParallelism) {
+  const gpu::train::DeviceStream emu{0, nullptr, Backend::kEmulated};
+  uint64_t seed = 1900;
+  for (const auto& c : loss_cases()) {
+    SCOPED_TRACE(c.name);
+    seed += 10;
+    const Tensor logits = random_tensor(c.shape, seed, c.logit_scale);
+    const size_t n = c.shape[0], classes = c.shape[1], m = logits.spatial();
+    const auto target = random_target(n * m, classes, seed + 1);
+    const gpu::train::LossShape shape{n, classes, m};
+    std::vector<std::byte> scratch(*gpu::train::dice_ce_loss_scratch(shape));
+    Tensor fused(logits.shape), split(logits.shape), quarter(logits.shape);
+    auto fv = gpu::train::dice_ce_loss_device(emu, shape, logits.data.data(), target.data(), 1e-5, c.dice_weight, fused.data.data(), scratch.data(), scratch.size());
+    ASSERT_TRUE(fv) << fv.error().message;
+    auto stats = gpu::train::dice_ce_loss_stats_device(emu, shape, logits.data.data(), target.data(), scratch.data(), scratch.size());
+    ASSERT_TRUE(stats) << stats.error().message;
+    auto sv = gpu::train::dice_ce_loss_grad_device(emu, shape, logits.data.data(), target.data(), *stats, 1e-5, c.dice_weight, 1.0, split.data.data(), scratch.data(),
+                                                   scratch.size());
+    ASSERT_TRUE(sv) << sv.error().message;
+    EXPECT_EQ(sv->loss, fv->loss);
+    EXPECT_EQ(sv->cross_entropy, fv->cross_entropy);
+    EXPECT_EQ(sv->dice, fv->dice);
+    EXPECT_TRUE(split.data == fused.data) << "two halves differ from the fused pass";
+    ASSERT_TRUE(gpu::train::dice_ce_loss_grad_device(emu, shape, logits.data.data(), target.data(), *stats, 1e-5, c.dice_weight, 0.25, quarter.data.data(),
+                                                     scratch.data(), scratch.size()));
+    // Exact unless ¼ of the value is subnormal (the scale is applied in double before rounding to
+    // float, so there the two round once instead of twice: within one subnormal step).
+    bool exact_quarter = true;
+    for (size_t i = 0; i < fused.data.size(); ++i) {
+      const float want_q = fused.data[i] * 0.25f;
+      exact_quarter = exact_quarter && (std::fabs(fused.data[i]) >= 4 * std::numeric_limits<float>::min()
+                                            ? quarter.data[i] == want_q
+                                            : std::fabs(quarter.data[i] - want_q) <= std::numeric_limits<float>::denorm_min());
+    }
+    EXPECT_TRUE(exact_quarter) << "scale ¼";
+
+    std::vector<double> want_stats;
+    auto capture = [&](std::span<double> v) -> Result<void> {
+      want_stats.assign(v.begin(), v.end());
+      return {};
+    };
+    auto want = train::dice_ce_loss(logits, target, 1e-5, 1, c.dice_weight, capture);
+    ASSERT_TRUE(want) << want.error().message;
+    ASSERT_EQ(stats->size(), want_stats.size());
+    for (size_t i = 0; i < want_stats.size(); ++i) EXPECT_NEAR((*stats)[i], want_stats[i], 1e-12 * std::fabs(want_stats[i]) + 1e-12) << "statistic " << i;
+
+    if (n < 2) continue;
+    // Two "ranks": samples [0, n/2) and [n/2, n).
+    const size_t cut = n / 2, per = classes * m;
+    std::vector<double> sum(2 * classes, 0.0);
+    std::vector<std::vector<double>> own(2);
+    for (size_t r = 0; r < 2; ++r) {
+      const size_t lo = r == 0 ? 0 : cut, cnt = r == 0 ? cut : n - cut;
+      const gpu::train::LossShape part{cnt, classes, m};
+      auto st = gpu::train::dice_ce_loss_stats_device(emu, part, logits.data.data() + lo * per, target.data() + lo * m, scratch.data(), scratch.size());
+      ASSERT_TRUE(st) << st.error().message;
+      for (size_t i = 0; i < sum.size(); ++i) sum[i] += (*st)[i];
+    }
+    Tensor joined(logits.shape);
+    for (size_t r = 0; r < 2; ++r) {
+      const size_t lo = r == 0 ? 0 : cut, cnt = r == 0 ? cut : n - cut;
+      const gpu::train::LossShape part{cnt, classes, m};
+      auto v = gpu::train::dice_ce_loss_grad_device(emu, part, logits.data.data() + lo * per, target.data() + lo * m, sum, 1e-5, c.dice_weight, 1.0,
+                                                    joined.data.data() + lo * per, scratch.data(), scratch.size());
+      ASSERT_TRUE(v) << v.error().message;
+      EXPECT_NEAR(v->loss, want->loss, 1e-12 * (std::fabs(want->cross_entropy) + std::fabs(want->dice)) + 1e-15) << "rank " << r;
+    }
+    const double scale = max_abs(want->dlogits.data);
+    expect_within(
+        joined.data, want->dlogits.data, [&](size_t i) { return std::ldexp(std::fabs(static_cast<double>(want->dlogits.data[i])), -22) + 1e-9 * scale; }, 1e-6,
+        "two ranks' dlogits");
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Optimizers: to the bit.
 
@@ -615,6 +695,22 @@ std::vector<CheckCase> check_cases() {
       return drop(gpu::train::dice_ce_loss(logits, t, 1e-5, 1.0, kEmulated));
     };
   };
+  // The two-pass loss on 3 classes × 8 voxels with its statistics or scale mutated.
+  auto split_loss = [](std::function<void(std::vector<double>&, double&)> mutate) {
+    return [=]() -> Result<void> {
+      const Tensor logits = random_tensor({1, 3, 2, 2, 2}, 5);
+      const auto t = random_target(8, 3, 6);
+      const gpu::train::DeviceStream emu{0, nullptr, Backend::kEmulated};
+      const gpu::train::LossShape shape{1, 3, 8};
+      std::vector<std::byte> scratch(*gpu::train::dice_ce_loss_scratch(shape));
+      auto st = gpu::train::dice_ce_loss_stats_device(emu, shape, logits.data.data(), t.data(), scratch.data(), scratch.size());
+      if (!st) return std::unexpected(st.error());
+      double scale = 0.5;
+      mutate(*st, scale);
+      Tensor d(logits.shape);
+      return drop(gpu::train::dice_ce_loss_grad_device(emu, shape, logits.data.data(), t.data(), *st, 1e-5, 1.0, scale, d.data.data(), scratch.data(), scratch.size()));
+    };
+  };
   auto device_shape = [](gpu::train::ConvShape s) {
     return [s]() -> Result<void> {
       auto r = gpu::train::conv_backward_weight_scratch(s);
@@ -646,6 +742,11 @@ std::vector<CheckCase> check_cases() {
       {"loss: 1 class", loss(1, 8, 0), "classes = 1"},
       {"loss: target size", loss(3, 7, 0), "target has"},
       {"loss: target class", loss(3, 8, 3), "target voxel 3 is class 3"},
+      {"loss halves: base case", split_loss([](auto&, auto&) {}), ""},
+      {"loss halves: statistics length", split_loss([](auto& st, auto&) { st.pop_back(); }), "5 statistics for 3 classes, want 6"},
+      {"loss halves: fewer voxels than the batch", split_loss([](auto& st, auto&) { st[1] = 7; }), "the voxel count) is 7"},
+      {"loss halves: fractional voxel count", split_loss([](auto& st, auto&) { st[1] = 8.5; }), "the voxel count) is 8.5"},
+      {"loss halves: scale", split_loss([](auto&, auto& scale) { scale = INFINITY; }), "scale = inf"},
       {"sgd: base case", [] { train::Sgd o; std::vector<float> p(4, 1.0f); return gpu::train::sgd_step(o, p, std::vector<float>(4, 0.5f), 0.1, nullptr, kEmulated); }, ""},
       {"sgd: grads size", [] { train::Sgd o; std::vector<float> p(4, 1.0f); return gpu::train::sgd_step(o, p, std::vector<float>(3, 0.5f), 0.1, nullptr, kEmulated); },
        "3 grads"},

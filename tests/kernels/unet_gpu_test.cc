@@ -61,6 +61,7 @@
 #include "tresor/gpu/train.h"
 #include "tresor/gpu/unet.h"
 #include "tresor/train/layers.h"
+#include "tresor/train/trainer.h"
 #include "tresor/train/unet.h"
 
 namespace tresor {
@@ -107,6 +108,22 @@ std::vector<NetCase> net_cases() {
   };
 }
 
+// Deep supervision: with 3 levels its one extra head has weight 0 (nnU-Net's lowest output: zero
+// gradients, nothing else changes); with 4 levels two extra heads, weights (1, ½, 0)/1.5, and 3
+// classes (two foreground Dice terms per output).
+std::vector<NetCase> ds_cases() {
+  UNetConfig d3 = config3();
+  d3.deep_supervision = true;
+  UNetConfig d4 = config3();
+  d4.levels = 4;
+  d4.classes = 3;
+  d4.deep_supervision = true;
+  return {
+      {"deep supervision, levels 3 (its head of weight 0), 2 × 16³", d3, {2, 2, 16, 16, 16}, 21},
+      {"deep supervision, levels 4, 3 classes, 2 × 16×16×24", d4, {2, 2, 16, 16, 24}, 22},
+  };
+}
+
 Tensor random_input(const std::array<size_t, 5>& shape, uint64_t seed) {
   Tensor t(shape);
   std::mt19937_64 rng(seed);
@@ -115,13 +132,17 @@ Tensor random_input(const std::array<size_t, 5>& shape, uint64_t seed) {
   return t;
 }
 
-// A target correlated with the first channel (so Dice is neither 0 nor 1), some voxels flipped.
-std::vector<uint8_t> make_target(const Tensor& x, uint64_t seed) {
+// A target correlated with the first channel (so Dice is neither 0 nor 1), some voxels flipped;
+// with 3 classes, class 2 where the second channel is high.
+std::vector<uint8_t> make_target(const Tensor& x, uint64_t seed, size_t classes = 2) {
   const size_t n = x.shape[0], m = x.spatial(), c = x.shape[1];
   std::vector<uint8_t> t(n * m);
   std::mt19937_64 rng(seed);
   for (size_t b = 0; b < n; ++b)
-    for (size_t i = 0; i < m; ++i) t[b * m + i] = (x.data[b * c * m + i] > 0.8f) != (rng() % 10 == 0) ? 1 : 0;
+    for (size_t i = 0; i < m; ++i) {
+      t[b * m + i] = (x.data[b * c * m + i] > 0.8f) != (rng() % 10 == 0) ? 1 : 0;
+      if (classes > 2 && x.data[(b * c + 1) * m + i] > 1.0f) t[b * m + i] = 2;
+    }
   return t;
 }
 
@@ -176,6 +197,12 @@ std::vector<ArrayInfo> layout(const UNetConfig& c) {
   }
   add("head weight", c.classes * width(0), false);
   add("head bias", c.classes, false);
+  if (c.deep_supervision) {
+    for (size_t j = 1; j + 1 < c.levels; ++j) {
+      add("deep supervision head " + std::to_string(j) + " weight", c.classes * width(j), false);
+      add("deep supervision head " + std::to_string(j) + " bias", c.classes, false);
+    }
+  }
   return a;
 }
 
@@ -228,9 +255,26 @@ struct Step {
   std::vector<float> grads;
 };
 
-// The CPU reference: UNet + dice_ce_loss.
+// The CPU reference: UNet + dice_ce_loss, or with deep supervision forward_outputs +
+// deep_supervision_loss + backward_outputs_into.
 Step cpu_step(UNet& net, const Tensor& x, const std::vector<uint8_t>& target) {
   Step s;
+  if (net.config().deep_supervision) {
+    auto outs = net.forward_outputs(x);
+    EXPECT_TRUE(outs) << outs.error().message;
+    if (!outs) return s;
+    auto loss = train::deep_supervision_loss(*outs, target);
+    EXPECT_TRUE(loss) << loss.error().message;
+    if (!loss) return s;
+    s.logits = std::move(outs->front());
+    s.loss = loss->loss;
+    s.cross_entropy = loss->cross_entropy;
+    s.dice = loss->dice;
+    s.grads.assign(net.parameter_count(), 0.0f);
+    auto g = net.backward_outputs_into(loss->dlogits, s.grads);
+    EXPECT_TRUE(g) << g.error().message;
+    return s;
+  }
   auto logits = net.forward(x);
   EXPECT_TRUE(logits) << logits.error().message;
   if (!logits) return s;
@@ -334,6 +378,21 @@ Step composed_step(const UNetConfig& c, const std::vector<float>& p, const Tenso
   head.pad = 0;
   head.weight = take();
   head.bias = take();
+  std::vector<train::Conv3d> ds_heads;  // [j − 1]
+  std::vector<size_t> ds_at;
+  if (c.deep_supervision) {
+    for (size_t j = 1; j + 1 < c.levels; ++j) {
+      train::Conv3d h;
+      ds_at.push_back(next);
+      h.cin = width(j);
+      h.cout = c.classes;
+      h.k = 1;
+      h.pad = 0;
+      h.weight = take();
+      h.bias = take();
+      ds_heads.push_back(std::move(h));
+    }
+  }
 
   auto fwd = [](Block& b, const Tensor& t) {
     b.in = t;
@@ -358,6 +417,32 @@ Step composed_step(const UNetConfig& c, const std::vector<float>& p, const Tenso
   out.loss = loss->loss;
   out.cross_entropy = loss->cross_entropy;
   out.dice = loss->dice;
+  // Deep supervision: every output of nonzero weight through the two-pass loss (the emulated
+  // device-pointer entries on host memory), its gradient scaled by its weight; the main output's
+  // loss and gradient likewise (scale 1 on one output gives the fused entry's bits, checked above
+  // for the plain nets).
+  const std::vector<double> w = train::deep_supervision_weights(1 + ds_heads.size());
+  std::vector<Tensor> ds_dlogits(ds_heads.size());
+  if (!ds_heads.empty()) {
+    const gpu::train::DeviceStream emu{0, nullptr, Backend::kEmulated};
+    out.loss = 0;
+    for (size_t j = 0; j < w.size(); ++j) {
+      if (w[j] == 0) continue;
+      const Tensor logits_j = j == 0 ? out.logits : *gpu::train::conv3d_forward(ds_heads[j - 1], dec[dec.size() - 1 - j].out, kEmulated);
+      const auto t = j == 0 ? target : train::downsample_target(target, {x.shape[0], x.shape[2], x.shape[3], x.shape[4]}, j);
+      const gpu::train::LossShape ls{logits_j.shape[0], logits_j.shape[1], logits_j.spatial()};
+      std::vector<std::byte> scratch(*gpu::train::dice_ce_loss_scratch(ls));
+      auto stats = gpu::train::dice_ce_loss_stats_device(emu, ls, logits_j.data.data(), t.data(), scratch.data(), scratch.size());
+      Tensor dl(logits_j.shape);
+      auto v = gpu::train::dice_ce_loss_grad_device(emu, ls, logits_j.data.data(), t.data(), *stats, 1e-5, 1.0, w[j], dl.data.data(), scratch.data(), scratch.size());
+      out.loss += w[j] * v->loss;
+      if (j == 0) {
+        loss->dlogits = std::move(dl);
+      } else {
+        ds_dlogits[j - 1] = std::move(dl);
+      }
+    }
+  }
 
   out.grads.assign(p.size(), 0.0f);
   auto put = [&](size_t array, const std::vector<float>& g) { std::copy(g.begin(), g.end(), out.grads.begin() + static_cast<std::ptrdiff_t>(arrays[array].offset)); };
@@ -377,6 +462,14 @@ Step composed_step(const UNetConfig& c, const std::vector<float>& p, const Tenso
   put(head_at + 1, hb);
   std::vector<Tensor> skip(enc.size());
   for (size_t i = dec.size(); i-- > 0;) {
+    const size_t j = dec.size() - 1 - i;  // the stage's level
+    if (j >= 1 && j <= ds_heads.size() && w[j] != 0) {
+      std::vector<float> dw(ds_heads[j - 1].weight.size()), db(ds_heads[j - 1].bias.size());
+      const Tensor dx = *gpu::train::conv3d_backward(ds_heads[j - 1], dec[i].out, ds_dlogits[j - 1], dw, db, kEmulated);
+      for (size_t e = 0; e < d.data.size(); ++e) d.data[e] += dx.data[e];
+      put(ds_at[j - 1], dw);
+      put(ds_at[j - 1] + 1, db);
+    }
     for (size_t k = 2; k-- > 0;) d = back(dec[i].blocks[k], d);
     auto parts = *train::split_channels(d, dec[i].up.cout);
     skip[enc.size() - 2 - i] = std::move(parts.second);
@@ -423,7 +516,7 @@ std::vector<float> check_forward_backward(const NetCase& c, Where where, const s
   if (!gnet) return {};
   EXPECT_EQ(gnet->parameter_count(), cpu->parameter_count());
   const Tensor x = random_input(c.shape, c.seed + 1);
-  const auto target = make_target(x, c.seed + 2);
+  const auto target = make_target(x, c.seed + 2, c.config.classes);
   const Step want = cpu_step(*cpu, x, target);
   const Step got = gpu_step(*gnet, x, target);
   report(label + "  " + c.name + "  " + compare_step(c, want, got, label));
@@ -459,7 +552,7 @@ void check_optimizer(const NetCase& c, Where where, const std::string& label, co
   std::vector<float> fed_params = cpu->parameters();
   for (int step = 0; step < 2; ++step) {
     const Tensor x = random_input(c.shape, c.seed + 30 + static_cast<uint64_t>(step));
-    const auto target = make_target(x, c.seed + 40 + static_cast<uint64_t>(step));
+    const auto target = make_target(x, c.seed + 40 + static_cast<uint64_t>(step), c.config.classes);
     const Step got = gpu_step(*gnet, x, target);
     ASSERT_TRUE(probe->set_parameters(fed_params));
     const Step at_same = cpu_step(*probe, x, target);
@@ -511,7 +604,7 @@ void check_sgd(const NetCase& c, Where where, const std::string& label) {
   auto cpu = UNet::create(c.config, c.seed);
   ASSERT_TRUE(cpu);
   const Tensor x = random_input(c.shape, c.seed + 30);
-  const Step s = cpu_step(*cpu, x, make_target(x, c.seed + 40));
+  const Step s = cpu_step(*cpu, x, make_target(x, c.seed + 40, c.config.classes));
   train::Sgd sgd;  // nnU-Net's: momentum 0.99, Nesterov, weight decay 3e-5
   check_optimizer(c, where, label, "SGD", sgd, (2 + 2 * kMomentum + kMomentum * kMomentum) * 2 * max_abs(s.grads));
 }
@@ -528,6 +621,28 @@ void check_adamw(const NetCase& c, Where where, const std::string& label) {
 
 TEST(UNetGpuEmulation, ForwardLossAndGradientMatchTheCpuUNet) {
   for (const auto& c : net_cases()) check_forward_backward(c, kEmulated, "emulation");
+}
+
+// Deep supervision: the extra heads' outputs, nnU-Net's weighted loss over downsampled targets and
+// the heads' input gradients added into the decoder — to the bit against the emulated layers
+// composed by hand, within the bf16 bounds against the CPU UNet + deep_supervision_loss; the
+// weight-0 head's gradient exactly zero, the others' not.
+TEST(UNetGpuEmulation, DeepSupervisionMatchesTheCpuUNet) {
+  for (const auto& c : ds_cases()) {
+    const auto g = check_forward_backward(c, kEmulated, "emulation");
+    const auto arrays = layout(c.config);
+    const std::vector<double> w = train::deep_supervision_weights(c.config.levels - 1);
+    for (size_t j = 1; j + 1 < c.config.levels; ++j) {
+      const ArrayInfo& head_w = arrays[arrays.size() - 2 * (c.config.levels - 1 - j)];
+      const double m = max_abs(g, head_w.offset, head_w.size + c.config.classes);
+      if (w[j] == 0) {
+        EXPECT_EQ(m, 0.0) << c.name << ": " << head_w.name << " has weight 0";
+      } else {
+        EXPECT_GT(m, 0.0) << c.name << ": " << head_w.name;
+      }
+    }
+    check_sgd(c, kEmulated, "emulation");
+  }
 }
 
 TEST(UNetGpuEmulation, TwoSgdStepsMatchTheCpuTrajectory) {
@@ -682,7 +797,7 @@ std::vector<FailCase> fail_cases() {
          return g.set_adamw_state(s);
        }),
        "adamw v has 3 values"},
-      {"deep supervision",
+      {"deep supervision runs",
        [c]() -> Result<void> {
          UNetConfig d = c;
          d.deep_supervision = true;
@@ -690,9 +805,58 @@ std::vector<FailCase> fail_cases() {
          if (!cpu) return std::unexpected(cpu.error());
          auto g = GpuUNet::create(*cpu, kEmulated);
          if (!g) return std::unexpected(g.error());
+         if (g->outputs() != 2) return fail(ErrorCode::kMalformed, "outputs() = " + std::to_string(g->outputs()));
          return {};
        },
-       "deep supervision is not supported on the GPU yet"},
+       ""},
+      {"statistics halves in order",
+       with_net([](GpuUNet& g, UNet&) -> Result<void> {
+         if (auto y = g.forward(random_input({1, 2, 4, 8, 12}, 4)); !y) return std::unexpected(y.error());
+         auto st = g.loss_statistics(std::vector<uint8_t>(384, 1));
+         if (!st) return std::unexpected(st.error());
+         if (st->size() != 4 || (*st)[1] != 384) return fail(ErrorCode::kMalformed, "statistics layout");
+         auto l = g.backward_from_statistics(*st);
+         if (!l) return std::unexpected(l.error());
+         return {};
+       }),
+       ""},
+      {"backward from statistics before loss_statistics",
+       with_net([](GpuUNet& g, UNet&) -> Result<void> {
+         if (auto y = g.forward(random_input({1, 2, 4, 8, 12}, 4)); !y) return std::unexpected(y.error());
+         auto l = g.backward_from_statistics(std::vector<double>(4, 1.0));
+         if (!l) return std::unexpected(l.error());
+         return {};
+       }),
+       "backward before loss_statistics on the last forward"},
+      {"statistics of the wrong length",
+       with_net([](GpuUNet& g, UNet&) -> Result<void> {
+         if (auto y = g.forward(random_input({1, 2, 4, 8, 12}, 4)); !y) return std::unexpected(y.error());
+         if (auto st = g.loss_statistics(std::vector<uint8_t>(384, 1)); !st) return std::unexpected(st.error());
+         auto l = g.backward_from_statistics(std::vector<double>(5, 1.0));
+         if (!l) return std::unexpected(l.error());
+         return {};
+       }),
+       "5 loss statistics, want 4 (1 outputs of 4)"},
+      {"statistics with fewer voxels than this batch",
+       with_net([](GpuUNet& g, UNet&) -> Result<void> {
+         if (auto y = g.forward(random_input({1, 2, 4, 8, 12}, 4)); !y) return std::unexpected(y.error());
+         auto st = g.loss_statistics(std::vector<uint8_t>(384, 1));
+         if (!st) return std::unexpected(st.error());
+         (*st)[1] = 100;
+         auto l = g.backward_from_statistics(*st);
+         if (!l) return std::unexpected(l.error());
+         return {};
+       }),
+       "statistics[1] (the voxel count) is 100"},
+      {"set_gradients before backward", with_net([](GpuUNet& g, UNet& cpu) { return g.set_gradients(std::vector<float>(cpu.parameter_count(), 0.0f)); }),
+       "no gradient to replace yet"},
+      {"set_gradients count",
+       with_net([](GpuUNet& g, UNet& cpu) -> Result<void> {
+         if (auto y = g.forward(random_input({1, 2, 4, 8, 12}, 4)); !y) return std::unexpected(y.error());
+         if (auto l = g.loss_and_backward(std::vector<uint8_t>(384, 1)); !l) return std::unexpected(l.error());
+         return g.set_gradients(std::vector<float>(cpu.parameter_count() + 1, 0.0f));
+       }),
+       "gradient values given"},
       {"channel copy past the source",
        [] { return gpu::train::copy_channels_device({0, nullptr, Backend::kEmulated}, {1, 2, 8, 3, 2, 4, 0}, nullptr, nullptr); }, "src_first + channels = 4 > src_channels = 3"},
       {"channel copy past the destination",
@@ -733,6 +897,17 @@ TEST(UNetGpuDevice, ForwardLossAndGradientMatchTheCpuUNetAndAreDeterministic) {
     const auto first = check_forward_backward(c, kDevice, "device");
     const auto second = check_forward_backward(c, kDevice, "device again");
     EXPECT_TRUE(first == second) << c.name << ": no atomics, so the same gradient on every run";
+  }
+}
+
+TEST(UNetGpuDevice, DeepSupervisionMatchesTheCpuUNetAndIsDeterministic) {
+  auto devs = gpu::gpu_probe();
+  TRESOR_SKIP_WITHOUT_GPU(devs);
+  for (const auto& c : ds_cases()) {
+    const auto first = check_forward_backward(c, kDevice, "device");
+    const auto second = check_forward_backward(c, kDevice, "device again");
+    EXPECT_TRUE(first == second) << c.name;
+    check_sgd(c, kDevice, "device");
   }
 }
 

@@ -511,6 +511,13 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
     const double cpu = metrics["loss"][i].get<double>(), gpu = em["loss"][i].get<double>();
     EXPECT_NEAR(gpu, cpu, 0.02 * std::abs(cpu)) << "step " << i;
   }
+  // Two ranks of the GPU trainer (emulated; gradients through the TCP collective) follow the one-rank run.
+  auto emulated2 = run_tresor({"train", "--config", config("emu2.toml", "emu2"), "--device", "emulated", "--stop-after", "6", "--ranks", "2"});
+  ASSERT_EQ(emulated2.exit_code, 0) << emulated2.err;
+  EXPECT_NE(emulated2.out.find(" on 2 ranks"), std::string::npos) << emulated2.out;
+  const auto em2 = nlohmann::json::parse(to_string(testing::read_file(dir.file("emu2/metrics.json"))));
+  ASSERT_EQ(em2["loss"].size(), 6u);
+  for (size_t i = 0; i < 6; ++i) EXPECT_NEAR(em2["loss"][i].get<double>(), em["loss"][i].get<double>(), 1e-6 * std::abs(em["loss"][i].get<double>())) << "step " << i;
   auto bad_device = run_tresor({"train", "--config", config("dev.toml", "x"), "--device", "gpu"});
   EXPECT_EQ(bad_device.exit_code, 2);
   EXPECT_NE(bad_device.err.find("--device must be cpu, cuda, cuda:N or emulated, not 'gpu'"), std::string::npos) << bad_device.err;

@@ -36,15 +36,40 @@ struct Patch {
   double scale = 1, shift = 0, noise_sd = 0;
 };
 
+/// What PatchSampler::sample draws for one patch before it reads a voxel, in the draws' order:
+/// whether to centre on foreground, then either the draw that picks the foreground voxel or a
+/// random corner, the flips, the intensity change, the noise's size; then the stream's state, from
+/// which voxel k's noise is augment_hd::noise_normal(noise_state, k) (tresor/ct/augment_hd.h).
+/// The GPU data loader draws on the host and reads the voxels on the device.
+struct PatchDraw {
+  bool want_foreground = false;
+  /// want_foreground with a volume that has foreground: the voxel is foreground list
+  /// [foreground_draw % count] (in index order), the patch centred on it (augment_hd::centred_corner).
+  bool from_foreground = false;
+  uint64_t foreground_draw = 0;
+  std::array<size_t, 3> corner{};  // otherwise: the random corner
+  std::array<bool, 3> flipped{};
+  double scale = 1, shift = 0, noise_sd = 0;
+  uint64_t noise_state = 0;
+};
+
 /// Draws patches from one volume and its labels. The foreground voxels are listed once, here.
 class PatchSampler {
  public:
+  /// The checks of create() that need only the options and the volume's dimensions.
+  [[nodiscard]] static Result<void> check(const AugmentOptions& options, const std::array<size_t, 3>& dims);
+  /// The draws of patch `index` of stream `seed` from a volume of `dims` (options as checked by
+  /// check()), with or without foreground: exactly what sample() draws.
+  [[nodiscard]] static PatchDraw draw(const AugmentOptions& options, const std::array<size_t, 3>& dims, bool have_foreground, uint64_t seed,
+                                      uint64_t index);
+
   /// kInvalidArgument names what is wrong: labels of other dimensions, a patch larger than the
   /// volume on an axis or empty, a probability or fraction outside [0, 1], a range with min > max,
   /// a negative variance.
   [[nodiscard]] static Result<PatchSampler> create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options);
 
-  /// Patch `index` of the stream `seed`: independent of any other call.
+  /// Patch `index` of the stream `seed`: independent of any other call. The noise's normals come
+  /// from tresor/ct/augment_hd.h (no libm), which the GPU data loader runs too.
   [[nodiscard]] Patch sample(uint64_t seed, uint64_t index) const;
   size_t foreground_voxels() const { return foreground_.size(); }
 

@@ -6,7 +6,8 @@
 //    cores (WMMA bf16 16×16×16, fp32 accumulation): operands rounded to bf16 (weights from the
 //    optimizer's bf16 copy; activations and gradients float, rounded as they are read);
 //  - instance norm fused with leaky ReLU, forward and backward (float storage, double statistics);
-//  - softmax + cross-entropy + batch soft Dice in one pass (value and the logits' gradient);
+//  - softmax + cross-entropy + batch soft Dice in one pass (value and the logits' gradient), or in
+//    two (the statistics, then the gradient from statistics summed over data-parallel ranks);
 //  - SGD (Nesterov) and AdamW over the whole flat parameter vector in one launch, fp32 master
 //    weights, writing the bf16 copy the convolutions read.
 //
@@ -32,6 +33,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "tresor/error.h"
@@ -144,6 +146,20 @@ struct LossValues {
 /// for the stream to return the values.
 [[nodiscard]] Result<LossValues> dice_ce_loss_device(DeviceStream s, const LossShape& shape, const float* d_logits, const uint8_t* d_target,
                                                      double smooth, double dice_weight, float* d_dlogits, void* d_scratch, size_t scratch_bytes);
+
+/// The same loss in two halves, for data parallelism (docs/training.md §5: the statistics are
+/// summed over the ranks before the Dice and the gradient are formed). The statistics pass returns
+/// dice_ce_loss's LossAllReduce layout, 2·classes doubles: [Σ CE, voxels, Σp·g per foreground
+/// class, Σp + Σg per foreground class] (waits for the stream). The gradient pass takes such a
+/// vector — this call's, or the sum of every rank's — and writes d_dlogits = scale · ∂loss/∂logits
+/// of the loss over all the voxels it counts (scale: deep supervision's weight; 1 = the fused
+/// entry's bits); it queues the work and returns the loss values the statistics define. Both use
+/// d_scratch as dice_ce_loss_device does; stats[1] must be a whole number ≥ this call's n·spatial.
+[[nodiscard]] Result<std::vector<double>> dice_ce_loss_stats_device(DeviceStream s, const LossShape& shape, const float* d_logits, const uint8_t* d_target,
+                                                                   void* d_scratch, size_t scratch_bytes);
+[[nodiscard]] Result<LossValues> dice_ce_loss_grad_device(DeviceStream s, const LossShape& shape, const float* d_logits, const uint8_t* d_target,
+                                                          std::span<const double> stats, double smooth, double dice_weight, double scale, float* d_dlogits,
+                                                          void* d_scratch, size_t scratch_bytes);
 
 /// One step over `count` parameters; d_bf16 nullable.
 [[nodiscard]] Result<void> sgd_step_device(DeviceStream s, size_t count, float* d_params, const float* d_grads, float* d_velocity, uint16_t* d_bf16,

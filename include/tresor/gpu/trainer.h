@@ -3,13 +3,20 @@
 // and state, so checkpoints move freely between the CPU and the GPU trainer. On
 // Backend::kEmulated the step runs the kernels' CPU emulation (slow; what tests use here).
 //
-// Not yet: data parallelism on GPUs (NCCL is built, tresor/gpu/nccl.h, but not wired into this
-// loop) and deep supervision (GpuUNet refuses it).
+// Deep supervision (UNetConfig::deep_supervision) and data parallelism (TrainerOptions::collective)
+// as the CPU trainer's (docs/training.md §4, §5): rank 0's parameters broadcast, contiguous shares
+// of each global batch, the loss statistics summed over the ranks before the gradient is formed,
+// the flat gradient summed, validation Dice counts summed. The gradient's sum goes through host
+// memory and the CPU collective, or, given a DeviceCollective (NCCL, tresor/gpu/nccl.h), in place
+// on the device. The weights then match a single-rank run's up to the order of floating-point
+// additions (tests/kernels/trainer_gpu_test.cc measures it on the emulation; the NCCL path has
+// not run on a GPU yet).
 #pragma once
 
 #include <string>
 #include <vector>
 
+#include "tresor/gpu/nccl.h"
 #include "tresor/gpu/train.h"
 #include "tresor/train/trainer.h"
 
@@ -17,12 +24,19 @@ namespace tresor::gpu::train {
 
 /// As tresor::train::train_unet, the step on `where`. At the end (and with `state`) the CPU
 /// network `net` holds the trained parameters and `state` the optimizer's. kInvalidArgument as
-/// train_unet, and for options.collective (not supported on the GPU yet) or deep supervision;
-/// kUnavailable without a usable device.
+/// train_unet (a global batch or validation set smaller than the ranks included); kUnavailable
+/// without a usable device.
+///
+/// `device_collective` (nullable; every rank passes one or none): the gradient all-reduce on the
+/// device, queued on the network's stream. It needs options.collective as well (the same ranks:
+/// the statistics, the broadcast and the validation counts travel there), the same rank and size,
+/// and, on a device, the same device (kInvalidArgument otherwise). On Backend::kEmulated its
+/// pointers are host memory (a test double over a CPU collective can stand in for NCCL).
 [[nodiscard]] Result<tresor::train::TrainingLog> train_unet_gpu(tresor::train::UNet& net, const std::vector<const tresor::ct::Prepared*>& train,
                                                                 const std::vector<const tresor::ct::Prepared*>& validation,
                                                                 const tresor::train::TrainerOptions& options, Where where,
-                                                                const tresor::train::TrainProgress& progress = {}, tresor::train::TrainState* state = nullptr);
+                                                                const tresor::train::TrainProgress& progress = {}, tresor::train::TrainState* state = nullptr,
+                                                                DeviceCollective* device_collective = nullptr);
 
 /// What `tresor bench train` measures on a GPU (docs/benchmarks.md), in one run: the bf16 matrix
 /// peak (cuBLAS GEMM, n = 8192, bf16 inputs, fp32 accumulation), one 3×3×3 convolution's forward

@@ -17,8 +17,18 @@
 // unet_gpu_test.cc derives and measures it), and an optimizer step on the same gradient matches
 // Sgd/AdamW's to the bit.
 //
-// Not supported yet: deep supervision (create refuses a config with it).
+// Deep supervision (UNetConfig::deep_supervision): the CPU UNet's extra heads, in its flat layout
+// (after the main head, j = 1 first), and the loss of tresor::train::deep_supervision_loss
+// (nnU-Net's weights, targets downsampled nearest-exact, each output's gradient scaled by its
+// weight, the weight-0 head left with zero gradients).
+//
+// Data parallelism: loss_statistics / backward_from_statistics split the loss where ranks sum
+// its statistics (docs/training.md §5); the flat gradient is then read and replaced
+// (gradients / set_gradients, through host memory) or reduced in place on the device
+// (device_gradients on stream(), e.g. by NCCL).
 #pragma once
+
+#include <span>
 
 #include <cstdint>
 #include <memory>
@@ -35,7 +45,7 @@ class GpuUNet {
  public:
   /// The network of `cpu_net` (its configuration, its current parameters) on `where`: a device
   /// (kUnavailable without CUDA or without a device of compute capability 8.0 or newer) or the
-  /// emulation. kInvalidArgument for a configuration this class cannot run (deep supervision).
+  /// emulation. kInvalidArgument for a configuration whose layout this class does not know.
   [[nodiscard]] static Result<GpuUNet> create(const tresor::train::UNet& cpu_net, Where where);
 
   GpuUNet(GpuUNet&&) noexcept;
@@ -54,7 +64,23 @@ class GpuUNet {
   /// then the backward pass: the flat gradient (parameters()' layout, overwritten) stays on the
   /// device for the next optimizer step; gradients() reads it. kInvalidArgument before any
   /// forward ("backward before forward") or for targets of the wrong size or class.
+  /// With deep supervision: tresor::train::deep_supervision_loss (loss is the weighted sum;
+  /// cross_entropy and dice are the full-resolution output's). loss_statistics then
+  /// backward_from_statistics, nothing in between.
   [[nodiscard]] Result<LossValues> loss_and_backward(const std::vector<uint8_t>& target, double smooth = 1e-5, double dice_weight = 1.0);
+  /// How many outputs the loss sees: 1, or levels − 1 with deep supervision.
+  size_t outputs() const;
+  /// The first half, for data parallelism: checks and uploads `target` (and its downsampled
+  /// copies), runs the deep-supervision heads, and returns the loss statistics of every output of
+  /// nonzero weight (full resolution first), concatenated, each 2·classes doubles in
+  /// tresor::train::dice_ce_loss's LossAllReduce layout [Σ CE, voxels, Σp·g per foreground class,
+  /// Σp + Σg per foreground class]. Errors as loss_and_backward's.
+  [[nodiscard]] Result<std::vector<double>> loss_statistics(const std::vector<uint8_t>& target);
+  /// The second half: the logits' gradients from `stats` — loss_statistics' vector, or the
+  /// element-wise sum of every rank's (the loss of the global batch; each rank's logit gradient is
+  /// its slice of it) — then the backward pass, as loss_and_backward. kInvalidArgument without a
+  /// loss_statistics on the last forward, or for a vector of another length.
+  [[nodiscard]] Result<LossValues> backward_from_statistics(std::span<const double> stats, double smooth = 1e-5, double dice_weight = 1.0);
 
   /// One optimizer step over the flat parameters with the last gradient, in one launch, refreshing
   /// the bf16 copy; the state (velocity; m, v and the step count) lives on the device. Defaults
@@ -68,6 +94,15 @@ class GpuUNet {
   [[nodiscard]] Result<void> set_parameters(const std::vector<float>& flat);
   /// The last loss_and_backward's flat gradient.
   [[nodiscard]] Result<std::vector<float>> gradients() const;
+  /// Replaces it (the data-parallel sum over ranks, through host memory) before an optimizer
+  /// step; kInvalidArgument before any backward pass or for a wrong count.
+  [[nodiscard]] Result<void> set_gradients(const std::vector<float>& flat);
+  /// The flat gradient in place: parameter_count() floats of device memory (host memory on the
+  /// emulation), owned by this object and valid while it lives, written by the backward pass on
+  /// stream(). Work queued on stream() after backward (an all-reduce) is ordered before the next
+  /// optimizer step, which runs on the same stream.
+  float* device_gradients();
+  DeviceStream stream() const;
   /// The optimizers' state, as the reference's structs hold it (for checkpoints): velocity
   /// (empty before the first SGD step); m, v (empty before the first AdamW step) and t. The
   /// hyperparameters are left as `into` has them. The setters load such a state (sizes checked;

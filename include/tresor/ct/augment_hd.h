@@ -1,0 +1,173 @@
+// tresor/ct/augment_hd.h — the per-voxel arithmetic of the training patches' augmentation
+// (tresor/ct/augment.h), shared by the CPU reference (core/ct/augment.cc) and the GPU data loader
+// (kernels/loader.cuh), so that both produce the same bits. Plain C++ (no library types): nvcc
+// compiles it as C++20 device code, g++ as host code.
+//
+// Why not std::log and std::cos: the Gaussian noise is Box–Muller, and libm's log and cos are not
+// reproducible across implementations (glibc even picks FMA or non-FMA code at run time by the
+// CPU), let alone equal to CUDA's. Here both are written with + − × ÷ and √ only — operations
+// IEEE 754 rounds exactly, on the GPU as on the CPU — evaluated in a fixed order without fused
+// multiply-adds (the __d*_rn intrinsics on the device; the host build targets x86-64 SSE2, which
+// has no FMA to contract into). Accuracy: a few units in the last place, ample for noise.
+//
+// The stream: SplitMix64's state after j draws is s + j·γ (mod 2^64), so draw j of a stream is
+// computable on its own: voxel k of a patch takes draws 2k + 1 and 2k + 2 after the patch's
+// scalar draws (what the CPU's sequential loop takes, one normal per voxel in index order).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define TRESOR_AUG_HD __host__ __device__
+#else
+#define TRESOR_AUG_HD
+#endif
+
+namespace tresor::ct::augment_hd {
+
+inline constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;  // SplitMix64's increment (tresor/splitmix.h)
+
+// Exactly rounded double operations, never contracted into a fused multiply-add.
+TRESOR_AUG_HD inline double mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+TRESOR_AUG_HD inline double add(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+TRESOR_AUG_HD inline double sub(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+TRESOR_AUG_HD inline double div(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+TRESOR_AUG_HD inline double sqrt_rn(double a) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+TRESOR_AUG_HD inline uint64_t bits_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+TRESOR_AUG_HD inline double double_of(uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(b));
+#else
+  double x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+#endif
+}
+
+/// SplitMix64's output for the state `z` (after the increment): tresor/splitmix.h's next().
+TRESOR_AUG_HD inline uint64_t splitmix_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+/// Draw j (1-based) of the SplitMix64 stream whose state is `s`: what the j-th next() returns.
+TRESOR_AUG_HD inline uint64_t splitmix_at(uint64_t s, uint64_t j) { return splitmix_mix(s + j * kGamma); }
+
+/// ln(x) for a positive normal x: x = m·2^e with m in (√½, √2], f = m − 1 (exact),
+/// s = f/(2 + f), ln m = 2·atanh(s) = 2s + 2s·z·(1/3 + z/5 + … + z⁹/21), z = s² ≤ 0.0295 (the
+/// series' remainder is below 2^-60 of the result); ln 2 split so that e·ln2_hi is exact.
+TRESOR_AUG_HD inline double log_positive(double x) {
+  const uint64_t b = bits_of(x);
+  int e = static_cast<int>((b >> 52) & 0x7FF) - 1023;
+  double m = double_of((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);  // [1, 2)
+  if (m > 0x1.6a09e667f3bcdp+0) {
+    m = mul(m, 0.5);
+    e += 1;
+  }
+  const double f = sub(m, 1.0);
+  const double s = div(f, add(2.0, f));
+  const double z = mul(s, s);
+  constexpr double kC[10] = {0x1.5555555555555p-2, 0x1.999999999999ap-3, 0x1.2492492492492p-3, 0x1.c71c71c71c71cp-4, 0x1.745d1745d1746p-4,
+                             0x1.3b13b13b13b14p-4, 0x1.1111111111111p-4, 0x1.e1e1e1e1e1e1ep-5, 0x1.af286bca1af28p-5, 0x1.8618618618618p-5};
+  double p = kC[9];
+  for (int i = 8; i >= 0; --i) p = add(mul(p, z), kC[i]);
+  const double two_s = mul(2.0, s);
+  const double ln_m = add(two_s, mul(mul(two_s, z), p));
+  constexpr double kLn2Hi = 0x1.62e42fee00000p-1, kLn2Lo = 0x1.a39ef35793c76p-33;
+  const double de = static_cast<double>(e);
+  return add(mul(de, kLn2Hi), add(ln_m, mul(de, kLn2Lo)));
+}
+
+/// cos(2π·k/2^53) for k < 2^53: k is split into the nearest quarter turn q and a remainder r with
+/// |r| ≤ 2^50 (exact in integers), θ = 2π·r/2^53 in [−π/4, π/4], then cos θ or ±sin θ by q from
+/// their Taylor series to θ²⁰ (remainder below 2^-60).
+TRESOR_AUG_HD inline double cos_2pi_k53(uint64_t k) {
+  const uint64_t q = (k + (uint64_t{1} << 50)) >> 51;  // 0..4
+  const int64_t r = static_cast<int64_t>(k) - static_cast<int64_t>(q << 51);
+  const double t = mul(static_cast<double>(r), 0x1p-53);  // exact
+  const double th = mul(t, 0x1.921fb54442d18p+2);          // 2π
+  const double z = mul(th, th);
+  constexpr double kS[9] = {-0x1.5555555555555p-3, 0x1.1111111111111p-7, -0x1.a01a01a01a01ap-13, 0x1.71de3a556c734p-19, -0x1.ae64567f544e4p-26,
+                            0x1.6124613a86d09p-33, -0x1.ae7f3e733b81fp-41, 0x1.952c77030ad4ap-49, -0x1.2f49b46814157p-57};
+  constexpr double kC[9] = {0x1.5555555555555p-5, -0x1.6c16c16c16c17p-10, 0x1.a01a01a01a01ap-16, -0x1.27e4fb7789f5cp-22, 0x1.1eed8eff8d898p-29,
+                            -0x1.93974a8c07c9dp-37, 0x1.ae7f3e733b81fp-45, -0x1.6827863b97d97p-53, 0x1.e542ba4020225p-62};
+  double ps = kS[8], pc = kC[8];
+  for (int i = 7; i >= 0; --i) {
+    ps = add(mul(ps, z), kS[i]);
+    pc = add(mul(pc, z), kC[i]);
+  }
+  const double sin_th = add(th, mul(mul(th, z), ps));
+  const double cos_th = add(sub(1.0, mul(z, 0.5)), mul(mul(z, z), pc));
+  switch (q & 3) {
+    case 0: return cos_th;
+    case 1: return -sin_th;
+    case 2: return -cos_th;
+    default: return sin_th;
+  }
+}
+
+/// Normal deviate k (0-based) of the noise stream whose SplitMix64 state is `state` (Box–Muller
+/// with u1 = 1 − U₁ in (0, 1] and U₂, each 53-bit uniforms as tresor/splitmix.h's uniform()).
+TRESOR_AUG_HD inline double noise_normal(uint64_t state, uint64_t k) {
+  const uint64_t a = splitmix_at(state, 2 * k + 1) >> 11, b = splitmix_at(state, 2 * k + 2) >> 11;
+  const double u1 = sub(1.0, mul(static_cast<double>(a), 0x1p-53));  // exact, in (0, 1]
+  return mul(sqrt_rn(mul(-2.0, log_positive(u1))), cos_2pi_k53(b));
+}
+
+/// The patch's corner on one axis when centred on source coordinate c (PatchSampler's rule: half
+/// the patch before c, moved inside the volume of n voxels).
+TRESOR_AUG_HD inline uint64_t centred_corner(uint64_t c, uint64_t patch, uint64_t n) {
+  const uint64_t half = patch / 2;
+  const uint64_t lo = c > half ? c - half : 0;
+  return lo < n - patch ? lo : n - patch;
+}
+
+/// One augmented image voxel: the source value scaled and shifted (in double), plus noise_sd times
+/// the voxel's normal deviate when noise_sd > 0, rounded to float.
+TRESOR_AUG_HD inline float augment_voxel(float src, double scale, double shift, double noise_sd, uint64_t noise_state, uint64_t k) {
+  double v = add(mul(static_cast<double>(src), scale), shift);
+  if (noise_sd > 0) v = add(v, mul(noise_sd, noise_normal(noise_state, k)));
+  return static_cast<float>(v);
+}
+
+}  // namespace tresor::ct::augment_hd
