@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "hd.h"
+#include "tresor/rn.h"
 #include "tresor/ct/hessian.h"
 
 namespace tresor::gpu::ct {
@@ -43,29 +44,10 @@ struct FusedParams {
   double win_lower = 0, win_upper = 1, win_scale = 1;  // win_scale = 1 / (upper − lower)
 };
 
-// Double arithmetic rounded exactly as the host's SSE2 code: nvcc would otherwise contract
-// a·b + c·d into a fused multiply-add, which rounds once instead of twice.
-TRESOR_HD inline double dmul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-TRESOR_HD inline double dadd(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-TRESOR_HD inline double dsub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
+// Double arithmetic rounded exactly as the host's SSE2 code (tresor/rn.h).
+using tresor::rn::dadd;
+using tresor::rn::dmul;
+using tresor::rn::dsub;
 // std::clamp's expression (v < lo ? lo : hi < v ? hi : v).
 TRESOR_HD inline double clamp_d(double v, double lo, double hi) { return v < lo ? lo : (hi < v ? hi : v); }
 

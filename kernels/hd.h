@@ -2,8 +2,10 @@
 // references run exactly the same functions).
 #pragma once
 
+#ifndef TRESOR_HD
 #if defined(__CUDACC__)
 #define TRESOR_HD __host__ __device__
 #else
 #define TRESOR_HD
+#endif
 #endif

@@ -60,19 +60,12 @@ struct FillParams {
   uint8_t foreground_label = 0;
 };
 
-// Float product rounded once (no contraction into a later add).
-TRESOR_HD inline float fmul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
+// Float product rounded once (no contraction into a later add; tresor/rn.h).
+using tresor::rn::fmul;
 
 /// A float voxel as ct::read_nifti_float gives it: float(double(stored) · slope + inter).
 TRESOR_HD inline float stored_float(const float* p, uint64_t i, double slope, double inter) {
-  namespace h = tresor::ct::augment_hd;
-  return static_cast<float>(h::add(h::mul(static_cast<double>(p[i]), slope), inter));
+  return static_cast<float>(tresor::rn::dadd(tresor::rn::dmul(static_cast<double>(p[i]), slope), inter));
 }
 
 /// The outcome slot `s` takes on this case, and its corner.
@@ -102,7 +95,7 @@ TRESOR_HD inline void fill_voxel(const VolumeView& v, const PatchParams& p, cons
   const uint64_t src = sx + v.nx * (sy + v.ny * sz);
   const float img = stored_float(v.image, src, v.image_slope, v.image_inter);
   image[i] = tresor::ct::augment_hd::augment_voxel(img, p.scale, p.shift, p.noise_sd, p.noise_state, i);
-  vesselness[i] = fmul_rn(stored_float(v.vesselness, src, v.vessel_slope, v.vessel_inter), f.vesselness_scale);
+  vesselness[i] = fmul(stored_float(v.vesselness, src, v.vessel_slope, v.vessel_inter), f.vesselness_scale);
   target[i] = v.labels[src] == f.foreground_label ? 1 : 0;
 }
 
@@ -122,7 +115,7 @@ TRESOR_HD inline void write_range(const uint8_t* labels, uint64_t begin, uint64_
 /// Whether a float voxel, as the CPU reader scales it, is finite (the reader refuses files with
 /// any that is not). Written without isfinite so that host and device test the same bits.
 TRESOR_HD inline bool finite_voxel(const float* p, uint64_t i, double slope, double inter) {
-  const double x = tresor::ct::augment_hd::add(tresor::ct::augment_hd::mul(static_cast<double>(p[i]), slope), inter);
+  const double x = tresor::rn::dadd(tresor::rn::dmul(static_cast<double>(p[i]), slope), inter);
   return ((tresor::ct::augment_hd::bits_of(x) >> 52) & 0x7FF) != 0x7FF;
 }
 

@@ -23,47 +23,17 @@
 #include <cstring>
 
 #include "hd.h"
+#include "tresor/rn.h"
 
 namespace tresor::gpu::train {
 
 // ---------------------------------------------------------------------------------------------
-// Unfused double arithmetic: nvcc would otherwise contract a·b + c into one fused multiply-add
-// (one rounding instead of two) and the device would drift from the host's SSE2 code.
-TRESOR_HD inline double dmul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-TRESOR_HD inline double dadd(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-TRESOR_HD inline double dsub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-TRESOR_HD inline double ddiv(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-TRESOR_HD inline double dsqrt(double a) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
+// Unfused double arithmetic (tresor/rn.h), so the device does not drift from the host's SSE2 code.
+using tresor::rn::dadd;
+using tresor::rn::ddiv;
+using tresor::rn::dmul;
+using tresor::rn::dsqrt;
+using tresor::rn::dsub;
 
 // ---------------------------------------------------------------------------------------------
 // bf16: the upper half of an IEEE binary32 (sign, 8 exponent bits, 7 mantissa bits).

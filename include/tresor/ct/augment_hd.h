@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "tresor/rn.h"
+
 #if defined(__CUDACC__)
 #define TRESOR_AUG_HD __host__ __device__
 #else
@@ -29,42 +31,12 @@ namespace tresor::ct::augment_hd {
 
 inline constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;  // SplitMix64's increment (tresor/splitmix.h)
 
-// Exactly rounded double operations, never contracted into a fused multiply-add.
-TRESOR_AUG_HD inline double mul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-TRESOR_AUG_HD inline double add(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-TRESOR_AUG_HD inline double sub(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-TRESOR_AUG_HD inline double div(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-TRESOR_AUG_HD inline double sqrt_rn(double a) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
+// Exactly rounded double operations, never contracted into a fused multiply-add (tresor/rn.h).
+using tresor::rn::dadd;
+using tresor::rn::ddiv;
+using tresor::rn::dmul;
+using tresor::rn::dsqrt;
+using tresor::rn::dsub;
 TRESOR_AUG_HD inline uint64_t bits_of(double x) {
 #if defined(__CUDA_ARCH__)
   return static_cast<uint64_t>(__double_as_longlong(x));
@@ -101,21 +73,21 @@ TRESOR_AUG_HD inline double log_positive(double x) {
   int e = static_cast<int>((b >> 52) & 0x7FF) - 1023;
   double m = double_of((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);  // [1, 2)
   if (m > 0x1.6a09e667f3bcdp+0) {
-    m = mul(m, 0.5);
+    m = dmul(m, 0.5);
     e += 1;
   }
-  const double f = sub(m, 1.0);
-  const double s = div(f, add(2.0, f));
-  const double z = mul(s, s);
+  const double f = dsub(m, 1.0);
+  const double s = ddiv(f, dadd(2.0, f));
+  const double z = dmul(s, s);
   constexpr double kC[10] = {0x1.5555555555555p-2, 0x1.999999999999ap-3, 0x1.2492492492492p-3, 0x1.c71c71c71c71cp-4, 0x1.745d1745d1746p-4,
                              0x1.3b13b13b13b14p-4, 0x1.1111111111111p-4, 0x1.e1e1e1e1e1e1ep-5, 0x1.af286bca1af28p-5, 0x1.8618618618618p-5};
   double p = kC[9];
-  for (int i = 8; i >= 0; --i) p = add(mul(p, z), kC[i]);
-  const double two_s = mul(2.0, s);
-  const double ln_m = add(two_s, mul(mul(two_s, z), p));
+  for (int i = 8; i >= 0; --i) p = dadd(dmul(p, z), kC[i]);
+  const double two_s = dmul(2.0, s);
+  const double ln_m = dadd(two_s, dmul(dmul(two_s, z), p));
   constexpr double kLn2Hi = 0x1.62e42fee00000p-1, kLn2Lo = 0x1.a39ef35793c76p-33;
   const double de = static_cast<double>(e);
-  return add(mul(de, kLn2Hi), add(ln_m, mul(de, kLn2Lo)));
+  return dadd(dmul(de, kLn2Hi), dadd(ln_m, dmul(de, kLn2Lo)));
 }
 
 /// cos(2π·k/2^53) for k < 2^53: k is split into the nearest quarter turn q and a remainder r with
@@ -124,20 +96,20 @@ TRESOR_AUG_HD inline double log_positive(double x) {
 TRESOR_AUG_HD inline double cos_2pi_k53(uint64_t k) {
   const uint64_t q = (k + (uint64_t{1} << 50)) >> 51;  // 0..4
   const int64_t r = static_cast<int64_t>(k) - static_cast<int64_t>(q << 51);
-  const double t = mul(static_cast<double>(r), 0x1p-53);  // exact
-  const double th = mul(t, 0x1.921fb54442d18p+2);          // 2π
-  const double z = mul(th, th);
+  const double t = dmul(static_cast<double>(r), 0x1p-53);  // exact
+  const double th = dmul(t, 0x1.921fb54442d18p+2);          // 2π
+  const double z = dmul(th, th);
   constexpr double kS[9] = {-0x1.5555555555555p-3, 0x1.1111111111111p-7, -0x1.a01a01a01a01ap-13, 0x1.71de3a556c734p-19, -0x1.ae64567f544e4p-26,
                             0x1.6124613a86d09p-33, -0x1.ae7f3e733b81fp-41, 0x1.952c77030ad4ap-49, -0x1.2f49b46814157p-57};
   constexpr double kC[9] = {0x1.5555555555555p-5, -0x1.6c16c16c16c17p-10, 0x1.a01a01a01a01ap-16, -0x1.27e4fb7789f5cp-22, 0x1.1eed8eff8d898p-29,
                             -0x1.93974a8c07c9dp-37, 0x1.ae7f3e733b81fp-45, -0x1.6827863b97d97p-53, 0x1.e542ba4020225p-62};
   double ps = kS[8], pc = kC[8];
   for (int i = 7; i >= 0; --i) {
-    ps = add(mul(ps, z), kS[i]);
-    pc = add(mul(pc, z), kC[i]);
+    ps = dadd(dmul(ps, z), kS[i]);
+    pc = dadd(dmul(pc, z), kC[i]);
   }
-  const double sin_th = add(th, mul(mul(th, z), ps));
-  const double cos_th = add(sub(1.0, mul(z, 0.5)), mul(mul(z, z), pc));
+  const double sin_th = dadd(th, dmul(dmul(th, z), ps));
+  const double cos_th = dadd(dsub(1.0, dmul(z, 0.5)), dmul(dmul(z, z), pc));
   switch (q & 3) {
     case 0: return cos_th;
     case 1: return -sin_th;
@@ -150,8 +122,8 @@ TRESOR_AUG_HD inline double cos_2pi_k53(uint64_t k) {
 /// with u1 = 1 − U₁ in (0, 1] and U₂, each 53-bit uniforms as tresor/splitmix.h's uniform()).
 TRESOR_AUG_HD inline double noise_normal(uint64_t state, uint64_t k) {
   const uint64_t a = splitmix_at(state, 2 * k + 1) >> 11, b = splitmix_at(state, 2 * k + 2) >> 11;
-  const double u1 = sub(1.0, mul(static_cast<double>(a), 0x1p-53));  // exact, in (0, 1]
-  return mul(sqrt_rn(mul(-2.0, log_positive(u1))), cos_2pi_k53(b));
+  const double u1 = dsub(1.0, dmul(static_cast<double>(a), 0x1p-53));  // exact, in (0, 1]
+  return dmul(dsqrt(dmul(-2.0, log_positive(u1))), cos_2pi_k53(b));
 }
 
 /// The patch's corner on one axis when centred on source coordinate c (PatchSampler's rule: half
@@ -165,8 +137,8 @@ TRESOR_AUG_HD inline uint64_t centred_corner(uint64_t c, uint64_t patch, uint64_
 /// One augmented image voxel: the source value scaled and shifted (in double), plus noise_sd times
 /// the voxel's normal deviate when noise_sd > 0, rounded to float.
 TRESOR_AUG_HD inline float augment_voxel(float src, double scale, double shift, double noise_sd, uint64_t noise_state, uint64_t k) {
-  double v = add(mul(static_cast<double>(src), scale), shift);
-  if (noise_sd > 0) v = add(v, mul(noise_sd, noise_normal(noise_state, k)));
+  double v = dadd(dmul(static_cast<double>(src), scale), shift);
+  if (noise_sd > 0) v = dadd(v, dmul(noise_sd, noise_normal(noise_state, k)));
   return static_cast<float>(v);
 }
 
