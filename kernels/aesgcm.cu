@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "cuda_util.cuh"
 #include "aesgcm.cuh"
 #include "cuda_shim.h"
 
@@ -14,13 +15,6 @@ namespace tresor::gpu::detail {
 namespace {
 
 using namespace tresor::gpu::aesgcm;
-
-CudaStatus status(const char* what, cudaError_t e) {
-  CudaStatus s;
-  s.code = static_cast<int>(e);
-  if (e != cudaSuccess) std::snprintf(s.message, sizeof s.message, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
-  return s;
-}
 
 __global__ void __launch_bounds__(kThreads) aesgcm_chunk_kernel(const KeyData* kd, AesGcmRun run, const uint8_t* d_in, uint8_t* d_out,
                                                                  uint8_t* d_failed) {

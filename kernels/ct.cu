@@ -18,22 +18,14 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "cuda_util.cuh"
 #include "ct_kernels.h"
 
 namespace tresor::gpu::ct::detail {
 namespace {
 
-CudaStatus status(const char* what, cudaError_t e) {
-  CudaStatus s;
-  s.code = static_cast<int>(e);
-  if (e != cudaSuccess) std::snprintf(s.message, sizeof s.message, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
-  return s;
-}
-
-// Blocks for a grid-stride loop over n items (the stride stays far below 2^32).
-unsigned blocks_for(uint64_t n, unsigned threads) {
-  return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>((n + threads - 1) / threads, uint64_t{1} << 20)));
-}
+using tresor::gpu::detail::status;
+using tresor::gpu::detail::blocks_for;
 
 __host__ __device__ uint32_t voxels(const Grid& g) { return g.nx * g.ny * g.nz; }  // <= 2^31: the host checks
 

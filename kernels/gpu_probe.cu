@@ -6,20 +6,12 @@
 #include <cstdio>
 #include <cstring>
 
+#include "cuda_util.cuh"
 #include "cuda_shim.h"
 #include "selftest.cuh"
 
 namespace tresor::gpu::detail {
 namespace {
-
-CudaStatus status(const char* what, cudaError_t e) {
-  CudaStatus s;
-  s.code = static_cast<int>(e);
-  if (e != cudaSuccess) {
-    std::snprintf(s.message, sizeof s.message, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
-  }
-  return s;
-}
 
 __global__ void selftest_fill_kernel(uint32_t seed, uint32_t* d_out, uint32_t n) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {

@@ -15,23 +15,16 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "cuda_util.cuh"
 #include "loader_kernels.h"
 
 namespace tresor::gpu::loader::detail {
 namespace {
 
-CudaStatus status(const char* what, cudaError_t e) {
-  CudaStatus s;
-  s.code = static_cast<int>(e);
-  if (e != cudaSuccess) std::snprintf(s.message, sizeof s.message, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
-  return s;
-}
+using tresor::gpu::detail::status;
+using tresor::gpu::detail::blocks_for;
 
 cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
-
-unsigned blocks_for(uint64_t n, unsigned threads) {
-  return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>((n + threads - 1) / threads, uint64_t{1} << 20)));
-}
 
 // Exclusive prefix sum of v over the block (kThreads threads, all of which must call it); *total
 // gets the block's sum.

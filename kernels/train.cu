@@ -32,21 +32,14 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "cuda_util.cuh"
 #include "train_kernels.h"
 
 namespace tresor::gpu::train::detail {
 namespace {
 
-CudaStatus status(const char* what, cudaError_t e) {
-  CudaStatus s;
-  s.code = static_cast<int>(e);
-  if (e != cudaSuccess) std::snprintf(s.message, sizeof s.message, "%s: %s (%s)", what, cudaGetErrorName(e), cudaGetErrorString(e));
-  return s;
-}
-
-unsigned blocks_for(uint64_t n, unsigned threads) {
-  return static_cast<unsigned>(std::max<uint64_t>(1, std::min<uint64_t>((n + threads - 1) / threads, uint64_t{1} << 20)));
-}
+using tresor::gpu::detail::status;
+using tresor::gpu::detail::blocks_for;
 
 constexpr uint32_t kLdA = kTileK + 8;  // bf16 per shared row of A (a multiple of 8; the pad spreads banks)
 constexpr uint32_t kLdB = kTileN + 8;  // bf16 per shared row of B
