@@ -9,10 +9,15 @@
 // over the ranks — on the device by the DeviceCollective (NCCL) when one is given, otherwise
 // through host memory by the CPU collective — and every rank takes the same optimizer step.
 // Validation patches are dealt round-robin and their Dice counts summed.
+//
+// With a DeviceDataset, slots [lo, hi) of each step's batch are written by the loader straight
+// into GpuUNet's input and target buffers (device_batch), queued on the network's stream, and the
+// step runs on them (forward_device, loss_statistics_device); the rest of the step is unchanged.
 #include "tresor/gpu/trainer.h"
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <span>
 
 #include "tresor/gpu/unet.h"
@@ -38,10 +43,11 @@ void take_samples(const tt::Tensor& x, const std::vector<uint8_t>& y, const std:
 
 Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tresor::ct::Prepared*>& train,
                                        const std::vector<const tresor::ct::Prepared*>& validation, const tt::TrainerOptions& o, Where where,
-                                       const tt::TrainProgress& progress, tt::TrainState* state, DeviceCollective* device_collective) {
+                                       const tt::TrainProgress& progress, tt::TrainState* state, DeviceCollective* device_collective,
+                                       const DeviceDataset* dataset) {
   const tt::UNetConfig& mc = net.config();
   if (mc.in_channels != 2 || mc.classes != 2) return fail(ErrorCode::kInvalidArgument, "train: the model must take 2 channels (image, vesselness) and give 2 classes");
-  if (train.empty() || validation.empty()) return fail(ErrorCode::kInvalidArgument, "train: no training or no validation case");
+  if ((dataset == nullptr ? train.empty() : dataset->cases() == 0) || validation.empty()) return fail(ErrorCode::kInvalidArgument, "train: no training or no validation case");
   const size_t f = size_t{1} << (mc.levels - 1);
   if (o.patch == 0 || o.patch % f != 0) return fail(ErrorCode::kInvalidArgument, "train: a patch of " + std::to_string(o.patch) + " is not a multiple of " + std::to_string(f));
   if (o.batch == 0 || o.steps == 0) return fail(ErrorCode::kInvalidArgument, "train: batch and steps must be positive");
@@ -65,8 +71,28 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
                                                    std::to_string(where.device));
     }
   }
-  auto source = tt::PatchSource::create(train, o);
-  if (!source) return std::unexpected(source.error());
+  if (dataset != nullptr) {
+    if (dataset->patch() != o.patch) {
+      return fail(ErrorCode::kInvalidArgument, "train: the device dataset was loaded for patches of " + std::to_string(dataset->patch()) + ", training uses " +
+                                                   std::to_string(o.patch));
+    }
+    const ChannelDevice& dev = dataset->device();
+    const bool same = where.backend == Backend::kEmulated ? dev.host_memory()
+                                                           : !dev.host_memory() && dev.name().starts_with("cuda:" + std::to_string(where.device) + " ");
+    if (!same) {
+      return fail(ErrorCode::kInvalidArgument, "train: the device dataset is on " + dev.name() + ", training on " +
+                                                   (where.backend == Backend::kEmulated ? std::string("the emulation") : "cuda:" + std::to_string(where.device)));
+    }
+    if (mc.deep_supervision) {
+      return fail(ErrorCode::kInvalidArgument, "train: deep supervision with a device dataset (its downsampled targets are made on the host; not yet on the device)");
+    }
+  }
+  std::optional<tt::PatchSource> source;
+  if (dataset == nullptr) {
+    auto s = tt::PatchSource::create(train, o);
+    if (!s) return std::unexpected(s.error());
+    source.emplace(std::move(*s));
+  }
   auto vb = tt::validation_batch(validation, o);
   if (!vb) return std::unexpected(vb.error());
   // This rank's validation patches: r, r + R, … of the whole set (the patches the CPU trainer's
@@ -109,14 +135,28 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
   log.val_dice.push_back({st.step, *d0});
   const size_t P = o.patch;
   const size_t lo = o.batch * rank / ranks, hi = o.batch * (rank + 1) / ranks;
-  tt::Tensor x({hi - lo, 2, P, P, P});
-  std::vector<uint8_t> y((hi - lo) * P * P * P);
+  tt::Tensor x;
+  std::vector<uint8_t> y;
+  if (dataset == nullptr) {
+    x = tt::Tensor({hi - lo, 2, P, P, P});
+    y.assign((hi - lo) * P * P * P, 0);
+  }
   const size_t end = o.stop_after == 0 ? o.steps : std::min(o.stop_after, o.steps);
   for (size_t step = st.step; step < end; ++step) {
-    source->fill_step(step, lo, hi, x, y);
-    auto logits = g->forward(x);
-    if (!logits) return std::unexpected(logits.error());
-    auto stats = g->loss_statistics(y);
+    Result<std::vector<double>> stats;
+    if (dataset != nullptr) {
+      // Into the network's buffers, on its stream (validation may have reallocated them).
+      auto b = g->device_batch({hi - lo, 2, P, P, P});
+      if (!b) return std::unexpected(b.error());
+      TRESOR_TRY(dataset->fill_step(step, lo, hi, b->x, b->target, g->stream().stream));
+      TRESOR_TRY(g->forward_device());
+      stats = g->loss_statistics_device();
+    } else {
+      source->fill_step(step, lo, hi, x, y);
+      auto logits = g->forward(x);
+      if (!logits) return std::unexpected(logits.error());
+      stats = g->loss_statistics(y);
+    }
     if (!stats) return std::unexpected(stats.error());
     if (comm != nullptr) TRESOR_TRY(comm->all_reduce_sum(std::span<double>(*stats)));
     auto loss = g->backward_from_statistics(*stats);

@@ -208,6 +208,7 @@ struct GpuUNet::Impl {
   bool allocated = false;     // the per-shape buffers exist for `shape`
   bool have_forward = false;  // they hold a complete forward pass
   bool have_stats = false;    // loss_statistics ran on that forward pass
+  bool device_input = false;  // x and target were handed out by device_batch (forward overwrites x)
 
   ~Impl() {
     shape_mem.release();
@@ -233,6 +234,8 @@ struct GpuUNet::Impl {
   Result<void> conv_backward(const ConvParams& p, const Dims& in, const float* x_in, const float* dy, float* dx_in);
   Result<void> run_forward();
   Result<void> run_backward();
+  // The deep-supervision heads and every weighted output's loss statistics, the targets in place.
+  Result<std::vector<double>> statistics();
   // The outputs the loss uses: j with a nonzero weight, in order (0 first).
   std::vector<size_t> weighted_outputs() const {
     std::vector<size_t> js;
@@ -365,6 +368,7 @@ Result<void> GpuUNet::Impl::allocate(const std::array<size_t, 5>& xs) {
   allocated = false;
   have_forward = false;
   have_stats = false;
+  device_input = false;
   shape = xs;
   n = xs[0];
   const size_t levels = config.levels;
@@ -522,27 +526,66 @@ Result<void> GpuUNet::Impl::run_backward() {
   return {};
 }
 
+namespace {
+
+// forward's checks of an input shape [n, in_channels, d, h, w].
+Result<void> check_input_shape(const UNetConfig& c, const std::array<size_t, 5>& s, const std::string& text) {
+  const size_t f = size_t{1} << (c.levels - 1);
+  if (s[1] != c.in_channels) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + str(s[1]) + " channels, the model takes " + str(c.in_channels));
+  if (s[0] == 0) return fail(ErrorCode::kInvalidArgument, "unet: the input " + text + " has no samples");
+  for (size_t a = 2; a < 5; ++a) {
+    if (s[a] == 0 || s[a] % f != 0) return fail(ErrorCode::kInvalidArgument, "unet: the input " + text + " is not a multiple of " + str(f) + " on every spatial axis");
+  }
+  return {};
+}
+
+std::string shape_text(const std::array<size_t, 5>& s) {
+  std::string t = "[";
+  for (size_t a = 0; a < s.size(); ++a) {
+    if (a != 0) t.append(", ");
+    t.append(str(s[a]));
+  }
+  t.push_back(']');
+  return t;
+}
+
+}  // namespace
+
 Result<Tensor> GpuUNet::forward(const Tensor& x) {
   Impl& m = *impl_;
   const UNetConfig& c = m.config;
-  const size_t f = size_t{1} << (c.levels - 1);
-  if (x.shape[1] != c.in_channels) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + str(x.shape[1]) + " channels, the model takes " + str(c.in_channels));
-  if (x.shape[0] == 0) return fail(ErrorCode::kInvalidArgument, "unet: the input " + x.shape_text() + " has no samples");
-  for (size_t a = 2; a < 5; ++a) {
-    if (x.shape[a] == 0 || x.shape[a] % f != 0) {
-      return fail(ErrorCode::kInvalidArgument, "unet: the input " + x.shape_text() + " is not a multiple of " + str(f) + " on every spatial axis");
-    }
-  }
+  TRESOR_TRY(check_input_shape(c, x.shape, x.shape_text()));
   if (x.data.size() != x.size()) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + str(x.data.size()) + " values for its shape " + x.shape_text());
   TRESOR_TRY(m.allocate(x.shape));
   m.have_forward = false;
   m.have_stats = false;
+  m.device_input = false;  // the input buffer now holds x
   TRESOR_TRY(upload(m.st, m.x, x.data.data(), x.data.size() * sizeof(float)));
   TRESOR_TRY(m.run_forward());
   Tensor logits({x.shape[0], c.classes, x.shape[2], x.shape[3], x.shape[4]});
   TRESOR_TRY(download(m.st, logits.data.data(), m.logits, logits.data.size() * sizeof(float)));
   m.have_forward = true;
   return logits;
+}
+
+Result<GpuUNet::DeviceBatch> GpuUNet::device_batch(const std::array<size_t, 5>& x_shape) {
+  Impl& m = *impl_;
+  TRESOR_TRY(check_input_shape(m.config, x_shape, shape_text(x_shape)));
+  TRESOR_TRY(m.allocate(x_shape));
+  m.have_forward = false;
+  m.have_stats = false;
+  m.device_input = true;
+  return DeviceBatch{m.x, m.target};
+}
+
+Result<void> GpuUNet::forward_device() {
+  Impl& m = *impl_;
+  if (!m.device_input || !m.allocated) return fail(ErrorCode::kInvalidArgument, "unet: forward_device without device_batch (or after forward replaced its input)");
+  m.have_forward = false;
+  m.have_stats = false;
+  TRESOR_TRY(m.run_forward());
+  m.have_forward = true;
+  return {};
 }
 
 size_t GpuUNet::outputs() const { return 1 + impl_->ds_heads.size(); }
@@ -564,18 +607,38 @@ Result<std::vector<double>> GpuUNet::loss_statistics(const std::vector<uint8_t>&
     if (j == 0) continue;
     small.push_back(tresor::train::downsample_target(target, {m.n, m.dims[0].d, m.dims[0].h, m.dims[0].w}, j));
     TRESOR_TRY(upload(m.st, m.ds_out[j - 1].target, small.back().data(), small.back().size()));
-    TRESOR_TRY(conv_forward_device(m.st, m.conv_shape_of(m.ds_heads[j - 1], m.dims[j]), m.dec_a[m.dec_of_output(j)].out[1], m.d_bf16 + m.ds_heads[j - 1].w,
-                                   m.d_params + m.ds_heads[j - 1].b, m.ds_out[j - 1].logits));
+  }
+  return m.statistics();
+}
+
+Result<std::vector<double>> GpuUNet::loss_statistics_device() {
+  Impl& m = *impl_;
+  if (!m.have_forward || !m.device_input) return fail(ErrorCode::kInvalidArgument, "unet: loss_statistics_device without forward_device on the last forward");
+  if (m.weighted_outputs().size() > 1) {
+    // Its downsampled targets are made on the host (downsample_target); there is no device
+    // version yet, and the labels must not come to the host.
+    return fail(ErrorCode::kInvalidArgument, "unet: deep supervision needs its targets on the host (no device downsampling yet)");
+  }
+  m.have_grads = false;
+  m.have_stats = false;
+  return m.statistics();
+}
+
+Result<std::vector<double>> GpuUNet::Impl::statistics() {
+  for (size_t j : weighted_outputs()) {
+    if (j == 0) continue;
+    TRESOR_TRY(conv_forward_device(st, conv_shape_of(ds_heads[j - 1], dims[j]), dec_a[dec_of_output(j)].out[1], d_bf16 + ds_heads[j - 1].w, d_params + ds_heads[j - 1].b,
+                                   ds_out[j - 1].logits));
   }
   std::vector<double> stats;
-  for (size_t j : m.weighted_outputs()) {
-    const float* logits = j == 0 ? m.logits : m.ds_out[j - 1].logits;
-    const uint8_t* t = j == 0 ? m.target : m.ds_out[j - 1].target;
-    auto s = dice_ce_loss_stats_device(m.st, LossShape{m.n, m.config.classes, m.dims[j].voxels()}, logits, t, m.l_scratch, m.l_scratch_bytes);
+  for (size_t j : weighted_outputs()) {
+    const float* lg = j == 0 ? logits : ds_out[j - 1].logits;
+    const uint8_t* t = j == 0 ? target : ds_out[j - 1].target;
+    auto s = dice_ce_loss_stats_device(st, LossShape{n, config.classes, dims[j].voxels()}, lg, t, l_scratch, l_scratch_bytes);
     if (!s) return std::unexpected(s.error());
     stats.insert(stats.end(), s->begin(), s->end());
   }
-  m.have_stats = true;
+  have_stats = true;
   return stats;
 }
 

@@ -24,6 +24,8 @@
 #include "cli.h"
 #include "options.h"
 #include "tresor/ct/preview.h"
+#include "tresor/gpu/channel.h"
+#include "tresor/gpu/loader.h"
 #include "tresor/gpu/nccl.h"
 #include "tresor/gpu/trainer.h"
 #include "tresor/train/inference.h"
@@ -158,6 +160,19 @@ Result<ct::Prepared> load_case(const std::string& dir, const sealed::KeyRing& ri
   p.labels = std::move(*l);
   if (p.image.dims != p.labels->dims) return fail(ErrorCode::kInvalidArgument, dir + ": image and labels differ in size");
   return p;
+}
+
+// Whether any of these case directories holds a sealed file where load_case looks (a plain .nii
+// is taken before a .nii.sealed of the same name).
+bool any_sealed(const std::vector<std::string>& dirs) {
+  for (const auto& dir : dirs) {
+    for (const char* base : {"image", "vesselness", "labels"}) {
+      std::error_code ec;
+      const fs::path plain = fs::path(dir) / (std::string(base) + ".nii");
+      if (!fs::is_regular_file(plain, ec) && fs::is_regular_file(fs::path(dir) / (std::string(base) + ".nii.sealed"), ec)) return true;
+    }
+  }
+  return false;
 }
 
 // The keys for sealed inputs (identities and dataset keys), kept alive with the ring that points at them.
@@ -388,8 +403,28 @@ int cmd_train(int argc, char** argv) {
     if (!r) return report(r.error());
     seal.recipients = std::move(*r);
   }
+  // Sealed training cases for the GPU trainer go through the secure channel into device memory
+  // (DeviceDataset, docs/training.md §13): their plaintext never exists on the host; the batches
+  // are the host path's to the bit. Not with deep supervision (its downsampled targets are still
+  // made on the host). The validation cases are opened on the host as before (validation patches,
+  // the whole-volume validation).
+  std::unique_ptr<gpu::ChannelDevice> channel_device;
+  std::optional<gpu::DeviceDataset> dataset;
+  if (gpu_where && !cfg->options.model.deep_supervision && any_sealed(cfg->train)) {
+    if (gpu_where->backend == gpu::train::Backend::kEmulated) {
+      channel_device = gpu::emulated_device();
+    } else {
+      auto d = gpu::cuda_device(gpu_where->device);
+      if (!d) return report(Error{d.error().code, "train: the secure channel to cuda:" + std::to_string(gpu_where->device) + ": " + d.error().message});
+      channel_device = std::move(*d);
+    }
+    auto ds = gpu::DeviceDataset::load(*channel_device, cfg->train, ring, cfg->options);
+    if (!ds) return report(ds.error());
+    dataset.emplace(std::move(*ds));
+  }
   std::vector<ct::Prepared> train_cases, val_cases;
   for (auto [list, into] : {std::pair{&cfg->train, &train_cases}, {&cfg->validation, &val_cases}}) {
+    if (into == &train_cases && dataset) continue;
     for (const auto& dir : *list) {
       auto c = load_case(dir, ring, cfg->options.threads);
       if (!c) return report(c.error());
@@ -445,7 +480,7 @@ int cmd_train(int argc, char** argv) {
                    last_dice >= 0 ? std::to_string(last_dice).substr(0, 5).c_str() : "-", tty ? "\x1b[K" : "\n");
     }
   };
-  auto log = gpu_where ? gpu::train::train_unet_gpu(*net, tr, va, cfg->options, *gpu_where, progress, &state, nccl.get())
+  auto log = gpu_where ? gpu::train::train_unet_gpu(*net, tr, va, cfg->options, *gpu_where, progress, &state, nccl.get(), dataset ? &*dataset : nullptr)
                        : train::train_unet(*net, tr, va, cfg->options, progress, &state);
   if (tty && lead) std::fputc('\n', stderr);
   if (!log) return report(Error{log.error().code, rv.size > 1 ? "train: rank " + std::to_string(rv.rank) + ": " + log.error().message : log.error().message});

@@ -34,7 +34,11 @@
 #include "support/test_support.h"
 #include "tresor/ct/prep.h"
 #include "tresor/ct/volume.h"
+#include "tresor/identity.h"
+#include "tresor/sealed.h"
 #include "tresor/gpu.h"
+#include "tresor/gpu/channel.h"
+#include "tresor/gpu/loader.h"
 #include "tresor/gpu/nccl.h"
 #include "tresor/gpu/trainer.h"
 #include "tresor/train/collective.h"
@@ -279,6 +283,112 @@ TEST(GpuDataParallelEmulation, RefusalsNameTheReason) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Batches from the GPU data loader (DeviceDataset): small_case() written as a sealed prepared case
+// (image, vesselness, labels .nii.sealed to a test identity), loaded through the secure channel on
+// `device`, trained on `where` for 3 steps; the same run with the host's batches (PatchSource) on
+// the case as the CPU reader reads those files gives the same weights, losses and validation Dice
+// to the bit. Validation every step, 3 patches against a batch of 4: the network's buffers are
+// reallocated between the steps, and the loader writes into the new ones.
+struct SealedCase {
+  Identity id = *Identity::generate();
+  testing::TempDir dir;
+  std::string path;
+  ct::Prepared read_back;  // what the CPU reader makes of the files
+  sealed::KeyRing ring() const {
+    sealed::KeyRing r;
+    r.identities = {&id};
+    return r;
+  }
+};
+std::unique_ptr<SealedCase> sealed_case() {
+  auto sc = std::make_unique<SealedCase>();
+  const ct::Prepared& c = *small_case();
+  sc->path = sc->dir.file("case");
+  std::filesystem::create_directories(sc->path);
+  sealed::SealOptions so;
+  so.chunk_size = 64 << 10;
+  so.recipients = {sc->id.recipient()};
+  auto image = ct::nifti_bytes(c.image), vesselness = ct::nifti_bytes(c.vesselness), labels = ct::nifti_bytes(*c.labels);
+  EXPECT_TRUE(image && vesselness && labels);
+  if (!image || !vesselness || !labels) return nullptr;
+  for (auto [base, bytes] : {std::pair{"image", &*image}, {"vesselness", &*vesselness}, {"labels", &*labels}}) {
+    auto s = sealed::seal_buffer(*bytes, so);
+    EXPECT_TRUE(s);
+    if (!s) return nullptr;
+    testing::write_file(sc->path + "/" + base + ".nii.sealed", *s);
+  }
+  sc->read_back.image = *ct::read_nifti_float(*image, "image");
+  sc->read_back.vesselness = *ct::read_nifti_float(*vesselness, "vesselness");
+  sc->read_back.labels = *ct::read_nifti_labels(*labels, "labels");
+  return sc;
+}
+
+TrainerOptions dataset_options() {
+  TrainerOptions o = dp_options(false);
+  o.validate_every = 1;
+  return o;
+}
+
+void expect_dataset_run_equals_host_run(Where where, gpu::ChannelDevice& device) {
+  auto sc = sealed_case();
+  ASSERT_NE(sc, nullptr);
+  const TrainerOptions o = dataset_options();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto ds = gpu::DeviceDataset::load(device, {sc->path}, sc->ring(), o);
+  ASSERT_TRUE(ds) << ds.error().message;
+  const ct::Prepared* val = &sc->read_back;
+  auto a = UNet::create(o.model, 7);
+  auto ra = gpu::train::train_unet_gpu(*a, {}, {val}, o, where, {}, nullptr, nullptr, &*ds);
+  ASSERT_TRUE(ra) << ra.error().message;
+  const double with_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto b = UNet::create(o.model, 7);
+  auto rb = gpu::train::train_unet_gpu(*b, {val}, {val}, o, where);
+  ASSERT_TRUE(rb) << rb.error().message;
+  EXPECT_FALSE(UNet::create(o.model, 7)->parameters() == a->parameters()) << "the weights moved";
+  EXPECT_TRUE(a->parameters() == b->parameters()) << "the same weights to the bit";
+  EXPECT_EQ(ra->loss, rb->loss);
+  EXPECT_EQ(ra->val_dice, rb->val_dice);
+  ASSERT_EQ(ra->loss.size(), o.steps);
+  for (size_t i = 0; i < ra->loss.size(); ++i) std::printf("  step %zu loss %.9f (host batches %.9f)\n", i + 1, ra->loss[i], rb->loss[i]);
+  std::printf("  with the device dataset: %.1f s (load and train)\n", with_s);
+}
+
+TEST(GpuDeviceDatasetEmulation, BatchesFromTheLoaderTrainTheSameBitsAsPatchSource) {
+  ASSERT_NE(small_case(), nullptr);
+  auto dev = gpu::emulated_device();
+  expect_dataset_run_equals_host_run(kEmulated, *dev);
+}
+
+TEST(GpuDeviceDatasetEmulation, RefusalsNameTheReason) {
+  ASSERT_NE(small_case(), nullptr);
+  auto sc = sealed_case();
+  ASSERT_NE(sc, nullptr);
+  auto dev = gpu::cpu_device(1);
+  TrainerOptions o = dataset_options();
+  auto ds = gpu::DeviceDataset::load(*dev, {sc->path}, sc->ring(), o);
+  ASSERT_TRUE(ds) << ds.error().message;
+  const ct::Prepared* val = &sc->read_back;
+  auto expect_refused = [&](const TrainerOptions& to, Where where, const std::string& words) {
+    auto net = UNet::create(to.model, 7);
+    ASSERT_TRUE(net);
+    auto r = gpu::train::train_unet_gpu(*net, {}, {val}, to, where, {}, nullptr, nullptr, &*ds);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
+    EXPECT_NE(r.error().message.find(words), std::string::npos) << r.error().message;
+  };
+  TrainerOptions other = o;
+  other.patch = 32;
+  expect_refused(other, kEmulated, "loaded for patches of 16");
+  expect_refused(o, kDevice, "training on cuda:0");  // a host-memory device's data, a CUDA network
+  TrainerOptions deep = dp_options(true);
+  deep.validate_every = 1;
+  expect_refused(deep, kEmulated, "deep supervision");
+  auto none = UNet::create(o.model, 7);
+  auto r = gpu::train::train_unet_gpu(*none, {}, {val}, o, kEmulated);
+  ASSERT_FALSE(r) << "no dataset and no training case";
+}
+
+// ------------------------------------------------------------------------------------------------
 // The device (skipped, saying why, without one).
 
 // Two ranks as threads sharing one device (two GpuUNets, two streams; the gradient summed through
@@ -320,6 +430,16 @@ TEST(GpuDataParallelDevice, OneNcclRankEqualsNoCollective) {
   ASSERT_TRUE(rb) << rb.error().message;
   EXPECT_TRUE(a->parameters() == b->parameters());
   EXPECT_EQ(ra->loss, rb->loss);
+}
+
+// The loader's batches on the GPU (cuda_device(0), the loader's kernels) against the host's.
+TEST(GpuDeviceDatasetDevice, BatchesFromTheLoaderTrainTheSameBitsAsPatchSource) {
+  auto devs = gpu::gpu_probe();
+  TRESOR_SKIP_WITHOUT_GPU(devs);
+  ASSERT_NE(small_case(), nullptr);
+  auto dev = gpu::cuda_device(0);
+  ASSERT_TRUE(dev) << dev.error().message;
+  expect_dataset_run_equals_host_run(kDevice, **dev);
 }
 
 }  // namespace

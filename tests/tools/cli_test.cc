@@ -363,7 +363,7 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_EQ(j["patches"]["list"].size(), 2u);
 
   // Sealed: inputs sealed to me, outputs sealed to me; nothing in the clear.
-  const std::string sc = dir.file("sealed/case1");
+  const std::string sc = dir.file("sealed_cases/case1");
   std::filesystem::create_directories(sc);
   for (const char* f : {"ccta.nii", "labels.nii"}) {
     auto s = run_tresor({"seal", "-r", recipient, "-o", sc + "/" + f + ".sealed", cases + "/case1/" + f});
@@ -511,6 +511,26 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
     const double cpu = metrics["loss"][i].get<double>(), gpu = em["loss"][i].get<double>();
     EXPECT_NEAR(gpu, cpu, 0.02 * std::abs(cpu)) << "step " << i;
   }
+  // The training case sealed (tresor seal of its prepared files): the GPU trainer loads it through
+  // the secure channel into (emulated) device memory and takes its batches from the GPU data
+  // loader; the losses are the run's on the plain files to the bit.
+  std::filesystem::create_directories(dir.file("sealed_cases/case1"));
+  for (const char* base : {"image", "vesselness", "labels"}) {
+    auto s = run_tresor({"seal", "-r", recipient, "-o", dir.file(std::string("sealed_cases/case1/") + base + ".nii.sealed"), dir.file(std::string("prepared/case1/") + base + ".nii")});
+    ASSERT_EQ(s.exit_code, 0) << s.err;
+  }
+  write_file(dir.file("emu_sealed.toml"),
+             as_bytes("[model]\nlevels = 2\nbase_channels = 4\n[data]\ntrain = [\"sealed_cases/case1\"]\nvalidation = [\"prepared/case2\"]\n"
+                      "[training]\nsteps = 16\nbatch = 2\npatch = 16\nvalidate_every = 8\nvalidation_patches = 2\nfull_volume_validation = false\n"
+                      "[output]\ndir = \"emu_sealed\"\n"),
+             0644);
+  auto no_key = run_tresor({"train", "--config", dir.file("emu_sealed.toml"), "--device", "emulated", "--stop-after", "1"});
+  EXPECT_NE(no_key.exit_code, 0) << "a sealed case without its identity";
+  auto emulated_sealed = run_tresor({"train", "--config", dir.file("emu_sealed.toml"), "--device", "emulated", "--stop-after", "6", "-i", identity});
+  ASSERT_EQ(emulated_sealed.exit_code, 0) << emulated_sealed.err;
+  const auto ems = nlohmann::json::parse(to_string(testing::read_file(dir.file("emu_sealed/metrics.json"))));
+  EXPECT_EQ(ems["loss"], em["loss"]) << "the loader's batches are PatchSource's";
+  EXPECT_EQ(ems["validation_dice"], em["validation_dice"]);
   // Two ranks of the GPU trainer (emulated; gradients through the TCP collective) follow the one-rank run.
   auto emulated2 = run_tresor({"train", "--config", config("emu2.toml", "emu2"), "--device", "emulated", "--stop-after", "6", "--ranks", "2"});
   ASSERT_EQ(emulated2.exit_code, 0) << emulated2.err;

@@ -11,11 +11,19 @@
 // on the device. The weights then match a single-rank run's up to the order of floating-point
 // additions (tests/kernels/trainer_gpu_test.cc measures it on the emulation; the NCCL path has
 // not run on a GPU yet).
+//
+// Batches from the GPU data loader (DeviceDataset, tresor/gpu/loader.h): given one, each step's
+// batch is assembled in the network's own input and target buffers on its stream
+// (GpuUNet::device_batch), so the training patches never pass through host memory; the loader's
+// batches are PatchSource's to the bit, so the run's weights and losses are those of the run
+// without it (tests/kernels/trainer_gpu_test.cc, on the emulation). Validation stays on the host.
 #pragma once
 
 #include <string>
 #include <vector>
 
+// Before the headers that open tresor::gpu::train: loader.h names tresor::train as train::.
+#include "tresor/gpu/loader.h"
 #include "tresor/gpu/nccl.h"
 #include "tresor/gpu/train.h"
 #include "tresor/train/trainer.h"
@@ -32,11 +40,19 @@ namespace tresor::gpu::train {
 /// the statistics, the broadcast and the validation counts travel there), the same rank and size,
 /// and, on a device, the same device (kInvalidArgument otherwise). On Backend::kEmulated its
 /// pointers are host memory (a test double over a CPU collective can stand in for NCCL).
+///
+/// `dataset` (nullable): the training cases in device memory, loaded with these `options` (its
+/// batches follow the options it was loaded with: patch, batch, seed, foreground and vesselness
+/// settings must be these), in place of `train`, which is then not read (pass it empty). Its
+/// channel device must be `where`'s: cuda_device(where.device) on Backend::kDevice, a host-memory
+/// device (emulated_device(), cpu_device()) on Backend::kEmulated. kInvalidArgument for another
+/// device or patch size, and with deep supervision (its downsampled targets are made on the
+/// host; not yet on the device).
 [[nodiscard]] Result<tresor::train::TrainingLog> train_unet_gpu(tresor::train::UNet& net, const std::vector<const tresor::ct::Prepared*>& train,
                                                                 const std::vector<const tresor::ct::Prepared*>& validation,
                                                                 const tresor::train::TrainerOptions& options, Where where,
                                                                 const tresor::train::TrainProgress& progress = {}, tresor::train::TrainState* state = nullptr,
-                                                                DeviceCollective* device_collective = nullptr);
+                                                                DeviceCollective* device_collective = nullptr, const DeviceDataset* dataset = nullptr);
 
 /// What `tresor bench train` measures on a GPU (docs/benchmarks.md), in one run: the bf16 matrix
 /// peak (cuBLAS GEMM, n = 8192, bf16 inputs, fp32 accumulation), one 3×3×3 convolution's forward

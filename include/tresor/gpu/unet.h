@@ -28,6 +28,7 @@
 // (device_gradients on stream(), e.g. by NCCL).
 #pragma once
 
+#include <array>
 #include <span>
 
 #include <cstdint>
@@ -70,6 +71,25 @@ class GpuUNet {
   [[nodiscard]] Result<LossValues> loss_and_backward(const std::vector<uint8_t>& target, double smooth = 1e-5, double dice_weight = 1.0);
   /// How many outputs the loss sees: 1, or levels − 1 with deep supervision.
   size_t outputs() const;
+
+  /// The input and target buffers for a batch of shape x_shape [n, in_channels, d, h, w] (checked
+  /// as forward checks it), in device memory (host memory on the emulation): x holds
+  /// n·in_channels·d·h·w floats, target n·d·h·w classes (each < classes: not checked). Allocated
+  /// as forward allocates (a new shape reallocates; earlier pointers are then invalid); valid
+  /// until the next forward, device_batch of another shape, or the end of this object. Work that
+  /// writes them must be queued on stream() (or finished) before forward_device.
+  struct DeviceBatch {
+    float* x = nullptr;
+    uint8_t* target = nullptr;
+  };
+  [[nodiscard]] Result<DeviceBatch> device_batch(const std::array<size_t, 5>& x_shape);
+  /// forward on device_batch's input, queued on stream(); the logits stay on the device (no copy
+  /// to the host). kInvalidArgument without device_batch, or after forward has overwritten it.
+  [[nodiscard]] Result<void> forward_device();
+  /// loss_statistics with device_batch's target (nothing uploaded). kInvalidArgument without
+  /// forward_device on the last forward, or with deep supervision (its downsampled targets are
+  /// made on the host; there is no device downsampling yet).
+  [[nodiscard]] Result<std::vector<double>> loss_statistics_device();
   /// The first half, for data parallelism: checks and uploads `target` (and its downsampled
   /// copies), runs the deep-supervision heads, and returns the loss statistics of every output of
   /// nonzero weight (full resolution first), concatenated, each 2·classes doubles in
