@@ -31,6 +31,7 @@
 #include <span>
 #include <thread>
 
+#include "support/small_case.h"
 #include "support/test_support.h"
 #include "tresor/ct/prep.h"
 #include "tresor/ct/volume.h"
@@ -59,29 +60,7 @@ constexpr Where kDevice{Backend::kDevice, 0};
 constexpr double kWeightTol = 1e-6;  // of the largest weight (see above)
 constexpr double kLossTol = 1e-5;    // relative
 
-const ct::Prepared* small_case() {
-  static const std::optional<ct::Prepared> p = []() -> std::optional<ct::Prepared> {
-    ct::PhantomOptions o;
-    o.seed = 4;
-    o.dims = {128, 128, 80};
-    o.spacing = {1.0, 1.0, 1.0};
-    auto ph = ct::make_phantom(o);
-    if (!ph) {
-      ADD_FAILURE() << ph.error().message;
-      return std::nullopt;
-    }
-    ct::PrepOptions po;
-    po.spacing = 1.4;
-    po.frangi_sigmas_mm = {1.4};
-    auto r = ct::prepare(ph->hu, &ph->labels, po);
-    if (!r) {
-      ADD_FAILURE() << r.error().message;
-      return std::nullopt;
-    }
-    return std::move(*r);
-  }();
-  return p ? &*p : nullptr;
-}
+using testing::small_case;
 
 TrainerOptions dp_options(bool deep) {
   TrainerOptions o;

@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "support/small_case.h"
 #include "support/test_support.h"
 #include "tresor/train/collective.h"
 #include "tresor/train/trainer.h"
@@ -276,30 +277,7 @@ TEST(SlurmRanks, ReadFromTheStepsEnvironment) {
   EXPECT_NE(with("SLURM_LOCALID", nullptr).find("SLURM_LOCALID is not set"), std::string::npos);
 }
 
-// A small prepared phantom (a second to make); nullptr (with the failure reported) if it fails.
-const ct::Prepared* small_case() {
-  static const std::optional<ct::Prepared> p = []() -> std::optional<ct::Prepared> {
-    ct::PhantomOptions o;
-    o.seed = 4;
-    o.dims = {128, 128, 80};
-    o.spacing = {1.0, 1.0, 1.0};
-    auto ph = ct::make_phantom(o);
-    if (!ph) {
-      ADD_FAILURE() << ph.error().message;
-      return std::nullopt;
-    }
-    ct::PrepOptions po;
-    po.spacing = 1.4;
-    po.frangi_sigmas_mm = {1.4};
-    auto r = ct::prepare(ph->hu, &ph->labels, po);
-    if (!r) {
-      ADD_FAILURE() << r.error().message;
-      return std::nullopt;
-    }
-    return std::move(*r);
-  }();
-  return p ? &*p : nullptr;
-}
+using testing::small_case;
 
 TrainerOptions dp_options() {
   TrainerOptions o;
