@@ -116,7 +116,7 @@ TRESOR_HD inline void write_range(const uint8_t* labels, uint64_t begin, uint64_
 /// any that is not). Written without isfinite so that host and device test the same bits.
 TRESOR_HD inline bool finite_voxel(const float* p, uint64_t i, double slope, double inter) {
   const double x = tresor::rn::dadd(tresor::rn::dmul(static_cast<double>(p[i]), slope), inter);
-  return ((tresor::ct::augment_hd::bits_of(x) >> 52) & 0x7FF) != 0x7FF;
+  return ((tresor::rn::double_bits(x) >> 52) & 0x7FF) != 0x7FF;
 }
 
 }  // namespace tresor::gpu::loader

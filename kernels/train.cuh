@@ -34,28 +34,12 @@ using tresor::rn::ddiv;
 using tresor::rn::dmul;
 using tresor::rn::dsqrt;
 using tresor::rn::dsub;
+using tresor::rn::bits_float;
+using tresor::rn::float_bits;
 
 // ---------------------------------------------------------------------------------------------
 // bf16: the upper half of an IEEE binary32 (sign, 8 exponent bits, 7 mantissa bits).
 
-TRESOR_HD inline uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-TRESOR_HD inline float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
 
 /// f rounded to the nearest bf16, ties to even, as a bit pattern. Adding 0x7fff plus the kept
 /// half's lowest bit and truncating rounds the discarded 16 bits to nearest-even; a carry into

@@ -1,4 +1,4 @@
-// tresor/rn.h — exactly rounded arithmetic for code compiled both as CUDA device code (nvcc) and
+// tresor/rn.h — exactly rounded arithmetic (and bit casts) for code compiled both as CUDA device code (nvcc) and
 // as host code (g++), so that a GPU kernel and its CPU reference or emulation produce the same
 // bits. nvcc would otherwise contract a·b + c into one fused multiply-add (one rounding instead of
 // two); the __d*_rn / __f*_rn intrinsics are never contracted (CUDA C++ Programming Guide,
@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifndef TRESOR_HD
 #if defined(__CUDACC__)
@@ -59,6 +60,44 @@ TRESOR_HD inline float fmul(float a, float b) {
   return __fmul_rn(a, b);
 #else
   return a * b;
+#endif
+}
+
+// The bits of a double or float and back (no conversion).
+TRESOR_HD inline uint64_t double_bits(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+TRESOR_HD inline double bits_double(uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(b));
+#else
+  double x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+#endif
+}
+TRESOR_HD inline uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+TRESOR_HD inline float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 #endif
 }
 

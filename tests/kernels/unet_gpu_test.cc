@@ -721,11 +721,7 @@ TEST(UNetGpuEmulation, ShapesChangeBetweenCalls) {
 // ------------------------------------------------------------------------------------------------
 // Refusals: each failing case beside the passing base case.
 
-struct FailCase {
-  std::string name;
-  std::function<Result<void>()> run;
-  std::string want_error;  // empty: must pass
-};
+using FailCase = testing::CheckCase;
 
 std::vector<FailCase> fail_cases() {
   const UNetConfig c = config3();
@@ -864,19 +860,7 @@ std::vector<FailCase> fail_cases() {
   };
 }
 
-TEST(UNetGpuChecks, FailingCasesNameTheField) {
-  for (const auto& c : fail_cases()) {
-    SCOPED_TRACE(c.name);
-    const auto r = c.run();
-    if (c.want_error.empty()) {
-      EXPECT_TRUE(r) << r.error().message;
-    } else {
-      ASSERT_FALSE(r);
-      EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
-      EXPECT_NE(r.error().message.find(c.want_error), std::string::npos) << r.error().message;
-    }
-  }
-}
+TEST(UNetGpuChecks, FailingCasesNameTheField) { testing::expect_checks(fail_cases()); }
 
 TEST(UNetGpuChecks, WithoutADeviceCreateIsUnavailable) {
   if (gpu::gpu_probe()) GTEST_SKIP() << "a CUDA device is present: the device tests below run instead";

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,27 @@ std::string unix_line_request(const std::string& socket_path, const std::string&
 /// The port in a line such as "… listening on https://127.0.0.1:PORT (TLS 1.3) …"; 0 if none.
 int port_in(const std::string& line);
 
+
+/// A table of calls that must pass (want_error empty) or fail with kInvalidArgument and a message
+/// naming what is wrong (containing want_error): each failing case sits beside a passing twin.
+struct CheckCase {
+  std::string name;
+  std::function<Result<void>()> run;
+  std::string want_error;  // empty: must pass
+};
+inline void expect_checks(const std::vector<CheckCase>& cases) {
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const auto r = c.run();
+    if (c.want_error.empty()) {
+      EXPECT_TRUE(r) << r.error().message;
+    } else {
+      ASSERT_FALSE(r);
+      EXPECT_EQ(r.error().code, ErrorCode::kInvalidArgument);
+      EXPECT_NE(r.error().message.find(c.want_error), std::string::npos) << r.error().message;
+    }
+  }
+}
 
 // scripts/gpu-check sets TRESOR_REQUIRE_GPU=1: on a GPU machine a missing device is a failure.
 #define TRESOR_SKIP_WITHOUT_GPU(devs)                                           \

@@ -21,12 +21,6 @@
 
 #include "tresor/rn.h"
 
-#if defined(__CUDACC__)
-#define TRESOR_AUG_HD __host__ __device__
-#else
-#define TRESOR_AUG_HD
-#endif
-
 namespace tresor::ct::augment_hd {
 
 inline constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;  // SplitMix64's increment (tresor/splitmix.h)
@@ -37,41 +31,25 @@ using tresor::rn::ddiv;
 using tresor::rn::dmul;
 using tresor::rn::dsqrt;
 using tresor::rn::dsub;
-TRESOR_AUG_HD inline uint64_t bits_of(double x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(x));
-#else
-  uint64_t b;
-  std::memcpy(&b, &x, sizeof b);
-  return b;
-#endif
-}
-TRESOR_AUG_HD inline double double_of(uint64_t b) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(b));
-#else
-  double x;
-  std::memcpy(&x, &b, sizeof x);
-  return x;
-#endif
-}
+using tresor::rn::bits_double;
+using tresor::rn::double_bits;
 
 /// SplitMix64's output for the state `z` (after the increment): tresor/splitmix.h's next().
-TRESOR_AUG_HD inline uint64_t splitmix_mix(uint64_t z) {
+TRESOR_HD inline uint64_t splitmix_mix(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
 /// Draw j (1-based) of the SplitMix64 stream whose state is `s`: what the j-th next() returns.
-TRESOR_AUG_HD inline uint64_t splitmix_at(uint64_t s, uint64_t j) { return splitmix_mix(s + j * kGamma); }
+TRESOR_HD inline uint64_t splitmix_at(uint64_t s, uint64_t j) { return splitmix_mix(s + j * kGamma); }
 
 /// ln(x) for a positive normal x: x = m·2^e with m in (√½, √2], f = m − 1 (exact),
 /// s = f/(2 + f), ln m = 2·atanh(s) = 2s + 2s·z·(1/3 + z/5 + … + z⁹/21), z = s² ≤ 0.0295 (the
 /// series' remainder is below 2^-60 of the result); ln 2 split so that e·ln2_hi is exact.
-TRESOR_AUG_HD inline double log_positive(double x) {
-  const uint64_t b = bits_of(x);
+TRESOR_HD inline double log_positive(double x) {
+  const uint64_t b = double_bits(x);
   int e = static_cast<int>((b >> 52) & 0x7FF) - 1023;
-  double m = double_of((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);  // [1, 2)
+  double m = bits_double((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);  // [1, 2)
   if (m > 0x1.6a09e667f3bcdp+0) {
     m = dmul(m, 0.5);
     e += 1;
@@ -93,7 +71,7 @@ TRESOR_AUG_HD inline double log_positive(double x) {
 /// cos(2π·k/2^53) for k < 2^53: k is split into the nearest quarter turn q and a remainder r with
 /// |r| ≤ 2^50 (exact in integers), θ = 2π·r/2^53 in [−π/4, π/4], then cos θ or ±sin θ by q from
 /// their Taylor series to θ²⁰ (remainder below 2^-60).
-TRESOR_AUG_HD inline double cos_2pi_k53(uint64_t k) {
+TRESOR_HD inline double cos_2pi_k53(uint64_t k) {
   const uint64_t q = (k + (uint64_t{1} << 50)) >> 51;  // 0..4
   const int64_t r = static_cast<int64_t>(k) - static_cast<int64_t>(q << 51);
   const double t = dmul(static_cast<double>(r), 0x1p-53);  // exact
@@ -120,7 +98,7 @@ TRESOR_AUG_HD inline double cos_2pi_k53(uint64_t k) {
 
 /// Normal deviate k (0-based) of the noise stream whose SplitMix64 state is `state` (Box–Muller
 /// with u1 = 1 − U₁ in (0, 1] and U₂, each 53-bit uniforms as tresor/splitmix.h's uniform()).
-TRESOR_AUG_HD inline double noise_normal(uint64_t state, uint64_t k) {
+TRESOR_HD inline double noise_normal(uint64_t state, uint64_t k) {
   const uint64_t a = splitmix_at(state, 2 * k + 1) >> 11, b = splitmix_at(state, 2 * k + 2) >> 11;
   const double u1 = dsub(1.0, dmul(static_cast<double>(a), 0x1p-53));  // exact, in (0, 1]
   return dmul(dsqrt(dmul(-2.0, log_positive(u1))), cos_2pi_k53(b));
@@ -128,7 +106,7 @@ TRESOR_AUG_HD inline double noise_normal(uint64_t state, uint64_t k) {
 
 /// The patch's corner on one axis when centred on source coordinate c (PatchSampler's rule: half
 /// the patch before c, moved inside the volume of n voxels).
-TRESOR_AUG_HD inline uint64_t centred_corner(uint64_t c, uint64_t patch, uint64_t n) {
+TRESOR_HD inline uint64_t centred_corner(uint64_t c, uint64_t patch, uint64_t n) {
   const uint64_t half = patch / 2;
   const uint64_t lo = c > half ? c - half : 0;
   return lo < n - patch ? lo : n - patch;
@@ -136,7 +114,7 @@ TRESOR_AUG_HD inline uint64_t centred_corner(uint64_t c, uint64_t patch, uint64_
 
 /// One augmented image voxel: the source value scaled and shifted (in double), plus noise_sd times
 /// the voxel's normal deviate when noise_sd > 0, rounded to float.
-TRESOR_AUG_HD inline float augment_voxel(float src, double scale, double shift, double noise_sd, uint64_t noise_state, uint64_t k) {
+TRESOR_HD inline float augment_voxel(float src, double scale, double shift, double noise_sd, uint64_t noise_state, uint64_t k) {
   double v = dadd(dmul(static_cast<double>(src), scale), shift);
   if (noise_sd > 0) v = dadd(v, dmul(noise_sd, noise_normal(noise_state, k)));
   return static_cast<float>(v);
