@@ -176,16 +176,7 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
     } else {
       TRESOR_TRY(g->sgd_step(lr, st.sgd.momentum, st.sgd.weight_decay, st.sgd.nesterov));
     }
-    st.step = step + 1;
-    log.loss.push_back(loss->loss);
-    double dice = -1;
-    if ((step + 1) % o.validate_every == 0 || step + 1 == end) {
-      auto d = validate();
-      if (!d) return std::unexpected(d.error());
-      dice = *d;
-      log.val_dice.push_back({step + 1, dice});
-    }
-    if (progress) progress(step + 1, loss->loss, dice);
+    TRESOR_TRY(tt::record_step(step, end, loss->loss, o, st, log, validate, progress));
   }
   auto params = g->parameters();
   if (!params) return std::unexpected(params.error());

@@ -237,18 +237,24 @@ Result<TrainingLog> train_unet(UNet& net, const std::vector<const ct::Prepared*>
     auto stepped = o.adamw ? adam.step(params, grads, lr) : sgd.step(params, grads, lr);
     if (!stepped) return std::unexpected(stepped.error());
     TRESOR_TRY(net.set_parameters(params));
-    st.step = step + 1;
-    log.loss.push_back(loss->loss);
-    double dice = -1;
-    if ((step + 1) % o.validate_every == 0 || step + 1 == end) {
-      auto d = validate();
-      if (!d) return std::unexpected(d.error());
-      dice = *d;
-      log.val_dice.push_back({step + 1, dice});
-    }
-    if (progress) progress(step + 1, loss->loss, dice);
+    TRESOR_TRY(record_step(step, end, loss->loss, o, st, log, validate, progress));
   }
   return log;
+}
+
+Result<void> record_step(size_t step, size_t end, double loss, const TrainerOptions& o, TrainState& st, TrainingLog& log,
+                         const std::function<Result<double>()>& validate, const TrainProgress& progress) {
+  st.step = step + 1;
+  log.loss.push_back(loss);
+  double dice = -1;
+  if ((step + 1) % o.validate_every == 0 || step + 1 == end) {
+    auto d = validate();
+    if (!d) return std::unexpected(d.error());
+    dice = *d;
+    log.val_dice.push_back({step + 1, dice});
+  }
+  if (progress) progress(step + 1, loss, dice);
+  return {};
 }
 
 namespace {

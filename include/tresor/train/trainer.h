@@ -95,6 +95,12 @@ class PatchSource {
   std::shared_ptr<const Impl> impl_;
 };
 
+/// The end of training step `step` (0-based) that every trainer shares: the state's step count,
+/// the loss in the log, validation every options.validate_every steps and at `end`, the progress
+/// callback (with the validation Dice, or −1 when none was taken).
+[[nodiscard]] Result<void> record_step(size_t step, size_t end, double loss, const TrainerOptions& options, TrainState& state, TrainingLog& log,
+                                       const std::function<Result<double>()>& validate, const TrainProgress& progress);
+
 /// The validation batch train_unet uses: options.validation_patches patches centred on the
 /// foreground, round-robin over the cases, no augmentation; inputs [n, 2, P, P, P] and binary
 /// targets.
