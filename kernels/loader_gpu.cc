@@ -214,6 +214,8 @@ Result<DeviceDataset> DeviceDataset::load(ChannelDevice& device, const std::vect
     c->dims = layouts[0].dims;
     if (auto r = ct::PatchSampler::check(ds.augment_, c->dims); !r) return in_case(r.error());
     const uint64_t n = uint64_t{c->dims[0]} * c->dims[1] * c->dims[2];
+    // The foreground list holds 32-bit voxel indices.
+    if (n >= (uint64_t{1} << 32)) return in_case(Error{ErrorCode::kInvalidArgument, std::to_string(n) + " voxels: the loader takes fewer than 2^32 per volume"});
 
     VolumeView& v = c->view;
     v.image = reinterpret_cast<const float*>(c->image.data() + layouts[0].vox_offset);

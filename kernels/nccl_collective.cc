@@ -72,8 +72,8 @@ class Nccl final : public DeviceCollective {
 
 Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device) {
   int count = 0;
-  // Every rank takes part in the id exchange even when its own device is missing, so that the
-  // others fail at NCCL's initialisation instead of waiting in the broadcast.
+  // Every rank takes part in the id exchange and the readiness count even when its own device is
+  // missing, so that the others learn it instead of waiting in the broadcast or in NCCL.
   const cudaError_t probe = cudaGetDeviceCount(&count);
   std::array<std::byte, 128> id{};
   Result<void> local{};
@@ -88,7 +88,15 @@ Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootst
     if (local) std::memcpy(id.data(), u.internal, id.size());
   }
   TRESOR_TRY(share_unique_id(bootstrap, id));
+  // ncclCommInitRank blocks until every rank has joined: so every rank learns first whether all
+  // ranks can (rank 0 got an id, each rank has its device), and all stop together if not.
+  std::vector<float> ready{local ? 1.0f : 0.0f};
+  TRESOR_TRY(bootstrap.all_reduce_sum(std::span<float>(ready)));
   if (!local) return std::unexpected(local.error());
+  if (ready[0] != static_cast<float>(bootstrap.size())) {
+    return fail(ErrorCode::kUnavailable, "nccl: " + std::to_string(bootstrap.size() - static_cast<int>(ready[0])) +
+                                             " other rank(s) cannot start NCCL (no usable device, or no unique id): nobody joins");
+  }
   TRESOR_TRY(cuda(cudaSetDevice(device), "cudaSetDevice"));
   ncclUniqueId u;
   std::memcpy(u.internal, id.data(), id.size());

@@ -22,7 +22,8 @@
 //    split order by gemm_splitk_kernel: no atomics, the same result on every run.
 //  - reductions (bias gradient, instance-norm statistics, loss sums): one block of kReduceThreads
 //    per plane or channel, strided per-thread partials, a fixed pairwise tree in shared memory,
-//    double throughout; deterministic and equal to the emulation's to the bit.
+//    double throughout; deterministic, and equal to the emulation's to the bit except where the
+//    loss's exp/log (CUDA's, not glibc's) enter.
 //  - the U-Net's glue (kernels/unet_gpu.cc): add_kernel (a skip connection's gradient added into
 //    the encoder's) and cudaMemsetAsync for the gradient before a backward pass.
 #include <cuda_bf16.h>

@@ -65,7 +65,10 @@ class Memory {
   Result<T*> alloc(size_t count) {
     const size_t bytes = std::max<size_t>(count * sizeof(T), 1);
     if (st_.backend == Backend::kEmulated) {
-      auto* p = new std::byte[bytes]();
+      // Filled with 0xFF (NaN as floats), as a device's fresh memory holds garbage rather than
+      // zeros: a buffer read before it is written shows up in the emulated tests.
+      auto* p = new std::byte[bytes];
+      std::memset(p, 0xFF, bytes);
       buffers_.emplace_back(p, bytes);
       return reinterpret_cast<T*>(p);
     }

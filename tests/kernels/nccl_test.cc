@@ -54,6 +54,27 @@ TEST(Nccl, WithoutAGpuConnectingSaysWhy) {
   EXPECT_NE(c.error().message.find(nccl_built() ? "nccl: no CUDA device" : "this build has no NCCL"), std::string::npos) << c.error().message;
 }
 
+// Ranks that cannot start NCCL stop together after the id exchange (ncclCommInitRank would
+// otherwise wait for them forever): two ranks, no GPU, both return, both say why.
+TEST(Nccl, RanksThatCannotStartAllStopTogether) {
+  if (gpu_probe()) GTEST_SKIP() << "a CUDA device is present";
+  auto group = train::SharedMemoryGroup::create(2);
+  ASSERT_TRUE(group);
+  std::vector<std::unique_ptr<train::Collective>> members;
+  for (int r = 0; r < 2; ++r) members.push_back(std::move(*(*group)->member(r)));
+  std::vector<std::string> errors(2);
+  {
+    std::vector<std::jthread> threads;
+    for (int r = 0; r < 2; ++r) {
+      threads.emplace_back([&, r] {
+        auto c = connect_nccl(*members[static_cast<size_t>(r)], r);
+        errors[static_cast<size_t>(r)] = c ? "" : c.error().message;
+      });
+    }
+  }
+  for (const auto& e : errors) EXPECT_NE(e.find("nccl: "), std::string::npos) << e;
+}
+
 // One rank (NCCL refuses two ranks on one GPU): the sum over one rank is the buffer itself, a
 // broadcast from rank 0 keeps it, a root outside the group is refused, and the calls go through
 // NCCL's kernels on the device.
