@@ -198,6 +198,11 @@ __global__ void __launch_bounds__(256) add_kernel(uint64_t count, const float* _
   for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < count; i += uint64_t{gridDim.x} * blockDim.x) d_y[i] += d_x[i];
 }
 
+__global__ void __launch_bounds__(256) downsample_kernel(uint64_t count, uint64_t d, uint64_t h, uint64_t w, uint64_t f, const uint8_t* __restrict__ d_in,
+                                                         uint8_t* __restrict__ d_out) {
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < count; i += uint64_t{gridDim.x} * blockDim.x) d_out[i] = d_in[downsample_source(i, d, h, w, f)];
+}
+
 __global__ void __launch_bounds__(256) sgd_kernel(uint64_t count, float* __restrict__ d_params, const float* __restrict__ d_grads, float* __restrict__ d_velocity,
                                                   uint16_t* __restrict__ d_bf16, SgdConsts k) {
   for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < count; i += uint64_t{gridDim.x} * blockDim.x) {
@@ -318,6 +323,14 @@ CudaStatus add_launch(void* stream, uint64_t count, const float* d_x, float* d_y
   if (count == 0) return {};
   add_kernel<<<blocks_for(count, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(count, d_x, d_y);
   return status("add_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
+}
+
+CudaStatus downsample_launch(void* stream, uint64_t n, uint64_t d, uint64_t h, uint64_t w, uint64_t f, const uint8_t* d_in, uint8_t* d_out) {
+  (void)cudaGetLastError();
+  const uint64_t count = n * (d / f) * (h / f) * (w / f);
+  if (count == 0) return {};
+  downsample_kernel<<<blocks_for(count, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(count, d, h, w, f, d_in, d_out);
+  return status("downsample_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
 }
 
 CudaStatus zero_launch(void* stream, void* d_p, uint64_t bytes) {

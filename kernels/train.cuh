@@ -478,4 +478,14 @@ TRESOR_HD inline uint16_t adamw_update(float* p, float g, float* m, float* v, co
   return bf16_bits(*p);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Deep supervision's targets at 1/f of the resolution (f = 2^j), nearest-exact as
+// tresor::train::downsample_target: output voxel (b, z, y, x) of an n × (d/f) × (h/f) × (w/f)
+// volume takes source (b, z·f + f/2, y·f + f/2, x·f + f/2) of the n × d × h × w one.
+TRESOR_HD inline uint64_t downsample_source(uint64_t i, uint64_t d, uint64_t h, uint64_t w, uint64_t f) {
+  const uint64_t ow = w / f, oh = h / f, od = d / f, half = f / 2;
+  const uint64_t x = i % ow, y = (i / ow) % oh, z = (i / (ow * oh)) % od, b = i / (ow * oh * od);
+  return ((b * d + z * f + half) * h + y * f + half) * w + x * f + half;
+}
+
 }  // namespace tresor::gpu::train

@@ -996,6 +996,22 @@ Result<void> add_device(DeviceStream st, size_t count, const float* d_x, float* 
   TRESOR_ON_DEVICE(st, detail::add_launch(st.stream, count, d_x, d_y));
 }
 
+Result<void> downsample_target_device(DeviceStream st, size_t n, size_t d, size_t h, size_t w, size_t j, const uint8_t* d_in, uint8_t* d_out) {
+  if (j == 0 || j > 30) return fail(ErrorCode::kInvalidArgument, "downsample: level j = " + std::to_string(j) + ", not 1..30");
+  const size_t f = size_t{1} << j;
+  if (d % f != 0 || h % f != 0 || w % f != 0) {
+    return fail(ErrorCode::kInvalidArgument, "downsample: " + std::to_string(d) + "×" + std::to_string(h) + "×" + std::to_string(w) + " is not a multiple of " + std::to_string(f));
+  }
+  const size_t count = n * (d / f) * (h / f) * (w / f);
+  if (count == 0) return {};
+  TRESOR_TRY(check_pointers("downsample", {{"d_in", d_in}, {"d_out", d_out}}));
+  if (st.backend == Backend::kEmulated) {
+    for (size_t i = 0; i < count; ++i) d_out[i] = d_in[downsample_source(i, d, h, w, f)];
+    return {};
+  }
+  TRESOR_ON_DEVICE(st, detail::downsample_launch(st.stream, n, d, h, w, f, d_in, d_out));
+}
+
 Result<void> zero_device(DeviceStream st, void* d_p, size_t bytes) {
   if (bytes == 0) return {};
   TRESOR_TRY(check_pointers("zero", {{"d_p", d_p}}));

@@ -51,6 +51,9 @@ CudaStatus adamw_launch(void* stream, uint64_t count, float* d_params, const flo
 /// d_y[i] += d_x[i] for i < count: a skip connection's gradient added into the encoder's (one
 /// float addition per element, as the reference's add).
 CudaStatus add_launch(void* stream, uint64_t count, const float* d_x, float* d_y);
+/// Deep supervision's targets: d_out (n·(d/f)·(h/f)·(w/f)) from d_in (n·d·h·w) by
+/// downsample_source.
+CudaStatus downsample_launch(void* stream, uint64_t n, uint64_t d, uint64_t h, uint64_t w, uint64_t f, const uint8_t* d_in, uint8_t* d_out);
 /// Zeroes `bytes` at d_p on the stream (cudaMemsetAsync): a gradient before the backward pass
 /// accumulates into it.
 CudaStatus zero_launch(void* stream, void* d_p, uint64_t bytes);

@@ -83,9 +83,6 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
       return fail(ErrorCode::kInvalidArgument, "train: the device dataset is on " + dev.name() + ", training on " +
                                                    (where.backend == Backend::kEmulated ? std::string("the emulation") : "cuda:" + std::to_string(where.device)));
     }
-    if (mc.deep_supervision) {
-      return fail(ErrorCode::kInvalidArgument, "train: deep supervision with a device dataset (its downsampled targets are made on the host; not yet on the device)");
-    }
   }
   std::optional<tt::PatchSource> source;
   if (dataset == nullptr) {

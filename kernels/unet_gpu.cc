@@ -617,13 +617,14 @@ Result<std::vector<double>> GpuUNet::loss_statistics(const std::vector<uint8_t>&
 Result<std::vector<double>> GpuUNet::loss_statistics_device() {
   Impl& m = *impl_;
   if (!m.have_forward || !m.device_input) return fail(ErrorCode::kInvalidArgument, "unet: loss_statistics_device without forward_device on the last forward");
-  if (m.weighted_outputs().size() > 1) {
-    // Its downsampled targets are made on the host (downsample_target); there is no device
-    // version yet, and the labels must not come to the host.
-    return fail(ErrorCode::kInvalidArgument, "unet: deep supervision needs its targets on the host (no device downsampling yet)");
-  }
   m.have_grads = false;
   m.have_stats = false;
+  // Deep supervision's smaller targets made from the one in device memory (the labels never
+  // come to the host).
+  for (size_t j : m.weighted_outputs()) {
+    if (j == 0) continue;
+    TRESOR_TRY(downsample_target_device(m.st, m.n, m.dims[0].d, m.dims[0].h, m.dims[0].w, j, m.target, m.ds_out[j - 1].target));
+  }
   return m.statistics();
 }
 

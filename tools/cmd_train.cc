@@ -405,12 +405,12 @@ int cmd_train(int argc, char** argv) {
   }
   // Sealed training cases for the GPU trainer go through the secure channel into device memory
   // (DeviceDataset, docs/training.md §13): their plaintext never exists on the host; the batches
-  // are the host path's to the bit. Not with deep supervision (its downsampled targets are still
-  // made on the host). The validation cases are opened on the host as before (validation patches,
-  // the whole-volume validation).
+  // are the host path's to the bit (deep supervision's smaller targets are made on the device
+  // too). The validation cases are opened on the host as before (validation patches, the
+  // whole-volume validation).
   std::unique_ptr<gpu::ChannelDevice> channel_device;
   std::optional<gpu::DeviceDataset> dataset;
-  if (gpu_where && !cfg->options.model.deep_supervision && any_sealed(cfg->train)) {
+  if (gpu_where && any_sealed(cfg->train)) {
     if (gpu_where->backend == gpu::train::Backend::kEmulated) {
       channel_device = gpu::emulated_device();
     } else {

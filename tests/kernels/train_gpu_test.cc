@@ -40,6 +40,7 @@
 #include "train.cuh"
 #include "tresor/gpu.h"
 #include "tresor/gpu/train.h"
+#include "tresor/train/trainer.h"
 #include "tresor/train/layers.h"
 
 namespace tresor {
@@ -771,6 +772,24 @@ std::vector<CheckCase> check_cases() {
 }
 
 TEST(TrainGpuChecks, FailingCasesNameTheField) { testing::expect_checks(check_cases()); }
+
+// Deep supervision's targets made on the device equal the CPU reference's downsample_target, voxel
+// for voxel (the emulation runs the kernel's index mapping); bad levels and shapes named.
+TEST(TrainGpuEmulation, DownsampledTargetsEqualTheReference) {
+  const gpu::train::DeviceStream emu{0, nullptr, Backend::kEmulated};
+  std::vector<uint8_t> t(2 * 8 * 12 * 16);
+  for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<uint8_t>((i * 7 + i / 13) % 5);
+  for (size_t j : {1u, 2u}) {
+    const auto want = train::downsample_target(t, {2, 8, 12, 16}, j);
+    std::vector<uint8_t> got(want.size(), 0xEE);
+    ASSERT_TRUE(gpu::train::downsample_target_device(emu, 2, 8, 12, 16, j, t.data(), got.data()));
+    EXPECT_EQ(got, want) << "level " << j;
+  }
+  std::vector<uint8_t> out(t.size());
+  EXPECT_NE(gpu::train::downsample_target_device(emu, 2, 8, 12, 16, 0, t.data(), out.data()).error().message.find("level j = 0"), std::string::npos);
+  EXPECT_NE(gpu::train::downsample_target_device(emu, 2, 8, 12, 16, 3, t.data(), out.data()).error().message.find("8×12×16 is not a multiple of 8"),
+            std::string::npos);
+}
 
 // Without a device, the device entries say so after their checks.
 TEST(TrainGpuChecks, DeviceEntriesWithoutADeviceAreUnavailable) {

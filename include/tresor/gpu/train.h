@@ -180,6 +180,11 @@ struct ChannelCopy {
 [[nodiscard]] Result<void> copy_channels_device(DeviceStream s, const ChannelCopy& copy, const float* d_src, float* d_dst);
 /// d_y[i] += d_x[i] for i < count (a skip connection's gradient added into the encoder's).
 [[nodiscard]] Result<void> add_device(DeviceStream s, size_t count, const float* d_x, float* d_y);
+/// Deep supervision's targets at 1/2^j of the resolution: d_out (n·(d/2^j)·(h/2^j)·(w/2^j)
+/// classes) from d_in (n·d·h·w), nearest-exact exactly as tresor::train::downsample_target, so the
+/// targets need not leave the device. kInvalidArgument for j = 0 or beyond 30, or d, h, w not
+/// multiples of 2^j.
+[[nodiscard]] Result<void> downsample_target_device(DeviceStream s, size_t n, size_t d, size_t h, size_t w, size_t j, const uint8_t* d_in, uint8_t* d_out);
 /// Zeroes `bytes` bytes at d_p (a gradient before the backward pass accumulates into it).
 [[nodiscard]] Result<void> zero_device(DeviceStream s, void* d_p, size_t bytes);
 

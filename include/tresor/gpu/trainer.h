@@ -46,8 +46,7 @@ namespace tresor::gpu::train {
 /// settings must be these), in place of `train`, which is then not read (pass it empty). Its
 /// channel device must be `where`'s: cuda_device(where.device) on Backend::kDevice, a host-memory
 /// device (emulated_device(), cpu_device()) on Backend::kEmulated. kInvalidArgument for another
-/// device or patch size, and with deep supervision (its downsampled targets are made on the
-/// host; not yet on the device).
+/// device or patch size.
 [[nodiscard]] Result<tresor::train::TrainingLog> train_unet_gpu(tresor::train::UNet& net, const std::vector<const tresor::ct::Prepared*>& train,
                                                                 const std::vector<const tresor::ct::Prepared*>& validation,
                                                                 const tresor::train::TrainerOptions& options, Where where,

@@ -86,9 +86,9 @@ class GpuUNet {
   /// forward on device_batch's input, queued on stream(); the logits stay on the device (no copy
   /// to the host). kInvalidArgument without device_batch, or after forward has overwritten it.
   [[nodiscard]] Result<void> forward_device();
-  /// loss_statistics with device_batch's target (nothing uploaded). kInvalidArgument without
-  /// forward_device on the last forward, or with deep supervision (its downsampled targets are
-  /// made on the host; there is no device downsampling yet).
+  /// loss_statistics with device_batch's target (nothing uploaded; deep supervision's smaller
+  /// targets made from it on the device). kInvalidArgument without forward_device on the last
+  /// forward.
   [[nodiscard]] Result<std::vector<double>> loss_statistics_device();
   /// The first half, for data parallelism: checks and uploads `target` (and its downsampled
   /// copies), runs the deep-supervision heads, and returns the loss statistics of every output of
