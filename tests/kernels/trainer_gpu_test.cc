@@ -62,18 +62,7 @@ constexpr double kLossTol = 1e-5;    // relative
 
 using testing::small_case;
 
-TrainerOptions dp_options(bool deep) {
-  TrainerOptions o;
-  o.model = deep ? train::UNetConfig{3, 4, 16, 2, 2, true} : train::UNetConfig{2, 4, 16, 2, 2};
-  o.patch = 16;
-  o.batch = 4;
-  o.steps = 3;
-  o.validate_every = 3;
-  o.validation_patches = 3;  // uneven over 2 ranks
-  o.threads = 1;
-  o.adamw = false;  // see the comment at the top
-  return o;
-}
+TrainerOptions dp_options(bool deep) { return testing::data_parallel_options(deep); }
 
 // A DeviceCollective over host memory (what "device memory" is on the emulation), summing through
 // a CPU collective: the GPU loop's in-place gradient path, exercised without NCCL.

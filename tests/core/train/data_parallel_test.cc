@@ -280,18 +280,8 @@ TEST(SlurmRanks, ReadFromTheStepsEnvironment) {
 using testing::small_case;
 
 TrainerOptions dp_options() {
-  TrainerOptions o;
-  o.model = {2, 4, 16, 2, 2};
-  o.patch = 16;
-  o.batch = 4;
-  o.steps = 3;
-  o.validate_every = 3;
-  o.validation_patches = 3;  // uneven over 2 ranks
-  o.threads = 1;
-  o.bucket_elements = 500;   // several buckets, reduced while the backward pass runs
-  // SGD (nnU-Net's optimizer): AdamW would turn the rounding noise of gradients that are exactly
-  // zero in theory (a conv's bias before instance norm) into steps of ±lr, hiding the comparison.
-  o.adamw = false;
+  TrainerOptions o = testing::data_parallel_options(false);
+  o.bucket_elements = 500;  // several buckets, reduced while the backward pass runs
   return o;
 }
 
