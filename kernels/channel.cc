@@ -84,6 +84,7 @@ class CpuDevice final : public HostDevice {
  public:
   explicit CpuDevice(unsigned threads) : pool_(ThreadPool::resolve(threads)) {}
   std::string name() const override { return "cpu (OpenSSL, " + std::to_string(pool_.size()) + " threads)"; }
+  Kind kind() const override { return Kind::kCpu; }
   Result<void> run_chunks(int, const std::byte* key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
                           std::byte* out, std::byte* failed) override {
     // The AES key is the first 8 round-key words (FIPS 197 §5.2: w[0..Nk-1] = the key).
@@ -128,6 +129,7 @@ class EmulatedDevice final : public HostDevice {
  public:
   explicit EmulatedDevice(std::function<void(ByteSpan)> on_staging) { on_staging_ = std::move(on_staging); }
   std::string name() const override { return "emulated GPU (the kernel on the CPU)"; }
+  Kind kind() const override { return Kind::kEmulated; }
   Result<void> run_chunks(int, const std::byte* key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
                           std::byte* out, std::byte* failed) override {
     run_chunks_emulated(*reinterpret_cast<const aesgcm::KeyData*>(key), run, chunks, last_len, seal, in, out, failed);
@@ -311,7 +313,7 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   return result;
 }
 
-Result<void> SecureChannel::download(const std::byte* data, size_t size, const std::string& path, const sealed::SealOptions& options) {
+Result<void> SecureChannel::download(const std::byte* data, size_t size, const std::string& path, const sealed::SealOptions& options, bool overwrite) {
   stats_ = {};
   TRESOR_TRY(sealed::check_seal_options(options));
   auto hdr = sealed::make_header(options);
@@ -323,7 +325,7 @@ Result<void> SecureChannel::download(const std::byte* data, size_t size, const s
   if (!frames) return std::unexpected(frames.error());
   auto shape = run_shape(whole, *frames);
   if (!shape) return std::unexpected(shape.error());
-  auto out = AtomicOutputFile::create(path, 0644, /*overwrite=*/false);
+  auto out = AtomicOutputFile::create(path, 0644, overwrite);
   if (!out) return std::unexpected(out.error());
   TRESOR_TRY(device_.synchronize_all());  // the data is complete before the channel's streams read it
   TRESOR_TRY(out->write_at(0, hdr->bytes));

@@ -41,6 +41,8 @@ class CudaDevice final : public ChannelDevice {
   // devices): every call selects this one first.
   Result<void> select() const { return cuda(detail::cuda_set_device(index_)); }
   bool host_memory() const override { return false; }
+  Kind kind() const override { return Kind::kCuda; }
+  int ordinal() const override { return index_; }
   Result<Mem> device_alloc(size_t n) override {
     TRESOR_TRY(select());
     void* p = nullptr;

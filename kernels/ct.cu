@@ -153,6 +153,24 @@ __global__ void __launch_bounds__(kThreads) ct_frangi_kernel(const float* __rest
   }
 }
 
+// NIfTI voxels as stored (any supported type, either byte order, any alignment) → HU or labels,
+// by tresor/ct/nifti_hd.h: the CPU reader's own per-voxel code. A bad label raises *d_bad.
+__global__ void __launch_bounds__(kThreads) ct_decode_kernel(const unsigned char* __restrict__ d_src, uint64_t n, tresor::ct::nifti_hd::Decode d,
+                                                              int16_t* __restrict__ d_hu, uint8_t* __restrict__ d_labels, uint32_t* __restrict__ d_bad) {
+  bool bad = false;
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += uint64_t{gridDim.x} * blockDim.x) {
+    const double stored = tresor::ct::nifti_hd::stored_value(d_src, i, d);
+    if (d_hu != nullptr) {
+      d_hu[i] = tresor::ct::nifti_hd::hu_value(stored, d);
+    } else {
+      uint8_t v = 0;
+      bad = !tresor::ct::nifti_hd::label_value(stored, &v) || bad;
+      d_labels[i] = v;
+    }
+  }
+  if (bad) atomicOr(d_bad, 1u);
+}
+
 }  // namespace
 
 CudaStatus ct_histogram_launch(void* stream, const int16_t* d_hu, uint64_t n, int threshold, uint64_t* d_hist) {
@@ -211,6 +229,21 @@ CudaStatus ct_frangi_launch(void* stream, const float* d_smooth, Grid g, double 
   ct_frangi_kernel<<<blocks_for(voxels(g), kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(d_smooth, g, s2, two_alpha2, two_beta2,
                                                                                                          two_gamma2, first ? 1 : 0, d_out);
   return status("ct_frangi_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
+}
+
+CudaStatus ct_decode_launch(void* stream, const unsigned char* d_src, uint64_t n, const tresor::ct::nifti_hd::Decode& d, int16_t* d_hu, uint8_t* d_labels,
+                            uint32_t* d_bad) {
+  (void)cudaGetLastError();
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (d_bad != nullptr) {
+    const cudaError_t e = cudaMemsetAsync(d_bad, 0, sizeof(uint32_t), s);
+    if (e != cudaSuccess) return status("cudaMemsetAsync (decode flag)", e);
+  }
+  if ((d_hu == nullptr) == (d_labels == nullptr) || (d_labels != nullptr && d_bad == nullptr)) {
+    return status("ct_decode_launch: exactly one of HU and labels, and a flag with labels", cudaErrorInvalidValue);
+  }
+  ct_decode_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(d_src, n, d, d_hu, d_labels, d_bad);
+  return status("ct_decode_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
 }
 
 CudaStatus ct_event_create(void** event) {

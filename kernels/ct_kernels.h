@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "ct.cuh"
+#include "tresor/ct/nifti_hd.h"
 #include "cuda_shim.h"
 
 namespace tresor::gpu::ct::detail {
@@ -34,6 +35,12 @@ CudaStatus ct_gaussian_launch(void* stream, const float* d_src, float* d_a, floa
 /// and so on) into the running maximum d_out; `first` overwrites d_out (the maximum with 0).
 CudaStatus ct_frangi_launch(void* stream, const float* d_smooth, Grid g, double s2, double two_alpha2, double two_beta2, double two_gamma2,
                             bool first, float* d_out);
+
+/// The n voxels stored at d_src as `d` says (a NIfTI file's voxels where the secure channel left
+/// them) decoded into HU (d_hu) or labels (d_labels): exactly one of the two. With labels, d_bad
+/// (one uint32, zeroed here) becomes non-zero when a value is not a whole number 0..255.
+CudaStatus ct_decode_launch(void* stream, const unsigned char* d_src, uint64_t n, const tresor::ct::nifti_hd::Decode& d, int16_t* d_hu, uint8_t* d_labels,
+                            uint32_t* d_bad);
 
 /// CUDA events (cudaEvent_t as void*) for timing work on a stream.
 CudaStatus ct_event_create(void** event);

@@ -6,7 +6,9 @@
 //   - any other directory: a collection, each entry of which is a case.
 // For each case OUT/<case>/ gets image.nii (isotropic, z-scored), vesselness.nii, labels.nii,
 // preview.png, patches/ and prep.json; with -r every file is sealed to the recipients instead
-// (name.sealed), so nothing is written in the clear.
+// (name.sealed), so nothing is written in the clear. On a GPU (or its emulation) a case of sealed,
+// uncompressed NIfTI files goes through the secure channel (gpu::ct::prepare_sealed): opened,
+// decoded and prepared in device memory, its outputs sealed there with -r.
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -20,6 +22,7 @@
 #include "tresor/ct/augment.h"
 #include "tresor/ct/prep.h"
 #include "tresor/ct/preview.h"
+#include "tresor/gpu/channel.h"
 #include "tresor/gpu/ct.h"
 #include "tresor/sealed.h"
 
@@ -145,39 +148,91 @@ struct Job {
   ct::PrepOptions prep;
   Device device = Device::kCpu;
   int gpu = 0;
+  std::unique_ptr<gpu::ChannelDevice> channel;  // the GPU (or its emulation) behind the secure channel
   size_t patches = 0;
   ct::AugmentOptions augment;
   uint64_t seed = 1;
   bool preview = true;
 };
 
+bool ends_with(const std::string& s, std::string_view e) { return s.size() > e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0; }
+
+// Why a case on a GPU device cannot take the secure channel (its files would be opened on the host
+// and copied in), or nothing when it can: sealed, uncompressed NIfTI files only.
+std::optional<std::string> no_channel_because(const Case& k) {
+  if (k.dicom) return "a DICOM series is read on the host";
+  for (const auto& f : {k.image, k.labels}) {
+    if (f.empty()) continue;
+    if (ends_with(f, ".nii.gz.sealed")) return fs::path(f).filename().string() + " is compressed";
+    if (!ends_with(f, ".nii.sealed")) return fs::path(f).filename().string() + " is not sealed";
+  }
+  return std::nullopt;
+}
+
 // One case: read, prepare, write. Returns the summary for prep.json and the console.
 Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Job& job, const Context& c) {
   const double t0 = now_seconds();
-  Result<ct::HuVolume> hu = k.dicom ? ct::read_dicom_series(k.image)
-                                    : with_input<ct::HuVolume>(k.image, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_hu(b, n); });
-  if (!hu) return std::unexpected(hu.error());
-  std::optional<ct::LabelVolume> labels;
-  if (!k.labels.empty()) {
-    auto l = with_input<ct::LabelVolume>(k.labels, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_labels(b, n); });
-    if (!l) return std::unexpected(l.error());
-    labels = std::move(*l);
-  }
-  const double t_read = now_seconds();
-  gpu::ct::PrepTimings timings;
-  const ct::LabelVolume* lp = labels ? &*labels : nullptr;
-  auto p = job.device == Device::kGpu        ? gpu::ct::prepare(*hu, lp, job.prep, &timings, job.gpu)
-           : job.device == Device::kEmulated ? gpu::ct::prepare_emulated(*hu, lp, job.prep)
-                                             : ct::prepare(*hu, lp, job.prep);
-  if (!p) return fail(p.error().code, k.name + ": " + p.error().message);
-  const double t_prep = now_seconds();
-
   std::error_code ec;
+  gpu::ct::PrepTimings timings;
+  std::optional<ct::Prepared> p;
+  ct::NiftiVoxels input;  // the input's geometry
+  nlohmann::json transfer;
+  const auto no_channel = job.channel ? no_channel_because(k) : std::nullopt;
+  double t_read = 0, t_prep = 0;
+  if (job.channel && !no_channel) {
+    // Sealed files into device memory through the secure channel: no plaintext on the way in; the
+    // outputs sealed on the device when they are to be sealed; host copies only for what needs them.
+    fs::create_directories(out_dir, ec);
+    if (ec) return fail(ErrorCode::kIo, "cannot create " + out_dir.string() + ": " + ec.message());
+    gpu::ct::SealedPrepOutputs out;
+    if (!c.seal.recipients.empty()) {
+      out.dir = out_dir.string();
+      out.seal = c.seal;
+    }
+    out.to_host = c.seal.recipients.empty() || job.preview || job.patches > 0 || !k.labels.empty();
+    auto r = gpu::ct::prepare_sealed(*job.channel, {k.image, k.labels}, c.ring, job.prep, out);
+    if (!r) return fail(r.error().code, k.name + ": " + r.error().message);
+    t_read = t0;  // reading is part of the device's work
+    t_prep = now_seconds();
+    p = std::move(r->prepared);
+    input = r->input;
+    timings = r->timings;
+    transfer = {{"input", "secure channel: sealed frames into device memory, decrypted there"},
+                {"outputs", out.dir.empty() ? "host" : "sealed on the device"},
+                {"host_copies", out.to_host},
+                {"staged_bytes", r->staged_bytes}};
+  } else {
+    Result<ct::HuVolume> hu = k.dicom ? ct::read_dicom_series(k.image)
+                                      : with_input<ct::HuVolume>(k.image, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_hu(b, n); });
+    if (!hu) return std::unexpected(hu.error());
+    std::optional<ct::LabelVolume> labels;
+    if (!k.labels.empty()) {
+      auto l = with_input<ct::LabelVolume>(k.labels, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_labels(b, n); });
+      if (!l) return std::unexpected(l.error());
+      labels = std::move(*l);
+    }
+    t_read = now_seconds();
+    const ct::LabelVolume* lp = labels ? &*labels : nullptr;
+    auto q = job.device == Device::kGpu        ? gpu::ct::prepare(*hu, lp, job.prep, &timings, job.gpu)
+             : job.device == Device::kEmulated ? gpu::ct::prepare_emulated(*hu, lp, job.prep)
+                                               : ct::prepare(*hu, lp, job.prep);
+    if (!q) return fail(q.error().code, k.name + ": " + q.error().message);
+    t_prep = now_seconds();
+    p = std::move(*q);
+    input.dims = hu->dims;
+    input.spacing = hu->spacing;
+    input.origin = hu->origin;
+    transfer = {{"input", job.device == Device::kCpu ? "host" : "opened on the host, copied to the device"}, {"outputs", "host"}};
+    if (no_channel) transfer["why_not_the_secure_channel"] = *no_channel;
+  }
+
   fs::create_directories(out_dir, ec);
   if (ec) return fail(ErrorCode::kIo, "cannot create " + out_dir.string() + ": " + ec.message());
-  TRESOR_TRY(emit_nifti(out_dir / "image.nii", p->image, c));
-  TRESOR_TRY(emit_nifti(out_dir / "vesselness.nii", p->vesselness, c));
-  if (p->labels) TRESOR_TRY(emit_nifti(out_dir / "labels.nii", *p->labels, c));
+  if (transfer["outputs"] == "host") {
+    TRESOR_TRY(emit_nifti(out_dir / "image.nii", p->image, c));
+    TRESOR_TRY(emit_nifti(out_dir / "vesselness.nii", p->vesselness, c));
+    if (p->labels) TRESOR_TRY(emit_nifti(out_dir / "labels.nii", *p->labels, c));
+  }
   if (job.preview) {
     // Vesselness scaled to half its maximum, so that thin vessels show too.
     const float vmax = *std::max_element(p->vesselness.data.begin(), p->vesselness.data.end());
@@ -191,13 +246,14 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
   nlohmann::json j = {{"case", k.name},
                       {"source", k.image},
                       {"labels_source", k.labels},
-                      {"input", {{"dims", hu->dims}, {"spacing_mm", hu->spacing}, {"origin_mm", hu->origin}}},
+                      {"input", {{"dims", input.dims}, {"spacing_mm", input.spacing}, {"origin_mm", input.origin}}},
                       {"output", {{"dims", p->image.dims}, {"spacing_mm", p->image.spacing}}},
                       {"normalisation", {{"foreground_hu_above", job.prep.foreground_hu}, {"clip_lower", p->stats.lower}, {"clip_upper", p->stats.upper},
                                          {"mean", p->stats.mean}, {"sd", p->stats.sd}}},
                       {"vesselness", {{"window_hu", {job.prep.window_lower, job.prep.window_upper}}, {"sigmas_mm", job.prep.frangi_sigmas_mm},
                                       {"alpha", job.prep.frangi_alpha}, {"beta", job.prep.frangi_beta}, {"gamma", job.prep.frangi_gamma}}},
-                      {"device", job.device == Device::kGpu ? "cuda:" + std::to_string(job.gpu) : job.device == Device::kEmulated ? "emulated" : "cpu"}};
+                      {"device", job.device == Device::kGpu ? "cuda:" + std::to_string(job.gpu) : job.device == Device::kEmulated ? "emulated" : "cpu"},
+                      {"transfer", transfer}};
   if (job.device == Device::kGpu) {
     j["gpu_ms"] = {{"upload", timings.upload_ms}, {"statistics", timings.normalise_ms}, {"resample_normalise_window", timings.resample_ms},
                    {"frangi", timings.frangi_ms}, {"total", timings.total_ms}, {"download", timings.download_ms},
@@ -283,6 +339,13 @@ int cmd_prep(int argc, char** argv) {
     if (!*ok) return report(Error{ErrorCode::kUnavailable, "--device " + device + ": no such CUDA device, or one older than compute capability 8.0"});
   } else {
     return usage_error("prep", "--device must be auto, cpu, cuda:N or emulated, not '" + device + "'");
+  }
+  if (job.device == Device::kGpu) {
+    auto ch = gpu::cuda_device(job.gpu);
+    if (!ch) return report(ch.error());
+    job.channel = std::move(*ch);
+  } else if (job.device == Device::kEmulated) {
+    job.channel = gpu::emulated_device();
   }
   auto sig = numbers(sigmas_text, "--sigmas");
   if (!sig) return usage_error("prep", sig.error().message);

@@ -16,15 +16,18 @@ extern "C" {
 #include <nifti2_io.h>
 }
 
+#include "tresor/ct/nifti_hd.h"
 #include "tresor/ct/volume.h"
+#include "tresor/rn.h"
 #include "tresor/io.h"
 
 namespace tresor::ct {
 namespace {
 
+// The 352 bytes before the voxels: header and a 4-byte extension flag of zeros.
 template <typename T>
-Result<Bytes> encode(const Volume<T>& v, int datatype) {
-  if (v.data.size() != v.size() || v.size() == 0) return fail(ErrorCode::kInvalidArgument, "nifti: the volume is empty or its data does not match its dimensions");
+Result<Bytes> encode_header(const Volume<T>& v, int datatype) {
+  if (v.size() == 0) return fail(ErrorCode::kInvalidArgument, "nifti: the volume is empty");
   const int64_t dims[8] = {3, static_cast<int64_t>(v.dims[0]), static_cast<int64_t>(v.dims[1]), static_cast<int64_t>(v.dims[2]), 1, 1, 1, 1};
   nifti_image* nim = nifti_make_new_nim(dims, datatype, 0);
   if (nim == nullptr) return fail(ErrorCode::kInvalidArgument, "nifti: libnifti cannot describe this volume");
@@ -58,9 +61,18 @@ Result<Bytes> encode(const Volume<T>& v, int datatype) {
   if (converted != 0) return fail(ErrorCode::kInvalidArgument, "nifti: libnifti cannot make a NIfTI-1 header for this volume");
   hdr.vox_offset = 352;  // the header, then a 4-byte extension flag of zeros
   std::memcpy(hdr.magic, "n+1\0", 4);
-  Bytes out(352 + v.data.size() * sizeof(T));
+  Bytes out(352);
   std::memcpy(out.data(), &hdr, sizeof hdr);
-  std::memcpy(out.data() + 352, v.data.data(), v.data.size() * sizeof(T));
+  return out;
+}
+
+template <typename T>
+Result<Bytes> encode(const Volume<T>& v, int datatype) {
+  if (v.data.size() != v.size() || v.size() == 0) return fail(ErrorCode::kInvalidArgument, "nifti: the volume is empty or its data does not match its dimensions");
+  auto out = encode_header(v, datatype);
+  if (!out) return out;
+  out->resize(352 + v.data.size() * sizeof(T));
+  std::memcpy(out->data() + 352, v.data.data(), v.data.size() * sizeof(T));
   return out;
 }
 
@@ -103,17 +115,10 @@ Result<Bytes> gunzip(ByteSpan in, const std::string& name, size_t limit) {
 
 using NimPtr = std::unique_ptr<nifti_image, void (*)(nifti_image*)>;
 
-// The header through libnifti's own conversion (NIfTI-1 or -2, either byte order), the voxels
-// from the bytes after vox_offset, swapped to this machine's order.
-Result<NimPtr> parse(ByteSpan raw, const std::string& name) {
+// The header at the start of `raw` through libnifti's own conversion (NIfTI-1 or -2, either byte
+// order), with the voxels it promises inside a file of `file_size` bytes. No voxel is read.
+Result<NimPtr> parse_header(ByteSpan raw, uint64_t file_size, const std::string& name) {
   nifti_set_debug_level(0);  // errors are reported here, once, with the file's name
-  Bytes inflated;
-  if (raw.size() >= 2 && raw[0] == std::byte{0x1F} && raw[1] == std::byte{0x8B}) {
-    auto z = gunzip(raw, name, size_t{8} << 30);
-    if (!z) return std::unexpected(z.error());
-    inflated = std::move(*z);
-    raw = inflated;
-  }
   NimPtr nim(nullptr, nifti_image_free);
   int32_t sizeof_hdr = 0;
   if (raw.size() >= 4) std::memcpy(&sizeof_hdr, raw.data(), 4);
@@ -137,81 +142,129 @@ Result<NimPtr> parse(ByteSpan raw, const std::string& name) {
   }
   if (!nim) return fail(ErrorCode::kMalformed, name + ": not a readable NIfTI-1 or NIfTI-2 file (single-file .nii or .nii.gz)");
   if (nim->nbyper <= 0 || nim->nvox <= 0 || nim->iname_offset < 0) return fail(ErrorCode::kMalformed, name + ": the header describes no voxels");
-  if (static_cast<uint64_t>(nim->nvox) > raw.size() || nim->nbyper > 16) {
+  if (static_cast<uint64_t>(nim->nvox) > file_size || nim->nbyper > 16) {
     return fail(ErrorCode::kMalformed, name + ": the header promises " + std::to_string(nim->nvox) + " voxels of " + std::to_string(nim->nbyper) +
-                                           " bytes but the file has " + std::to_string(raw.size()) + " bytes");
+                                           " bytes but the file has " + std::to_string(file_size) + " bytes");
   }
-  const auto offset = static_cast<size_t>(nim->iname_offset);
-  const auto bytes = static_cast<size_t>(nim->nvox) * static_cast<size_t>(nim->nbyper);
-  if (offset > raw.size() || raw.size() - offset < bytes) {
+  const auto offset = static_cast<uint64_t>(nim->iname_offset);
+  const auto bytes = static_cast<uint64_t>(nim->nvox) * static_cast<uint64_t>(nim->nbyper);
+  if (offset > file_size || file_size - offset < bytes) {
     return fail(ErrorCode::kMalformed, name + ": the header promises " + std::to_string(bytes) + " bytes of voxels from offset " + std::to_string(offset) +
-                                           " but the file has " + std::to_string(raw.size()));
+                                           " but the file has " + std::to_string(file_size));
   }
-  nim->data = std::malloc(bytes);
-  if (nim->data == nullptr) return fail(ErrorCode::kIo, name + ": out of memory for the voxels");
-  std::memcpy(nim->data, raw.data() + offset, bytes);
-  if (nim->byteorder != nifti_short_order() && nim->swapsize > 1) nifti_swap_Nbytes(static_cast<int64_t>(nim->nvox), nim->swapsize, nim->data);
   return nim;
 }
 
-template <typename Out>
-Result<Volume<Out>> to_volume(const NimPtr& nim, const std::string& name, bool labels) {
-  constexpr bool kFloat = std::is_same_v<Out, float>;
-  if (nim->ndim < 3 || (nim->ndim > 3 && nim->nt * nim->nu * nim->nv * nim->nw != 1)) {
-    return fail(ErrorCode::kMalformed, name + ": a " + std::to_string(nim->ndim) + "-dimensional image, not a single 3D volume");
+// What the header says about the volume, checked: a single 3D volume of 1..65535 voxels per axis,
+// positive spacing, a supported voxel type.
+Result<NiftiVoxels> layout_of(const nifti_image& nim, const std::string& name, bool labels) {
+  if (nim.ndim < 3 || (nim.ndim > 3 && nim.nt * nim.nu * nim.nv * nim.nw != 1)) {
+    return fail(ErrorCode::kMalformed, name + ": a " + std::to_string(nim.ndim) + "-dimensional image, not a single 3D volume");
   }
   // Each axis 1..65535 voxels, and the three together exactly the voxels the header counts
   // (libnifti multiplies int64 dims without checking for overflow).
-  for (int64_t n : {nim->nx, nim->ny, nim->nz}) {
+  for (int64_t n : {nim.nx, nim.ny, nim.nz}) {
     if (n < 1 || n > 65535) return fail(ErrorCode::kMalformed, name + ": an axis of " + std::to_string(n) + " voxels (1..65535 are read)");
   }
-  if (nim->nx * nim->ny * nim->nz != nim->nvox) return fail(ErrorCode::kMalformed, name + ": the dimensions do not multiply to the voxel count");
-  Volume<Out> v;
-  v.dims = {static_cast<size_t>(nim->nx), static_cast<size_t>(nim->ny), static_cast<size_t>(nim->nz)};
-  v.spacing = {std::abs(nim->dx), std::abs(nim->dy), std::abs(nim->dz)};
+  if (nim.nx * nim.ny * nim.nz != nim.nvox) return fail(ErrorCode::kMalformed, name + ": the dimensions do not multiply to the voxel count");
+  NiftiVoxels v;
+  v.dims = {static_cast<size_t>(nim.nx), static_cast<size_t>(nim.ny), static_cast<size_t>(nim.nz)};
+  v.spacing = {std::abs(nim.dx), std::abs(nim.dy), std::abs(nim.dz)};
   for (size_t i = 0; i < 3; ++i) {
     if (!(v.spacing[i] > 0) || v.dims[i] == 0) {
       return fail(ErrorCode::kMalformed, name + ": dimension " + std::to_string(i) + " has size " + std::to_string(v.dims[i]) + " and spacing " + std::to_string(v.spacing[i]));
     }
   }
-  const double scale = nim->xyz_units == NIFTI_UNITS_METER ? 1000 : nim->xyz_units == NIFTI_UNITS_MICRON ? 0.001 : 1;
+  const double scale = nim.xyz_units == NIFTI_UNITS_METER ? 1000 : nim.xyz_units == NIFTI_UNITS_MICRON ? 0.001 : 1;
   for (auto& s : v.spacing) s *= scale;
-  const nifti_dmat44& m = nim->sform_code > 0 ? nim->sto_xyz : nim->qto_xyz;
+  const nifti_dmat44& m = nim.sform_code > 0 ? nim.sto_xyz : nim.qto_xyz;
   v.origin = {-m.m[0][3] * scale, -m.m[1][3] * scale, m.m[2][3] * scale};
-  // Labels are taken as stored (no scaling) and must be whole numbers 0..255; HU are scaled,
-  // rounded and clamped to int16.
-  const double slope = labels || nim->scl_slope == 0 || !std::isfinite(nim->scl_slope) ? 1 : nim->scl_slope;
-  const double inter = labels || !std::isfinite(nim->scl_inter) ? 0 : nim->scl_inter;
+  // Labels are taken as stored (no scaling); HU and float volumes are scaled.
+  v.slope = labels || nim.scl_slope == 0 || !std::isfinite(nim.scl_slope) ? 1 : nim.scl_slope;
+  v.inter = labels || !std::isfinite(nim.scl_inter) ? 0 : nim.scl_inter;
+  switch (nim.datatype) {
+    case NIFTI_TYPE_INT16:
+    case NIFTI_TYPE_UINT16:
+    case NIFTI_TYPE_INT32:
+    case NIFTI_TYPE_UINT8:
+    case NIFTI_TYPE_INT8:
+    case NIFTI_TYPE_FLOAT32:
+    case NIFTI_TYPE_FLOAT64:
+      break;
+    default:
+      return fail(ErrorCode::kMalformed, name + ": voxel type " + std::string(nifti_datatype_string(nim.datatype)) + " is not supported");
+  }
+  v.datatype = nim.datatype;
+  v.bytes_per_voxel = static_cast<uint32_t>(nim.nbyper);
+  v.swap = nim.byteorder != nifti_short_order() && nim.nbyper > 1;
+  v.vox_offset = static_cast<uint64_t>(nim.iname_offset);
+  return v;
+}
+
+bool is_gzip(ByteSpan raw) { return raw.size() >= 2 && raw[0] == std::byte{0x1F} && raw[1] == std::byte{0x8B}; }
+
+// A whole file in memory (inflated first when it is a .nii.gz) and its layout.
+Result<NiftiVoxels> parse(ByteSpan& raw, Bytes& inflated, const std::string& name, bool labels) {
+  if (is_gzip(raw)) {
+    auto z = gunzip(raw, name, size_t{8} << 30);
+    if (!z) return std::unexpected(z.error());
+    inflated = std::move(*z);
+    raw = inflated;
+  }
+  auto nim = parse_header(raw, raw.size(), name);
+  if (!nim) return std::unexpected(nim.error());
+  return layout_of(**nim, name, labels);
+}
+
+// The voxels decoded by nifti_hd's rules (the code the GPU kernel runs), one pass per voxel type
+// so that the type's size and byte order are constants of the loop.
+template <typename Out>
+Result<Volume<Out>> to_volume(ByteSpan raw, const NiftiVoxels& l, const std::string& name, bool labels) {
+  Volume<Out> v;
+  v.dims = l.dims;
+  v.spacing = l.spacing;
+  v.origin = l.origin;
   v.data.resize(v.size());
-  bool bad_label = false;
-  auto put = [&](auto* src) {
+  const auto* voxels = reinterpret_cast<const unsigned char*>(raw.data() + l.vox_offset);
+  bool bad = false;
+  auto decode_all = [&](auto type) {
+    nifti_hd::Decode d{decltype(type)::value, l.bytes_per_voxel, l.swap, l.slope, l.inter};
     for (size_t i = 0; i < v.data.size(); ++i) {
-      const double x = static_cast<double>(src[i]) * slope + inter;
-      if constexpr (kFloat) {
-        bad_label |= !std::isfinite(x);
-        v.data[i] = static_cast<Out>(x);
+      const double stored = nifti_hd::stored_value(voxels, i, d);
+      if constexpr (std::is_same_v<Out, float>) {
+        const double x = rn::dadd(rn::dmul(stored, d.slope), d.inter);
+        bad |= !nifti_hd::finite(x);
+        v.data[i] = static_cast<float>(x);
       } else if (labels) {
-        bad_label |= !(x >= 0 && x <= 255 && x == std::floor(x));
-        v.data[i] = static_cast<Out>(std::isfinite(x) ? std::clamp(x, 0.0, 255.0) : 0.0);
+        uint8_t out = 0;
+        bad |= !nifti_hd::label_value(stored, &out);
+        v.data[i] = static_cast<Out>(out);
       } else {
-        v.data[i] = static_cast<Out>(std::clamp(std::lround(std::isfinite(x) ? x : 0.0), -32768L, 32767L));
+        v.data[i] = static_cast<Out>(nifti_hd::hu_value(stored, d));
       }
     }
   };
-  switch (nim->datatype) {
-    case NIFTI_TYPE_INT16: put(static_cast<const int16_t*>(nim->data)); break;
-    case NIFTI_TYPE_UINT16: put(static_cast<const uint16_t*>(nim->data)); break;
-    case NIFTI_TYPE_INT32: put(static_cast<const int32_t*>(nim->data)); break;
-    case NIFTI_TYPE_UINT8: put(static_cast<const uint8_t*>(nim->data)); break;
-    case NIFTI_TYPE_INT8: put(static_cast<const int8_t*>(nim->data)); break;
-    case NIFTI_TYPE_FLOAT32: put(static_cast<const float*>(nim->data)); break;
-    case NIFTI_TYPE_FLOAT64: put(static_cast<const double*>(nim->data)); break;
-    default:
-      return fail(ErrorCode::kMalformed, name + ": voxel type " + std::string(nifti_datatype_string(nim->datatype)) + " is not supported");
+  switch (l.datatype) {
+    case nifti_hd::kInt16: decode_all(std::integral_constant<int32_t, nifti_hd::kInt16>{}); break;
+    case nifti_hd::kUint16: decode_all(std::integral_constant<int32_t, nifti_hd::kUint16>{}); break;
+    case nifti_hd::kInt32: decode_all(std::integral_constant<int32_t, nifti_hd::kInt32>{}); break;
+    case nifti_hd::kUint8: decode_all(std::integral_constant<int32_t, nifti_hd::kUint8>{}); break;
+    case nifti_hd::kInt8: decode_all(std::integral_constant<int32_t, nifti_hd::kInt8>{}); break;
+    case nifti_hd::kFloat32: decode_all(std::integral_constant<int32_t, nifti_hd::kFloat32>{}); break;
+    case nifti_hd::kFloat64: decode_all(std::integral_constant<int32_t, nifti_hd::kFloat64>{}); break;
+    default: return fail(ErrorCode::kMalformed, name + ": voxel type " + std::to_string(l.datatype) + " is not supported");
   }
-  if (bad_label && kFloat) return fail(ErrorCode::kMalformed, name + ": a voxel that is not a finite number");
-  if (bad_label) return fail(ErrorCode::kMalformed, name + ": a label volume with values that are not whole numbers 0..255");
+  if (bad && std::is_same_v<Out, float>) return fail(ErrorCode::kMalformed, name + ": a voxel that is not a finite number");
+  if (bad) return fail(ErrorCode::kMalformed, name + ": a label volume with values that are not whole numbers 0..255");
   return v;
+}
+
+template <typename Out>
+Result<Volume<Out>> read_any(ByteSpan raw, const std::string& name, bool labels) {
+  Bytes inflated;
+  auto l = parse(raw, inflated, name, labels);
+  if (!l) return std::unexpected(l.error());
+  return to_volume<Out>(raw, *l, name, labels);
 }
 
 Result<Bytes> read_whole(const std::string& path) {
@@ -231,6 +284,9 @@ Result<Bytes> read_whole(const std::string& path) {
 
 }  // namespace
 
+Result<Bytes> nifti_header_bytes(const HuVolume& v) { return encode_header(v, NIFTI_TYPE_INT16); }
+Result<Bytes> nifti_header_bytes(const LabelVolume& v) { return encode_header(v, NIFTI_TYPE_UINT8); }
+Result<Bytes> nifti_header_bytes(const Volume<float>& v) { return encode_header(v, NIFTI_TYPE_FLOAT32); }
 Result<Bytes> nifti_bytes(const HuVolume& v) { return encode(v, NIFTI_TYPE_INT16); }
 Result<Bytes> nifti_bytes(const LabelVolume& v) { return encode(v, NIFTI_TYPE_UINT8); }
 Result<Bytes> nifti_bytes(const Volume<float>& v) { return encode(v, NIFTI_TYPE_FLOAT32); }
@@ -238,20 +294,14 @@ Result<void> write_nifti(const std::string& path, const HuVolume& v) { return wr
 Result<void> write_nifti(const std::string& path, const LabelVolume& v) { return write_any(path, v, NIFTI_TYPE_UINT8); }
 Result<void> write_nifti(const std::string& path, const Volume<float>& v) { return write_any(path, v, NIFTI_TYPE_FLOAT32); }
 
-Result<HuVolume> read_nifti_hu(ByteSpan bytes, const std::string& name) {
-  auto nim = parse(bytes, name);
+Result<HuVolume> read_nifti_hu(ByteSpan bytes, const std::string& name) { return read_any<int16_t>(bytes, name, false); }
+Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name) { return read_any<uint8_t>(bytes, name, true); }
+Result<Volume<float>> read_nifti_float(ByteSpan bytes, const std::string& name) { return read_any<float>(bytes, name, false); }
+Result<NiftiVoxels> read_nifti_layout(ByteSpan head, uint64_t file_size, const std::string& name, bool labels) {
+  if (is_gzip(head)) return fail(ErrorCode::kInvalidArgument, name + ": gzip-compressed; its voxels can only be read after inflating the whole file");
+  auto nim = parse_header(head, file_size, name);
   if (!nim) return std::unexpected(nim.error());
-  return to_volume<int16_t>(*nim, name, false);
-}
-Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name) {
-  auto nim = parse(bytes, name);
-  if (!nim) return std::unexpected(nim.error());
-  return to_volume<uint8_t>(*nim, name, true);
-}
-Result<Volume<float>> read_nifti_float(ByteSpan bytes, const std::string& name) {
-  auto nim = parse(bytes, name);
-  if (!nim) return std::unexpected(nim.error());
-  return to_volume<float>(*nim, name, false);
+  return layout_of(**nim, name, labels);
 }
 Result<HuVolume> read_nifti_hu(const std::string& path) {
   auto b = read_whole(path);

@@ -411,6 +411,44 @@ TEST_F(Cli, PrepRunsOnTheDeviceAskedFor) {
   const auto jc = nlohmann::json::parse(to_string(testing::read_file(dir.file("cpu/case/prep.json"))));
   EXPECT_NEAR(j["coronary_vesselness_roc_auc"].get<double>(), jc["coronary_vesselness_roc_auc"].get<double>(), 1e-4);
   EXPECT_NEAR(j["normalisation"]["sd"].get<double>(), jc["normalisation"]["sd"].get<double>(), 1e-9);
+  EXPECT_EQ(j["transfer"]["why_not_the_secure_channel"], "ccta.nii is not sealed") << j.dump();
+
+  // Sealed inputs on a GPU device (here its emulation) go through the secure channel: only sealed
+  // frames reach the staging buffers, the voxels are decoded in device memory, the outputs are
+  // sealed there — and they open to the bytes the clear run wrote.
+  std::filesystem::create_directories(dir.file("sc/case"));
+  for (const char* f : {"ccta.nii", "labels.nii"}) {
+    auto s = run_tresor({"seal", "-r", recipient, "--chunk-size", "64KiB", "-o", dir.file("sc/case/") + f + ".sealed", dir.file("c/case/") + f});
+    ASSERT_EQ(s.exit_code, 0) << s.err;
+  }
+  auto chan = run_tresor({"prep", "-o", dir.file("chan"), dir.file("sc"), "-i", identity, "-r", recipient, "--spacing", "1.5", "--sigmas", "1.5,3",
+                          "--device", "emulated"});
+  ASSERT_EQ(chan.exit_code, 0) << chan.err;
+  for (const char* f : {"image.nii", "vesselness.nii", "labels.nii", "prep.json"}) {
+    auto o = run_tresor({"open", "-i", identity, "-o", dir.file("opened"), "-f", dir.file("chan/case/") + f + ".sealed"});
+    ASSERT_EQ(o.exit_code, 0) << o.err;
+    if (std::string(f) == "prep.json") {
+      const auto jj = nlohmann::json::parse(to_string(testing::read_file(dir.file("opened"))));
+      EXPECT_EQ(jj["transfer"]["input"], "secure channel: sealed frames into device memory, decrypted there") << jj.dump();
+      EXPECT_EQ(jj["transfer"]["outputs"], "sealed on the device") << jj.dump();
+      EXPECT_GT(jj["transfer"]["staged_bytes"].get<uint64_t>(), 128u * 128 * 64 * 3) << jj.dump();
+      EXPECT_EQ(jj["normalisation"], j["normalisation"]);
+      EXPECT_EQ(jj["coronary_vesselness_roc_auc"], j["coronary_vesselness_roc_auc"]);
+    } else {
+      EXPECT_TRUE(testing::read_file(dir.file("opened")) == testing::read_file(dir.file("emu/case/") + f)) << f;
+    }
+  }
+  // Without labels and previews nothing needs the voxels on the host: no host copies.
+  std::filesystem::create_directories(dir.file("sc2/case"));
+  std::filesystem::copy_file(dir.file("sc/case/ccta.nii.sealed"), dir.file("sc2/case/ccta.nii.sealed"));
+  auto lean = run_tresor({"prep", "-o", dir.file("lean"), dir.file("sc2"), "-i", identity, "-r", recipient, "--spacing", "1.5", "--sigmas", "1.5,3",
+                          "--device", "emulated", "--no-preview"});
+  ASSERT_EQ(lean.exit_code, 0) << lean.err;
+  auto lj = run_tresor({"open", "-i", identity, "-o", "-", dir.file("lean/case/prep.json.sealed")});
+  ASSERT_EQ(lj.exit_code, 0) << lj.err;
+  EXPECT_EQ(nlohmann::json::parse(lj.out)["transfer"]["host_copies"], false) << lj.out;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("lean/case/preview.png.sealed")));
+
   auto any = run_tresor({"prep", "-o", dir.file("auto"), dir.file("c"), "--spacing", "1.5", "--sigmas", "1.5"});
   ASSERT_EQ(any.exit_code, 0) << any.err;
   EXPECT_TRUE(any.out.find("on the CPU") != std::string::npos || any.out.find("on cuda:0") != std::string::npos) << any.out;

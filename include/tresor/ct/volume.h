@@ -85,6 +85,13 @@ struct Phantom {
 [[nodiscard]] Result<Bytes> nifti_bytes(const HuVolume& v);
 [[nodiscard]] Result<Bytes> nifti_bytes(const LabelVolume& v);
 [[nodiscard]] Result<Bytes> nifti_bytes(const Volume<float>& v);
+/// nifti_bytes(v)'s first 352 bytes (the header and its 4-byte extension flag; the voxels follow
+/// them), from v's dimensions, spacing and origin alone — its data is not read and may be empty:
+/// what precedes voxels that lie elsewhere (in device memory, sealed there).
+[[nodiscard]] Result<Bytes> nifti_header_bytes(const HuVolume& v);
+[[nodiscard]] Result<Bytes> nifti_header_bytes(const LabelVolume& v);
+[[nodiscard]] Result<Bytes> nifti_header_bytes(const Volume<float>& v);
+inline constexpr size_t kNiftiWrittenHeader = 352;
 /// Reads a single-file NIfTI-1 or -2 volume (.nii, or gzip-compressed .nii.gz) of any integer or
 /// float type into HU (slope and intercept applied, rounded, clamped to int16). Errors name the
 /// file (or `name`) and the field. From bytes: what a sealed volume opens into.
@@ -95,6 +102,27 @@ struct Phantom {
 /// A label volume: values as stored (no scaling), whole numbers 0..255 or kMalformed.
 [[nodiscard]] Result<LabelVolume> read_nifti_labels(const std::string& path);
 [[nodiscard]] Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name);
+
+/// Where a NIfTI file's voxels are and how to read them, from its header alone: what a reader needs
+/// that does not hold the voxels itself (the GPU path decodes them in device memory, where the
+/// secure channel leaves them; tresor/gpu/ct.h).
+struct NiftiVoxels {
+  std::array<size_t, 3> dims{0, 0, 0};
+  std::array<double, 3> spacing{1, 1, 1};  // mm
+  std::array<double, 3> origin{0, 0, 0};   // mm, as Volume::origin
+  int32_t datatype = 0;                    // NIFTI_TYPE_* (tresor/ct/nifti_hd.h)
+  uint32_t bytes_per_voxel = 0;
+  bool swap = false;                       // the file's byte order is not this machine's
+  double slope = 1, inter = 0;             // applied to HU; 1, 0 for labels
+  uint64_t vox_offset = 0;                 // the first voxel's byte in the file
+};
+inline constexpr size_t kNiftiHeaderMax = 540;  // a NIfTI-2 header; NIfTI-1's is 348
+/// The header at the start of `head` (the file's first kNiftiHeaderMax bytes, or all of a smaller
+/// file) of an uncompressed file of `file_size` bytes, under exactly read_nifti_hu's rules
+/// (`labels`: read_nifti_labels's) and with its errors: the same checks of the header, the same
+/// geometry, and the voxels inside the file. A gzip-compressed file is refused by name
+/// (kInvalidArgument): its voxels are not at a fixed place.
+[[nodiscard]] Result<NiftiVoxels> read_nifti_layout(ByteSpan head, uint64_t file_size, const std::string& name, bool labels);
 
 /// A DICOM CT series: every file in `dir`, one slice each, sorted by position along the slice
 /// normal; HU from RescaleSlope/Intercept; x/y spacing from PixelSpacing, z from the positions;

@@ -41,6 +41,13 @@ class ChannelDevice {
   virtual std::string name() const = 0;
   /// True when device memory is ordinary host memory (the CPU and emulated devices).
   virtual bool host_memory() const = 0;
+  /// What runs the work: a CUDA GPU, or host memory with OpenSSL (cpu_device) or with the
+  /// kernel's emulation (emulated_device). Users that have CPU code for all three (the CT
+  /// pipeline) run the CPU reference on kCpu and the kernels' emulation on kEmulated.
+  enum class Kind { kCuda, kCpu, kEmulated };
+  virtual Kind kind() const = 0;
+  /// cuda_device(i)'s i; -1 on the host devices.
+  virtual int ordinal() const { return -1; }
   virtual Result<Mem> device_alloc(size_t n) = 0;
   /// Zeroes, then frees.
   virtual void device_free(Mem m) = 0;
@@ -122,8 +129,10 @@ class SecureChannel {
                                             std::optional<uint64_t> length = std::nullopt);
   /// `data` (device memory) sealed into a new file at `path` (mode 0644, never partial: it has a
   /// name only once complete) to `options`' recipients and dataset keys. All work on the device
-  /// is waited for first, so `data` may come from kernels still queued on any stream.
-  [[nodiscard]] Result<void> download(const std::byte* data, size_t size, const std::string& path, const sealed::SealOptions& options);
+  /// is waited for first, so `data` may come from kernels still queued on any stream. An existing
+  /// file at `path` is refused unless `overwrite` (then it is replaced whole, once complete).
+  [[nodiscard]] Result<void> download(const std::byte* data, size_t size, const std::string& path, const sealed::SealOptions& options,
+                                      bool overwrite = false);
   [[nodiscard]] const TransferStats& last() const { return stats_; }
 
  private:

@@ -20,11 +20,16 @@
 #pragma once
 
 #include <array>
+#include <string>
+#include <vector>
 #include <cstddef>
 #include <cstdint>
 
 #include "tresor/ct/prep.h"
+#include "tresor/ct/volume.h"
 #include "tresor/error.h"
+#include "tresor/gpu/channel.h"
+#include "tresor/sealed.h"
 
 namespace tresor::gpu::ct {
 
@@ -118,5 +123,55 @@ struct DevicePrepared {
 /// Slow; options.threads threads (0 = all cores).
 [[nodiscard]] Result<tresor::ct::Prepared> prepare_emulated(const tresor::ct::HuVolume& hu, const tresor::ct::LabelVolume* labels,
                                                             const tresor::ct::PrepOptions& options);
+
+/// A case whose volumes are sealed, uncompressed NIfTI files (`<name>.nii.sealed`, HU of any type
+/// read_nifti_hu reads; labels as read_nifti_labels reads them).
+struct SealedCase {
+  std::string image;
+  std::string labels;  // empty: none
+};
+
+/// What prepare_sealed does with its outputs.
+struct SealedPrepOutputs {
+  /// When not empty: image.nii, vesselness.nii (and labels.nii) sealed to `seal` from device
+  /// memory into `<dir>/<name>.sealed` by the device (on a GPU, the AES-GCM kernel: only sealed
+  /// frames cross to the host), replacing files of those names when `overwrite`.
+  std::string dir;
+  sealed::SealOptions seal;
+  bool overwrite = true;
+  /// Copy the outputs to host memory (previews, patches, ROC AUC need them). When false the
+  /// returned volumes carry their geometry and no data: on a GPU the voxels never reach the host.
+  bool to_host = true;
+};
+
+struct SealedPrepared {
+  tresor::ct::Prepared prepared;           // data empty unless to_host
+  tresor::ct::NiftiVoxels input;           // the image's header: dims, spacing, origin, voxel type
+  PrepTimings timings;                     // upload_ms: channel and decoding (host clock);
+                                           // download_ms: sealing the outputs and the host copies
+  std::vector<std::string> written;        // the sealed outputs, in the order above
+  uint64_t staged_bytes = 0;               // what crossed the staging buffers, in and out
+};
+
+/// tresor::ct::prepare on sealed files, without their plaintext on the host: each file goes through
+/// the secure channel (tresor/gpu/channel.h) into `device`'s memory, only its NIfTI header comes
+/// back (geometry and voxel type, no voxel: read_nifti_layout's checks), the voxels are decoded
+/// into HU and labels where they lie (tresor/ct/nifti_hd.h, the CPU reader's own code), the
+/// pipeline runs there (prepare_device), and the outputs are sealed there.
+///
+/// Devices: on cuda_device(i) the kernels (what reaches the host: the headers, the histogram from
+/// which the statistics are computed — as prepare_device — and, with labels, one flag saying
+/// whether every label is a whole number 0..255); on the host devices "device memory" is host
+/// memory: emulated_device() runs the kernels' emulation (prepare_emulated), cpu_device() the CPU
+/// reference (ct::prepare) — the same flow, checked on every machine.
+///
+/// The outputs equal prepare's (CPU device), prepare_emulated's (emulated) or gpu::ct::prepare's
+/// (CUDA) on the volumes read_nifti_hu/read_nifti_labels give for the opened files, and the sealed
+/// files open to nifti_bytes of those outputs. Errors name the file: a tampered chunk (the
+/// channel's), a compressed file or a header read_nifti_layout refuses, labels of other dimensions
+/// or values (the CPU reader's messages), then prepare's; nothing is written on any of them, and
+/// device memory is wiped.
+[[nodiscard]] Result<SealedPrepared> prepare_sealed(ChannelDevice& device, const SealedCase& in, const sealed::KeyRing& keys,
+                                                    const tresor::ct::PrepOptions& options, const SealedPrepOutputs& out, ChannelOptions channel = {});
 
 }  // namespace tresor::gpu::ct

@@ -15,6 +15,7 @@
 
 #include "support/test_support.h"
 #include "tresor/crypto.h"
+#include "tresor/ct/nifti_hd.h"
 #include "tresor/ct/volume.h"
 
 namespace tresor::ct {
@@ -179,6 +180,30 @@ TEST(Phantom, ReadsWhatNibabelWritesAndTheOtherWayRound) {
     EXPECT_EQ(v->dims, p->hu.dims) << f;
     EXPECT_NEAR(v->spacing[2], p->hu.spacing[2], 1e-6) << f;
     EXPECT_TRUE(v->data == p->hu.data) << f;
+    // The header alone gives the same geometry, and its voxels decoded where they lie (what the
+    // GPU path does in device memory) the same HU; a compressed file is refused by name.
+    auto all = testing::read_file(dir.file(f));
+    const ByteSpan head(all.data(), std::min(all.size(), kNiftiHeaderMax));
+    auto l = read_nifti_layout(head, all.size(), f, false);
+    if (std::string(f) == "gz.nii.gz") {
+      ASSERT_FALSE(l);
+      EXPECT_NE(l.error().message.find("gz.nii.gz: gzip-compressed"), std::string::npos) << l.error().message;
+      continue;
+    }
+    ASSERT_TRUE(l) << f << ": " << l.error().message;
+    EXPECT_EQ(l->dims, v->dims) << f;
+    EXPECT_EQ(l->spacing, v->spacing) << f;
+    EXPECT_EQ(l->origin, v->origin) << f;
+    EXPECT_EQ(l->swap, std::string(f) == "big.nii") << f;
+    const nifti_hd::Decode d{l->datatype, l->bytes_per_voxel, l->swap, l->slope, l->inter};
+    size_t differ = 0;
+    for (size_t i = 0; i < v->data.size(); ++i) {
+      differ += nifti_hd::hu_value(nifti_hd::stored_value(reinterpret_cast<const unsigned char*>(all.data() + l->vox_offset), i, d), d) != v->data[i];
+    }
+    EXPECT_EQ(differ, 0u) << f;
+    auto cut = read_nifti_layout(head, all.size() - 1, f, false);
+    ASSERT_FALSE(cut) << f;
+    EXPECT_NE(cut.error().message.find(std::string(f) + ": the header promises"), std::string::npos) << cut.error().message;
   }
   auto lf = read_nifti_labels(dir.file("labf.nii"));
   ASSERT_TRUE(lf) << lf.error().message;
@@ -203,6 +228,37 @@ TEST(Phantom, ReadsWhatNibabelWritesAndTheOtherWayRound) {
   want << "float32 (" << f.dims[0] << ", " << f.dims[1] << ", " << f.dims[2] << ") ";
   EXPECT_EQ(back.out.find(want.str()), 0u) << back.out;
   EXPECT_NEAR(std::stod(back.out.substr(want.str().size())), f.at(5, 7, 9), 1e-6);
+}
+
+TEST(Phantom, VoxelsBecomeHuAndLabelsByTheDocumentedRules) {
+  const nifti_hd::Decode plain{nifti_hd::kFloat64, 8, false, 1, 0};
+  // Rounded half away from zero, clamped to int16, not-finite values 0 (1e300 once became
+  // −32768 through lround's undefined overflow).
+  const std::pair<double, int> hu[] = {{2.5, 3},         {-2.5, -3},       {2.4999999999, 2},  {-0.5, -1},     {0.4999999999999999, 0},
+                                       {32767.4, 32767}, {32767.5, 32767}, {40000.7, 32767},   {1e300, 32767}, {-32768.5, -32768},
+                                       {-1e300, -32768}, {NAN, 0},         {INFINITY, 0},      {-INFINITY, 0}, {-1024, -1024}};
+  for (auto [x, want] : hu) EXPECT_EQ(nifti_hd::hu_value(x, plain), want) << x;
+  const nifti_hd::Decode scaled{nifti_hd::kInt16, 2, false, 0.5, -1000.25};
+  EXPECT_EQ(nifti_hd::hu_value(3, scaled), -999);  // 1.5 − 1000.25 = −998.75
+  uint8_t out = 9;
+  EXPECT_TRUE(nifti_hd::label_value(7, &out));
+  EXPECT_EQ(out, 7);
+  for (double bad : {-1.0, 255.5, 256.0, 0.5, static_cast<double>(NAN)}) EXPECT_FALSE(nifti_hd::label_value(bad, &out)) << bad;
+  // Stored values in either byte order, every type.
+  const unsigned char be[] = {0xFF, 0xFE}, le[] = {0xFE, 0xFF};
+  const nifti_hd::Decode i16{nifti_hd::kInt16, 2, false, 1, 0}, i16s{nifti_hd::kInt16, 2, true, 1, 0}, u16{nifti_hd::kUint16, 2, false, 1, 0};
+  EXPECT_EQ(nifti_hd::stored_value(le, 0, i16), -2);
+  EXPECT_EQ(nifti_hd::stored_value(be, 0, i16s), -2);
+  EXPECT_EQ(nifti_hd::stored_value(le, 0, u16), 65534);
+  // Through a file: a float volume holding 1e30 and NaN.
+  Volume<float> f;
+  f.dims = {2, 2, 1};
+  f.data = {1e30f, -1e30f, NAN, 12.5f};
+  auto bytes = nifti_bytes(f);
+  ASSERT_TRUE(bytes);
+  auto v = read_nifti_hu(*bytes, "f.nii");
+  ASSERT_TRUE(v) << v.error().message;
+  EXPECT_EQ(v->data, (std::vector<int16_t>{32767, -32768, 0, 13}));
 }
 
 TEST(Phantom, ReadingRefusesWhatIsNotAVolume) {
