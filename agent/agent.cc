@@ -86,7 +86,39 @@ Result<void> open_one(const fs::path& sealed, const fs::path& plain, DatasetKeys
   }
 }
 
+// The file key of one sealed input (its header read, unlocked with the dataset's keys, its MAC
+// verified), and the header's MAC by which the job will find it. Its chunks are checked when the
+// job reads them.
+Result<void> add_file_key(const fs::path& sealed, const std::string& name, DatasetKeys& keys, sealed::FileKeys& out) {
+  auto in = FdFile::open_read(sealed.string());
+  if (!in) return std::unexpected(in.error());
+  std::array<std::byte, sealed::kFixedHeaderSize> fixed{};
+  auto got = in->read(fixed);
+  if (!got) return std::unexpected(got.error());
+  if (*got < fixed.size()) return fail(ErrorCode::kTruncated, "shorter than a sealed header");
+  auto length = sealed::header_length(fixed);
+  if (!length) return std::unexpected(length.error());
+  Bytes header_bytes(*length);
+  TRESOR_TRY(in->read_at(0, header_bytes));
+  auto header = sealed::parse_header(header_bytes);
+  if (!header) return std::unexpected(header.error());
+  for (;;) {
+    auto key = sealed::unlock(*header, header_bytes, keys.ring(), sealed.string());
+    if (key) return out.add(header->mac, std::move(*key), name);
+    if (key.error().code != ErrorCode::kNoMatchingKey) return std::unexpected(key.error());
+    auto older = keys.older();  // sealed under an earlier key version?
+    if (!older) return std::unexpected(older.error());
+    if (*older == nullptr) return std::unexpected(key.error());
+  }
+}
+
 }  // namespace
+
+Result<bool> sealed_inputs_from(const char* value) {
+  if (value == nullptr || std::string_view(value) == "opened") return false;
+  if (std::string_view(value) == "sealed") return true;
+  return fail(ErrorCode::kInvalidArgument, std::string("TRESOR_INPUTS is '") + value + "'; it must be 'opened' (the default) or 'sealed'");
+}
 
 Result<void> prepare(const Options& o, const Manifest& manifest, std::string_view manifest_json, EvidenceProvider& evidence,
                      std::ostream& log) {
@@ -106,6 +138,8 @@ Result<void> prepare(const Options& o, const Manifest& manifest, std::string_vie
   fs::create_directories(fs::path(o.private_dir) / "out", ec);
   if (ec) return fail(ErrorCode::kIo, "cannot create the private directories under " + o.private_dir + ": " + ec.message());
   size_t opened = 0;
+  sealed::FileKeys file_keys;
+  const fs::path keys_file = fs::path(o.private_dir) / "file-keys";
   for (const auto& dataset : manifest.datasets) {
     DatasetKeys keys(**client, *session, dataset);
     auto first = keys.latest();
@@ -120,6 +154,13 @@ Result<void> prepare(const Options& o, const Manifest& manifest, std::string_vie
     for (const auto& e : fs::recursive_directory_iterator(dir, ec)) {
       if (!e.is_regular_file() || e.path().extension() != ".sealed") continue;
       const fs::path rel = fs::relative(e.path(), dir);
+      if (o.sealed_inputs) {
+        if (auto r = add_file_key(e.path(), (fs::path(dataset) / rel).string(), keys, file_keys); !r) {
+          return fail(r.error().code, "input " + e.path().string() + " cannot be opened: " + r.error().message + " (the job did not run)");
+        }
+        ++opened;
+        continue;
+      }
       fs::path plain = data / dataset / rel;
       plain.replace_extension();
       fs::create_directories(plain.parent_path(), ec);
@@ -130,6 +171,14 @@ Result<void> prepare(const Options& o, const Manifest& manifest, std::string_vie
       }
       ++opened;
     }
+  }
+  if (o.sealed_inputs) {
+    auto out = AtomicOutputFile::create(keys_file.string(), 0600, /*overwrite=*/false);
+    if (!out) return std::unexpected(out.error());
+    TRESOR_TRY(out->write(file_keys.to_file_text().span()));
+    TRESOR_TRY(out->commit());
+    log << "tresor-agent: " << opened << " sealed input file(s) left sealed for the job; their file keys are in private memory\n";
+    return {};
   }
   log << "tresor-agent: " << opened << " sealed input file(s) opened into private memory\n";
   return {};
@@ -185,6 +234,14 @@ int run_job(const Options& o, const Manifest& manifest, std::string_view manifes
     ::setpgid(0, 0);  // its own group: whatever it leaves running can be ended with it
     ::setenv("TRESOR_DATA", data.c_str(), 1);
     ::setenv("TRESOR_OUTPUT_DIR", out.c_str(), 1);
+    ::setenv("TRESOR_INPUTS", o.sealed_inputs ? "sealed" : "opened", 1);
+    if (o.sealed_inputs) {
+      ::setenv("TRESOR_SEALED_DATA", o.data_root.c_str(), 1);
+      ::setenv("TRESOR_FILE_KEYS", (o.private_dir + "/file-keys").c_str(), 1);
+    } else {
+      ::unsetenv("TRESOR_SEALED_DATA");
+      ::unsetenv("TRESOR_FILE_KEYS");
+    }
     ::unsetenv("TRESOR_MANIFEST");
     process::default_signals();
     ::umask(022);

@@ -358,6 +358,15 @@ int run_guest(int fd, const std::string& root) {
     o.output_dir = (base / "sealed").string();
     o.private_dir = (base / "private").string();
     o.command = start->command;
+    // TRESOR_INPUTS chooses only whether the job or the agent opens the inputs; both happen in the
+    // guest, so the host choosing it changes nothing the host can see.
+    const auto inputs = start->env.find("TRESOR_INPUTS");
+    auto sealed_inputs = agent::sealed_inputs_from(inputs == start->env.end() ? nullptr : inputs->second.c_str());
+    if (!sealed_inputs) {
+      std::cerr << "tresor-agent: " << sealed_inputs.error().message << "; nothing was run" << std::endl;
+      return;
+    }
+    o.sealed_inputs = *sealed_inputs;
     if (!start->script.empty()) {
       o.command[0] = (base / "script").string();
       std::ofstream(o.command[0]) << start->script;

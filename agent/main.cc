@@ -75,6 +75,12 @@ int main(int argc, char** argv) {
   o.output_dir = option("--output");
   o.private_dir = option("--private");
   o.command = args->command;
+  auto sealed_inputs = tresor::agent::sealed_inputs_from(std::getenv("TRESOR_INPUTS"));
+  if (!sealed_inputs) {
+    std::fprintf(stderr, "tresor-agent: %s; nothing was run\n", sealed_inputs.error().message.c_str());
+    return 1;
+  }
+  o.sealed_inputs = *sealed_inputs;
   const int evidence_fd = args->options.contains("--evidence-fd") ? std::atoi(option("--evidence-fd").c_str()) : -1;
   const std::string evidence_source = option("--evidence");
   if (o.broker_url.empty() || o.broker_ca.empty() || o.output_dir.empty()) return usage("--broker, --ca and --output are required");

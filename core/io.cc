@@ -301,7 +301,7 @@ Result<std::string> read_small_file(const std::string& path, size_t max_size) {
   return out;
 }
 
-Result<SecretBuffer> read_secret_file(const std::string& path) {
+Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) return io_fail("cannot open", path);
   FdFile f(fd, path, /*owned=*/true);
@@ -319,11 +319,12 @@ Result<SecretBuffer> read_secret_file(const std::string& path) {
                                             ": a secret key must not be readable by others (run: chmod 600 " +
                                             path + ")");
   }
-  constexpr size_t kMax = 64 * 1024;
-  SecretBuffer buf(kMax + 1);
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (size > max_size) return fail(ErrorCode::kInvalidArgument, path + " is larger than " + std::to_string(max_size >> 10) + " KiB; not a key file");
+  SecretBuffer buf(static_cast<size_t>(size) + 1);  // one more: a file that grew since fstat is noticed
   auto n = read_full(f, buf.span());
   if (!n) return std::unexpected(n.error());
-  if (*n > kMax) return fail(ErrorCode::kInvalidArgument, path + " is larger than 64 KiB; not a key file");
+  if (*n > max_size) return fail(ErrorCode::kInvalidArgument, path + " is larger than " + std::to_string(max_size >> 10) + " KiB; not a key file");
   return SecretBuffer::copy_of(buf.span().first(*n));
 }
 

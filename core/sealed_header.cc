@@ -336,13 +336,21 @@ Result<SecretBuffer> unlock(const Header& h, ByteSpan header_bytes, const KeyRin
       }
     }
   }
+  // A file key handed out for this very file (FileKeys): found by the header's MAC, and used only
+  // once the MAC below verifies with it.
+  size_t n_file_keys = 0;
+  for (const FileKeys* fks : keys.file_keys) {
+    n_file_keys += fks->size();
+    if (file_key) continue;
+    if (const SecretBuffer* fk = fks->find(h.mac)) file_key = fk->clone();
+  }
   if (!file_key) {
     std::string sealed_to = std::to_string(n_x25519) + " user recipient(s)";
     if (!datasets.empty()) sealed_to += " and dataset(s) " + datasets;
-    return fail(ErrorCode::kNoMatchingKey,
-                name + ": no stanza opens with the " + std::to_string(keys.identities.size()) + " identity(ies) and " +
-                    std::to_string(keys.dataset_keys.size()) + " dataset key(s) given; the file is sealed to " +
-                    sealed_to + " (wrong identity or key, or an altered header)");
+    std::string given = std::to_string(keys.identities.size()) + " identity(ies) and " + std::to_string(keys.dataset_keys.size()) + " dataset key(s)";
+    if (!keys.file_keys.empty()) given += " and " + std::to_string(n_file_keys) + " file key(s), none for this file,";
+    return fail(ErrorCode::kNoMatchingKey, name + ": no stanza opens with the " + given + " given; the file is sealed to " + sealed_to +
+                                               " (wrong identity or key, or an altered header)");
   }
   auto sk = derive_stream_keys(file_key->span(), h.nonce_prefix);
   if (!sk) return std::unexpected(sk.error());

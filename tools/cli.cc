@@ -109,6 +109,16 @@ Result<Bytes> read_whole_file(const std::string& path) {
   return bytes;
 }
 
+Result<std::vector<sealed::FileKeys>> load_file_keys(const std::vector<std::string>& files) {
+  std::vector<sealed::FileKeys> out;
+  for (const auto& f : files) {
+    auto k = sealed::FileKeys::load(f);
+    if (!k) return std::unexpected(k.error());
+    out.push_back(std::move(*k));
+  }
+  return out;
+}
+
 Result<SecretBuffer> open_sealed_file(const std::string& path, const sealed::KeyRing& ring, unsigned threads) {
   auto sealed_bytes = read_whole_file(path);
   if (!sealed_bytes) return std::unexpected(sealed_bytes.error());

@@ -40,6 +40,9 @@ Result<std::vector<Recipient>> parse_recipients(const std::vector<std::string>& 
 Result<DatasetKey> load_dataset_key(const std::string& path, const std::string& id);
 /// Pairs --dataset-key-file F with --dataset ID (in order).
 Result<std::vector<DatasetKey>> load_dataset_keys(const std::vector<std::string>& files, const std::vector<std::string>& ids, bool ids_required);
+/// --file-keys files (sealed::FileKeys: what the agent gives a job that reads its sealed inputs
+/// itself); errors name the file and the line.
+Result<std::vector<sealed::FileKeys>> load_file_keys(const std::vector<std::string>& files);
 
 /// A file's bytes to `read(bytes, path)`: a name ending in ".sealed" is opened with `ring` into
 /// memory first (the plaintext never touches a file), anything else is read as it is.

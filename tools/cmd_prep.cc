@@ -293,7 +293,7 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
 
 int cmd_prep(int argc, char** argv) {
   po::options_description opts("Options");
-  std::vector<std::string> inputs, identities, key_files, datasets, recipients;
+  std::vector<std::string> inputs, identities, key_files, datasets, recipients, file_key_files;
   std::string out, sigmas_text = "0.5,1,1.5", patch_text = "96x96x96", device = "auto";
   Job job;
   unsigned threads = 0;
@@ -314,6 +314,7 @@ int cmd_prep(int argc, char** argv) {
       ("identity,i", po::value(&identities)->composing(), "identity file for sealed inputs; repeatable")
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
       ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("file-keys", po::value(&file_key_files)->composing(), "file keys for sealed inputs (inside a job: $TRESOR_FILE_KEYS); repeatable")
       ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable")
       ("device", po::value(&device)->default_value("auto"),
        "auto (cuda:0 where usable, else cpu), cpu (the CPU reference), cuda:N, or emulated (the CUDA kernels' code on the CPU; slow, for checking)")
@@ -374,6 +375,9 @@ int cmd_prep(int argc, char** argv) {
   if (!dkeys) return report(dkeys.error());
   for (const auto& id : ids) c.ring.identities.push_back(&id);
   for (const auto& k : *dkeys) c.ring.dataset_keys.push_back(&k);
+  auto fkeys = load_file_keys(file_key_files);
+  if (!fkeys) return report(fkeys.error());
+  for (const auto& k : *fkeys) c.ring.file_keys.push_back(&k);
   if (!recipients.empty()) {
     auto r = parse_recipients(recipients);
     if (!r) return report(r.error());

@@ -115,13 +115,14 @@ int cmd_seal(int argc, char** argv) {
 
 int cmd_open(int argc, char** argv) {
   po::options_description opts("Options");
-  std::vector<std::string> identities, key_files, datasets;
+  std::vector<std::string> identities, key_files, datasets, file_key_files;
   std::string out, in;
   unsigned threads = 0;
   opts.add_options()
       ("identity,i", po::value(&identities)->composing(), "identity file to try; repeatable")
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file to try; repeatable")
       ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file (default: any dataset in the file)")
+      ("file-keys", po::value(&file_key_files)->composing(), "file keys to try (inside a job: $TRESOR_FILE_KEYS); repeatable")
       ("output,o", po::value(&out)->required(), "output file (mode 0600), or - for stdout")
       ("threads,j", po::value(&threads)->default_value(0), "worker threads (0 = all cores)")
       ("force,f", "overwrite OUT if it exists")
@@ -133,8 +134,8 @@ int cmd_open(int argc, char** argv) {
                                 argv, opts, pos, vm)) {
     return *stop;
   }
-  if (identities.empty() && key_files.empty()) {
-    return usage_error("open", "give an identity (-i FILE) or a dataset key (--dataset-key-file FILE)");
+  if (identities.empty() && key_files.empty() && file_key_files.empty()) {
+    return usage_error("open", "give an identity (-i FILE), a dataset key (--dataset-key-file FILE) or file keys (--file-keys FILE)");
   }
   std::vector<Identity> ids;
   for (const auto& p : identities) {
@@ -147,6 +148,9 @@ int cmd_open(int argc, char** argv) {
   sealed::KeyRing ring;
   for (const auto& id : ids) ring.identities.push_back(&id);
   for (const auto& k : *dkeys) ring.dataset_keys.push_back(&k);
+  auto fkeys = load_file_keys(file_key_files);
+  if (!fkeys) return report(fkeys.error());
+  for (const auto& k : *fkeys) ring.file_keys.push_back(&k);
 
   auto input = Input::open(in);
   if (!input) return report(input.error());

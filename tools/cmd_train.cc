@@ -179,9 +179,11 @@ bool any_sealed(const std::vector<std::string>& dirs) {
 struct Keys {
   std::vector<Identity> ids;
   std::vector<DatasetKey> dataset_keys;
+  std::vector<sealed::FileKeys> file_keys;
   sealed::KeyRing ring;
 };
-Result<std::unique_ptr<Keys>> load_keys(const std::vector<std::string>& identities, const std::vector<std::string>& key_files, const std::vector<std::string>& datasets) {
+Result<std::unique_ptr<Keys>> load_keys(const std::vector<std::string>& identities, const std::vector<std::string>& key_files, const std::vector<std::string>& datasets,
+                                        const std::vector<std::string>& file_key_files) {
   auto k = std::make_unique<Keys>();
   for (const auto& p : identities) {
     auto id = load_identity(p);
@@ -193,6 +195,10 @@ Result<std::unique_ptr<Keys>> load_keys(const std::vector<std::string>& identiti
   k->dataset_keys = std::move(*dk);
   for (const auto& id : k->ids) k->ring.identities.push_back(&id);
   for (const auto& d : k->dataset_keys) k->ring.dataset_keys.push_back(&d);
+  auto fk = load_file_keys(file_key_files);
+  if (!fk) return std::unexpected(fk.error());
+  k->file_keys = std::move(*fk);
+  for (const auto& f : k->file_keys) k->ring.file_keys.push_back(&f);
   return k;
 }
 
@@ -313,7 +319,7 @@ class ChildRanks {
 int cmd_train(int argc, char** argv) {
   po::options_description opts("Options");
   std::string config_path, resume;
-  std::vector<std::string> identities, key_files, datasets, recipients;
+  std::vector<std::string> identities, key_files, datasets, recipients, file_key_files;
   opts.add_options()
       ("config,c", po::value(&config_path)->required(), "the run's TOML configuration (docs/training.md §8)")
       ("resume", po::value(&resume), "continue from this checkpoint (checkpoint.tck, or .sealed with -i)")
@@ -321,6 +327,7 @@ int cmd_train(int argc, char** argv) {
       ("identity,i", po::value(&identities)->composing(), "identity for sealed inputs and checkpoints; repeatable")
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
       ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("file-keys", po::value(&file_key_files)->composing(), "file keys for sealed inputs (inside a job: $TRESOR_FILE_KEYS); repeatable")
       ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable")
       ("ranks", po::value<int>(), "data-parallel ranks on this machine; without --rank, this process starts the others (default: SLURM_NTASKS in a Slurm step, else 1)")
       ("rank", po::value<int>(), "run as this one rank of --ranks (default: SLURM_PROCID)")
@@ -394,7 +401,7 @@ int cmd_train(int argc, char** argv) {
   rv.join_timeout_ms = join_s * 1000;
   // Ranks share the machine's cores unless the configuration says otherwise.
   if (cfg->options.threads == 0 && ranks_per_node > 1) cfg->options.threads = std::max(1u, std::thread::hardware_concurrency() / static_cast<unsigned>(ranks_per_node));
-  auto keys = load_keys(identities, key_files, datasets);
+  auto keys = load_keys(identities, key_files, datasets, file_key_files);
   if (!keys) return report(keys.error());
   const sealed::KeyRing& ring = (*keys)->ring;
   sealed::SealOptions seal;
@@ -556,7 +563,7 @@ int cmd_train(int argc, char** argv) {
 int cmd_predict(int argc, char** argv) {
   po::options_description opts("Options");
   std::string checkpoint, out_dir;
-  std::vector<std::string> cases, identities, key_files, datasets, recipients;
+  std::vector<std::string> cases, identities, key_files, datasets, recipients, file_key_files;
   size_t tile = 0, batch = 2;
   unsigned threads = 0;
   double step = 0.5, vesselness_scale = 5;
@@ -571,13 +578,14 @@ int cmd_predict(int argc, char** argv) {
       ("identity,i", po::value(&identities)->composing(), "identity for sealed inputs and checkpoints; repeatable")
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
       ("dataset", po::value(&datasets)->composing(), "dataset ID of the matching --dataset-key-file")
+      ("file-keys", po::value(&file_key_files)->composing(), "file keys for sealed inputs (inside a job: $TRESOR_FILE_KEYS); repeatable")
       ("recipient,r", po::value(&recipients)->composing(), "seal every output to this recipient (or @FILE); repeatable");
   po::positional_options_description pos;
   pos.add("case", -1);
   po::variables_map vm;
   if (auto stop = parse_options("predict", "--checkpoint CK -o DIR CASE_DIR... [-i IDENTITY] [-r RECIPIENT]", argc, argv, opts, pos, vm)) return *stop;
   if (cases.empty()) return usage_error("predict", "no case directory given");
-  auto keys = load_keys(identities, key_files, datasets);
+  auto keys = load_keys(identities, key_files, datasets, file_key_files);
   if (!keys) return report(keys.error());
   sealed::SealOptions seal;
   if (!recipients.empty()) {

@@ -160,10 +160,10 @@ class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
 /// Reads a whole small file (keys, identities); refuses files over `max_size`.
 [[nodiscard]] Result<std::string> read_small_file(const std::string& path, size_t max_size = 1 << 20);
 
-/// Reads a secret file (at most 64 KiB) and refuses it unless it is a regular file owned by the
-/// caller (or root) that neither group nor others may read. The checks are made on the opened
-/// descriptor, so the file cannot be swapped between check and read.
-[[nodiscard]] Result<SecretBuffer> read_secret_file(const std::string& path);
+/// Reads a secret file (at most `max_size` bytes) and refuses it unless it is a regular file owned
+/// by the caller (or root) that neither group nor others may read. The checks are made on the
+/// opened descriptor, so the file cannot be swapped between check and read.
+[[nodiscard]] Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size = 64 * 1024);
 
 /// AnonymousTempFile is a mode-0600 file with no name (O_TMPFILE in `dir`, or a memfd where the
 /// file system lacks O_TMPFILE): nothing else can open it, and it disappears when closed. Used to

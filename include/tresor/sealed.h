@@ -88,11 +88,43 @@ struct Header {
 /// Serializes `h` byte-exactly as parse_header read it (the MAC field as stored in `h`).
 Bytes serialize_header(const Header& h);
 
+/// File keys for exactly the files they open (docs/formats.md §11.1): each sealed file's own file key,
+/// found by its header's MAC (random per file) and checked against that MAC before use, so that a
+/// key opens its own file and no other. The agent hands a job these, not the dataset keys, when
+/// the job reads its sealed inputs itself (`TRESOR_INPUTS=sealed`, docs/gpu-channel.md): the job
+/// can open the files it was given and nothing else sealed under the same dataset key.
+class FileKeys {
+ public:
+  inline static constexpr std::string_view kMagic = "tresor-file-keys-v1";
+  /// Adds `file_key` for the file whose header MAC is `header_mac`; `name` is informational (the
+  /// file's path under the data root; no line breaks). A second key for the same MAC is refused.
+  [[nodiscard]] Result<void> add(const std::array<std::byte, kHeaderMacSize>& header_mac, SecretBuffer file_key, std::string name);
+  /// The key of the file with this header MAC, or nullptr.
+  [[nodiscard]] const SecretBuffer* find(const std::array<std::byte, kHeaderMacSize>& header_mac) const;
+  [[nodiscard]] size_t size() const { return entries_.size(); }
+  /// The file text: the magic line, then one line per file: `<header MAC hex> <file key hex> <name>`.
+  [[nodiscard]] SecretBuffer to_file_text() const;
+  /// Parses that text; '#' lines and blank lines are ignored. Errors name `what` and the line.
+  [[nodiscard]] static Result<FileKeys> parse(ByteSpan text, const std::string& what);
+  /// Reads a file of them (a secret file: yours, mode 0600; at most 64 MiB).
+  [[nodiscard]] static Result<FileKeys> load(const std::string& path);
+
+ private:
+  struct Entry {
+    std::array<std::byte, kHeaderMacSize> mac{};
+    SecretBuffer key;
+    std::string name;
+  };
+  std::vector<Entry> entries_;  // sorted by mac
+};
+
 /// Keys and identities that may open a file. A dataset key with an empty id is tried against
-/// every dataset stanza (for a key file given without its dataset id).
+/// every dataset stanza (for a key file given without its dataset id). File keys are tried when
+/// no stanza opens.
 struct KeyRing {
   std::vector<const Identity*> identities;
   std::vector<const DatasetKey*> dataset_keys;
+  std::vector<const FileKeys*> file_keys;
 };
 
 struct SealOptions {

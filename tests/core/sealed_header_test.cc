@@ -182,5 +182,62 @@ TEST(SealedHeader, UnlockChecksMacAndKeys) {
   EXPECT_NE(none.error().message.find("dhz/ccta-2024"), std::string::npos);
 }
 
+// File keys open exactly their own file: found by the header's MAC, checked against it.
+TEST(SealedHeader, FileKeysOpenTheirOwnFileOnly) {
+  Fixture a, b;
+  auto ha = sealed::parse_header(a.header_bytes);
+  auto hb = sealed::parse_header(b.header_bytes);
+  ASSERT_TRUE(ha && hb);
+  sealed::KeyRing owner;
+  owner.identities.push_back(&a.id);
+  auto key_a = sealed::unlock(*ha, a.header_bytes, owner, "a");
+  ASSERT_TRUE(key_a);
+  sealed::FileKeys fk;
+  ASSERT_TRUE(fk.add(ha->mac, key_a->clone(), "demo/a.nii.sealed"));
+  sealed::KeyRing ring;
+  ring.file_keys.push_back(&fk);
+  auto opened = sealed::unlock(*ha, a.header_bytes, ring, "a");
+  ASSERT_TRUE(opened) << opened.error().message;
+  EXPECT_TRUE(opened->span().size() == key_a->span().size() && std::memcmp(opened->data(), key_a->data(), key_a->size()) == 0);
+  // Another file sealed under the same kind of stanzas: no key for it.
+  auto other = sealed::unlock(*hb, b.header_bytes, ring, "b.sealed");
+  ASSERT_TRUE(testing::FailsWith(other, ErrorCode::kNoMatchingKey));
+  EXPECT_NE(other.error().message.find("b.sealed: no stanza opens with the 0 identity(ies) and 0 dataset key(s) and 1 file key(s), none for this file"),
+            std::string::npos)
+      << other.error().message;
+  // A wrong key filed under a file's MAC: the MAC check refuses it.
+  sealed::FileKeys wrong;
+  ASSERT_TRUE(wrong.add(hb->mac, key_a->clone(), "b"));
+  sealed::KeyRing wrong_ring;
+  wrong_ring.file_keys.push_back(&wrong);
+  EXPECT_TRUE(testing::FailsWith(sealed::unlock(*hb, b.header_bytes, wrong_ring, "b"), ErrorCode::kHeaderAuth));
+
+  // The file text round-trips; its errors name the line.
+  const SecretBuffer text = fk.to_file_text();
+  auto back = sealed::FileKeys::parse(text.span(), "keys");
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(back->size(), 1u);
+  ASSERT_NE(back->find(ha->mac), nullptr);
+  EXPECT_EQ(back->find(hb->mac), nullptr);
+  const std::string good(reinterpret_cast<const char*>(text.data()), text.size());
+  EXPECT_TRUE(good.starts_with("tresor-file-keys-v1\n")) << good;
+  EXPECT_TRUE(good.ends_with(" demo/a.nii.sealed\n")) << good;
+  const std::string line = good.substr(good.find('\n') + 1);
+  for (const auto& [bad, why] : std::vector<std::pair<std::string, std::string>>{
+           {"not-keys\n", "keys: line 1: expected \"tresor-file-keys-v1\""},
+           {"# only a comment\n", "keys: empty"},
+           {"tresor-file-keys-v1\n" + line.substr(0, 60) + "\n", "keys: line 2: want <header MAC hex> <file key hex> <name>"},
+           {"tresor-file-keys-v1\nzz" + line.substr(2), "keys: line 2: the header MAC is not 64 hex digits"},
+           {"tresor-file-keys-v1\n" + line.substr(0, 65) + "00" + line.substr(65), "keys: line 2: the file key is not 64 hex digits"},
+           {"tresor-file-keys-v1\n" + line + line, "keys: line 3: file keys: demo/a.nii.sealed has the same header MAC"}}) {
+    auto r = sealed::FileKeys::parse(as_bytes(bad), "keys");
+    ASSERT_FALSE(r) << bad;
+    EXPECT_EQ(r.error().code, ErrorCode::kMalformed) << bad;
+    EXPECT_NE(r.error().message.find(why), std::string::npos) << r.error().message;
+  }
+  // The good text with comments and blank lines still parses.
+  EXPECT_TRUE(sealed::FileKeys::parse(as_bytes("# made by tresor-agent\n\n" + good), "keys"));
+}
+
 }  // namespace
 }  // namespace tresor

@@ -394,6 +394,33 @@ TEST_F(Slurm, TheCctaPreprocessingExampleRunsOnTheSealedPhantoms) {
   EXPECT_EQ(j["output"]["dims"], nlohmann::json({150, 150, 102}));
   EXPECT_GE(j["coronary_vesselness_roc_auc"].get<double>(), 0.8) << j.dump();
   EXPECT_EQ(open_as_alice(results + "/case01/preview.png.sealed").substr(1, 3), "PNG");
+  EXPECT_NE(log.find("(inputs opened)"), std::string::npos) << log;
+
+  // The same job with TRESOR_INPUTS=sealed on the GPU's emulation: the agent opens nothing and
+  // gives the job the files' own keys; each case goes through the secure channel; the same results.
+  const std::string results2 = dir_->file("prep-results-sealed");
+  const std::string out2 = dir_->file("prep-sealed.out");
+  auto s = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "TRESOR_INPUTS=sealed", "PREP_DEVICE=emulated", "PREP_SPACING=0.8", "PREP_PATCHES=2",
+                  "PREP_PATCH_SIZE=32x32x24", "/usr/bin/sbatch", "--wait", "--tresor-output=" + results2, "-o", out2,
+                  TRESOR_EXAMPLES_DIR "/ccta-preprocess/prep-job.sh"});
+  const std::string log2 = slurp(out2);
+  ASSERT_EQ(s.exit_code, 0) << s.err << log2;
+  EXPECT_NE(log2.find("2 entries in demo/ccta-phantoms (inputs sealed)"), std::string::npos) << log2;
+  EXPECT_NE(log2.find("4 sealed input file(s) left sealed for the job"), std::string::npos) << log2;
+  EXPECT_NE(log2.find("on the emulated GPU"), std::string::npos) << log2;
+  const auto j2 = nlohmann::json::parse(open_as_alice(results2 + "/case02/prep.json.sealed"));
+  EXPECT_EQ(j2["transfer"]["input"], "secure channel: sealed frames into device memory, decrypted there") << j2.dump();
+  EXPECT_EQ(j2["normalisation"], j["normalisation"]);
+  EXPECT_EQ(j2["output"], j["output"]);
+  EXPECT_EQ(open_as_alice(results2 + "/case01/labels.nii.sealed"), open_as_alice(results + "/case01/labels.nii.sealed"));
+  // A value other than opened or sealed: the job does not run, and says why.
+  const std::string out3 = dir_->file("prep-bad.out");
+  auto bad = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "TRESOR_INPUTS=gpu", "/usr/bin/sbatch", "--wait", "--tresor-output=" + dir_->file("bad-results"),
+                    "-o", out3, TRESOR_EXAMPLES_DIR "/ccta-preprocess/prep-job.sh"});
+  EXPECT_NE(bad.exit_code, 0);
+  const std::string log3 = slurp(out3) + bad.err;
+  EXPECT_NE(log3.find("TRESOR_INPUTS is 'gpu'; it must be 'opened' (the default) or 'sealed'"), std::string::npos) << log3;
+  EXPECT_EQ(log3.find("ccta-prep:"), std::string::npos) << log3;
 }
 
 // examples/coronary-unet as a user runs it: prepare and train inside the confidential job, a few
@@ -444,6 +471,14 @@ TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
     if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   EXPECT_TRUE(gone) << "the job's processes, its background one included, are gone";
+  // The next test's job must not meet this one still completing (its signals once reached a step
+  // that started at once after it, which then died of SIGTERM).
+  bool done = false;
+  for (int i = 0; i < 200 && !done; ++i) {
+    done = slurm({"/usr/bin/squeue", "-h", "-j", job}).out.find_first_not_of(" \n") == std::string::npos;
+    if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(done) << "the cancelled job left the queue";
   EXPECT_EQ(sandbox_dirs(), sandboxes_before) << "no sandbox directory left";
   EXPECT_EQ(slurp("/proc/self/mounts").find("tresor-tmp"), std::string::npos) << "no sandbox mount is left on the host";
 }

@@ -394,6 +394,50 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("wout/case1/image.nii")));
 }
 
+// --file-keys (what the agent gives a job submitted with TRESOR_INPUTS=sealed): a file's own key
+// opens that file and no other; the keys file must be private like any key file.
+TEST_F(Cli, OpenTakesFileKeysForExactlyTheirFiles) {
+  const Identity owner = *Identity::generate();
+  std::vector<std::string> files;
+  sealed::FileKeys keys;
+  for (const char* name : {"one", "two"}) {
+    sealed::SealOptions o;
+    o.recipients = {owner.recipient()};
+    const std::string text = std::string("contents of ") + name + "\n";
+    auto sealed_bytes = sealed::seal_buffer(as_bytes(text), o);
+    ASSERT_TRUE(sealed_bytes);
+    files.push_back(dir.file(std::string(name) + ".sealed"));
+    testing::write_file(files.back(), *sealed_bytes);
+    if (std::string(name) == "two") continue;  // no key for "two"
+    auto header = sealed::parse_header(*sealed_bytes);
+    ASSERT_TRUE(header);
+    sealed::KeyRing ring;
+    ring.identities = {&owner};
+    auto key = sealed::unlock(*header, ByteSpan(sealed_bytes->data(), header->size()), ring, name);
+    ASSERT_TRUE(key) << key.error().message;
+    ASSERT_TRUE(keys.add(header->mac, std::move(*key), std::string("demo/") + name + ".sealed"));
+  }
+  const SecretBuffer text = keys.to_file_text();
+  const std::string keys_file = dir.file("file-keys");
+  testing::write_file(keys_file, text.span(), 0600);
+  auto one = run_tresor({"open", "--file-keys", keys_file, "-o", "-", files[0]});
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  EXPECT_EQ(one.out, "contents of one\n");
+  auto two = run_tresor({"open", "--file-keys", keys_file, "-o", "-", files[1]});
+  EXPECT_EQ(two.exit_code, 4) << two.err;
+  EXPECT_NE(two.err.find("and 1 file key(s), none for this file"), std::string::npos) << two.err;
+  EXPECT_EQ(two.out, "");
+  ::chmod(keys_file.c_str(), 0644);
+  auto shared = run_tresor({"open", "--file-keys", keys_file, "-o", "-", files[0]});
+  EXPECT_NE(shared.exit_code, 0);
+  EXPECT_NE(shared.err.find("has mode 0644"), std::string::npos) << shared.err;
+  ::chmod(keys_file.c_str(), 0600);
+  testing::write_file(keys_file, as_bytes(std::string("tresor-file-keys-v1\nnot a key line\n")), 0600);
+  auto bad = run_tresor({"open", "--file-keys", keys_file, "-o", "-", files[0]});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("file-keys: line 2: the header MAC is not 64 hex digits"), std::string::npos) << bad.err;
+}
+
 // --device: auto falls back to the CPU without a GPU and says where it ran; emulated runs the
 // CUDA kernels' own code on the CPU and agrees with the reference (labels exactly).
 TEST_F(Cli, PrepRunsOnTheDeviceAskedFor) {

@@ -25,11 +25,21 @@ struct Options {
   std::string output_dir;   // shared job directory: only sealed files are written there
   std::string private_dir;  // guest-private: data/<dataset id>/<name> and out/
   std::vector<std::string> command;
+  /// The job reads its sealed inputs itself (`TRESOR_INPUTS=sealed` in the job's environment;
+  /// docs/user-guide.md): the inputs are not opened; instead each file's own file key goes into
+  /// <private_dir>/file-keys (sealed::FileKeys), so that the job can open exactly those files —
+  /// with the GPU secure channel, straight into device memory. The job gets TRESOR_SEALED_DATA
+  /// (data_root) and TRESOR_FILE_KEYS.
+  bool sealed_inputs = false;
 };
 
+/// TRESOR_INPUTS's value: "opened" (or unset) or "sealed"; anything else is refused by name.
+[[nodiscard]] Result<bool> sealed_inputs_from(const char* value);
+
 /// Everything before the user's command runs: attest, fetch keys, open inputs. On success the
-/// inputs are in <private_dir>/data, and <private_dir>/out exists (empty). Errors say which
-/// dataset or file and what to do; nothing is left under private_dir's data/ on failure.
+/// inputs are in <private_dir>/data (with sealed_inputs: their file keys in <private_dir>/file-keys
+/// and data/ empty), and <private_dir>/out exists (empty). Errors say which dataset or file and
+/// what to do; nothing is left under private_dir's data/ (or file-keys) on failure.
 [[nodiscard]] Result<void> prepare(const Options& options, const Manifest& manifest, std::string_view manifest_json,
                                    EvidenceProvider& evidence, std::ostream& log);
 
