@@ -17,8 +17,25 @@ dataset=${TRESOR_DATASET_ID:-demo/ccta-phantoms}
 tresor=${TRESOR_BIN:-tresor}
 work=$TMPDIR/coronary-unet   # private memory, gone with the job
 mkdir -p "$work"
-"$tresor" prep "$TRESOR_DATA/$dataset" -o "$work/prepared" --spacing 1.0 --sigmas 1,2 --no-preview \
-  --threads "${SLURM_CPUS_PER_TASK:-0}"
+case "${TRAIN_DEVICE:-cpu}" in
+  cpu) prep_device=cpu ;;
+  emulated) prep_device=emulated ;;
+  *) prep_device=auto ;;
+esac
+if [ "${TRESOR_INPUTS:-opened}" = sealed ]; then
+  # Submitted with TRESOR_INPUTS=sealed (docs/user-guide.md §5.1a): the phantoms stay sealed. On a
+  # GPU, tresor prep opens each case in device memory and seals its outputs there to a key made
+  # for this job, and the trainer's GPU data loader opens those in device memory again: the CT
+  # volumes are never decrypted by the CPU.
+  job_recipient=$("$tresor" keygen -o "$work/job.identity" | head -n 1)
+  prep_inputs=("$TRESOR_SEALED_DATA/$dataset" --file-keys "$TRESOR_FILE_KEYS" -r "$job_recipient")
+  train_keys=(-i "$work/job.identity")
+else
+  prep_inputs=("$TRESOR_DATA/$dataset")
+  train_keys=()
+fi
+"$tresor" prep "${prep_inputs[@]}" -o "$work/prepared" --spacing 1.0 --sigmas 1,2 --no-preview \
+  --device "$prep_device" --threads "${SLURM_CPUS_PER_TASK:-0}"
 cases=$(cd "$work/prepared" && ls -d */ | tr -d /)
 n=$(echo "$cases" | wc -l)
 if [ "$n" -lt 2 ]; then echo "coronary-unet: need at least 2 cases, found $n" >&2; exit 2; fi
@@ -48,7 +65,7 @@ threads = $(( ${SLURM_CPUS_PER_TASK:-2} / ${TRAIN_RANKS:-1} > 0 ? ${SLURM_CPUS_P
 dir = "$TRESOR_OUTPUT_DIR"
 TOML
 ranks=${TRAIN_RANKS:-1}
-echo "coronary-unet: $((n - 1)) training case(s), 1 validation case, $ranks rank(s) on ${TRAIN_DEVICE:-cpu}"
+echo "coronary-unet: $((n - 1)) training case(s), 1 validation case, $ranks rank(s) on ${TRAIN_DEVICE:-cpu} (inputs ${TRESOR_INPUTS:-opened})"
 # The ranks meet in the job's private directory.
-"$tresor" train --config "$work/train.toml" --ranks "$ranks" --rendezvous "$work" --device "${TRAIN_DEVICE:-cpu}"
+"$tresor" train --config "$work/train.toml" --ranks "$ranks" --rendezvous "$work" --device "${TRAIN_DEVICE:-cpu}" "${train_keys[@]}"
 echo "coronary-unet: done"

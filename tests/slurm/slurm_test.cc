@@ -449,6 +449,23 @@ TEST_F(Slurm, TheCoronaryUnetExampleTrainsInAConfidentialJob) {
   EXPECT_EQ(j["ranks"], 2);
   EXPECT_EQ(j["loss"].size(), 12u);
   EXPECT_EQ(open_as_alice(results + "/checkpoint.tck.sealed").substr(0, 8), "TRESORCK");
+
+  // With TRESOR_INPUTS=sealed on the GPU trainer (its emulation here): prep takes the sealed
+  // phantoms through the secure channel and seals its outputs to a key made in the job, which
+  // the GPU data loader opens through the channel again.
+  const std::string results2 = dir_->file("unet-results-sealed");
+  const std::string out2 = dir_->file("unet-sealed.out");
+  auto s = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "TRESOR_INPUTS=sealed", "TRAIN_DEVICE=emulated", "TRAIN_STEPS=4", "TRAIN_VALIDATE_EVERY=4",
+                  "/usr/bin/sbatch", "--wait", "--tresor-output=" + results2, "-o", out2, TRESOR_EXAMPLES_DIR "/coronary-unet/train-job.sh"});
+  const std::string log2 = slurp(out2);
+  ASSERT_EQ(s.exit_code, 0) << s.err << log2;
+  EXPECT_NE(log2.find("1 validation case, 1 rank(s) on emulated (inputs sealed)"), std::string::npos) << log2;
+  EXPECT_NE(log2.find("on the emulated GPU -> "), std::string::npos) << "prep on the channel: " << log2;
+  EXPECT_NE(log2.find("(sealed)"), std::string::npos) << "prep sealed its outputs: " << log2;
+  EXPECT_NE(log2.find("train: 4 steps in"), std::string::npos) << log2;
+  const auto j2 = nlohmann::json::parse(open_as_alice(results2 + "/metrics.json.sealed"));
+  EXPECT_EQ(j2["steps_done"], 4);
+  EXPECT_EQ(j2["device"], "emulated") << j2.dump();
 }
 
 TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
