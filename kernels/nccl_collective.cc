@@ -2,8 +2,11 @@
 // build found it (TRESOR_HAVE_NCCL); the bootstrap exchange is plain C++ and runs everywhere.
 #include "tresor/gpu/nccl.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #ifdef TRESOR_HAVE_NCCL
@@ -45,14 +48,16 @@ Result<void> cuda(cudaError_t e, const char* what) {
 
 class Nccl final : public DeviceCollective {
  public:
-  Nccl(ncclComm_t comm, int rank, int size, int device) : comm_(comm), rank_(rank), size_(size), device_(device) {}
+  Nccl(ncclComm_t comm, int rank, int size, int device, double timeout_s)
+      : comm_(comm), rank_(rank), size_(size), device_(device), timeout_s_(timeout_s) {}
   ~Nccl() override {
     (void)cudaSetDevice(device_);
-    (void)ncclCommDestroy(comm_);
+    if (!aborted_) (void)ncclCommDestroy(comm_);  // an aborted communicator is already freed
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   int device() const override { return device_; }
+  bool host_memory() const override { return false; }
   Result<void> all_reduce_sum(float* d, size_t count, void* stream) override {
     TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
     return nccl(ncclAllReduce(d, d, count, ncclFloat32, ncclSum, comm_, static_cast<cudaStream_t>(stream)), "ncclAllReduce");
@@ -62,15 +67,46 @@ class Nccl final : public DeviceCollective {
     TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
     return nccl(ncclBroadcast(d, d, count, ncclFloat32, root, comm_, static_cast<cudaStream_t>(stream)), "ncclBroadcast");
   }
+  Result<void> wait(void* stream) override {
+    if (aborted_) return fail(ErrorCode::kUnavailable, "nccl: the communicator was aborted after an earlier failure");
+    TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
+    const auto s = static_cast<cudaStream_t>(stream);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s_);
+    for (auto pause = std::chrono::microseconds(20);; pause = std::min(pause * 2, std::chrono::microseconds(5000))) {
+      const cudaError_t q = cudaStreamQuery(s);
+      if (q == cudaSuccess) return {};
+      if (q != cudaErrorNotReady) return cuda(q, "the collective's stream");
+      ncclResult_t async = ncclSuccess;
+      TRESOR_TRY(nccl(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError"));
+      if (async != ncclSuccess && async != ncclInProgress) {
+        abort();
+        return fail(ErrorCode::kUnavailable, std::string("nccl: a collective failed on rank ") + std::to_string(rank_) + ": " + ncclGetErrorString(async) +
+                                                 " (another rank stopped, or the network between the ranks failed); the communicator was aborted");
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        abort();
+        return fail(ErrorCode::kUnavailable, "nccl: a collective did not finish within " + std::to_string(static_cast<long>(timeout_s_)) +
+                                                 " s on rank " + std::to_string(rank_) + " (another rank stopped or hangs); the communicator was aborted");
+      }
+      std::this_thread::sleep_for(pause);
+    }
+  }
 
  private:
+  // NCCL's way out of a hung collective: frees the communicator and makes its kernels return.
+  void abort() {
+    (void)ncclCommAbort(comm_);
+    aborted_ = true;
+  }
   ncclComm_t comm_;
   int rank_, size_, device_;
+  double timeout_s_;
+  bool aborted_ = false;
 };
 
 }  // namespace
 
-Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device) {
+Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device, double timeout_s) {
   int count = 0;
   // Every rank takes part in the id exchange and the readiness count even when its own device is
   // missing, so that the others learn it instead of waiting in the broadcast or in NCCL.
@@ -102,14 +138,14 @@ Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootst
   std::memcpy(u.internal, id.data(), id.size());
   ncclComm_t comm = nullptr;
   TRESOR_TRY(nccl(ncclCommInitRank(&comm, bootstrap.size(), u, bootstrap.rank()), "ncclCommInitRank"));
-  return std::unique_ptr<DeviceCollective>(std::make_unique<Nccl>(comm, bootstrap.rank(), bootstrap.size(), device));
+  return std::unique_ptr<DeviceCollective>(std::make_unique<Nccl>(comm, bootstrap.rank(), bootstrap.size(), device, timeout_s));
 }
 
 #else
 
 bool nccl_built() { return false; }
 
-Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int) {
+Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int, double) {
   (void)bootstrap;
   return fail(ErrorCode::kUnavailable, "nccl: this build has no NCCL (CUDA toolkit with NCCL not found at configure time)");
 }

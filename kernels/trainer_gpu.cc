@@ -66,6 +66,11 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
                                                    std::to_string(device_collective->size()) + ", the CPU collective rank " + std::to_string(comm->rank()) + " of " +
                                                    std::to_string(comm->size()));
     }
+    if (device_collective->host_memory() != (where.backend == Backend::kEmulated)) {
+      return fail(ErrorCode::kInvalidArgument, device_collective->host_memory()
+                                                   ? "train: the device collective sums host memory, but training runs on a CUDA device"
+                                                   : "train: the device collective (NCCL) needs CUDA device memory, but training runs on the emulation (host memory)");
+    }
     if (where.backend == Backend::kDevice && device_collective->device() != where.device) {
       return fail(ErrorCode::kInvalidArgument, "train: the device collective is on device " + std::to_string(device_collective->device()) + ", training on device " +
                                                    std::to_string(where.device));
@@ -159,8 +164,10 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
     auto loss = g->backward_from_statistics(*stats);
     if (!loss) return std::unexpected(loss.error());
     if (device_collective != nullptr) {
-      // In place on the device, queued on the network's stream before the optimizer step.
+      // In place on the device, queued on the network's stream before the optimizer step; waited
+      // for with the collective's watch for a rank that died (a plain synchronisation would hang).
       TRESOR_TRY(device_collective->all_reduce_sum(g->device_gradients(), g->parameter_count(), g->stream().stream));
+      TRESOR_TRY(device_collective->wait(g->stream().stream));
     } else if (comm != nullptr) {
       auto grads = g->gradients();
       if (!grads) return std::unexpected(grads.error());

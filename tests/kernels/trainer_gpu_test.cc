@@ -72,12 +72,22 @@ class HostMemoryCollective final : public gpu::DeviceCollective {
   int rank() const override { return c_.rank(); }
   int size() const override { return c_.size(); }
   int device() const override { return 0; }
+  bool host_memory() const override { return !pretend_device; }
   Result<void> all_reduce_sum(float* d_data, size_t count, void*) override {
     ++reduced;
     return c_.all_reduce_sum(std::span<float>(d_data, count));
   }
   Result<void> broadcast(float* d_data, size_t count, int root, void*) override { return c_.broadcast(std::span<float>(d_data, count), root); }
-  int reduced = 0;
+  // The host's reduction is done when all_reduce_sum returns; `fail_wait` stands for NCCL finding
+  // a peer gone while the loop waits.
+  Result<void> wait(void*) override {
+    ++waited;
+    if (fail_wait) return fail(ErrorCode::kUnavailable, "nccl: a collective failed on rank 0: remote process exited or there was a network error");
+    return {};
+  }
+  int reduced = 0, waited = 0;
+  bool fail_wait = false;
+  bool pretend_device = false;  // claims device memory, as NCCL does
 
  private:
   Collective& c_;
@@ -233,6 +243,10 @@ TEST(GpuDataParallelEmulation, RefusalsNameTheReason) {
   ASSERT_TRUE(s0);
   o.collective = s0->get();
   expect_refused(o, &dc, "the device collective is rank 0 of 2, the CPU collective rank 0 of 1");
+  // A collective on device memory (NCCL) handed to the emulation's host buffers.
+  HostMemoryCollective nccl_like(**s0);
+  nccl_like.pretend_device = true;
+  expect_refused(o, &nccl_like, "the device collective (NCCL) needs CUDA device memory, but training runs on the emulation");
   // The passing twin: one rank with both collectives trains (its all-reduces are identities) and
   // gives the same bits as no collective at all.
   o.steps = 1;
@@ -243,6 +257,15 @@ TEST(GpuDataParallelEmulation, RefusalsNameTheReason) {
   auto ra = gpu::train::train_unet_gpu(*a, {cp}, {cp}, o, kEmulated, {}, nullptr, &solo_dc);
   ASSERT_TRUE(ra) << ra.error().message;
   EXPECT_EQ(solo_dc.reduced, 1);
+  EXPECT_EQ(solo_dc.waited, 1) << "each all-reduce is waited for with the collective's watch";
+  // The failing twin: the collective reports a dead peer while the step waits; training stops
+  // with its error instead of hanging or going on.
+  HostMemoryCollective dying(**s0);
+  dying.fail_wait = true;
+  auto c = UNet::create(o.model, 7);
+  auto rc = gpu::train::train_unet_gpu(*c, {cp}, {cp}, o, kEmulated, {}, nullptr, &dying);
+  ASSERT_TRUE(testing::FailsWith(rc, ErrorCode::kUnavailable));
+  EXPECT_NE(rc.error().message.find("remote process exited"), std::string::npos) << rc.error().message;
   o.collective = nullptr;
   auto rb = gpu::train::train_unet_gpu(*b, {cp}, {cp}, o, kEmulated);
   ASSERT_TRUE(rb) << rb.error().message;

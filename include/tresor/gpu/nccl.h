@@ -24,12 +24,22 @@ class DeviceCollective {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual int device() const = 0;
+  /// True when the collective works on host memory (a test's stand-in on the emulated backend);
+  /// false for NCCL, which needs CUDA device memory. The trainer refuses a mismatch.
+  virtual bool host_memory() const = 0;
   /// Sums `count` floats at `d_data` (this rank's GPU's memory) over the ranks, in place, queued on
   /// `stream` (a cudaStream_t; nullptr: the default stream). Every rank makes the same calls in
   /// the same order. kUnavailable names NCCL's error.
   [[nodiscard]] virtual Result<void> all_reduce_sum(float* d_data, size_t count, void* stream) = 0;
   /// `root`'s `count` floats at `d_data` to every rank.
   [[nodiscard]] virtual Result<void> broadcast(float* d_data, size_t count, int root, void* stream) = 0;
+  /// Waits until the work queued on `stream` (the collectives above included) is done, watching
+  /// for a failure elsewhere meanwhile: a collective whose peer died or whose network failed never
+  /// finishes, and a plain stream synchronisation would wait for ever. NCCL: polls the stream and
+  /// ncclCommGetAsyncError; on an asynchronous error, or when the work has not finished within the
+  /// communicator's timeout, aborts the communicator (every later call fails) and returns
+  /// kUnavailable saying which.
+  [[nodiscard]] virtual Result<void> wait(void* stream) = 0;
 };
 
 /// NCCL's unique id (128 bytes) from rank 0 to every rank of `bootstrap`: rank 0 passes its id,
@@ -42,7 +52,8 @@ bool nccl_built();
 
 /// One rank per GPU over the ranks of `bootstrap`, this rank on CUDA device `device` (Slurm:
 /// SLURM_LOCALID). kUnavailable when the build has no NCCL, no such device exists, or NCCL fails
-/// (its error named); every rank must call it.
-[[nodiscard]] Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device);
+/// (its error named); every rank must call it. `timeout_s` bounds each wait() (a training step's
+/// gradient all-reduce).
+[[nodiscard]] Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device, double timeout_s = 600);
 
 }  // namespace tresor::gpu
