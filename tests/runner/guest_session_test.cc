@@ -237,6 +237,25 @@ TEST_F(GuestSession, OutputsComeBackOverTheChannelIntoTheOutputDirectoryOnly) {
   EXPECT_TRUE(fs::is_empty(elsewhere)) << "nothing written through the link";
 }
 
+// TRESOR_INPUTS=sealed in the job's environment: inside the VM the agent opens nothing, and the
+// job finds its inputs sealed with each file's own key, which opens exactly that file.
+TEST_F(GuestSession, WithSealedInputsTheJobGetsTheFilesAndTheirOwnKeys) {
+  auto o = run({"sh", "-c",
+                "echo inputs=$TRESOR_INPUTS data=$(ls $TRESOR_DATA | wc -l); cat $TRESOR_FILE_KEYS | head -n 1; "
+                "stat -c %a $TRESOR_FILE_KEYS; " TRESOR_BIN " open --file-keys $TRESOR_FILE_KEYS -o $TRESOR_OUTPUT_DIR/r.txt "
+                "$TRESOR_SEALED_DATA/dhz/ccta-2024/input.txt.sealed"},
+               "dhz/ccta-2024", {}, -1, false, {{"TRESOR_INPUTS", "sealed"}});
+  ASSERT_TRUE(o.status) << o.status.error().message << "\n" << o.err;
+  EXPECT_TRUE(WIFEXITED(*o.status) && WEXITSTATUS(*o.status) == 0) << *o.status << "\n" << o.out << o.err;
+  EXPECT_NE(o.out.find("inputs=sealed data=0\ntresor-file-keys-v1\n600\n"), std::string::npos) << o.out;
+  EXPECT_NE(o.err.find("1 sealed input file(s) left sealed for the job"), std::string::npos) << o.err;
+  EXPECT_EQ(open_as_alice(o.outputs / "r.txt.sealed"), std::string(kMarker) + " coronary lumen\n");
+  // Any other value: nothing runs.
+  auto bad = run({"sh", "-c", "echo ran"}, "dhz/ccta-2024", {}, -1, false, {{"TRESOR_INPUTS", "both"}});
+  EXPECT_EQ(bad.out.find("ran"), std::string::npos) << bad.out;
+  EXPECT_NE(bad.err.find("TRESOR_INPUTS is 'both'; it must be 'opened' (the default) or 'sealed'; nothing was run"), std::string::npos) << bad.err;
+}
+
 // The job's environment comes from the untrusted host: it must not choose code in the guest.
 TEST_F(GuestSession, TheHostCannotChooseCodeThroughTheEnvironment) {
   auto o = run({"sh", "-c", "echo preload=${LD_PRELOAD:-none} libpath=${LD_LIBRARY_PATH:-none} path=$PATH env=${ENV:-none} job=$SLURM_JOB_ID"},
