@@ -2,7 +2,8 @@
 // docs/preprocessing.md §7, docs/cli.md §21). Each input is a case:
 //   - a NIfTI file (.nii, .nii.gz), or one sealed (…​.sealed, opened into memory only);
 //   - a directory holding ccta.nii or image.nii (any of the forms above) and perhaps labels.nii,
-//     or a DICOM series (in dicom/ or in the directory itself);
+//     or a DICOM series (in dicom/ or in the directory itself; slices may be sealed one by one,
+//     slice-0001.dcm.sealed, and are then opened in memory);
 //   - any other directory: a collection, each entry of which is a case.
 // For each case OUT/<case>/ gets image.nii (isotropic, z-scored), vesselness.nii, labels.nii,
 // preview.png, patches/ and prep.json; with -r every file is sealed to the recipients instead
@@ -64,7 +65,8 @@ std::optional<std::string> first_existing(const fs::path& dir, const char* base)
 bool holds_dicom(const fs::path& dir) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec)) {
-    if (e.is_regular_file() && e.path().extension() == ".dcm") return true;
+    const std::string name = e.path().filename().string();
+    if (e.is_regular_file() && (e.path().extension() == ".dcm" || name.ends_with(".dcm.sealed"))) return true;
   }
   return false;
 }
@@ -202,7 +204,7 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
                 {"host_copies", out.to_host},
                 {"staged_bytes", r->staged_bytes}};
   } else {
-    Result<ct::HuVolume> hu = k.dicom ? ct::read_dicom_series(k.image)
+    Result<ct::HuVolume> hu = k.dicom ? ct::read_dicom_series(k.image, &c.ring)
                                       : with_input<ct::HuVolume>(k.image, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_hu(b, n); });
     if (!hu) return std::unexpected(hu.error());
     std::optional<ct::LabelVolume> labels;

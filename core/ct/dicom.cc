@@ -11,10 +11,16 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <istream>
+#include <memory>
+#include <streambuf>
 
 #include "tresor/crypto.h"
+#include "tresor/ct/nifti_hd.h"
 #include "tresor/ct/volume.h"
 #include "tresor/encoding.h"
+#include "tresor/io.h"
+#include "tresor/sealed.h"
 
 namespace tresor::ct {
 namespace {
@@ -42,9 +48,50 @@ std::string tag_string(const gdcm::DataSet& ds, uint16_t group, uint16_t element
   return s;
 }
 
-Result<Slice> read_slice(const std::string& file) {
+// A read-only stream over bytes in memory (an opened sealed slice), so that GDCM parses the
+// plaintext where it is instead of from a copy.
+class MemoryBuf final : public std::streambuf {
+ public:
+  MemoryBuf(const std::byte* data, size_t size) {
+    char* p = const_cast<char*>(reinterpret_cast<const char*>(data));
+    setg(p, p, p + size);
+  }
+
+ protected:
+  pos_type seekoff(off_type off, std::ios_base::seekdir dir, std::ios_base::openmode which) override {
+    if ((which & std::ios_base::in) == 0) return pos_type(off_type(-1));
+    const off_type base = dir == std::ios_base::beg ? 0 : dir == std::ios_base::cur ? gptr() - eback() : egptr() - eback();
+    const off_type to = base + off;
+    if (to < 0 || to > egptr() - eback()) return pos_type(off_type(-1));
+    setg(eback(), eback() + to, egptr());
+    return pos_type(to);
+  }
+  pos_type seekpos(pos_type pos, std::ios_base::openmode which) override { return seekoff(off_type(pos), std::ios_base::beg, which); }
+};
+
+bool is_sealed_name(const std::string& file) { return file.size() > 7 && file.compare(file.size() - 7, 7, ".sealed") == 0; }
+
+Result<Slice> read_slice(const std::string& file, const sealed::KeyRing* keys) {
   gdcm::ImageReader r;
-  r.SetFileName(file.c_str());
+  SecretBuffer plain;
+  std::unique_ptr<MemoryBuf> buf;
+  std::unique_ptr<std::istream> in;
+  if (is_sealed_name(file)) {
+    // A sealed slice: opened into memory (every chunk verified first), parsed from there.
+    if (keys == nullptr) return fail(ErrorCode::kNoMatchingKey, file + ": sealed, and no identity or key was given to open it");
+    auto bytes = read_small_file(file, size_t{1} << 30);
+    if (!bytes) return std::unexpected(bytes.error());
+    sealed::OpenOptions o;
+    o.name = file;
+    auto opened = sealed::open_buffer(as_bytes(*bytes), *keys, o);
+    if (!opened) return std::unexpected(opened.error());
+    plain = std::move(*opened);
+    buf = std::make_unique<MemoryBuf>(plain.data(), plain.size());
+    in = std::make_unique<std::istream>(buf.get());
+    r.SetStream(*in);
+  } else {
+    r.SetFileName(file.c_str());
+  }
   if (!r.Read()) return fail(ErrorCode::kMalformed, file + ": not a DICOM image GDCM can read");
   const gdcm::Image& im = r.GetImage();
   const gdcm::DataSet& ds = r.GetFile().GetDataSet();
@@ -67,12 +114,14 @@ Result<Slice> read_slice(const std::string& file) {
   std::vector<char> raw(im.GetBufferLength());
   if (!im.GetBuffer(raw.data())) return fail(ErrorCode::kMalformed, file + ": its pixel data cannot be decoded");
   const size_t n = size_t{s.cols} * s.rows;
-  const double slope = im.GetSlope(), inter = im.GetIntercept();
+  // HU by the NIfTI reader's rule (nifti_hd.h): scaled, not finite → 0, clamped, rounded half
+  // away from zero.
+  nifti_hd::Decode scale;
+  scale.slope = im.GetSlope();
+  scale.inter = im.GetIntercept();
   s.hu.resize(n);
   auto put = [&](auto* px) {
-    for (size_t i = 0; i < n; ++i) {
-      s.hu[i] = static_cast<int16_t>(std::clamp(std::lround(static_cast<double>(px[i]) * slope + inter), -32768L, 32767L));
-    }
+    for (size_t i = 0; i < n; ++i) s.hu[i] = nifti_hd::hu_value(static_cast<double>(px[i]), scale);
   };
   const size_t bytes = pf.GetPixelSize();
   if (raw.size() < n * bytes) return fail(ErrorCode::kMalformed, file + ": pixel data shorter than its rows and columns");
@@ -113,7 +162,7 @@ std::string uid_of(const std::string& what) {
 
 }  // namespace
 
-Result<HuVolume> read_dicom_series(const std::string& dir) {
+Result<HuVolume> read_dicom_series(const std::string& dir, const sealed::KeyRing* keys) {
   gdcm::Trace::WarningOff();  // GDCM's own warnings go to stderr; Tresor reports what matters itself
   std::vector<std::string> files;
   std::error_code ec;
@@ -125,7 +174,7 @@ Result<HuVolume> read_dicom_series(const std::string& dir) {
   if (files.empty()) return fail(ErrorCode::kInvalidArgument, dir + ": no files");
   std::vector<Slice> slices;
   for (const auto& f : files) {
-    auto s = read_slice(f);
+    auto s = read_slice(f, keys);
     if (!s) return std::unexpected(s.error());
     slices.push_back(std::move(*s));
   }

@@ -394,6 +394,36 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_FALSE(std::filesystem::exists(dir.file("wout/case1/image.nii")));
 }
 
+// A DICOM series whose slices are sealed one by one: prep opens them in memory (-i) and gets what
+// it gets from the plain series; on a GPU device the case is read on the host, and prep.json says why.
+TEST_F(Cli, PrepReadsASeriesOfSealedDicomSlices) {
+  auto ph = run_tresor({"phantom", "-o", dir.file("p/case"), "--size", "128x128x64", "--spacing", "1x1x2"});
+  ASSERT_EQ(ph.exit_code, 0) << ph.err;
+  std::filesystem::create_directories(dir.file("plain/case/dicom"));
+  std::filesystem::create_directories(dir.file("sealed/case/dicom"));
+  size_t slices = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.file("p/case/dicom"))) {
+    std::filesystem::copy_file(e.path(), dir.file("plain/case/dicom/") + e.path().filename().string());
+    auto s = run_tresor({"seal", "-r", recipient, "-o", dir.file("sealed/case/dicom/") + e.path().filename().string() + ".sealed", e.path().string()});
+    ASSERT_EQ(s.exit_code, 0) << s.err;
+    ++slices;
+  }
+  ASSERT_EQ(slices, 64u);
+  auto plain = run_tresor({"prep", "-o", dir.file("po"), dir.file("plain"), "--spacing", "2", "--sigmas", "2", "--no-preview"});
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  auto sealed_run = run_tresor({"prep", "-o", dir.file("so"), dir.file("sealed"), "-i", identity, "--spacing", "2", "--sigmas", "2", "--no-preview",
+                                "--device", "emulated"});
+  ASSERT_EQ(sealed_run.exit_code, 0) << sealed_run.err;
+  const auto jp = nlohmann::json::parse(to_string(testing::read_file(dir.file("po/case/prep.json"))));
+  const auto js = nlohmann::json::parse(to_string(testing::read_file(dir.file("so/case/prep.json"))));
+  EXPECT_EQ(js["input"], jp["input"]);
+  EXPECT_EQ(js["normalisation"], jp["normalisation"]);
+  EXPECT_EQ(js["transfer"]["why_not_the_secure_channel"], "a DICOM series is read on the host") << js.dump();
+  auto no_key = run_tresor({"prep", "-o", dir.file("no"), dir.file("sealed"), "--spacing", "2", "--sigmas", "2"});
+  EXPECT_EQ(no_key.exit_code, 4) << no_key.err;
+  EXPECT_NE(no_key.err.find("slice-0000.dcm.sealed: no stanza opens with the 0 identity(ies)"), std::string::npos) << no_key.err;
+}
+
 // --file-keys (what the agent gives a job submitted with TRESOR_INPUTS=sealed): a file's own key
 // opens that file and no other; the keys file must be private like any key file.
 TEST_F(Cli, OpenTakesFileKeysForExactlyTheirFiles) {

@@ -10,6 +10,10 @@
 #include "tresor/encoding.h"
 #include "tresor/error.h"
 
+namespace tresor::sealed {
+struct KeyRing;
+}
+
 namespace tresor::ct {
 
 /// A volume in x-fastest order (index = x + nx·(y + ny·z)); spacing and origin in mm, axes along
@@ -128,8 +132,10 @@ inline constexpr size_t kNiftiHeaderMax = 540;  // a NIfTI-2 header; NIfTI-1's i
 /// normal; HU from RescaleSlope/Intercept; x/y spacing from PixelSpacing, z from the positions;
 /// origin = the first slice's ImagePositionPatient. Refused, naming the files: more than one
 /// series, different sizes or pixel spacings, orientations other than axial, two slices at one
-/// position, uneven slice gaps (missing slices).
-[[nodiscard]] Result<HuVolume> read_dicom_series(const std::string& dir);
+/// position, uneven slice gaps (missing slices). Files named `….sealed` (each slice sealed on its
+/// own, `slice-0001.dcm.sealed`) are opened in memory with `keys` (every chunk verified before
+/// GDCM parses it) and never written out; without keys they are refused by name.
+[[nodiscard]] Result<HuVolume> read_dicom_series(const std::string& dir, const sealed::KeyRing* keys = nullptr);
 /// `v` as a CT series in `dir` (slice-0000.dcm, …; CT Image Storage, int16 HU with slope 1),
 /// with UIDs derived from the volume and `description`, so that the same volume gives the same
 /// files.

@@ -10,6 +10,8 @@
 
 #include "support/test_support.h"
 #include "tresor/ct/volume.h"
+#include "tresor/identity.h"
+#include "tresor/sealed.h"
 
 namespace tresor::ct {
 namespace {
@@ -119,6 +121,57 @@ TEST_F(Dicom, ThePhantomAsASeriesReadsBackExactlyAndPydicomAgrees) {
   ASSERT_FALSE(gap);
   EXPECT_NE(gap.error().message.find("uneven slice gaps: 4 mm between slice-0029.dcm and slice-0031.dcm"), std::string::npos)
       << gap.error().message;
+}
+
+// A series whose slices are sealed one by one (slice-NNNN.dcm.sealed, as a data owner seals a
+// directory): opened in memory with the keys, every chunk verified first, the same volume as the
+// plain files; without keys, with someone else's, or with a tampered slice: refused naming it.
+TEST_F(Dicom, SealedSlicesAreOpenedInMemory) {
+  PhantomOptions o;
+  o.seed = 6;
+  o.dims = {96, 96, 48};
+  o.spacing = {1.5, 1.5, 2.5};
+  auto p = make_phantom(o);
+  ASSERT_TRUE(p);
+  TempDir dir;
+  ASSERT_TRUE(write_dicom_series(dir.file("plain"), p->hu, "Tresor CCTA phantom seed 6"));
+  const Identity owner = *Identity::generate(), other = *Identity::generate();
+  fs::create_directories(dir.file("sealed"));
+  for (const auto& e : fs::directory_iterator(dir.file("plain"))) {
+    sealed::SealOptions so;
+    so.recipients = {owner.recipient()};
+    so.chunk_size = 4096;
+    auto s = sealed::seal_buffer(testing::read_file(e.path().string()), so);
+    ASSERT_TRUE(s);
+    testing::write_file(dir.file("sealed/" + e.path().filename().string() + ".sealed"), *s);
+  }
+  sealed::KeyRing ring;
+  ring.identities = {&owner};
+  auto back = read_dicom_series(dir.file("sealed"), &ring);
+  ASSERT_TRUE(back) << back.error().message;
+  auto plain = read_dicom_series(dir.file("plain"));
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(back->dims, plain->dims);
+  EXPECT_EQ(back->spacing, plain->spacing);
+  EXPECT_EQ(back->origin, plain->origin);
+  EXPECT_TRUE(back->data == plain->data);
+  EXPECT_TRUE(back->data == p->hu.data);
+
+  auto no_keys = read_dicom_series(dir.file("sealed"));
+  ASSERT_TRUE(testing::FailsWith(no_keys, ErrorCode::kNoMatchingKey));
+  EXPECT_NE(no_keys.error().message.find("slice-0000.dcm.sealed: sealed, and no identity or key was given"), std::string::npos) << no_keys.error().message;
+  sealed::KeyRing wrong;
+  wrong.identities = {&other};
+  auto foreign = read_dicom_series(dir.file("sealed"), &wrong);
+  ASSERT_TRUE(testing::FailsWith(foreign, ErrorCode::kNoMatchingKey));
+  EXPECT_NE(foreign.error().message.find("slice-0000.dcm.sealed"), std::string::npos) << foreign.error().message;
+  Bytes t = testing::read_file(dir.file("sealed/slice-0011.dcm.sealed"));
+  t[t.size() - 100] ^= std::byte{4};
+  testing::write_file(dir.file("sealed/slice-0011.dcm.sealed"), t);
+  auto tampered = read_dicom_series(dir.file("sealed"), &ring);
+  ASSERT_FALSE(tampered);
+  EXPECT_NE(tampered.error().message.find("slice-0011.dcm.sealed"), std::string::npos) << tampered.error().message;
+  EXPECT_EQ(tampered.error().code, ErrorCode::kChunkAuth) << tampered.error().message;
 }
 
 }  // namespace
