@@ -92,12 +92,17 @@ TEST_F(Dicom, RefusesUnevenGapsMixedSeriesAndNonImages) {
   EXPECT_NE(read_dicom_series(dir.file("empty")).error().message.find("no files"), std::string::npos);
 }
 
-TEST_F(Dicom, ThePhantomAsASeriesReadsBackExactlyAndPydicomAgrees) {
+// A phantom of these dimensions and spacing.
+Result<Phantom> phantom(uint64_t seed, std::array<size_t, 3> dims, std::array<double, 3> spacing) {
   PhantomOptions o;
-  o.seed = 4;
-  o.dims = {128, 128, 64};
-  o.spacing = {1.5, 1.5, 2.0};
-  auto p = make_phantom(o);
+  o.seed = seed;
+  o.dims = dims;
+  o.spacing = spacing;
+  return make_phantom(o);
+}
+
+TEST_F(Dicom, ThePhantomAsASeriesReadsBackExactlyAndPydicomAgrees) {
+  auto p = phantom(4, {128, 128, 64}, {1.5, 1.5, 2.0});
   ASSERT_TRUE(p);
   p->hu.origin = {-96, -96, -40};
   TempDir dir;
@@ -127,11 +132,7 @@ TEST_F(Dicom, ThePhantomAsASeriesReadsBackExactlyAndPydicomAgrees) {
 // directory): opened in memory with the keys, every chunk verified first, the same volume as the
 // plain files; without keys, with someone else's, or with a tampered slice: refused naming it.
 TEST_F(Dicom, SealedSlicesAreOpenedInMemory) {
-  PhantomOptions o;
-  o.seed = 6;
-  o.dims = {96, 96, 48};
-  o.spacing = {1.5, 1.5, 2.5};
-  auto p = make_phantom(o);
+  auto p = phantom(6, {96, 96, 48}, {1.5, 1.5, 2.5});
   ASSERT_TRUE(p);
   TempDir dir;
   ASSERT_TRUE(write_dicom_series(dir.file("plain"), p->hu, "Tresor CCTA phantom seed 6"));
