@@ -321,10 +321,13 @@ Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size) 
   }
   const auto size = static_cast<uint64_t>(st.st_size);
   if (size > max_size) return fail(ErrorCode::kInvalidArgument, path + " is larger than " + std::to_string(max_size >> 10) + " KiB; not a key file");
-  SecretBuffer buf(static_cast<size_t>(size) + 1);  // one more: a file that grew since fstat is noticed
+  // Room for what fstat said, at least 64 KiB (a pseudo-file may say 0), and one byte more than
+  // the limit allows, so that a file that grew since fstat is noticed.
+  SecretBuffer buf(static_cast<size_t>(std::min<uint64_t>(std::max<uint64_t>(size, 64 * 1024), max_size)) + 1);
   auto n = read_full(f, buf.span());
   if (!n) return std::unexpected(n.error());
   if (*n > max_size) return fail(ErrorCode::kInvalidArgument, path + " is larger than " + std::to_string(max_size >> 10) + " KiB; not a key file");
+  if (*n == buf.size()) return fail(ErrorCode::kIo, path + " grew while it was read; read it again when it is complete");
   return SecretBuffer::copy_of(buf.span().first(*n));
 }
 

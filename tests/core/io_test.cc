@@ -124,6 +124,13 @@ TEST(ReadSecretFile, AcceptsOnlyPrivateRegularFilesOfTheCaller) {
   const std::string big = dir.file("big.key");
   write_file(big, Bytes(70 * 1024, std::byte{'a'}), 0600);
   EXPECT_TRUE(FailsWith(read_secret_file(big), ErrorCode::kInvalidArgument));
+  // A larger limit (the file keys file's): the same file read whole, one byte over refused.
+  auto whole = read_secret_file(big, 70 * 1024);
+  ASSERT_TRUE(whole) << whole.error().message;
+  EXPECT_EQ(whole->size(), 70u * 1024);
+  auto over = read_secret_file(big, 70 * 1024 - 1);
+  ASSERT_TRUE(FailsWith(over, ErrorCode::kInvalidArgument));
+  EXPECT_NE(over.error().message.find("is larger than 69 KiB"), std::string::npos) << over.error().message;
 }
 
 TEST(AnonymousTempFile, HoldsDataWithoutAName) {
