@@ -92,12 +92,14 @@ Result<void> open_one(const fs::path& sealed, const fs::path& plain, DatasetKeys
 Result<void> add_file_key(const fs::path& sealed, const std::string& name, DatasetKeys& keys, sealed::FileKeys& out) {
   auto in = FdFile::open_read(sealed.string());
   if (!in) return std::unexpected(in.error());
+  auto size = in->size();
+  if (!size) return std::unexpected(size.error());
   std::array<std::byte, sealed::kFixedHeaderSize> fixed{};
-  auto got = in->read(fixed);
-  if (!got) return std::unexpected(got.error());
-  if (*got < fixed.size()) return fail(ErrorCode::kTruncated, "shorter than a sealed header");
+  if (*size < fixed.size()) return fail(ErrorCode::kTruncated, "shorter than a sealed header");
+  TRESOR_TRY(in->read_at(0, fixed));
   auto length = sealed::header_length(fixed);
   if (!length) return std::unexpected(length.error());
+  if (*size < *length) return fail(ErrorCode::kTruncated, "the file ends inside its header");
   Bytes header_bytes(*length);
   TRESOR_TRY(in->read_at(0, header_bytes));
   auto header = sealed::parse_header(header_bytes);
@@ -173,7 +175,7 @@ Result<void> prepare(const Options& o, const Manifest& manifest, std::string_vie
     }
   }
   if (o.sealed_inputs) {
-    auto out = AtomicOutputFile::create(keys_file.string(), 0600, /*overwrite=*/false);
+    auto out = AtomicOutputFile::create(keys_file.string(), 0600, /*overwrite=*/true);  // this job's keys only, replacing any stale file
     if (!out) return std::unexpected(out.error());
     TRESOR_TRY(out->write(file_keys.to_file_text().span()));
     TRESOR_TRY(out->commit());

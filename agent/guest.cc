@@ -358,8 +358,9 @@ int run_guest(int fd, const std::string& root) {
     o.output_dir = (base / "sealed").string();
     o.private_dir = (base / "private").string();
     o.command = start->command;
-    // TRESOR_INPUTS chooses only whether the job or the agent opens the inputs; both happen in the
-    // guest, so the host choosing it changes nothing the host can see.
+    // TRESOR_INPUTS chooses whether the agent opens the inputs before the job or the job opens
+    // them itself; both happen in the guest. With "sealed" the host sees when the job reads which
+    // input (docs/threat-model.md §5), not more: the keys stay in the guest.
     const auto inputs = start->env.find("TRESOR_INPUTS");
     auto sealed_inputs = agent::sealed_inputs_from(inputs == start->env.end() ? nullptr : inputs->second.c_str());
     if (!sealed_inputs) {

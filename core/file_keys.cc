@@ -9,10 +9,6 @@
 namespace tresor::sealed {
 namespace {
 
-bool mac_less(const std::array<std::byte, kHeaderMacSize>& a, const std::array<std::byte, kHeaderMacSize>& b) {
-  return std::memcmp(a.data(), b.data(), a.size()) < 0;
-}
-
 // Lower-case hex into `out` (2·in.size() characters).
 void put_hex(ByteSpan in, std::byte* out) {
   static constexpr char kDigits[] = "0123456789abcdef";
@@ -45,22 +41,23 @@ bool get_hex(std::string_view text, MutableByteSpan out) {
 Result<void> FileKeys::add(const std::array<std::byte, kHeaderMacSize>& header_mac, SecretBuffer file_key, std::string name) {
   if (file_key.size() != kFileKeySize) return fail(ErrorCode::kInvalidArgument, "file keys: a file key of " + std::to_string(file_key.size()) + " bytes");
   if (name.find_first_of("\r\n") != std::string::npos) return fail(ErrorCode::kInvalidArgument, "file keys: a name with a line break");
-  const auto at = std::lower_bound(entries_.begin(), entries_.end(), header_mac, [](const Entry& e, const auto& m) { return mac_less(e.mac, m); });
-  if (at != entries_.end() && at->mac == header_mac) {
-    return fail(ErrorCode::kInvalidArgument, "file keys: " + name + " has the same header MAC as " + at->name + " (the same file twice?)");
+  const auto at = entries_.find(header_mac);
+  if (at != entries_.end()) {
+    if (crypto::ct_equal(at->second.key.span(), file_key.span())) return {};  // the same file again (a copy)
+    return fail(ErrorCode::kInvalidArgument, "file keys: " + name + " has the same header MAC as " + at->second.name + " but another key");
   }
-  entries_.insert(at, Entry{header_mac, std::move(file_key), std::move(name)});
+  entries_.emplace(header_mac, Entry{std::move(file_key), std::move(name)});
   return {};
 }
 
 const SecretBuffer* FileKeys::find(const std::array<std::byte, kHeaderMacSize>& header_mac) const {
-  const auto at = std::lower_bound(entries_.begin(), entries_.end(), header_mac, [](const Entry& e, const auto& m) { return mac_less(e.mac, m); });
-  return at != entries_.end() && at->mac == header_mac ? &at->key : nullptr;
+  const auto at = entries_.find(header_mac);
+  return at != entries_.end() ? &at->second.key : nullptr;
 }
 
 SecretBuffer FileKeys::to_file_text() const {
   size_t n = kMagic.size() + 1;
-  for (const auto& e : entries_) n += 2 * kHeaderMacSize + 1 + 2 * e.key.size() + 1 + e.name.size() + 1;
+  for (const auto& [mac, e] : entries_) n += 2 * kHeaderMacSize + 1 + 2 * e.key.size() + 1 + e.name.size() + 1;
   SecretBuffer out(n);
   std::byte* p = out.data();
   auto put = [&](std::string_view s) {
@@ -69,8 +66,8 @@ SecretBuffer FileKeys::to_file_text() const {
   };
   put(kMagic);
   put("\n");
-  for (const auto& e : entries_) {
-    put_hex(e.mac, p);
+  for (const auto& [mac, e] : entries_) {
+    put_hex(mac, p);
     p += 2 * kHeaderMacSize;
     put(" ");
     put_hex(e.key.span(), p);

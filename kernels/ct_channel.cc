@@ -4,7 +4,9 @@
 // Plain C++23 over the channel's device interface and the launch wrappers (kernels/ct_kernels.h);
 // without CUDA in the build only the host devices can exist.
 #include <algorithm>
+#include <array>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -14,6 +16,7 @@
 #include "ct_plan.h"
 #include "tresor/ct/nifti_hd.h"
 #include "tresor/gpu/ct.h"
+#include "tresor/secret.h"
 
 #ifdef TRESOR_HAVE_CUDA
 #include "ct_kernels.h"
@@ -42,9 +45,17 @@ Result<Opened> open_sealed(ChannelDevice& device, SecureChannel& channel, const 
   auto file = channel.upload(path, keys);
   if (!file) return std::unexpected(file.error());
   staged += channel.last().staged_bytes;
-  Bytes head(std::min(file->size(), tresor::ct::kNiftiHeaderMax));
-  if (!head.empty()) TRESOR_TRY(device.read_device(head, file->data()));
-  auto layout = tresor::ct::read_nifti_layout(head, file->size(), path, labels);
+  // The header alone: its first 4 bytes say which (sizeof_hdr: 348 for NIfTI-1, 540 for NIfTI-2,
+  // in either byte order), then exactly that many — never the extension or voxels after it.
+  std::array<std::byte, 4> size_field{};
+  const size_t probe = std::min(file->size(), size_field.size());
+  if (probe > 0) TRESOR_TRY(device.read_device(MutableByteSpan(size_field.data(), probe), file->data()));
+  uint32_t sizeof_hdr = 0;
+  std::memcpy(&sizeof_hdr, size_field.data(), 4);
+  const bool nifti2 = sizeof_hdr == 540 || __builtin_bswap32(sizeof_hdr) == 540;
+  SecretBuffer head(std::min(file->size(), nifti2 ? tresor::ct::kNiftiHeaderMax : size_t{348}));
+  if (head.size() > 0) TRESOR_TRY(device.read_device(head.span(), file->data()));
+  auto layout = tresor::ct::read_nifti_layout(head.span(), file->size(), path, labels);
   if (!layout) return std::unexpected(layout.error());
   return Opened{std::move(*file), *layout};
 }

@@ -59,25 +59,32 @@ class Nccl final : public DeviceCollective {
   int device() const override { return device_; }
   bool host_memory() const override { return false; }
   Result<void> all_reduce_sum(float* d, size_t count, void* stream) override {
+    TRESOR_TRY(usable());
     TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
     return nccl(ncclAllReduce(d, d, count, ncclFloat32, ncclSum, comm_, static_cast<cudaStream_t>(stream)), "ncclAllReduce");
   }
   Result<void> broadcast(float* d, size_t count, int root, void* stream) override {
     if (root < 0 || root >= size_) return fail(ErrorCode::kInvalidArgument, "nccl: broadcast root " + std::to_string(root) + " is not a rank");
+    TRESOR_TRY(usable());
     TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
     return nccl(ncclBroadcast(d, d, count, ncclFloat32, root, comm_, static_cast<cudaStream_t>(stream)), "ncclBroadcast");
   }
   Result<void> wait(void* stream) override {
-    if (aborted_) return fail(ErrorCode::kUnavailable, "nccl: the communicator was aborted after an earlier failure");
-    TRESOR_TRY(cuda(cudaSetDevice(device_), "cudaSetDevice"));
+    TRESOR_TRY(usable());
+    // Every failure below aborts: destroying a communicator whose peer is gone could hang too.
+    auto aborting = [&](Result<void> r) {
+      if (!r) abort();
+      return r;
+    };
+    TRESOR_TRY(aborting(cuda(cudaSetDevice(device_), "cudaSetDevice")));
     const auto s = static_cast<cudaStream_t>(stream);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s_);
     for (auto pause = std::chrono::microseconds(20);; pause = std::min(pause * 2, std::chrono::microseconds(5000))) {
       const cudaError_t q = cudaStreamQuery(s);
       if (q == cudaSuccess) return {};
-      if (q != cudaErrorNotReady) return cuda(q, "the collective's stream");
+      if (q != cudaErrorNotReady) return aborting(cuda(q, "the collective's stream"));
       ncclResult_t async = ncclSuccess;
-      TRESOR_TRY(nccl(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError"));
+      TRESOR_TRY(aborting(nccl(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError")));
       if (async != ncclSuccess && async != ncclInProgress) {
         abort();
         return fail(ErrorCode::kUnavailable, std::string("nccl: a collective failed on rank ") + std::to_string(rank_) + ": " + ncclGetErrorString(async) +
@@ -95,8 +102,14 @@ class Nccl final : public DeviceCollective {
  private:
   // NCCL's way out of a hung collective: frees the communicator and makes its kernels return.
   void abort() {
+    if (aborted_) return;
     (void)ncclCommAbort(comm_);
+    comm_ = nullptr;
     aborted_ = true;
+  }
+  Result<void> usable() const {
+    if (aborted_) return fail(ErrorCode::kUnavailable, "nccl: the communicator was aborted after an earlier failure");
+    return {};
   }
   ncclComm_t comm_;
   int rank_, size_, device_;
@@ -107,6 +120,7 @@ class Nccl final : public DeviceCollective {
 }  // namespace
 
 Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device, double timeout_s) {
+  if (!(timeout_s > 0)) return fail(ErrorCode::kInvalidArgument, "nccl: the timeout must be positive, not " + std::to_string(timeout_s));
   int count = 0;
   // Every rank takes part in the id exchange and the readiness count even when its own device is
   // missing, so that the others learn it instead of waiting in the broadcast or in NCCL.

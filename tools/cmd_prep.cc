@@ -151,6 +151,7 @@ struct Job {
   Device device = Device::kCpu;
   int gpu = 0;
   std::unique_ptr<gpu::ChannelDevice> channel;  // the GPU (or its emulation) behind the secure channel
+  std::string no_channel;                       // why a GPU run has no channel (then every case is read on the host)
   size_t patches = 0;
   ct::AugmentOptions augment;
   uint64_t seed = 1;
@@ -179,7 +180,7 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
   std::optional<ct::Prepared> p;
   ct::NiftiVoxels input;  // the input's geometry
   nlohmann::json transfer;
-  const auto no_channel = job.channel ? no_channel_because(k) : std::nullopt;
+  const auto no_channel = job.channel ? no_channel_because(k) : job.no_channel.empty() ? std::nullopt : std::optional<std::string>(job.no_channel);
   double t_read = 0, t_prep = 0;
   if (job.channel && !no_channel) {
     // Sealed files into device memory through the secure channel: no plaintext on the way in; the
@@ -345,8 +346,13 @@ int cmd_prep(int argc, char** argv) {
   }
   if (job.device == Device::kGpu) {
     auto ch = gpu::cuda_device(job.gpu);
-    if (!ch) return report(ch.error());
-    job.channel = std::move(*ch);
+    if (ch) {
+      job.channel = std::move(*ch);
+    } else {
+      // The pipeline can still run on the GPU from host memory; each prep.json says why not.
+      job.no_channel = "the secure channel could not start on cuda:" + std::to_string(job.gpu) + ": " + ch.error().message;
+      std::fprintf(stderr, "tresor: prep: %s; cases are read on the host\n", job.no_channel.c_str());
+    }
   } else if (job.device == Device::kEmulated) {
     job.channel = gpu::emulated_device();
   }

@@ -72,10 +72,10 @@ class MemoryBuf final : public std::streambuf {
 bool is_sealed_name(const std::string& file) { return file.size() > 7 && file.compare(file.size() - 7, 7, ".sealed") == 0; }
 
 Result<Slice> read_slice(const std::string& file, const sealed::KeyRing* keys) {
-  gdcm::ImageReader r;
   SecretBuffer plain;
   std::unique_ptr<MemoryBuf> buf;
   std::unique_ptr<std::istream> in;
+  gdcm::ImageReader r;  // after the stream it may read from, so that it goes first
   if (is_sealed_name(file)) {
     // A sealed slice: opened into memory (every chunk verified first), parsed from there.
     if (keys == nullptr) return fail(ErrorCode::kNoMatchingKey, file + ": sealed, and no identity or key was given to open it");

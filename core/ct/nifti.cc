@@ -217,7 +217,7 @@ Result<NiftiVoxels> parse(ByteSpan& raw, Bytes& inflated, const std::string& nam
 }
 
 // The voxels decoded by nifti_hd's rules (the code the GPU kernel runs), one pass per voxel type
-// so that the type's size and byte order are constants of the loop.
+// so that the type is a constant of the loop.
 template <typename Out>
 Result<Volume<Out>> to_volume(ByteSpan raw, const NiftiVoxels& l, const std::string& name, bool labels) {
   Volume<Out> v;

@@ -14,6 +14,7 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <variant>
@@ -97,7 +98,8 @@ class FileKeys {
  public:
   inline static constexpr std::string_view kMagic = "tresor-file-keys-v1";
   /// Adds `file_key` for the file whose header MAC is `header_mac`; `name` is informational (the
-  /// file's path under the data root; no line breaks). A second key for the same MAC is refused.
+  /// file's path under the data root; no line breaks). The same file again (another copy: the same
+  /// MAC and key) is kept once; a different key under a MAC already present is refused.
   [[nodiscard]] Result<void> add(const std::array<std::byte, kHeaderMacSize>& header_mac, SecretBuffer file_key, std::string name);
   /// The key of the file with this header MAC, or nullptr.
   [[nodiscard]] const SecretBuffer* find(const std::array<std::byte, kHeaderMacSize>& header_mac) const;
@@ -111,11 +113,10 @@ class FileKeys {
 
  private:
   struct Entry {
-    std::array<std::byte, kHeaderMacSize> mac{};
     SecretBuffer key;
     std::string name;
   };
-  std::vector<Entry> entries_;  // sorted by mac
+  std::map<std::array<std::byte, kHeaderMacSize>, Entry> entries_;  // by header MAC
 };
 
 /// Keys and identities that may open a file. A dataset key with an empty id is tried against

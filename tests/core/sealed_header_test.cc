@@ -229,14 +229,19 @@ TEST(SealedHeader, FileKeysOpenTheirOwnFileOnly) {
            {"tresor-file-keys-v1\n" + line.substr(0, 60) + "\n", "keys: line 2: want <header MAC hex> <file key hex> <name>"},
            {"tresor-file-keys-v1\nzz" + line.substr(2), "keys: line 2: the header MAC is not 64 hex digits"},
            {"tresor-file-keys-v1\n" + line.substr(0, 65) + "00" + line.substr(65), "keys: line 2: the file key is not 64 hex digits"},
-           {"tresor-file-keys-v1\n" + line + line, "keys: line 3: file keys: demo/a.nii.sealed has the same header MAC"}}) {
+           {"tresor-file-keys-v1\n" + line + line.substr(0, 65) + (line[65] == '0' ? "1" : "0") + line.substr(66),
+            "keys: line 3: file keys: demo/a.nii.sealed has the same header MAC as demo/a.nii.sealed but another key"}}) {
     auto r = sealed::FileKeys::parse(as_bytes(bad), "keys");
     ASSERT_FALSE(r) << bad;
     EXPECT_EQ(r.error().code, ErrorCode::kMalformed) << bad;
     EXPECT_NE(r.error().message.find(why), std::string::npos) << r.error().message;
   }
-  // The good text with comments and blank lines still parses.
+  // The good text with comments and blank lines still parses; the same file twice (a copy of it
+  // elsewhere in the data) is kept once.
   EXPECT_TRUE(sealed::FileKeys::parse(as_bytes("# made by tresor-agent\n\n" + good), "keys"));
+  auto twice = sealed::FileKeys::parse(as_bytes(good + line), "keys");
+  ASSERT_TRUE(twice) << twice.error().message;
+  EXPECT_EQ(twice->size(), 1u);
 }
 
 }  // namespace

@@ -203,6 +203,59 @@ TEST_F(CtChannel, OnlyCiphertextCrossesTheStagingBuffers) {
   EXPECT_TRUE(staged_contains(plain));
 }
 
+// A device that forwards to another and records every device-to-host read (what the host gets
+// back besides the staging buffers).
+class RecordingDevice final : public gpu::ChannelDevice {
+ public:
+  explicit RecordingDevice(std::unique_ptr<gpu::ChannelDevice> inner) : d_(std::move(inner)) {}
+  std::vector<Bytes> reads;
+  std::string name() const override { return d_->name(); }
+  bool host_memory() const override { return d_->host_memory(); }
+  Kind kind() const override { return d_->kind(); }
+  Result<gpu::Mem> device_alloc(size_t n) override { return d_->device_alloc(n); }
+  void device_free(gpu::Mem m) override { d_->device_free(m); }
+  Result<gpu::Mem> staging_alloc(size_t n) override { return d_->staging_alloc(n); }
+  void staging_free(gpu::Mem m) override { d_->staging_free(m); }
+  Result<gpu::Mem> load_key(const gpu::ChunkKey& key) override { return d_->load_key(key); }
+  int streams() const override { return d_->streams(); }
+  Result<void> copy_to_device(int s, std::byte* dev, const std::byte* st, size_t n) override { return d_->copy_to_device(s, dev, st, n); }
+  Result<void> copy_to_host(int s, std::byte* st, const std::byte* dev, size_t n) override { return d_->copy_to_host(s, st, dev, n); }
+  Result<void> copy_on_device(int s, std::byte* dst, const std::byte* src, size_t n) override { return d_->copy_on_device(s, dst, src, n); }
+  Result<void> run_chunks(int s, const std::byte* key, const gpu::ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
+                          std::byte* out, std::byte* failed) override {
+    return d_->run_chunks(s, key, run, chunks, last_len, seal, in, out, failed);
+  }
+  Result<void> synchronize(int s) override { return d_->synchronize(s); }
+  Result<void> synchronize_all() override { return d_->synchronize_all(); }
+  Result<void> read_device(MutableByteSpan to, const std::byte* dev) override {
+    auto r = d_->read_device(to, dev);
+    reads.emplace_back(to.begin(), to.end());
+    return r;
+  }
+  Result<void> write_device(std::byte* dev, ByteSpan from) override { return d_->write_device(dev, from); }
+
+ private:
+  std::unique_ptr<gpu::ChannelDevice> d_;
+};
+
+// Without host copies, what the host reads back from device memory is the header's size field,
+// the NIfTI-1 header itself (348 bytes: no extension, no voxel) and the channel's per-chunk
+// verdicts — never a voxel.
+TEST_F(CtChannel, OnlyTheHeaderComesBackFromDeviceMemory) {
+  const auto& p = small_phantom();
+  const Bytes hu_file = *ct::nifti_bytes(p.hu);
+  RecordingDevice dev(emulated());
+  auto r = gpu::ct::prepare_sealed(dev, {seal_file("ccta.nii.sealed", hu_file, 16 * 1024), ""}, ring(alice), options(), outputs("out", false));
+  ASSERT_TRUE(r) << r.error().message;
+  // Exactly: the channel's verdicts (one zero byte per chunk of the file), the 4-byte size field,
+  // the 348-byte header.
+  const size_t chunks = (hu_file.size() + 16 * 1024 - 1) / (16 * 1024);
+  ASSERT_EQ(dev.reads.size(), 3u);
+  EXPECT_EQ(dev.reads[0], Bytes(chunks, std::byte{0})) << "the verdicts";
+  EXPECT_EQ(dev.reads[1], Bytes(hu_file.begin(), hu_file.begin() + 4));
+  EXPECT_EQ(dev.reads[2], Bytes(hu_file.begin(), hu_file.begin() + 348));
+}
+
 TEST_F(CtChannel, WithoutHostCopiesTheSameFilesAndNoVoxelsOnTheHost) {
   const auto& p = small_phantom();
   const gpu::ct::SealedCase in{seal_file("ccta.nii.sealed", *ct::nifti_bytes(p.hu)), ""};
