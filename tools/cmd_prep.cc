@@ -180,8 +180,9 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
   std::optional<ct::Prepared> p;
   ct::NiftiVoxels input;  // the input's geometry
   nlohmann::json transfer;
-  const auto no_channel = job.channel ? no_channel_because(k) : job.no_channel.empty() ? std::nullopt : std::optional<std::string>(job.no_channel);
+  auto no_channel = job.channel ? no_channel_because(k) : job.no_channel.empty() ? std::nullopt : std::optional<std::string>(job.no_channel);
   double t_read = 0, t_prep = 0;
+  bool via_channel = false;
   if (job.channel && !no_channel) {
     // Sealed files into device memory through the secure channel: no plaintext on the way in; the
     // outputs sealed on the device when they are to be sealed; host copies only for what needs them.
@@ -194,17 +195,25 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
     }
     out.to_host = c.seal.recipients.empty() || job.preview || job.patches > 0 || !k.labels.empty();
     auto r = gpu::ct::prepare_sealed(*job.channel, {k.image, k.labels}, c.ring, job.prep, out);
-    if (!r) return fail(r.error().code, k.name + ": " + r.error().message);
-    t_read = t0;  // reading is part of the device's work
-    t_prep = now_seconds();
-    p = std::move(r->prepared);
-    input = r->input;
-    timings = r->timings;
-    transfer = {{"input", "secure channel: sealed frames into device memory, decrypted there"},
-                {"outputs", out.dir.empty() ? "host" : "sealed on the device"},
-                {"host_copies", out.to_host},
-                {"staged_bytes", r->staged_bytes}};
-  } else {
+    if (!r && r.error().message.find(tresor::ct::kNiftiCompressed) != std::string::npos) {
+      // A .nii.gz sealed under a .nii name: only the host can inflate it (nothing was written).
+      no_channel = "a file is gzip-compressed inside its seal";
+    } else if (!r) {
+      return fail(r.error().code, k.name + ": " + r.error().message);
+    } else {
+      via_channel = true;
+      t_read = t0;  // reading is part of the device's work
+      t_prep = now_seconds();
+      p = std::move(r->prepared);
+      input = r->input;
+      timings = r->timings;
+      transfer = {{"input", "secure channel: sealed frames into device memory, decrypted there"},
+                  {"outputs", out.dir.empty() ? "host" : "sealed on the device"},
+                  {"host_copies", out.to_host},
+                  {"staged_bytes", r->staged_bytes}};
+    }
+  }
+  if (!via_channel) {
     Result<ct::HuVolume> hu = k.dicom ? ct::read_dicom_series(k.image, &c.ring)
                                       : with_input<ct::HuVolume>(k.image, c.ring, c.threads, [](ByteSpan b, const std::string& n) { return ct::read_nifti_hu(b, n); });
     if (!hu) return std::unexpected(hu.error());

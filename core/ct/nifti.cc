@@ -298,7 +298,7 @@ Result<HuVolume> read_nifti_hu(ByteSpan bytes, const std::string& name) { return
 Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name) { return read_any<uint8_t>(bytes, name, true); }
 Result<Volume<float>> read_nifti_float(ByteSpan bytes, const std::string& name) { return read_any<float>(bytes, name, false); }
 Result<NiftiVoxels> read_nifti_layout(ByteSpan head, uint64_t file_size, const std::string& name, bool labels) {
-  if (is_gzip(head)) return fail(ErrorCode::kInvalidArgument, name + ": gzip-compressed; its voxels can only be read after inflating the whole file");
+  if (is_gzip(head)) return fail(ErrorCode::kInvalidArgument, name + ": " + std::string(kNiftiCompressed));
   auto nim = parse_header(head, file_size, name);
   if (!nim) return std::unexpected(nim.error());
   return layout_of(**nim, name, labels);

@@ -522,6 +522,19 @@ TEST_F(Cli, PrepRunsOnTheDeviceAskedFor) {
   ASSERT_EQ(lj.exit_code, 0) << lj.err;
   EXPECT_EQ(nlohmann::json::parse(lj.out)["transfer"]["host_copies"], false) << lj.out;
   EXPECT_FALSE(std::filesystem::exists(dir.file("lean/case/preview.png.sealed")));
+  // A .nii.gz sealed under a .nii name: the device cannot inflate it; the case is read on the host
+  // instead, and prep.json says why.
+  std::filesystem::create_directories(dir.file("sc3/case"));
+  auto gz = testing::run_command({"/bin/sh", "-c", "gzip -c " + dir.file("c/case/ccta.nii") + " > " + dir.file("ccta.gz")});
+  ASSERT_EQ(gz.exit_code, 0) << gz.err;
+  auto sg = run_tresor({"seal", "-r", recipient, "-o", dir.file("sc3/case/ccta.nii.sealed"), dir.file("ccta.gz")});
+  ASSERT_EQ(sg.exit_code, 0) << sg.err;
+  auto inflated = run_tresor({"prep", "-o", dir.file("gzout"), dir.file("sc3"), "-i", identity, "--spacing", "1.5", "--sigmas", "1.5,3",
+                              "--device", "emulated", "--no-preview"});
+  ASSERT_EQ(inflated.exit_code, 0) << inflated.err;
+  const auto gj = nlohmann::json::parse(to_string(testing::read_file(dir.file("gzout/case/prep.json"))));
+  EXPECT_EQ(gj["transfer"]["why_not_the_secure_channel"], "a file is gzip-compressed inside its seal") << gj.dump();
+  EXPECT_EQ(gj["normalisation"], j["normalisation"]);
 
   auto any = run_tresor({"prep", "-o", dir.file("auto"), dir.file("c"), "--spacing", "1.5", "--sigmas", "1.5"});
   ASSERT_EQ(any.exit_code, 0) << any.err;

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tresor/encoding.h"
@@ -121,6 +122,9 @@ struct NiftiVoxels {
   uint64_t vox_offset = 0;                 // the first voxel's byte in the file
 };
 inline constexpr size_t kNiftiHeaderMax = 540;  // a NIfTI-2 header; NIfTI-1's is 348
+/// What read_nifti_layout's refusal of a gzip-compressed file says (callers that can inflate on
+/// the host instead look for it).
+inline constexpr std::string_view kNiftiCompressed = "gzip-compressed; its voxels can only be read after inflating the whole file";
 /// The header at the start of `head` (the file's first kNiftiHeaderMax bytes, or all of a smaller
 /// file) of an uncompressed file of `file_size` bytes, under exactly read_nifti_hu's rules
 /// (`labels`: read_nifti_labels's) and with its errors: the same checks of the header, the same
