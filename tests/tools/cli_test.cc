@@ -24,6 +24,24 @@ using testing::run_tresor;
 using testing::TempDir;
 using testing::write_file;
 
+// The file keys of `files` (sealed to `owner`), written to `path` as the agent writes them for a job
+// submitted with TRESOR_INPUTS=sealed.
+void write_file_keys(const std::string& path, const std::vector<std::string>& files, const Identity& owner) {
+  sealed::FileKeys keys;
+  sealed::KeyRing ring;
+  ring.identities = {&owner};
+  for (const auto& f : files) {
+    const Bytes bytes = read_file(f);
+    auto header = sealed::parse_header(bytes);
+    ASSERT_TRUE(header) << f;
+    auto key = sealed::unlock(*header, ByteSpan(bytes.data(), header->size()), ring, f);
+    ASSERT_TRUE(key) << key.error().message;
+    ASSERT_TRUE(keys.add(header->mac, std::move(*key), f));
+  }
+  const SecretBuffer text = keys.to_file_text();
+  write_file(path, text.span(), 0600);
+}
+
 struct Cli : ::testing::Test {
   TempDir dir;
   std::string identity = dir.file("me.identity");
@@ -429,7 +447,6 @@ TEST_F(Cli, PrepReadsASeriesOfSealedDicomSlices) {
 TEST_F(Cli, OpenTakesFileKeysForExactlyTheirFiles) {
   const Identity owner = *Identity::generate();
   std::vector<std::string> files;
-  sealed::FileKeys keys;
   for (const char* name : {"one", "two"}) {
     sealed::SealOptions o;
     o.recipients = {owner.recipient()};
@@ -438,18 +455,9 @@ TEST_F(Cli, OpenTakesFileKeysForExactlyTheirFiles) {
     ASSERT_TRUE(sealed_bytes);
     files.push_back(dir.file(std::string(name) + ".sealed"));
     testing::write_file(files.back(), *sealed_bytes);
-    if (std::string(name) == "two") continue;  // no key for "two"
-    auto header = sealed::parse_header(*sealed_bytes);
-    ASSERT_TRUE(header);
-    sealed::KeyRing ring;
-    ring.identities = {&owner};
-    auto key = sealed::unlock(*header, ByteSpan(sealed_bytes->data(), header->size()), ring, name);
-    ASSERT_TRUE(key) << key.error().message;
-    ASSERT_TRUE(keys.add(header->mac, std::move(*key), std::string("demo/") + name + ".sealed"));
   }
-  const SecretBuffer text = keys.to_file_text();
   const std::string keys_file = dir.file("file-keys");
-  testing::write_file(keys_file, text.span(), 0600);
+  write_file_keys(keys_file, {files[0]}, owner);  // no key for "two"
   auto one = run_tresor({"open", "--file-keys", keys_file, "-o", "-", files[0]});
   ASSERT_EQ(one.exit_code, 0) << one.err;
   EXPECT_EQ(one.out, "contents of one\n");
@@ -656,6 +664,24 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   const auto ems = nlohmann::json::parse(to_string(testing::read_file(dir.file("emu_sealed/metrics.json"))));
   EXPECT_EQ(ems["loss"], em["loss"]) << "the loader's batches are PatchSource's";
   EXPECT_EQ(ems["validation_dice"], em["validation_dice"]);
+  // The same with the case's file keys (what a job submitted with TRESOR_INPUTS=sealed holds)
+  // instead of the identity.
+  {
+    std::vector<std::string> sealed_files;
+    for (const auto& e : std::filesystem::directory_iterator(dir.file("sealed_cases/case1"))) {
+      if (e.path().string().ends_with(".sealed")) sealed_files.push_back(e.path().string());
+    }
+    auto me = Identity::parse(to_string(read_file(identity)));
+    ASSERT_TRUE(me);
+    write_file_keys(dir.file("case1.keys"), sealed_files, *me);
+    std::string toml = to_string(read_file(dir.file("emu_sealed.toml")));
+    toml.replace(toml.find("dir = \"emu_sealed\""), 18, "dir = \"emu_fk\"");
+    write_file(dir.file("emu_fk.toml"), as_bytes(toml), 0644);
+    auto by_keys = run_tresor({"train", "--config", dir.file("emu_fk.toml"), "--device", "emulated", "--stop-after", "6", "--file-keys", dir.file("case1.keys")});
+    ASSERT_EQ(by_keys.exit_code, 0) << by_keys.err;
+    const auto fk = nlohmann::json::parse(to_string(read_file(dir.file("emu_fk/metrics.json"))));
+    EXPECT_EQ(fk["loss"], ems["loss"]);
+  }
   // Two ranks of the GPU trainer (emulated; gradients through the TCP collective) follow the one-rank run.
   auto emulated2 = run_tresor({"train", "--config", config("emu2.toml", "emu2"), "--device", "emulated", "--stop-after", "6", "--ranks", "2"});
   ASSERT_EQ(emulated2.exit_code, 0) << emulated2.err;
