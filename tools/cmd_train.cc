@@ -574,6 +574,7 @@ int cmd_predict(int argc, char** argv) {
       ("tile", po::value(&tile)->default_value(0), "sliding-window tile (0: the checkpoint's training patch)")
       ("step", po::value(&step)->default_value(0.5), "tile step, as a fraction of the tile")
       ("batch", po::value(&batch)->default_value(2), "tiles per forward pass")
+      ("mirror", "nnU-Net's test-time mirroring: each tile also predicted flipped along every axis combination (8x the work)")
       ("threads,j", po::value(&threads)->default_value(0), "threads (0: all cores)")
       ("identity,i", po::value(&identities)->composing(), "identity for sealed inputs and checkpoints; repeatable")
       ("dataset-key-file", po::value(&key_files)->composing(), "dataset key file for sealed inputs; repeatable")
@@ -605,10 +606,11 @@ int cmd_predict(int argc, char** argv) {
   so.step = step;
   so.batch = batch;
   so.threads = threads;
+  so.mirror = vm.count("mirror") > 0;
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) return report(Error{ErrorCode::kIo, "cannot create " + out_dir + ": " + ec.message()});
-  nlohmann::json summary = {{"checkpoint", checkpoint}, {"tile", so.tile}, {"step", so.step}, {"cases", nlohmann::json::array()}};
+  nlohmann::json summary = {{"checkpoint", checkpoint}, {"tile", so.tile}, {"step", so.step}, {"mirror", so.mirror}, {"cases", nlohmann::json::array()}};
   std::set<std::string> names;
   for (const auto& dir : cases) {
     const std::string name = fs::path(dir).filename().empty() ? fs::path(dir).parent_path().filename().string() : fs::path(dir).filename().string();

@@ -90,6 +90,17 @@ Result<Tensor> sliding_window_logits(UNet& net, const Tensor& volume, const Slid
     }
     auto logits = net.forward(x, o.threads);
     if (!logits) return std::unexpected(logits.error());
+    if (o.mirror) {
+      // nnU-Net's order: the tile, then the flips along D, H, W, (D, H), (D, W), (H, W), (D, H, W)
+      // (itertools.combinations of the axes by size), summed in float, then divided by 8.
+      for (unsigned axes : {4u, 2u, 1u, 6u, 5u, 3u, 7u}) {
+        auto flipped = net.forward(flip_spatial(x, axes), o.threads);
+        if (!flipped) return std::unexpected(flipped.error());
+        const Tensor back = flip_spatial(*flipped, axes);
+        for (size_t i = 0; i < logits->data.size(); ++i) logits->data[i] += back.data[i];
+      }
+      for (float& v : logits->data) v /= 8.0f;
+    }
     for (size_t b = 0; b < n; ++b) {
       const auto [z0, y0, x0] = tiles[first + b];
       for (size_t z = 0; z < T && z0 + z < D; ++z)
@@ -105,6 +116,24 @@ Result<Tensor> sliding_window_logits(UNet& net, const Tensor& volume, const Slid
   Tensor out({1, K, D, H, W});
   for (size_t k = 0; k < K; ++k)
     for (size_t v = 0; v < D * H * W; ++v) out.data[k * D * H * W + v] = static_cast<float>(acc[k * D * H * W + v] / weight[v]);
+  return out;
+}
+
+Tensor flip_spatial(const Tensor& t, unsigned axes) {
+  Tensor out(t.shape);
+  const size_t D = t.shape[2], H = t.shape[3], W = t.shape[4];
+  for (size_t nc = 0; nc < t.shape[0] * t.shape[1]; ++nc)
+    for (size_t z = 0; z < D; ++z)
+      for (size_t y = 0; y < H; ++y) {
+        const size_t sz = (axes & 4u) != 0 ? D - 1 - z : z, sy = (axes & 2u) != 0 ? H - 1 - y : y;
+        const float* src = t.data.data() + ((nc * D + sz) * H + sy) * W;
+        float* dst = out.data.data() + ((nc * D + z) * H + y) * W;
+        if ((axes & 1u) != 0) {
+          std::reverse_copy(src, src + W, dst);
+        } else {
+          std::copy_n(src, W, dst);
+        }
+      }
   return out;
 }
 

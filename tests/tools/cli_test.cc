@@ -714,6 +714,14 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   ASSERT_EQ(nib.exit_code, 0) << nib.err;
   EXPECT_TRUE(nib.out.starts_with("True [")) << nib.out;
   EXPECT_TRUE(std::filesystem::exists(dir.file("pred/case2/prediction.png")));
+  EXPECT_EQ(pj["mirror"], false);
+  // --mirror: nnU-Net's test-time mirroring; recorded, and a Dice of its own (the same network).
+  auto mirrored = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("mpred"), dir.file("prepared/case2"), "--mirror"});
+  ASSERT_EQ(mirrored.exit_code, 0) << mirrored.err;
+  const auto mj = nlohmann::json::parse(to_string(testing::read_file(dir.file("mpred/predict.json"))));
+  EXPECT_EQ(mj["mirror"], true);
+  EXPECT_GT(mj["cases"][0]["dice"].get<double>(), 0.0);
+  EXPECT_NE(mj["cases"][0]["dice"].get<double>(), volume_dice) << "mirroring changes the prediction";
   auto sealed_pred = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("spred"), dir.file("prepared/case2"), "-r", recipient, "--step", "1"});
   ASSERT_EQ(sealed_pred.exit_code, 0) << sealed_pred.err;
   for (const auto& e : std::filesystem::recursive_directory_iterator(dir.file("spred"))) {

@@ -28,11 +28,19 @@ struct SlidingWindowOptions {
   double sigma_scale = 1.0 / 8;
   size_t batch = 2;            // tiles per forward pass
   unsigned threads = 0;
+  /// nnU-Net's test-time mirroring: each tile's logits are the mean of the network's output on the
+  /// tile and, flipped back, on the tile flipped along every non-empty subset of the three spatial
+  /// axes (8 forward passes per tile; nnU-Net v2's _internal_maybe_mirror_and_predict, which sums
+  /// in that order and divides by 8).
+  bool mirror = false;
 };
 
+/// `t` [N, C, D, H, W] flipped along the spatial axes in `axes` (bit 0: W, bit 1: H, bit 2: D).
+[[nodiscard]] Tensor flip_spatial(const Tensor& t, unsigned axes);
+
 /// The logits [1, classes, D, H, W] of a volume [1, channels, D, H, W]: every tile's forward pass
-/// (axes shorter than the tile are padded with zeros and cropped back), Gaussian-weighted and
-/// averaged. kInvalidArgument names a bad tile, step or volume.
+/// (mirrored when options.mirror; axes shorter than the tile are padded with zeros and cropped
+/// back), Gaussian-weighted and averaged. kInvalidArgument names a bad tile, step or volume.
 [[nodiscard]] Result<Tensor> sliding_window_logits(UNet& net, const Tensor& volume, const SlidingWindowOptions& options);
 
 /// A prepared case as the network's input [1, 2, D, H, W]: the z-scored image and the vesselness

@@ -84,6 +84,47 @@ TEST(SlidingWindow, OneTileIsTheNetworksOutput) {
   for (size_t i = 0; i < want->data.size(); ++i) ASSERT_NEAR(got->data[i], want->data[i], 1e-6 * (1 + std::abs(want->data[i]))) << i;
 }
 
+// nnU-Net's test-time mirroring: one tile's logits are the mean of the network's output on the tile
+// and, flipped back, on its seven flips; the prediction then commutes with flipping the volume
+// (which it does not without mirroring).
+TEST(SlidingWindow, MirroringAveragesTheEightFlips) {
+  auto f = make({16, 16, 16});
+  // flip_spatial: twice is the identity; along W it reverses each row.
+  const Tensor w = flip_spatial(f.volume, 1);
+  EXPECT_EQ(w.data[0], f.volume.data[15]);
+  EXPECT_TRUE(flip_spatial(flip_spatial(f.volume, 7), 7).data == f.volume.data);
+  SlidingWindowOptions o;
+  o.tile = 16;
+  o.mirror = true;
+  auto got = sliding_window_logits(f.net, f.volume, o);
+  ASSERT_TRUE(got) << got.error().message;
+  std::vector<double> want(got->data.size(), 0.0);
+  for (unsigned axes = 0; axes < 8; ++axes) {
+    auto y = f.net.forward(flip_spatial(f.volume, axes));
+    ASSERT_TRUE(y);
+    const Tensor back = flip_spatial(*y, axes);
+    for (size_t i = 0; i < want.size(); ++i) want[i] += back.data[i] / 8.0;
+  }
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::abs(got->data[i] - want[i]));
+  EXPECT_LT(worst, 1e-5);
+  // Equivariance: the mirrored prediction of the volume flipped along H is the flipped prediction.
+  auto mirrored_flip = sliding_window_logits(f.net, flip_spatial(f.volume, 2), o);
+  ASSERT_TRUE(mirrored_flip);
+  const Tensor expect = flip_spatial(*got, 2);
+  double gap = 0;
+  for (size_t i = 0; i < expect.data.size(); ++i) gap = std::max(gap, static_cast<double>(std::abs(mirrored_flip->data[i] - expect.data[i])));
+  EXPECT_LT(gap, 1e-5);
+  o.mirror = false;
+  auto plain = sliding_window_logits(f.net, f.volume, o);
+  auto plain_flip = sliding_window_logits(f.net, flip_spatial(f.volume, 2), o);
+  ASSERT_TRUE(plain && plain_flip);
+  const Tensor plain_expect = flip_spatial(*plain, 2);
+  double plain_gap = 0;
+  for (size_t i = 0; i < plain_expect.data.size(); ++i) plain_gap = std::max(plain_gap, static_cast<double>(std::abs(plain_flip->data[i] - plain_expect.data[i])));
+  EXPECT_GT(plain_gap, 1e-3) << "without mirroring the network is not flip-equivariant";
+}
+
 TEST(SlidingWindow, OverlappingTilesAreGaussianWeightedAverages) {
   // D = 24 with tiles of 16: starts 0 and 8 along z; H, W one tile each.
   auto f = make({24, 16, 16});
