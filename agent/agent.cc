@@ -69,21 +69,30 @@ class DatasetKeys {
   std::map<uint32_t, std::unique_ptr<DatasetKey>> keys_;
 };
 
-Result<void> open_one(const fs::path& sealed, const fs::path& plain, DatasetKeys& keys) {
+// Runs `attempt` with the dataset's keys, fetching older key versions while no key opens the file
+// (the sealed format does not say which version sealed it).
+template <typename F>
+auto with_key_versions(DatasetKeys& keys, F&& attempt) -> decltype(attempt()) {
   for (;;) {
+    auto r = attempt();
+    if (r || r.error().code != ErrorCode::kNoMatchingKey) return r;
+    auto older = keys.older();
+    if (!older) return std::unexpected(older.error());
+    if (*older == nullptr) return r;
+  }
+}
+
+Result<void> open_one(const fs::path& sealed, const fs::path& plain, DatasetKeys& keys) {
+  return with_key_versions(keys, [&]() -> Result<void> {
     auto in = FdFile::open_read(sealed.string());
     if (!in) return std::unexpected(in.error());
     auto out = AtomicOutputFile::create(plain.string(), 0600, /*overwrite=*/false);
     if (!out) return std::unexpected(out.error());
     OpenOptions o;
     o.name = sealed.string();
-    auto r = open_stream(*in, *out, keys.ring(), o);
-    if (r) return out->commit();
-    if (r.error().code != ErrorCode::kNoMatchingKey) return std::unexpected(r.error());
-    auto older = keys.older();  // sealed under an earlier key version?
-    if (!older) return std::unexpected(older.error());
-    if (*older == nullptr) return std::unexpected(r.error());
-  }
+    TRESOR_TRY(open_stream(*in, *out, keys.ring(), o));
+    return out->commit();
+  });
 }
 
 // The file key of one sealed input (its header read, unlocked with the dataset's keys, its MAC
@@ -92,26 +101,9 @@ Result<void> open_one(const fs::path& sealed, const fs::path& plain, DatasetKeys
 Result<void> add_file_key(const fs::path& sealed, const std::string& name, DatasetKeys& keys, sealed::FileKeys& out) {
   auto in = FdFile::open_read(sealed.string());
   if (!in) return std::unexpected(in.error());
-  auto size = in->size();
-  if (!size) return std::unexpected(size.error());
-  std::array<std::byte, sealed::kFixedHeaderSize> fixed{};
-  if (*size < fixed.size()) return fail(ErrorCode::kTruncated, "shorter than a sealed header");
-  TRESOR_TRY(in->read_at(0, fixed));
-  auto length = sealed::header_length(fixed);
-  if (!length) return std::unexpected(length.error());
-  if (*size < *length) return fail(ErrorCode::kTruncated, "the file ends inside its header");
-  Bytes header_bytes(*length);
-  TRESOR_TRY(in->read_at(0, header_bytes));
-  auto header = sealed::parse_header(header_bytes);
-  if (!header) return std::unexpected(header.error());
-  for (;;) {
-    auto key = sealed::unlock(*header, header_bytes, keys.ring(), sealed.string());
-    if (key) return out.add(header->mac, std::move(*key), name);
-    if (key.error().code != ErrorCode::kNoMatchingKey) return std::unexpected(key.error());
-    auto older = keys.older();  // sealed under an earlier key version?
-    if (!older) return std::unexpected(older.error());
-    if (*older == nullptr) return std::unexpected(key.error());
-  }
+  auto unlocked = with_key_versions(keys, [&] { return sealed::read_header(*in, keys.ring(), sealed.string()); });
+  if (!unlocked) return std::unexpected(unlocked.error());
+  return out.add(unlocked->header.mac, std::move(unlocked->file_key), name);
 }
 
 }  // namespace

@@ -13,7 +13,6 @@ namespace tresor::sealed {
 
 using detail::authenticates_as_final;
 using detail::diagnose_chunk;
-using detail::finish_open;
 using detail::frame_size;
 using detail::Opened;
 using detail::shape_of;
@@ -88,9 +87,7 @@ RandomAccessReader::RandomAccessReader(RandomAccessReader&&) noexcept = default;
 RandomAccessReader& RandomAccessReader::operator=(RandomAccessReader&&) noexcept = default;
 RandomAccessReader::~RandomAccessReader() = default;
 
-Result<RandomAccessReader> RandomAccessReader::open(const RandomAccessSource& source, const KeyRing& keys,
-                                                    const OpenOptions& options) {
-  const std::string& name = options.name;
+Result<UnlockedHeader> read_header(const RandomAccessSource& source, const KeyRing& keys, const std::string& name) {
   auto size = source.size();
   if (!size) return std::unexpected(size.error());
   Bytes fixed(static_cast<size_t>(std::min<uint64_t>(*size, kFixedHeaderSize)));
@@ -99,30 +96,44 @@ Result<RandomAccessReader> RandomAccessReader::open(const RandomAccessSource& so
   auto len = header_length(fixed);
   if (!len) return fail(len.error().code, name + ": " + len.error().message);
   if (*size < *len) {
-    return fail(ErrorCode::kTruncated, name + ": sealed header truncated at byte " + std::to_string(*size) + " of " +
-                                           std::to_string(*len));
+    return fail(ErrorCode::kTruncated, name + ": sealed header truncated at byte " + std::to_string(*size) + " of " + std::to_string(*len));
   }
-  Bytes header_bytes(*len);
-  TRESOR_TRY(source.read_at(0, header_bytes));
-  auto opened = finish_open(std::move(header_bytes), keys, name);
-  if (!opened) return std::unexpected(opened.error());
+  Bytes bytes(*len);
+  TRESOR_TRY(source.read_at(0, bytes));
+  auto h = parse_header(bytes);
+  if (!h) return fail(h.error().code, name + ": " + h.error().message);
+  auto file_key = unlock(*h, bytes, keys, name);
+  if (!file_key) return std::unexpected(file_key.error());
+  return UnlockedHeader{std::move(*h), std::move(bytes), std::move(*file_key)};
+}
+
+Result<RandomAccessReader> RandomAccessReader::open(const RandomAccessSource& source, const KeyRing& keys,
+                                                    const OpenOptions& options) {
+  const std::string& name = options.name;
+  auto size = source.size();
+  if (!size) return std::unexpected(size.error());
+  auto unlocked = read_header(source, keys, name);
+  if (!unlocked) return std::unexpected(unlocked.error());
+  auto sk = derive_stream_keys(unlocked->file_key.span(), unlocked->header.nonce_prefix);
+  if (!sk) return std::unexpected(sk.error());
+  Opened opened{std::move(unlocked->header), std::move(unlocked->bytes), std::move(sk->payload_key)};
+  const uint64_t hlen = opened.header_bytes.size();
 
   auto impl = std::make_unique<Impl>();
   impl->src = &source;
   impl->name = name;
-  const uint64_t hlen = *len;
-  auto shape = shape_of(*size - hlen, opened->header.chunk_size, name, [&](uint64_t i) {
-    Bytes frame(frame_size(opened->header.chunk_size));
-    auto aes = crypto::AesGcm::create(opened->payload_key.span());
+  auto shape = shape_of(*size - hlen, opened.header.chunk_size, name, [&](uint64_t i) {
+    Bytes frame(frame_size(opened.header.chunk_size));
+    auto aes = crypto::AesGcm::create(opened.payload_key.span());
     return aes && source.read_at(hlen + i * frame.size(), frame) &&
-           authenticates_as_final(*aes, opened->header, frame, i);
+           authenticates_as_final(*aes, opened.header, frame, i);
   });
   if (!shape) return std::unexpected(shape.error());
   impl->chunks = shape->chunks;
   impl->last_frame = shape->last_frame;
   impl->plaintext = shape->plaintext;
-  impl->payload_key = std::move(opened->payload_key);
-  impl->opened = std::move(*opened);
+  impl->payload_key = std::move(opened.payload_key);
+  impl->opened = std::move(opened);
   impl->threads = ThreadPool::resolve(options.threads);
   impl->pool = std::make_unique<ThreadPool>(impl->threads);
   return RandomAccessReader(std::move(impl));

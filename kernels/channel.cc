@@ -228,23 +228,15 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   if (!size) return std::unexpected(size.error());
   // The header: parsed, unlocked with the caller's keys and authenticated (formats.md §4) before
   // any chunk is touched.
-  std::array<std::byte, sealed::kFixedHeaderSize> fixed{};
-  if (*size < fixed.size()) return fail(ErrorCode::kTruncated, path + ": shorter than a sealed header");
-  TRESOR_TRY(file->read_at(0, fixed));
-  auto header_len = sealed::header_length(fixed);
-  if (!header_len) return std::unexpected(named(path, header_len.error()));
-  if (*size < *header_len) return fail(ErrorCode::kTruncated, path + ": the file ends inside its header");
-  Bytes header_bytes(*header_len);
-  TRESOR_TRY(file->read_at(0, header_bytes));
-  auto header = sealed::parse_header(header_bytes);
-  if (!header) return std::unexpected(named(path, header.error()));
-  auto file_key = sealed::unlock(*header, header_bytes, keys, path);
-  if (!file_key) return std::unexpected(file_key.error());
-  auto key = ChunkKey::for_stream(file_key->span(), header->nonce_prefix);
+  auto unlocked = sealed::read_header(*file, keys, path);
+  if (!unlocked) return std::unexpected(unlocked.error());
+  const sealed::Header* header = &unlocked->header;
+  const uint64_t header_size = unlocked->bytes.size();
+  auto key = ChunkKey::for_stream(unlocked->file_key.span(), header->nonce_prefix);
   if (!key) return std::unexpected(key.error());
 
   const ChunkRun whole = whole_stream(*header);
-  auto shape = run_shape(whole, *size - *header_len);
+  auto shape = run_shape(whole, *size - header_size);
   if (!shape) return std::unexpected(named(path, shape.error()));
   const uint64_t n = length.value_or(shape->plaintext_bytes - std::min(offset, shape->plaintext_bytes));
   if (offset > shape->plaintext_bytes || n > shape->plaintext_bytes - offset) {
@@ -279,7 +271,7 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   std::vector<Mem> staging, scratch;
   TRESOR_TRY(scope.slots(depth, slot_bytes, staging, scratch));
   std::vector<bool> busy(depth, false);
-  const uint64_t frames_at = *header_len;
+  const uint64_t frames_at = header_size;
   for (uint64_t b = first, k = 0; b < end; b += batch, ++k) {
     const unsigned slot = static_cast<unsigned>(k % depth);
     const int stream = static_cast<int>(slot % static_cast<unsigned>(device_.streams()));

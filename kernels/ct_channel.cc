@@ -100,32 +100,24 @@ struct OutputWriter {
   }
 };
 
-Error bad_labels(const std::string& path) {
-  return Error{ErrorCode::kMalformed, path + ": a label volume with values that are not whole numbers 0..255"};  // read_nifti_labels's
-}
-
 // The host devices: "device memory" is host memory, so the decoded volumes are ordinary volumes.
 Result<void> run_on_host(ChannelDevice& device, SecureChannel& channel, const SealedCase& in, Opened& image, std::optional<Opened>& labels,
                          const tresor::ct::PrepOptions& o, const SealedPrepOutputs& out, SealedPrepared& r) {
   auto t = std::chrono::steady_clock::now();
-  tresor::ct::HuVolume hu = shape_of<int16_t>(image.layout.dims, image.layout.spacing, image.layout.origin);
-  hu.data.resize(hu.size());
-  const hd::Decode d = image.decode();
-  for (uint64_t i = 0; i < hu.data.size(); ++i) hu.data[i] = hd::hu_value(hd::stored_value(image.voxels(), i, d), d);
+  // "Device memory" is host memory here: the CPU reader's own decoding, with its errors.
+  auto hu = tresor::ct::decode_nifti_hu(ByteSpan(image.file.data(), image.file.size()), image.layout, in.image);
+  if (!hu) return std::unexpected(hu.error());
   image.file = {};
   std::optional<tresor::ct::LabelVolume> lab;
   if (labels) {
-    lab = shape_of<uint8_t>(labels->layout.dims, labels->layout.spacing, labels->layout.origin);
-    lab->data.resize(lab->size());
-    const hd::Decode dl = labels->decode();
-    bool bad = false;
-    for (uint64_t i = 0; i < lab->data.size(); ++i) bad = !hd::label_value(hd::stored_value(labels->voxels(), i, dl), &lab->data[i]) || bad;
+    auto l = tresor::ct::decode_nifti_labels(ByteSpan(labels->file.data(), labels->file.size()), labels->layout, in.labels);
     labels->file = {};
-    if (bad) return std::unexpected(bad_labels(in.labels));
+    if (!l) return std::unexpected(l.error());
+    lab = std::move(*l);
   }
   r.timings.upload_ms += ms_since(t);
   const tresor::ct::LabelVolume* lp = lab ? &*lab : nullptr;
-  auto p = device.kind() == ChannelDevice::Kind::kCpu ? tresor::ct::prepare(hu, lp, o) : prepare_emulated(hu, lp, o);
+  auto p = device.kind() == ChannelDevice::Kind::kCpu ? tresor::ct::prepare(*hu, lp, o) : prepare_emulated(*hu, lp, o);
   if (!p) return std::unexpected(p.error());
   r.prepared = std::move(*p);
 
@@ -146,6 +138,10 @@ Result<void> run_on_host(ChannelDevice& device, SecureChannel& channel, const Se
 }
 
 #ifdef TRESOR_HAVE_CUDA
+Error bad_labels(const std::string& path) {
+  return Error{ErrorCode::kMalformed, path + ": a label volume with values that are not whole numbers 0..255"};  // read_nifti_labels's
+}
+
 Result<void> cuda(const gpu::detail::CudaStatus& s) {
   if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
   return {};

@@ -176,6 +176,16 @@ struct NewHeader {
 [[nodiscard]] Result<SecretBuffer> unlock(const Header& h, ByteSpan header_bytes, const KeyRing& keys,
                                           const std::string& name);
 
+/// A sealed file's header read from the start of `source`, parsed and unlocked with `keys` (its MAC
+/// verified): what every reader does before it touches a chunk. Errors name `name`: an empty or
+/// truncated header, a malformed one, no matching key, an altered header.
+struct UnlockedHeader {
+  Header header;
+  Bytes bytes;            // as serialized in the file
+  SecretBuffer file_key;  // derive_stream_keys gives the payload key
+};
+[[nodiscard]] Result<UnlockedHeader> read_header(const RandomAccessSource& source, const KeyRing& keys, const std::string& name);
+
 /// SealWriter seals a stream pushed into it. The caller's thread copies data in and sealed chunks
 /// out while `threads` workers seal (none with one thread). Memory: about threads × 2 × chunk.
 class SealWriter {

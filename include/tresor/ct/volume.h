@@ -131,6 +131,11 @@ inline constexpr std::string_view kNiftiCompressed = "gzip-compressed; its voxel
 /// geometry, and the voxels inside the file. A gzip-compressed file is refused by name
 /// (kInvalidArgument): its voxels are not at a fixed place.
 [[nodiscard]] Result<NiftiVoxels> read_nifti_layout(ByteSpan head, uint64_t file_size, const std::string& name, bool labels);
+/// The voxels of `file` (the whole uncompressed file `layout` was read from) as read_nifti_hu /
+/// read_nifti_labels decode them, with their errors: what a reader that checked the header alone
+/// does once the voxels are at hand (in host memory).
+[[nodiscard]] Result<HuVolume> decode_nifti_hu(ByteSpan file, const NiftiVoxels& layout, const std::string& name);
+[[nodiscard]] Result<LabelVolume> decode_nifti_labels(ByteSpan file, const NiftiVoxels& layout, const std::string& name);
 
 /// A DICOM CT series: every file in `dir`, one slice each, sorted by position along the slice
 /// normal; HU from RescaleSlope/Intercept; x/y spacing from PixelSpacing, z from the positions;
