@@ -158,16 +158,14 @@ struct Job {
   bool preview = true;
 };
 
-bool ends_with(const std::string& s, std::string_view e) { return s.size() > e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0; }
-
 // Why a case on a GPU device cannot take the secure channel (its files would be opened on the host
 // and copied in), or nothing when it can: sealed, uncompressed NIfTI files only.
 std::optional<std::string> no_channel_because(const Case& k) {
   if (k.dicom) return "a DICOM series is read on the host";
   for (const auto& f : {k.image, k.labels}) {
     if (f.empty()) continue;
-    if (ends_with(f, ".nii.gz.sealed")) return fs::path(f).filename().string() + " is compressed";
-    if (!ends_with(f, ".nii.sealed")) return fs::path(f).filename().string() + " is not sealed";
+    if (f.ends_with(".nii.gz.sealed")) return fs::path(f).filename().string() + " is compressed";
+    if (!f.ends_with(".nii.sealed")) return fs::path(f).filename().string() + " is not sealed";
   }
   return std::nullopt;
 }

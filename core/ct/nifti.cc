@@ -297,17 +297,19 @@ Result<void> write_nifti(const std::string& path, const Volume<float>& v) { retu
 Result<HuVolume> read_nifti_hu(ByteSpan bytes, const std::string& name) { return read_any<int16_t>(bytes, name, false); }
 Result<LabelVolume> read_nifti_labels(ByteSpan bytes, const std::string& name) { return read_any<uint8_t>(bytes, name, true); }
 Result<Volume<float>> read_nifti_float(ByteSpan bytes, const std::string& name) { return read_any<float>(bytes, name, false); }
-Result<HuVolume> decode_nifti_hu(ByteSpan file, const NiftiVoxels& layout, const std::string& name) {
+namespace {
+// to_volume on a file whose layout came from its header alone: the voxels must be in the bytes given.
+template <typename Out>
+Result<Volume<Out>> decode_checked(ByteSpan file, const NiftiVoxels& layout, const std::string& name, bool labels) {
   if (layout.vox_offset > file.size() || file.size() - layout.vox_offset < uint64_t{layout.dims[0]} * layout.dims[1] * layout.dims[2] * layout.bytes_per_voxel) {
     return fail(ErrorCode::kInvalidArgument, name + ": the voxels the header promises are not all in the bytes given");
   }
-  return to_volume<int16_t>(file, layout, name, false);
+  return to_volume<Out>(file, layout, name, labels);
 }
+}  // namespace
+Result<HuVolume> decode_nifti_hu(ByteSpan file, const NiftiVoxels& layout, const std::string& name) { return decode_checked<int16_t>(file, layout, name, false); }
 Result<LabelVolume> decode_nifti_labels(ByteSpan file, const NiftiVoxels& layout, const std::string& name) {
-  if (layout.vox_offset > file.size() || file.size() - layout.vox_offset < uint64_t{layout.dims[0]} * layout.dims[1] * layout.dims[2] * layout.bytes_per_voxel) {
-    return fail(ErrorCode::kInvalidArgument, name + ": the voxels the header promises are not all in the bytes given");
-  }
-  return to_volume<uint8_t>(file, layout, name, true);
+  return decode_checked<uint8_t>(file, layout, name, true);
 }
 Result<NiftiVoxels> read_nifti_layout(ByteSpan head, uint64_t file_size, const std::string& name, bool labels) {
   if (is_gzip(head)) return fail(ErrorCode::kInvalidArgument, name + ": " + std::string(kNiftiCompressed));
