@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "support/phantom.h"
 #include "support/test_support.h"
 #include "tresor/ct/prep.h"
 #include "tresor/ct/volume.h"
@@ -33,15 +34,7 @@ namespace fs = std::filesystem;
 using testing::TempDir;
 
 const ct::Phantom& small_phantom() {
-  static const ct::Phantom p = [] {
-    ct::PhantomOptions o;
-    o.seed = 31;
-    o.dims = {64, 60, 40};
-    o.spacing = {2.0, 2.1, 3.1};
-    auto q = ct::make_phantom(o);
-    EXPECT_TRUE(q) << q.error().message;
-    return std::move(*q);
-  }();
+  static const ct::Phantom p = testing::phantom(31, {64, 60, 40}, {2.0, 2.1, 3.1});
   return p;
 }
 

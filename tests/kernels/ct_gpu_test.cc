@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "ct_plan.h"
+#include "support/phantom.h"
 #include "support/test_support.h"
 #include "tresor/ct/ops.h"
 #include "tresor/ct/prep.h"
@@ -45,30 +46,22 @@ using ct::LabelVolume;
 using ct::PrepOptions;
 using ct::Prepared;
 
-ct::Phantom phantom(std::array<size_t, 3> dims, std::array<double, 3> spacing, uint64_t seed) {
-  ct::PhantomOptions o;
-  o.seed = seed;
-  o.dims = dims;
-  o.spacing = spacing;
-  auto p = ct::make_phantom(o);
-  EXPECT_TRUE(p) << p.error().message;
-  return std::move(*p);
-}
+using testing::phantom;
 
 // Even sizes, the ops tests' phantom, to 0.7 mm.
 const ct::Phantom& phantom_a() {
-  static const ct::Phantom p = phantom({100, 96, 56}, {1.3, 1.35, 1.6}, 21);
+  static const ct::Phantom p = phantom(21, {100, 96, 56}, {1.3, 1.35, 1.6});
   return p;
 }
 // Odd sizes (none a multiple of 8 in voxels: the histogram's scalar tail), anisotropic spacing.
 const ct::Phantom& phantom_b() {
-  static const ct::Phantom p = phantom({81, 77, 49}, {1.55, 1.62, 1.7}, 5);
+  static const ct::Phantom p = phantom(5, {81, 77, 49}, {1.55, 1.62, 1.7});
   return p;
 }
 
 const ct::Phantom& phantom_c() {
   static const ct::Phantom p = [] {
-    ct::Phantom q = phantom({40, 40, 24}, {3.0, 3.0, 3.4}, 9);
+    ct::Phantom q = phantom(9, {40, 40, 24}, {3.0, 3.0, 3.4});
     q.hu.data[0] = 32767;
     q.hu.data[1] = -32768;
     q.hu.data[q.hu.data.size() - 1] = 32767;
@@ -470,7 +463,7 @@ TEST(CtGpuDevice, PrepareDeviceOnChannelMemory) {
 TEST(CtGpuDevice, CctaSizedVolume) {
   auto devs = gpu::gpu_probe();
   TRESOR_SKIP_WITHOUT_GPU(devs);
-  const ct::Phantom p = phantom({512, 512, 256}, {0.39, 0.39, 0.625}, 1);
+  const ct::Phantom p = phantom(1, {512, 512, 256}, {0.39, 0.39, 0.625});
   PrepOptions o;
   gpu::ct::PrepTimings t;
   ASSERT_TRUE(gpu::ct::prepare(p.hu, &p.labels, o, &t));  // warm-up: module load, first allocations

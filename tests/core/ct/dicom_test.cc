@@ -8,6 +8,7 @@
 
 #include <filesystem>
 
+#include "support/phantom.h"
 #include "support/test_support.h"
 #include "tresor/ct/volume.h"
 #include "tresor/identity.h"
@@ -92,33 +93,24 @@ TEST_F(Dicom, RefusesUnevenGapsMixedSeriesAndNonImages) {
   EXPECT_NE(read_dicom_series(dir.file("empty")).error().message.find("no files"), std::string::npos);
 }
 
-// A phantom of these dimensions and spacing.
-Result<Phantom> phantom(uint64_t seed, std::array<size_t, 3> dims, std::array<double, 3> spacing) {
-  PhantomOptions o;
-  o.seed = seed;
-  o.dims = dims;
-  o.spacing = spacing;
-  return make_phantom(o);
-}
-
 TEST_F(Dicom, ThePhantomAsASeriesReadsBackExactlyAndPydicomAgrees) {
-  auto p = phantom(4, {128, 128, 64}, {1.5, 1.5, 2.0});
-  ASSERT_TRUE(p);
-  p->hu.origin = {-96, -96, -40};
+  auto p = testing::phantom(4, {128, 128, 64}, {1.5, 1.5, 2.0});
+  ASSERT_FALSE(p.hu.data.empty());
+  p.hu.origin = {-96, -96, -40};
   TempDir dir;
-  ASSERT_TRUE(write_dicom_series(dir.file("series"), p->hu, "Tresor CCTA phantom seed 4"));
+  ASSERT_TRUE(write_dicom_series(dir.file("series"), p.hu, "Tresor CCTA phantom seed 4"));
   size_t files = 0;
   for (const auto& e : fs::directory_iterator(dir.file("series"))) files += e.path().extension() == ".dcm" ? 1u : 0u;
   EXPECT_EQ(files, 64u);
   auto back = read_dicom_series(dir.file("series"));
   ASSERT_TRUE(back) << back.error().message;
-  EXPECT_EQ(back->dims, p->hu.dims);
+  EXPECT_EQ(back->dims, p.hu.dims);
   EXPECT_NEAR(back->spacing[2], 2.0, 1e-6);
   EXPECT_NEAR(back->origin[2], -40, 1e-6);
-  EXPECT_TRUE(back->data == p->hu.data);
+  EXPECT_TRUE(back->data == p.hu.data);
   EXPECT_EQ(summary(*back), pydicom_summary(dir.file("series")));
   // Same volume, same description: the same files (deterministic UIDs).
-  ASSERT_TRUE(write_dicom_series(dir.file("again"), p->hu, "Tresor CCTA phantom seed 4"));
+  ASSERT_TRUE(write_dicom_series(dir.file("again"), p.hu, "Tresor CCTA phantom seed 4"));
   EXPECT_TRUE(testing::read_file(dir.file("series/slice-0007.dcm")) == testing::read_file(dir.file("again/slice-0007.dcm")));
   // A missing slice is found.
   fs::remove(dir.file("series/slice-0030.dcm"));
@@ -132,10 +124,10 @@ TEST_F(Dicom, ThePhantomAsASeriesReadsBackExactlyAndPydicomAgrees) {
 // directory): opened in memory with the keys, every chunk verified first, the same volume as the
 // plain files; without keys, with someone else's, or with a tampered slice: refused naming it.
 TEST_F(Dicom, SealedSlicesAreOpenedInMemory) {
-  auto p = phantom(6, {96, 96, 48}, {1.5, 1.5, 2.5});
-  ASSERT_TRUE(p);
+  auto p = testing::phantom(6, {96, 96, 48}, {1.5, 1.5, 2.5});
+  ASSERT_FALSE(p.hu.data.empty());
   TempDir dir;
-  ASSERT_TRUE(write_dicom_series(dir.file("plain"), p->hu, "Tresor CCTA phantom seed 6"));
+  ASSERT_TRUE(write_dicom_series(dir.file("plain"), p.hu, "Tresor CCTA phantom seed 6"));
   const Identity owner = *Identity::generate(), other = *Identity::generate();
   fs::create_directories(dir.file("sealed"));
   for (const auto& e : fs::directory_iterator(dir.file("plain"))) {
@@ -156,7 +148,7 @@ TEST_F(Dicom, SealedSlicesAreOpenedInMemory) {
   EXPECT_EQ(back->spacing, plain->spacing);
   EXPECT_EQ(back->origin, plain->origin);
   EXPECT_TRUE(back->data == plain->data);
-  EXPECT_TRUE(back->data == p->hu.data);
+  EXPECT_TRUE(back->data == p.hu.data);
 
   auto no_keys = read_dicom_series(dir.file("sealed"));
   ASSERT_TRUE(testing::FailsWith(no_keys, ErrorCode::kNoMatchingKey));
