@@ -42,6 +42,8 @@ struct PatchParams {
   uint32_t flipped[3] = {0, 0, 0};
   double scale = 1, shift = 0, noise_sd = 0;
   uint64_t noise_state = 0;
+  uint32_t spatial = 0;  // the spatial transform applies: affine as ct::PatchDraw's
+  double affine[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
 };
 
 /// A batch slot: the foreground outcome (used when want_foreground and the case has foreground:
@@ -82,21 +84,47 @@ TRESOR_HD inline const PatchParams& resolve_patch(const VolumeView& v, const Slo
   return s.random;
 }
 
+/// A volume's float voxels as the CPU reader scales them, and its labels, for augment_hd's
+/// trilinear and label_at.
+struct StoredAt {
+  const float* p;
+  double slope, inter;
+  TRESOR_HD double operator()(uint64_t i) const { return static_cast<double>(stored_float(p, i, slope, inter)); }
+};
+struct LabelAt {
+  const uint8_t* p;
+  TRESOR_HD uint8_t operator()(uint64_t i) const { return p[i]; }
+};
+
 /// Patch voxel i (x fastest, P = f.patch): channel 0 the augmented image at the flipped source
-/// voxel, channel 1 the vesselness there × the scale, the target 1 where the label is the
-/// foreground label — exactly the CPU trainer's fill().
+/// voxel (or, under the spatial transform, interpolated at its source position), channel 1 the
+/// vesselness there × the scale, the target 1 where the label is the foreground label — exactly
+/// the CPU trainer's fill() (ct::PatchSampler::sample and channel).
 TRESOR_HD inline void fill_voxel(const VolumeView& v, const PatchParams& p, const uint64_t corner[3], const FillParams& f, uint64_t i, float* image,
                                  float* vesselness, uint8_t* target) {
+  namespace hd = tresor::ct::augment_hd;
   const uint64_t P = f.patch;
   const uint64_t x = i % P, y = (i / P) % P, z = i / (P * P);
-  const uint64_t sx = corner[0] + (p.flipped[0] != 0 ? P - 1 - x : x);
-  const uint64_t sy = corner[1] + (p.flipped[1] != 0 ? P - 1 - y : y);
-  const uint64_t sz = corner[2] + (p.flipped[2] != 0 ? P - 1 - z : z);
-  const uint64_t src = sx + v.nx * (sy + v.ny * sz);
-  const float img = stored_float(v.image, src, v.image_slope, v.image_inter);
-  image[i] = tresor::ct::augment_hd::augment_voxel(img, p.scale, p.shift, p.noise_sd, p.noise_state, i);
-  vesselness[i] = fmul(stored_float(v.vesselness, src, v.vessel_slope, v.vessel_inter), f.vesselness_scale);
-  target[i] = v.labels[src] == f.foreground_label ? 1 : 0;
+  const uint64_t q[3] = {p.flipped[0] != 0 ? P - 1 - x : x, p.flipped[1] != 0 ? P - 1 - y : y, p.flipped[2] != 0 ? P - 1 - z : z};
+  float img = 0, ves = 0;
+  bool fg = false;
+  if (p.spatial == 0) {
+    const uint64_t src = (corner[0] + q[0]) + v.nx * ((corner[1] + q[1]) + v.ny * (corner[2] + q[2]));
+    img = stored_float(v.image, src, v.image_slope, v.image_inter);
+    ves = stored_float(v.vesselness, src, v.vessel_slope, v.vessel_inter);
+    fg = v.labels[src] == f.foreground_label;
+  } else {
+    const uint64_t pn[3] = {P, P, P}, vn[3] = {v.nx, v.ny, v.nz};
+    double s[3];
+    hd::spatial_source(p.affine, corner, pn, q, s);
+    const hd::Neighbours nb = hd::neighbours(vn, s);
+    img = static_cast<float>(hd::trilinear(StoredAt{v.image, v.image_slope, v.image_inter}, nb));
+    ves = static_cast<float>(hd::trilinear(StoredAt{v.vesselness, v.vessel_slope, v.vessel_inter}, nb));
+    fg = hd::label_at(LabelAt{v.labels}, nb) == f.foreground_label;
+  }
+  image[i] = hd::augment_voxel(img, p.scale, p.shift, p.noise_sd, p.noise_state, i);
+  vesselness[i] = fmul(ves, f.vesselness_scale);
+  target[i] = fg ? 1 : 0;
 }
 
 /// The compaction's thread work: voxels [begin, end) of the labels counted, then written (in

@@ -99,6 +99,8 @@ PatchParams params_of(const ct::PatchDraw& d) {
   p.shift = d.shift;
   p.noise_sd = d.noise_sd;
   p.noise_state = d.noise_state;
+  p.spatial = d.spatial ? 1 : 0;
+  for (size_t k = 0; k < 9; ++k) p.affine[k] = d.affine[k];
   return p;
 }
 
@@ -176,10 +178,8 @@ Result<DeviceDataset> DeviceDataset::load(ChannelDevice& device, const std::vect
   ds.device_ = &device;
   ds.options_ = o;
   ds.options_.collective = nullptr;
-  // train::PatchSource's sampler options (core/train/trainer.cc, make_samplers with augmentation).
-  ds.augment_.patch = {o.patch, o.patch, o.patch};
-  ds.augment_.foreground_label = o.foreground_label;
-  ds.augment_.foreground_fraction = o.foreground_fraction;
+  // train::PatchSource's sampler options.
+  ds.augment_ = train::sampler_options(o, true);
   SecureChannel channel(device, channel_options);
 
   for (const auto& dir : case_dirs) {

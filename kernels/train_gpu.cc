@@ -519,9 +519,14 @@ Result<Tensor> conv_backward_host(const Layer& l, const Tensor& x, const Tensor&
   TRESOR_BIND(d_scratch, ses.alloc<std::byte>(*scratch));
   TRESOR_TRY(conv_backward_data_device(ses.where(), *s, d_dy, d_w, d_dx));
   TRESOR_TRY(conv_backward_weight_device(ses.where(), *s, d_x, d_dy, d_dw, d_db, d_scratch, *scratch));
+  // The accumulated gradients change only when every download succeeded (a failure leaves them
+  // as they were, like the emulation's path that cannot fail).
+  std::vector<float> dw(dweight.size()), db(dbias.size());
   TRESOR_TRY(ses.download(dx.data, d_dx));
-  TRESOR_TRY(ses.download(dweight, d_dw));
-  TRESOR_TRY(ses.download(dbias, d_db));
+  TRESOR_TRY(ses.download(dw, d_dw));
+  TRESOR_TRY(ses.download(db, d_db));
+  dweight = std::move(dw);
+  dbias = std::move(db);
   return dx;
 }
 

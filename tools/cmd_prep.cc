@@ -286,8 +286,17 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
       std::snprintf(base, sizeof base, "patch-%04zu", i);
       TRESOR_TRY(emit_nifti(out_dir / "patches" / (std::string(base) + "-image.nii"), patch.image, c));
       TRESOR_TRY(emit_nifti(out_dir / "patches" / (std::string(base) + "-labels.nii"), patch.labels, c));
-      list.push_back({{"name", base}, {"corner", patch.corner}, {"flipped", patch.flipped}, {"foreground", patch.foreground},
-                      {"foreground_missing", patch.no_foreground}, {"scale", patch.scale}, {"shift", patch.shift}, {"noise_sd", patch.noise_sd}});
+      list.push_back({{"name", base},
+                      {"corner", patch.corner},
+                      {"flipped", patch.flipped},
+                      {"foreground", patch.foreground},
+                      {"foreground_missing", patch.no_foreground},
+                      {"scale", patch.scale},
+                      {"shift", patch.shift},
+                      {"noise_sd", patch.noise_sd},
+                      {"spatial", patch.spatial},
+                      {"rotation_degrees", patch.rotation_degrees},
+                      {"scaling", patch.scaling}});
     }
     j["patches"] = {{"seed", job.seed}, {"size", job.augment.patch}, {"list", list}};
   }
@@ -297,6 +306,41 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
   auto r = write_output((out_dir / "prep.json").string(), as_bytes(text), c.seal);
   if (!r) return std::unexpected(r.error());
   return j;
+}
+
+// A case's outputs appear together or not at all: run_case writes them into a hidden staging
+// directory beside the case's; only when every output is written are they moved into the case's
+// directory, file by file with rename (replacing earlier outputs of the same names, leaving other
+// files alone). On any failure, or when a killed run left one behind, the staging directory is
+// removed.
+Result<void> move_into(const fs::path& from, const fs::path& to) {
+  std::error_code ec;
+  fs::create_directories(to, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot create " + to.string() + ": " + ec.message());
+  for (const auto& e : fs::directory_iterator(from, ec)) {
+    const fs::path dst = to / e.path().filename();
+    if (e.is_directory(ec)) {
+      TRESOR_TRY(move_into(e.path(), dst));
+    } else {
+      fs::rename(e.path(), dst, ec);
+      if (ec) return fail(ErrorCode::kIo, "cannot move " + e.path().string() + " to " + dst.string() + ": " + ec.message());
+    }
+  }
+  if (ec) return fail(ErrorCode::kIo, "cannot list " + from.string() + ": " + ec.message());
+  return {};
+}
+
+Result<nlohmann::json> run_case_whole(const Case& k, const fs::path& out, const Job& job, const Context& c) {
+  const fs::path staging = out / ("." + k.name + ".tresor-partial");
+  std::error_code ec;
+  fs::remove_all(staging, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot remove " + staging.string() + ": " + ec.message());
+  auto r = run_case(k, staging, job, c);
+  if (r) {
+    if (auto m = move_into(staging, out / k.name); !m) r = std::unexpected(m.error());
+  }
+  fs::remove_all(staging, ec);
+  return r;
 }
 
 }  // namespace
@@ -415,7 +459,7 @@ int cmd_prep(int argc, char** argv) {
   for (size_t i = 0; i < cases.size(); ++i) {
     const Case& k = cases[i];
     if (tty) std::fprintf(stderr, "\rprep: %zu/%zu %s …\x1b[K", i + 1, cases.size(), k.name.c_str());
-    auto r = run_case(k, fs::path(out) / k.name, job, c);
+    auto r = run_case_whole(k, fs::path(out), job, c);
     const double elapsed = now_seconds() - start;
     if (tty) std::fprintf(stderr, "\r\x1b[K");
     if (!r) {

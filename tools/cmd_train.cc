@@ -54,6 +54,9 @@ Result<TrainConfig> parse_config(const std::string& path) {
       {"model", {"levels", "base_channels", "max_channels", "deep_supervision"}},
       {"data", {"train", "validation"}},
       {"training", {"steps", "batch", "patch", "optimizer", "lr", "weight_decay", "seed", "validate_every", "validation_patches", "threads", "full_volume_validation"}},
+      {"augmentation",
+       {"flip_probability", "intensity_probability", "noise_probability", "rotation_probability", "rotation_max_degrees", "scaling_probability",
+        "scaling_min", "scaling_max"}},
       {"output", {"dir"}}};
   for (const auto& [k, v] : t) {
     const std::string key(k.str());
@@ -98,6 +101,16 @@ Result<TrainConfig> parse_config(const std::string& path) {
   o.threads = static_cast<unsigned>(threads);
   TRESOR_TRY(number("training", "lr", o.lr, 0, 10));
   TRESOR_TRY(number("training", "weight_decay", o.weight_decay, 0, 1));
+  auto& a = o.augment;
+  for (auto [key, into] : {std::pair{"flip_probability", &a.flip_probability}, {"intensity_probability", &a.intensity_probability},
+                           {"noise_probability", &a.noise_probability}, {"rotation_probability", &a.rotation_probability},
+                           {"scaling_probability", &a.scaling_probability}}) {
+    TRESOR_TRY(number("augmentation", key, *into, 0, 1));
+  }
+  TRESOR_TRY(number("augmentation", "rotation_max_degrees", a.rotation_max_degrees, 0, 180));
+  TRESOR_TRY(number("augmentation", "scaling_min", a.scaling_min, 0.1, 10));
+  TRESOR_TRY(number("augmentation", "scaling_max", a.scaling_max, 0.1, 10));
+  if (a.scaling_min > a.scaling_max) return fail(ErrorCode::kInvalidArgument, path + ": augmentation.scaling_min is above augmentation.scaling_max");
   if (const auto opt = t["training"]["optimizer"]) {
     const auto s = opt.value<std::string>();
     if (!s || (*s != "adamw" && *s != "sgd")) return fail(ErrorCode::kInvalidArgument, path + ": training.optimizer must be \"adamw\" or \"sgd\"");

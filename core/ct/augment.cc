@@ -21,6 +21,28 @@ Result<void> check_range(const char* name, double lo, double hi) {
   return {};
 }
 
+// Visits the patch's voxels in index order: plain(dst, src) with the source voxel's index for a
+// plain crop, spatial(dst, neighbours) with the source position's eight voxels under the spatial
+// transform.
+template <typename Plain, typename Spatial>
+void for_each_voxel(const Patch& p, const std::array<size_t, 3>& dims, const std::array<size_t, 3>& n, Plain plain, Spatial spatial) {
+  const uint64_t corner[3] = {p.corner[0], p.corner[1], p.corner[2]};
+  const uint64_t pn[3] = {n[0], n[1], n[2]}, vn[3] = {dims[0], dims[1], dims[2]};
+  size_t dst = 0;
+  for (size_t z = 0; z < n[2]; ++z)
+    for (size_t y = 0; y < n[1]; ++y)
+      for (size_t x = 0; x < n[0]; ++x, ++dst) {
+        const uint64_t q[3] = {p.flipped[0] ? n[0] - 1 - x : x, p.flipped[1] ? n[1] - 1 - y : y, p.flipped[2] ? n[2] - 1 - z : z};
+        if (!p.spatial) {
+          plain(dst, (corner[0] + q[0]) + dims[0] * ((corner[1] + q[1]) + dims[1] * (corner[2] + q[2])));
+        } else {
+          double s[3];
+          augment_hd::spatial_source(p.affine.data(), corner, pn, q, s);
+          spatial(dst, augment_hd::neighbours(vn, s));
+        }
+      }
+}
+
 }  // namespace
 
 Result<void> PatchSampler::check(const AugmentOptions& o, const std::array<size_t, 3>& dims) {
@@ -39,6 +61,14 @@ Result<void> PatchSampler::check(const AugmentOptions& o, const std::array<size_
   if (auto r = check_range("shift", o.shift_min, o.shift_max); !r) return std::unexpected(r.error());
   if (auto r = check_range("noise variance", o.noise_variance_min, o.noise_variance_max); !r) return std::unexpected(r.error());
   if (o.noise_variance_min < 0) return fail(ErrorCode::kInvalidArgument, "augment: noise variance " + std::to_string(o.noise_variance_min) + " is negative");
+  for (auto [name, p] : {std::pair{"rotation probability", o.rotation_probability}, {"scaling probability", o.scaling_probability}}) {
+    if (auto r = check_probability(name, p); !r) return std::unexpected(r.error());
+  }
+  if (!(o.rotation_max_degrees >= 0 && o.rotation_max_degrees <= 180)) {
+    return fail(ErrorCode::kInvalidArgument, "augment: rotation of " + std::to_string(o.rotation_max_degrees) + " degrees is not in 0..180");
+  }
+  if (auto r = check_range("scaling", o.scaling_min, o.scaling_max); !r) return std::unexpected(r.error());
+  if (!(o.scaling_min > 0)) return fail(ErrorCode::kInvalidArgument, "augment: scaling factor " + std::to_string(o.scaling_min) + " is not positive");
   return {};
 }
 
@@ -73,6 +103,20 @@ PatchDraw PatchSampler::draw(const AugmentOptions& o, const std::array<size_t, 3
   }
   if (rng.uniform() < o.noise_probability) p.noise_sd = std::sqrt(rng.between(o.noise_variance_min, o.noise_variance_max));
   p.noise_state = rng.s;
+
+  // The spatial transform's own stream, in batchgeneratorsv2's order: rotate?, scale?, the three
+  // angles, the factor. An angle is a whole number of 2^-53 turns, uniform in ±max.
+  detail::Rng srng{seed ^ (index * 0x9E6C63D0676A9A99ull + 0x3C6EF372FE94F82Bull)};
+  srng.next();
+  const bool rotate = srng.uniform() < o.rotation_probability;
+  const bool scale = srng.uniform() < o.scaling_probability;
+  if (rotate) {
+    const auto k = static_cast<uint64_t>(std::floor(o.rotation_max_degrees / 360 * 0x1p53));  // ≤ 2^52
+    for (size_t a = 0; a < 3; ++a) p.turns[a] = static_cast<int64_t>(srng.next() % (2 * k + 1)) - static_cast<int64_t>(k);
+  }
+  if (scale) p.scaling = srng.between(o.scaling_min, o.scaling_max);
+  p.spatial = rotate || scale;
+  if (p.spatial) augment_hd::rotation_scaling(p.turns.data(), p.scaling, p.affine.data());
   return p;
 }
 
@@ -94,6 +138,10 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
   p.scale = dr.scale;
   p.shift = dr.shift;
   p.noise_sd = dr.noise_sd;
+  p.spatial = dr.spatial;
+  p.scaling = dr.scaling;
+  p.affine = dr.affine;
+  for (size_t a = 0; a < 3; ++a) p.rotation_degrees[a] = static_cast<double>(dr.turns[a]) * 0x1p-53 * 360;
 
   const auto& n = o_.patch;
   p.image.dims = n;
@@ -108,19 +156,36 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
   p.labels.data.resize(p.labels.size());
   // Voxel k (in the patch's index order) takes the stream's normals at k: the draws a sequential
   // loop would take, addressed directly so that the GPU loader computes the same (augment_hd.h).
-  for (size_t z = 0; z < n[2]; ++z) {
-    const size_t sz = p.corner[2] + (p.flipped[2] ? n[2] - 1 - z : z);
-    for (size_t y = 0; y < n[1]; ++y) {
-      const size_t sy = p.corner[1] + (p.flipped[1] ? n[1] - 1 - y : y);
-      for (size_t x = 0; x < n[0]; ++x) {
-        const size_t sx = p.corner[0] + (p.flipped[0] ? n[0] - 1 - x : x);
-        const size_t src = image_->index(sx, sy, sz), dst = p.image.index(x, y, z);
-        p.image.data[dst] = augment_hd::augment_voxel(image_->data[src], p.scale, p.shift, p.noise_sd, dr.noise_state, dst);
-        p.labels.data[dst] = labels_->data[src];
-      }
-    }
-  }
+  const float* image = image_->data.data();
+  const uint8_t* labels = labels_->data.data();
+  auto image_at = [image](uint64_t i) { return static_cast<double>(image[i]); };
+  auto label_at = [labels](uint64_t i) { return labels[i]; };
+  for_each_voxel(
+      p, d, n,
+      [&](size_t dst, size_t src) {
+        p.image.data[dst] = augment_hd::augment_voxel(image[src], p.scale, p.shift, p.noise_sd, dr.noise_state, dst);
+        p.labels.data[dst] = labels[src];
+      },
+      [&](size_t dst, const augment_hd::Neighbours& nb) {
+        const auto v = static_cast<float>(augment_hd::trilinear(image_at, nb));
+        p.image.data[dst] = augment_hd::augment_voxel(v, p.scale, p.shift, p.noise_sd, dr.noise_state, dst);
+        p.labels.data[dst] = augment_hd::label_at(label_at, nb);
+      });
   return p;
+}
+
+Result<std::vector<float>> PatchSampler::channel(const Patch& patch, const Volume<float>& other) const {
+  if (other.dims != image_->dims || other.data.size() != image_->data.size()) {
+    return fail(ErrorCode::kInvalidArgument, "augment: the channel does not have the image's dimensions");
+  }
+  if (patch.image.dims != o_.patch) return fail(ErrorCode::kInvalidArgument, "augment: the patch is not one of this sampler's");
+  std::vector<float> out(patch.image.size());
+  const float* v = other.data.data();
+  auto at = [v](uint64_t i) { return static_cast<double>(v[i]); };
+  for_each_voxel(
+      patch, image_->dims, o_.patch, [&](size_t dst, size_t src) { out[dst] = v[src]; },
+      [&](size_t dst, const augment_hd::Neighbours& nb) { out[dst] = static_cast<float>(augment_hd::trilinear(at, nb)); });
+  return out;
 }
 
 }  // namespace tresor::ct

@@ -15,34 +15,26 @@ struct CaseSampler {
   std::unique_ptr<ct::PatchSampler> sampler;
 };
 
-// Patches `first`… of a case into batch slots [slot, slot + count): channel 0 the augmented
-// image patch, channel 1 the vesselness at the same voxels (corner and flips as drawn), target 1
-// where the label is the foreground label.
+// Patch `index` of a case into batch slot `slot`: channel 0 the augmented image patch, channel 1
+// the vesselness at the same voxels (crop, flips and spatial transform as drawn), target 1 where
+// the label is the foreground label.
 void fill(const CaseSampler& c, uint64_t seed, uint64_t index, size_t slot, const TrainerOptions& o, Tensor& x, std::vector<uint8_t>& y) {
-  const size_t P = o.patch, m = P * P * P;
+  const size_t m = o.patch * o.patch * o.patch;
   const ct::Patch patch = c.sampler->sample(seed, index);
-  for (size_t z = 0; z < P; ++z)
-    for (size_t yy = 0; yy < P; ++yy)
-      for (size_t xx = 0; xx < P; ++xx) {
-        const size_t i = patch.image.index(xx, yy, z);
-        const size_t sx = patch.corner[0] + (patch.flipped[0] ? P - 1 - xx : xx);
-        const size_t sy = patch.corner[1] + (patch.flipped[1] ? P - 1 - yy : yy);
-        const size_t sz = patch.corner[2] + (patch.flipped[2] ? P - 1 - z : z);
-        x.data[(slot * 2 + 0) * m + i] = patch.image.data[i];
-        x.data[(slot * 2 + 1) * m + i] = c.p->vesselness.at(sx, sy, sz) * static_cast<float>(o.vesselness_scale);
-        y[slot * m + i] = patch.labels.data[i] == o.foreground_label ? 1 : 0;
-      }
+  // The vesselness has the image's dimensions (ct::Prepared), so this cannot fail.
+  const std::vector<float> vesselness = c.sampler->channel(patch, c.p->vesselness).value();
+  for (size_t i = 0; i < m; ++i) {
+    x.data[(slot * 2 + 0) * m + i] = patch.image.data[i];
+    x.data[(slot * 2 + 1) * m + i] = vesselness[i] * static_cast<float>(o.vesselness_scale);
+    y[slot * m + i] = patch.labels.data[i] == o.foreground_label ? 1 : 0;
+  }
 }
 
 Result<std::vector<CaseSampler>> make_samplers(const std::vector<const ct::Prepared*>& cases, bool augment, const TrainerOptions& o) {
   std::vector<CaseSampler> out;
   for (size_t i = 0; i < cases.size(); ++i) {
     if (!cases[i]->labels) return fail(ErrorCode::kInvalidArgument, "train: case " + std::to_string(i) + " has no labels");
-    ct::AugmentOptions a;
-    a.patch = {o.patch, o.patch, o.patch};
-    a.foreground_label = o.foreground_label;
-    a.foreground_fraction = augment ? o.foreground_fraction : 1.0;
-    if (!augment) a.flip_probability = a.intensity_probability = a.noise_probability = 0;
+    const ct::AugmentOptions a = sampler_options(o, augment);
     auto s = ct::PatchSampler::create(cases[i]->image, *cases[i]->labels, a);
     if (!s) return fail(s.error().code, "train: case " + std::to_string(i) + ": " + s.error().message);
     out.push_back({cases[i], std::make_unique<ct::PatchSampler>(std::move(*s))});
@@ -64,6 +56,15 @@ void build_validation(const std::vector<CaseSampler>& va, const TrainerOptions& 
 }
 
 }  // namespace
+
+ct::AugmentOptions sampler_options(const TrainerOptions& o, bool augment) {
+  ct::AugmentOptions a = o.augment;
+  a.patch = {o.patch, o.patch, o.patch};
+  a.foreground_label = o.foreground_label;
+  a.foreground_fraction = augment ? o.foreground_fraction : 1.0;
+  if (!augment) a.flip_probability = a.intensity_probability = a.noise_probability = a.rotation_probability = a.scaling_probability = 0;
+  return a;
+}
 
 struct PatchSource::Impl {
   std::vector<CaseSampler> cases;

@@ -185,15 +185,13 @@ class Loader : public ::testing::Test {
 };
 
 // The patches the comparison covers (12 steps of 3 over the cases a, b, c) exercise every branch:
-// foreground-centred, the no-foreground fallback (case c), random corners, flips, intensity and
-// noise (the draws are the CPU sampler's).
+// foreground-centred, the no-foreground fallback (case c), random corners, flips, intensity,
+// noise, rotation and scaling (the draws are the CPU sampler's).
 TEST_F(Loader, TheComparedStepsCoverEveryAugmentation) {
   const auto o = options();
-  ct::AugmentOptions a;
-  a.patch = {o.patch, o.patch, o.patch};
-  a.foreground_fraction = o.foreground_fraction;
+  const ct::AugmentOptions a = train::sampler_options(o, true);
   const std::array<std::array<size_t, 3>, 3> dims{read_back(data().a).image.dims, read_back(data().b).image.dims, read_back(data().c).image.dims};
-  size_t fg = 0, fallback = 0, random = 0, flips = 0, intensity = 0, noise = 0;
+  size_t fg = 0, fallback = 0, random = 0, flips = 0, intensity = 0, noise = 0, rotated = 0, scaled = 0;
   for (uint64_t g = 0; g < 12 * o.batch; ++g) {
     const auto d = ct::PatchSampler::draw(a, dims[g % 3], g % 3 != 2, o.seed, g);
     fg += d.from_foreground ? 1u : 0u;
@@ -202,7 +200,11 @@ TEST_F(Loader, TheComparedStepsCoverEveryAugmentation) {
     flips += d.flipped[0] || d.flipped[1] || d.flipped[2] ? 1u : 0u;
     intensity += d.scale != 1 ? 1u : 0u;
     noise += d.noise_sd > 0 ? 1u : 0u;
+    rotated += d.turns != std::array<int64_t, 3>{} ? 1u : 0u;
+    scaled += d.scaling != 1 ? 1u : 0u;
   }
+  EXPECT_GT(rotated, 0u);
+  EXPECT_GT(scaled, 0u);
   EXPECT_GT(fg, 0u);
   EXPECT_GT(fallback, 0u);
   EXPECT_GT(random, 0u);

@@ -569,6 +569,20 @@ TEST_F(Cli, PrepNamesWhatIsWrongWithItsInputs) {
   auto nolab = run_tresor({"prep", "-o", dir.file("o"), dir.file("p/ccta.nii"), "--patches", "1", "--spacing", "1.5"});
   EXPECT_NE(nolab.exit_code, 0);
   EXPECT_NE(nolab.err.find("case ccta: ccta: --patches needs labels"), std::string::npos) << nolab.err;
+  // The case failed after its image and vesselness were written: none of its outputs remain.
+  EXPECT_FALSE(std::filesystem::exists(dir.file("o/ccta"))) << "a failed case leaves no outputs";
+  EXPECT_FALSE(std::filesystem::exists(dir.file("o/.ccta.tresor-partial")));
+  // Outputs move into the case's directory only when all are written: other files there stay,
+  // earlier outputs of the same names are replaced, no staging directory remains.
+  std::filesystem::create_directories(dir.file("o/ccta"));
+  write_file(dir.file("o/ccta/mine.txt"), as_bytes(std::string("keep")), 0644);
+  write_file(dir.file("o/ccta/prep.json"), as_bytes(std::string("old")), 0644);
+  auto again = run_tresor({"prep", "-o", dir.file("o"), dir.file("p/ccta.nii"), "--spacing", "1.5"});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(to_string(testing::read_file(dir.file("o/ccta/mine.txt"))), "keep");
+  EXPECT_TRUE(to_string(testing::read_file(dir.file("o/ccta/prep.json"))).starts_with("{")) << "replaced";
+  EXPECT_TRUE(std::filesystem::exists(dir.file("o/ccta/image.nii")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("o/.ccta.tresor-partial")));
   auto sig = run_tresor({"prep", "-o", dir.file("o"), dir.file("p"), "--sigmas", "1,x"});
   EXPECT_EQ(sig.exit_code, 2);
   EXPECT_NE(sig.err.find("--sigmas wants numbers separated by commas, not '1,x'"), std::string::npos) << sig.err;
@@ -802,6 +816,23 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_NE(bad_opt.err.find("training.optimizer must be \"adamw\" or \"sgd\""), std::string::npos) << bad_opt.err;
   auto bad_patch = run_tresor({"train", "--config", config("f.toml", "x", "seed = -1\n")});
   EXPECT_NE(bad_patch.err.find("training.seed must be an integer"), std::string::npos) << bad_patch.err;
+  auto bad_aug = run_tresor({"train", "--config", config("i.toml", "x", "[augmentation]\nrotation_probability = 1.5\n")});
+  EXPECT_EQ(bad_aug.exit_code, 2);
+  EXPECT_NE(bad_aug.err.find("augmentation.rotation_probability must be a number in 0"), std::string::npos) << bad_aug.err;
+  auto bad_aug_key = run_tresor({"train", "--config", config("j.toml", "x", "[augmentation]\nelastic_probability = 0.2\n")});
+  EXPECT_NE(bad_aug_key.err.find("unknown key augmentation.elastic_probability"), std::string::npos) << bad_aug_key.err;
+  auto bad_scaling = run_tresor({"train", "--config", config("k.toml", "x", "[augmentation]\nscaling_min = 1.5\nscaling_max = 1.2\n")});
+  EXPECT_NE(bad_scaling.err.find("augmentation.scaling_min is above augmentation.scaling_max"), std::string::npos) << bad_scaling.err;
+  // The augmentation section is used: switched off, the first steps see other patches.
+  auto no_aug = run_tresor({"train", "--config",
+                            config("l.toml", "noaug",
+                                   "[augmentation]\nflip_probability = 0\nintensity_probability = 0\nnoise_probability = 0\nrotation_probability = 0\n"
+                                   "scaling_probability = 0\n"),
+                            "--stop-after", "2"});
+  ASSERT_EQ(no_aug.exit_code, 0) << no_aug.err;
+  const auto no_aug_loss = nlohmann::json::parse(to_string(testing::read_file(dir.file("noaug/metrics.json"))))["loss"];
+  ASSERT_EQ(no_aug_loss.size(), 2u);
+  EXPECT_NE(no_aug_loss[0].get<double>(), metrics["loss"][0].get<double>());
   write_file(dir.file("g.toml"), as_bytes("[model]\nlevels = 2\n[data]\ntrain = []\n[output]\ndir = \"x\"\n"), 0644);
   auto no_data = run_tresor({"train", "--config", dir.file("g.toml")});
   EXPECT_NE(no_data.err.find("data.train must list at least one prepared case directory"), std::string::npos) << no_data.err;

@@ -22,6 +22,15 @@ struct AugmentOptions {
   double shift_min = -0.1, shift_max = 0.1;    // in image units (z-scored intensities)
   double noise_probability = 0.1;              // then the variance drawn uniformly:
   double noise_variance_min = 0, noise_variance_max = 0.1;
+  // The spatial transform (nnU-Net v2's SpatialTransform: p_rotation 0.2, ±30° about each axis for
+  // 3D patches, p_scaling 0.2, one factor 0.7–1.4 for all axes, no elastic deformation): the patch
+  // is sampled from the volume rotated and scaled about its centre, the image trilinearly, the
+  // labels by the largest interpolated weight (tresor/ct/augment_hd.h). Drawn from a stream of
+  // their own, so that switching them off leaves every other draw as it was.
+  double rotation_probability = 0.2;           // then three angles drawn uniformly in ±max:
+  double rotation_max_degrees = 30;            // 0..180
+  double scaling_probability = 0.2;            // then one factor drawn uniformly:
+  double scaling_min = 0.7, scaling_max = 1.4; // > 0; above 1 takes in more of the volume
 };
 
 struct Patch {
@@ -34,6 +43,12 @@ struct Patch {
                                                // asked for but the volume has none: see no_foreground)
   bool no_foreground = false;                  // foreground was drawn but the volume has none
   double scale = 1, shift = 0, noise_sd = 0;
+  // The spatial transform: when `spatial`, patch voxel p (flips undone) shows the volume at
+  // corner + (patch − 1)/2 + affine·(p − (patch − 1)/2) (augment_hd::spatial_source).
+  bool spatial = false;
+  std::array<double, 3> rotation_degrees{};   // about x, y, z (0 when not rotated)
+  double scaling = 1;
+  std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
 };
 
 /// What PatchSampler::sample draws for one patch before it reads a voxel, in the draws' order:
@@ -51,6 +66,13 @@ struct PatchDraw {
   std::array<bool, 3> flipped{};
   double scale = 1, shift = 0, noise_sd = 0;
   uint64_t noise_state = 0;
+  /// The spatial transform, from its own stream (independent of the draws above): whether it
+  /// applies, its angles (signed turns in units of 2^-53, exactly what the matrix is made from)
+  /// and factor, and the matrix (augment_hd::rotation_scaling).
+  bool spatial = false;
+  std::array<int64_t, 3> turns{};
+  double scaling = 1;
+  std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
 };
 
 /// Draws patches from one volume and its labels. The foreground voxels are listed once, here.
@@ -65,13 +87,18 @@ class PatchSampler {
 
   /// kInvalidArgument names what is wrong: labels of other dimensions, a patch larger than the
   /// volume on an axis or empty, a probability or fraction outside [0, 1], a range with min > max,
-  /// a negative variance.
+  /// a negative variance, a rotation outside 0..180 degrees, a scaling factor that is not positive.
   [[nodiscard]] static Result<PatchSampler> create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options);
 
   /// Patch `index` of the stream `seed`: independent of any other call. The noise's normals come
   /// from tresor/ct/augment_hd.h (no libm), which the GPU data loader runs too.
   [[nodiscard]] Patch sample(uint64_t seed, uint64_t index) const;
   size_t foreground_voxels() const { return foreground_.size(); }
+
+  /// Another channel of the same volume (`other`: the sampler's dimensions, e.g. the vesselness)
+  /// at the voxels of `patch` (sampled from this sampler): the same crop, flips and spatial
+  /// transform, no intensity change or noise. An `other` of different dimensions is kInvalidArgument.
+  [[nodiscard]] Result<std::vector<float>> channel(const Patch& patch, const Volume<float>& other) const;
 
  private:
   PatchSampler(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options)

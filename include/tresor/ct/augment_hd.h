@@ -112,6 +112,136 @@ TRESOR_HD inline uint64_t centred_corner(uint64_t c, uint64_t patch, uint64_t n)
   return lo < n - patch ? lo : n - patch;
 }
 
+/// sin(2π·k/2^53) = cos(2π·k/2^53 − π/2), for a signed k with |k| < 2^52 (taken modulo 2^53).
+TRESOR_HD inline double sin_2pi_k53(int64_t k) {
+  constexpr uint64_t kMask = (uint64_t{1} << 53) - 1;
+  return cos_2pi_k53((static_cast<uint64_t>(k) - (uint64_t{1} << 51)) & kMask);
+}
+TRESOR_HD inline double cos_2pi_signed_k53(int64_t k) {
+  constexpr uint64_t kMask = (uint64_t{1} << 53) - 1;
+  return cos_2pi_k53(static_cast<uint64_t>(k) & kMask);
+}
+
+/// out = a·b for row-major 3×3 matrices, each entry summed left to right.
+TRESOR_HD inline void mat3_product(const double* a, const double* b, double* out) {
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) out[3 * i + j] = dadd(dadd(dmul(a[3 * i], b[j]), dmul(a[3 * i + 1], b[3 + j])), dmul(a[3 * i + 2], b[6 + j]));
+}
+
+/// The spatial transform's 3×3 matrix (row-major) for rotations about the x, y and z axes of
+/// turns[a]·2^-53 of a full turn each and a scaling factor: M = Rz·Ry·Rx·(scaling·I), the
+/// composition of batchgeneratorsv2's create_affine_matrix_3d (nnU-Net v2's SpatialTransform).
+/// Patch offset d (from the patch's centre, in voxels) samples the source at centre + M·d, so a
+/// scaling above 1 takes in a larger region and shows structures smaller ("larger numbers =
+/// smaller objects", as batchgeneratorsv2 says). Computed with exactly rounded operations in a fixed
+/// order: the same bits on every machine.
+TRESOR_HD inline void rotation_scaling(const int64_t turns[3], double scaling, double m[9]) {
+  const double cx = cos_2pi_signed_k53(turns[0]), sx = sin_2pi_k53(turns[0]);
+  const double cy = cos_2pi_signed_k53(turns[1]), sy = sin_2pi_k53(turns[1]);
+  const double cz = cos_2pi_signed_k53(turns[2]), sz = sin_2pi_k53(turns[2]);
+  const double rx[9] = {1, 0, 0, 0, cx, -sx, 0, sx, cx};
+  const double ry[9] = {cy, 0, sy, 0, 1, 0, -sy, 0, cy};
+  const double rz[9] = {cz, -sz, 0, sz, cz, 0, 0, 0, 1};
+  double zy[9], zyx[9];
+  mat3_product(rz, ry, zy);
+  mat3_product(zy, rx, zyx);
+  for (int i = 0; i < 9; ++i) m[i] = dmul(zyx[i], scaling);
+}
+
+/// The source position of a patch voxel under the spatial transform: p[a] is the voxel's position
+/// in the patch on axis a after the flips are undone (0..n[a]−1), corner[a] the corner of the
+/// untransformed patch; the patch rotates and scales about its centre corner + (n − 1)/2.
+TRESOR_HD inline void spatial_source(const double m[9], const uint64_t corner[3], const uint64_t n[3], const uint64_t p[3], double s[3]) {
+  double d[3], c[3];
+  for (int a = 0; a < 3; ++a) {
+    const double h = dmul(static_cast<double>(n[a] - 1), 0.5);  // exact
+    c[a] = dadd(static_cast<double>(corner[a]), h);             // exact below 2^52
+    d[a] = dsub(static_cast<double>(p[a]), h);                  // exact
+  }
+  for (int a = 0; a < 3; ++a) s[a] = dadd(c[a], dadd(dadd(dmul(m[3 * a], d[0]), dmul(m[3 * a + 1], d[1])), dmul(m[3 * a + 2], d[2])));
+}
+
+/// ⌊x⌋ for |x| < 2^62, exact (conversion truncates toward zero; one step down for negatives).
+TRESOR_HD inline int64_t floor_int(double x) {
+  int64_t t = static_cast<int64_t>(x);
+  if (static_cast<double>(t) > x) t -= 1;
+  return t;
+}
+
+/// The eight voxels around a source position and their trilinear weights, in a fixed order (x
+/// fastest); a voxel outside the volume has index −1. The weights are products of (1 − f) and f per
+/// axis, f the position's fraction past the lower voxel.
+struct Neighbours {
+  int64_t index[8];
+  double weight[8];
+};
+TRESOR_HD inline Neighbours neighbours(const uint64_t n[3], const double s[3]) {
+  int64_t lo[3];
+  double w[3][2];
+  for (int a = 0; a < 3; ++a) {
+    // Far outside the volume: any position beyond one voxel past the edge reads nothing.
+    const double lim = static_cast<double>(n[a]) + 1;
+    const double x = s[a] < -2.0 ? -2.0 : (s[a] > lim ? lim : s[a]);
+    lo[a] = floor_int(x);
+    const double f = dsub(x, static_cast<double>(lo[a]));  // exact
+    w[a][0] = dsub(1.0, f);
+    w[a][1] = f;
+  }
+  Neighbours nb{};
+  int k = 0;
+  for (int dz = 0; dz < 2; ++dz)
+    for (int dy = 0; dy < 2; ++dy)
+      for (int dx = 0; dx < 2; ++dx, ++k) {
+        const int64_t x = lo[0] + dx, y = lo[1] + dy, z = lo[2] + dz;
+        const bool inside = x >= 0 && y >= 0 && z >= 0 && static_cast<uint64_t>(x) < n[0] && static_cast<uint64_t>(y) < n[1] && static_cast<uint64_t>(z) < n[2];
+        nb.index[k] = inside ? static_cast<int64_t>(static_cast<uint64_t>(x) + n[0] * (static_cast<uint64_t>(y) + n[1] * static_cast<uint64_t>(z))) : -1;
+        nb.weight[k] = dmul(dmul(w[2][dz], w[1][dy]), w[0][dx]);
+      }
+  return nb;
+}
+
+/// Trilinear interpolation of a volume at a source position, zero outside the volume (as
+/// batchgeneratorsv2 samples images: grid_sample, bilinear, zero padding). `at(i)` gives voxel i's
+/// value; the sum runs in Neighbours' order.
+template <typename At>
+TRESOR_HD inline double trilinear(const At& at, const Neighbours& nb) {
+  double v = 0;
+  for (int k = 0; k < 8; ++k) {
+    if (nb.index[k] >= 0) v = dadd(v, dmul(nb.weight[k], at(static_cast<uint64_t>(nb.index[k]))));
+  }
+  return v;
+}
+
+/// The label at a source position: each label's trilinear weight among the eight voxels (summed in
+/// Neighbours' order), the largest wins, a tie goes to the smaller label; where no voxel inside the
+/// volume has weight, 0 (background). This is batchgeneratorsv2's segmentation sampling as nnU-Net
+/// v2 configures it (each label's indicator interpolated, the largest taken) with the outside
+/// counting as background (nnU-Net maps its padding value −1 to 0).
+template <typename At>
+TRESOR_HD inline uint8_t label_at(const At& at, const Neighbours& nb) {
+  uint8_t label[8];
+  double weight[8];
+  int used = 0;
+  for (int k = 0; k < 8; ++k) {
+    if (nb.index[k] < 0 || !(nb.weight[k] > 0)) continue;
+    const uint8_t l = at(static_cast<uint64_t>(nb.index[k]));
+    int j = 0;
+    while (j < used && label[j] != l) ++j;
+    if (j == used) {
+      label[used] = l;
+      weight[used] = 0;
+      ++used;
+    }
+    weight[j] = dadd(weight[j], nb.weight[k]);
+  }
+  if (used == 0) return 0;
+  int best = 0;
+  for (int j = 1; j < used; ++j) {
+    if (weight[j] > weight[best] || (weight[j] == weight[best] && label[j] < label[best])) best = j;
+  }
+  return label[best];
+}
+
 /// One augmented image voxel: the source value scaled and shifted (in double), plus noise_sd times
 /// the voxel's normal deviate when noise_sd > 0, rounded to float.
 TRESOR_HD inline float augment_voxel(float src, double scale, double shift, double noise_sd, uint64_t noise_state, uint64_t k) {

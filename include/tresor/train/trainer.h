@@ -28,6 +28,9 @@ struct TrainerOptions {
   double vesselness_scale = 5;            // the second channel: vesselness × this
   uint8_t foreground_label = ct::kCoronary;
   double foreground_fraction = 2.0 / 3;
+  /// The training patches' augmentation (nnU-Net's defaults, tresor/ct/augment.h); its patch,
+  /// foreground label and foreground fraction are the fields above (sampler_options).
+  ct::AugmentOptions augment;
   size_t validation_patches = 8;
   size_t validate_every = 50;
   uint64_t seed = 1;
@@ -42,6 +45,10 @@ struct TrainerOptions {
   Collective* collective = nullptr;
   size_t bucket_elements = size_t{25} << 18;  // 25 MiB of float gradients, PyTorch DDP's default bucket
 };
+
+/// The patch sampler's options for training (`augment`) or for validation (centred on
+/// foreground, no augmentation); train::PatchSource and the GPU data loader both use these.
+[[nodiscard]] ct::AugmentOptions sampler_options(const TrainerOptions& o, bool augment);
 
 struct TrainingLog {
   std::vector<double> loss;                          // per step

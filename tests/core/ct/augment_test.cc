@@ -1,12 +1,17 @@
 // Training patches (include/tresor/ct/augment.h): reproducible from (seed, index), biased to the
 // foreground as asked, flips and intensity changes exactly as recorded, noise of the drawn size,
-// and every bad option named.
+// the spatial transform (rotation, scaling) against exact rotations and a textbook trilinear
+// interpolation, and every bad option named.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numbers>
 
 #include "tresor/ct/augment.h"
+#include "tresor/ct/augment_hd.h"
 #include "tresor/ct/ops.h"
+#include "tresor/splitmix.h"
 
 namespace tresor::ct {
 namespace {
@@ -34,6 +39,8 @@ AugmentOptions plain(std::array<size_t, 3> patch) {
   o.flip_probability = 0;
   o.intensity_probability = 0;
   o.noise_probability = 0;
+  o.rotation_probability = 0;
+  o.scaling_probability = 0;
   return o;
 }
 
@@ -168,10 +175,260 @@ TEST(Augment, BadOptionsAreNamed) {
   o.noise_variance_min = -1;
   EXPECT_NE(message(o, s.labels).find("noise variance -1"), std::string::npos);
   o.noise_variance_min = 0;
+  o.rotation_max_degrees = 200;
+  EXPECT_NE(message(o, s.labels).find("rotation of 200.000000 degrees is not in 0..180"), std::string::npos);
+  o.rotation_max_degrees = 30;
+  o.rotation_probability = -0.1;
+  EXPECT_NE(message(o, s.labels).find("rotation probability -0.1"), std::string::npos);
+  o.rotation_probability = 0.2;
+  o.scaling_min = 0;
+  EXPECT_NE(message(o, s.labels).find("scaling factor 0.000000 is not positive"), std::string::npos);
+  o.scaling_min = 1.5;
+  EXPECT_NE(message(o, s.labels).find("scaling range 1.5"), std::string::npos);
+  o.scaling_min = 0.7;
   LabelVolume small = s.labels;
   small.dims[0] = 95;
   EXPECT_NE(message(o, small).find("labels do not have the image's dimensions"), std::string::npos);
   EXPECT_TRUE(PatchSampler::create(s.image, s.labels, o));
+}
+
+}  // namespace
+}  // namespace tresor::ct
+
+namespace tresor::ct {
+namespace {
+
+// A volume of random values and labels 0..3 for the spatial transform's tests.
+Source random_source(std::array<size_t, 3> dims, uint64_t seed) {
+  Source s;
+  s.image.dims = s.labels.dims = dims;
+  s.image.data.resize(s.image.size());
+  s.labels.data.resize(s.image.size());
+  SplitMix64 r{seed};
+  for (auto& v : s.image.data) v = static_cast<float>(r.uniform() * 4 - 2);
+  for (auto& l : s.labels.data) l = static_cast<uint8_t>(r.below(4));
+  return s;
+}
+
+// A hand-made patch record under a given matrix (what PatchSampler::sample records).
+Patch transformed(std::array<size_t, 3> patch, std::array<size_t, 3> corner, const double m[9]) {
+  Patch p;
+  p.image.dims = patch;
+  p.corner = corner;
+  p.spatial = true;
+  std::copy(m, m + 9, p.affine.begin());
+  return p;
+}
+
+TEST(AugmentSpatial, TheMatrixOfExactTurnsIsExact) {
+  namespace hd = augment_hd;
+  double m[9];
+  const int64_t half_z[3] = {0, 0, int64_t{1} << 52}, quarter_x[3] = {int64_t{1} << 51, 0, 0}, none[3] = {0, 0, 0};
+  hd::rotation_scaling(half_z, 1, m);
+  const double want_half_z[9] = {-1, 0, 0, 0, -1, 0, 0, 0, 1};
+  for (int i = 0; i < 9; ++i) EXPECT_EQ(m[i], want_half_z[i]) << i;
+  hd::rotation_scaling(quarter_x, 2, m);  // y → z, z → −y, then doubled
+  const double want_quarter_x[9] = {2, 0, 0, 0, 0, -2, 0, 2, 0};
+  for (int i = 0; i < 9; ++i) EXPECT_EQ(m[i], want_quarter_x[i]) << i;
+  hd::rotation_scaling(none, 0.75, m);
+  const double want_scaled[9] = {0.75, 0, 0, 0, 0.75, 0, 0, 0, 0.75};
+  for (int i = 0; i < 9; ++i) EXPECT_EQ(m[i], want_scaled[i]) << i;
+  // 30° about z: cos and sin within an ulp of libm's, and the matrix orthogonal.
+  const int64_t z30[3] = {0, 0, static_cast<int64_t>(0x1p53 / 12)};
+  hd::rotation_scaling(z30, 1, m);
+  EXPECT_NEAR(m[0], std::cos(std::numbers::pi / 6), 1e-15);
+  EXPECT_NEAR(m[3], std::sin(std::numbers::pi / 6), 1e-15);
+  EXPECT_NEAR(m[0] * m[0] + m[3] * m[3], 1, 1e-15);
+}
+
+TEST(AugmentSpatial, ExactTurnsMoveVoxelsWithoutInterpolating) {
+  const Source s = random_source({30, 30, 20}, 5);
+  AugmentOptions o = plain({16, 16, 8});
+  auto sampler = PatchSampler::create(s.image, s.labels, o);
+  ASSERT_TRUE(sampler) << sampler.error().message;
+  double m[9];
+  const std::array<size_t, 3> corner{7, 9, 5};
+  // A half turn about z is the x and y flips.
+  const int64_t half_z[3] = {0, 0, int64_t{1} << 52};
+  augment_hd::rotation_scaling(half_z, 1, m);
+  Patch flipped = transformed({16, 16, 8}, corner, m);
+  flipped.spatial = false;
+  flipped.flipped = {true, true, false};
+  const auto want = sampler->channel(flipped, s.image);
+  const auto got = sampler->channel(transformed({16, 16, 8}, corner, m), s.image);
+  ASSERT_TRUE(want && got);
+  EXPECT_TRUE(*want == *got);
+  // A quarter turn about z: patch offset (dx, dy) reads the source at (−dy, dx).
+  const int64_t quarter_z[3] = {0, 0, int64_t{1} << 51};
+  augment_hd::rotation_scaling(quarter_z, 1, m);
+  const auto q = sampler->channel(transformed({16, 16, 8}, corner, m), s.image);
+  ASSERT_TRUE(q);
+  size_t k = 0;
+  for (size_t z = 0; z < 8; ++z)
+    for (size_t y = 0; y < 16; ++y)
+      for (size_t x = 0; x < 16; ++x, ++k) {
+        // centre c = corner + 7.5: source x = c_x − (y − 7.5) = corner_x + 15 − y, y = corner_y + x.
+        ASSERT_EQ((*q)[k], s.image.at(corner[0] + 15 - y, corner[1] + x, corner[2] + z)) << x << "," << y << "," << z;
+      }
+}
+
+// The textbook trilinear interpolation (lerps along x, then y, then z; zero outside), written
+// independently of augment_hd.
+double textbook_trilinear(const FloatVolume& v, double x, double y, double z) {
+  auto at = [&](long i, long j, long l) -> double {
+    if (i < 0 || j < 0 || l < 0 || i >= static_cast<long>(v.dims[0]) || j >= static_cast<long>(v.dims[1]) || l >= static_cast<long>(v.dims[2])) return 0;
+    return v.at(static_cast<size_t>(i), static_cast<size_t>(j), static_cast<size_t>(l));
+  };
+  const long i = static_cast<long>(std::floor(x)), j = static_cast<long>(std::floor(y)), l = static_cast<long>(std::floor(z));
+  const double fx = x - static_cast<double>(i), fy = y - static_cast<double>(j), fz = z - static_cast<double>(l);
+  auto lerp = [](double a, double b, double f) { return a + (b - a) * f; };
+  double c[2];
+  for (long dz = 0; dz < 2; ++dz) {
+    const double c0 = lerp(at(i, j, l + dz), at(i + 1, j, l + dz), fx), c1 = lerp(at(i, j + 1, l + dz), at(i + 1, j + 1, l + dz), fx);
+    c[dz] = lerp(c0, c1, fy);
+  }
+  return lerp(c[0], c[1], fz);
+}
+
+TEST(AugmentSpatial, RotatedAndScaledPatchesAreTrilinearAtTheirSourcePositions) {
+  const Source s = random_source({24, 22, 18}, 7);
+  AugmentOptions o = plain({12, 12, 12});
+  o.rotation_probability = o.scaling_probability = 1;
+  o.rotation_max_degrees = 45;
+  o.scaling_min = 0.6;
+  o.scaling_max = 1.8;  // large enough for some positions to leave the volume
+  auto sampler = PatchSampler::create(s.image, s.labels, o);
+  ASSERT_TRUE(sampler) << sampler.error().message;
+  size_t outside = 0;
+  for (uint64_t i = 0; i < 6; ++i) {
+    const Patch p = sampler->sample(11, i);
+    ASSERT_TRUE(p.spatial);
+    EXPECT_GE(p.scaling, 0.6);
+    EXPECT_LE(p.scaling, 1.8);
+    for (double a : p.rotation_degrees) {
+      EXPECT_LE(std::abs(a), 45.0);
+    }
+    EXPECT_GT(std::abs(p.rotation_degrees[0]) + std::abs(p.rotation_degrees[1]) + std::abs(p.rotation_degrees[2]), 0.0);
+    // The recorded matrix is the recorded angles and factor (libm, to 1e-12).
+    const double r[3] = {p.rotation_degrees[0] * std::numbers::pi / 180, p.rotation_degrees[1] * std::numbers::pi / 180, p.rotation_degrees[2] * std::numbers::pi / 180};
+    const double cx = std::cos(r[0]), sx = std::sin(r[0]), cy = std::cos(r[1]), sy = std::sin(r[1]), cz = std::cos(r[2]), sz = std::sin(r[2]);
+    const double want[9] = {cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx, sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx, -sy, cy * sx, cy * cx};
+    for (int k = 0; k < 9; ++k) ASSERT_NEAR(p.affine[static_cast<size_t>(k)], want[k] * p.scaling, 1e-12) << k;
+    size_t k = 0;
+    for (size_t z = 0; z < 12; ++z)
+      for (size_t y = 0; y < 12; ++y)
+        for (size_t x = 0; x < 12; ++x, ++k) {
+          const double d[3] = {static_cast<double>(x) - 5.5, static_cast<double>(y) - 5.5, static_cast<double>(z) - 5.5};
+          double src[3];
+          for (size_t a = 0; a < 3; ++a) {
+            src[a] = static_cast<double>(p.corner[a]) + 5.5 + p.affine[3 * a] * d[0] + p.affine[3 * a + 1] * d[1] + p.affine[3 * a + 2] * d[2];
+          }
+          const bool out = src[0] <= -1 || src[1] <= -1 || src[2] <= -1 || src[0] >= 24 || src[1] >= 22 || src[2] >= 18;
+          outside += out ? 1u : 0u;
+          ASSERT_NEAR(p.image.data[k], textbook_trilinear(s.image, src[0], src[1], src[2]), 1e-5) << "patch " << i << " voxel " << k;
+          if (out) {
+            ASSERT_EQ(p.image.data[k], 0.0f);
+            ASSERT_EQ(p.labels.data[k], 0);
+          }
+        }
+  }
+  EXPECT_GT(outside, 0u);  // the zero padding was exercised
+}
+
+TEST(AugmentSpatial, LabelsTakeTheLargestInterpolatedWeight) {
+  namespace hd = augment_hd;
+  const uint64_t n[3] = {2, 2, 2};
+  auto label = [&](std::array<uint8_t, 8> l, double x, double y, double z) {
+    const double s[3] = {x, y, z};
+    return hd::label_at([&](uint64_t i) { return l[i]; }, hd::neighbours(n, s));
+  };
+  // At the centre every voxel weighs 1/8.
+  EXPECT_EQ(label({1, 1, 1, 2, 2, 2, 2, 3}, 0.5, 0.5, 0.5), 2);  // 3/8, 4/8, 1/8
+  EXPECT_EQ(label({2, 2, 2, 2, 1, 1, 1, 1}, 0.5, 0.5, 0.5), 1);  // a tie goes to the smaller label
+  EXPECT_EQ(label({5, 5, 5, 4, 4, 4, 4, 4}, 0.5, 0.5, 0.5), 4);
+  EXPECT_EQ(label({1, 2, 3, 4, 5, 6, 7, 8}, 0.9, 0.1, 0.1), 2);  // the nearest voxel dominates
+  EXPECT_EQ(label({1, 2, 3, 4, 5, 6, 7, 8}, 0, 1, 1), 7);        // exactly on a voxel
+  EXPECT_EQ(label({9, 9, 9, 9, 9, 9, 9, 9}, -0.25, 0, 0), 9);    // partly outside: the inside decides
+  EXPECT_EQ(label({9, 9, 9, 9, 9, 9, 9, 9}, -1, 0, 0), 0);       // wholly outside: background
+  EXPECT_EQ(label({9, 9, 9, 9, 9, 9, 9, 9}, 2.5, 0, 0), 0);
+  EXPECT_EQ(label({9, 9, 9, 9, 9, 9, 9, 9}, -1e300, 1e300, 0), 0);
+}
+
+TEST(AugmentSpatial, NoTurnAndUnitScalingGiveThePlainCrop) {
+  const Source s = source();
+  AugmentOptions o = plain({24, 20, 16});
+  o.flip_probability = 0.5;
+  o.intensity_probability = 1;
+  o.noise_probability = 1;
+  AugmentOptions spatial = o;
+  spatial.rotation_probability = spatial.scaling_probability = 1;
+  spatial.rotation_max_degrees = 0;
+  spatial.scaling_min = spatial.scaling_max = 1;
+  auto a = PatchSampler::create(s.image, s.labels, o), b = PatchSampler::create(s.image, s.labels, spatial);
+  ASSERT_TRUE(a && b);
+  for (uint64_t i = 0; i < 6; ++i) {
+    const Patch pa = a->sample(4, i), pb = b->sample(4, i);
+    EXPECT_FALSE(pa.spatial);
+    EXPECT_TRUE(pb.spatial);
+    EXPECT_EQ(pa.corner, pb.corner);  // the other draws come from their own stream
+    EXPECT_EQ(pa.flipped, pb.flipped);
+    EXPECT_TRUE(pa.image.data == pb.image.data) << "patch " << i;
+    EXPECT_TRUE(pa.labels.data == pb.labels.data) << "patch " << i;
+  }
+}
+
+TEST(AugmentSpatial, DefaultsFollowNnUNet) {
+  const AugmentOptions o;  // p 0.2 each, ±30°, 0.7..1.4
+  AugmentOptions off = o;
+  off.rotation_probability = off.scaling_probability = 0;
+  const std::array<size_t, 3> dims{96, 96, 64};
+  size_t rotated = 0, scaled = 0, spatial = 0;
+  const size_t n = 2000;
+  for (uint64_t i = 0; i < n; ++i) {
+    const PatchDraw d = PatchSampler::draw(o, dims, true, 17, i), plain_draw = PatchSampler::draw(off, dims, true, 17, i);
+    const bool r = d.turns != std::array<int64_t, 3>{}, sc = d.scaling != 1;
+    rotated += r ? 1u : 0u;
+    scaled += sc ? 1u : 0u;
+    spatial += d.spatial ? 1u : 0u;
+    EXPECT_EQ(d.spatial, r || sc);
+    for (int64_t t : d.turns) EXPECT_LE(std::abs(static_cast<double>(t)) * 0x1p-53 * 360, 30.0);
+    if (sc) {
+      EXPECT_GE(d.scaling, 0.7);
+      EXPECT_LT(d.scaling, 1.4);
+    }
+    // Every other draw is the one made without the spatial transform.
+    ASSERT_EQ(d.want_foreground, plain_draw.want_foreground);
+    ASSERT_EQ(d.foreground_draw, plain_draw.foreground_draw);
+    ASSERT_EQ(d.flipped, plain_draw.flipped);
+    ASSERT_EQ(d.noise_state, plain_draw.noise_state);
+    ASSERT_EQ(d.scale, plain_draw.scale);
+  }
+  // Binomial(2000, 0.2): sd ≈ 17.9, ±5 sd; 1 − 0.8² = 0.36: sd ≈ 21.5.
+  EXPECT_NEAR(static_cast<double>(rotated), 400, 90);
+  EXPECT_NEAR(static_cast<double>(scaled), 400, 90);
+  EXPECT_NEAR(static_cast<double>(spatial), 720, 108);
+}
+
+TEST(AugmentSpatial, AnotherChannelFollowsThePatch) {
+  const Source s = source();
+  AugmentOptions o;
+  o.patch = {20, 20, 20};
+  o.rotation_probability = o.scaling_probability = 1;
+  o.intensity_probability = o.noise_probability = 0;
+  auto sampler = PatchSampler::create(s.image, s.labels, o);
+  ASSERT_TRUE(sampler);
+  // The image itself as the other channel: without intensity changes or noise, the patch's image.
+  for (uint64_t i = 0; i < 3; ++i) {
+    const Patch p = sampler->sample(2, i);
+    ASSERT_TRUE(p.spatial);
+    auto c = sampler->channel(p, s.image);
+    ASSERT_TRUE(c);
+    EXPECT_TRUE(*c == p.image.data);
+  }
+  FloatVolume other = s.image;
+  other.dims[2] -= 1;
+  other.data.resize(other.size());
+  EXPECT_NE(sampler->channel(sampler->sample(2, 0), other).error().message.find("does not have the image's dimensions"), std::string::npos);
 }
 
 }  // namespace
