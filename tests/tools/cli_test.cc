@@ -379,6 +379,13 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_GE(j["coronary_vesselness_roc_auc"].get<double>(), 0.9) << j.dump();
   EXPECT_EQ(j["output"]["dims"], nlohmann::json({200, 200, 136}));
   EXPECT_EQ(j["patches"]["list"].size(), 2u);
+  for (const auto& patch : j["patches"]["list"]) {
+    // Every draw is recorded, the spatial transform's too.
+    for (const char* key : {"corner", "flipped", "scale", "shift", "noise_sd", "spatial", "rotation_degrees", "scaling"}) {
+      EXPECT_TRUE(patch.contains(key)) << key << " in " << patch.dump();
+    }
+    EXPECT_EQ(patch["rotation_degrees"].size(), 3u);
+  }
 
   // Sealed: inputs sealed to me, outputs sealed to me; nothing in the clear.
   const std::string sc = dir.file("sealed_cases/case1");
