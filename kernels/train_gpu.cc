@@ -15,6 +15,7 @@
 // memory, fragment layouts, synchronisation).
 #include "tresor/gpu/train.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -525,8 +526,8 @@ Result<Tensor> conv_backward_host(const Layer& l, const Tensor& x, const Tensor&
   TRESOR_TRY(ses.download(dx.data, d_dx));
   TRESOR_TRY(ses.download(dw, d_dw));
   TRESOR_TRY(ses.download(db, d_db));
-  dweight = std::move(dw);
-  dbias = std::move(db);
+  std::copy(dw.begin(), dw.end(), dweight.begin());  // into the caller's buffers, which stay where they are
+  std::copy(db.begin(), db.end(), dbias.begin());
   return dx;
 }
 

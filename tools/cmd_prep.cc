@@ -11,9 +11,14 @@
 // uncompressed NIfTI files goes through the secure channel (gpu::ct::prepare_sealed): opened,
 // decoded and prepared in device memory, its outputs sealed there with -r.
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <optional>
+#include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -296,7 +301,8 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
                       {"noise_sd", patch.noise_sd},
                       {"spatial", patch.spatial},
                       {"rotation_degrees", patch.rotation_degrees},
-                      {"scaling", patch.scaling}});
+                      {"scaling", patch.scaling},
+                      {"affine", patch.affine}});
     }
     j["patches"] = {{"seed", job.seed}, {"size", job.augment.patch}, {"list", list}};
   }
@@ -308,36 +314,81 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
   return j;
 }
 
-// A case's outputs appear together or not at all: run_case writes them into a hidden staging
-// directory beside the case's; only when every output is written are they moved into the case's
-// directory, file by file with rename (replacing earlier outputs of the same names, leaving other
-// files alone). On any failure, or when a killed run left one behind, the staging directory is
-// removed.
-Result<void> move_into(const fs::path& from, const fs::path& to) {
+// A case's outputs appear together or not at all. run_case writes them into a hidden staging
+// directory of this process beside the case's; when every output is written, the staging
+// directory takes the case directory's place in one step (renameat2 RENAME_EXCHANGE, or where
+// the file system lacks it — NFS, for one — two renames with a moment between them in which the
+// case has no directory), and the previous outputs are removed. A case directory that tresor prep
+// did not write (it holds files but no prep.json) is refused before any work, so no one's files
+// are replaced. Staging directories of processes that no longer exist (a killed run) are removed.
+const std::string kStaging = ".tresor-partial-";
+
+Result<void> remove_dead_staging(const fs::path& out, const std::string& name) {
   std::error_code ec;
-  fs::create_directories(to, ec);
-  if (ec) return fail(ErrorCode::kIo, "cannot create " + to.string() + ": " + ec.message());
-  for (const auto& e : fs::directory_iterator(from, ec)) {
-    const fs::path dst = to / e.path().filename();
-    if (e.is_directory(ec)) {
-      TRESOR_TRY(move_into(e.path(), dst));
-    } else {
-      fs::rename(e.path(), dst, ec);
-      if (ec) return fail(ErrorCode::kIo, "cannot move " + e.path().string() + " to " + dst.string() + ": " + ec.message());
-    }
+  const std::string prefix = "." + name + kStaging;
+  for (const auto& e : fs::directory_iterator(out, ec)) {
+    const std::string f = e.path().filename().string();
+    if (!f.starts_with(prefix)) continue;
+    const std::string pid_text = f.substr(prefix.size());
+    char* endp = nullptr;
+    const long pid = std::strtol(pid_text.c_str(), &endp, 10);
+    if (pid_text.empty() || *endp != '\0' || pid <= 0) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours to judge
+    std::error_code rm;
+    fs::remove_all(e.path(), rm);
+    if (rm) return fail(ErrorCode::kIo, "cannot remove " + e.path().string() + " (left by a run that stopped): " + rm.message());
   }
-  if (ec) return fail(ErrorCode::kIo, "cannot list " + from.string() + ": " + ec.message());
+  return {};
+}
+
+Result<void> check_replaceable(const fs::path& final_dir) {
+  std::error_code ec;
+  const auto st = fs::symlink_status(final_dir, ec);
+  if (ec || st.type() == fs::file_type::not_found) return {};
+  if (st.type() != fs::file_type::directory) return fail(ErrorCode::kIo, final_dir.string() + " exists and is not a directory");
+  if (fs::is_empty(final_dir, ec) || fs::exists(final_dir / "prep.json", ec) || fs::exists(final_dir / "prep.json.sealed", ec)) return {};
+  return fail(ErrorCode::kIo, final_dir.string() + " holds files but no prep.json (tresor prep did not write it); remove it or choose another output directory");
+}
+
+Result<void> put_in_place(const fs::path& staging, const fs::path& final_dir) {
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(final_dir, ec))) {
+    fs::rename(staging, final_dir, ec);
+    if (!ec) return {};
+  }
+  if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(staging, ec);  // now the previous outputs
+    if (ec) return fail(ErrorCode::kIo, "cannot remove the previous outputs in " + staging.string() + ": " + ec.message());
+    return {};
+  }
+  if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) {
+    return fail(ErrorCode::kIo, "cannot put " + staging.string() + " in place of " + final_dir.string() + ": " + std::strerror(errno));
+  }
+  const fs::path old = staging.string() + "-previous";
+  fs::rename(final_dir, old, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot move " + final_dir.string() + " aside: " + ec.message());
+  fs::rename(staging, final_dir, ec);
+  if (ec) {
+    std::error_code back;
+    fs::rename(old, final_dir, back);
+    return fail(ErrorCode::kIo, "cannot rename " + staging.string() + " to " + final_dir.string() + ": " + ec.message());
+  }
+  fs::remove_all(old, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot remove the previous outputs in " + old.string() + ": " + ec.message());
   return {};
 }
 
 Result<nlohmann::json> run_case_whole(const Case& k, const fs::path& out, const Job& job, const Context& c) {
-  const fs::path staging = out / ("." + k.name + ".tresor-partial");
+  const fs::path final_dir = out / k.name, staging = out / ("." + k.name + kStaging + std::to_string(::getpid()));
+  TRESOR_TRY(check_replaceable(final_dir));
   std::error_code ec;
+  fs::create_directories(out, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot create " + out.string() + ": " + ec.message());
+  TRESOR_TRY(remove_dead_staging(out, k.name));
   fs::remove_all(staging, ec);
-  if (ec) return fail(ErrorCode::kIo, "cannot remove " + staging.string() + ": " + ec.message());
   auto r = run_case(k, staging, job, c);
   if (r) {
-    if (auto m = move_into(staging, out / k.name); !m) r = std::unexpected(m.error());
+    if (auto m = put_in_place(staging, final_dir); !m) r = std::unexpected(m.error());
   }
   fs::remove_all(staging, ec);
   return r;

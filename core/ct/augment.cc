@@ -69,6 +69,7 @@ Result<void> PatchSampler::check(const AugmentOptions& o, const std::array<size_
   }
   if (auto r = check_range("scaling", o.scaling_min, o.scaling_max); !r) return std::unexpected(r.error());
   if (!(o.scaling_min > 0)) return fail(ErrorCode::kInvalidArgument, "augment: scaling factor " + std::to_string(o.scaling_min) + " is not positive");
+  if (o.scaling_max > 10) return fail(ErrorCode::kInvalidArgument, "augment: scaling factor " + std::to_string(o.scaling_max) + " is above 10");
   return {};
 }
 

@@ -21,7 +21,7 @@ struct CaseSampler {
 void fill(const CaseSampler& c, uint64_t seed, uint64_t index, size_t slot, const TrainerOptions& o, Tensor& x, std::vector<uint8_t>& y) {
   const size_t m = o.patch * o.patch * o.patch;
   const ct::Patch patch = c.sampler->sample(seed, index);
-  // The vesselness has the image's dimensions (ct::Prepared), so this cannot fail.
+  // make_samplers checked that the vesselness has the image's dimensions: this cannot fail.
   const std::vector<float> vesselness = c.sampler->channel(patch, c.p->vesselness).value();
   for (size_t i = 0; i < m; ++i) {
     x.data[(slot * 2 + 0) * m + i] = patch.image.data[i];
@@ -34,6 +34,9 @@ Result<std::vector<CaseSampler>> make_samplers(const std::vector<const ct::Prepa
   std::vector<CaseSampler> out;
   for (size_t i = 0; i < cases.size(); ++i) {
     if (!cases[i]->labels) return fail(ErrorCode::kInvalidArgument, "train: case " + std::to_string(i) + " has no labels");
+    if (cases[i]->vesselness.dims != cases[i]->image.dims || cases[i]->vesselness.data.size() != cases[i]->image.data.size()) {
+      return fail(ErrorCode::kInvalidArgument, "train: case " + std::to_string(i) + ": the vesselness does not have the image's dimensions");
+    }
     const ct::AugmentOptions a = sampler_options(o, augment);
     auto s = ct::PatchSampler::create(cases[i]->image, *cases[i]->labels, a);
     if (!s) return fail(s.error().code, "train: case " + std::to_string(i) + ": " + s.error().message);

@@ -381,10 +381,11 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_EQ(j["patches"]["list"].size(), 2u);
   for (const auto& patch : j["patches"]["list"]) {
     // Every draw is recorded, the spatial transform's too.
-    for (const char* key : {"corner", "flipped", "scale", "shift", "noise_sd", "spatial", "rotation_degrees", "scaling"}) {
+    for (const char* key : {"corner", "flipped", "scale", "shift", "noise_sd", "spatial", "rotation_degrees", "scaling", "affine"}) {
       EXPECT_TRUE(patch.contains(key)) << key << " in " << patch.dump();
     }
     EXPECT_EQ(patch["rotation_degrees"].size(), 3u);
+    EXPECT_EQ(patch["affine"].size(), 9u);
   }
 
   // Sealed: inputs sealed to me, outputs sealed to me; nothing in the clear.
@@ -578,18 +579,25 @@ TEST_F(Cli, PrepNamesWhatIsWrongWithItsInputs) {
   EXPECT_NE(nolab.err.find("case ccta: ccta: --patches needs labels"), std::string::npos) << nolab.err;
   // The case failed after its image and vesselness were written: none of its outputs remain.
   EXPECT_FALSE(std::filesystem::exists(dir.file("o/ccta"))) << "a failed case leaves no outputs";
-  EXPECT_FALSE(std::filesystem::exists(dir.file("o/.ccta.tresor-partial")));
-  // Outputs move into the case's directory only when all are written: other files there stay,
-  // earlier outputs of the same names are replaced, no staging directory remains.
+  // A directory tresor prep did not write is refused before any work, and its files stay.
   std::filesystem::create_directories(dir.file("o/ccta"));
   write_file(dir.file("o/ccta/mine.txt"), as_bytes(std::string("keep")), 0644);
+  auto foreign = run_tresor({"prep", "-o", dir.file("o"), dir.file("p/ccta.nii"), "--spacing", "1.5"});
+  EXPECT_NE(foreign.exit_code, 0);
+  EXPECT_NE(foreign.err.find("o/ccta holds files but no prep.json (tresor prep did not write it)"), std::string::npos) << foreign.err;
+  EXPECT_EQ(to_string(testing::read_file(dir.file("o/ccta/mine.txt"))), "keep");
+  // Earlier outputs are replaced as a whole (nothing stale stays beside the new ones), and a
+  // staging directory left by a run that no longer exists is removed.
   write_file(dir.file("o/ccta/prep.json"), as_bytes(std::string("old")), 0644);
+  std::filesystem::create_directories(dir.file("o/.ccta.tresor-partial-2147483647"));
   auto again = run_tresor({"prep", "-o", dir.file("o"), dir.file("p/ccta.nii"), "--spacing", "1.5"});
   ASSERT_EQ(again.exit_code, 0) << again.err;
-  EXPECT_EQ(to_string(testing::read_file(dir.file("o/ccta/mine.txt"))), "keep");
-  EXPECT_TRUE(to_string(testing::read_file(dir.file("o/ccta/prep.json"))).starts_with("{")) << "replaced";
+  EXPECT_FALSE(std::filesystem::exists(dir.file("o/ccta/mine.txt"))) << "the previous outputs directory was replaced";
+  EXPECT_TRUE(to_string(testing::read_file(dir.file("o/ccta/prep.json"))).starts_with("{"));
   EXPECT_TRUE(std::filesystem::exists(dir.file("o/ccta/image.nii")));
-  EXPECT_FALSE(std::filesystem::exists(dir.file("o/.ccta.tresor-partial")));
+  for (const auto& e : std::filesystem::directory_iterator(dir.file("o"))) {
+    EXPECT_EQ(e.path().filename().string().find(".tresor-partial"), std::string::npos) << e.path();
+  }
   auto sig = run_tresor({"prep", "-o", dir.file("o"), dir.file("p"), "--sigmas", "1,x"});
   EXPECT_EQ(sig.exit_code, 2);
   EXPECT_NE(sig.err.find("--sigmas wants numbers separated by commas, not '1,x'"), std::string::npos) << sig.err;

@@ -30,7 +30,7 @@ struct AugmentOptions {
   double rotation_probability = 0.2;           // then three angles drawn uniformly in ±max:
   double rotation_max_degrees = 30;            // 0..180
   double scaling_probability = 0.2;            // then one factor drawn uniformly:
-  double scaling_min = 0.7, scaling_max = 1.4; // > 0; above 1 takes in more of the volume
+  double scaling_min = 0.7, scaling_max = 1.4; // in (0, 10]; above 1 takes in more of the volume
 };
 
 struct Patch {
@@ -44,7 +44,7 @@ struct Patch {
   bool no_foreground = false;                  // foreground was drawn but the volume has none
   double scale = 1, shift = 0, noise_sd = 0;
   // The spatial transform: when `spatial`, patch voxel p (flips undone) shows the volume at
-  // corner + (patch − 1)/2 + affine·(p − (patch − 1)/2) (augment_hd::spatial_source).
+  // corner + (patch − 1)/2 + affineᵀ·(p − (patch − 1)/2) (augment_hd::spatial_source).
   bool spatial = false;
   std::array<double, 3> rotation_degrees{};   // about x, y, z (0 when not rotated)
   double scaling = 1;
@@ -87,7 +87,7 @@ class PatchSampler {
 
   /// kInvalidArgument names what is wrong: labels of other dimensions, a patch larger than the
   /// volume on an axis or empty, a probability or fraction outside [0, 1], a range with min > max,
-  /// a negative variance, a rotation outside 0..180 degrees, a scaling factor that is not positive.
+  /// a negative variance, a rotation outside 0..180 degrees, a scaling factor that is not positive or above 10.
   [[nodiscard]] static Result<PatchSampler> create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options);
 
   /// Patch `index` of the stream `seed`: independent of any other call. The noise's normals come

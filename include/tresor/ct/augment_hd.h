@@ -112,7 +112,7 @@ TRESOR_HD inline uint64_t centred_corner(uint64_t c, uint64_t patch, uint64_t n)
   return lo < n - patch ? lo : n - patch;
 }
 
-/// sin(2π·k/2^53) = cos(2π·k/2^53 − π/2), for a signed k with |k| < 2^52 (taken modulo 2^53).
+/// sin(2π·k/2^53) = cos(2π·k/2^53 − π/2), for any signed k (taken modulo 2^53).
 TRESOR_HD inline double sin_2pi_k53(int64_t k) {
   constexpr uint64_t kMask = (uint64_t{1} << 53) - 1;
   return cos_2pi_k53((static_cast<uint64_t>(k) - (uint64_t{1} << 51)) & kMask);
@@ -131,10 +131,11 @@ TRESOR_HD inline void mat3_product(const double* a, const double* b, double* out
 /// The spatial transform's 3×3 matrix (row-major) for rotations about the x, y and z axes of
 /// turns[a]·2^-53 of a full turn each and a scaling factor: M = Rz·Ry·Rx·(scaling·I), the
 /// composition of batchgeneratorsv2's create_affine_matrix_3d (nnU-Net v2's SpatialTransform).
-/// Patch offset d (from the patch's centre, in voxels) samples the source at centre + M·d, so a
-/// scaling above 1 takes in a larger region and shows structures smaller ("larger numbers =
-/// smaller objects", as batchgeneratorsv2 says). Computed with exactly rounded operations in a fixed
-/// order: the same bits on every machine.
+/// batchgeneratorsv2 multiplies its sampling grid's row vectors by M (grid @ M), so patch offset d
+/// (from the patch's centre, in voxels; x, y, z as grid_sample orders them) samples the source at
+/// centre + Mᵀ·d (spatial_source); a scaling above 1 takes in a larger region and shows structures
+/// smaller ("larger numbers = smaller objects", as batchgeneratorsv2 says). Computed with exactly
+/// rounded operations in a fixed order: the same bits on every machine.
 TRESOR_HD inline void rotation_scaling(const int64_t turns[3], double scaling, double m[9]) {
   const double cx = cos_2pi_signed_k53(turns[0]), sx = sin_2pi_k53(turns[0]);
   const double cy = cos_2pi_signed_k53(turns[1]), sy = sin_2pi_k53(turns[1]);
@@ -148,9 +149,10 @@ TRESOR_HD inline void rotation_scaling(const int64_t turns[3], double scaling, d
   for (int i = 0; i < 9; ++i) m[i] = dmul(zyx[i], scaling);
 }
 
-/// The source position of a patch voxel under the spatial transform: p[a] is the voxel's position
-/// in the patch on axis a after the flips are undone (0..n[a]−1), corner[a] the corner of the
-/// untransformed patch; the patch rotates and scales about its centre corner + (n − 1)/2.
+/// The source position of a patch voxel under the spatial transform m (rotation_scaling's): p[a] is
+/// the voxel's position in the patch on axis a after the flips are undone (0..n[a]−1), corner[a]
+/// the corner of the untransformed patch; the patch rotates and scales about its centre
+/// c = corner + (n − 1)/2: s = c + mᵀ·(p − (n − 1)/2), each sum left to right.
 TRESOR_HD inline void spatial_source(const double m[9], const uint64_t corner[3], const uint64_t n[3], const uint64_t p[3], double s[3]) {
   double d[3], c[3];
   for (int a = 0; a < 3; ++a) {
@@ -158,7 +160,7 @@ TRESOR_HD inline void spatial_source(const double m[9], const uint64_t corner[3]
     c[a] = dadd(static_cast<double>(corner[a]), h);             // exact below 2^52
     d[a] = dsub(static_cast<double>(p[a]), h);                  // exact
   }
-  for (int a = 0; a < 3; ++a) s[a] = dadd(c[a], dadd(dadd(dmul(m[3 * a], d[0]), dmul(m[3 * a + 1], d[1])), dmul(m[3 * a + 2], d[2])));
+  for (int a = 0; a < 3; ++a) s[a] = dadd(c[a], dadd(dadd(dmul(m[a], d[0]), dmul(m[3 + a], d[1])), dmul(m[6 + a], d[2])));
 }
 
 /// ⌊x⌋ for |x| < 2^62, exact (conversion truncates toward zero; one step down for negatives).
@@ -179,11 +181,14 @@ TRESOR_HD inline Neighbours neighbours(const uint64_t n[3], const double s[3]) {
   int64_t lo[3];
   double w[3][2];
   for (int a = 0; a < 3; ++a) {
-    // Far outside the volume: any position beyond one voxel past the edge reads nothing.
+    // Far outside the volume: any position beyond one voxel past the edge reads nothing (NaN too:
+    // written so that it takes the first branch).
     const double lim = static_cast<double>(n[a]) + 1;
-    const double x = s[a] < -2.0 ? -2.0 : (s[a] > lim ? lim : s[a]);
+    const double x = !(s[a] >= -2.0) ? -2.0 : (s[a] > lim ? lim : s[a]);
     lo[a] = floor_int(x);
-    const double f = dsub(x, static_cast<double>(lo[a]));  // exact
+    // Exact for x ≥ 0; rounded (the same on both sides) for x in (−1, 0), where only the weight of
+    // the voxel inside matters.
+    const double f = dsub(x, static_cast<double>(lo[a]));
     w[a][0] = dsub(1.0, f);
     w[a][1] = f;
   }
@@ -212,11 +217,11 @@ TRESOR_HD inline double trilinear(const At& at, const Neighbours& nb) {
   return v;
 }
 
-/// The label at a source position: each label's trilinear weight among the eight voxels (summed in
-/// Neighbours' order), the largest wins, a tie goes to the smaller label; where no voxel inside the
-/// volume has weight, 0 (background). This is batchgeneratorsv2's segmentation sampling as nnU-Net
-/// v2 configures it (each label's indicator interpolated, the largest taken) with the outside
-/// counting as background (nnU-Net maps its padding value −1 to 0).
+/// The label at a source position: each label's trilinear weight among the eight voxels inside the
+/// volume (summed in Neighbours' order), the largest wins, a tie goes to the smaller label; where
+/// no voxel inside the volume has weight, 0 (background). Outside the volume no label has weight.
+/// This follows batchgeneratorsv2's segmentation sampling as nnU-Net v2 configures it (each label's
+/// indicator interpolated with zero padding, the largest taken).
 template <typename At>
 TRESOR_HD inline uint8_t label_at(const At& at, const Neighbours& nb) {
   uint8_t label[8];

@@ -186,6 +186,9 @@ TEST(Augment, BadOptionsAreNamed) {
   o.scaling_min = 1.5;
   EXPECT_NE(message(o, s.labels).find("scaling range 1.5"), std::string::npos);
   o.scaling_min = 0.7;
+  o.scaling_max = 1e300;  // would overflow the source positions
+  EXPECT_NE(message(o, s.labels).find("is above 10"), std::string::npos);
+  o.scaling_max = 1.4;
   LabelVolume small = s.labels;
   small.dims[0] = 95;
   EXPECT_NE(message(o, small).find("labels do not have the image's dimensions"), std::string::npos);
@@ -258,7 +261,8 @@ TEST(AugmentSpatial, ExactTurnsMoveVoxelsWithoutInterpolating) {
   const auto got = sampler->channel(transformed({16, 16, 8}, corner, m), s.image);
   ASSERT_TRUE(want && got);
   EXPECT_TRUE(*want == *got);
-  // A quarter turn about z: patch offset (dx, dy) reads the source at (−dy, dx).
+  // A quarter turn about z (Rz = [[0, −1], [1, 0]]): as batchgeneratorsv2 samples (grid @ M), patch
+  // offset (dx, dy) reads the source at Mᵀ·d = (dy, −dx).
   const int64_t quarter_z[3] = {0, 0, int64_t{1} << 51};
   augment_hd::rotation_scaling(quarter_z, 1, m);
   const auto q = sampler->channel(transformed({16, 16, 8}, corner, m), s.image);
@@ -267,8 +271,8 @@ TEST(AugmentSpatial, ExactTurnsMoveVoxelsWithoutInterpolating) {
   for (size_t z = 0; z < 8; ++z)
     for (size_t y = 0; y < 16; ++y)
       for (size_t x = 0; x < 16; ++x, ++k) {
-        // centre c = corner + 7.5: source x = c_x − (y − 7.5) = corner_x + 15 − y, y = corner_y + x.
-        ASSERT_EQ((*q)[k], s.image.at(corner[0] + 15 - y, corner[1] + x, corner[2] + z)) << x << "," << y << "," << z;
+        // centre c = corner + 7.5: source x = c_x + (y − 7.5) = corner_x + y, y = c_y − (x − 7.5) = corner_y + 15 − x.
+        ASSERT_EQ((*q)[k], s.image.at(corner[0] + y, corner[1] + 15 - x, corner[2] + z)) << x << "," << y << "," << z;
       }
 }
 
@@ -321,7 +325,8 @@ TEST(AugmentSpatial, RotatedAndScaledPatchesAreTrilinearAtTheirSourcePositions) 
           const double d[3] = {static_cast<double>(x) - 5.5, static_cast<double>(y) - 5.5, static_cast<double>(z) - 5.5};
           double src[3];
           for (size_t a = 0; a < 3; ++a) {
-            src[a] = static_cast<double>(p.corner[a]) + 5.5 + p.affine[3 * a] * d[0] + p.affine[3 * a + 1] * d[1] + p.affine[3 * a + 2] * d[2];
+            // Mᵀ·d (batchgeneratorsv2's grid @ M).
+            src[a] = static_cast<double>(p.corner[a]) + 5.5 + p.affine[a] * d[0] + p.affine[3 + a] * d[1] + p.affine[6 + a] * d[2];
           }
           const bool out = src[0] <= -1 || src[1] <= -1 || src[2] <= -1 || src[0] >= 24 || src[1] >= 22 || src[2] >= 18;
           outside += out ? 1u : 0u;
