@@ -111,6 +111,22 @@ __global__ void __launch_bounds__(kThreads) loader_fill_kernel(VolumeView v, Slo
   fill_voxel(v, p, corner, f, i, d_image, d_vesselness, d_target);
 }
 
+// One block: each thread's share of the statistics, the tree over shared memory in
+// augment_hd's order, then every voxel changed.
+__global__ void __launch_bounds__(tresor::ct::augment_hd::kContrastThreads) loader_contrast_kernel(float* __restrict__ d_image, uint64_t m, double factor) {
+  namespace hd = tresor::ct::augment_hd;
+  __shared__ hd::PatchStats part[hd::kContrastThreads];
+  const unsigned t = threadIdx.x;
+  part[t] = hd::contrast_partial(d_image, m, t);
+  __syncthreads();
+  for (unsigned stride = hd::kContrastThreads / 2; stride > 0; stride /= 2) {
+    if (t < stride) part[t] = hd::combine_stats(part[t], part[t + stride]);
+    __syncthreads();
+  }
+  const hd::PatchStats total = part[0];
+  for (uint64_t i = t; i < m; i += hd::kContrastThreads) d_image[i] = hd::contrast_voxel(d_image[i], total, m, factor);
+}
+
 CudaStatus launched(const char* what) { return status(what, cudaGetLastError()); }
 
 }  // namespace
@@ -155,6 +171,13 @@ CudaStatus loader_fill_launch(void* stream, const VolumeView& v, const SlotParam
   (void)cudaGetLastError();
   loader_fill_kernel<<<static_cast<unsigned>((m + kThreads - 1) / kThreads), kThreads, 0, as_stream(stream)>>>(v, s, f, d_image, d_vesselness, d_target);
   return launched("loader_fill_kernel launch");
+}
+
+CudaStatus loader_contrast_launch(void* stream, float* d_image, uint64_t m, double factor) {
+  if (m == 0) return {};
+  (void)cudaGetLastError();
+  loader_contrast_kernel<<<1, tresor::ct::augment_hd::kContrastThreads, 0, as_stream(stream)>>>(d_image, m, factor);
+  return launched("loader_contrast_kernel launch");
 }
 
 CudaStatus loader_stream_sync(void* stream) { return status("cudaStreamSynchronize", cudaStreamSynchronize(as_stream(stream))); }

@@ -302,7 +302,8 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
                       {"spatial", patch.spatial},
                       {"rotation_degrees", patch.rotation_degrees},
                       {"scaling", patch.scaling},
-                      {"affine", patch.affine}});
+                      {"affine", patch.affine},
+                      {"contrast", patch.contrast}});
     }
     j["patches"] = {{"seed", job.seed}, {"size", job.augment.patch}, {"list", list}};
   }

@@ -70,6 +70,9 @@ Result<void> PatchSampler::check(const AugmentOptions& o, const std::array<size_
   if (auto r = check_range("scaling", o.scaling_min, o.scaling_max); !r) return std::unexpected(r.error());
   if (!(o.scaling_min > 0)) return fail(ErrorCode::kInvalidArgument, "augment: scaling factor " + std::to_string(o.scaling_min) + " is not positive");
   if (o.scaling_max > 10) return fail(ErrorCode::kInvalidArgument, "augment: scaling factor " + std::to_string(o.scaling_max) + " is above 10");
+  if (auto r = check_probability("contrast probability", o.contrast_probability); !r) return std::unexpected(r.error());
+  if (auto r = check_range("contrast", o.contrast_min, o.contrast_max); !r) return std::unexpected(r.error());
+  if (!(o.contrast_min >= 0)) return fail(ErrorCode::kInvalidArgument, "augment: contrast factor " + std::to_string(o.contrast_min) + " is negative");
   return {};
 }
 
@@ -118,6 +121,7 @@ PatchDraw PatchSampler::draw(const AugmentOptions& o, const std::array<size_t, 3
   if (scale) p.scaling = srng.between(o.scaling_min, o.scaling_max);
   p.spatial = rotate || scale;
   if (p.spatial) augment_hd::rotation_scaling(p.turns.data(), p.scaling, p.affine.data());
+  if (srng.uniform() < o.contrast_probability) p.contrast = srng.between(o.contrast_min, o.contrast_max);
   return p;
 }
 
@@ -143,6 +147,7 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
   p.scaling = dr.scaling;
   p.affine = dr.affine;
   for (size_t a = 0; a < 3; ++a) p.rotation_degrees[a] = static_cast<double>(dr.turns[a]) * 0x1p-53 * 360;
+  p.contrast = dr.contrast;
 
   const auto& n = o_.patch;
   p.image.dims = n;
@@ -172,6 +177,7 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
         p.image.data[dst] = augment_hd::augment_voxel(v, p.scale, p.shift, p.noise_sd, dr.noise_state, dst);
         p.labels.data[dst] = augment_hd::label_at(label_at, nb);
       });
+  if (p.contrast != 1) augment_hd::contrast_patch(p.image.data.data(), p.image.data.size(), p.contrast);
   return p;
 }
 

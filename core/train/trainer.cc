@@ -65,7 +65,9 @@ ct::AugmentOptions sampler_options(const TrainerOptions& o, bool augment) {
   a.patch = {o.patch, o.patch, o.patch};
   a.foreground_label = o.foreground_label;
   a.foreground_fraction = augment ? o.foreground_fraction : 1.0;
-  if (!augment) a.flip_probability = a.intensity_probability = a.noise_probability = a.rotation_probability = a.scaling_probability = 0;
+  if (!augment) {
+    a.flip_probability = a.intensity_probability = a.noise_probability = a.rotation_probability = a.scaling_probability = a.contrast_probability = 0;
+  }
   return a;
 }
 

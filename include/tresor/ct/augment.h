@@ -31,6 +31,11 @@ struct AugmentOptions {
   double rotation_max_degrees = 30;            // 0..180
   double scaling_probability = 0.2;            // then one factor drawn uniformly:
   double scaling_min = 0.7, scaling_max = 1.4; // in (0, 10]; above 1 takes in more of the volume
+  // nnU-Net v2's ContrastTransform (p 0.15, factor 0.75–1.25, preserve_range): after the intensity
+  // change and the noise, x' = (x − mean)·factor + mean over the patch, clipped to the patch's min
+  // and max. Drawn from the spatial transform's stream, after its draws.
+  double contrast_probability = 0.15;
+  double contrast_min = 0.75, contrast_max = 1.25;
 };
 
 struct Patch {
@@ -49,6 +54,7 @@ struct Patch {
   std::array<double, 3> rotation_degrees{};   // about x, y, z (0 when not rotated)
   double scaling = 1;
   std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
+  double contrast = 1;                         // the contrast factor (1: unchanged)
 };
 
 /// What PatchSampler::sample draws for one patch before it reads a voxel, in the draws' order:
@@ -73,6 +79,7 @@ struct PatchDraw {
   std::array<int64_t, 3> turns{};
   double scaling = 1;
   std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
+  double contrast = 1;  // then the contrast factor (augment_hd::contrast_patch), 1 when not drawn
 };
 
 /// Draws patches from one volume and its labels. The foreground voxels are listed once, here.

@@ -247,6 +247,47 @@ TRESOR_HD inline uint8_t label_at(const At& at, const Neighbours& nb) {
   return label[best];
 }
 
+/// The contrast change (nnU-Net's ContrastTransform with preserve_range: x' = (x − mean)·factor +
+/// mean, clipped to the patch's min and max before the change) needs the patch's mean, min and max.
+/// They are reduced in one fixed order on every device: thread t of 256 sums voxels t, t + 256,
+/// t + 512, … in that order in double (so that a warp's loads are coalesced on the GPU), then a
+/// tree halves the partials (i with i + 128, then i with i + 64, …). The CUDA kernel runs this with
+/// one block per patch; contrast_patch runs the same steps one after another.
+inline constexpr unsigned kContrastThreads = 256;
+struct PatchStats {
+  double sum;
+  float lo, hi;
+};
+TRESOR_HD inline PatchStats contrast_partial(const float* x, uint64_t m, unsigned t) {
+  PatchStats s{0.0, 0x1.fffffep127f, -0x1.fffffep127f};
+  for (uint64_t i = t; i < m; i += kContrastThreads) {
+    s.sum = dadd(s.sum, static_cast<double>(x[i]));
+    s.lo = x[i] < s.lo ? x[i] : s.lo;
+    s.hi = x[i] > s.hi ? x[i] : s.hi;
+  }
+  return s;
+}
+TRESOR_HD inline PatchStats combine_stats(const PatchStats& a, const PatchStats& b) {
+  return PatchStats{dadd(a.sum, b.sum), b.lo < a.lo ? b.lo : a.lo, b.hi > a.hi ? b.hi : a.hi};
+}
+/// One voxel after the change, from the reduced statistics of a patch of m voxels.
+TRESOR_HD inline float contrast_voxel(float x, const PatchStats& total, uint64_t m, double factor) {
+  const double mean = ddiv(total.sum, static_cast<double>(m));
+  const double v = dadd(dmul(dsub(static_cast<double>(x), mean), factor), mean);
+  const double lo = static_cast<double>(total.lo), hi = static_cast<double>(total.hi);
+  return static_cast<float>(v < lo ? lo : (v > hi ? hi : v));
+}
+/// The whole contrast change on a patch in host memory, in the kernel's order.
+inline void contrast_patch(float* x, uint64_t m, double factor) {
+  if (m == 0) return;
+  PatchStats part[kContrastThreads];
+  for (unsigned t = 0; t < kContrastThreads; ++t) part[t] = contrast_partial(x, m, t);
+  for (unsigned stride = kContrastThreads / 2; stride > 0; stride /= 2) {
+    for (unsigned t = 0; t < stride; ++t) part[t] = combine_stats(part[t], part[t + stride]);
+  }
+  for (uint64_t i = 0; i < m; ++i) x[i] = contrast_voxel(x[i], part[0], m, factor);
+}
+
 /// One augmented image voxel: the source value scaled and shifted (in double), plus noise_sd times
 /// the voxel's normal deviate when noise_sd > 0, rounded to float.
 TRESOR_HD inline float augment_voxel(float src, double scale, double shift, double noise_sd, uint64_t noise_state, uint64_t k) {

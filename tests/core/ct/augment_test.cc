@@ -41,6 +41,7 @@ AugmentOptions plain(std::array<size_t, 3> patch) {
   o.noise_probability = 0;
   o.rotation_probability = 0;
   o.scaling_probability = 0;
+  o.contrast_probability = 0;
   return o;
 }
 
@@ -189,6 +190,12 @@ TEST(Augment, BadOptionsAreNamed) {
   o.scaling_max = 1e300;  // would overflow the source positions
   EXPECT_NE(message(o, s.labels).find("is above 10"), std::string::npos);
   o.scaling_max = 1.4;
+  o.contrast_min = 1.3;
+  EXPECT_NE(message(o, s.labels).find("contrast range 1.3"), std::string::npos);
+  o.contrast_min = 0.75;
+  o.contrast_probability = 2;
+  EXPECT_NE(message(o, s.labels).find("contrast probability 2"), std::string::npos);
+  o.contrast_probability = 0.15;
   LabelVolume small = s.labels;
   small.dims[0] = 95;
   EXPECT_NE(message(o, small).find("labels do not have the image's dimensions"), std::string::npos);
@@ -419,7 +426,7 @@ TEST(AugmentSpatial, AnotherChannelFollowsThePatch) {
   AugmentOptions o;
   o.patch = {20, 20, 20};
   o.rotation_probability = o.scaling_probability = 1;
-  o.intensity_probability = o.noise_probability = 0;
+  o.intensity_probability = o.noise_probability = o.contrast_probability = 0;
   auto sampler = PatchSampler::create(s.image, s.labels, o);
   ASSERT_TRUE(sampler);
   // The image itself as the other channel: without intensity changes or noise, the patch's image.
@@ -434,6 +441,64 @@ TEST(AugmentSpatial, AnotherChannelFollowsThePatch) {
   other.dims[2] -= 1;
   other.data.resize(other.size());
   EXPECT_NE(sampler->channel(sampler->sample(2, 0), other).error().message.find("does not have the image's dimensions"), std::string::npos);
+}
+
+// nnU-Net's ContrastTransform with preserve_range, against the formula computed here in long
+// double: x' = clip((x − mean)·factor + mean, min, max).
+TEST(AugmentContrast, ThePatchScalesAboutItsMeanWithinItsRange) {
+  const Source s = source();
+  AugmentOptions o = plain({24, 20, 16});
+  AugmentOptions c = o;
+  c.contrast_probability = 1;
+  c.contrast_min = c.contrast_max = 1.25;
+  auto a = PatchSampler::create(s.image, s.labels, o), b = PatchSampler::create(s.image, s.labels, c);
+  ASSERT_TRUE(a && b);
+  for (uint64_t i = 0; i < 5; ++i) {
+    const Patch pa = a->sample(6, i), pb = b->sample(6, i);
+    EXPECT_EQ(pa.contrast, 1.0);
+    ASSERT_EQ(pb.contrast, 1.25);
+    long double sum = 0;
+    float lo = pa.image.data[0], hi = pa.image.data[0];
+    for (float v : pa.image.data) {
+      sum += v;
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    const long double mean = sum / static_cast<long double>(pa.image.data.size());
+    size_t clipped = 0;
+    for (size_t k = 0; k < pa.image.data.size(); ++k) {
+      const long double want = std::clamp((pa.image.data[k] - mean) * 1.25L + mean, static_cast<long double>(lo), static_cast<long double>(hi));
+      ASSERT_NEAR(static_cast<double>(pb.image.data[k]), static_cast<double>(want), 1e-6) << "patch " << i << " voxel " << k;
+      clipped += pb.image.data[k] == lo || pb.image.data[k] == hi ? 1u : 0u;
+    }
+    EXPECT_GE(clipped, 2u);  // the extremes at least
+    EXPECT_TRUE(pa.labels.data == pb.labels.data);
+  }
+  // The reduction's order does not depend on the patch's size: sizes below and above its 256
+  // threads give the formula's result too.
+  for (uint64_t m : {1u, 7u, 256u, 257u, 1000u}) {
+    std::vector<float> x(m), y;
+    SplitMix64 r{m};
+    for (auto& v : x) v = static_cast<float>(r.uniform() * 10 - 3);
+    y = x;
+    augment_hd::contrast_patch(y.data(), m, 0.5);
+    long double sum = 0;
+    for (float v : x) sum += v;
+    const long double mean = sum / static_cast<long double>(m);
+    for (size_t k = 0; k < m; ++k) ASSERT_NEAR(y[k], static_cast<double>((x[k] - mean) * 0.5L + mean), 1e-5) << m;
+  }
+  // With the defaults about 15 % of the patches change contrast, between 0.75 and 1.25.
+  const AugmentOptions d;
+  size_t changed = 0;
+  for (uint64_t i = 0; i < 2000; ++i) {
+    const PatchDraw dr = PatchSampler::draw(d, {96, 96, 64}, true, 23, i);
+    if (dr.contrast != 1) {
+      ++changed;
+      EXPECT_GE(dr.contrast, 0.75);
+      EXPECT_LT(dr.contrast, 1.25);
+    }
+  }
+  EXPECT_NEAR(static_cast<double>(changed), 300, 80);  // Binomial(2000, 0.15): sd ≈ 16
 }
 
 }  // namespace
