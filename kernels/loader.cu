@@ -111,20 +111,49 @@ __global__ void __launch_bounds__(kThreads) loader_fill_kernel(VolumeView v, Slo
   fill_voxel(v, p, corner, f, i, d_image, d_vesselness, d_target);
 }
 
-// One block: each thread's share of the statistics, the tree over shared memory in
-// augment_hd's order, then every voxel changed.
-__global__ void __launch_bounds__(tresor::ct::augment_hd::kContrastThreads) loader_contrast_kernel(float* __restrict__ d_image, uint64_t m, double factor) {
+// One block: augment_hd::finish_patch. Each reduction is each thread's share of the statistics
+// and the tree over shared memory in augment_hd's order (reduce_patch's); the voxel passes are
+// per voxel.
+__device__ tresor::ct::augment_hd::PatchStats block_reduce(const float* d_image, uint64_t m, float sign,
+                                                           tresor::ct::augment_hd::PatchStats* part) {
   namespace hd = tresor::ct::augment_hd;
-  __shared__ hd::PatchStats part[hd::kContrastThreads];
   const unsigned t = threadIdx.x;
-  part[t] = hd::contrast_partial(d_image, m, t);
+  part[t] = hd::contrast_partial(d_image, m, t, sign);
   __syncthreads();
   for (unsigned stride = hd::kContrastThreads / 2; stride > 0; stride /= 2) {
     if (t < stride) part[t] = hd::combine_stats(part[t], part[t + stride]);
     __syncthreads();
   }
   const hd::PatchStats total = part[0];
-  for (uint64_t i = t; i < m; i += hd::kContrastThreads) d_image[i] = hd::contrast_voxel(d_image[i], total, m, factor);
+  __syncthreads();  // part is reused by the next reduction
+  return total;
+}
+
+__global__ void __launch_bounds__(tresor::ct::augment_hd::kContrastThreads)
+    loader_finish_kernel(float* __restrict__ d_image, uint64_t m, double contrast, double gamma_inverted, double gamma) {
+  namespace hd = tresor::ct::augment_hd;
+  __shared__ hd::PatchStats part[hd::kContrastThreads];
+  const unsigned t = threadIdx.x;
+  if (contrast != 1) {
+    const hd::PatchStats total = block_reduce(d_image, m, 1.0f, part);
+    for (uint64_t i = t; i < m; i += hd::kContrastThreads) d_image[i] = hd::contrast_voxel(d_image[i], total, m, contrast);
+    __syncthreads();
+  }
+  for (int k = 0; k < 2; ++k) {
+    const double g = k == 0 ? gamma_inverted : gamma;
+    if (g == 1) continue;
+    const float sign = k == 0 ? -1.0f : 1.0f;
+    const hd::PatchStats before = block_reduce(d_image, m, sign, part);
+    double mean = 0, sd = 0;
+    hd::mean_sd(before, m, &mean, &sd);
+    for (uint64_t i = t; i < m; i += hd::kContrastThreads) d_image[i] = hd::gamma_powered(d_image[i], sign, before, g);
+    __syncthreads();
+    const hd::PatchStats after = block_reduce(d_image, m, 1.0f, part);
+    double mean_y = 0, sd_y = 0;
+    hd::mean_sd(after, m, &mean_y, &sd_y);
+    for (uint64_t i = t; i < m; i += hd::kContrastThreads) d_image[i] = hd::gamma_restored(d_image[i], sign, mean, sd, mean_y, sd_y);
+    __syncthreads();
+  }
 }
 
 CudaStatus launched(const char* what) { return status(what, cudaGetLastError()); }
@@ -173,11 +202,11 @@ CudaStatus loader_fill_launch(void* stream, const VolumeView& v, const SlotParam
   return launched("loader_fill_kernel launch");
 }
 
-CudaStatus loader_contrast_launch(void* stream, float* d_image, uint64_t m, double factor) {
+CudaStatus loader_finish_launch(void* stream, float* d_image, uint64_t m, double contrast, double gamma_inverted, double gamma) {
   if (m == 0) return {};
   (void)cudaGetLastError();
-  loader_contrast_kernel<<<1, tresor::ct::augment_hd::kContrastThreads, 0, as_stream(stream)>>>(d_image, m, factor);
-  return launched("loader_contrast_kernel launch");
+  loader_finish_kernel<<<1, tresor::ct::augment_hd::kContrastThreads, 0, as_stream(stream)>>>(d_image, m, contrast, gamma_inverted, gamma);
+  return launched("loader_finish_kernel launch");
 }
 
 CudaStatus loader_stream_sync(void* stream) { return status("cudaStreamSynchronize", cudaStreamSynchronize(as_stream(stream))); }

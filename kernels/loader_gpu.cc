@@ -102,6 +102,8 @@ PatchParams params_of(const ct::PatchDraw& d) {
   p.spatial = d.spatial ? 1 : 0;
   for (size_t k = 0; k < 9; ++k) p.affine[k] = d.affine[k];
   p.contrast = d.contrast;
+  p.gamma_inverted = d.gamma_inverted;
+  p.gamma = d.gamma;
   return p;
 }
 
@@ -316,18 +318,19 @@ Result<void> DeviceDataset::fill_step(size_t step, size_t lo, size_t hi, float* 
     float* image = d_x + (slot * 2 + 0) * m;
     float* vesselness = d_x + (slot * 2 + 1) * m;
     uint8_t* target = d_y + slot * m;
-    // The contrast comes from the spatial transform's stream, which the foreground choice does
-    // not touch: both outcomes carry the same factor.
-    const double contrast = s.random.contrast;
+    // The contrast and gamma come from the spatial transform's stream, which the foreground
+    // choice does not touch: both outcomes carry the same values.
+    const PatchParams& q = s.random;
+    const bool finish = q.contrast != 1 || q.gamma_inverted != 1 || q.gamma != 1;
     if (device_->host_memory()) {
       uint64_t corner[3];
       const PatchParams& p = loader::resolve_patch(c.view, s, P, corner);
       for (uint64_t i = 0; i < m; ++i) loader::fill_voxel(c.view, p, corner, f, i, image, vesselness, target);
-      if (contrast != 1) ct::augment_hd::contrast_patch(image, m, contrast);
+      if (finish) ct::augment_hd::finish_patch(image, m, q.contrast, q.gamma_inverted, q.gamma);
     } else {
 #ifdef TRESOR_HAVE_CUDA
       TRESOR_TRY(cuda(loader::detail::loader_fill_launch(stream, c.view, s, f, image, vesselness, target)));
-      if (contrast != 1) TRESOR_TRY(cuda(loader::detail::loader_contrast_launch(stream, image, m, contrast)));
+      if (finish) TRESOR_TRY(cuda(loader::detail::loader_finish_launch(stream, image, m, q.contrast, q.gamma_inverted, q.gamma)));
 #endif
     }
   }

@@ -32,10 +32,10 @@ CudaStatus loader_finite_launch(void* stream, const float* d_p, uint64_t n, doub
 CudaStatus loader_fill_launch(void* stream, const VolumeView& v, const SlotParams& s, const FillParams& f, float* d_image, float* d_vesselness,
                               uint8_t* d_target);
 
-/// The contrast change on one slot's image channel (m floats, in place): one block of
-/// augment_hd::kContrastThreads threads reduces the patch's statistics in augment_hd's order, then
-/// changes every voxel.
-CudaStatus loader_contrast_launch(void* stream, float* d_image, uint64_t m, double factor);
+/// augment_hd::finish_patch on one slot's image channel (m floats, in place): contrast, inverted
+/// gamma, gamma (each skipped at 1) by one block of augment_hd::kContrastThreads threads, which
+/// reduces the patch's statistics in augment_hd's order before each pass over the voxels.
+CudaStatus loader_finish_launch(void* stream, float* d_image, uint64_t m, double contrast, double gamma_inverted, double gamma);
 
 /// Waits for `stream`.
 CudaStatus loader_stream_sync(void* stream);

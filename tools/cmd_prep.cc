@@ -303,7 +303,9 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
                       {"rotation_degrees", patch.rotation_degrees},
                       {"scaling", patch.scaling},
                       {"affine", patch.affine},
-                      {"contrast", patch.contrast}});
+                      {"contrast", patch.contrast},
+                      {"gamma_inverted", patch.gamma_inverted},
+                      {"gamma", patch.gamma}});
     }
     j["patches"] = {{"seed", job.seed}, {"size", job.augment.patch}, {"list", list}};
   }

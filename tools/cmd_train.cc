@@ -56,7 +56,7 @@ Result<TrainConfig> parse_config(const std::string& path) {
       {"training", {"steps", "batch", "patch", "optimizer", "lr", "weight_decay", "seed", "validate_every", "validation_patches", "threads", "full_volume_validation"}},
       {"augmentation",
        {"flip_probability", "intensity_probability", "noise_probability", "rotation_probability", "rotation_max_degrees", "scaling_probability",
-        "scaling_min", "scaling_max", "contrast_probability"}},
+        "scaling_min", "scaling_max", "contrast_probability", "gamma_probability", "gamma_inverted_probability"}},
       {"output", {"dir"}}};
   for (const auto& [k, v] : t) {
     const std::string key(k.str());
@@ -104,7 +104,8 @@ Result<TrainConfig> parse_config(const std::string& path) {
   auto& a = o.augment;
   for (auto [key, into] : {std::pair{"flip_probability", &a.flip_probability}, {"intensity_probability", &a.intensity_probability},
                            {"noise_probability", &a.noise_probability}, {"rotation_probability", &a.rotation_probability},
-                           {"scaling_probability", &a.scaling_probability}, {"contrast_probability", &a.contrast_probability}}) {
+                           {"scaling_probability", &a.scaling_probability}, {"contrast_probability", &a.contrast_probability},
+                           {"gamma_probability", &a.gamma_probability}, {"gamma_inverted_probability", &a.gamma_inverted_probability}}) {
     TRESOR_TRY(number("augmentation", key, *into, 0, 1));
   }
   TRESOR_TRY(number("augmentation", "rotation_max_degrees", a.rotation_max_degrees, 0, 180));

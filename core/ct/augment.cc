@@ -73,6 +73,13 @@ Result<void> PatchSampler::check(const AugmentOptions& o, const std::array<size_
   if (auto r = check_probability("contrast probability", o.contrast_probability); !r) return std::unexpected(r.error());
   if (auto r = check_range("contrast", o.contrast_min, o.contrast_max); !r) return std::unexpected(r.error());
   if (!(o.contrast_min >= 0)) return fail(ErrorCode::kInvalidArgument, "augment: contrast factor " + std::to_string(o.contrast_min) + " is negative");
+  for (auto [name, p] : {std::pair{"gamma probability", o.gamma_probability}, {"inverted gamma probability", o.gamma_inverted_probability}}) {
+    if (auto r = check_probability(name, p); !r) return std::unexpected(r.error());
+  }
+  if (auto r = check_range("gamma", o.gamma_min, o.gamma_max); !r) return std::unexpected(r.error());
+  if (!(o.gamma_min > 0) || o.gamma_max > 10) {
+    return fail(ErrorCode::kInvalidArgument, "augment: gamma range " + std::to_string(o.gamma_min) + ".." + std::to_string(o.gamma_max) + " is not within (0, 10]");
+  }
   return {};
 }
 
@@ -122,6 +129,15 @@ PatchDraw PatchSampler::draw(const AugmentOptions& o, const std::array<size_t, 3
   p.spatial = rotate || scale;
   if (p.spatial) augment_hd::rotation_scaling(p.turns.data(), p.scaling, p.affine.data());
   if (srng.uniform() < o.contrast_probability) p.contrast = srng.between(o.contrast_min, o.contrast_max);
+  // batchgeneratorsv2's BGContrast sampling of γ for a range around 1 (half the draws in
+  // [lo, 1), half in [1, hi]); a range on one side of 1 is drawn uniformly.
+  auto bg_draw = [&](double lo, double hi) {
+    if (!(lo < 1 && hi > 1)) return srng.between(lo, hi);
+    if (srng.uniform() < 0.5) return srng.between(lo, 1);
+    return srng.between(1, hi);
+  };
+  if (srng.uniform() < o.gamma_inverted_probability) p.gamma_inverted = bg_draw(o.gamma_min, o.gamma_max);
+  if (srng.uniform() < o.gamma_probability) p.gamma = bg_draw(o.gamma_min, o.gamma_max);
   return p;
 }
 
@@ -148,6 +164,8 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
   p.affine = dr.affine;
   for (size_t a = 0; a < 3; ++a) p.rotation_degrees[a] = static_cast<double>(dr.turns[a]) * 0x1p-53 * 360;
   p.contrast = dr.contrast;
+  p.gamma_inverted = dr.gamma_inverted;
+  p.gamma = dr.gamma;
 
   const auto& n = o_.patch;
   p.image.dims = n;
@@ -177,7 +195,7 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
         p.image.data[dst] = augment_hd::augment_voxel(v, p.scale, p.shift, p.noise_sd, dr.noise_state, dst);
         p.labels.data[dst] = augment_hd::label_at(label_at, nb);
       });
-  if (p.contrast != 1) augment_hd::contrast_patch(p.image.data.data(), p.image.data.size(), p.contrast);
+  augment_hd::finish_patch(p.image.data.data(), p.image.data.size(), p.contrast, p.gamma_inverted, p.gamma);
   return p;
 }
 

@@ -381,7 +381,7 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_EQ(j["patches"]["list"].size(), 2u);
   for (const auto& patch : j["patches"]["list"]) {
     // Every draw is recorded, the spatial transform's too.
-    for (const char* key : {"corner", "flipped", "scale", "shift", "noise_sd", "spatial", "rotation_degrees", "scaling", "affine", "contrast"}) {
+    for (const char* key : {"corner", "flipped", "scale", "shift", "noise_sd", "spatial", "rotation_degrees", "scaling", "affine", "contrast", "gamma_inverted", "gamma"}) {
       EXPECT_TRUE(patch.contains(key)) << key << " in " << patch.dump();
     }
     EXPECT_EQ(patch["rotation_degrees"].size(), 3u);
@@ -842,7 +842,7 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   auto no_aug = run_tresor({"train", "--config",
                             config("l.toml", "noaug",
                                    "[augmentation]\nflip_probability = 0\nintensity_probability = 0\nnoise_probability = 0\nrotation_probability = 0\n"
-                                   "scaling_probability = 0\ncontrast_probability = 0\n"),
+                                   "scaling_probability = 0\ncontrast_probability = 0\ngamma_probability = 0\ngamma_inverted_probability = 0\n"),
                             "--stop-after", "2"});
   ASSERT_EQ(no_aug.exit_code, 0) << no_aug.err;
   const auto no_aug_loss = nlohmann::json::parse(to_string(testing::read_file(dir.file("noaug/metrics.json"))))["loss"];

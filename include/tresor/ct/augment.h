@@ -36,6 +36,13 @@ struct AugmentOptions {
   // and max. Drawn from the spatial transform's stream, after its draws.
   double contrast_probability = 0.15;
   double contrast_min = 0.75, contrast_max = 1.25;
+  // nnU-Net v2's two GammaTransforms (retain_stats; p 0.1 on the inverted image, then p 0.3),
+  // γ drawn as batchgeneratorsv2's BGContrast((0.7, 1.5)): half the time uniform in [min, 1),
+  // otherwise in [1, max] (uniform in [min, max] for a range on one side of 1). Drawn after the
+  // contrast, from the same stream.
+  double gamma_inverted_probability = 0.1;
+  double gamma_probability = 0.3;
+  double gamma_min = 0.7, gamma_max = 1.5;     // in (0, 10]
 };
 
 struct Patch {
@@ -55,6 +62,7 @@ struct Patch {
   double scaling = 1;
   std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
   double contrast = 1;                         // the contrast factor (1: unchanged)
+  double gamma_inverted = 1, gamma = 1;        // the gamma changes' γ (1: not applied)
 };
 
 /// What PatchSampler::sample draws for one patch before it reads a voxel, in the draws' order:
@@ -80,6 +88,7 @@ struct PatchDraw {
   double scaling = 1;
   std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
   double contrast = 1;  // then the contrast factor (augment_hd::contrast_patch), 1 when not drawn
+  double gamma_inverted = 1, gamma = 1;  // then the gamma changes' γ (augment_hd::gamma_patch), 1 when not drawn
 };
 
 /// Draws patches from one volume and its labels. The foreground voxels are listed once, here.
@@ -94,7 +103,7 @@ class PatchSampler {
 
   /// kInvalidArgument names what is wrong: labels of other dimensions, a patch larger than the
   /// volume on an axis or empty, a probability or fraction outside [0, 1], a range with min > max,
-  /// a negative variance, a rotation outside 0..180 degrees, a scaling factor that is not positive or above 10.
+  /// a negative variance, a rotation outside 0..180 degrees, a scaling factor or γ that is not positive or above 10.
   [[nodiscard]] static Result<PatchSampler> create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options);
 
   /// Patch `index` of the stream `seed`: independent of any other call. The noise's normals come

@@ -255,20 +255,24 @@ TRESOR_HD inline uint8_t label_at(const At& at, const Neighbours& nb) {
 /// one block per patch; contrast_patch runs the same steps one after another.
 inline constexpr unsigned kContrastThreads = 256;
 struct PatchStats {
-  double sum;
+  double sum, sumsq;  // Σx and Σx² (the gamma change's retained statistics)
   float lo, hi;
 };
-TRESOR_HD inline PatchStats contrast_partial(const float* x, uint64_t m, unsigned t) {
-  PatchStats s{0.0, 0x1.fffffep127f, -0x1.fffffep127f};
+/// Thread t's share, of the voxels times `sign` (±1: the gamma change's inversion; exact).
+TRESOR_HD inline PatchStats contrast_partial(const float* x, uint64_t m, unsigned t, float sign = 1) {
+  PatchStats s{0.0, 0.0, 0x1.fffffep127f, -0x1.fffffep127f};
   for (uint64_t i = t; i < m; i += kContrastThreads) {
-    s.sum = dadd(s.sum, static_cast<double>(x[i]));
-    s.lo = x[i] < s.lo ? x[i] : s.lo;
-    s.hi = x[i] > s.hi ? x[i] : s.hi;
+    const float v = sign * x[i];
+    const double d = static_cast<double>(v);
+    s.sum = dadd(s.sum, d);
+    s.sumsq = dadd(s.sumsq, dmul(d, d));
+    s.lo = v < s.lo ? v : s.lo;
+    s.hi = v > s.hi ? v : s.hi;
   }
   return s;
 }
 TRESOR_HD inline PatchStats combine_stats(const PatchStats& a, const PatchStats& b) {
-  return PatchStats{dadd(a.sum, b.sum), b.lo < a.lo ? b.lo : a.lo, b.hi > a.hi ? b.hi : a.hi};
+  return PatchStats{dadd(a.sum, b.sum), dadd(a.sumsq, b.sumsq), b.lo < a.lo ? b.lo : a.lo, b.hi > a.hi ? b.hi : a.hi};
 }
 /// One voxel after the change, from the reduced statistics of a patch of m voxels.
 TRESOR_HD inline float contrast_voxel(float x, const PatchStats& total, uint64_t m, double factor) {
@@ -277,15 +281,91 @@ TRESOR_HD inline float contrast_voxel(float x, const PatchStats& total, uint64_t
   const double lo = static_cast<double>(total.lo), hi = static_cast<double>(total.hi);
   return static_cast<float>(v < lo ? lo : (v > hi ? hi : v));
 }
-/// The whole contrast change on a patch in host memory, in the kernel's order.
-inline void contrast_patch(float* x, uint64_t m, double factor) {
-  if (m == 0) return;
+/// The reduction of a patch (times `sign`) in host memory, in the kernel's order.
+inline PatchStats reduce_patch(const float* x, uint64_t m, float sign = 1) {
   PatchStats part[kContrastThreads];
-  for (unsigned t = 0; t < kContrastThreads; ++t) part[t] = contrast_partial(x, m, t);
+  for (unsigned t = 0; t < kContrastThreads; ++t) part[t] = contrast_partial(x, m, t, sign);
   for (unsigned stride = kContrastThreads / 2; stride > 0; stride /= 2) {
     for (unsigned t = 0; t < stride; ++t) part[t] = combine_stats(part[t], part[t + stride]);
   }
-  for (uint64_t i = 0; i < m; ++i) x[i] = contrast_voxel(x[i], part[0], m, factor);
+  return part[0];
+}
+/// The whole contrast change on a patch in host memory, in the kernel's order.
+inline void contrast_patch(float* x, uint64_t m, double factor) {
+  if (m == 0) return;
+  const PatchStats total = reduce_patch(x, m);
+  for (uint64_t i = 0; i < m; ++i) x[i] = contrast_voxel(x[i], total, m, factor);
+}
+
+/// e^y for y ≤ 0 (0 below −708, where the result would not be a normal double): y = k·ln 2 + r
+/// with k = ⌊y/ln 2 + ½⌋ and |r| ≤ ~0.35 (ln 2 split so that k·ln2_hi is exact), e^r from its
+/// Taylor series to r¹⁴/14! (remainder below 2^-60), times 2^k built from its bits.
+TRESOR_HD inline double exp_nonpositive(double y) {
+  if (!(y > -708.0)) return 0.0;
+  if (y >= 0) return 1.0;
+  constexpr double kInvLn2 = 0x1.71547652b82fep+0;
+  constexpr double kLn2Hi = 0x1.62e42fee00000p-1, kLn2Lo = 0x1.a39ef35793c76p-33;
+  const int64_t k = floor_int(dadd(dmul(y, kInvLn2), 0.5));
+  const double kd = static_cast<double>(k);
+  const double r = dsub(dsub(y, dmul(kd, kLn2Hi)), dmul(kd, kLn2Lo));
+  constexpr double kInvFact[15] = {1.0, 0x1.0p+0, 0x1.0p-1, 0x1.5555555555555p-3, 0x1.5555555555555p-5, 0x1.1111111111111p-7,
+                                   0x1.6c16c16c16c17p-10, 0x1.a01a01a01a01ap-13, 0x1.a01a01a01a01ap-16, 0x1.71de3a556c734p-19, 0x1.27e4fb7789f5cp-22,
+                                   0x1.ae64567f544e4p-26, 0x1.1eed8eff8d898p-29, 0x1.6124613a86d09p-33, 0x1.93974a8c07c9dp-37};
+  double p = kInvFact[14];
+  for (int i = 13; i >= 0; --i) p = dadd(dmul(p, r), kInvFact[i]);
+  return dmul(p, bits_double(static_cast<uint64_t>(k + 1023) << 52));  // k ≥ −1022: a normal power of two
+}
+
+/// v^γ for v in [0, 1] and γ > 0: 0 for v below the smallest normal double (v^γ < 2^-715 there),
+/// else e^(γ·ln v), both written with + − × ÷ only (log_positive, exp_nonpositive).
+TRESOR_HD inline double pow_unit(double v, double gamma) {
+  if (!(v >= 0x1p-1022)) return 0.0;
+  if (v >= 1) return 1.0;
+  return exp_nonpositive(dmul(gamma, log_positive(v)));
+}
+
+/// The gamma change (nnU-Net v2's GammaTransform with retain_stats, batchgeneratorsv2's steps):
+/// with `invert` the voxels are negated first and last; mean and standard deviation (n − 1, as
+/// torch.std) of the patch are kept; y = ((x − min)/max(range, 1e-7))^γ·range + min; then
+/// y' = (y − mean_y)·(sd/max(sd_y, 1e-7)) + mean. Two reductions in the contrast's order.
+/// Voxel i in the first pass, from the statistics of the (signed) patch:
+TRESOR_HD inline float gamma_powered(float x, float sign, const PatchStats& st, double gamma) {
+  const double lo = static_cast<double>(st.lo), range = dsub(static_cast<double>(st.hi), lo);
+  const double v = ddiv(dsub(static_cast<double>(sign * x), lo), range > 1e-7 ? range : 1e-7);
+  return static_cast<float>(dadd(dmul(pow_unit(v, gamma), range), lo));
+}
+/// The mean and standard deviation (n − 1) of reduced statistics of m voxels.
+TRESOR_HD inline void mean_sd(const PatchStats& st, uint64_t m, double* mean, double* sd) {
+  const double n = static_cast<double>(m);
+  *mean = ddiv(st.sum, n);
+  const double var = m > 1 ? ddiv(dsub(st.sumsq, dmul(st.sum, *mean)), dsub(n, 1.0)) : 0.0;
+  *sd = var > 0 ? dsqrt(var) : 0.0;
+}
+/// Voxel i in the second pass: y (the first pass's) back to the kept statistics, and the sign.
+TRESOR_HD inline float gamma_restored(float y, float sign, double mean, double sd, double mean_y, double sd_y) {
+  const double v = dadd(dmul(dsub(static_cast<double>(y), mean_y), ddiv(sd, sd_y > 1e-7 ? sd_y : 1e-7)), mean);
+  return sign * static_cast<float>(v);
+}
+/// The whole gamma change on a patch in host memory, in the kernel's order.
+inline void gamma_patch(float* x, uint64_t m, double gamma, bool invert) {
+  if (m == 0) return;
+  const float sign = invert ? -1.0f : 1.0f;
+  const PatchStats before = reduce_patch(x, m, sign);
+  double mean = 0, sd = 0;
+  mean_sd(before, m, &mean, &sd);
+  for (uint64_t i = 0; i < m; ++i) x[i] = gamma_powered(x[i], sign, before, gamma);
+  const PatchStats after = reduce_patch(x, m);
+  double mean_y = 0, sd_y = 0;
+  mean_sd(after, m, &mean_y, &sd_y);
+  for (uint64_t i = 0; i < m; ++i) x[i] = gamma_restored(x[i], sign, mean, sd, mean_y, sd_y);
+}
+
+/// A patch's intensity changes after the per-voxel ones, in nnU-Net's order: contrast, the
+/// inverted gamma, the gamma (each skipped at 1).
+inline void finish_patch(float* x, uint64_t m, double contrast, double gamma_inverted, double gamma) {
+  if (contrast != 1) contrast_patch(x, m, contrast);
+  if (gamma_inverted != 1) gamma_patch(x, m, gamma_inverted, true);
+  if (gamma != 1) gamma_patch(x, m, gamma, false);
 }
 
 /// One augmented image voxel: the source value scaled and shifted (in double), plus noise_sd times

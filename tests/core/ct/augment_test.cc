@@ -6,7 +6,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numbers>
+#include <utility>
+#include <vector>
 
 #include "tresor/ct/augment.h"
 #include "tresor/ct/augment_hd.h"
@@ -42,6 +45,7 @@ AugmentOptions plain(std::array<size_t, 3> patch) {
   o.rotation_probability = 0;
   o.scaling_probability = 0;
   o.contrast_probability = 0;
+  o.gamma_probability = o.gamma_inverted_probability = 0;
   return o;
 }
 
@@ -196,6 +200,12 @@ TEST(Augment, BadOptionsAreNamed) {
   o.contrast_probability = 2;
   EXPECT_NE(message(o, s.labels).find("contrast probability 2"), std::string::npos);
   o.contrast_probability = 0.15;
+  o.gamma_min = 0;
+  EXPECT_NE(message(o, s.labels).find("gamma range 0.000000..1.500000 is not within (0, 10]"), std::string::npos);
+  o.gamma_min = 0.7;
+  o.gamma_inverted_probability = 1.1;
+  EXPECT_NE(message(o, s.labels).find("inverted gamma probability 1.1"), std::string::npos);
+  o.gamma_inverted_probability = 0.1;
   LabelVolume small = s.labels;
   small.dims[0] = 95;
   EXPECT_NE(message(o, small).find("labels do not have the image's dimensions"), std::string::npos);
@@ -426,7 +436,7 @@ TEST(AugmentSpatial, AnotherChannelFollowsThePatch) {
   AugmentOptions o;
   o.patch = {20, 20, 20};
   o.rotation_probability = o.scaling_probability = 1;
-  o.intensity_probability = o.noise_probability = o.contrast_probability = 0;
+  o.intensity_probability = o.noise_probability = o.contrast_probability = o.gamma_probability = o.gamma_inverted_probability = 0;
   auto sampler = PatchSampler::create(s.image, s.labels, o);
   ASSERT_TRUE(sampler);
   // The image itself as the other channel: without intensity changes or noise, the patch's image.
@@ -499,6 +509,107 @@ TEST(AugmentContrast, ThePatchScalesAboutItsMeanWithinItsRange) {
     }
   }
   EXPECT_NEAR(static_cast<double>(changed), 300, 80);  // Binomial(2000, 0.15): sd ≈ 16
+}
+
+// The gamma change's arithmetic: exp and pow written with + − × ÷ against libm.
+TEST(AugmentGamma, ExpAndPowMatchLibm) {
+  namespace hd = augment_hd;
+  double worst_exp = 0, worst_pow = 0;
+  for (double y = -700; y <= 0; y += 0.37) worst_exp = std::max(worst_exp, std::abs(hd::exp_nonpositive(y) - std::exp(y)) / std::exp(y));
+  EXPECT_EQ(hd::exp_nonpositive(0), 1.0);
+  EXPECT_EQ(hd::exp_nonpositive(-800), 0.0);
+  EXPECT_EQ(hd::exp_nonpositive(std::numeric_limits<double>::quiet_NaN()), 0.0);
+  SplitMix64 r{5};
+  for (int i = 0; i < 20000; ++i) {
+    const double v = r.uniform(), g = 0.7 + 0.8 * r.uniform();
+    if (v == 0) continue;
+    worst_pow = std::max(worst_pow, std::abs(hd::pow_unit(v, g) - std::pow(v, g)) / std::pow(v, g));
+  }
+  EXPECT_LT(worst_exp, 1e-15);
+  EXPECT_LT(worst_pow, 1e-14);
+  EXPECT_EQ(hd::pow_unit(0, 1.3), 0.0);
+  EXPECT_EQ(hd::pow_unit(1, 0.7), 1.0);
+  EXPECT_EQ(hd::pow_unit(0x1p-1030, 0.7), 0.0);  // below the smallest normal
+}
+
+// batchgeneratorsv2's GammaTransform with retain_stats, computed here in long double with libm.
+std::vector<float> gamma_reference(const std::vector<float>& x, double gamma, bool invert) {
+  const size_t n = x.size();
+  std::vector<long double> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = invert ? -x[i] : x[i];
+  auto mean_sd = [&](const std::vector<long double>& a) {
+    long double m = 0, q = 0;
+    for (long double e : a) m += e;
+    m /= static_cast<long double>(a.size());
+    for (long double e : a) q += (e - m) * (e - m);
+    return std::pair{m, std::sqrt(q / static_cast<long double>(a.size() - 1))};
+  };
+  const auto [mean, sd] = mean_sd(v);
+  const long double lo = *std::min_element(v.begin(), v.end()), range = *std::max_element(v.begin(), v.end()) - lo;
+  for (auto& e : v) e = std::pow((e - lo) / std::max(range, 1e-7L), static_cast<long double>(gamma)) * range + lo;
+  const auto [mean_y, sd_y] = mean_sd(v);
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    const long double w = (v[i] - mean_y) * (sd / std::max(sd_y, 1e-7L)) + mean;
+    out[i] = static_cast<float>(invert ? -w : w);
+  }
+  return out;
+}
+
+TEST(AugmentGamma, PatchesFollowTheReferenceAndKeepTheirStatistics) {
+  const Source s = source();
+  AugmentOptions o = plain({24, 20, 16});
+  auto a = PatchSampler::create(s.image, s.labels, o);
+  ASSERT_TRUE(a);
+  for (bool invert : {false, true}) {
+    for (double g : {0.7, 1.0 / 0.9, 1.5}) {
+      AugmentOptions c = o;
+      (invert ? c.gamma_inverted_probability : c.gamma_probability) = 1;
+      c.gamma_min = c.gamma_max = g;
+      auto b = PatchSampler::create(s.image, s.labels, c);
+      ASSERT_TRUE(b);
+      const Patch pa = a->sample(12, 3), pb = b->sample(12, 3);
+      ASSERT_EQ(invert ? pb.gamma_inverted : pb.gamma, g);
+      const std::vector<float> want = gamma_reference(pa.image.data, g, invert);
+      double worst = 0;
+      for (size_t k = 0; k < want.size(); ++k) worst = std::max(worst, static_cast<double>(std::abs(pb.image.data[k] - want[k])));
+      EXPECT_LT(worst, 2e-5) << "gamma " << g << (invert ? " inverted" : "");
+      // The mean and standard deviation are kept; the values changed.
+      auto stats = [](const std::vector<float>& x) {
+        double m = 0, q = 0;
+        for (float e : x) m += e;
+        m /= static_cast<double>(x.size());
+        for (float e : x) q += (e - m) * (e - m);
+        return std::pair{m, std::sqrt(q / static_cast<double>(x.size() - 1))};
+      };
+      const auto [ma, sa] = stats(pa.image.data);
+      const auto [mb, sb] = stats(pb.image.data);
+      EXPECT_NEAR(mb, ma, 1e-5);
+      EXPECT_NEAR(sb, sa, 1e-5);
+      EXPECT_FALSE(pa.image.data == pb.image.data);
+    }
+  }
+  // A constant patch stays constant (range and sd 0: the clamps at 1e-7).
+  std::vector<float> flat(300, 2.5f);
+  augment_hd::gamma_patch(flat.data(), flat.size(), 1.3, false);
+  for (float v : flat) ASSERT_EQ(v, 2.5f);
+  // The draws: γ as BGContrast((0.7, 1.5)) samples it — half below 1 — at nnU-Net's rates.
+  const AugmentOptions d;
+  size_t normal = 0, inverted = 0, below = 0;
+  for (uint64_t i = 0; i < 4000; ++i) {
+    const PatchDraw dr = PatchSampler::draw(d, {96, 96, 64}, true, 29, i);
+    for (double g : {dr.gamma, dr.gamma_inverted}) {
+      if (g == 1) continue;
+      EXPECT_GE(g, 0.7);
+      EXPECT_LE(g, 1.5);
+      below += g < 1 ? 1u : 0u;
+    }
+    normal += dr.gamma != 1 ? 1u : 0u;
+    inverted += dr.gamma_inverted != 1 ? 1u : 0u;
+  }
+  EXPECT_NEAR(static_cast<double>(normal), 1200, 150);   // Binomial(4000, 0.3): sd ≈ 29
+  EXPECT_NEAR(static_cast<double>(inverted), 400, 95);   // Binomial(4000, 0.1): sd ≈ 19
+  EXPECT_NEAR(static_cast<double>(below), static_cast<double>(normal + inverted) / 2, 100);
 }
 
 }  // namespace
