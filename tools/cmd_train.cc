@@ -82,7 +82,11 @@ Result<TrainConfig> parse_config(const std::string& path) {
     const auto node = t[section][key];
     if (!node) return {};
     const auto v = node.value<double>();
-    if (!v || !(*v >= lo && *v <= hi)) return fail(ErrorCode::kInvalidArgument, path + ": " + section + "." + key + " must be a number in " + std::to_string(lo) + ".." + std::to_string(hi));
+    if (!v || !(*v >= lo && *v <= hi)) {
+      char range[64];
+      std::snprintf(range, sizeof range, "%g..%g", lo, hi);
+      return fail(ErrorCode::kInvalidArgument, path + ": " + section + "." + key + " must be a number in " + range);
+    }
     into = *v;
     return {};
   };

@@ -833,7 +833,7 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_NE(bad_patch.err.find("training.seed must be an integer"), std::string::npos) << bad_patch.err;
   auto bad_aug = run_tresor({"train", "--config", config("i.toml", "x", "[augmentation]\nrotation_probability = 1.5\n")});
   EXPECT_EQ(bad_aug.exit_code, 2);
-  EXPECT_NE(bad_aug.err.find("augmentation.rotation_probability must be a number in 0"), std::string::npos) << bad_aug.err;
+  EXPECT_NE(bad_aug.err.find("augmentation.rotation_probability must be a number in 0..1"), std::string::npos) << bad_aug.err;
   auto bad_aug_key = run_tresor({"train", "--config", config("j.toml", "x", "[augmentation]\nelastic_probability = 0.2\n")});
   EXPECT_NE(bad_aug_key.err.find("unknown key augmentation.elastic_probability"), std::string::npos) << bad_aug_key.err;
   auto bad_scaling = run_tresor({"train", "--config", config("k.toml", "x", "[augmentation]\nscaling_min = 1.5\nscaling_max = 1.2\n")});
