@@ -44,8 +44,6 @@ struct PatchParams {
   uint64_t noise_state = 0;
   uint32_t spatial = 0;  // the spatial transform applies: affine as ct::PatchDraw's
   double affine[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
-  double contrast = 1;   // applied to the whole image channel after the fill (augment_hd::finish_patch)
-  double gamma_inverted = 1, gamma = 1;
 };
 
 /// A batch slot: the foreground outcome (used when want_foreground and the case has foreground:

@@ -101,9 +101,6 @@ PatchParams params_of(const ct::PatchDraw& d) {
   p.noise_state = d.noise_state;
   p.spatial = d.spatial ? 1 : 0;
   for (size_t k = 0; k < 9; ++k) p.affine[k] = d.affine[k];
-  p.contrast = d.contrast;
-  p.gamma_inverted = d.gamma_inverted;
-  p.gamma = d.gamma;
   return p;
 }
 
@@ -319,8 +316,8 @@ Result<void> DeviceDataset::fill_step(size_t step, size_t lo, size_t hi, float* 
     float* vesselness = d_x + (slot * 2 + 1) * m;
     uint8_t* target = d_y + slot * m;
     // The contrast and gamma come from the spatial transform's stream, which the foreground
-    // choice does not touch: both outcomes carry the same values.
-    const PatchParams& q = s.random;
+    // choice does not touch: both outcomes draw the same values, and only the host needs them.
+    const ct::PatchDraw& q = without;
     const bool finish = q.contrast != 1 || q.gamma_inverted != 1 || q.gamma != 1;
     if (device_->host_memory()) {
       uint64_t corner[3];
