@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) loader_fill_kernel(VolumeView v, Slo
   fill_voxel(v, p, corner, f, i, d_image, d_vesselness, d_target);
 }
 
-// One block: augment_hd::finish_patch. Each reduction is each thread's share of the statistics
+// One block: augment_hd::finish_patch's contrast and gammas. Each reduction is each thread's share of the statistics
 // and the tree over shared memory in augment_hd's order (reduce_patch's); the voxel passes are
 // per voxel.
 __device__ tresor::ct::augment_hd::PatchStats block_reduce(const float* d_image, uint64_t m, float sign,
@@ -154,6 +154,25 @@ __global__ void __launch_bounds__(tresor::ct::augment_hd::kContrastThreads)
     for (uint64_t i = t; i < m; i += hd::kContrastThreads) d_image[i] = hd::gamma_restored(d_image[i], sign, mean, sd, mean_y, sd_y);
     __syncthreads();
   }
+}
+
+// The blur's pass along one axis and the low resolution's two steps, one thread per voxel of the
+// output (augment_hd's per-voxel functions).
+struct Extent {
+  uint64_t n[3];
+};
+__global__ void __launch_bounds__(kThreads) loader_blur_kernel(const float* __restrict__ in, float* __restrict__ out, Extent e, unsigned axis,
+                                                                tresor::ct::augment_hd::BlurKernel k) {
+  const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i < e.n[0] * e.n[1] * e.n[2]) out[i] = tresor::ct::augment_hd::blur_voxel(in, e.n, axis, k, i);
+}
+__global__ void __launch_bounds__(kThreads) loader_down_kernel(const float* __restrict__ in, float* __restrict__ out, Extent e, Extent small) {
+  const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i < small.n[0] * small.n[1] * small.n[2]) out[i] = tresor::ct::augment_hd::lowres_down_voxel(in, e.n, small.n, i);
+}
+__global__ void __launch_bounds__(kThreads) loader_up_kernel(const float* __restrict__ in, float* __restrict__ out, Extent small, Extent e) {
+  const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i < e.n[0] * e.n[1] * e.n[2]) out[i] = tresor::ct::augment_hd::lowres_up_voxel(in, small.n, e.n, i);
 }
 
 CudaStatus launched(const char* what) { return status(what, cudaGetLastError()); }
@@ -202,11 +221,47 @@ CudaStatus loader_fill_launch(void* stream, const VolumeView& v, const SlotParam
   return launched("loader_fill_kernel launch");
 }
 
-CudaStatus loader_finish_launch(void* stream, float* d_image, uint64_t m, double contrast, double gamma_inverted, double gamma) {
-  if (m == 0) return {};
+CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, uint64_t patch, const tresor::ct::augment_hd::PatchFinish& f) {
+  namespace hd = tresor::ct::augment_hd;
+  const Extent e{{patch, patch, patch}};
+  const uint64_t m = patch * patch * patch;
+  if (m == 0 || !f.any()) return {};
   (void)cudaGetLastError();
-  loader_finish_kernel<<<1, tresor::ct::augment_hd::kContrastThreads, 0, as_stream(stream)>>>(d_image, m, contrast, gamma_inverted, gamma);
-  return launched("loader_finish_kernel launch");
+  const cudaStream_t st = as_stream(stream);
+  const unsigned blocks = blocks_for(m, kThreads);
+  if (f.blurred()) {
+    // augment_hd::finish_patch's passes, alternating between the image and the working copy.
+    float* from = d_image;
+    float* to = d_scratch;
+    for (unsigned a = 0; a < 3; ++a) {
+      if (!(f.blur_sigma[a] > 0)) continue;
+      loader_blur_kernel<<<blocks, kThreads, 0, st>>>(from, to, e, a, hd::blur_kernel(f.blur_sigma[a]));
+      if (auto s = launched("loader_blur_kernel launch"); s.code != 0) return s;
+      float* t = from;
+      from = to;
+      to = t;
+    }
+    if (from != d_image) {
+      if (auto s = status("cudaMemcpyAsync (blur)", cudaMemcpyAsync(d_image, from, m * sizeof(float), cudaMemcpyDeviceToDevice, st)); s.code != 0) return s;
+    }
+  }
+  if (f.contrast != 1) {
+    loader_finish_kernel<<<1, hd::kContrastThreads, 0, st>>>(d_image, m, f.contrast, 1.0, 1.0);
+    if (auto s = launched("loader_finish_kernel launch (contrast)"); s.code != 0) return s;
+  }
+  if (f.lowres_scale != 1) {
+    const Extent small{{hd::lowres_size(patch, f.lowres_scale), hd::lowres_size(patch, f.lowres_scale), hd::lowres_size(patch, f.lowres_scale)}};
+    const uint64_t ms = small.n[0] * small.n[1] * small.n[2];
+    loader_down_kernel<<<blocks_for(ms, kThreads), kThreads, 0, st>>>(d_image, d_scratch, e, small);
+    if (auto s = launched("loader_down_kernel launch"); s.code != 0) return s;
+    loader_up_kernel<<<blocks, kThreads, 0, st>>>(d_scratch, d_image, small, e);
+    if (auto s = launched("loader_up_kernel launch"); s.code != 0) return s;
+  }
+  if (f.gamma_inverted != 1 || f.gamma != 1) {
+    loader_finish_kernel<<<1, hd::kContrastThreads, 0, st>>>(d_image, m, 1.0, f.gamma_inverted, f.gamma);
+    if (auto s = launched("loader_finish_kernel launch (gamma)"); s.code != 0) return s;
+  }
+  return {};
 }
 
 CudaStatus loader_stream_sync(void* stream) { return status("cudaStreamSynchronize", cudaStreamSynchronize(as_stream(stream))); }

@@ -280,6 +280,10 @@ Result<DeviceDataset> DeviceDataset::load(ChannelDevice& device, const std::vect
     }
     ds.cases_.push_back(std::move(c));
   }
+  const uint64_t P = o.patch;
+  auto scratch = zeroed(device, static_cast<size_t>(o.batch * P * P * P) * sizeof(float));
+  if (!scratch) return fail(scratch.error().code, "loader: working buffers: " + scratch.error().message);
+  ds.scratch_ = std::move(*scratch);
   return ds;
 }
 
@@ -315,19 +319,21 @@ Result<void> DeviceDataset::fill_step(size_t step, size_t lo, size_t hi, float* 
     float* image = d_x + (slot * 2 + 0) * m;
     float* vesselness = d_x + (slot * 2 + 1) * m;
     uint8_t* target = d_y + slot * m;
-    // The contrast and gamma come from the spatial transform's stream, which the foreground
-    // choice does not touch: both outcomes draw the same values, and only the host needs them.
-    const ct::PatchDraw& q = without;
-    const bool finish = q.contrast != 1 || q.gamma_inverted != 1 || q.gamma != 1;
+    // The blur, contrast, low resolution and gammas come from the spatial transform's stream,
+    // which the foreground choice does not touch: both outcomes draw the same values, and only the
+    // host needs them.
+    const ct::augment_hd::PatchFinish finish = without.finish();
+    float* scratch = reinterpret_cast<float*>(scratch_.data()) + b * m;
     if (device_->host_memory()) {
       uint64_t corner[3];
       const PatchParams& p = loader::resolve_patch(c.view, s, P, corner);
       for (uint64_t i = 0; i < m; ++i) loader::fill_voxel(c.view, p, corner, f, i, image, vesselness, target);
-      if (finish) ct::augment_hd::finish_patch(image, m, q.contrast, q.gamma_inverted, q.gamma);
+      const uint64_t n[3] = {P, P, P};
+      if (finish.any()) ct::augment_hd::finish_patch(image, n, finish, scratch);
     } else {
 #ifdef TRESOR_HAVE_CUDA
       TRESOR_TRY(cuda(loader::detail::loader_fill_launch(stream, c.view, s, f, image, vesselness, target)));
-      if (finish) TRESOR_TRY(cuda(loader::detail::loader_finish_launch(stream, image, m, q.contrast, q.gamma_inverted, q.gamma)));
+      if (finish.any()) TRESOR_TRY(cuda(loader::detail::loader_finish_launch(stream, image, scratch, P, finish)));
 #endif
     }
   }

@@ -32,10 +32,12 @@ CudaStatus loader_finite_launch(void* stream, const float* d_p, uint64_t n, doub
 CudaStatus loader_fill_launch(void* stream, const VolumeView& v, const SlotParams& s, const FillParams& f, float* d_image, float* d_vesselness,
                               uint8_t* d_target);
 
-/// augment_hd::finish_patch on one slot's image channel (m floats, in place): contrast, inverted
-/// gamma, gamma (each skipped at 1) by one block of augment_hd::kContrastThreads threads, which
-/// reduces the patch's statistics in augment_hd's order before each pass over the voxels.
-CudaStatus loader_finish_launch(void* stream, float* d_image, uint64_t m, double contrast, double gamma_inverted, double gamma);
+/// augment_hd::finish_patch on one slot's image channel (P³ floats, in place; d_scratch as many):
+/// the blur (a launch per axis, per voxel), the contrast (one block of augment_hd::kContrastThreads
+/// threads, which reduces the patch's statistics in augment_hd's order before its pass over the
+/// voxels), the low resolution (a launch down, one up), the gammas (one block, as the contrast),
+/// each skipped where the draw leaves it out.
+CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, uint64_t patch, const tresor::ct::augment_hd::PatchFinish& f);
 
 /// Waits for `stream`.
 CudaStatus loader_stream_sync(void* stream);

@@ -305,7 +305,9 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
                       {"affine", patch.affine},
                       {"contrast", patch.contrast},
                       {"gamma_inverted", patch.gamma_inverted},
-                      {"gamma", patch.gamma}});
+                      {"gamma", patch.gamma},
+                      {"blur_sigma", patch.blur_sigma},
+                      {"lowres_scale", patch.lowres_scale}});
     }
     j["patches"] = {{"seed", job.seed}, {"size", job.augment.patch}, {"list", list}};
   }

@@ -56,7 +56,8 @@ Result<TrainConfig> parse_config(const std::string& path) {
       {"training", {"steps", "batch", "patch", "optimizer", "lr", "weight_decay", "seed", "validate_every", "validation_patches", "threads", "full_volume_validation"}},
       {"augmentation",
        {"flip_probability", "intensity_probability", "noise_probability", "rotation_probability", "rotation_max_degrees", "scaling_probability",
-        "scaling_min", "scaling_max", "contrast_probability", "gamma_probability", "gamma_inverted_probability"}},
+        "scaling_min", "scaling_max", "contrast_probability", "gamma_probability", "gamma_inverted_probability", "blur_probability",
+        "blur_sigma_min", "blur_sigma_max", "lowres_probability", "lowres_scale_min", "lowres_scale_max"}},
       {"output", {"dir"}}};
   for (const auto& [k, v] : t) {
     const std::string key(k.str());
@@ -109,13 +110,22 @@ Result<TrainConfig> parse_config(const std::string& path) {
   for (auto [key, into] : {std::pair{"flip_probability", &a.flip_probability}, {"intensity_probability", &a.intensity_probability},
                            {"noise_probability", &a.noise_probability}, {"rotation_probability", &a.rotation_probability},
                            {"scaling_probability", &a.scaling_probability}, {"contrast_probability", &a.contrast_probability},
-                           {"gamma_probability", &a.gamma_probability}, {"gamma_inverted_probability", &a.gamma_inverted_probability}}) {
+                           {"gamma_probability", &a.gamma_probability}, {"gamma_inverted_probability", &a.gamma_inverted_probability},
+                           {"blur_probability", &a.blur_probability}, {"lowres_probability", &a.lowres_probability}}) {
     TRESOR_TRY(number("augmentation", key, *into, 0, 1));
   }
   TRESOR_TRY(number("augmentation", "rotation_max_degrees", a.rotation_max_degrees, 0, 180));
   TRESOR_TRY(number("augmentation", "scaling_min", a.scaling_min, 0.1, 10));
   TRESOR_TRY(number("augmentation", "scaling_max", a.scaling_max, 0.1, 10));
   if (a.scaling_min > a.scaling_max) return fail(ErrorCode::kInvalidArgument, path + ": augmentation.scaling_min is above augmentation.scaling_max");
+  TRESOR_TRY(number("augmentation", "blur_sigma_min", a.blur_sigma_min, 0.05, 5));
+  TRESOR_TRY(number("augmentation", "blur_sigma_max", a.blur_sigma_max, 0.05, 5));
+  if (a.blur_sigma_min > a.blur_sigma_max) return fail(ErrorCode::kInvalidArgument, path + ": augmentation.blur_sigma_min is above augmentation.blur_sigma_max");
+  TRESOR_TRY(number("augmentation", "lowres_scale_min", a.lowres_scale_min, 0.05, 1));
+  TRESOR_TRY(number("augmentation", "lowres_scale_max", a.lowres_scale_max, 0.05, 1));
+  if (a.lowres_scale_min > a.lowres_scale_max) {
+    return fail(ErrorCode::kInvalidArgument, path + ": augmentation.lowres_scale_min is above augmentation.lowres_scale_max");
+  }
   if (const auto opt = t["training"]["optimizer"]) {
     const auto s = opt.value<std::string>();
     if (!s || (*s != "adamw" && *s != "sgd")) return fail(ErrorCode::kInvalidArgument, path + ": training.optimizer must be \"adamw\" or \"sgd\"");

@@ -80,6 +80,19 @@ Result<void> PatchSampler::check(const AugmentOptions& o, const std::array<size_
   if (!(o.gamma_min > 0) || o.gamma_max > 10) {
     return fail(ErrorCode::kInvalidArgument, "augment: gamma range " + std::to_string(o.gamma_min) + ".." + std::to_string(o.gamma_max) + " is not within (0, 10]");
   }
+  for (auto [name, p] : {std::pair{"blur probability", o.blur_probability}, {"low-resolution probability", o.lowres_probability}}) {
+    if (auto r = check_probability(name, p); !r) return std::unexpected(r.error());
+  }
+  if (auto r = check_range("blur sigma", o.blur_sigma_min, o.blur_sigma_max); !r) return std::unexpected(r.error());
+  if (!(o.blur_sigma_min > 0) || o.blur_sigma_max > 5) {
+    return fail(ErrorCode::kInvalidArgument, "augment: blur sigma range " + std::to_string(o.blur_sigma_min) + ".." + std::to_string(o.blur_sigma_max) +
+                                                 " voxels is not within (0, 5]");
+  }
+  if (auto r = check_range("low-resolution scale", o.lowres_scale_min, o.lowres_scale_max); !r) return std::unexpected(r.error());
+  if (!(o.lowres_scale_min > 0) || o.lowres_scale_max > 1) {
+    return fail(ErrorCode::kInvalidArgument, "augment: low-resolution scale range " + std::to_string(o.lowres_scale_min) + ".." +
+                                                 std::to_string(o.lowres_scale_max) + " is not within (0, 1]");
+  }
   return {};
 }
 
@@ -138,6 +151,10 @@ PatchDraw PatchSampler::draw(const AugmentOptions& o, const std::array<size_t, 3
   };
   if (srng.uniform() < o.gamma_inverted_probability) p.gamma_inverted = bg_draw(o.gamma_min, o.gamma_max);
   if (srng.uniform() < o.gamma_probability) p.gamma = bg_draw(o.gamma_min, o.gamma_max);
+  if (srng.uniform() < o.blur_probability) {
+    for (size_t a = 0; a < 3; ++a) p.blur_sigma[a] = srng.between(o.blur_sigma_min, o.blur_sigma_max);
+  }
+  if (srng.uniform() < o.lowres_probability) p.lowres_scale = srng.between(o.lowres_scale_min, o.lowres_scale_max);
   return p;
 }
 
@@ -166,6 +183,8 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
   p.contrast = dr.contrast;
   p.gamma_inverted = dr.gamma_inverted;
   p.gamma = dr.gamma;
+  p.blur_sigma = dr.blur_sigma;
+  p.lowres_scale = dr.lowres_scale;
 
   const auto& n = o_.patch;
   p.image.dims = n;
@@ -195,7 +214,11 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
         p.image.data[dst] = augment_hd::augment_voxel(v, p.scale, p.shift, p.noise_sd, dr.noise_state, dst);
         p.labels.data[dst] = augment_hd::label_at(label_at, nb);
       });
-  augment_hd::finish_patch(p.image.data.data(), p.image.data.size(), p.contrast, p.gamma_inverted, p.gamma);
+  if (const augment_hd::PatchFinish f = dr.finish(); f.any()) {
+    const uint64_t pn[3] = {n[0], n[1], n[2]};
+    std::vector<float> scratch(p.image.data.size());
+    augment_hd::finish_patch(p.image.data.data(), pn, f, scratch.data());
+  }
   return p;
 }
 

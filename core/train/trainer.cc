@@ -67,7 +67,7 @@ ct::AugmentOptions sampler_options(const TrainerOptions& o, bool augment) {
   a.foreground_fraction = augment ? o.foreground_fraction : 1.0;
   if (!augment) {
     a.flip_probability = a.intensity_probability = a.noise_probability = a.rotation_probability = a.scaling_probability = a.contrast_probability = 0;
-    a.gamma_probability = a.gamma_inverted_probability = 0;
+    a.gamma_probability = a.gamma_inverted_probability = a.blur_probability = a.lowres_probability = 0;
   }
   return a;
 }

@@ -186,12 +186,14 @@ class Loader : public ::testing::Test {
 
 // The patches the comparison covers (12 steps of 3 over the cases a, b, c) exercise every branch:
 // foreground-centred, the no-foreground fallback (case c), random corners, flips, intensity,
-// noise, rotation, scaling, contrast and both gammas (the draws are the CPU sampler's).
+// noise, rotation, scaling, blur, contrast, low resolution and both gammas (the draws are the CPU
+// sampler's).
 TEST_F(Loader, TheComparedStepsCoverEveryAugmentation) {
   const auto o = options();
   const ct::AugmentOptions a = train::sampler_options(o, true);
   const std::array<std::array<size_t, 3>, 3> dims{read_back(data().a).image.dims, read_back(data().b).image.dims, read_back(data().c).image.dims};
   size_t fg = 0, fallback = 0, random = 0, flips = 0, intensity = 0, noise = 0, rotated = 0, scaled = 0, contrasted = 0, gamma = 0, gamma_inverted = 0;
+  size_t blurred = 0, lowres = 0;
   for (uint64_t g = 0; g < 12 * o.batch; ++g) {
     const auto d = ct::PatchSampler::draw(a, dims[g % 3], g % 3 != 2, o.seed, g);
     fg += d.from_foreground ? 1u : 0u;
@@ -205,7 +207,11 @@ TEST_F(Loader, TheComparedStepsCoverEveryAugmentation) {
     contrasted += d.contrast != 1 ? 1u : 0u;
     gamma += d.gamma != 1 ? 1u : 0u;
     gamma_inverted += d.gamma_inverted != 1 ? 1u : 0u;
+    blurred += d.blur_sigma[0] > 0 ? 1u : 0u;
+    lowres += d.lowres_scale != 1 ? 1u : 0u;
   }
+  EXPECT_GT(blurred, 0u);
+  EXPECT_GT(lowres, 0u);
   EXPECT_GT(gamma, 0u);
   EXPECT_GT(gamma_inverted, 0u);
   EXPECT_GT(contrasted, 0u);

@@ -381,11 +381,13 @@ TEST_F(Cli, PrepPreprocessesCasesInTheClearAndSealed) {
   EXPECT_EQ(j["patches"]["list"].size(), 2u);
   for (const auto& patch : j["patches"]["list"]) {
     // Every draw is recorded, the spatial transform's too.
-    for (const char* key : {"corner", "flipped", "scale", "shift", "noise_sd", "spatial", "rotation_degrees", "scaling", "affine", "contrast", "gamma_inverted", "gamma"}) {
+    for (const char* key : {"corner", "flipped", "scale", "shift", "noise_sd", "spatial", "rotation_degrees", "scaling", "affine", "contrast", "gamma_inverted", "gamma",
+                            "blur_sigma", "lowres_scale"}) {
       EXPECT_TRUE(patch.contains(key)) << key << " in " << patch.dump();
     }
     EXPECT_EQ(patch["rotation_degrees"].size(), 3u);
     EXPECT_EQ(patch["affine"].size(), 9u);
+    EXPECT_EQ(patch["blur_sigma"].size(), 3u);
   }
 
   // Sealed: inputs sealed to me, outputs sealed to me; nothing in the clear.
@@ -744,13 +746,6 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_TRUE(nib.out.starts_with("True [")) << nib.out;
   EXPECT_TRUE(std::filesystem::exists(dir.file("pred/case2/prediction.png")));
   EXPECT_EQ(pj["mirror"], false);
-  // --mirror: nnU-Net's test-time mirroring; recorded, and a Dice of its own (the same network).
-  auto mirrored = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("mpred"), dir.file("prepared/case2"), "--mirror"});
-  ASSERT_EQ(mirrored.exit_code, 0) << mirrored.err;
-  const auto mj = nlohmann::json::parse(to_string(testing::read_file(dir.file("mpred/predict.json"))));
-  EXPECT_EQ(mj["mirror"], true);
-  EXPECT_GT(mj["cases"][0]["dice"].get<double>(), 0.0);
-  EXPECT_NE(mj["cases"][0]["dice"].get<double>(), volume_dice) << "mirroring changes the prediction";
   auto sealed_pred = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("spred"), dir.file("prepared/case2"), "-r", recipient, "--step", "1"});
   ASSERT_EQ(sealed_pred.exit_code, 0) << sealed_pred.err;
   for (const auto& e : std::filesystem::recursive_directory_iterator(dir.file("spred"))) {
@@ -758,6 +753,18 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
       EXPECT_TRUE(e.path().string().ends_with(".sealed")) << e.path();
     }
   }
+  // --mirror: nnU-Net's test-time mirroring; recorded, and a Dice of its own (the same network and
+  // windows as the sealed run's: tiles a whole tile apart, 8 times fewer than at 0.5, since each
+  // tile runs eight times).
+  const auto sealed_dice_at = sealed_pred.err.find("predict: case2: Dice ");
+  ASSERT_NE(sealed_dice_at, std::string::npos) << sealed_pred.err;
+  const double step1_dice = std::stod(sealed_pred.err.substr(sealed_dice_at + std::strlen("predict: case2: Dice ")));
+  auto mirrored = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("mpred"), dir.file("prepared/case2"), "--mirror", "--step", "1"});
+  ASSERT_EQ(mirrored.exit_code, 0) << mirrored.err;
+  const auto mj = nlohmann::json::parse(to_string(testing::read_file(dir.file("mpred/predict.json"))));
+  EXPECT_EQ(mj["mirror"], true);
+  EXPECT_GT(mj["cases"][0]["dice"].get<double>(), 0.0);
+  EXPECT_NE(mj["cases"][0]["dice"].get<double>(), step1_dice) << "mirroring changes the prediction";
   auto no_case = run_tresor({"predict", "-c", dir.file("whole/checkpoint.tck"), "-o", dir.file("x")});
   EXPECT_EQ(no_case.exit_code, 2);
   EXPECT_NE(no_case.err.find("no case directory given"), std::string::npos) << no_case.err;
@@ -838,11 +845,16 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_NE(bad_aug_key.err.find("unknown key augmentation.elastic_probability"), std::string::npos) << bad_aug_key.err;
   auto bad_scaling = run_tresor({"train", "--config", config("k.toml", "x", "[augmentation]\nscaling_min = 1.5\nscaling_max = 1.2\n")});
   EXPECT_NE(bad_scaling.err.find("augmentation.scaling_min is above augmentation.scaling_max"), std::string::npos) << bad_scaling.err;
+  auto bad_blur = run_tresor({"train", "--config", config("m.toml", "x", "[augmentation]\nblur_sigma_max = 7\n")});
+  EXPECT_NE(bad_blur.err.find("augmentation.blur_sigma_max must be a number in 0.05..5"), std::string::npos) << bad_blur.err;
+  auto bad_lowres = run_tresor({"train", "--config", config("n.toml", "x", "[augmentation]\nlowres_scale_min = 0.9\nlowres_scale_max = 0.6\n")});
+  EXPECT_NE(bad_lowres.err.find("augmentation.lowres_scale_min is above augmentation.lowres_scale_max"), std::string::npos) << bad_lowres.err;
   // The augmentation section is used: switched off, the first steps see other patches.
   auto no_aug = run_tresor({"train", "--config",
                             config("l.toml", "noaug",
                                    "[augmentation]\nflip_probability = 0\nintensity_probability = 0\nnoise_probability = 0\nrotation_probability = 0\n"
-                                   "scaling_probability = 0\ncontrast_probability = 0\ngamma_probability = 0\ngamma_inverted_probability = 0\n"),
+                                   "scaling_probability = 0\ncontrast_probability = 0\ngamma_probability = 0\ngamma_inverted_probability = 0\n"
+                                   "blur_probability = 0\nlowres_probability = 0\n"),
                             "--stop-after", "2"});
   ASSERT_EQ(no_aug.exit_code, 0) << no_aug.err;
   const auto no_aug_loss = nlohmann::json::parse(to_string(testing::read_file(dir.file("noaug/metrics.json"))))["loss"];

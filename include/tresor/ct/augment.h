@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 
+#include "tresor/ct/augment_hd.h"
 #include "tresor/ct/volume.h"
 
 namespace tresor::ct {
@@ -43,6 +44,15 @@ struct AugmentOptions {
   double gamma_inverted_probability = 0.1;
   double gamma_probability = 0.3;
   double gamma_min = 0.7, gamma_max = 1.5;     // in (0, 10]
+  // nnU-Net v2's GaussianBlurTransform (p 0.2 per sample, then p_per_channel 0.5: 0.1 for the one
+  // image channel; σ drawn uniformly for each axis on its own) and SimulateLowResolutionTransform
+  // (p 0.25, then p_per_channel 0.5: 0.125; one factor for all axes), applied in nnU-Net's order:
+  // blur after the noise, the low resolution after the contrast (tresor/ct/augment_hd.h). Drawn
+  // after the gammas, from the same stream.
+  double blur_probability = 0.1;
+  double blur_sigma_min = 0.5, blur_sigma_max = 1.0;     // in (0, 5] voxels
+  double lowres_probability = 0.125;
+  double lowres_scale_min = 0.5, lowres_scale_max = 1.0; // in (0, 1]
 };
 
 struct Patch {
@@ -63,6 +73,8 @@ struct Patch {
   std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
   double contrast = 1;                         // the contrast factor (1: unchanged)
   double gamma_inverted = 1, gamma = 1;        // the gamma changes' γ (1: not applied)
+  std::array<double, 3> blur_sigma{};          // the blur's σ per axis in voxels (0: not blurred)
+  double lowres_scale = 1;                     // the simulated low resolution's factor (1: not applied)
 };
 
 /// What PatchSampler::sample draws for one patch before it reads a voxel, in the draws' order:
@@ -89,6 +101,18 @@ struct PatchDraw {
   std::array<double, 9> affine{1, 0, 0, 0, 1, 0, 0, 0, 1};
   double contrast = 1;  // then the contrast factor (augment_hd::contrast_patch), 1 when not drawn
   double gamma_inverted = 1, gamma = 1;  // then the gamma changes' γ (augment_hd::gamma_patch), 1 when not drawn
+  std::array<double, 3> blur_sigma{};    // then the blur's σ per axis (augment_hd::blur_voxel), 0 when not drawn
+  double lowres_scale = 1;               // then the low resolution's factor (augment_hd::lowres_up_voxel), 1 when not drawn
+  /// What augment_hd::finish_patch does with this draw.
+  [[nodiscard]] augment_hd::PatchFinish finish() const {
+    augment_hd::PatchFinish f;
+    for (size_t a = 0; a < 3; ++a) f.blur_sigma[a] = blur_sigma[a];
+    f.contrast = contrast;
+    f.lowres_scale = lowres_scale;
+    f.gamma_inverted = gamma_inverted;
+    f.gamma = gamma;
+    return f;
+  }
 };
 
 /// Draws patches from one volume and its labels. The foreground voxels are listed once, here.
@@ -103,7 +127,8 @@ class PatchSampler {
 
   /// kInvalidArgument names what is wrong: labels of other dimensions, a patch larger than the
   /// volume on an axis or empty, a probability or fraction outside [0, 1], a range with min > max,
-  /// a negative variance, a rotation outside 0..180 degrees, a scaling factor or γ that is not positive or above 10.
+  /// a negative variance, a rotation outside 0..180 degrees, a scaling factor or γ that is not positive or above 10,
+  /// a blur σ not in (0, 5], a low-resolution factor not in (0, 1].
   [[nodiscard]] static Result<PatchSampler> create(const Volume<float>& image, const LabelVolume& labels, const AugmentOptions& options);
 
   /// Patch `index` of the stream `seed`: independent of any other call. The noise's normals come

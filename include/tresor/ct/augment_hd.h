@@ -360,12 +360,169 @@ inline void gamma_patch(float* x, uint64_t m, double gamma, bool invert) {
   for (uint64_t i = 0; i < m; ++i) x[i] = gamma_restored(x[i], sign, mean, sd, mean_y, sd_y);
 }
 
-/// A patch's intensity changes after the per-voxel ones, in nnU-Net's order: contrast, the
-/// inverted gamma, the gamma (each skipped at 1).
-inline void finish_patch(float* x, uint64_t m, double contrast, double gamma_inverted, double gamma) {
-  if (contrast != 1) contrast_patch(x, m, contrast);
-  if (gamma_inverted != 1) gamma_patch(x, m, gamma_inverted, true);
-  if (gamma != 1) gamma_patch(x, m, gamma, false);
+/// Gaussian blur (nnU-Net v2's GaussianBlurTransform, batchgeneratorsv2's blur_dimension): one
+/// 1-D kernel per axis, applied along x, then y, then z, each pass rounded to float (as torch's
+/// float32 passes). The kernel has k taps, k the odd number nearest σ·6 + ½ (its
+/// _compute_kernel_size with truncate 6: Python's round, half to even, then the odd neighbour on
+/// the side of the unrounded value), at x = −(k−1)/2 … (k−1)/2, weights e^(−x²/2σ²) over their sum;
+/// the patch is extended by reflection about its edge voxels (torch's "reflect" padding, repeated
+/// for a patch shorter than the kernel's half, where torch refuses). Weights in double with
+/// exp_nonpositive, sums over the taps in order.
+inline constexpr unsigned kMaxBlurTaps = 31;  // σ ≤ 5
+struct BlurKernel {
+  unsigned taps;
+  double w[kMaxBlurTaps];
+};
+/// round(x) with ties to even (Python's round), for 0 ≤ x < 2^52.
+TRESOR_HD inline int64_t round_half_even(double x) {
+  const int64_t f = floor_int(x);
+  const double r = dsub(x, static_cast<double>(f));  // exact
+  if (r > 0.5) return f + 1;
+  if (r < 0.5) return f;
+  return f % 2 == 0 ? f : f + 1;
+}
+TRESOR_HD inline unsigned blur_taps(double sigma) {
+  const double n = dadd(dmul(sigma, 6.0), 0.5);
+  const int64_t r = round_half_even(n);
+  if (r % 2 == 1) return static_cast<unsigned>(r);
+  return static_cast<unsigned>(dsub(n, static_cast<double>(r)) >= 0 ? r + 1 : r - 1);
+}
+/// The kernel for 0 < σ ≤ 5 (check_blur refuses others).
+TRESOR_HD inline BlurKernel blur_kernel(double sigma) {
+  BlurKernel k{};
+  k.taps = blur_taps(sigma);
+  const double h = static_cast<double>(k.taps - 1) / 2;  // exact
+  double sum = 0;
+  for (unsigned j = 0; j < k.taps; ++j) {
+    const double t = ddiv(dsub(static_cast<double>(j), h), sigma);
+    k.w[j] = exp_nonpositive(dmul(-0.5, dmul(t, t)));
+    sum = dadd(sum, k.w[j]);
+  }
+  for (unsigned j = 0; j < k.taps; ++j) k.w[j] = ddiv(k.w[j], sum);
+  return k;
+}
+/// Index i (possibly outside 0..n−1) reflected about the edge voxels until it lies inside.
+TRESOR_HD inline uint64_t reflect_index(int64_t i, uint64_t n) {
+  if (n == 1) return 0;
+  const auto period = static_cast<int64_t>(2 * (n - 1));
+  int64_t r = i % period;
+  if (r < 0) r += period;
+  return static_cast<uint64_t>(r < static_cast<int64_t>(n) ? r : period - r);
+}
+/// Voxel i of one pass along `axis` over a patch of n voxels (x fastest).
+TRESOR_HD inline float blur_voxel(const float* in, const uint64_t n[3], unsigned axis, const BlurKernel& k, uint64_t i) {
+  const uint64_t c[3] = {i % n[0], (i / n[0]) % n[1], i / (n[0] * n[1])};
+  const uint64_t stride = axis == 0 ? 1 : (axis == 1 ? n[0] : n[0] * n[1]);
+  const uint64_t base = i - c[axis] * stride;
+  const auto h = static_cast<int64_t>(k.taps / 2);
+  double v = 0;
+  for (unsigned j = 0; j < k.taps; ++j) {
+    const uint64_t q = reflect_index(static_cast<int64_t>(c[axis]) + static_cast<int64_t>(j) - h, n[axis]);
+    v = dadd(v, dmul(k.w[j], static_cast<double>(in[base + q * stride])));
+  }
+  return static_cast<float>(v);
+}
+
+/// Simulated low resolution (nnU-Net v2's SimulateLowResolutionTransform, one factor for all
+/// axes): the patch is taken to round(n·scale) voxels per axis (Python's round, at least 1, at
+/// most n: a scale above 1 is refused by PatchSampler::check and changes nothing here) with
+/// torch's "nearest-exact" and back to n with its "trilinear" (align_corners false). The source
+/// indices and weights are torch's own (checked against torch.nn.functional.interpolate for every
+/// size pair up to 160): nearest-exact takes ⌊float((o + ½)·s)⌋ (at most in − 1) with s = in/out
+/// rounded to float; linear takes x = s·(o + ½) − ½ in double (0 below 0), i0 = ⌊x⌋, i1 = i0 + 1
+/// inside the axis, λ1 = float(x − i0), λ0 = 1 − λ1 in float. The eight products are summed in
+/// double, x fastest, and rounded to float (torch's float sums differ in the last bits).
+TRESOR_HD inline uint64_t lowres_size(uint64_t n, double scale) {
+  const int64_t r = round_half_even(dmul(static_cast<double>(n), scale));
+  if (r < 1) return 1;
+  return static_cast<uint64_t>(r) < n ? static_cast<uint64_t>(r) : n;
+}
+TRESOR_HD inline double float_ratio(uint64_t in, uint64_t out) {
+  // in/out rounded once to float: rounding the double quotient again gives the same float for
+  // integers below 2^24 (a quotient's distance from a float midpoint is 0 or ≥ 2^-49 relative).
+  return static_cast<double>(static_cast<float>(ddiv(static_cast<double>(in), static_cast<double>(out))));
+}
+TRESOR_HD inline uint64_t nearest_exact_index(uint64_t o, uint64_t in, uint64_t out) {
+  const auto v = static_cast<float>(dmul(dadd(static_cast<double>(o), 0.5), float_ratio(in, out)));
+  const auto i = static_cast<uint64_t>(v);  // v ≥ 0: truncation is the floor
+  return i < in - 1 ? i : in - 1;
+}
+struct LinearTap {
+  uint64_t i0, i1;
+  double l0, l1;
+};
+TRESOR_HD inline LinearTap linear_tap(uint64_t o, uint64_t in, uint64_t out) {
+  double x = dsub(dmul(float_ratio(in, out), dadd(static_cast<double>(o), 0.5)), 0.5);
+  if (x < 0) x = 0;
+  LinearTap t{};
+  t.i0 = static_cast<uint64_t>(x);
+  t.i1 = t.i0 + (t.i0 < in - 1 ? 1 : 0);
+  const auto l1 = static_cast<float>(dsub(x, static_cast<double>(t.i0)));
+  t.l1 = static_cast<double>(l1);
+  t.l0 = static_cast<double>(static_cast<float>(dsub(1.0, t.l1)));  // 1 − λ1 in float
+  return t;
+}
+/// Voxel i of the downsampled patch (small[3] voxels) from the patch (n voxels).
+TRESOR_HD inline float lowres_down_voxel(const float* in, const uint64_t n[3], const uint64_t small[3], uint64_t i) {
+  const uint64_t c[3] = {i % small[0], (i / small[0]) % small[1], i / (small[0] * small[1])};
+  uint64_t s[3];
+  for (int a = 0; a < 3; ++a) s[a] = nearest_exact_index(c[a], n[a], small[a]);
+  return in[s[0] + n[0] * (s[1] + n[1] * s[2])];
+}
+/// Voxel i of the patch (n voxels) taken back from the downsampled one.
+TRESOR_HD inline float lowres_up_voxel(const float* small_in, const uint64_t small[3], const uint64_t n[3], uint64_t i) {
+  const uint64_t c[3] = {i % n[0], (i / n[0]) % n[1], i / (n[0] * n[1])};
+  LinearTap t[3];
+  for (int a = 0; a < 3; ++a) t[a] = linear_tap(c[a], small[a], n[a]);
+  double v = 0;
+  for (int dz = 0; dz < 2; ++dz)
+    for (int dy = 0; dy < 2; ++dy)
+      for (int dx = 0; dx < 2; ++dx) {
+        const uint64_t x = dx ? t[0].i1 : t[0].i0, y = dy ? t[1].i1 : t[1].i0, z = dz ? t[2].i1 : t[2].i0;
+        const double w = dmul(dmul(dz ? t[2].l1 : t[2].l0, dy ? t[1].l1 : t[1].l0), dx ? t[0].l1 : t[0].l0);
+        v = dadd(v, dmul(w, static_cast<double>(small_in[x + small[0] * (y + small[1] * z)])));
+      }
+  return static_cast<float>(v);
+}
+
+/// What happens to a patch after its per-voxel changes (augment_voxel), in nnU-Net v2's order:
+/// blur (skipped where every σ is 0), contrast, low resolution, the inverted gamma, the gamma
+/// (each skipped at 1).
+struct PatchFinish {
+  double blur_sigma[3] = {0, 0, 0};
+  double contrast = 1;
+  double lowres_scale = 1;
+  double gamma_inverted = 1, gamma = 1;
+  TRESOR_HD bool blurred() const { return blur_sigma[0] > 0 || blur_sigma[1] > 0 || blur_sigma[2] > 0; }
+  TRESOR_HD bool any() const { return blurred() || contrast != 1 || lowres_scale != 1 || gamma_inverted != 1 || gamma != 1; }
+};
+/// The whole of it on a patch of n voxels in host memory, in the kernels' order; `scratch` holds
+/// as many floats as the patch.
+inline void finish_patch(float* x, const uint64_t n[3], const PatchFinish& f, float* scratch) {
+  const uint64_t m = n[0] * n[1] * n[2];
+  if (m == 0) return;
+  if (f.blurred()) {
+    float* from = x;
+    float* to = scratch;
+    for (unsigned a = 0; a < 3; ++a) {
+      if (!(f.blur_sigma[a] > 0)) continue;
+      const BlurKernel k = blur_kernel(f.blur_sigma[a]);
+      for (uint64_t i = 0; i < m; ++i) to[i] = blur_voxel(from, n, a, k, i);
+      float* t = from;
+      from = to;
+      to = t;
+    }
+    if (from != x) std::memcpy(x, from, m * sizeof(float));
+  }
+  if (f.contrast != 1) contrast_patch(x, m, f.contrast);
+  if (f.lowres_scale != 1) {
+    const uint64_t small[3] = {lowres_size(n[0], f.lowres_scale), lowres_size(n[1], f.lowres_scale), lowres_size(n[2], f.lowres_scale)};
+    const uint64_t ms = small[0] * small[1] * small[2];
+    for (uint64_t i = 0; i < ms; ++i) scratch[i] = lowres_down_voxel(x, n, small, i);
+    for (uint64_t i = 0; i < m; ++i) x[i] = lowres_up_voxel(scratch, small, n, i);
+  }
+  if (f.gamma_inverted != 1) gamma_patch(x, m, f.gamma_inverted, true);
+  if (f.gamma != 1) gamma_patch(x, m, f.gamma, false);
 }
 
 /// One augmented image voxel: the source value scaled and shifted (in double), plus noise_sd times

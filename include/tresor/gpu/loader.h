@@ -56,8 +56,10 @@ inline constexpr int kNiftiFloat32 = 16;           // nifti1.h NIFTI_TYPE_FLOAT3
 /// Prepared training cases in device memory and the batches drawn from them.
 ///
 /// Lifetime: owns its device memory (wiped when freed); `device` must outlive it. fill_step keeps
-/// no state between calls (each slot's draws travel as kernel arguments), so several threads may
-/// call it at once, each on its own stream and outputs.
+/// no state between calls (each slot's draws travel as kernel arguments) but uses one working
+/// buffer per batch slot (the blur's and the low resolution's): several threads may call it at
+/// once, each on its own stream and outputs, for disjoint slots; calls for the same slots must not
+/// overlap.
 class DeviceDataset {
  public:
   /// Uploads each case directory's image, vesselness and labels (`<base>.nii.sealed`, opened with
@@ -70,7 +72,8 @@ class DeviceDataset {
   /// and all device memory used is wiped; the error names the case directory and the file (a
   /// tampered file: the chunk), or the mismatch (volumes of other dimensions, a patch that does
   /// not fit). Device memory: the three files as they are, plus 4 bytes per voxel for the
-  /// foreground list (sized for the worst case, because its length is not known on the host).
+  /// foreground list (sized for the worst case, because its length is not known on the host), plus
+  /// 4·batch·P³ bytes of working buffers.
   [[nodiscard]] static Result<DeviceDataset> load(ChannelDevice& device, const std::vector<std::string>& case_dirs, const sealed::KeyRing& keys,
                                                   const train::TrainerOptions& options, ChannelOptions channel = {});
 
@@ -104,6 +107,7 @@ class DeviceDataset {
   train::TrainerOptions options_;
   ct::AugmentOptions augment_;
   std::vector<std::unique_ptr<Case>> cases_;
+  DeviceBuffer scratch_;  // batch × P³ floats: each slot's working copy for the blur and the low resolution
 };
 
 }  // namespace tresor::gpu

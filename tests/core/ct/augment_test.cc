@@ -4,8 +4,14 @@
 // interpolation, and every bad option named.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <sstream>
 #include <limits>
 #include <numbers>
 #include <utility>
@@ -15,6 +21,7 @@
 #include "tresor/ct/augment_hd.h"
 #include "tresor/ct/ops.h"
 #include "tresor/splitmix.h"
+#include "support/test_support.h"
 
 namespace tresor::ct {
 namespace {
@@ -46,6 +53,7 @@ AugmentOptions plain(std::array<size_t, 3> patch) {
   o.scaling_probability = 0;
   o.contrast_probability = 0;
   o.gamma_probability = o.gamma_inverted_probability = 0;
+  o.blur_probability = o.lowres_probability = 0;
   return o;
 }
 
@@ -206,6 +214,26 @@ TEST(Augment, BadOptionsAreNamed) {
   o.gamma_inverted_probability = 1.1;
   EXPECT_NE(message(o, s.labels).find("inverted gamma probability 1.1"), std::string::npos);
   o.gamma_inverted_probability = 0.1;
+  o.blur_sigma_min = 0;
+  EXPECT_NE(message(o, s.labels).find("blur sigma range 0.000000..1.000000 voxels is not within (0, 5]"), std::string::npos);
+  o.blur_sigma_min = 0.5;
+  o.blur_sigma_max = 6;
+  EXPECT_NE(message(o, s.labels).find("blur sigma range 0.500000..6.000000 voxels"), std::string::npos);
+  o.blur_sigma_max = 0.4;
+  EXPECT_NE(message(o, s.labels).find("blur sigma range 0.5"), std::string::npos);
+  o.blur_sigma_max = 1;
+  o.blur_probability = -1;
+  EXPECT_NE(message(o, s.labels).find("blur probability -1"), std::string::npos);
+  o.blur_probability = 0.1;
+  o.lowres_scale_max = 1.5;
+  EXPECT_NE(message(o, s.labels).find("low-resolution scale range 0.500000..1.500000 is not within (0, 1]"), std::string::npos);
+  o.lowres_scale_max = 1;
+  o.lowres_scale_min = 0;
+  EXPECT_NE(message(o, s.labels).find("low-resolution scale range 0.000000..1.000000"), std::string::npos);
+  o.lowres_scale_min = 0.5;
+  o.lowres_probability = 3;
+  EXPECT_NE(message(o, s.labels).find("low-resolution probability 3"), std::string::npos);
+  o.lowres_probability = 0.125;
   LabelVolume small = s.labels;
   small.dims[0] = 95;
   EXPECT_NE(message(o, small).find("labels do not have the image's dimensions"), std::string::npos);
@@ -437,6 +465,7 @@ TEST(AugmentSpatial, AnotherChannelFollowsThePatch) {
   o.patch = {20, 20, 20};
   o.rotation_probability = o.scaling_probability = 1;
   o.intensity_probability = o.noise_probability = o.contrast_probability = o.gamma_probability = o.gamma_inverted_probability = 0;
+  o.blur_probability = o.lowres_probability = 0;
   auto sampler = PatchSampler::create(s.image, s.labels, o);
   ASSERT_TRUE(sampler);
   // The image itself as the other channel: without intensity changes or noise, the patch's image.
@@ -610,6 +639,312 @@ TEST(AugmentGamma, PatchesFollowTheReferenceAndKeepTheirStatistics) {
   EXPECT_NEAR(static_cast<double>(normal), 1200, 150);   // Binomial(4000, 0.3): sd ≈ 29
   EXPECT_NEAR(static_cast<double>(inverted), 400, 95);   // Binomial(4000, 0.1): sd ≈ 19
   EXPECT_NEAR(static_cast<double>(below), static_cast<double>(normal + inverted) / 2, 100);
+}
+
+// The blur (nnU-Net v2's GaussianBlurTransform) and the simulated low resolution (its
+// SimulateLowResolutionTransform): the kernel's size and weights as batchgeneratorsv2 builds them,
+// whole patches against an independent long-double computation here and against torch (Debian's
+// python3-torch, with /usr/bin/python3), the draws at nnU-Net's rates without disturbing the
+// others.
+TEST(AugmentBlur, TheKernelIsBatchgeneratorsv2s) {
+  // Python's round (half to even), then the odd neighbour on the side of the unrounded value.
+  EXPECT_EQ(augment_hd::round_half_even(2.5), 2);
+  EXPECT_EQ(augment_hd::round_half_even(3.5), 4);
+  EXPECT_EQ(augment_hd::round_half_even(0.5), 0);
+  EXPECT_EQ(augment_hd::round_half_even(2.4999), 2);
+  EXPECT_EQ(augment_hd::round_half_even(2.5001), 3);
+  for (auto [sigma, taps] : {std::pair{0.5, 3u}, {0.58, 3u}, {0.75, 5u}, {0.9, 5u}, {1.0, 7u}, {1.2, 7u}, {5.0, 31u}}) {
+    const augment_hd::BlurKernel k = augment_hd::blur_kernel(sigma);
+    ASSERT_EQ(k.taps, taps) << sigma;
+    long double sum = 0;
+    for (unsigned j = 0; j < taps; ++j) sum += std::exp(-0.5L * std::pow((static_cast<long double>(j) - (taps - 1) / 2.0L) / sigma, 2));
+    for (unsigned j = 0; j < taps; ++j) {
+      const long double want = std::exp(-0.5L * std::pow((static_cast<long double>(j) - (taps - 1) / 2.0L) / sigma, 2)) / sum;
+      EXPECT_NEAR(k.w[j], static_cast<double>(want), 1e-15) << sigma << " tap " << j;
+      EXPECT_EQ(k.w[j], k.w[taps - 1 - j]);
+    }
+  }
+  // Reflection about the edge voxels, repeated where the kernel is longer than the axis.
+  const uint64_t want3[] = {0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2};  // i = −4 … 6 on 3 voxels
+  for (int64_t i = -4; i <= 6; ++i) EXPECT_EQ(augment_hd::reflect_index(i, 3), want3[i + 4]) << i;
+  EXPECT_EQ(augment_hd::reflect_index(-5, 1), 0u);
+}
+
+// A patch blurred by augment_hd (as PatchSampler::sample and the loader do it) against the same
+// passes written here in long double, reflection spelled out.
+std::vector<float> blur_reference(std::vector<float> x, const std::array<size_t, 3>& n, const std::array<double, 3>& sigma) {
+  for (size_t a = 0; a < 3; ++a) {
+    const auto taps = static_cast<int64_t>(augment_hd::blur_taps(sigma[a]));
+    const int64_t h = taps / 2;
+    std::vector<long double> w(static_cast<size_t>(taps));
+    long double sum = 0;
+    for (int64_t j = 0; j < taps; ++j) sum += w[static_cast<size_t>(j)] = std::exp(-0.5L * std::pow(static_cast<long double>(j - h) / sigma[a], 2));
+    std::vector<float> y(x.size());
+    for (size_t z = 0; z < n[2]; ++z)
+      for (size_t yy = 0; yy < n[1]; ++yy)
+        for (size_t xx = 0; xx < n[0]; ++xx) {
+          const size_t c[3] = {xx, yy, z};
+          long double v = 0;
+          for (int64_t j = 0; j < taps; ++j) {
+            auto q = static_cast<int64_t>(c[a]) + j - h;
+            const auto last = static_cast<int64_t>(n[a]) - 1;
+            while (q < 0 || q > last) q = q < 0 ? -q : 2 * last - q;
+            size_t at[3] = {xx, yy, z};
+            at[a] = static_cast<size_t>(q);
+            v += w[static_cast<size_t>(j)] / sum * x[at[0] + n[0] * (at[1] + n[1] * at[2])];
+          }
+          y[xx + n[0] * (yy + n[1] * z)] = static_cast<float>(v);
+        }
+    x = std::move(y);
+  }
+  return x;
+}
+
+std::vector<float> random_patch(size_t m, uint64_t seed) {
+  SplitMix64 rng{seed};
+  std::vector<float> x(m);
+  for (auto& v : x) v = static_cast<float>(rng.uniform() * 4 - 2);
+  return x;
+}
+
+void finish_only(std::vector<float>& x, const std::array<size_t, 3>& n, const augment_hd::PatchFinish& f) {
+  const uint64_t pn[3] = {n[0], n[1], n[2]};
+  std::vector<float> scratch(x.size());
+  augment_hd::finish_patch(x.data(), pn, f, scratch.data());
+}
+
+TEST(AugmentBlur, PatchesMatchTheTransformWrittenOut) {
+  for (auto [n, sigma] : {std::pair{std::array<size_t, 3>{20, 18, 16}, std::array<double, 3>{0.5, 0.77, 1.0}},
+                          {std::array<size_t, 3>{9, 2, 5}, std::array<double, 3>{1.0, 1.0, 0.6}},  // shorter than the kernel on y
+                          {std::array<size_t, 3>{12, 12, 12}, std::array<double, 3>{3.0, 0, 0.5}}}) {
+    std::vector<float> x = random_patch(n[0] * n[1] * n[2], 5);
+    const std::vector<float> want = blur_reference(x, n, {sigma[0] > 0 ? sigma[0] : 1e-9, sigma[1] > 0 ? sigma[1] : 1e-9, sigma[2] > 0 ? sigma[2] : 1e-9});
+    augment_hd::PatchFinish f;
+    for (size_t a = 0; a < 3; ++a) f.blur_sigma[a] = sigma[a];
+    const std::vector<float> before = x;
+    finish_only(x, n, f);
+    for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(x[i], want[i], 2e-6) << i;
+    EXPECT_FALSE(x == before);
+  }
+}
+
+// torch as batchgeneratorsv2 runs it: blur_dimension (reflect padding, a depthwise convolution per
+// axis, float32) and SimulateLowResolutionTransform's two interpolations.
+class AugmentTorch : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (::access("/usr/bin/python3", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/python3 for the torch oracle";
+    if (testing::run_command({"/usr/bin/python3", "-c", "import torch"}).exit_code != 0) GTEST_SKIP() << "python3-torch is not installed";
+  }
+  // Runs `code` with the patch as `x` (a float32 tensor of shape [1, 1, z, y, x]); the code writes
+  // float32 arrays to OUT.
+  std::vector<float> torch(const std::vector<float>& x, const std::array<size_t, 3>& n, const std::string& code) {
+    {
+      std::ofstream f(dir_.file("x.raw"), std::ios::binary);
+      f.write(reinterpret_cast<const char*>(x.data()), static_cast<std::streamsize>(x.size() * sizeof(float)));
+    }
+    std::ostringstream prelude;
+    prelude << "import numpy as np, torch\nfrom torch.nn.functional import pad, conv3d, interpolate\n"
+            << "x = torch.from_numpy(np.fromfile('" << dir_.file("x.raw") << "', dtype=np.float32).reshape((1, 1, " << n[2] << ", " << n[1] << ", "
+            << n[0] << ")))\n"
+            << "OUT = '" << dir_.file("out.raw") << "'\n";
+    auto r = testing::run_command({"/usr/bin/python3", "-c", prelude.str() + code});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    std::ifstream f(dir_.file("out.raw"), std::ios::binary);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    std::vector<float> out(bytes.size() / sizeof(float));
+    std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+    return out;
+  }
+  testing::TempDir dir_;
+};
+
+TEST_F(AugmentTorch, TheBlurIsBatchgeneratorsv2s) {
+  const std::array<size_t, 3> n{20, 18, 16};
+  const std::array<double, 3> sigma{0.5, 0.77, 1.0};
+  std::vector<float> x = random_patch(n[0] * n[1] * n[2], 11);
+  std::ostringstream code;
+  code << "def kernel(s):\n"
+          "    n = s * 6 + 0.5\n"
+          "    r = round(n)\n"
+          "    k = r if r % 2 == 1 else (r + 1 if n - r >= 0 else r - 1)\n"
+          "    t = torch.linspace(-(k - 1) * 0.5, (k - 1) * 0.5, steps=k)\n"
+          "    p = torch.exp(-0.5 * (t / s).pow(2))\n"
+          "    return p / p.sum()\n"
+          "y = x\n"
+          "for dim, s in enumerate([" << sigma[0] << ", " << sigma[1] << ", " << sigma[2] << "]):\n"
+          "    k = kernel(s)\n"
+          "    h = k.shape[0] // 2\n"
+          "    shape = [1, 1, 1, 1, 1]\n"
+          "    shape[4 - dim] = k.shape[0]\n"
+          "    padding = [0, 0, 0, 0, 0, 0]\n"
+          "    padding[2 * dim] = padding[2 * dim + 1] = h\n"
+          "    y = conv3d(pad(y, padding, mode='reflect'), k.reshape(shape))\n"
+          "y.numpy().astype(np.float32).ravel().tofile(OUT)\n";
+  const std::vector<float> want = torch(x, n, code.str());
+  ASSERT_EQ(want.size(), x.size());
+  augment_hd::PatchFinish f;
+  for (size_t a = 0; a < 3; ++a) f.blur_sigma[a] = sigma[a];
+  finish_only(x, n, f);
+  float worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) worst = std::max(worst, std::abs(x[i] - want[i]));
+  EXPECT_LT(worst, 2e-6f) << "float32 passes in torch, double sums rounded per pass here";
+}
+
+TEST_F(AugmentTorch, TheLowResolutionIsTorchsInterpolation) {
+  for (auto [n, scale] : {std::pair{std::array<size_t, 3>{20, 18, 16}, 0.5}, {std::array<size_t, 3>{7, 5, 9}, 0.55}, {std::array<size_t, 3>{33, 3, 17}, 0.77}}) {
+    std::vector<float> x = random_patch(n[0] * n[1] * n[2], 13);
+    const uint64_t pn[3] = {n[0], n[1], n[2]};
+    const uint64_t small[3] = {augment_hd::lowres_size(n[0], scale), augment_hd::lowres_size(n[1], scale), augment_hd::lowres_size(n[2], scale)};
+    std::ostringstream code;
+    code.precision(17);
+    code << "s = " << scale << "\n"
+         << "shape = [round(i * s) for i in (" << n[2] << ", " << n[1] << ", " << n[0] << ")]\n"
+         << "d = interpolate(x, shape, mode='nearest-exact')\n"
+         << "u = interpolate(d, (" << n[2] << ", " << n[1] << ", " << n[0] << "), mode='trilinear')\n"
+         << "np.concatenate([np.array(shape[::-1], dtype=np.float32), d.numpy().ravel(), u.numpy().ravel()]).astype(np.float32).tofile(OUT)\n";
+    const std::vector<float> got = torch(x, n, code.str());
+    const uint64_t ms = small[0] * small[1] * small[2];
+    ASSERT_EQ(got.size(), 3 + ms + x.size());
+    for (size_t a = 0; a < 3; ++a) ASSERT_EQ(got[a], static_cast<float>(small[a])) << "axis " << a << " at scale " << scale;
+    // The nearest-exact step picks exactly torch's voxels; the trilinear step agrees to float rounding.
+    for (uint64_t i = 0; i < ms; ++i) ASSERT_EQ(augment_hd::lowres_down_voxel(x.data(), pn, small, i), got[3 + i]) << i << " at scale " << scale;
+    augment_hd::PatchFinish f;
+    f.lowres_scale = scale;
+    finish_only(x, n, f);
+    float worst = 0;
+    for (size_t i = 0; i < x.size(); ++i) worst = std::max(worst, std::abs(x[i] - got[3 + ms + i]));
+    EXPECT_LT(worst, 1e-6f) << "scale " << scale;
+  }
+}
+
+// The source voxels and weights, one axis at a time, exactly torch's: nearest-exact for every
+// size pair up to 64 (26 → 11, 52 → 22 and others are where ⌊(o + ½)·in/out⌋ computed exactly
+// picks another voxel than torch's float arithmetic), trilinear from every size up to 24 to every
+// larger size up to 48 (torch's weights read off by interpolating the unit vectors).
+TEST_F(AugmentTorch, EachAxisTakesTorchsVoxelsAndWeightsExactly) {
+  const std::vector<float> none;
+  const std::vector<float> got = torch(none, {0, 0, 0},
+                                       "out = []\n"
+                                       "for n in range(1, 65):\n"
+                                       "    a = torch.arange(n, dtype=torch.float32).reshape(1, 1, n, 1, 1)\n"
+                                       "    for o in range(1, n + 1):\n"
+                                       "        out.append(interpolate(a, (o, 1, 1), mode='nearest-exact').numpy().ravel())\n"
+                                       "for n in range(1, 25):\n"
+                                       "    e = torch.eye(n, dtype=torch.float32).reshape(n, 1, n, 1, 1)\n"
+                                       "    for o in range(n, 49):\n"
+                                       "        out.append(interpolate(e, (o, 1, 1), mode='trilinear')[:, 0, :, 0, 0].numpy().T.ravel())\n"
+                                       "np.concatenate(out).astype(np.float32).tofile(OUT)\n");
+  size_t at = 0, rational_differs = 0;
+  for (uint64_t n = 1; n <= 64; ++n) {
+    for (uint64_t o = 1; o <= n; ++o) {
+      for (uint64_t d = 0; d < o; ++d, ++at) {
+        ASSERT_LT(at, got.size());
+        ASSERT_EQ(static_cast<float>(augment_hd::nearest_exact_index(d, n, o)), got[at]) << n << " -> " << o << " at " << d;
+        rational_differs += std::min((2 * d + 1) * n / (2 * o), n - 1) != augment_hd::nearest_exact_index(d, n, o) ? 1u : 0u;
+      }
+    }
+  }
+  EXPECT_GT(rational_differs, 0u) << "the pairs include the ones where exact arithmetic would differ";
+  for (uint64_t n = 1; n <= 24; ++n) {
+    for (uint64_t o = n; o <= 48; ++o) {
+      for (uint64_t d = 0; d < o; ++d) {  // torch's column d: the weight of each of the n source voxels
+        const augment_hd::LinearTap t = augment_hd::linear_tap(d, n, o);
+        std::vector<float> want(n, 0.0f);
+        want[t.i0] += static_cast<float>(t.l0);
+        want[t.i1] += static_cast<float>(t.l1);
+        for (uint64_t i = 0; i < n; ++i, ++at) {
+          ASSERT_LT(at, got.size());
+          ASSERT_EQ(want[i], got[at]) << n << " -> " << o << " at " << d << ", source " << i;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(at, got.size());
+}
+
+TEST(AugmentLowRes, ALinearRampSurvivesAndDetailIsLost) {
+  // Trilinear interpolation reproduces a ramp away from the edges (align_corners false clamps
+  // there); a checkerboard loses its contrast.
+  const std::array<size_t, 3> n{16, 16, 16};
+  std::vector<float> ramp(16 * 16 * 16), board(ramp.size());
+  for (size_t z = 0; z < 16; ++z)
+    for (size_t y = 0; y < 16; ++y)
+      for (size_t x = 0; x < 16; ++x) {
+        ramp[x + 16 * (y + 16 * z)] = static_cast<float>(x) + 2.0f * static_cast<float>(y) - static_cast<float>(z);
+        board[x + 16 * (y + 16 * z)] = (x + y + z) % 2 == 0 ? 1.0f : -1.0f;
+      }
+  augment_hd::PatchFinish f;
+  f.lowres_scale = 0.5;
+  std::vector<float> r = ramp, b = board;
+  finish_only(r, n, f);
+  finish_only(b, n, f);
+  for (size_t z = 2; z < 14; ++z)
+    for (size_t y = 2; y < 14; ++y)
+      for (size_t x = 2; x < 14; ++x) {
+        // Nearest-exact at 1/2 keeps the odd voxels: the ramp comes back shifted by half a voxel.
+        const size_t i = x + 16 * (y + 16 * z);
+        ASSERT_NEAR(r[i], ramp[i] + 0.5f * (1 + 2 - 1), 1e-5) << x << "," << y << "," << z;
+      }
+  // Every kept voxel (odd coordinates) of the board is −1: the result is constant.
+  for (float v : b) ASSERT_NEAR(v, -1.0f, 1e-6f);
+}
+
+TEST(AugmentBlurLowRes, DrawsFollowNnUNetAndLeaveTheOthersAlone) {
+  const AugmentOptions d;
+  AugmentOptions off = d;
+  off.blur_probability = off.lowres_probability = 0;
+  size_t blurred = 0, lowres = 0, unequal_sigmas = 0;
+  for (uint64_t i = 0; i < 4000; ++i) {
+    const PatchDraw a = PatchSampler::draw(d, {96, 96, 64}, true, 31, i), b = PatchSampler::draw(off, {96, 96, 64}, true, 31, i);
+    if (a.blur_sigma[0] > 0) {
+      ++blurred;
+      for (double s : a.blur_sigma) {
+        EXPECT_GE(s, 0.5);
+        EXPECT_LT(s, 1.0);
+      }
+      unequal_sigmas += a.blur_sigma[0] != a.blur_sigma[1] ? 1u : 0u;
+    } else {
+      EXPECT_EQ(a.blur_sigma, (std::array<double, 3>{}));
+    }
+    if (a.lowres_scale != 1) {
+      ++lowres;
+      EXPECT_GE(a.lowres_scale, 0.5);
+      EXPECT_LT(a.lowres_scale, 1.0);
+    }
+    // Drawn last: every other draw is the one made without them.
+    ASSERT_EQ(a.corner, b.corner);
+    ASSERT_EQ(a.noise_state, b.noise_state);
+    ASSERT_EQ(a.turns, b.turns);
+    ASSERT_EQ(a.contrast, b.contrast);
+    ASSERT_EQ(a.gamma, b.gamma);
+    ASSERT_EQ(a.gamma_inverted, b.gamma_inverted);
+  }
+  EXPECT_NEAR(static_cast<double>(blurred), 400, 95);  // Binomial(4000, 0.2 × 0.5): sd ≈ 19
+  EXPECT_NEAR(static_cast<double>(lowres), 500, 105);  // Binomial(4000, 0.25 × 0.5): sd ≈ 21
+  EXPECT_EQ(unequal_sigmas, blurred) << "each axis draws its own σ";
+
+  // In whole patches: the labels stay, the image changes, and the recorded draw explains it.
+  const Source s = source();
+  AugmentOptions o = plain({24, 20, 16});
+  AugmentOptions on = o;
+  on.blur_probability = on.lowres_probability = 1;
+  auto a = PatchSampler::create(s.image, s.labels, o);
+  auto b = PatchSampler::create(s.image, s.labels, on);
+  ASSERT_TRUE(a && b);
+  for (uint64_t i = 0; i < 4; ++i) {
+    const Patch pa = a->sample(3, i), pb = b->sample(3, i);
+    ASSERT_GT(pb.blur_sigma[0], 0);
+    ASSERT_NE(pb.lowres_scale, 1);
+    EXPECT_TRUE(pa.labels.data == pb.labels.data);
+    std::vector<float> want = pa.image.data;
+    augment_hd::PatchFinish f;
+    for (size_t k = 0; k < 3; ++k) f.blur_sigma[k] = pb.blur_sigma[k];
+    f.lowres_scale = pb.lowres_scale;
+    finish_only(want, pa.image.dims, f);
+    EXPECT_TRUE(want == pb.image.data) << "patch " << i;
+    EXPECT_FALSE(pa.image.data == pb.image.data);
+  }
 }
 
 }  // namespace
