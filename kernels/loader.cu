@@ -166,13 +166,15 @@ __global__ void __launch_bounds__(kThreads) loader_blur_kernel(const float* __re
   const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i < e.n[0] * e.n[1] * e.n[2]) out[i] = tresor::ct::augment_hd::blur_voxel(in, e.n, axis, k, i);
 }
-__global__ void __launch_bounds__(kThreads) loader_down_kernel(const float* __restrict__ in, float* __restrict__ out, Extent e, Extent small) {
+__global__ void __launch_bounds__(kThreads) loader_down_kernel(const float* __restrict__ in, float* __restrict__ out, Extent e, Extent small,
+                                                                FlipChoice flips) {
   const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i < small.n[0] * small.n[1] * small.n[2]) out[i] = tresor::ct::augment_hd::lowres_down_voxel(in, e.n, small.n, i);
+  if (i < small.n[0] * small.n[1] * small.n[2]) out[i] = tresor::ct::augment_hd::lowres_down_voxel(in, e.n, small.n, resolve_flips(flips), i);
 }
-__global__ void __launch_bounds__(kThreads) loader_up_kernel(const float* __restrict__ in, float* __restrict__ out, Extent small, Extent e) {
+__global__ void __launch_bounds__(kThreads) loader_up_kernel(const float* __restrict__ in, float* __restrict__ out, Extent small, Extent e,
+                                                              FlipChoice flips) {
   const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i < e.n[0] * e.n[1] * e.n[2]) out[i] = tresor::ct::augment_hd::lowres_up_voxel(in, small.n, e.n, i);
+  if (i < e.n[0] * e.n[1] * e.n[2]) out[i] = tresor::ct::augment_hd::lowres_up_voxel(in, small.n, e.n, resolve_flips(flips), i);
 }
 
 CudaStatus launched(const char* what) { return status(what, cudaGetLastError()); }
@@ -221,7 +223,8 @@ CudaStatus loader_fill_launch(void* stream, const VolumeView& v, const SlotParam
   return launched("loader_fill_kernel launch");
 }
 
-CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, uint64_t patch, const tresor::ct::augment_hd::PatchFinish& f) {
+CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, uint64_t patch, const tresor::ct::augment_hd::PatchFinish& f,
+                                const FlipChoice& flips) {
   namespace hd = tresor::ct::augment_hd;
   const Extent e{{patch, patch, patch}};
   const uint64_t m = patch * patch * patch;
@@ -233,7 +236,7 @@ CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, 
     // augment_hd::finish_patch's passes, alternating between the image and the working copy.
     float* from = d_image;
     float* to = d_scratch;
-    for (unsigned a = 0; a < 3; ++a) {
+    for (unsigned a = 3; a-- > 0;) {  // z, y, x
       if (!(f.blur_sigma[a] > 0)) continue;
       loader_blur_kernel<<<blocks, kThreads, 0, st>>>(from, to, e, a, hd::blur_kernel(f.blur_sigma[a]));
       if (auto s = launched("loader_blur_kernel launch"); s.code != 0) return s;
@@ -252,9 +255,9 @@ CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, 
   if (f.lowres_scale != 1) {
     const Extent small{{hd::lowres_size(patch, f.lowres_scale), hd::lowres_size(patch, f.lowres_scale), hd::lowres_size(patch, f.lowres_scale)}};
     const uint64_t ms = small.n[0] * small.n[1] * small.n[2];
-    loader_down_kernel<<<blocks_for(ms, kThreads), kThreads, 0, st>>>(d_image, d_scratch, e, small);
+    loader_down_kernel<<<blocks_for(ms, kThreads), kThreads, 0, st>>>(d_image, d_scratch, e, small, flips);
     if (auto s = launched("loader_down_kernel launch"); s.code != 0) return s;
-    loader_up_kernel<<<blocks, kThreads, 0, st>>>(d_scratch, d_image, small, e);
+    loader_up_kernel<<<blocks, kThreads, 0, st>>>(d_scratch, d_image, small, e, flips);
     if (auto s = launched("loader_up_kernel launch"); s.code != 0) return s;
   }
   if (f.gamma_inverted != 1 || f.gamma != 1) {

@@ -84,6 +84,21 @@ TRESOR_HD inline const PatchParams& resolve_patch(const VolumeView& v, const Slo
   return s.random;
 }
 
+/// The mirroring of a slot's patch (bit a: axis a), which depends on the outcome the device picks:
+/// the low resolution undoes it (augment_hd::lowres_down_voxel), so its kernels resolve it as
+/// resolve_patch resolves the outcome.
+struct FlipChoice {
+  const uint32_t* foreground_count = nullptr;
+  uint32_t want_foreground = 0;
+  uint32_t from_foreground = 0, random = 0;
+};
+TRESOR_HD inline uint32_t flip_bits(const PatchParams& p) {
+  return (p.flipped[0] != 0 ? 1u : 0u) | (p.flipped[1] != 0 ? 2u : 0u) | (p.flipped[2] != 0 ? 4u : 0u);
+}
+TRESOR_HD inline uint32_t resolve_flips(const FlipChoice& f) {
+  return f.want_foreground != 0 && *f.foreground_count > 0 ? f.from_foreground : f.random;
+}
+
 /// A volume's float voxels as the CPU reader scales them, and its labels, for augment_hd's
 /// trilinear and label_at.
 struct StoredAt {

@@ -22,6 +22,7 @@ namespace tresor::gpu {
 namespace {
 
 namespace fs = std::filesystem;
+using loader::FlipChoice;
 using loader::FillParams;
 using loader::PatchParams;
 using loader::SlotParams;
@@ -322,18 +323,26 @@ Result<void> DeviceDataset::fill_step(size_t step, size_t lo, size_t hi, float* 
     // The blur, contrast, low resolution and gammas come from the spatial transform's stream,
     // which the foreground choice does not touch: both outcomes draw the same values, and only the
     // host needs them.
-    const ct::augment_hd::PatchFinish finish = without.finish();
+    ct::augment_hd::PatchFinish finish = without.finish();
+    // The flips depend on the outcome (they are drawn after the foreground choice's draws); the
+    // device resolves them as it resolves the outcome.
+    FlipChoice flips;
+    flips.foreground_count = c.view.foreground_count;
+    flips.want_foreground = s.want_foreground;
+    flips.from_foreground = loader::flip_bits(s.from_foreground);
+    flips.random = loader::flip_bits(s.random);
     float* scratch = reinterpret_cast<float*>(scratch_.data()) + b * m;
     if (device_->host_memory()) {
       uint64_t corner[3];
       const PatchParams& p = loader::resolve_patch(c.view, s, P, corner);
       for (uint64_t i = 0; i < m; ++i) loader::fill_voxel(c.view, p, corner, f, i, image, vesselness, target);
       const uint64_t n[3] = {P, P, P};
+      finish.flipped = loader::resolve_flips(flips);
       if (finish.any()) ct::augment_hd::finish_patch(image, n, finish, scratch);
     } else {
 #ifdef TRESOR_HAVE_CUDA
       TRESOR_TRY(cuda(loader::detail::loader_fill_launch(stream, c.view, s, f, image, vesselness, target)));
-      if (finish.any()) TRESOR_TRY(cuda(loader::detail::loader_finish_launch(stream, image, scratch, P, finish)));
+      if (finish.any()) TRESOR_TRY(cuda(loader::detail::loader_finish_launch(stream, image, scratch, P, finish, flips)));
 #endif
     }
   }

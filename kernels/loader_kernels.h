@@ -37,7 +37,9 @@ CudaStatus loader_fill_launch(void* stream, const VolumeView& v, const SlotParam
 /// threads, which reduces the patch's statistics in augment_hd's order before its pass over the
 /// voxels), the low resolution (a launch down, one up), the gammas (one block, as the contrast),
 /// each skipped where the draw leaves it out.
-CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, uint64_t patch, const tresor::ct::augment_hd::PatchFinish& f);
+/// The low resolution takes the patch's mirroring from `flips` (f.flipped is not read).
+CudaStatus loader_finish_launch(void* stream, float* d_image, float* d_scratch, uint64_t patch, const tresor::ct::augment_hd::PatchFinish& f,
+                                const FlipChoice& flips);
 
 /// Waits for `stream`.
 CudaStatus loader_stream_sync(void* stream);

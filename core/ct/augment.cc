@@ -154,7 +154,8 @@ PatchDraw PatchSampler::draw(const AugmentOptions& o, const std::array<size_t, 3
   if (srng.uniform() < o.blur_probability) {
     for (size_t a = 0; a < 3; ++a) p.blur_sigma[a] = srng.between(o.blur_sigma_min, o.blur_sigma_max);
   }
-  if (srng.uniform() < o.lowres_probability) p.lowres_scale = srng.between(o.lowres_scale_min, o.lowres_scale_max);
+  // batchgeneratorsv2 keeps the factor in a float32 tensor: rounded to float, as it rounds n·scale.
+  if (srng.uniform() < o.lowres_probability) p.lowres_scale = static_cast<double>(static_cast<float>(srng.between(o.lowres_scale_min, o.lowres_scale_max)));
   return p;
 }
 

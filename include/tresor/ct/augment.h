@@ -109,6 +109,7 @@ struct PatchDraw {
     for (size_t a = 0; a < 3; ++a) f.blur_sigma[a] = blur_sigma[a];
     f.contrast = contrast;
     f.lowres_scale = lowres_scale;
+    for (unsigned k = 0; k < 3; ++k) f.flipped |= flipped[k] ? 1u << k : 0u;
     f.gamma_inverted = gamma_inverted;
     f.gamma = gamma;
     return f;

@@ -361,13 +361,14 @@ inline void gamma_patch(float* x, uint64_t m, double gamma, bool invert) {
 }
 
 /// Gaussian blur (nnU-Net v2's GaussianBlurTransform, batchgeneratorsv2's blur_dimension): one
-/// 1-D kernel per axis, applied along x, then y, then z, each pass rounded to float (as torch's
-/// float32 passes). The kernel has k taps, k the odd number nearest σ·6 + ½ (its
+/// 1-D kernel per axis, applied along z, then y, then x (nnU-Net's arrays are (c, z, y, x) and
+/// blur_dimension takes dimension 0 first), each pass rounded to float (as torch's float32
+/// passes). The kernel has k taps, k the odd number nearest σ·6 + ½ (its
 /// _compute_kernel_size with truncate 6: Python's round, half to even, then the odd neighbour on
 /// the side of the unrounded value), at x = −(k−1)/2 … (k−1)/2, weights e^(−x²/2σ²) over their sum;
 /// the patch is extended by reflection about its edge voxels (torch's "reflect" padding, repeated
-/// for a patch shorter than the kernel's half, where torch refuses). Weights in double with
-/// exp_nonpositive, sums over the taps in order.
+/// where an axis is not longer than the kernel's half, where torch refuses). Weights in double with
+/// exp_nonpositive (torch builds them in float32), sums over the taps in order.
 inline constexpr unsigned kMaxBlurTaps = 31;  // σ ≤ 5
 struct BlurKernel {
   unsigned taps;
@@ -426,12 +427,17 @@ TRESOR_HD inline float blur_voxel(const float* in, const uint64_t n[3], unsigned
 /// Simulated low resolution (nnU-Net v2's SimulateLowResolutionTransform, one factor for all
 /// axes): the patch is taken to round(n·scale) voxels per axis (Python's round, at least 1, at
 /// most n: a scale above 1 is refused by PatchSampler::check and changes nothing here) with
-/// torch's "nearest-exact" and back to n with its "trilinear" (align_corners false). The source
-/// indices and weights are torch's own (checked against torch.nn.functional.interpolate for every
-/// size pair up to 160): nearest-exact takes ⌊float((o + ½)·s)⌋ (at most in − 1) with s = in/out
-/// rounded to float; linear takes x = s·(o + ½) − ½ in double (0 below 0), i0 = ⌊x⌋, i1 = i0 + 1
-/// inside the axis, λ1 = float(x − i0), λ0 = 1 − λ1 in float. The eight products are summed in
-/// double, x fastest, and rounded to float (torch's float sums differ in the last bits).
+/// torch's "nearest-exact" and back to n with its "trilinear" (align_corners false), in the
+/// patch's unflipped frame (nnU-Net mirrors last, and nearest-exact does not commute with a flip):
+/// bit a of `flipped` set means axis a of the patch is mirrored. The source indices and weights
+/// are those of Debian 12's torch 1.13 (augment_test compares them with
+/// torch.nn.functional.interpolate: nearest-exact for every size pair up to 64, trilinear from
+/// every size up to 24 to every larger one up to 48): nearest-exact takes ⌊float((o + ½)·s)⌋ (at
+/// most in − 1) with s = in/out rounded to float; linear takes x = s·(o + ½) − ½ in double (0
+/// below 0), i0 = ⌊x⌋, i1 = i0 + 1 inside the axis, λ1 = float(x − i0), λ0 = 1 − λ1 in float.
+/// (Later torch releases round x to float first: weights that differ in the last bits.) The eight
+/// products are summed in double, x fastest, and rounded to float (torch's float sums differ in
+/// the last bits).
 TRESOR_HD inline uint64_t lowres_size(uint64_t n, double scale) {
   const int64_t r = round_half_even(dmul(static_cast<double>(n), scale));
   if (r < 1) return 1;
@@ -462,18 +468,23 @@ TRESOR_HD inline LinearTap linear_tap(uint64_t o, uint64_t in, uint64_t out) {
   t.l0 = static_cast<double>(static_cast<float>(dsub(1.0, t.l1)));  // 1 − λ1 in float
   return t;
 }
-/// Voxel i of the downsampled patch (small[3] voxels) from the patch (n voxels).
-TRESOR_HD inline float lowres_down_voxel(const float* in, const uint64_t n[3], const uint64_t small[3], uint64_t i) {
+/// Voxel i of the downsampled patch (small[3] voxels, in the unflipped frame) from the patch (n
+/// voxels, mirrored on the axes set in `flipped`).
+TRESOR_HD inline float lowres_down_voxel(const float* in, const uint64_t n[3], const uint64_t small[3], unsigned flipped, uint64_t i) {
   const uint64_t c[3] = {i % small[0], (i / small[0]) % small[1], i / (small[0] * small[1])};
   uint64_t s[3];
-  for (int a = 0; a < 3; ++a) s[a] = nearest_exact_index(c[a], n[a], small[a]);
+  for (int a = 0; a < 3; ++a) {
+    s[a] = nearest_exact_index(c[a], n[a], small[a]);
+    if ((flipped >> a) & 1u) s[a] = n[a] - 1 - s[a];
+  }
   return in[s[0] + n[0] * (s[1] + n[1] * s[2])];
 }
-/// Voxel i of the patch (n voxels) taken back from the downsampled one.
-TRESOR_HD inline float lowres_up_voxel(const float* small_in, const uint64_t small[3], const uint64_t n[3], uint64_t i) {
+/// Voxel i of the patch (n voxels, mirrored on the axes set in `flipped`) taken back from the
+/// downsampled one.
+TRESOR_HD inline float lowres_up_voxel(const float* small_in, const uint64_t small[3], const uint64_t n[3], unsigned flipped, uint64_t i) {
   const uint64_t c[3] = {i % n[0], (i / n[0]) % n[1], i / (n[0] * n[1])};
   LinearTap t[3];
-  for (int a = 0; a < 3; ++a) t[a] = linear_tap(c[a], small[a], n[a]);
+  for (int a = 0; a < 3; ++a) t[a] = linear_tap((flipped >> a) & 1u ? n[a] - 1 - c[a] : c[a], small[a], n[a]);
   double v = 0;
   for (int dz = 0; dz < 2; ++dz)
     for (int dy = 0; dy < 2; ++dy)
@@ -492,6 +503,7 @@ struct PatchFinish {
   double blur_sigma[3] = {0, 0, 0};
   double contrast = 1;
   double lowres_scale = 1;
+  unsigned flipped = 0;  // bit a: the patch is mirrored on axis a (the low resolution undoes it)
   double gamma_inverted = 1, gamma = 1;
   TRESOR_HD bool blurred() const { return blur_sigma[0] > 0 || blur_sigma[1] > 0 || blur_sigma[2] > 0; }
   TRESOR_HD bool any() const { return blurred() || contrast != 1 || lowres_scale != 1 || gamma_inverted != 1 || gamma != 1; }
@@ -504,7 +516,7 @@ inline void finish_patch(float* x, const uint64_t n[3], const PatchFinish& f, fl
   if (f.blurred()) {
     float* from = x;
     float* to = scratch;
-    for (unsigned a = 0; a < 3; ++a) {
+    for (unsigned a = 3; a-- > 0;) {  // z, y, x
       if (!(f.blur_sigma[a] > 0)) continue;
       const BlurKernel k = blur_kernel(f.blur_sigma[a]);
       for (uint64_t i = 0; i < m; ++i) to[i] = blur_voxel(from, n, a, k, i);
@@ -518,8 +530,8 @@ inline void finish_patch(float* x, const uint64_t n[3], const PatchFinish& f, fl
   if (f.lowres_scale != 1) {
     const uint64_t small[3] = {lowres_size(n[0], f.lowres_scale), lowres_size(n[1], f.lowres_scale), lowres_size(n[2], f.lowres_scale)};
     const uint64_t ms = small[0] * small[1] * small[2];
-    for (uint64_t i = 0; i < ms; ++i) scratch[i] = lowres_down_voxel(x, n, small, i);
-    for (uint64_t i = 0; i < m; ++i) x[i] = lowres_up_voxel(scratch, small, n, i);
+    for (uint64_t i = 0; i < ms; ++i) scratch[i] = lowres_down_voxel(x, n, small, f.flipped, i);
+    for (uint64_t i = 0; i < m; ++i) x[i] = lowres_up_voxel(scratch, small, n, f.flipped, i);
   }
   if (f.gamma_inverted != 1) gamma_patch(x, m, f.gamma_inverted, true);
   if (f.gamma != 1) gamma_patch(x, m, f.gamma, false);

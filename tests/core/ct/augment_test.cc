@@ -561,22 +561,25 @@ TEST(AugmentGamma, ExpAndPowMatchLibm) {
   EXPECT_EQ(hd::pow_unit(0x1p-1030, 0.7), 0.0);  // below the smallest normal
 }
 
+// The mean and the standard deviation (n − 1, as torch.std) of a, summed in Acc.
+template <typename Acc, typename T>
+std::pair<Acc, Acc> mean_sd(const std::vector<T>& a) {
+  Acc m = 0, q = 0;
+  for (T e : a) m += e;
+  m /= static_cast<Acc>(a.size());
+  for (T e : a) q += (e - m) * (e - m);
+  return std::pair{m, std::sqrt(q / static_cast<Acc>(a.size() - 1))};
+}
+
 // batchgeneratorsv2's GammaTransform with retain_stats, computed here in long double with libm.
 std::vector<float> gamma_reference(const std::vector<float>& x, double gamma, bool invert) {
   const size_t n = x.size();
   std::vector<long double> v(n);
   for (size_t i = 0; i < n; ++i) v[i] = invert ? -x[i] : x[i];
-  auto mean_sd = [&](const std::vector<long double>& a) {
-    long double m = 0, q = 0;
-    for (long double e : a) m += e;
-    m /= static_cast<long double>(a.size());
-    for (long double e : a) q += (e - m) * (e - m);
-    return std::pair{m, std::sqrt(q / static_cast<long double>(a.size() - 1))};
-  };
-  const auto [mean, sd] = mean_sd(v);
+  const auto [mean, sd] = mean_sd<long double>(v);
   const long double lo = *std::min_element(v.begin(), v.end()), range = *std::max_element(v.begin(), v.end()) - lo;
   for (auto& e : v) e = std::pow((e - lo) / std::max(range, 1e-7L), static_cast<long double>(gamma)) * range + lo;
-  const auto [mean_y, sd_y] = mean_sd(v);
+  const auto [mean_y, sd_y] = mean_sd<long double>(v);
   std::vector<float> out(n);
   for (size_t i = 0; i < n; ++i) {
     const long double w = (v[i] - mean_y) * (sd / std::max(sd_y, 1e-7L)) + mean;
@@ -604,15 +607,8 @@ TEST(AugmentGamma, PatchesFollowTheReferenceAndKeepTheirStatistics) {
       for (size_t k = 0; k < want.size(); ++k) worst = std::max(worst, static_cast<double>(std::abs(pb.image.data[k] - want[k])));
       EXPECT_LT(worst, 2e-5) << "gamma " << g << (invert ? " inverted" : "");
       // The mean and standard deviation are kept; the values changed.
-      auto stats = [](const std::vector<float>& x) {
-        double m = 0, q = 0;
-        for (float e : x) m += e;
-        m /= static_cast<double>(x.size());
-        for (float e : x) q += (e - m) * (e - m);
-        return std::pair{m, std::sqrt(q / static_cast<double>(x.size() - 1))};
-      };
-      const auto [ma, sa] = stats(pa.image.data);
-      const auto [mb, sb] = stats(pb.image.data);
+      const auto [ma, sa] = mean_sd<double>(pa.image.data);
+      const auto [mb, sb] = mean_sd<double>(pb.image.data);
       EXPECT_NEAR(mb, ma, 1e-5);
       EXPECT_NEAR(sb, sa, 1e-5);
       EXPECT_FALSE(pa.image.data == pb.image.data);
@@ -673,7 +669,7 @@ TEST(AugmentBlur, TheKernelIsBatchgeneratorsv2s) {
 // A patch blurred by augment_hd (as PatchSampler::sample and the loader do it) against the same
 // passes written here in long double, reflection spelled out.
 std::vector<float> blur_reference(std::vector<float> x, const std::array<size_t, 3>& n, const std::array<double, 3>& sigma) {
-  for (size_t a = 0; a < 3; ++a) {
+  for (size_t a = 3; a-- > 0;) {  // z, y, x
     const auto taps = static_cast<int64_t>(augment_hd::blur_taps(sigma[a]));
     const int64_t h = taps / 2;
     std::vector<long double> w(static_cast<size_t>(taps));
@@ -772,7 +768,7 @@ TEST_F(AugmentTorch, TheBlurIsBatchgeneratorsv2s) {
           "    p = torch.exp(-0.5 * (t / s).pow(2))\n"
           "    return p / p.sum()\n"
           "y = x\n"
-          "for dim, s in enumerate([" << sigma[0] << ", " << sigma[1] << ", " << sigma[2] << "]):\n"
+          "for dim, s in reversed(list(enumerate([" << sigma[0] << ", " << sigma[1] << ", " << sigma[2] << "]))):  # z, y, x\n"
           "    k = kernel(s)\n"
           "    h = k.shape[0] // 2\n"
           "    shape = [1, 1, 1, 1, 1]\n"
@@ -808,7 +804,7 @@ TEST_F(AugmentTorch, TheLowResolutionIsTorchsInterpolation) {
     ASSERT_EQ(got.size(), 3 + ms + x.size());
     for (size_t a = 0; a < 3; ++a) ASSERT_EQ(got[a], static_cast<float>(small[a])) << "axis " << a << " at scale " << scale;
     // The nearest-exact step picks exactly torch's voxels; the trilinear step agrees to float rounding.
-    for (uint64_t i = 0; i < ms; ++i) ASSERT_EQ(augment_hd::lowres_down_voxel(x.data(), pn, small, i), got[3 + i]) << i << " at scale " << scale;
+    for (uint64_t i = 0; i < ms; ++i) ASSERT_EQ(augment_hd::lowres_down_voxel(x.data(), pn, small, 0, i), got[3 + i]) << i << " at scale " << scale;
     augment_hd::PatchFinish f;
     f.lowres_scale = scale;
     finish_only(x, n, f);
@@ -863,6 +859,80 @@ TEST_F(AugmentTorch, EachAxisTakesTorchsVoxelsAndWeightsExactly) {
   EXPECT_EQ(at, got.size());
 }
 
+TEST(AugmentLowRes, SizesRoundHalfToEvenAndAMirroredPatchIsTakenInItsOwnFrame) {
+  EXPECT_EQ(augment_hd::lowres_size(5, 0.5), 2u);  // 2.5: Python's round gives 2
+  EXPECT_EQ(augment_hd::lowres_size(7, 0.5), 4u);  // 3.5 → 4
+  EXPECT_EQ(augment_hd::lowres_size(1, 0.5), 1u);  // 0.5 → 0, kept at one voxel
+  EXPECT_EQ(augment_hd::lowres_size(16, 1.0), 16u);
+  // nnU-Net mirrors after the low resolution: on a patch mirrored on some axes the transform runs
+  // in the unmirrored frame, i.e. it equals mirror ∘ L ∘ mirror, bit for bit, and differs from L
+  // (nearest-exact picks voxels asymmetrically: a ramp moves by +½ voxel in its own frame).
+  const std::array<size_t, 3> n{12, 9, 10};
+  const std::vector<float> x = random_patch(n[0] * n[1] * n[2], 17);
+  auto mirror = [&](std::vector<float> v, unsigned bits) {
+    std::vector<float> out(v.size());
+    for (size_t z = 0; z < n[2]; ++z)
+      for (size_t y = 0; y < n[1]; ++y)
+        for (size_t xx = 0; xx < n[0]; ++xx) {
+          const size_t sx = (bits & 1u) != 0 ? n[0] - 1 - xx : xx, sy = (bits & 2u) != 0 ? n[1] - 1 - y : y, sz = (bits & 4u) != 0 ? n[2] - 1 - z : z;
+          out[xx + n[0] * (y + n[1] * z)] = v[sx + n[0] * (sy + n[1] * sz)];
+        }
+    return out;
+  };
+  for (unsigned bits : {1u, 2u, 4u, 5u, 7u}) {
+    augment_hd::PatchFinish f;
+    f.lowres_scale = 0.6;
+    f.flipped = bits;
+    std::vector<float> got = x;
+    finish_only(got, n, f);
+    f.flipped = 0;
+    std::vector<float> want = mirror(x, bits);
+    finish_only(want, n, f);
+    want = mirror(want, bits);
+    EXPECT_TRUE(got == want) << "flips " << bits;
+    std::vector<float> plain_l = x;
+    finish_only(plain_l, n, f);
+    EXPECT_FALSE(got == plain_l) << "flips " << bits;
+  }
+}
+
+// All five at once, against the steps written out here (blur and gammas in long double, contrast
+// by its formula, the low resolution by the functions compared with torch above): catches steps
+// taken in another order than nnU-Net's.
+TEST(AugmentBlurLowRes, TheStepsRunInNnUNetsOrder) {
+  const std::array<size_t, 3> n{14, 12, 10};
+  const uint64_t pn[3] = {n[0], n[1], n[2]};
+  const uint64_t m = n[0] * n[1] * n[2];
+  const std::vector<float> x = random_patch(m, 19);
+  augment_hd::PatchFinish f;
+  f.blur_sigma[0] = 0.9;
+  f.blur_sigma[1] = 0.6;
+  f.blur_sigma[2] = 0.75;
+  f.contrast = 1.2;
+  f.lowres_scale = 0.55f;
+  f.flipped = 2;
+  f.gamma_inverted = 0.8;
+  f.gamma = 1.3;
+  std::vector<float> got = x;
+  finish_only(got, n, f);
+
+  std::vector<float> want = blur_reference(x, n, {f.blur_sigma[0], f.blur_sigma[1], f.blur_sigma[2]});
+  long double sum = 0;
+  for (float v : want) sum += v;
+  const long double mean = sum / static_cast<long double>(m);
+  const float lo = *std::min_element(want.begin(), want.end()), hi = *std::max_element(want.begin(), want.end());
+  for (auto& v : want) v = static_cast<float>(std::clamp((v - mean) * 1.2L + mean, static_cast<long double>(lo), static_cast<long double>(hi)));
+  const uint64_t small[3] = {augment_hd::lowres_size(n[0], f.lowres_scale), augment_hd::lowres_size(n[1], f.lowres_scale), augment_hd::lowres_size(n[2], f.lowres_scale)};
+  std::vector<float> down(small[0] * small[1] * small[2]);
+  for (uint64_t i = 0; i < down.size(); ++i) down[i] = augment_hd::lowres_down_voxel(want.data(), pn, small, f.flipped, i);
+  for (uint64_t i = 0; i < m; ++i) want[i] = augment_hd::lowres_up_voxel(down.data(), small, pn, f.flipped, i);
+  want = gamma_reference(want, 0.8, true);
+  want = gamma_reference(want, 1.3, false);
+  float worst = 0;
+  for (uint64_t i = 0; i < m; ++i) worst = std::max(worst, std::abs(got[i] - want[i]));
+  EXPECT_LT(worst, 1e-4f);
+}
+
 TEST(AugmentLowRes, ALinearRampSurvivesAndDetailIsLost) {
   // Trilinear interpolation reproduces a ramp away from the edges (align_corners false clamps
   // there); a checkerboard loses its contrast.
@@ -894,7 +964,8 @@ TEST(AugmentBlurLowRes, DrawsFollowNnUNetAndLeaveTheOthersAlone) {
   const AugmentOptions d;
   AugmentOptions off = d;
   off.blur_probability = off.lowres_probability = 0;
-  size_t blurred = 0, lowres = 0, unequal_sigmas = 0;
+  size_t blurred = 0, lowres = 0;
+  std::array<double, 3> sigma_sum{};
   for (uint64_t i = 0; i < 4000; ++i) {
     const PatchDraw a = PatchSampler::draw(d, {96, 96, 64}, true, 31, i), b = PatchSampler::draw(off, {96, 96, 64}, true, 31, i);
     if (a.blur_sigma[0] > 0) {
@@ -903,14 +974,15 @@ TEST(AugmentBlurLowRes, DrawsFollowNnUNetAndLeaveTheOthersAlone) {
         EXPECT_GE(s, 0.5);
         EXPECT_LT(s, 1.0);
       }
-      unequal_sigmas += a.blur_sigma[0] != a.blur_sigma[1] ? 1u : 0u;
+      for (size_t k = 0; k < 3; ++k) sigma_sum[k] += a.blur_sigma[k];
     } else {
       EXPECT_EQ(a.blur_sigma, (std::array<double, 3>{}));
     }
     if (a.lowres_scale != 1) {
       ++lowres;
       EXPECT_GE(a.lowres_scale, 0.5);
-      EXPECT_LT(a.lowres_scale, 1.0);
+      EXPECT_LE(a.lowres_scale, 1.0);
+      EXPECT_EQ(a.lowres_scale, static_cast<double>(static_cast<float>(a.lowres_scale))) << "a float32 factor, as batchgeneratorsv2 keeps it";
     }
     // Drawn last: every other draw is the one made without them.
     ASSERT_EQ(a.corner, b.corner);
@@ -922,7 +994,8 @@ TEST(AugmentBlurLowRes, DrawsFollowNnUNetAndLeaveTheOthersAlone) {
   }
   EXPECT_NEAR(static_cast<double>(blurred), 400, 95);  // Binomial(4000, 0.2 × 0.5): sd ≈ 19
   EXPECT_NEAR(static_cast<double>(lowres), 500, 105);  // Binomial(4000, 0.25 × 0.5): sd ≈ 21
-  EXPECT_EQ(unequal_sigmas, blurred) << "each axis draws its own σ";
+  // Each axis draws its own σ, uniform in [0.5, 1): mean 0.75, sd 0.144 / √400 ≈ 0.007 each.
+  for (double sum : sigma_sum) EXPECT_NEAR(sum / static_cast<double>(blurred), 0.75, 0.035);
 
   // In whole patches: the labels stay, the image changes, and the recorded draw explains it.
   const Source s = source();
