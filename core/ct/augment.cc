@@ -217,7 +217,7 @@ Patch PatchSampler::sample(uint64_t seed, uint64_t index) const {
       });
   if (const augment_hd::PatchFinish f = dr.finish(); f.any()) {
     const uint64_t pn[3] = {n[0], n[1], n[2]};
-    std::vector<float> scratch(p.image.data.size());
+    std::vector<float> scratch(f.needs_scratch() ? p.image.data.size() : 0);
     augment_hd::finish_patch(p.image.data.data(), pn, f, scratch.data());
   }
   return p;

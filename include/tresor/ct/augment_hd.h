@@ -388,7 +388,7 @@ TRESOR_HD inline unsigned blur_taps(double sigma) {
   if (r % 2 == 1) return static_cast<unsigned>(r);
   return static_cast<unsigned>(dsub(n, static_cast<double>(r)) >= 0 ? r + 1 : r - 1);
 }
-/// The kernel for 0 < σ ≤ 5 (check_blur refuses others).
+/// The kernel for 0 < σ ≤ 5 (PatchSampler::check refuses other ranges).
 TRESOR_HD inline BlurKernel blur_kernel(double sigma) {
   BlurKernel k{};
   k.taps = blur_taps(sigma);
@@ -507,9 +507,10 @@ struct PatchFinish {
   double gamma_inverted = 1, gamma = 1;
   TRESOR_HD bool blurred() const { return blur_sigma[0] > 0 || blur_sigma[1] > 0 || blur_sigma[2] > 0; }
   TRESOR_HD bool any() const { return blurred() || contrast != 1 || lowres_scale != 1 || gamma_inverted != 1 || gamma != 1; }
+  TRESOR_HD bool needs_scratch() const { return blurred() || lowres_scale != 1; }
 };
 /// The whole of it on a patch of n voxels in host memory, in the kernels' order; `scratch` holds
-/// as many floats as the patch.
+/// as many floats as the patch (read only by the blur and the low resolution: see needs_scratch).
 inline void finish_patch(float* x, const uint64_t n[3], const PatchFinish& f, float* scratch) {
   const uint64_t m = n[0] * n[1] * n[2];
   if (m == 0) return;
