@@ -8,6 +8,12 @@ target_compile_options(tresor_flags INTERFACE
     -Wimplicit-fallthrough -Wformat=2>
   $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<BOOL:${TRESOR_WERROR}>>:-Werror>)
 
+# Floating point as written: the compiler forms no fused multiply-add (GCC's C++ default is
+# -ffp-contract=fast, which contracts wherever -march offers FMA). The CPU references, the
+# kernels' CPU emulation and the GPU kernels (tresor/rn.h) round every operation alike, and the
+# tests compare them bit for bit.
+target_compile_options(tresor_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-ffp-contract=off>)
+
 # Hardening for everything: the tools hold keys and the runner/agent run privileged.
 target_compile_options(tresor_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CXX>:-fstack-protector-strong -fstack-clash-protection -fcf-protection>)
