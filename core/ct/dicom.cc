@@ -5,6 +5,7 @@
 #include <gdcmAttribute.h>
 #include <gdcmImageReader.h>
 #include <gdcmImageWriter.h>
+#include <gdcmSequenceOfFragments.h>
 #include <gdcmTrace.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include "tresor/encoding.h"
 #include "tresor/io.h"
 #include "tresor/sealed.h"
+#include "tresor/secret.h"
 
 namespace tresor::ct {
 namespace {
@@ -69,6 +71,33 @@ class MemoryBuf final : public std::streambuf {
   pos_type seekpos(pos_type pos, std::ios_base::openmode which) override { return seekoff(off_type(pos), std::ios_base::beg, which); }
 };
 
+// Wipes the pixel bytes GDCM holds for one data element: a plain value, or the fragments of
+// encapsulated (compressed) pixel data. GDCM hands these out const; they are heap copies owned by
+// the reader, which is about to be destroyed.
+void wipe_pixels(const gdcm::DataElement& de) {
+  if (de.IsEmpty()) return;
+  if (const gdcm::ByteValue* bv = de.GetByteValue(); bv != nullptr && bv->GetLength() > 0) {
+    secure_wipe({reinterpret_cast<std::byte*>(const_cast<char*>(bv->GetPointer())), bv->GetLength()});
+  }
+  if (const gdcm::SequenceOfFragments* frags = de.GetSequenceOfFragments(); frags != nullptr) {
+    for (unsigned i = 0; i < frags->GetNumberOfFragments(); ++i) wipe_pixels(frags->GetFragment(i));
+  }
+}
+
+// Wipes every copy of a slice's pixels left behind by read_slice: GDCM's pixel data (in the
+// image and in the data set, which may share one buffer) and the decoded buffer. A sealed
+// slice's plaintext is in a SecretBuffer already; this covers what GDCM copied out of it.
+struct PixelWiper {
+  gdcm::ImageReader& reader;
+  std::vector<char>& decoded;
+  ~PixelWiper() {
+    wipe_pixels(reader.GetImage().GetDataElement());
+    const gdcm::DataSet& ds = reader.GetFile().GetDataSet();
+    if (const gdcm::Tag pixel_data(0x7fe0, 0x0010); ds.FindDataElement(pixel_data)) wipe_pixels(ds.GetDataElement(pixel_data));
+    if (!decoded.empty()) secure_wipe({reinterpret_cast<std::byte*>(decoded.data()), decoded.size()});
+  }
+};
+
 bool is_sealed_name(const std::string& file) { return file.size() > 7 && file.compare(file.size() - 7, 7, ".sealed") == 0; }
 
 Result<Slice> read_slice(const std::string& file, const sealed::KeyRing* keys) {
@@ -76,6 +105,8 @@ Result<Slice> read_slice(const std::string& file, const sealed::KeyRing* keys) {
   std::unique_ptr<MemoryBuf> buf;
   std::unique_ptr<std::istream> in;
   gdcm::ImageReader r;  // after the stream it may read from, so that it goes first
+  std::vector<char> raw;
+  const PixelWiper wiper{r, raw};  // after the reader and the buffer, so that it runs before both go
   if (is_sealed_name(file)) {
     // A sealed slice: opened into memory (every chunk verified first), parsed from there.
     if (keys == nullptr) return fail(ErrorCode::kNoMatchingKey, file + ": sealed, and no identity or key was given to open it");
@@ -111,7 +142,7 @@ Result<Slice> read_slice(const std::string& file, const sealed::KeyRing* keys) {
   s.spacing = {im.GetSpacing(0), im.GetSpacing(1)};
   const gdcm::PixelFormat pf = im.GetPixelFormat();
   if (pf.GetSamplesPerPixel() != 1) return fail(ErrorCode::kMalformed, file + ": not a grey-scale image");
-  std::vector<char> raw(im.GetBufferLength());
+  raw.resize(im.GetBufferLength());
   if (!im.GetBuffer(raw.data())) return fail(ErrorCode::kMalformed, file + ": its pixel data cannot be decoded");
   const size_t n = size_t{s.cols} * s.rows;
   // HU by the NIfTI reader's rule (nifti_hd.h): scaled, not finite → 0, clamped, rounded half
