@@ -122,6 +122,24 @@ CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind) {
   if (e == cudaSuccess) e = cudaDeviceSynchronize();
   return status("cudaMemcpy", e);
 }
+CudaStatus cuda_fill(void* p, int value, size_t n) {
+  if (n == 0) return {};
+  cudaError_t e = cudaMemset(p, value, n);
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();  // ordered before the non-blocking streams' work
+  return status("cudaMemset", e);
+}
+CurrentDevice::~CurrentDevice() {
+  if (previous_ >= 0) (void)cudaSetDevice(previous_);
+}
+CudaStatus CurrentDevice::select(int device) {
+  if (previous_ < 0) {
+    int current = 0;
+    const cudaError_t e = cudaGetDevice(&current);
+    if (e != cudaSuccess) return status("cudaGetDevice", e);
+    previous_ = current;
+  }
+  return status("cudaSetDevice", cudaSetDevice(device));
+}
 CudaStatus cuda_device_sync() { return status("cudaDeviceSynchronize", cudaDeviceSynchronize()); }
 CudaStatus cuda_stream_sync(void* stream) { return status("cudaStreamSynchronize", cudaStreamSynchronize(static_cast<cudaStream_t>(stream))); }
 

@@ -206,26 +206,50 @@ TRESOR_HD inline void phase0_fill(uint32_t* smem, const KeyData& kd, int tid) {
   for (int i = tid; i < 16 * kLanes; i += kThreads) smem[kSmemR4 + i] = kd.r4[i / kLanes];
 }
 
-// A 16-byte block in and out: one vector access on the device when whole and 16-aligned (the
-// channel's runs are: they start at cudaMalloc'd addresses, and frames and chunks are multiples
-// of 16), byte by byte otherwise (a caller's buffer at any offset, the emulation's buffers).
-TRESOR_HD inline void load_block(uint8_t blk[16], const uint8_t* p, uint64_t n) {
+// A 16-byte block in and out, held as a Gf (bytes 0..7 big-endian in hi, 8..15 in lo) so that
+// it stays in registers: a byte array indexed in a loop would be placed in the thread's local
+// memory, i.e. device memory outside every buffer the channel wipes, and every block of
+// plaintext would pass through it. Bytes beyond n are zero. One vector access on the device when
+// whole and 16-aligned (the channel's runs are: they start at cudaMalloc'd addresses, and frames
+// and chunks are multiples of 16), byte by byte otherwise (a caller's buffer at any offset, the
+// emulation's buffers).
+TRESOR_HD inline uint32_t bswap32(uint32_t v) { return (v >> 24) | ((v >> 8) & 0xff00u) | ((v << 8) & 0xff0000u) | (v << 24); }
+TRESOR_HD inline Gf load_block(const uint8_t* p, uint64_t n) {
 #if defined(__CUDA_ARCH__)
   if (n == 16 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-    *reinterpret_cast<uint4*>(blk) = *reinterpret_cast<const uint4*>(p);
-    return;
+    const uint4 v = *reinterpret_cast<const uint4*>(p);  // little-endian words of bytes 0..15
+    return Gf{(uint64_t{bswap32(v.x)} << 32) | bswap32(v.y), (uint64_t{bswap32(v.z)} << 32) | bswap32(v.w)};
   }
 #endif
-  for (uint64_t j = 0; j < n; ++j) blk[j] = p[j];
+  Gf b{};
+  for (uint64_t j = 0; j < n; ++j) {
+    const uint64_t byte = p[j];
+    if (j < 8) {
+      b.hi |= byte << (56 - 8 * j);
+    } else {
+      b.lo |= byte << (120 - 8 * j);
+    }
+  }
+  return b;
 }
-TRESOR_HD inline void store_block(uint8_t* p, const uint8_t blk[16], uint64_t n) {
+TRESOR_HD inline void store_block(uint8_t* p, Gf b, uint64_t n) {
 #if defined(__CUDA_ARCH__)
   if (n == 16 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(blk);
+    uint4 v;
+    v.x = bswap32(static_cast<uint32_t>(b.hi >> 32));
+    v.y = bswap32(static_cast<uint32_t>(b.hi));
+    v.z = bswap32(static_cast<uint32_t>(b.lo >> 32));
+    v.w = bswap32(static_cast<uint32_t>(b.lo));
+    *reinterpret_cast<uint4*>(p) = v;
     return;
   }
 #endif
-  for (uint64_t j = 0; j < n; ++j) p[j] = blk[j];
+  for (uint64_t j = 0; j < n; ++j) p[j] = static_cast<uint8_t>(j < 8 ? b.hi >> (56 - 8 * j) : b.lo >> (120 - 8 * j));
+}
+// The first n (1..16) bytes of a block set, the rest clear.
+TRESOR_HD inline Gf block_mask(uint64_t n) {
+  const uint64_t all = ~uint64_t{0};
+  return Gf{n >= 8 ? all : all << (64 - 8 * n), n >= 16 ? all : n <= 8 ? 0 : all << (128 - 8 * n)};
 }
 
 // Counter mode over this thread's blocks, and its GHASH share placed at its final power.
@@ -239,20 +263,18 @@ TRESOR_HD inline Gf phase1_thread(const uint32_t* smem, const KeyData& kd, const
   for (uint64_t i = static_cast<uint64_t>(tid); i < m; i += kThreads) {
     const uint64_t off = 16 * i;
     const uint64_t n = a.len - off < 16 ? a.len - off : 16;
-    alignas(16) uint8_t blk[16] = {};
-    load_block(blk, a.in + off, n);
+    const Gf blk = load_block(a.in + off, n);
     ctr[3] = static_cast<uint32_t>(i + 2);
     uint32_t ks[4];
     aes256_block(t, kd.rk, ctr, ks);
-    uint8_t ksb[16];
-    for (int w = 0; w < 4; ++w) store_be32(ksb + 4 * w, ks[w]);
-    alignas(16) uint8_t res[16] = {};
-    for (uint64_t j = 0; j < n; ++j) res[j] = static_cast<uint8_t>(blk[j] ^ ksb[j]);
+    const Gf mask = block_mask(n);
+    const Gf stream{((uint64_t{ks[0]} << 32) | ks[1]) & mask.hi, ((uint64_t{ks[2]} << 32) | ks[3]) & mask.lo};
+    const Gf res = gf_xor(blk, stream);
     store_block(a.out + off, res, n);
     // GHASH runs over the ciphertext: the input when opening, the output when sealing (the
     // partial last block zero-padded: res and blk are zero beyond n).
     // Horner with Y = H^T, multiplying before adding: z = Σ_r C_{i_r}·H^{i_last − i_r}.
-    z = gf_xor(gf_mul_table(t, z), gf_load(a.seal ? res : blk));
+    z = gf_xor(gf_mul_table(t, z), a.seal ? res : blk);
     last = i;
     any = true;
   }

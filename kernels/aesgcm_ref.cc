@@ -268,9 +268,11 @@ Result<void> run_cuda(int device, const ChunkKey& key, const ChunkRun& run, Byte
     if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
     return {};
   };
-  TRESOR_TRY(cuda(detail::cuda_set_device(device)));
+  detail::CurrentDevice current;  // before the buffers: they are freed on this device
+  TRESOR_TRY(cuda(current.select(device)));
   DevMem kd{nullptr, key.bytes().size()}, d_in{nullptr, in.size()}, d_out{nullptr, out.size()}, d_failed{nullptr, shape->chunks};
   for (DevMem* m : {&kd, &d_in, &d_out, &d_failed}) TRESOR_TRY(cuda(detail::cuda_alloc(&m->p, m->n)));
+  TRESOR_TRY(cuda(detail::cuda_fill(d_failed.p, 1, d_failed.n)));  // a chunk never verified counts as failed
   TRESOR_TRY(cuda(detail::cuda_copy(kd.p, key.bytes().data(), kd.n, detail::kHostToDevice)));
   TRESOR_TRY(cuda(detail::cuda_copy(d_in.p, in.data(), in.size(), detail::kHostToDevice)));
   detail::AesGcmRun r;

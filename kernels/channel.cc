@@ -76,6 +76,10 @@ class HostDevice : public ChannelDevice {
     std::memcpy(dev, from.data(), from.size());
     return {};
   }
+  Result<void> fill_device(std::byte* dev, std::byte value, size_t n) override {
+    std::memset(dev, std::to_integer<int>(value), n);
+    return {};
+  }
   std::function<void(ByteSpan)> on_staging_;
 };
 
@@ -261,6 +265,9 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   if (chunks == 0) return result;
   auto failed = scope.dev_mem(chunks);
   if (!failed) return std::unexpected(failed.error());
+  // Every verdict starts as a failure: a chunk the kernel never reached (a launch that covered
+  // fewer chunks, a block that ended early) is reported, not taken for a verified one.
+  TRESOR_TRY(device_.fill_device(failed->p, std::byte{1}, chunks));
   auto d_key = device_.load_key(*key);
   if (!d_key) return std::unexpected(d_key.error());
   scope.device.push_back(*d_key);
@@ -295,9 +302,10 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   stats_.chunks = chunks;
   std::vector<std::byte> verdicts(chunks);
   TRESOR_TRY(device_.read_device(verdicts, failed->p));
-  const auto bad = std::find(verdicts.begin(), verdicts.end(), std::byte{1});
+  const auto passed = [](std::byte v) { return v == std::byte{0}; };  // anything else: failed or never verified
+  const auto bad = std::find_if_not(verdicts.begin(), verdicts.end(), passed);
   if (bad != verdicts.end()) {
-    const uint64_t count = static_cast<uint64_t>(std::count(verdicts.begin(), verdicts.end(), std::byte{1}));
+    const uint64_t count = static_cast<uint64_t>(std::count_if(verdicts.begin(), verdicts.end(), [&](std::byte v) { return !passed(v); }));
     return fail(ErrorCode::kChunkAuth, path + ": chunk " + std::to_string(first + static_cast<uint64_t>(bad - verdicts.begin())) +
                                            " fails authentication (" + std::to_string(count) + " of the " + std::to_string(chunks) +
                                            " chunks read): altered, truncated, or from another stream or position; nothing was released");

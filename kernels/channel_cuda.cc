@@ -24,11 +24,13 @@ class CudaDevice final : public ChannelDevice {
   static constexpr int kStreams = 4;
   CudaDevice(int index, std::string name) : index_(index), name_(std::move(name)) {}
   ~CudaDevice() override {
-    (void)select();
+    detail::CurrentDevice current;
+    (void)select(current);
     for (void* s : streams_) (void)detail::cuda_stream_destroy(s);
   }
   Result<void> init() {
-    TRESOR_TRY(cuda(detail::cuda_set_device(index_)));
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     for (int i = 0; i < kStreams; ++i) {
       void* s = nullptr;
       TRESOR_TRY(cuda(detail::cuda_stream_create(&s)));
@@ -38,33 +40,38 @@ class CudaDevice final : public ChannelDevice {
   }
   std::string name() const override { return "cuda:" + std::to_string(index_) + " " + name_; }
   // The current device is per host thread and others may change it (the self-test, other
-  // devices): every call selects this one first.
-  Result<void> select() const { return cuda(detail::cuda_set_device(index_)); }
+  // devices): every call selects this one first, and gives the caller's back when it returns.
+  Result<void> select(detail::CurrentDevice& current) const { return cuda(current.select(index_)); }
   bool host_memory() const override { return false; }
   Kind kind() const override { return Kind::kCuda; }
   int ordinal() const override { return index_; }
   Result<Mem> device_alloc(size_t n) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     void* p = nullptr;
     TRESOR_TRY(cuda(detail::cuda_alloc(&p, n)));
     return Mem{static_cast<std::byte*>(p), n};
   }
   void device_free(Mem m) override {
-    (void)select();
+    detail::CurrentDevice current;
+    (void)select(current);
     (void)detail::cuda_free_wiped(m.p, m.n);
   }
   Result<Mem> staging_alloc(size_t n) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     void* p = nullptr;
     TRESOR_TRY(cuda(detail::cuda_host_alloc(&p, n)));
     return Mem{static_cast<std::byte*>(p), n};
   }
   void staging_free(Mem m) override {
-    (void)select();
+    detail::CurrentDevice current;
+    (void)select(current);
     (void)detail::cuda_host_free(m.p);
   }
   Result<Mem> load_key(const ChunkKey& key) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     auto m = device_alloc(key.bytes().size());
     if (!m) return std::unexpected(m.error());
     if (auto c = cuda(detail::cuda_copy(m->p, key.bytes().data(), m->n, detail::kHostToDevice)); !c) {
@@ -75,20 +82,24 @@ class CudaDevice final : public ChannelDevice {
   }
   int streams() const override { return static_cast<int>(streams_.size()); }
   Result<void> copy_to_device(int s, std::byte* dev, const std::byte* staging, size_t n) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], dev, staging, n, detail::kHostToDevice));
   }
   Result<void> copy_to_host(int s, std::byte* staging, const std::byte* dev, size_t n) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], staging, dev, n, detail::kDeviceToHost));
   }
   Result<void> copy_on_device(int s, std::byte* dst, const std::byte* src, size_t n) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     return cuda(detail::cuda_copy_async(streams_[static_cast<size_t>(s)], dst, src, n, detail::kDeviceToDevice));
   }
   Result<void> run_chunks(int s, const std::byte* key, const ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
                           std::byte* out, std::byte* failed) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     detail::AesGcmRun r;
     std::copy(run.nonce_prefix.begin(), run.nonce_prefix.end(), reinterpret_cast<std::byte*>(r.prefix));
     r.final_flag = run.ends_with_final ? 1 : 0;
@@ -101,20 +112,29 @@ class CudaDevice final : public ChannelDevice {
                                        reinterpret_cast<uint8_t*>(out), reinterpret_cast<uint8_t*>(failed)));
   }
   Result<void> synchronize(int s) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     return cuda(detail::cuda_stream_sync(streams_[static_cast<size_t>(s)]));
   }
   Result<void> synchronize_all() override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     return cuda(detail::cuda_device_sync());
   }
   Result<void> read_device(MutableByteSpan to, const std::byte* dev) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     return cuda(detail::cuda_copy(to.data(), dev, to.size(), detail::kDeviceToHost));
   }
   Result<void> write_device(std::byte* dev, ByteSpan from) override {
-    TRESOR_TRY(select());
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
     return cuda(detail::cuda_copy(dev, from.data(), from.size(), detail::kHostToDevice));
+  }
+  Result<void> fill_device(std::byte* dev, std::byte value, size_t n) override {
+    detail::CurrentDevice current;
+    TRESOR_TRY(select(current));
+    return cuda(detail::cuda_fill(dev, std::to_integer<int>(value), n));
   }
 
  private:

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kGaussTile) ct_gauss_x_kernel(const float* __r
     const int64_t x = x0 + tid;
     if (x < nx) {
       double acc = 0;
-      for (int t = 0; t < taps_n; ++t) acc += taps[t] * static_cast<double>(tile[tid + t]);
+      for (int t = 0; t < taps_n; ++t) acc = dadd(acc, dmul(taps[t], static_cast<double>(tile[tid + t])));  // as convolve_at
       dst[row * static_cast<uint64_t>(nx) + static_cast<uint64_t>(x)] = static_cast<float>(acc);
     }
   }

@@ -86,15 +86,17 @@ TRESOR_HD inline int64_t reflect_index(int64_t i, int64_t n) {
 
 /// One output of the separable Gaussian along an axis: Σ_t taps[t]·src[base + at(c − r + t)·stride]
 /// with mirrored positions, accumulated in double in tap order (as the reference), stored as float.
+/// dmul/dadd: nvcc would contract the product and the sum into one fused multiply-add, which the
+/// reference (built with -ffp-contract=off) never does; with them the device gives its bits.
 TRESOR_HD inline float convolve_at(const float* src, uint64_t base, uint64_t stride, int64_t c, int64_t n, const double* taps, int r) {
   double acc = 0;
   const int taps_n = 2 * r + 1;
   if (c >= r && c + r < n) {
     const float* p = src + base + static_cast<uint64_t>(c - r) * stride;
-    for (int t = 0; t < taps_n; ++t) acc += taps[t] * static_cast<double>(p[static_cast<uint64_t>(t) * stride]);
+    for (int t = 0; t < taps_n; ++t) acc = dadd(acc, dmul(taps[t], static_cast<double>(p[static_cast<uint64_t>(t) * stride])));
   } else {
     for (int t = 0; t < taps_n; ++t) {
-      acc += taps[t] * static_cast<double>(src[base + static_cast<uint64_t>(reflect_index(c - r + t, n)) * stride]);
+      acc = dadd(acc, dmul(taps[t], static_cast<double>(src[base + static_cast<uint64_t>(reflect_index(c - r + t, n)) * stride])));
     }
   }
   return static_cast<float>(acc);

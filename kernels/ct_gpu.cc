@@ -48,7 +48,8 @@ DeviceBuffer::~DeviceBuffer() { reset(); }
 
 #ifdef TRESOR_HAVE_CUDA
 Result<DeviceBuffer> DeviceBuffer::allocate(int device, size_t bytes) {
-  TRESOR_TRY(cuda(gpu::detail::cuda_set_device(device)));
+  gpu::detail::CurrentDevice current;
+  TRESOR_TRY(cuda(current.select(device)));
   DeviceBuffer b;
   TRESOR_TRY(cuda(gpu::detail::cuda_alloc(&b.p_, bytes)));
   b.n_ = bytes;
@@ -59,7 +60,8 @@ void DeviceBuffer::reset() {
   if (p_ == nullptr) return;
   // Nothing to report to from a destructor; cuda_free_wiped attempts the wipe and the free even
   // after an earlier failure.
-  (void)gpu::detail::cuda_set_device(device_);
+  gpu::detail::CurrentDevice current;
+  (void)current.select(device_);
   (void)gpu::detail::cuda_free_wiped(p_, n_);
   p_ = nullptr;
   n_ = 0;
@@ -227,6 +229,9 @@ Result<DevicePrepared> prepare_device(const int16_t* d_hu, const std::array<size
   auto od = check_prepare_device(d_hu, dims, spacing, o);
   if (!od) return std::unexpected(od.error());
   TRESOR_TRY(require_device(device));
+  // The caller's current device back on return: declared before everything that sets it.
+  gpu::detail::CurrentDevice current;
+  TRESOR_TRY(cuda(current.select(device)));
   Plan plan = make_plan(dims, spacing, *od, o);
   Stream st(device);
   TRESOR_TRY(st.init());
@@ -242,6 +247,9 @@ Result<tresor::ct::Prepared> prepare(const tresor::ct::HuVolume& hu, const treso
   auto od = check_prepare(hu, labels, o);
   if (!od) return std::unexpected(od.error());
   TRESOR_TRY(require_device(device));
+  // The caller's current device back on return: declared before everything that sets it.
+  gpu::detail::CurrentDevice current;
+  TRESOR_TRY(cuda(current.select(device)));
   Plan plan = make_plan(hu.dims, hu.spacing, *od, o);
   Stream st(device);
   TRESOR_TRY(st.init());

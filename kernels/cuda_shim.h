@@ -48,5 +48,22 @@ CudaStatus cuda_copy_async(void* stream, void* dst, const void* src, size_t n, i
 CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind);  // complete on return, ordered before later work
 CudaStatus cuda_stream_sync(void* stream);
 CudaStatus cuda_device_sync();  // every stream of the current device
+CudaStatus cuda_fill(void* p, int value, size_t n);  // cudaMemset, complete on return
+
+// Makes a device current for a scope and gives the calling thread its previous current device
+// back when the scope ends. The current device is per host thread, and a job's own code on that
+// thread relies on it: a library call that left another device current would send the job's next
+// cudaMalloc or default-stream launch to the wrong GPU.
+class CurrentDevice {
+ public:
+  CurrentDevice() = default;
+  CurrentDevice(const CurrentDevice&) = delete;
+  CurrentDevice& operator=(const CurrentDevice&) = delete;
+  ~CurrentDevice();
+  CudaStatus select(int device);  // the first call records the device to restore
+
+ private:
+  int previous_ = -1;
+};
 
 }  // namespace tresor::gpu::detail

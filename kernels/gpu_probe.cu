@@ -14,8 +14,9 @@ namespace tresor::gpu::detail {
 namespace {
 
 __global__ void selftest_fill_kernel(uint32_t seed, uint32_t* d_out, uint32_t n) {
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    d_out[i] = selftest_mix(seed, i);
+  // 64-bit index: near n = 2^32 a 32-bit i + stride would wrap and the loop never end.
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += uint64_t{gridDim.x} * blockDim.x) {
+    d_out[i] = selftest_mix(seed, static_cast<uint32_t>(i));
   }
 }
 
@@ -43,14 +44,16 @@ CudaStatus cuda_device_properties(int device, char* name, size_t name_len, int* 
 CudaStatus selftest_fill(int device, uint32_t seed, uint32_t* h_out, size_t n) {
   if (n == 0) return {};
   if (n > UINT32_MAX) return status("selftest_fill: more than 2^32 elements", cudaErrorInvalidValue);
-  cudaError_t e = cudaSetDevice(device);
-  if (e != cudaSuccess) return status("cudaSetDevice", e);
+  CurrentDevice current;
+  CudaStatus selected = current.select(device);
+  if (selected.code != 0) return selected;
   uint32_t* d_out = nullptr;
-  e = cudaMalloc(&d_out, n * sizeof(uint32_t));
+  cudaError_t e = cudaMalloc(&d_out, n * sizeof(uint32_t));
   if (e != cudaSuccess) return status("cudaMalloc", e);
   const unsigned blocks = static_cast<unsigned>(std::min<size_t>((n + 255) / 256, 65535));
+  (void)cudaGetLastError();  // an earlier, unrelated failure must not be reported as this launch's
   selftest_fill_kernel<<<blocks, 256>>>(seed, d_out, static_cast<uint32_t>(n));
-  e = cudaPeekAtLastError();
+  e = cudaGetLastError();
   const char* what = "selftest_fill_kernel launch";
   if (e == cudaSuccess) {
     e = cudaMemcpy(h_out, d_out, n * sizeof(uint32_t), cudaMemcpyDeviceToHost);

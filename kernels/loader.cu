@@ -161,20 +161,27 @@ __global__ void __launch_bounds__(tresor::ct::augment_hd::kContrastThreads)
 struct Extent {
   uint64_t n[3];
 };
+// Grid-stride loops: blocks_for caps the grid, so a thread may have several voxels.
 __global__ void __launch_bounds__(kThreads) loader_blur_kernel(const float* __restrict__ in, float* __restrict__ out, Extent e, unsigned axis,
                                                                 tresor::ct::augment_hd::BlurKernel k) {
-  const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i < e.n[0] * e.n[1] * e.n[2]) out[i] = tresor::ct::augment_hd::blur_voxel(in, e.n, axis, k, i);
+  const uint64_t m = e.n[0] * e.n[1] * e.n[2];
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < m; i += uint64_t{gridDim.x} * blockDim.x) {
+    out[i] = tresor::ct::augment_hd::blur_voxel(in, e.n, axis, k, i);
+  }
 }
 __global__ void __launch_bounds__(kThreads) loader_down_kernel(const float* __restrict__ in, float* __restrict__ out, Extent e, Extent small,
                                                                 FlipChoice flips) {
-  const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i < small.n[0] * small.n[1] * small.n[2]) out[i] = tresor::ct::augment_hd::lowres_down_voxel(in, e.n, small.n, resolve_flips(flips), i);
+  const uint64_t m = small.n[0] * small.n[1] * small.n[2];
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < m; i += uint64_t{gridDim.x} * blockDim.x) {
+    out[i] = tresor::ct::augment_hd::lowres_down_voxel(in, e.n, small.n, resolve_flips(flips), i);
+  }
 }
 __global__ void __launch_bounds__(kThreads) loader_up_kernel(const float* __restrict__ in, float* __restrict__ out, Extent small, Extent e,
                                                               FlipChoice flips) {
-  const uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (i < e.n[0] * e.n[1] * e.n[2]) out[i] = tresor::ct::augment_hd::lowres_up_voxel(in, small.n, e.n, resolve_flips(flips), i);
+  const uint64_t m = e.n[0] * e.n[1] * e.n[2];
+  for (uint64_t i = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < m; i += uint64_t{gridDim.x} * blockDim.x) {
+    out[i] = tresor::ct::augment_hd::lowres_up_voxel(in, small.n, e.n, resolve_flips(flips), i);
+  }
 }
 
 CudaStatus launched(const char* what) { return status(what, cudaGetLastError()); }

@@ -85,8 +85,7 @@ Result<DeviceBuffer> zeroed(ChannelDevice& device, size_t n) {
   auto mem = device.device_alloc(std::max<size_t>(n, 1));
   if (!mem) return std::unexpected(mem.error());
   DeviceBuffer buf(&device, *mem, 0, n);
-  const Bytes zeros(mem->n);
-  TRESOR_TRY(device.write_device(mem->p, zeros));
+  TRESOR_TRY(device.fill_device(mem->p, std::byte{0}, mem->n));
   return buf;
 }
 

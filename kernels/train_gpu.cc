@@ -927,8 +927,10 @@ Result<LossValues> dice_ce_loss_grad_device(DeviceStream st, const LossShape& s,
 #ifdef TRESOR_HAVE_CUDA
   TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
   double* d_totals = static_cast<double*>(d_scratch) + size_t{loss_blocks(*g)} * loss_quantities(*g);
-  // From pageable memory: the copy returns once `totals` is staged, so it may go at return.
+  // From pageable memory cudaMemcpyAsync "might be synchronous" (CUDA Runtime API, API
+  // synchronization behavior), no more: `totals` goes at return, so the copy is waited for.
   TRESOR_TRY(cuda(gpu::detail::cuda_copy_async(st.stream, d_totals, totals.data(), sizeof(double) * totals.size(), gpu::detail::kHostToDevice)));
+  TRESOR_TRY(cuda(gpu::detail::cuda_stream_sync(st.stream)));
   TRESOR_TRY(cuda(detail::loss_grad_launch(st.stream, d_logits, d_target, *g, k, d_totals, d_dlogits)));
   return v;
 #else

@@ -114,8 +114,11 @@ Result<void> upload(DeviceStream st, void* d, const void* h, size_t bytes) {
   }
 #ifdef TRESOR_HAVE_CUDA
   TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
-  // From pageable memory: the call returns once the source has been staged, so h may go.
-  return cuda(gpu::detail::cuda_copy_async(st.stream, d, h, bytes, gpu::detail::kHostToDevice));
+  // From pageable memory cudaMemcpyAsync "might be synchronous" (CUDA Runtime API, API
+  // synchronization behavior): nothing promises h has been read when it returns, and callers
+  // pass vectors that go at their return. So the copy is waited for.
+  TRESOR_TRY(cuda(gpu::detail::cuda_copy_async(st.stream, d, h, bytes, gpu::detail::kHostToDevice)));
+  return cuda(gpu::detail::cuda_stream_sync(st.stream));
 #else
   return fail(ErrorCode::kUnavailable, kNoCuda);
 #endif

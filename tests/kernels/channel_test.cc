@@ -238,6 +238,58 @@ TEST_F(Channel, TamperedTruncatedOrForeignFilesGiveNothingAndSayWhy) {
   }
 }
 
+// A device whose kernel launches stop one chunk short of a run's final chunk (as a launch with a
+// wrong grid size would): that chunk is never decrypted nor verified, and the upload must say so
+// instead of releasing whatever its output memory held.
+class ShortLaunchDevice final : public gpu::ChannelDevice {
+ public:
+  explicit ShortLaunchDevice(std::unique_ptr<gpu::ChannelDevice> inner) : d_(std::move(inner)) {}
+  std::string name() const override { return "short launches on " + d_->name(); }
+  bool host_memory() const override { return d_->host_memory(); }
+  Kind kind() const override { return d_->kind(); }
+  Result<gpu::Mem> device_alloc(size_t n) override { return d_->device_alloc(n); }
+  void device_free(gpu::Mem m) override { d_->device_free(m); }
+  Result<gpu::Mem> staging_alloc(size_t n) override { return d_->staging_alloc(n); }
+  void staging_free(gpu::Mem m) override { d_->staging_free(m); }
+  Result<gpu::Mem> load_key(const gpu::ChunkKey& key) override { return d_->load_key(key); }
+  int streams() const override { return d_->streams(); }
+  Result<void> copy_to_device(int s, std::byte* dev, const std::byte* st, size_t n) override { return d_->copy_to_device(s, dev, st, n); }
+  Result<void> copy_to_host(int s, std::byte* st, const std::byte* dev, size_t n) override { return d_->copy_to_host(s, st, dev, n); }
+  Result<void> copy_on_device(int s, std::byte* dst, const std::byte* src, size_t n) override { return d_->copy_on_device(s, dst, src, n); }
+  Result<void> run_chunks(int s, const std::byte* key, const gpu::ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
+                          std::byte* out, std::byte* failed) override {
+    if (!run.ends_with_final || chunks < 2) return d_->run_chunks(s, key, run, chunks, last_len, seal, in, out, failed);
+    gpu::ChunkRun shorter = run;
+    shorter.ends_with_final = false;
+    return d_->run_chunks(s, key, shorter, chunks - 1, run.chunk_size, seal, in, out, failed);
+  }
+  Result<void> synchronize(int s) override { return d_->synchronize(s); }
+  Result<void> synchronize_all() override { return d_->synchronize_all(); }
+  Result<void> read_device(MutableByteSpan to, const std::byte* dev) override { return d_->read_device(to, dev); }
+  Result<void> write_device(std::byte* dev, ByteSpan from) override { return d_->write_device(dev, from); }
+  Result<void> fill_device(std::byte* dev, std::byte value, size_t n) override { return d_->fill_device(dev, value, n); }
+
+ private:
+  std::unique_ptr<gpu::ChannelDevice> d_;
+};
+
+TEST_F(Channel, AChunkTheKernelNeverReachedIsAFailureNotAPass) {
+  const uint32_t c = 1024;
+  const std::string path = seal_file("short.sealed", marked_plaintext(5 * c + 100), c);
+  for (auto& d : devices()) {
+    ShortLaunchDevice shorted(std::move(d.device));
+    SCOPED_TRACE(shorted.name());
+    SecureChannel ch(shorted, ChannelOptions{.batch_chunks = 2, .depth = 2});
+    auto r = ch.upload(path, ring());
+    ASSERT_FALSE(r) << "an unverified chunk was released";
+    EXPECT_EQ(r.error().code, ErrorCode::kChunkAuth);
+    EXPECT_NE(r.error().message.find("short.sealed: chunk 5 fails authentication (1 of the 6 chunks read)"), std::string::npos) << r.error().message;
+    // A range that ends before the final chunk is not affected.
+    auto head = ch.upload(path, ring(), 0, 2 * c);
+    ASSERT_TRUE(head) << head.error().message;
+  }
+}
+
 // Several channels at once, on threads sharing one device: each transfer has its own key on the
 // device, so none sees another's data, and every result is right.
 TEST_F(Channel, SeveralChannelsShareADeviceAtOnce) {

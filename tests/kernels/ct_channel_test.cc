@@ -226,6 +226,7 @@ class RecordingDevice final : public gpu::ChannelDevice {
     return r;
   }
   Result<void> write_device(std::byte* dev, ByteSpan from) override { return d_->write_device(dev, from); }
+  Result<void> fill_device(std::byte* dev, std::byte value, size_t n) override { return d_->fill_device(dev, value, n); }
 
  private:
   std::unique_ptr<gpu::ChannelDevice> d_;

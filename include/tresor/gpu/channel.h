@@ -74,6 +74,8 @@ class ChannelDevice {
   /// ChannelDevice memory to the caller (for the job, and for tests): a synchronous copy.
   virtual Result<void> read_device(MutableByteSpan to, const std::byte* dev) = 0;
   virtual Result<void> write_device(std::byte* dev, ByteSpan from) = 0;
+  /// n bytes of device memory set to `value`, complete on return.
+  virtual Result<void> fill_device(std::byte* dev, std::byte value, size_t n) = 0;
 };
 
 [[nodiscard]] std::unique_ptr<ChannelDevice> cpu_device(unsigned threads = 0);
