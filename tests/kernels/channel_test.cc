@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "support/forwarding_device.h"
 #include "support/test_support.h"
 #include "tresor/gpu.h"
 #include "tresor/gpu/channel.h"
@@ -241,21 +242,10 @@ TEST_F(Channel, TamperedTruncatedOrForeignFilesGiveNothingAndSayWhy) {
 // A device whose kernel launches stop one chunk short of a run's final chunk (as a launch with a
 // wrong grid size would): that chunk is never decrypted nor verified, and the upload must say so
 // instead of releasing whatever its output memory held.
-class ShortLaunchDevice final : public gpu::ChannelDevice {
+class ShortLaunchDevice final : public testing::ForwardingDevice {
  public:
-  explicit ShortLaunchDevice(std::unique_ptr<gpu::ChannelDevice> inner) : d_(std::move(inner)) {}
+  using ForwardingDevice::ForwardingDevice;
   std::string name() const override { return "short launches on " + d_->name(); }
-  bool host_memory() const override { return d_->host_memory(); }
-  Kind kind() const override { return d_->kind(); }
-  Result<gpu::Mem> device_alloc(size_t n) override { return d_->device_alloc(n); }
-  void device_free(gpu::Mem m) override { d_->device_free(m); }
-  Result<gpu::Mem> staging_alloc(size_t n) override { return d_->staging_alloc(n); }
-  void staging_free(gpu::Mem m) override { d_->staging_free(m); }
-  Result<gpu::Mem> load_key(const gpu::ChunkKey& key) override { return d_->load_key(key); }
-  int streams() const override { return d_->streams(); }
-  Result<void> copy_to_device(int s, std::byte* dev, const std::byte* st, size_t n) override { return d_->copy_to_device(s, dev, st, n); }
-  Result<void> copy_to_host(int s, std::byte* st, const std::byte* dev, size_t n) override { return d_->copy_to_host(s, st, dev, n); }
-  Result<void> copy_on_device(int s, std::byte* dst, const std::byte* src, size_t n) override { return d_->copy_on_device(s, dst, src, n); }
   Result<void> run_chunks(int s, const std::byte* key, const gpu::ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
                           std::byte* out, std::byte* failed) override {
     if (!run.ends_with_final || chunks < 2) return d_->run_chunks(s, key, run, chunks, last_len, seal, in, out, failed);
@@ -263,14 +253,6 @@ class ShortLaunchDevice final : public gpu::ChannelDevice {
     shorter.ends_with_final = false;
     return d_->run_chunks(s, key, shorter, chunks - 1, run.chunk_size, seal, in, out, failed);
   }
-  Result<void> synchronize(int s) override { return d_->synchronize(s); }
-  Result<void> synchronize_all() override { return d_->synchronize_all(); }
-  Result<void> read_device(MutableByteSpan to, const std::byte* dev) override { return d_->read_device(to, dev); }
-  Result<void> write_device(std::byte* dev, ByteSpan from) override { return d_->write_device(dev, from); }
-  Result<void> fill_device(std::byte* dev, std::byte value, size_t n) override { return d_->fill_device(dev, value, n); }
-
- private:
-  std::unique_ptr<gpu::ChannelDevice> d_;
 };
 
 TEST_F(Channel, AChunkTheKernelNeverReachedIsAFailureNotAPass) {

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "support/forwarding_device.h"
 #include "support/phantom.h"
 #include "support/test_support.h"
 #include "tresor/ct/prep.h"
@@ -198,38 +199,15 @@ TEST_F(CtChannel, OnlyCiphertextCrossesTheStagingBuffers) {
 
 // A device that forwards to another and records every device-to-host read (what the host gets
 // back besides the staging buffers).
-class RecordingDevice final : public gpu::ChannelDevice {
+class RecordingDevice final : public testing::ForwardingDevice {
  public:
-  explicit RecordingDevice(std::unique_ptr<gpu::ChannelDevice> inner) : d_(std::move(inner)) {}
+  using ForwardingDevice::ForwardingDevice;
   std::vector<Bytes> reads;
-  std::string name() const override { return d_->name(); }
-  bool host_memory() const override { return d_->host_memory(); }
-  Kind kind() const override { return d_->kind(); }
-  Result<gpu::Mem> device_alloc(size_t n) override { return d_->device_alloc(n); }
-  void device_free(gpu::Mem m) override { d_->device_free(m); }
-  Result<gpu::Mem> staging_alloc(size_t n) override { return d_->staging_alloc(n); }
-  void staging_free(gpu::Mem m) override { d_->staging_free(m); }
-  Result<gpu::Mem> load_key(const gpu::ChunkKey& key) override { return d_->load_key(key); }
-  int streams() const override { return d_->streams(); }
-  Result<void> copy_to_device(int s, std::byte* dev, const std::byte* st, size_t n) override { return d_->copy_to_device(s, dev, st, n); }
-  Result<void> copy_to_host(int s, std::byte* st, const std::byte* dev, size_t n) override { return d_->copy_to_host(s, st, dev, n); }
-  Result<void> copy_on_device(int s, std::byte* dst, const std::byte* src, size_t n) override { return d_->copy_on_device(s, dst, src, n); }
-  Result<void> run_chunks(int s, const std::byte* key, const gpu::ChunkRun& run, uint64_t chunks, uint64_t last_len, bool seal, const std::byte* in,
-                          std::byte* out, std::byte* failed) override {
-    return d_->run_chunks(s, key, run, chunks, last_len, seal, in, out, failed);
-  }
-  Result<void> synchronize(int s) override { return d_->synchronize(s); }
-  Result<void> synchronize_all() override { return d_->synchronize_all(); }
   Result<void> read_device(MutableByteSpan to, const std::byte* dev) override {
     auto r = d_->read_device(to, dev);
     reads.emplace_back(to.begin(), to.end());
     return r;
   }
-  Result<void> write_device(std::byte* dev, ByteSpan from) override { return d_->write_device(dev, from); }
-  Result<void> fill_device(std::byte* dev, std::byte value, size_t n) override { return d_->fill_device(dev, value, n); }
-
- private:
-  std::unique_ptr<gpu::ChannelDevice> d_;
 };
 
 // Without host copies, what the host reads back from device memory is the header's size field,
