@@ -14,6 +14,14 @@ target_compile_options(tresor_flags INTERFACE
 # tests compare them bit for bit.
 target_compile_options(tresor_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-ffp-contract=off>)
 
+# Unity builds (the sanitizer presets, CMakePresets.json) compile several sources as one: GCC then
+# takes the anonymous-namespace types of a source that is no longer the main file for ones with
+# internal linkage used in classes with external linkage (-Wsubobject-linkage) — true only of
+# the combined file, where every one of those classes is still private to its source.
+if(CMAKE_UNITY_BUILD AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+  target_compile_options(tresor_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-Wno-subobject-linkage>)
+endif()
+
 # Hardening for everything: the tools hold keys and the runner/agent run privileged.
 target_compile_options(tresor_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CXX>:-fstack-protector-strong -fstack-clash-protection -fcf-protection>)

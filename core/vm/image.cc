@@ -20,7 +20,7 @@ namespace {
 
 using json = nlohmann::json;
 
-Error bad(std::string m) { return Error{ErrorCode::kInvalidArgument, std::move(m)}; }
+Error invalid_image(std::string m) { return Error{ErrorCode::kInvalidArgument, std::move(m)}; }
 Error malformed(std::string m) { return Error{ErrorCode::kMalformed, std::move(m)}; }
 
 size_t find(ByteSpan hay, std::initializer_list<uint8_t> needle) {
@@ -118,18 +118,18 @@ Result<Bytes> cpio_newc(std::vector<CpioEntry> entries) {
     const auto& e = entries[i];
     if (e.path.empty() || e.path.starts_with('/') || e.path.ends_with('/') || ("/" + e.path + "/").find("/../") != std::string::npos ||
         ("/" + e.path + "/").find("/./") != std::string::npos) {
-      return std::unexpected(bad("initramfs entry '" + e.path + "': paths are relative, without '.', '..' or a trailing '/'"));
+      return std::unexpected(invalid_image("initramfs entry '" + e.path + "': paths are relative, without '.', '..' or a trailing '/'"));
     }
-    if (i > 0 && entries[i - 1].path == e.path) return std::unexpected(bad("initramfs entry '" + e.path + "' is listed twice"));
+    if (i > 0 && entries[i - 1].path == e.path) return std::unexpected(invalid_image("initramfs entry '" + e.path + "' is listed twice"));
     if (const size_t slash = e.path.rfind('/'); slash != std::string::npos && !dirs.contains(e.path.substr(0, slash))) {
-      return std::unexpected(bad("initramfs entry '" + e.path + "': its directory '" + e.path.substr(0, slash) + "' is not listed"));
+      return std::unexpected(invalid_image("initramfs entry '" + e.path + "': its directory '" + e.path.substr(0, slash) + "' is not listed"));
     }
     const uint32_t type = e.mode & S_IFMT;
     if (type == S_IFDIR) {
-      if (!e.data.empty()) return std::unexpected(bad("initramfs directory '" + e.path + "' has contents"));
+      if (!e.data.empty()) return std::unexpected(invalid_image("initramfs directory '" + e.path + "' has contents"));
       dirs.insert(e.path);
     } else if (type != S_IFREG && type != S_IFLNK) {
-      return std::unexpected(bad("initramfs entry '" + e.path + "' is not a directory, file or symlink"));
+      return std::unexpected(invalid_image("initramfs entry '" + e.path + "' is not a directory, file or symlink"));
     }
     append_entry(out, ino++, e.mode, type == S_IFDIR ? 2 : 1, e.path, e.data);
   }
@@ -205,7 +205,7 @@ Result<std::vector<std::string>> module_load_order(std::string_view modules_dep,
   for (const auto& w : wanted) {
     std::string n = w;
     std::ranges::replace(n, '-', '_');
-    if (!by_name.contains(n)) return std::unexpected(bad("the kernel has no module '" + w + "' (not in modules.dep)"));
+    if (!by_name.contains(n)) return std::unexpected(invalid_image("the kernel has no module '" + w + "' (not in modules.dep)"));
     visit(n);
   }
   return order;
