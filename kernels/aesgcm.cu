@@ -3,6 +3,7 @@
 // threads per chunk; every CUDA call is checked and reported through CudaStatus (no exceptions
 // or exit() across this boundary).
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <cstdio>
 #include <cstring>
@@ -128,15 +129,41 @@ CudaStatus cuda_fill(void* p, int value, size_t n) {
   if (e == cudaSuccess) e = cudaDeviceSynchronize();  // ordered before the non-blocking streams' work
   return status("cudaMemset", e);
 }
+namespace {
+// Whether the calling thread has a CUDA context current: the driver's cuCtxGetCurrent, reached
+// through the runtime so that nothing links libcuda. A thread that has not used CUDA yet has
+// none, and its "current device" is only the default 0 — selecting 0 to restore it would create
+// a context on GPU 0 for nothing (cudaSetDevice initialises the device's primary context since
+// CUDA 12). Unknown (no entry point) counts as yes: then the device is restored as recorded.
+bool thread_has_context() {
+  static const PFN_cuCtxGetCurrent_v4000 get = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return PFN_cuCtxGetCurrent_v4000{};
+    }
+    return reinterpret_cast<PFN_cuCtxGetCurrent_v4000>(fn);
+  }();
+  if (get == nullptr) return true;
+  CUcontext ctx = nullptr;
+  return get(&ctx) == CUDA_SUCCESS && ctx != nullptr;
+}
+}  // namespace
+
 CurrentDevice::~CurrentDevice() {
   if (previous_ >= 0) (void)cudaSetDevice(previous_);
 }
 CudaStatus CurrentDevice::select(int device) {
-  if (previous_ < 0) {
-    int current = 0;
-    const cudaError_t e = cudaGetDevice(&current);
-    if (e != cudaSuccess) return status("cudaGetDevice", e);
-    previous_ = current;
+  if (previous_ == -1) {
+    previous_ = -2;  // nothing to give back: the thread had no context
+    if (thread_has_context()) {
+      int current = 0;
+      const cudaError_t e = cudaGetDevice(&current);
+      if (e != cudaSuccess) return status("cudaGetDevice", e);
+      previous_ = current;
+    }
   }
   return status("cudaSetDevice", cudaSetDevice(device));
 }

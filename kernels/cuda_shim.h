@@ -63,7 +63,7 @@ class CurrentDevice {
   CudaStatus select(int device);  // the first call records the device to restore
 
  private:
-  int previous_ = -1;
+  int previous_ = -1;  // -1: not recorded yet; -2: the thread had no context, nothing to restore
 };
 
 }  // namespace tresor::gpu::detail
