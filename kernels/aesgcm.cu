@@ -102,6 +102,26 @@ CudaStatus cuda_free_wiped(void* p, size_t n) {
   if (e != cudaSuccess) return status("cudaMemset (wiping before cudaFree)", e);
   return status(s != cudaSuccess ? "cudaDeviceSynchronize (before wiping)" : "cudaFree", s != cudaSuccess ? s : f);
 }
+CudaStatus cuda_free_wiped_all(void* const* p, const size_t* n, size_t count) {
+  // As cuda_free_wiped, with one synchronisation before and one after all the wipes.
+  if (count == 0) return {};
+  const cudaError_t s = cudaDeviceSynchronize();
+  cudaError_t e = cudaSuccess;
+  for (size_t i = 0; i < count; ++i) {
+    if (p[i] == nullptr) continue;
+    const cudaError_t m = cudaMemset(p[i], 0, n[i] == 0 ? 1 : n[i]);
+    if (e == cudaSuccess) e = m;
+  }
+  if (e == cudaSuccess) e = cudaDeviceSynchronize();
+  cudaError_t f = cudaSuccess;
+  for (size_t i = 0; i < count; ++i) {
+    if (p[i] == nullptr) continue;
+    const cudaError_t r = cudaFree(p[i]);
+    if (f == cudaSuccess) f = r;
+  }
+  if (e != cudaSuccess) return status("cudaMemset (wiping before cudaFree)", e);
+  return status(s != cudaSuccess ? "cudaDeviceSynchronize (before wiping)" : "cudaFree", s != cudaSuccess ? s : f);
+}
 CudaStatus cuda_host_alloc(void** p, size_t n) { return status("cudaHostAlloc", cudaHostAlloc(p, n == 0 ? 1 : n, cudaHostAllocDefault)); }
 CudaStatus cuda_host_free(void* p) { return p == nullptr ? CudaStatus{} : status("cudaFreeHost", cudaFreeHost(p)); }
 CudaStatus cuda_stream_create(void** stream) {

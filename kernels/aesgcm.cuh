@@ -25,8 +25,10 @@
 // reference, not constant time on a CPU: the CPU path for real data is OpenSSL.
 #pragma once
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "hd.h"
 
@@ -209,18 +211,25 @@ TRESOR_HD inline void phase0_fill(uint32_t* smem, const KeyData& kd, int tid) {
 // A 16-byte block in and out, held as a Gf (bytes 0..7 big-endian in hi, 8..15 in lo) so that
 // it stays in registers: a byte array indexed in a loop would be placed in the thread's local
 // memory, i.e. device memory outside every buffer the channel wipes, and every block of
-// plaintext would pass through it. Bytes beyond n are zero. One vector access on the device when
-// whole and 16-aligned (the channel's runs are: they start at cudaMalloc'd addresses, and frames
-// and chunks are multiples of 16), byte by byte otherwise (a caller's buffer at any offset, the
-// emulation's buffers).
+// plaintext would pass through it. Bytes beyond n are zero. A whole, 16-aligned block (the
+// channel's runs: they start at cudaMalloc'd addresses, and frames and chunks are multiples of
+// 16) moves as four little-endian words — one vector access on the device, a memcpy in the
+// emulation, so that the word path is tested on every machine; anything else byte by byte.
 TRESOR_HD inline uint32_t bswap32(uint32_t v) { return (v >> 24) | ((v >> 8) & 0xff00u) | ((v << 8) & 0xff0000u) | (v << 24); }
+static_assert(std::endian::native == std::endian::little, "the word path assumes little-endian words, as on the GPU");
+TRESOR_HD inline bool whole_aligned(const uint8_t* p, uint64_t n) { return n == 16 && (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 TRESOR_HD inline Gf load_block(const uint8_t* p, uint64_t n) {
+  if (whole_aligned(p, n)) {
 #if defined(__CUDA_ARCH__)
-  if (n == 16 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);  // little-endian words of bytes 0..15
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+#else
+    struct {
+      uint32_t x, y, z, w;
+    } v;
+    std::memcpy(&v, p, 16);
+#endif
     return Gf{(uint64_t{bswap32(v.x)} << 32) | bswap32(v.y), (uint64_t{bswap32(v.z)} << 32) | bswap32(v.w)};
   }
-#endif
   Gf b{};
   for (uint64_t j = 0; j < n; ++j) {
     const uint64_t byte = p[j];
@@ -233,17 +242,25 @@ TRESOR_HD inline Gf load_block(const uint8_t* p, uint64_t n) {
   return b;
 }
 TRESOR_HD inline void store_block(uint8_t* p, Gf b, uint64_t n) {
+  if (whole_aligned(p, n)) {
 #if defined(__CUDA_ARCH__)
-  if (n == 16 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
     uint4 v;
+#else
+    struct {
+      uint32_t x, y, z, w;
+    } v;
+#endif
     v.x = bswap32(static_cast<uint32_t>(b.hi >> 32));
     v.y = bswap32(static_cast<uint32_t>(b.hi));
     v.z = bswap32(static_cast<uint32_t>(b.lo >> 32));
     v.w = bswap32(static_cast<uint32_t>(b.lo));
+#if defined(__CUDA_ARCH__)
     *reinterpret_cast<uint4*>(p) = v;
+#else
+    std::memcpy(p, &v, 16);
+#endif
     return;
   }
-#endif
   for (uint64_t j = 0; j < n; ++j) p[j] = static_cast<uint8_t>(j < 8 ? b.hi >> (56 - 8 * j) : b.lo >> (120 - 8 * j));
 }
 // The first n (1..16) bytes of a block set, the rest clear.

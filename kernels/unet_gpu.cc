@@ -88,15 +88,23 @@ class Memory {
 #ifdef TRESOR_HAVE_CUDA
     if (st_.backend == Backend::kDevice) (void)gpu::detail::cuda_set_device(st_.device);
 #endif
-    for (auto [p, n] : buffers_) {
-      if (st_.backend == Backend::kEmulated) {
+    if (st_.backend == Backend::kEmulated) {
+      for (auto [p, n] : buffers_) {
         explicit_bzero(p, n);
         delete[] static_cast<std::byte*>(p);
-      } else {
-#ifdef TRESOR_HAVE_CUDA
-        (void)gpu::detail::cuda_free_wiped(p, n);  // synchronises the device first
-#endif
       }
+    } else {
+#ifdef TRESOR_HAVE_CUDA
+      // All wiped, then all freed, after one device-wide synchronisation (a network holds dozens
+      // of buffers and reallocates them whenever the batch shape changes).
+      std::vector<void*> p;
+      std::vector<size_t> n;
+      for (auto [q, m] : buffers_) {
+        p.push_back(q);
+        n.push_back(m);
+      }
+      (void)gpu::detail::cuda_free_wiped_all(p.data(), n.data(), p.size());
+#endif
     }
     buffers_.clear();
   }

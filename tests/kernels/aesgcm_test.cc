@@ -173,6 +173,31 @@ TEST(GpuAesGcm, EmulatedKernelOpensAndSealsTheSealedFormatBitExactly) {
     ASSERT_TRUE(sealed) << sealed.error().message;
     EXPECT_TRUE(std::equal(resealed.begin(), resealed.end(), frames.begin(), frames.end()));
   }
+  // Both ways a block moves: whole 16-aligned blocks as words, anything else byte by byte. The
+  // same frames and plaintext at aligned and unaligned addresses, in and out.
+  {
+    const Bytes plain = random_bytes(5 * c + 7, 77);
+    Sealed s = seal_with_openssl(plain, c);
+    auto ck = ChunkKey::derive(s.kp);
+    ASSERT_TRUE(ck);
+    const ChunkRun run = gpu::whole_stream(s.header);
+    const ByteSpan frames = ByteSpan(s.file).subspan(s.header_len);
+    for (size_t in_at : {size_t{0}, size_t{1}}) {
+      for (size_t out_at : {size_t{0}, size_t{3}}) {
+        SCOPED_TRACE("input at +" + std::to_string(in_at) + ", output at +" + std::to_string(out_at));
+        Bytes in_buf(frames.size() + 16), out_buf(plain.size() + 16);
+        ASSERT_EQ(reinterpret_cast<uintptr_t>(in_buf.data()) % 16, 0u);
+        ASSERT_EQ(reinterpret_cast<uintptr_t>(out_buf.data()) % 16, 0u);
+        std::copy(frames.begin(), frames.end(), in_buf.begin() + static_cast<std::ptrdiff_t>(in_at));
+        const MutableByteSpan f(in_buf.data() + in_at, frames.size()), p(out_buf.data() + out_at, plain.size());
+        ASSERT_TRUE(gpu::open_chunks_emulated(*ck, run, f, p));
+        EXPECT_TRUE(std::equal(p.begin(), p.end(), plain.begin(), plain.end()));
+        std::fill(f.begin(), f.end(), std::byte{0});
+        ASSERT_TRUE(gpu::seal_chunks_emulated(*ck, run, p, f));
+        EXPECT_TRUE(std::equal(f.begin(), f.end(), frames.begin(), frames.end()));
+      }
+    }
+  }
   // A middle run of whole chunks (random access): chunks 2..4 of 7, not final.
   const Bytes plain = random_bytes(7 * c - 100, 99);
   Sealed s = seal_with_openssl(plain, c);
