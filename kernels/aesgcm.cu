@@ -93,18 +93,13 @@ CudaStatus cuda_set_device(int device) { return status("cudaSetDevice", cudaSetD
 CudaStatus cuda_alloc(void** p, size_t n) { return status("cudaMalloc", cudaMalloc(p, n == 0 ? 1 : n)); }
 CudaStatus cuda_free_wiped(void* p, size_t n) {
   if (p == nullptr) return {};
-  // Work still queued on other streams may write into p: let it finish before the wipe. The wipe
-  // is attempted even when that fails (a broken context), and its failure is reported.
-  const cudaError_t s = cudaDeviceSynchronize();
-  cudaError_t e = cudaMemset(p, 0, n == 0 ? 1 : n);
-  if (e == cudaSuccess) e = cudaDeviceSynchronize();
-  const cudaError_t f = cudaFree(p);
-  if (e != cudaSuccess) return status("cudaMemset (wiping before cudaFree)", e);
-  return status(s != cudaSuccess ? "cudaDeviceSynchronize (before wiping)" : "cudaFree", s != cudaSuccess ? s : f);
+  return cuda_free_wiped_all(&p, &n, 1);
 }
 CudaStatus cuda_free_wiped_all(void* const* p, const size_t* n, size_t count) {
-  // As cuda_free_wiped, with one synchronisation before and one after all the wipes.
   if (count == 0) return {};
+  // Work still queued on other streams may write into the buffers: let it finish before the
+  // wipes, one synchronisation for all. The wipes and frees are attempted even when that fails
+  // (a broken context), and the first failure is reported.
   const cudaError_t s = cudaDeviceSynchronize();
   cudaError_t e = cudaSuccess;
   for (size_t i = 0; i < count; ++i) {
