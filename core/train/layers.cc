@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lowering.h"
 #include "tresor/thread_pool.h"
 
 namespace tresor::train {
@@ -74,129 +75,94 @@ Result<void> check_conv(const Conv3d& c, const Tensor& x) {
 
 namespace {
 
-// The outputs [lo, hi) of a row of `ow` whose tap `t` reads inside an input row of `w`:
-// 0 <= o·stride − pad + t < w.
-std::pair<size_t, size_t> tap_range(size_t t, size_t stride, size_t pad, size_t w, size_t ow) {
-  const size_t lo = t >= pad ? 0 : (pad - t + stride - 1) / stride;
-  if (w + pad <= t) return {0, 0};
-  const size_t hi = std::min(ow, (w - 1 + pad - t) / stride + 1);
-  return {std::min(lo, hi), hi};
+// The lowering of a convolution (im2col rows (input channel, tap), one column per output voxel)
+// and of a transposed one (rows (output channel, tap), one column per input voxel): in both,
+// position o and tap t meet voxel o·stride − pad + t of the tensor the columns read or write.
+lowering::Geometry conv_geometry(const Conv3d& c, const Tensor& x) {
+  return {c.cin, {x.shape[2], x.shape[3], x.shape[4]}, {c.out_size(x.shape[2]), c.out_size(x.shape[3]), c.out_size(x.shape[4])}, c.k, c.stride, c.pad};
+}
+
+lowering::Geometry transposed_geometry(const ConvTranspose3d& c, const Tensor& x) {
+  return {c.cout, {c.out_size(x.shape[2]), c.out_size(x.shape[3]), c.out_size(x.shape[4])}, {x.shape[2], x.shape[3], x.shape[4]}, c.k, c.stride, c.pad};
+}
+
+// The blocks of a sample's positions, in order: [p0, p1).
+template <typename Fn>
+void for_each_block(size_t positions, size_t block, Fn&& fn) {
+  for (size_t p0 = 0; p0 < positions; p0 += block) fn(p0, std::min(positions, p0 + block));
+}
+
+void store(const double* from, size_t count, float* to) {
+  for (size_t i = 0; i < count; ++i) to[i] = static_cast<float>(from[i]);
+}
+
+// A weight gradient summed in double, added into the caller's.
+void add_gradient(const std::vector<double>& sum, std::vector<float>& dst) {
+  for (size_t i = 0; i < sum.size(); ++i) dst[i] += static_cast<float>(sum[i]);
+}
+
+// A weight [a][b] as [b][a].
+std::vector<float> transposed(const std::vector<float>& w, size_t a, size_t b) {
+  std::vector<float> t(w.size());
+  for (size_t i = 0; i < a; ++i)
+    for (size_t j = 0; j < b; ++j) t[j * a + i] = w[i * b + j];
+  return t;
 }
 
 }  // namespace
 
-// The loops run whole rows of x innermost (one tap's contribution to a row of outputs), so that
-// the compiler vectorises them; bounds are settled once per row and tap.
+// y[co][o] = b[co] + Σ over (ci, tap) ascending of w · x: the weights [cout] × [cin·k³] times the
+// column matrix, one block of output voxels at a time.
 Result<Tensor> Conv3d::forward(const Tensor& x, unsigned threads) const {
   TRESOR_TRY(check_conv(*this, x));
-  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
-  Tensor y({n, cout, out_size(d), out_size(h), out_size(w)});
-  const size_t od = y.shape[2], oh = y.shape[3], ow = y.shape[4];
-  std::vector<std::pair<size_t, size_t>> range(k);
-  for (size_t t = 0; t < k; ++t) range[t] = tap_range(t, stride, pad, w, ow);
+  const lowering::Geometry g = conv_geometry(*this, x);
+  const size_t n = x.shape[0], rows = g.rows(), positions = g.positions(), block = lowering::block_positions(rows, positions);
+  Tensor y({n, cout, g.grid[0], g.grid[1], g.grid[2]});
   ThreadPool pool(threads);
-  pool.parallel_for(n * cout * od, [&](size_t job) {
-    const size_t oz = job % od, co = (job / od) % cout, b = job / (od * cout);
-    std::vector<double> acc(ow);
-    for (size_t oy = 0; oy < oh; ++oy) {
-      std::fill(acc.begin(), acc.end(), static_cast<double>(bias[co]));
-      for (size_t ci = 0; ci < cin; ++ci) {
-        const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
-        const float* wk = weight.data() + (co * cin + ci) * k * k * k;
-        for (size_t kz = 0; kz < k; ++kz) {
-          const size_t iz = oz * stride + kz;  // + pad offset below
-          if (iz < pad || iz - pad >= d) continue;
-          for (size_t ky = 0; ky < k; ++ky) {
-            const size_t iy = oy * stride + ky;
-            if (iy < pad || iy - pad >= h) continue;
-            const float* row = xin + ((iz - pad) * h + (iy - pad)) * w;
-            for (size_t kx = 0; kx < k; ++kx) {
-              const double wv = wk[(kz * k + ky) * k + kx];
-              const auto [lo, hi] = range[kx];
-              for (size_t ox = lo; ox < hi; ++ox) acc[ox] += wv * static_cast<double>(row[ox * stride + kx - pad]);
-            }
-          }
-        }
-      }
-      float* out = y.data.data() + ((b * cout + co) * od + oz) * oh * ow + oy * ow;
-      for (size_t ox = 0; ox < ow; ++ox) out[ox] = static_cast<float>(acc[ox]);
-    }
-  });
+  std::vector<float> col(lowering::packed_size(rows, block));
+  std::vector<double> acc(cout * block);
+  for (size_t b = 0; b < n; ++b) {
+    const float* xb = x.data.data() + b * cin * x.spatial();
+    for_each_block(positions, block, [&](size_t p0, size_t p1) {
+      const size_t np = p1 - p0;
+      lowering::im2col(g, xb, p0, p1, lowering::SharedIndex::kRows, col.data(), pool);
+      for (size_t co = 0; co < cout; ++co) std::fill_n(acc.data() + co * np, np, static_cast<double>(bias[co]));
+      lowering::gemm(cout, np, rows, weight.data(), rows, col.data(), acc.data(), np, pool);
+      for (size_t co = 0; co < cout; ++co) store(acc.data() + co * np, np, y.data.data() + (b * cout + co) * positions + p0);
+    });
+  }
   return y;
 }
 
+// ∂L/∂w = Σ over samples and output voxels of dy · x at the tap: dy times the column matrix's
+// transpose, accumulated in double over every block in order. ∂L/∂x: wᵀ times dy gives each
+// (input channel, tap)'s term per output voxel; col2im adds them into the input voxels they read.
 Result<Tensor> Conv3d::backward(const Tensor& x, const Tensor& dy, std::vector<float>& dweight, std::vector<float>& dbias, unsigned threads) const {
   TRESOR_TRY(check_conv(*this, x));
-  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
-  const std::array<size_t, 5> want{n, cout, out_size(d), out_size(h), out_size(w)};
-  TRESOR_TRY(check_backward("conv3d", want, dy, dweight, weight, dbias, bias));
-  const size_t od = want[2], oh = want[3], ow = want[4];
-  std::vector<std::pair<size_t, size_t>> range(k);
-  for (size_t t = 0; t < k; ++t) range[t] = tap_range(t, stride, pad, w, ow);
+  const lowering::Geometry g = conv_geometry(*this, x);
+  const size_t n = x.shape[0], rows = g.rows(), positions = g.positions(), block = lowering::block_positions(rows, positions);
+  TRESOR_TRY(check_backward("conv3d", {n, cout, g.grid[0], g.grid[1], g.grid[2]}, dy, dweight, weight, dbias, bias));
   ThreadPool pool(threads);
   add_bias_gradient(dy, dbias, pool);
-  // ∂L/∂w[co, ci, kz, ky, kx] = Σ over samples and outputs of dy · x at the tap: per row pair
-  // (output row, input row), one dot product per kx.
-  pool.parallel_for(cout * cin, [&](size_t job) {
-    const size_t co = job / cin, ci = job % cin;
-    std::vector<double> taps(k * k * k, 0.0);
-    for (size_t b = 0; b < n; ++b) {
-      const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
-      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
-      for (size_t oz = 0; oz < od; ++oz)
-        for (size_t kz = 0; kz < k; ++kz) {
-          const size_t iz = oz * stride + kz;
-          if (iz < pad || iz - pad >= d) continue;
-          for (size_t oy = 0; oy < oh; ++oy) {
-            const float* grow = g + (oz * oh + oy) * ow;
-            for (size_t ky = 0; ky < k; ++ky) {
-              const size_t iy = oy * stride + ky;
-              if (iy < pad || iy - pad >= h) continue;
-              const float* xrow = xin + ((iz - pad) * h + (iy - pad)) * w;
-              for (size_t kx = 0; kx < k; ++kx) {
-                const auto [lo, hi] = range[kx];
-                double dot = 0;
-                for (size_t ox = lo; ox < hi; ++ox) dot += static_cast<double>(grow[ox]) * static_cast<double>(xrow[ox * stride + kx - pad]);
-                taps[(kz * k + ky) * k + kx] += dot;
-              }
-            }
-          }
-        }
-    }
-    float* dw = dweight.data() + (co * cin + ci) * k * k * k;
-    for (size_t t = 0; t < taps.size(); ++t) dw[t] += static_cast<float>(taps[t]);
-  });
-  // ∂L/∂x: every output row scatters dy · w back to the input rows its taps read; one (sample,
-  // input channel) per job, accumulated in double.
+  const std::vector<float> wt = transposed(weight, cout, rows);
+  std::vector<float> col(lowering::packed_size(block, rows)), dyp(lowering::packed_size(cout, block));
+  std::vector<double> dw(cout * rows, 0.0), dcol(rows * block), dxs(cin * x.spatial());
   Tensor dx(x.shape);
-  pool.parallel_for(n * cin, [&](size_t job) {
-    const size_t b = job / cin, ci = job % cin;
-    std::vector<double> acc(d * h * w, 0.0);
-    for (size_t co = 0; co < cout; ++co) {
-      const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
-      const float* wk = weight.data() + (co * cin + ci) * k * k * k;
-      for (size_t oz = 0; oz < od; ++oz)
-        for (size_t kz = 0; kz < k; ++kz) {
-          const size_t iz = oz * stride + kz;
-          if (iz < pad || iz - pad >= d) continue;
-          for (size_t oy = 0; oy < oh; ++oy) {
-            const float* grow = g + (oz * oh + oy) * ow;
-            for (size_t ky = 0; ky < k; ++ky) {
-              const size_t iy = oy * stride + ky;
-              if (iy < pad || iy - pad >= h) continue;
-              double* arow = acc.data() + ((iz - pad) * h + (iy - pad)) * w;
-              for (size_t kx = 0; kx < k; ++kx) {
-                const double wv = wk[(kz * k + ky) * k + kx];
-                const auto [lo, hi] = range[kx];
-                for (size_t ox = lo; ox < hi; ++ox) arow[ox * stride + kx - pad] += wv * static_cast<double>(grow[ox]);
-              }
-            }
-          }
-        }
-    }
-    float* out = dx.data.data() + (b * cin + ci) * d * h * w;
-    for (size_t i = 0; i < acc.size(); ++i) out[i] = static_cast<float>(acc[i]);
-  });
+  for (size_t b = 0; b < n; ++b) {
+    const float* xb = x.data.data() + b * cin * x.spatial();
+    const float* gb = dy.data.data() + b * cout * positions;
+    std::fill(dxs.begin(), dxs.end(), 0.0);
+    for_each_block(positions, block, [&](size_t p0, size_t p1) {
+      const size_t np = p1 - p0;
+      lowering::im2col(g, xb, p0, p1, lowering::SharedIndex::kPositions, col.data(), pool);
+      lowering::gemm(cout, rows, np, gb + p0, positions, col.data(), dw.data(), rows, pool);
+      lowering::pack(gb + p0, positions, cout, np, dyp.data(), pool);
+      lowering::gemm(rows, np, cout, wt.data(), cout, dyp.data(), dcol.data(), np, pool, false);
+      lowering::col2im(g, dcol.data(), p0, p1, dxs.data(), pool);
+    });
+    store(dxs.data(), dxs.size(), dx.data.data() + b * cin * x.spatial());
+  }
+  add_gradient(dw, dweight);
   return dx;
 }
 
@@ -381,114 +347,58 @@ Result<void> check_transposed(const ConvTranspose3d& c, const Tensor& x) {
 
 }  // namespace
 
+// y[co][o] = b[co] + Σ of w[ci][co][t] · x[ci][i] over the (i, t) with i·stride − pad + t = o:
+// wᵀ ([cout·k³] × [cin]) times a block of input voxels gives each (output channel, tap)'s term,
+// which col2im adds into the output voxel it reaches (taps in order, then input voxels).
 Result<Tensor> ConvTranspose3d::forward(const Tensor& x, unsigned threads) const {
   TRESOR_TRY(check_transposed(*this, x));
-  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
-  Tensor y({n, cout, out_size(d), out_size(h), out_size(w)});
-  const size_t od = y.shape[2], oh = y.shape[3], ow = y.shape[4];
-  const long P = static_cast<long>(pad), S = static_cast<long>(stride);
+  const lowering::Geometry g = transposed_geometry(*this, x);
+  const size_t n = x.shape[0], rows = g.rows(), positions = g.positions(), block = lowering::block_positions(rows, positions), out = g.src_voxels();
+  Tensor y({n, cout, g.src[0], g.src[1], g.src[2]});
   ThreadPool pool(threads);
-  // Gathered per output (no write conflicts): output o receives input i through tap o + pad − i·stride.
-  pool.parallel_for(n * cout * od, [&](size_t job) {
-    const size_t oz = job % od, co = (job / od) % cout, b = job / (od * cout);
-    for (size_t oy = 0; oy < oh; ++oy)
-      for (size_t ox = 0; ox < ow; ++ox) {
-        double acc = bias[co];
-        for (size_t ci = 0; ci < cin; ++ci) {
-          const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
-          const float* wk = weight.data() + (ci * cout + co) * k * k * k;
-          for (size_t iz = 0; iz < d; ++iz) {
-            const long kz = static_cast<long>(oz) + P - static_cast<long>(iz) * S;
-            if (kz < 0 || kz >= static_cast<long>(k)) continue;
-            for (size_t iy = 0; iy < h; ++iy) {
-              const long ky = static_cast<long>(oy) + P - static_cast<long>(iy) * S;
-              if (ky < 0 || ky >= static_cast<long>(k)) continue;
-              for (size_t ix = 0; ix < w; ++ix) {
-                const long kx = static_cast<long>(ox) + P - static_cast<long>(ix) * S;
-                if (kx < 0 || kx >= static_cast<long>(k)) continue;
-                acc += static_cast<double>(xin[(iz * h + iy) * w + ix]) *
-                       static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]);
-              }
-            }
-          }
-        }
-        y.data[((b * cout + co) * od + oz) * oh * ow + oy * ow + ox] = static_cast<float>(acc);
-      }
-  });
+  const std::vector<float> wt = transposed(weight, cin, rows);
+  std::vector<float> xp(lowering::packed_size(cin, block));
+  std::vector<double> ycol(rows * block), acc(cout * out);
+  for (size_t b = 0; b < n; ++b) {
+    const float* xb = x.data.data() + b * cin * positions;
+    for (size_t co = 0; co < cout; ++co) std::fill_n(acc.data() + co * out, out, static_cast<double>(bias[co]));
+    for_each_block(positions, block, [&](size_t p0, size_t p1) {
+      const size_t np = p1 - p0;
+      lowering::pack(xb + p0, positions, cin, np, xp.data(), pool);
+      lowering::gemm(rows, np, cin, wt.data(), cin, xp.data(), ycol.data(), np, pool, false);
+      lowering::col2im(g, ycol.data(), p0, p1, acc.data(), pool);
+    });
+    store(acc.data(), acc.size(), y.data.data() + b * cout * out);
+  }
   return y;
 }
 
+// ∂L/∂x[ci][i] = Σ over (co, t) of w[ci][co][t] · dy[co][i·stride − pad + t]: the weights
+// ([cin] × [cout·k³]) times dy's column matrix, whose positions are the input voxels. ∂L/∂w:
+// x times that column matrix's transpose, accumulated in double over every block in order.
 Result<Tensor> ConvTranspose3d::backward(const Tensor& x, const Tensor& dy, std::vector<float>& dweight, std::vector<float>& dbias, unsigned threads) const {
   TRESOR_TRY(check_transposed(*this, x));
-  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4];
-  const std::array<size_t, 5> want{n, cout, out_size(d), out_size(h), out_size(w)};
-  TRESOR_TRY(check_backward("transposed conv3d", want, dy, dweight, weight, dbias, bias));
-  const size_t od = want[2], oh = want[3], ow = want[4];
-  const long P = static_cast<long>(pad), S = static_cast<long>(stride), K = static_cast<long>(k);
-  // The output position input i reaches through tap t along an axis of `on` outputs, or −1.
-  auto at = [&](size_t i, long t, size_t on) {
-    const long o = static_cast<long>(i) * S - P + t;
-    return o >= 0 && o < static_cast<long>(on) ? o : -1;
-  };
+  const lowering::Geometry g = transposed_geometry(*this, x);
+  const size_t n = x.shape[0], rows = g.rows(), positions = g.positions(), block = lowering::block_positions(rows, positions), out = g.src_voxels();
+  TRESOR_TRY(check_backward("transposed conv3d", {n, cout, g.src[0], g.src[1], g.src[2]}, dy, dweight, weight, dbias, bias));
   ThreadPool pool(threads);
   add_bias_gradient(dy, dbias, pool);
-  // ∂w[ci, co, t] = Σ x[ci, i]·dy[co, i·s − p + t]; ∂x[ci, i] = Σ_co,t dy[co, i·s − p + t]·w[ci, co, t].
-  pool.parallel_for(cin * cout, [&](size_t job) {
-    const size_t ci = job / cout, co = job % cout;
-    for (long kz = 0; kz < K; ++kz)
-      for (long ky = 0; ky < K; ++ky)
-        for (long kx = 0; kx < K; ++kx) {
-          double acc = 0;
-          for (size_t b = 0; b < n; ++b) {
-            const float* xin = x.data.data() + (b * cin + ci) * d * h * w;
-            const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
-            for (size_t iz = 0; iz < d; ++iz) {
-              const long oz = at(iz, kz, od);
-              if (oz < 0) continue;
-              for (size_t iy = 0; iy < h; ++iy) {
-                const long oy = at(iy, ky, oh);
-                if (oy < 0) continue;
-                for (size_t ix = 0; ix < w; ++ix) {
-                  const long ox = at(ix, kx, ow);
-                  if (ox < 0) continue;
-                  acc += static_cast<double>(xin[(iz * h + iy) * w + ix]) *
-                         static_cast<double>(g[(static_cast<size_t>(oz) * oh + static_cast<size_t>(oy)) * ow + static_cast<size_t>(ox)]);
-                }
-              }
-            }
-          }
-          dweight[((ci * cout + co) * k + static_cast<size_t>(kz)) * k * k + static_cast<size_t>(ky) * k + static_cast<size_t>(kx)] += static_cast<float>(acc);
-        }
-  });
+  std::vector<float> col(lowering::packed_size(rows, block)), colt(lowering::packed_size(block, rows));
+  std::vector<double> dw(cin * rows, 0.0), acc(cin * block);
   Tensor dx(x.shape);
-  pool.parallel_for(n * cin, [&](size_t job) {
-    const size_t b = job / cin, ci = job % cin;
-    float* out = dx.data.data() + job * d * h * w;
-    for (size_t iz = 0; iz < d; ++iz)
-      for (size_t iy = 0; iy < h; ++iy)
-        for (size_t ix = 0; ix < w; ++ix) {
-          double acc = 0;
-          for (size_t co = 0; co < cout; ++co) {
-            const float* g = dy.data.data() + (b * cout + co) * od * oh * ow;
-            const float* wk = weight.data() + (ci * cout + co) * k * k * k;
-            for (long kz = 0; kz < K; ++kz) {
-              const long oz = at(iz, kz, od);
-              if (oz < 0) continue;
-              for (long ky = 0; ky < K; ++ky) {
-                const long oy = at(iy, ky, oh);
-                if (oy < 0) continue;
-                for (long kx = 0; kx < K; ++kx) {
-                  const long ox = at(ix, kx, ow);
-                  if (ox < 0) continue;
-                  acc += static_cast<double>(g[(static_cast<size_t>(oz) * oh + static_cast<size_t>(oy)) * ow + static_cast<size_t>(ox)]) *
-                         static_cast<double>(wk[(static_cast<size_t>(kz) * k + static_cast<size_t>(ky)) * k + static_cast<size_t>(kx)]);
-                }
-              }
-            }
-          }
-          out[(iz * h + iy) * w + ix] = static_cast<float>(acc);
-        }
-  });
+  for (size_t b = 0; b < n; ++b) {
+    const float* xb = x.data.data() + b * cin * positions;
+    const float* gb = dy.data.data() + b * cout * out;
+    for_each_block(positions, block, [&](size_t p0, size_t p1) {
+      const size_t np = p1 - p0;
+      lowering::im2col(g, gb, p0, p1, lowering::SharedIndex::kRows, col.data(), pool);
+      lowering::gemm(cin, np, rows, weight.data(), rows, col.data(), acc.data(), np, pool, false);
+      for (size_t ci = 0; ci < cin; ++ci) store(acc.data() + ci * np, np, dx.data.data() + (b * cin + ci) * positions + p0);
+      lowering::im2col(g, gb, p0, p1, lowering::SharedIndex::kPositions, colt.data(), pool);
+      lowering::gemm(cin, rows, np, xb + p0, positions, colt.data(), dw.data(), rows, pool);
+    });
+  }
+  add_gradient(dw, dweight);
   return dx;
 }
 

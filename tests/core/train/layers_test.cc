@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -301,6 +302,149 @@ TEST(TrainLayers, GradientsMatchFiniteDifferences) {
     const double down = dice_ce_loss(logits, t)->loss;
     logits.data[i] = keep;
     EXPECT_NEAR((up - down) / (2 * h), base.dlogits.data[i], 1e-4) << "loss dlogits " << i;
+  }
+}
+
+// The convolutions written out as their definitions, one output (or input) voxel at a time with
+// the sum in double: the lowered products (core/train/lowering.cc) must give the same values.
+struct Written {
+  std::vector<double> y, dx, dw, db;
+};
+
+Written conv_written(const Conv3d& c, const Tensor& x, const Tensor& dy) {
+  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4], k = c.k;
+  const size_t od = c.out_size(d), oh = c.out_size(h), ow = c.out_size(w), taps = k * k * k;
+  Written r{std::vector<double>(n * c.cout * od * oh * ow), std::vector<double>(x.size()), std::vector<double>(c.weight.size()), std::vector<double>(c.cout)};
+  // Input voxel of output o at tap t along an axis, or −1 outside.
+  auto at = [&](size_t o, size_t t, size_t size) { const long i = static_cast<long>(o * c.stride + t) - static_cast<long>(c.pad); return i >= 0 && i < static_cast<long>(size) ? i : -1; };
+  for (size_t b = 0; b < n; ++b)
+    for (size_t co = 0; co < c.cout; ++co)
+      for (size_t oz = 0; oz < od; ++oz)
+        for (size_t oy = 0; oy < oh; ++oy)
+          for (size_t ox = 0; ox < ow; ++ox) {
+            const size_t o = (((b * c.cout + co) * od + oz) * oh + oy) * ow + ox;
+            double acc = c.bias[co];
+            r.db[co] += dy.data[o];
+            for (size_t ci = 0; ci < c.cin; ++ci)
+              for (size_t t = 0; t < taps; ++t) {
+                const long iz = at(oz, t / (k * k), d), iy = at(oy, t / k % k, h), ix = at(ox, t % k, w);
+                if (iz < 0 || iy < 0 || ix < 0) continue;
+                const size_t i = (((b * c.cin + ci) * d + static_cast<size_t>(iz)) * h + static_cast<size_t>(iy)) * w + static_cast<size_t>(ix);
+                const size_t wi = (co * c.cin + ci) * taps + t;
+                acc += static_cast<double>(c.weight[wi]) * x.data[i];
+                r.dx[i] += static_cast<double>(c.weight[wi]) * dy.data[o];
+                r.dw[wi] += static_cast<double>(x.data[i]) * dy.data[o];
+              }
+            r.y[o] = acc;
+          }
+  return r;
+}
+
+Written transposed_written(const ConvTranspose3d& c, const Tensor& x, const Tensor& dy) {
+  const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4], k = c.k;
+  const size_t od = c.out_size(d), oh = c.out_size(h), ow = c.out_size(w), taps = k * k * k;
+  Written r{std::vector<double>(n * c.cout * od * oh * ow), std::vector<double>(x.size()), std::vector<double>(c.weight.size()), std::vector<double>(c.cout)};
+  // Output voxel input i reaches at tap t along an axis, or −1 outside.
+  auto at = [&](size_t i, size_t t, size_t size) { const long o = static_cast<long>(i * c.stride + t) - static_cast<long>(c.pad); return o >= 0 && o < static_cast<long>(size) ? o : -1; };
+  for (size_t b = 0; b < n; ++b)
+    for (size_t co = 0; co < c.cout; ++co) {
+      for (size_t v = 0; v < od * oh * ow; ++v) {
+        r.y[(b * c.cout + co) * od * oh * ow + v] += c.bias[co];
+        r.db[co] += dy.data[(b * c.cout + co) * od * oh * ow + v];
+      }
+      for (size_t ci = 0; ci < c.cin; ++ci)
+        for (size_t iz = 0; iz < d; ++iz)
+          for (size_t iy = 0; iy < h; ++iy)
+            for (size_t ix = 0; ix < w; ++ix)
+              for (size_t t = 0; t < taps; ++t) {
+                const long oz = at(iz, t / (k * k), od), oy = at(iy, t / k % k, oh), ox = at(ix, t % k, ow);
+                if (oz < 0 || oy < 0 || ox < 0) continue;
+                const size_t i = (((b * c.cin + ci) * d + iz) * h + iy) * w + ix;
+                const size_t o = (((b * c.cout + co) * od + static_cast<size_t>(oz)) * oh + static_cast<size_t>(oy)) * ow + static_cast<size_t>(ox);
+                const size_t wi = (ci * c.cout + co) * taps + t;
+                r.y[o] += static_cast<double>(c.weight[wi]) * x.data[i];
+                r.dx[i] += static_cast<double>(c.weight[wi]) * dy.data[o];
+                r.dw[wi] += static_cast<double>(x.data[i]) * dy.data[o];
+              }
+    }
+  return r;
+}
+
+// Every float within one rounding of the double it stands for (a sum in another order may round
+// the other way); with `start`, the float the layer adds it into (one more rounding).
+void expect_rounded(const std::vector<float>& got, const std::vector<double>& want, const std::string& what, float start = 0) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  auto ulp = [](float v) { return std::abs(std::nextafter(v, INFINITY) - v); };
+  size_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const float sum = static_cast<float>(want[i]), expected = start + sum;
+    if (std::abs(got[i] - expected) > ulp(sum) + ulp(expected) && ++bad <= 3) ADD_FAILURE() << what << " [" << i << "]: " << got[i] << ", the definition " << expected;
+  }
+  EXPECT_EQ(bad, 0u) << what;
+}
+
+template <typename Layer>
+void check_against_written(Layer& layer, const std::array<size_t, 5>& shape, uint32_t seed, Written (*written)(const Layer&, const Tensor&, const Tensor&)) {
+  layer.cin = shape[1];
+  layer.weight = random_values(layer.cin * layer.cout * layer.k * layer.k * layer.k, seed, 0.3f);
+  layer.bias = random_values(layer.cout, seed + 1);
+  const Tensor x = random_tensor(shape, seed + 2);
+  auto y = layer.forward(x, 2);
+  ASSERT_TRUE(y) << y.error().message;
+  const Tensor dy = random_tensor(y->shape, seed + 3);
+  std::vector<float> dw(layer.weight.size(), 0.5f), db(layer.bias.size(), 0.5f);  // gradients add into these
+  auto dx = layer.backward(x, dy, dw, db, 2);
+  ASSERT_TRUE(dx) << dx.error().message;
+  const Written want = written(layer, x, dy);
+  const std::string what = x.shape_text() + " → " + std::to_string(layer.cout) + " k" + std::to_string(layer.k) + " s" + std::to_string(layer.stride) + " p" + std::to_string(layer.pad);
+  expect_rounded(y->data, want.y, what + " y");
+  if constexpr (std::is_same_v<Layer, Conv3d>) {
+    // The lowered forward sums in the definition's order (bias, then input channel and tap
+    // ascending; the zero padding adds zeros): the same bits.
+    size_t differ = 0;
+    for (size_t i = 0; i < want.y.size(); ++i) differ += y->data[i] != static_cast<float>(want.y[i]);
+    EXPECT_EQ(differ, 0u) << what << ": outputs that differ from the definition's bits";
+  }
+  expect_rounded(dx->data, want.dx, what + " dx");
+  expect_rounded(dw, want.dw, what + " dw", 0.5f);
+  expect_rounded(db, want.db, what + " db", 0.5f);
+  // The same bytes on any number of threads.
+  for (unsigned threads : {1u, 3u}) {
+    std::vector<float> dw_t(layer.weight.size(), 0.5f), db_t(layer.bias.size(), 0.5f);
+    EXPECT_TRUE(layer.forward(x, threads)->data == y->data) << what << ", " << threads << " thread(s)";
+    EXPECT_TRUE(layer.backward(x, dy, dw_t, db_t, threads)->data == dx->data) << what << ", " << threads << " thread(s)";
+    EXPECT_TRUE(dw_t == dw && db_t == db) << what << ", " << threads << " thread(s)";
+  }
+}
+
+TEST(TrainLayers, ConvolutionsEqualTheirDefinitionsWrittenOut) {
+  struct Case {
+    std::array<size_t, 5> x;
+    size_t cout, k, stride, pad;
+  };
+  // Sizes that are not multiples of the product's tiles (6 rows, 8 columns), strides, no padding,
+  // 1×1×1, and shapes of several blocks of positions (20 channels × 27 taps: blocks of 485).
+  const Case convs[] = {{{2, 3, 7, 6, 5}, 7, 3, 1, 1}, {{1, 20, 18, 17, 16}, 13, 3, 1, 1}, {{2, 5, 9, 10, 11}, 6, 3, 2, 1},
+                        {{1, 13, 5, 6, 7}, 3, 1, 1, 0},  {{1, 2, 6, 5, 7}, 4, 3, 1, 0},     {{1, 1, 4, 4, 4}, 1, 3, 1, 1}};
+  uint32_t seed = 100;
+  for (const Case& c : convs) {
+    Conv3d conv;
+    conv.cout = c.cout;
+    conv.k = c.k;
+    conv.stride = c.stride;
+    conv.pad = c.pad;
+    check_against_written(conv, c.x, seed += 10, conv_written);
+  }
+  // The U-Net's upsampling, overlapping taps with padding, and several blocks (32 × 8 rows:
+  // blocks of 1024 input voxels).
+  const Case transposed[] = {{{2, 9, 4, 5, 3}, 5, 2, 2, 0}, {{1, 3, 4, 3, 5}, 4, 3, 2, 1}, {{1, 4, 20, 19, 11}, 32, 2, 2, 0}, {{1, 2, 3, 3, 3}, 1, 1, 1, 0}};
+  for (const Case& c : transposed) {
+    ConvTranspose3d t;
+    t.cout = c.cout;
+    t.k = c.k;
+    t.stride = c.stride;
+    t.pad = c.pad;
+    check_against_written(t, c.x, seed += 10, transposed_written);
   }
 }
 
