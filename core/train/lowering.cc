@@ -161,8 +161,9 @@ using d4 = double __attribute__((vector_size(32)));
 
 // buf[0..6)[0..8·tiles) += Σ_k ap[k][i]·bp[tile][k][j] (buf rows kJobColumns apart).
 // Compiled twice where the compiler can choose at load time (GCC on x86-64): for x86-64-v3 (AVX2,
-// FMA) and the baseline; both give the same bits (see the top of this file).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// FMA) and the baseline; both give the same bits (see the top of this file). Not under
+// ThreadSanitizer, whose instrumented load-time resolver would run before its runtime starts.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
 [[gnu::target_clones("arch=x86-64-v3", "default")]]
 #endif
 void panel_product(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) {
