@@ -1,6 +1,7 @@
 // The 3D U-Net's layers, CPU reference (include/tresor/train/layers.h, docs/training.md §2).
-// Float storage, double accumulation; the loops are the definitions written out, parallel over
-// independent outputs so that results do not depend on the thread count.
+// Float storage, double accumulation, sums in orders the shapes alone fix, so that results do not
+// depend on the thread count. The convolutions are matrix products (lowering.h); the other layers'
+// loops are their definitions written out, parallel over independent outputs.
 #include "tresor/train/layers.h"
 
 #include <algorithm>

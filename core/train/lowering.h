@@ -28,8 +28,8 @@ struct Geometry {
   size_t src_voxels() const { return src[0] * src[1] * src[2]; }
 };
 
-/// How many positions one column block holds for `rows` rows: about 1 MiB of floats, at least 256,
-/// at most the whole grid. Shapes alone decide it.
+/// How many positions one column block holds for `rows` rows: about 1 MiB of floats, at least 256
+/// and at most 16384 positions, at most the whole grid. Shapes alone decide it.
 size_t block_positions(size_t rows, size_t positions);
 
 /// The matrix products' right operand B (kd × n) is packed: tiles of 8 columns, each kd rows of 8
@@ -49,7 +49,8 @@ void pack(const float* b, size_t ldb, size_t kd, size_t n, float* out, ThreadPoo
 
 /// The adjoint of im2col on a plain row-major column matrix (rows() × (p1 − p0) doubles):
 /// dst[c][position p's tap t] += col[r][p − p0] for the taps inside the source, each destination
-/// voxel summing its terms in tap order then position order.
+/// voxel adding this block's terms in tap order, then position order (over a layer: blocks in
+/// order, so the whole order is fixed by the shapes).
 void col2im(const Geometry& g, const double* col, size_t p0, size_t p1, double* dst, ThreadPool& pool);
 
 /// C[i][j] += Σ_k A[i][k]·B[k][j] for i < m, j < n, k ascending for every element (C = the sum

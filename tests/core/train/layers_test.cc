@@ -423,9 +423,14 @@ TEST(TrainLayers, ConvolutionsEqualTheirDefinitionsWrittenOut) {
     size_t cout, k, stride, pad;
   };
   // Sizes that are not multiples of the product's tiles (6 rows, 8 columns), strides, no padding,
-  // 1×1×1, and shapes of several blocks of positions (20 channels × 27 taps: blocks of 485).
-  const Case convs[] = {{{2, 3, 7, 6, 5}, 7, 3, 1, 1}, {{1, 20, 18, 17, 16}, 13, 3, 1, 1}, {{2, 5, 9, 10, 11}, 6, 3, 2, 1},
-                        {{1, 13, 5, 6, 7}, 3, 1, 1, 0},  {{1, 2, 6, 5, 7}, 4, 3, 1, 0},     {{1, 1, 4, 4, 4}, 1, 3, 1, 1}};
+  // 1×1×1, shapes of several blocks of positions (20 channels × 27 taps: blocks of 485; a batch
+  // of two; stride 2; padding 2, where a block ends one voxel into a grid row with every tap of
+  // that voxel's stretch left of the source), tiny inputs whose taps fall wholly outside (outputs
+  // all padding with pad 3), and grid rows longer than a block (40 × 27 rows: blocks of 256, rows of 300).
+  const Case convs[] = {{{2, 3, 7, 6, 5}, 7, 3, 1, 1},    {{1, 20, 18, 17, 16}, 13, 3, 1, 1}, {{2, 20, 9, 10, 11}, 6, 3, 2, 1},
+                        {{2, 20, 7, 8, 9}, 5, 3, 1, 1},   {{1, 20, 5, 5, 20}, 4, 3, 1, 2},    {{1, 13, 5, 6, 7}, 3, 1, 1, 0},
+                        {{1, 2, 6, 5, 7}, 4, 3, 1, 0},    {{1, 1, 4, 4, 4}, 1, 3, 1, 1},      {{1, 2, 1, 2, 1}, 3, 3, 1, 1},
+                        {{1, 2, 2, 2, 2}, 2, 3, 1, 3},    {{1, 40, 1, 2, 300}, 7, 3, 1, 1}};
   uint32_t seed = 100;
   for (const Case& c : convs) {
     Conv3d conv;
@@ -435,9 +440,11 @@ TEST(TrainLayers, ConvolutionsEqualTheirDefinitionsWrittenOut) {
     conv.pad = c.pad;
     check_against_written(conv, c.x, seed += 10, conv_written);
   }
-  // The U-Net's upsampling, overlapping taps with padding, and several blocks (32 × 8 rows:
-  // blocks of 1024 input voxels).
-  const Case transposed[] = {{{2, 9, 4, 5, 3}, 5, 2, 2, 0}, {{1, 3, 4, 3, 5}, 4, 3, 2, 1}, {{1, 4, 20, 19, 11}, 32, 2, 2, 0}, {{1, 2, 3, 3, 3}, 1, 1, 1, 0}};
+  // The U-Net's upsampling, overlapping taps with padding, several blocks (32 × 8 rows: blocks
+  // of 1024 input voxels; with padding 2 and k 3, 20 × 27 rows: blocks of 485; a batch of two),
+  // a kernel smaller than the stride (outputs that only the bias reaches), 1×1×1.
+  const Case transposed[] = {{{2, 9, 4, 5, 3}, 5, 2, 2, 0},     {{1, 3, 4, 3, 5}, 4, 3, 2, 1}, {{1, 4, 20, 19, 11}, 32, 2, 2, 0},
+                             {{2, 3, 9, 10, 11}, 20, 3, 1, 2}, {{1, 3, 4, 5, 3}, 2, 1, 2, 0}, {{1, 2, 3, 3, 3}, 1, 1, 1, 0}};
   for (const Case& c : transposed) {
     ConvTranspose3d t;
     t.cout = c.cout;
