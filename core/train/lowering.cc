@@ -8,6 +8,7 @@
 #include "lowering.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -159,14 +160,9 @@ constexpr size_t kMr = 6, kNr = kTile, kTilesPerJob = 8, kJobColumns = kNr * kTi
 
 using d4 = double __attribute__((vector_size(32)));
 
-// buf[0..6)[0..8·tiles) += Σ_k ap[k][i]·bp[tile][k][j] (buf rows kJobColumns apart).
-// Compiled twice where the compiler can choose at load time (GCC on x86-64): for x86-64-v3 (AVX2,
-// FMA) and the baseline; both give the same bits (see the top of this file). Not under
-// ThreadSanitizer, whose instrumented load-time resolver would run before its runtime starts.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
-[[gnu::target_clones("arch=x86-64-v3", "default")]]
-#endif
-void panel_product(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) {
+// buf[0..6)[0..8·tiles) += Σ_k ap[k][i]·bp[tile][k][j] (buf rows kJobColumns apart). Inlined
+// into two builds below; both give the same bits (see the top of this file).
+[[gnu::always_inline]] inline void panel_product_body(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) {
   for (size_t k0 = 0; k0 < kd; k0 += kBlock) {
     const size_t k1 = std::min(kd, k0 + kBlock);
     for (size_t t = 0; t < tiles; ++t) {
@@ -188,7 +184,42 @@ void panel_product(size_t kd, const double* ap, const float* bp, size_t tiles, d
   }
 }
 
+// The baseline build: whatever the compile flags allow (SSE2 on x86-64: each 4-double vector as
+// two halves).
+void panel_product_baseline(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) { panel_product_body(kd, ap, bp, tiles, buf); }
+
+// The AVX2/FMA build (GCC on x86-64), taken where the CPU reports both extensions.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TRESOR_LOWERING_AVX2 1
+[[gnu::target("avx2,fma")]] void panel_product_avx2(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) {
+  panel_product_body(kd, ap, bp, tiles, buf);
+}
+#endif
+
+std::atomic<bool> force_baseline{false};
+
+void panel_product(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) {
+#ifdef TRESOR_LOWERING_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && !force_baseline.load(std::memory_order_relaxed)) {
+    panel_product_avx2(kd, ap, bp, tiles, buf);
+    return;
+  }
+#endif
+  panel_product_baseline(kd, ap, bp, tiles, buf);
+}
+
 }  // namespace
+
+bool avx2_product() {
+#ifdef TRESOR_LOWERING_AVX2
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+void use_baseline_product(bool baseline) { force_baseline.store(baseline, std::memory_order_relaxed); }
 
 void gemm(size_t m, size_t n, size_t kd, const float* a, size_t lda, const float* bp, double* c, size_t ldc, ThreadPool& pool, bool add) {
   if (m == 0 || n == 0) return;

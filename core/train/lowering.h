@@ -58,4 +58,11 @@ void col2im(const Geometry& g, const double* col, size_t p0, size_t p1, double* 
 /// leading dimension lda, B packed (above), C row-major doubles with ldc.
 void gemm(size_t m, size_t n, size_t kd, const float* a, size_t lda, const float* packed_b, double* c, size_t ldc, ThreadPool& pool, bool add = true);
 
+/// The product has two builds where the compiler can make them (GCC on x86-64): one for AVX2 and
+/// FMA, taken where the CPU has both (avx2_product()), and the baseline. They give the same bits;
+/// use_baseline_product(true) makes every later product, in every thread, take the baseline (for
+/// the test that compares them), false restores the choice by the CPU.
+bool avx2_product();
+void use_baseline_product(bool baseline);
+
 }  // namespace tresor::train::lowering

@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "lowering.h"
 #include "support/test_support.h"
 #include "tresor/train/layers.h"
 
@@ -453,6 +454,43 @@ TEST(TrainLayers, ConvolutionsEqualTheirDefinitionsWrittenOut) {
     t.pad = c.pad;
     check_against_written(t, c.x, seed += 10, transposed_written);
   }
+}
+
+// The product's AVX2/FMA build and its baseline build (core/train/lowering.cc) give the same bits:
+// the whole of both convolutions' passes, once through each.
+TEST(TrainLayers, TheProductsTwoBuildsGiveTheSameBits) {
+  if (!lowering::avx2_product()) GTEST_SKIP() << "no AVX2/FMA build of the product runs here (the CPU lacks AVX2 or FMA, or the compiler made one build): nothing to compare";
+  struct Restore {
+    ~Restore() { lowering::use_baseline_product(false); }
+  } restore;
+  auto passes = [](auto& layer, const Tensor& x, const Tensor& dy) {
+    std::vector<float> dw(layer.weight.size(), 0), db(layer.bias.size(), 0);
+    std::vector<float> all = layer.forward(x, 2)->data;
+    const std::vector<float> dx = layer.backward(x, dy, dw, db, 2)->data;
+    all.insert(all.end(), dx.begin(), dx.end());
+    all.insert(all.end(), dw.begin(), dw.end());
+    all.insert(all.end(), db.begin(), db.end());
+    return all;
+  };
+  Conv3d conv;
+  conv.cin = 20;
+  conv.cout = 13;
+  conv.weight = random_values(20 * 13 * 27, 501, 0.3f);
+  conv.bias = random_values(13, 502);
+  const Tensor x = random_tensor({2, 20, 9, 10, 11}, 503);
+  const Tensor dy = random_tensor({2, 13, 9, 10, 11}, 504);
+  ConvTranspose3d up;
+  up.cin = 9;
+  up.cout = 5;
+  up.weight = random_values(9 * 5 * 8, 505, 0.3f);
+  up.bias = random_values(5, 506);
+  const Tensor xu = random_tensor({2, 9, 4, 5, 3}, 507);
+  const Tensor dyu = random_tensor({2, 5, 8, 10, 6}, 508);
+  const std::vector<float> conv_avx2 = passes(conv, x, dy), up_avx2 = passes(up, xu, dyu);
+  lowering::use_baseline_product(true);
+  const std::vector<float> conv_base = passes(conv, x, dy), up_base = passes(up, xu, dyu);
+  EXPECT_EQ(std::memcmp(conv_avx2.data(), conv_base.data(), conv_avx2.size() * sizeof(float)), 0) << "convolution: the builds differ";
+  EXPECT_EQ(std::memcmp(up_avx2.data(), up_base.data(), up_avx2.size() * sizeof(float)), 0) << "transposed convolution: the builds differ";
 }
 
 TEST(TrainLayers, BadInputsAreNamed) {
