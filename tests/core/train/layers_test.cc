@@ -312,12 +312,26 @@ struct Written {
   std::vector<double> y, dx, dw, db;
 };
 
+// Zeroed sums for a layer's output, input gradient, weight gradient and bias gradient.
+template <typename Layer>
+Written zero_sums(const Layer& c, const Tensor& x) {
+  const size_t out = x.shape[0] * c.cout * c.out_size(x.shape[2]) * c.out_size(x.shape[3]) * c.out_size(x.shape[4]);
+  return {std::vector<double>(out), std::vector<double>(x.size()), std::vector<double>(c.weight.size()), std::vector<double>(c.cout)};
+}
+
+// Both convolutions' rule: position p and tap t meet voxel p·stride + t − pad of an axis of `size`
+// voxels (−1: outside).
+template <typename Layer>
+long meet(const Layer& c, size_t p, size_t t, size_t size) {
+  const long v = static_cast<long>(p * c.stride + t) - static_cast<long>(c.pad);
+  return v >= 0 && v < static_cast<long>(size) ? v : -1;
+}
+
 Written conv_written(const Conv3d& c, const Tensor& x, const Tensor& dy) {
   const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4], k = c.k;
   const size_t od = c.out_size(d), oh = c.out_size(h), ow = c.out_size(w), taps = k * k * k;
-  Written r{std::vector<double>(n * c.cout * od * oh * ow), std::vector<double>(x.size()), std::vector<double>(c.weight.size()), std::vector<double>(c.cout)};
-  // Input voxel of output o at tap t along an axis, or −1 outside.
-  auto at = [&](size_t o, size_t t, size_t size) { const long i = static_cast<long>(o * c.stride + t) - static_cast<long>(c.pad); return i >= 0 && i < static_cast<long>(size) ? i : -1; };
+  Written r = zero_sums(c, x);
+  auto at = [&](size_t o, size_t t, size_t size) { return meet(c, o, t, size); };  // output o's input voxel
   for (size_t b = 0; b < n; ++b)
     for (size_t co = 0; co < c.cout; ++co)
       for (size_t oz = 0; oz < od; ++oz)
@@ -344,9 +358,8 @@ Written conv_written(const Conv3d& c, const Tensor& x, const Tensor& dy) {
 Written transposed_written(const ConvTranspose3d& c, const Tensor& x, const Tensor& dy) {
   const size_t n = x.shape[0], d = x.shape[2], h = x.shape[3], w = x.shape[4], k = c.k;
   const size_t od = c.out_size(d), oh = c.out_size(h), ow = c.out_size(w), taps = k * k * k;
-  Written r{std::vector<double>(n * c.cout * od * oh * ow), std::vector<double>(x.size()), std::vector<double>(c.weight.size()), std::vector<double>(c.cout)};
-  // Output voxel input i reaches at tap t along an axis, or −1 outside.
-  auto at = [&](size_t i, size_t t, size_t size) { const long o = static_cast<long>(i * c.stride + t) - static_cast<long>(c.pad); return o >= 0 && o < static_cast<long>(size) ? o : -1; };
+  Written r = zero_sums(c, x);
+  auto at = [&](size_t i, size_t t, size_t size) { return meet(c, i, t, size); };  // input i's output voxel
   for (size_t b = 0; b < n; ++b)
     for (size_t co = 0; co < c.cout; ++co) {
       for (size_t v = 0; v < od * oh * ow; ++v) {
