@@ -397,12 +397,29 @@ void expect_rounded(const std::vector<float>& got, const std::vector<double>& wa
   EXPECT_EQ(bad, 0u) << what;
 }
 
+struct WrittenCase {
+  std::array<size_t, 5> x;
+  size_t cout, k, stride, pad;
+};
+
+// A layer of the case's geometry with random weights and bias (seeds `seed`, `seed` + 1).
 template <typename Layer>
-void check_against_written(Layer& layer, const std::array<size_t, 5>& shape, uint32_t seed, Written (*written)(const Layer&, const Tensor&, const Tensor&)) {
-  layer.cin = shape[1];
+Layer random_layer(const WrittenCase& c, uint32_t seed) {
+  Layer layer;
+  layer.cin = c.x[1];
+  layer.cout = c.cout;
+  layer.k = c.k;
+  layer.stride = c.stride;
+  layer.pad = c.pad;
   layer.weight = random_values(layer.cin * layer.cout * layer.k * layer.k * layer.k, seed, 0.3f);
   layer.bias = random_values(layer.cout, seed + 1);
-  const Tensor x = random_tensor(shape, seed + 2);
+  return layer;
+}
+
+template <typename Layer>
+void check_against_written(const WrittenCase& c, uint32_t seed, Written (*written)(const Layer&, const Tensor&, const Tensor&)) {
+  Layer layer = random_layer<Layer>(c, seed);
+  const Tensor x = random_tensor(c.x, seed + 2);
   auto y = layer.forward(x, 2);
   ASSERT_TRUE(y) << y.error().message;
   const Tensor dy = random_tensor(y->shape, seed + 3);
@@ -432,41 +449,23 @@ void check_against_written(Layer& layer, const std::array<size_t, 5>& shape, uin
 }
 
 TEST(TrainLayers, ConvolutionsEqualTheirDefinitionsWrittenOut) {
-  struct Case {
-    std::array<size_t, 5> x;
-    size_t cout, k, stride, pad;
-  };
   // Sizes that are not multiples of the product's tiles (6 rows, 8 columns), strides, no padding,
   // 1×1×1, shapes of several blocks of positions (20 channels × 27 taps: blocks of 485; a batch
   // of two; stride 2; padding 2, where a block ends one voxel into a grid row with every tap of
   // that voxel's stretch left of the source), tiny inputs whose taps fall wholly outside (outputs
   // all padding with pad 3), and grid rows longer than a block (40 × 27 rows: blocks of 256, rows of 300).
-  const Case convs[] = {{{2, 3, 7, 6, 5}, 7, 3, 1, 1},    {{1, 20, 18, 17, 16}, 13, 3, 1, 1}, {{2, 20, 9, 10, 11}, 6, 3, 2, 1},
+  const WrittenCase convs[] = {{{2, 3, 7, 6, 5}, 7, 3, 1, 1},    {{1, 20, 18, 17, 16}, 13, 3, 1, 1}, {{2, 20, 9, 10, 11}, 6, 3, 2, 1},
                         {{2, 20, 7, 8, 9}, 5, 3, 1, 1},   {{1, 20, 5, 5, 20}, 4, 3, 1, 2},    {{1, 13, 5, 6, 7}, 3, 1, 1, 0},
                         {{1, 2, 6, 5, 7}, 4, 3, 1, 0},    {{1, 1, 4, 4, 4}, 1, 3, 1, 1},      {{1, 2, 1, 2, 1}, 3, 3, 1, 1},
                         {{1, 2, 2, 2, 2}, 2, 3, 1, 3},    {{1, 40, 1, 2, 300}, 7, 3, 1, 1}};
   uint32_t seed = 100;
-  for (const Case& c : convs) {
-    Conv3d conv;
-    conv.cout = c.cout;
-    conv.k = c.k;
-    conv.stride = c.stride;
-    conv.pad = c.pad;
-    check_against_written(conv, c.x, seed += 10, conv_written);
-  }
+  for (const WrittenCase& c : convs) check_against_written(c, seed += 10, conv_written);
   // The U-Net's upsampling, overlapping taps with padding, several blocks (32 × 8 rows: blocks
   // of 1024 input voxels; with padding 2 and k 3, 20 × 27 rows: blocks of 485; a batch of two),
   // a kernel smaller than the stride (outputs that only the bias reaches), 1×1×1.
-  const Case transposed[] = {{{2, 9, 4, 5, 3}, 5, 2, 2, 0},     {{1, 3, 4, 3, 5}, 4, 3, 2, 1}, {{1, 4, 20, 19, 11}, 32, 2, 2, 0},
+  const WrittenCase transposed[] = {{{2, 9, 4, 5, 3}, 5, 2, 2, 0},     {{1, 3, 4, 3, 5}, 4, 3, 2, 1}, {{1, 4, 20, 19, 11}, 32, 2, 2, 0},
                              {{2, 3, 9, 10, 11}, 20, 3, 1, 2}, {{1, 3, 4, 5, 3}, 2, 1, 2, 0}, {{1, 2, 3, 3, 3}, 1, 1, 1, 0}};
-  for (const Case& c : transposed) {
-    ConvTranspose3d t;
-    t.cout = c.cout;
-    t.k = c.k;
-    t.stride = c.stride;
-    t.pad = c.pad;
-    check_against_written(t, c.x, seed += 10, transposed_written);
-  }
+  for (const WrittenCase& c : transposed) check_against_written(c, seed += 10, transposed_written);
 }
 
 // The product's AVX2/FMA build and its baseline build (core/train/lowering.cc) give the same bits:
@@ -476,32 +475,26 @@ TEST(TrainLayers, TheProductsTwoBuildsGiveTheSameBits) {
   struct Restore {
     ~Restore() { lowering::use_baseline_product(false); }
   } restore;
-  auto passes = [](auto& layer, const Tensor& x, const Tensor& dy) {
-    std::vector<float> dw(layer.weight.size(), 0), db(layer.bias.size(), 0);
+  // Every pass of a random layer of the case's geometry: output, input gradient, weight and bias
+  // gradients, one after the other.
+  auto passes = []<typename Layer>(const WrittenCase& c, uint32_t seed) {
+    const Layer layer = random_layer<Layer>(c, seed);
+    const Tensor x = random_tensor(c.x, seed + 2);
     std::vector<float> all = layer.forward(x, 2)->data;
+    const Tensor dy = random_tensor(layer.forward(x, 2)->shape, seed + 3);
+    std::vector<float> dw(layer.weight.size(), 0), db(layer.bias.size(), 0);
     const std::vector<float> dx = layer.backward(x, dy, dw, db, 2)->data;
     all.insert(all.end(), dx.begin(), dx.end());
     all.insert(all.end(), dw.begin(), dw.end());
     all.insert(all.end(), db.begin(), db.end());
     return all;
   };
-  Conv3d conv;
-  conv.cin = 20;
-  conv.cout = 13;
-  conv.weight = random_values(20 * 13 * 27, 501, 0.3f);
-  conv.bias = random_values(13, 502);
-  const Tensor x = random_tensor({2, 20, 9, 10, 11}, 503);
-  const Tensor dy = random_tensor({2, 13, 9, 10, 11}, 504);
-  ConvTranspose3d up;
-  up.cin = 9;
-  up.cout = 5;
-  up.weight = random_values(9 * 5 * 8, 505, 0.3f);
-  up.bias = random_values(5, 506);
-  const Tensor xu = random_tensor({2, 9, 4, 5, 3}, 507);
-  const Tensor dyu = random_tensor({2, 5, 8, 10, 6}, 508);
-  const std::vector<float> conv_avx2 = passes(conv, x, dy), up_avx2 = passes(up, xu, dyu);
+  const WrittenCase conv{{2, 20, 9, 10, 11}, 13, 3, 1, 1}, up{{2, 9, 4, 5, 3}, 5, 2, 2, 0};
+  const std::vector<float> conv_avx2 = passes.operator()<Conv3d>(conv, 501), up_avx2 = passes.operator()<ConvTranspose3d>(up, 505);
   lowering::use_baseline_product(true);
-  const std::vector<float> conv_base = passes(conv, x, dy), up_base = passes(up, xu, dyu);
+  const std::vector<float> conv_base = passes.operator()<Conv3d>(conv, 501), up_base = passes.operator()<ConvTranspose3d>(up, 505);
+  ASSERT_EQ(conv_avx2.size(), conv_base.size());
+  ASSERT_EQ(up_avx2.size(), up_base.size());
   EXPECT_EQ(std::memcmp(conv_avx2.data(), conv_base.data(), conv_avx2.size() * sizeof(float)), 0) << "convolution: the builds differ";
   EXPECT_EQ(std::memcmp(up_avx2.data(), up_base.data(), up_avx2.size() * sizeof(float)), 0) << "transposed convolution: the builds differ";
 }
