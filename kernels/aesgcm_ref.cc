@@ -10,12 +10,15 @@
 #include <vector>
 
 #include "aesgcm.cuh"
-#include "cuda_shim.h"
+#include "cuda_result.h"
 #include "tresor/crypto.h"
 #include "tresor/sealed.h"
 
 namespace tresor::gpu {
 namespace {
+
+using tresor::gpu::detail::cuda;
+using tresor::gpu::detail::kNoCuda;
 
 using aesgcm::Gf;
 using aesgcm::KeyData;
@@ -264,10 +267,6 @@ Result<void> run_cuda(int device, const ChunkKey& key, const ChunkRun& run, Byte
   auto shape = shape_of(run, in.size(), seal);
   if (!shape) return std::unexpected(shape.error());
   TRESOR_TRY(check_output(*shape, out.size(), seal));
-  const auto cuda = [](const detail::CudaStatus& s) -> Result<void> {
-    if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
-    return {};
-  };
   detail::CurrentDevice current;  // before the buffers: they are freed on this device
   TRESOR_TRY(cuda(current.select(device)));
   DevMem kd{nullptr, key.bytes().size()}, d_in{nullptr, in.size()}, d_out{nullptr, out.size()}, d_failed{nullptr, shape->chunks};
@@ -308,10 +307,10 @@ Result<void> seal_chunks_cuda(int device, const ChunkKey& key, const ChunkRun& r
 }
 #else
 Result<void> open_chunks_cuda(int, const ChunkKey&, const ChunkRun&, ByteSpan, MutableByteSpan) {
-  return fail(ErrorCode::kUnavailable, "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)");
+  return fail(ErrorCode::kUnavailable, kNoCuda);
 }
 Result<void> seal_chunks_cuda(int, const ChunkKey&, const ChunkRun&, ByteSpan, MutableByteSpan) {
-  return fail(ErrorCode::kUnavailable, "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)");
+  return fail(ErrorCode::kUnavailable, kNoCuda);
 }
 #endif
 

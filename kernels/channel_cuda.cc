@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda_shim.h"
+#include "cuda_result.h"
 #include "tresor/gpu.h"
 
 namespace tresor::gpu {
@@ -14,10 +14,8 @@ namespace tresor::gpu {
 #ifdef TRESOR_HAVE_CUDA
 namespace {
 
-Result<void> cuda(const detail::CudaStatus& s) {
-  if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
-  return {};
-}
+using tresor::gpu::detail::cuda;
+using tresor::gpu::detail::kNoCuda;
 
 class CudaDevice final : public ChannelDevice {
  public:
@@ -157,7 +155,7 @@ Result<std::unique_ptr<ChannelDevice>> cuda_device(int index) {
 }
 #else
 Result<std::unique_ptr<ChannelDevice>> cuda_device(int) {
-  return fail(ErrorCode::kUnavailable, "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)");
+  return fail(ErrorCode::kUnavailable, kNoCuda);
 }
 #endif
 

@@ -20,11 +20,13 @@
 
 #ifdef TRESOR_HAVE_CUDA
 #include "ct_kernels.h"
-#include "cuda_shim.h"
+#include "cuda_result.h"
 #endif
 
 namespace tresor::gpu::ct {
 namespace {
+
+using tresor::gpu::detail::cuda;
 
 namespace fs = std::filesystem;
 namespace hd = tresor::ct::nifti_hd;
@@ -140,11 +142,6 @@ Result<void> run_on_host(ChannelDevice& device, SecureChannel& channel, const Se
 #ifdef TRESOR_HAVE_CUDA
 Error bad_labels(const std::string& path) {
   return Error{ErrorCode::kMalformed, path + ": a label volume with values that are not whole numbers 0..255"};  // read_nifti_labels's
-}
-
-Result<void> cuda(const gpu::detail::CudaStatus& s) {
-  if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
-  return {};
 }
 
 // A CUDA device: decoding, the pipeline and the sealing in device memory.

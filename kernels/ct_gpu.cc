@@ -13,7 +13,7 @@
 
 #include "ct_kernels.h"
 #include "ct_plan.h"
-#include "cuda_shim.h"
+#include "cuda_result.h"
 #include "tresor/gpu.h"
 
 namespace tresor::gpu::ct {
@@ -22,14 +22,8 @@ using tresor::ct::PrepOptions;
 
 namespace {
 
-[[maybe_unused]] constexpr const char* kNoCuda = "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)";
-
-#ifdef TRESOR_HAVE_CUDA
-Result<void> cuda(const gpu::detail::CudaStatus& s) {
-  if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
-  return {};
-}
-#endif
+using tresor::gpu::detail::cuda;
+using tresor::gpu::detail::kNoCuda;
 
 }  // namespace
 

@@ -14,6 +14,7 @@
 #include "loader.cuh"
 #include "tresor/io.h"
 
+#include "cuda_result.h"
 #ifdef TRESOR_HAVE_CUDA
 #include "loader_kernels.h"
 #endif
@@ -21,19 +22,14 @@
 namespace tresor::gpu {
 namespace {
 
+using tresor::gpu::detail::cuda;
+
 namespace fs = std::filesystem;
 using loader::FlipChoice;
 using loader::FillParams;
 using loader::PatchParams;
 using loader::SlotParams;
 using loader::VolumeView;
-
-#ifdef TRESOR_HAVE_CUDA
-Result<void> cuda(const gpu::detail::CudaStatus& s) {
-  if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
-  return {};
-}
-#endif
 
 template <typename T>
 T field(ByteSpan h, size_t offset) {
@@ -89,7 +85,7 @@ Result<DeviceBuffer> zeroed(ChannelDevice& device, size_t n) {
   return buf;
 }
 
-PatchParams params_of(const ct::PatchDraw& d) {
+PatchParams params_of(const tresor::ct::PatchDraw& d) {
   PatchParams p;
   for (size_t a = 0; a < 3; ++a) {
     p.corner[a] = d.corner[a];
@@ -169,7 +165,7 @@ DeviceDataset::~DeviceDataset() = default;
 const std::array<size_t, 3>& DeviceDataset::dims(size_t c) const { return cases_.at(c)->dims; }
 
 Result<DeviceDataset> DeviceDataset::load(ChannelDevice& device, const std::vector<std::string>& case_dirs, const sealed::KeyRing& keys,
-                                          const train::TrainerOptions& o, ChannelOptions channel_options) {
+                                          const tresor::train::TrainerOptions& o, ChannelOptions channel_options) {
   if (case_dirs.empty()) return fail(ErrorCode::kInvalidArgument, "loader: no training case");
 #ifndef TRESOR_HAVE_CUDA
   if (!device.host_memory()) return fail(ErrorCode::kUnavailable, "loader: this build has no CUDA support for device " + device.name());
@@ -179,7 +175,7 @@ Result<DeviceDataset> DeviceDataset::load(ChannelDevice& device, const std::vect
   ds.options_ = o;
   ds.options_.collective = nullptr;
   // train::PatchSource's sampler options.
-  ds.augment_ = train::sampler_options(o, true);
+  ds.augment_ = tresor::train::sampler_options(o, true);
   SecureChannel channel(device, channel_options);
 
   for (const auto& dir : case_dirs) {
@@ -212,7 +208,7 @@ Result<DeviceDataset> DeviceDataset::load(ChannelDevice& device, const std::vect
       }
     }
     c->dims = layouts[0].dims;
-    if (auto r = ct::PatchSampler::check(ds.augment_, c->dims); !r) return in_case(r.error());
+    if (auto r = tresor::ct::PatchSampler::check(ds.augment_, c->dims); !r) return in_case(r.error());
     const uint64_t n = uint64_t{c->dims[0]} * c->dims[1] * c->dims[2];
     // The foreground list holds 32-bit voxel indices.
     if (n >= (uint64_t{1} << 32)) return in_case(Error{ErrorCode::kInvalidArgument, std::to_string(n) + " voxels: the loader takes fewer than 2^32 per volume"});
@@ -308,8 +304,8 @@ Result<void> DeviceDataset::fill_step(size_t step, size_t lo, size_t hi, float* 
     // PatchSource::fill_step's case and patch index for this slot.
     const uint64_t g = uint64_t{step} * options_.batch + b;
     const Case& c = *cases_[static_cast<size_t>(g % cases_.size())];
-    const ct::PatchDraw with_fg = ct::PatchSampler::draw(augment_, c.dims, true, options_.seed, g);
-    const ct::PatchDraw without = ct::PatchSampler::draw(augment_, c.dims, false, options_.seed, g);
+    const tresor::ct::PatchDraw with_fg = tresor::ct::PatchSampler::draw(augment_, c.dims, true, options_.seed, g);
+    const tresor::ct::PatchDraw without = tresor::ct::PatchSampler::draw(augment_, c.dims, false, options_.seed, g);
     SlotParams s;
     s.want_foreground = with_fg.want_foreground ? 1 : 0;
     s.foreground_draw = with_fg.foreground_draw;
@@ -322,7 +318,7 @@ Result<void> DeviceDataset::fill_step(size_t step, size_t lo, size_t hi, float* 
     // The blur, contrast, low resolution and gammas come from the spatial transform's stream,
     // which the foreground choice does not touch: both outcomes draw the same values, and only the
     // host needs them.
-    ct::augment_hd::PatchFinish finish = without.finish();
+    tresor::ct::augment_hd::PatchFinish finish = without.finish();
     // The flips depend on the outcome (they are drawn after the foreground choice's draws); the
     // device resolves them as it resolves the outcome.
     FlipChoice flips;
@@ -337,7 +333,7 @@ Result<void> DeviceDataset::fill_step(size_t step, size_t lo, size_t hi, float* 
       for (uint64_t i = 0; i < m; ++i) loader::fill_voxel(c.view, p, corner, f, i, image, vesselness, target);
       const uint64_t n[3] = {P, P, P};
       finish.flipped = loader::resolve_flips(flips);
-      if (finish.any()) ct::augment_hd::finish_patch(image, n, finish, scratch);
+      if (finish.any()) tresor::ct::augment_hd::finish_patch(image, n, finish, scratch);
     } else {
 #ifdef TRESOR_HAVE_CUDA
       TRESOR_TRY(cuda(loader::detail::loader_fill_launch(stream, c.view, s, f, image, vesselness, target)));

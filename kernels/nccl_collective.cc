@@ -16,7 +16,7 @@
 
 namespace tresor::gpu {
 
-Result<void> share_unique_id(train::Collective& bootstrap, std::array<std::byte, 128>& id) {
+Result<void> share_unique_id(tresor::train::Collective& bootstrap, std::array<std::byte, 128>& id) {
   std::vector<float> v(id.size());
   if (bootstrap.rank() == 0) {
     for (size_t i = 0; i < id.size(); ++i) v[i] = static_cast<float>(std::to_integer<unsigned>(id[i]));
@@ -119,7 +119,7 @@ class Nccl final : public DeviceCollective {
 
 }  // namespace
 
-Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device, double timeout_s) {
+Result<std::unique_ptr<DeviceCollective>> connect_nccl(tresor::train::Collective& bootstrap, int device, double timeout_s) {
   if (!(timeout_s > 0)) return fail(ErrorCode::kInvalidArgument, "nccl: the timeout must be positive, not " + std::to_string(timeout_s));
   int count = 0;
   // Every rank takes part in the id exchange and the readiness count even when its own device is
@@ -159,7 +159,7 @@ Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootst
 
 bool nccl_built() { return false; }
 
-Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int, double) {
+Result<std::unique_ptr<DeviceCollective>> connect_nccl(tresor::train::Collective& bootstrap, int, double) {
   (void)bootstrap;
   return fail(ErrorCode::kUnavailable, "nccl: this build has no NCCL (CUDA toolkit with NCCL not found at configure time)");
 }

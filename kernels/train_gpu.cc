@@ -24,7 +24,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda_shim.h"
+#include "cuda_result.h"
 #include "train.cuh"
 #include "train_kernels.h"
 #include "tresor/gpu.h"
@@ -36,17 +36,17 @@ using tresor::train::Tensor;
 
 namespace {
 
-[[maybe_unused]] constexpr const char* kNoCuda = "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)";
-constexpr uint64_t kMaxElements = uint64_t{1} << 31;  // 32-bit coordinates in the kernels
+using tresor::gpu::detail::cuda;
+using tresor::gpu::detail::kNoCuda;
 
-std::string str(uint64_t v) { return std::to_string(v); }
+constexpr uint64_t kMaxElements = uint64_t{1} << 31;  // 32-bit coordinates in the kernels
 
 Result<void> check_tensor(const char* layer, const char* name, const Tensor& t) {
   if (t.size() == 0) return fail(ErrorCode::kInvalidArgument, std::string(layer) + ": " + name + " is empty (" + t.shape_text() + ")");
   if (t.data.size() != t.size()) {
-    return fail(ErrorCode::kInvalidArgument, std::string(layer) + ": " + name + " has " + str(t.data.size()) + " values for its shape " + t.shape_text());
+    return fail(ErrorCode::kInvalidArgument, std::string(layer) + ": " + name + " has " + std::to_string(t.data.size()) + " values for its shape " + t.shape_text());
   }
-  if (t.size() >= kMaxElements) return fail(ErrorCode::kInvalidArgument, std::string(layer) + ": " + name + " has " + str(t.size()) + " elements; the GPU kernels take fewer than 2^31");
+  if (t.size() >= kMaxElements) return fail(ErrorCode::kInvalidArgument, std::string(layer) + ": " + name + " has " + std::to_string(t.size()) + " elements; the GPU kernels take fewer than 2^31");
   return {};
 }
 
@@ -61,20 +61,20 @@ Result<ConvGeom> geometry(const ConvShape& s) {
     if (v == 0) return fail(ErrorCode::kInvalidArgument, name + ": " + field + " = 0");
   }
   if (s.transposed) {
-    if (s.k != 2) return fail(ErrorCode::kInvalidArgument, name + ": k = " + str(s.k) + "; the GPU kernels take k = 2");
-    if (s.stride != 2) return fail(ErrorCode::kInvalidArgument, name + ": stride = " + str(s.stride) + "; the GPU kernels take stride = 2");
-    if (s.pad != 0) return fail(ErrorCode::kInvalidArgument, name + ": pad = " + str(s.pad) + "; the GPU kernels take pad = 0");
+    if (s.k != 2) return fail(ErrorCode::kInvalidArgument, name + ": k = " + std::to_string(s.k) + "; the GPU kernels take k = 2");
+    if (s.stride != 2) return fail(ErrorCode::kInvalidArgument, name + ": stride = " + std::to_string(s.stride) + "; the GPU kernels take stride = 2");
+    if (s.pad != 0) return fail(ErrorCode::kInvalidArgument, name + ": pad = " + std::to_string(s.pad) + "; the GPU kernels take pad = 0");
   } else {
-    if (s.k != 1 && s.k != 3) return fail(ErrorCode::kInvalidArgument, name + ": k = " + str(s.k) + "; the GPU kernels take k = 3 (pad 1) or k = 1 (pad 0)");
-    if (s.pad != s.k / 2) return fail(ErrorCode::kInvalidArgument, name + ": pad = " + str(s.pad) + " with k = " + str(s.k) + "; the GPU kernels take pad = " + str(s.k / 2));
-    if (s.stride != 1 && s.stride != 2) return fail(ErrorCode::kInvalidArgument, name + ": stride = " + str(s.stride) + "; the GPU kernels take 1 or 2");
+    if (s.k != 1 && s.k != 3) return fail(ErrorCode::kInvalidArgument, name + ": k = " + std::to_string(s.k) + "; the GPU kernels take k = 3 (pad 1) or k = 1 (pad 0)");
+    if (s.pad != s.k / 2) return fail(ErrorCode::kInvalidArgument, name + ": pad = " + std::to_string(s.pad) + " with k = " + std::to_string(s.k) + "; the GPU kernels take pad = " + std::to_string(s.k / 2));
+    if (s.stride != 1 && s.stride != 2) return fail(ErrorCode::kInvalidArgument, name + ": stride = " + std::to_string(s.stride) + "; the GPU kernels take 1 or 2");
   }
   const uint64_t od = conv_out(s, s.d), oh = conv_out(s, s.h), ow = conv_out(s, s.w);
   using u128 = unsigned __int128;  // the products of size_t factors cannot overflow
   const u128 in = u128{s.n} * s.cin * s.d * s.h * s.w, out = u128{s.n} * s.cout * od * oh * ow;
   for (auto [field, v] : {std::pair{"the input", in}, {"the output", out}}) {
     if (v >= kMaxElements) {
-      return fail(ErrorCode::kInvalidArgument, name + ": " + field + " has " + (v >> 64 != 0 ? std::string("over 2^64") : str(static_cast<uint64_t>(v))) + " elements; the GPU kernels take fewer than 2^31");
+      return fail(ErrorCode::kInvalidArgument, name + ": " + field + " has " + (v >> 64 != 0 ? std::string("over 2^64") : std::to_string(static_cast<uint64_t>(v))) + " elements; the GPU kernels take fewer than 2^31");
     }
   }
   if (u128{s.cout} * s.cin * s.k * s.k * s.k * 8 >= kMaxElements) {
@@ -105,9 +105,9 @@ std::array<size_t, 5> out_shape(const ConvShape& s) { return {s.n, s.cout, conv_
 
 Result<NormShape> norm_shape(const tresor::train::InstanceNormLeakyRelu& l, const Tensor& x) {
   TRESOR_TRY(check_tensor("instance norm", "x", x));
-  if (x.shape[1] != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm: x has " + str(x.shape[1]) + " channels, the layer " + str(l.channels));
-  if (l.gamma.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm: gamma has " + str(l.gamma.size()) + " values, want " + str(l.channels));
-  if (l.beta.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm: beta has " + str(l.beta.size()) + " values, want " + str(l.channels));
+  if (x.shape[1] != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm: x has " + std::to_string(x.shape[1]) + " channels, the layer " + std::to_string(l.channels));
+  if (l.gamma.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm: gamma has " + std::to_string(l.gamma.size()) + " values, want " + std::to_string(l.channels));
+  if (l.beta.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm: beta has " + std::to_string(l.beta.size()) + " values, want " + std::to_string(l.channels));
   return NormShape{x.shape[0], x.shape[1], x.spatial(), l.eps, l.slope};
 }
 
@@ -123,9 +123,9 @@ Result<void> check_norm(const NormShape& s) {
 }
 
 Result<LossGeom> loss_geometry(const LossShape& s, double smooth) {
-  if (s.n == 0 || s.spatial == 0) return fail(ErrorCode::kInvalidArgument, "loss: logits are empty (n = " + str(s.n) + ", spatial = " + str(s.spatial) + ")");
+  if (s.n == 0 || s.spatial == 0) return fail(ErrorCode::kInvalidArgument, "loss: logits are empty (n = " + std::to_string(s.n) + ", spatial = " + std::to_string(s.spatial) + ")");
   if (s.classes < 2 || s.classes > kMaxClasses) {
-    return fail(ErrorCode::kInvalidArgument, "loss: classes = " + str(s.classes) + "; the GPU kernels take 2 to " + str(kMaxClasses));
+    return fail(ErrorCode::kInvalidArgument, "loss: classes = " + std::to_string(s.classes) + "; the GPU kernels take 2 to " + std::to_string(kMaxClasses));
   }
   if (static_cast<unsigned __int128>(s.n) * s.classes * s.spatial >= kMaxElements) return fail(ErrorCode::kInvalidArgument, "loss: more than 2^31 logits for the GPU kernels");
   if (!(smooth >= 0)) return fail(ErrorCode::kInvalidArgument, "loss: smooth = " + std::to_string(smooth) + "; it must not be negative");
@@ -359,11 +359,6 @@ AdamWConsts adamw_consts(double lr, double beta1, double beta2, double eps, doub
 // The device: buffers wiped before they are freed, one stream per host-tensor call.
 
 #ifdef TRESOR_HAVE_CUDA
-Result<void> cuda(const gpu::detail::CudaStatus& s) {
-  if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
-  return {};
-}
-
 Result<void> require_device(int device) {
   auto devs = gpu_probe();
   if (!devs) return std::unexpected(devs.error());
@@ -451,19 +446,19 @@ class Session {
 
 Result<void> check_conv_layer(const ConvShape& s, const std::vector<float>& weight, const std::vector<float>& bias) {
   if (weight.size() != weight_count(s)) {
-    return fail(ErrorCode::kInvalidArgument, std::string(layer_name(s)) + ": weight has " + str(weight.size()) + " values, the layer needs " + str(weight_count(s)));
+    return fail(ErrorCode::kInvalidArgument, std::string(layer_name(s)) + ": weight has " + std::to_string(weight.size()) + " values, the layer needs " + std::to_string(weight_count(s)));
   }
-  if (bias.size() != s.cout) return fail(ErrorCode::kInvalidArgument, std::string(layer_name(s)) + ": bias has " + str(bias.size()) + " values, the layer needs " + str(s.cout));
+  if (bias.size() != s.cout) return fail(ErrorCode::kInvalidArgument, std::string(layer_name(s)) + ": bias has " + std::to_string(bias.size()) + " values, the layer needs " + std::to_string(s.cout));
   return {};
 }
 
 Result<void> check_conv_backward(const ConvShape& s, const Tensor& dy, const std::vector<float>& dweight, const std::vector<float>& dbias) {
   const std::string name = std::string(layer_name(s)) + " backward";
   if (dy.shape != out_shape(s) || dy.data.size() != dy.size()) {
-    return fail(ErrorCode::kInvalidArgument, name + ": dy is " + dy.shape_text() + " (" + str(dy.data.size()) + " values), the output " + Tensor(out_shape(s)).shape_text());
+    return fail(ErrorCode::kInvalidArgument, name + ": dy is " + dy.shape_text() + " (" + std::to_string(dy.data.size()) + " values), the output " + Tensor(out_shape(s)).shape_text());
   }
-  if (dweight.size() != weight_count(s)) return fail(ErrorCode::kInvalidArgument, name + ": dweight has " + str(dweight.size()) + " values, want " + str(weight_count(s)));
-  if (dbias.size() != s.cout) return fail(ErrorCode::kInvalidArgument, name + ": dbias has " + str(dbias.size()) + " values, want " + str(s.cout));
+  if (dweight.size() != weight_count(s)) return fail(ErrorCode::kInvalidArgument, name + ": dweight has " + std::to_string(dweight.size()) + " values, want " + std::to_string(weight_count(s)));
+  if (dbias.size() != s.cout) return fail(ErrorCode::kInvalidArgument, name + ": dbias has " + std::to_string(dbias.size()) + " values, want " + std::to_string(s.cout));
   return {};
 }
 
@@ -543,7 +538,7 @@ Result<bool> available(int device) {
 }
 
 Result<ConvShape> conv_shape(const tresor::train::Conv3d& l, const std::array<size_t, 5>& x) {
-  if (x[1] != l.cin) return fail(ErrorCode::kInvalidArgument, "conv3d: x has " + str(x[1]) + " channels, the layer takes cin = " + str(l.cin));
+  if (x[1] != l.cin) return fail(ErrorCode::kInvalidArgument, "conv3d: x has " + std::to_string(x[1]) + " channels, the layer takes cin = " + std::to_string(l.cin));
   ConvShape s{x[0], l.cin, l.cout, x[2], x[3], x[4], l.k, l.stride, l.pad, false};
   auto g = geometry(s);
   if (!g) return std::unexpected(g.error());
@@ -551,7 +546,7 @@ Result<ConvShape> conv_shape(const tresor::train::Conv3d& l, const std::array<si
 }
 
 Result<ConvShape> conv_shape(const tresor::train::ConvTranspose3d& l, const std::array<size_t, 5>& x) {
-  if (x[1] != l.cin) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: x has " + str(x[1]) + " channels, the layer takes cin = " + str(l.cin));
+  if (x[1] != l.cin) return fail(ErrorCode::kInvalidArgument, "transposed conv3d: x has " + std::to_string(x[1]) + " channels, the layer takes cin = " + std::to_string(l.cin));
   ConvShape s{x[0], l.cin, l.cout, x[2], x[3], x[4], l.k, l.stride, l.pad, true};
   auto g = geometry(s);
   if (!g) return std::unexpected(g.error());
@@ -595,10 +590,10 @@ Result<Tensor> norm_lrelu_backward(const tresor::train::InstanceNormLeakyRelu& l
   if (!s) return std::unexpected(s.error());
   TRESOR_TRY(check_norm(*s));
   if (dy.shape != x.shape || dy.data.size() != dy.size()) {
-    return fail(ErrorCode::kInvalidArgument, "instance norm backward: dy is " + dy.shape_text() + " (" + str(dy.data.size()) + " values), x " + x.shape_text());
+    return fail(ErrorCode::kInvalidArgument, "instance norm backward: dy is " + dy.shape_text() + " (" + std::to_string(dy.data.size()) + " values), x " + x.shape_text());
   }
-  if (dgamma.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm backward: dgamma has " + str(dgamma.size()) + " values, want " + str(l.channels));
-  if (dbeta.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm backward: dbeta has " + str(dbeta.size()) + " values, want " + str(l.channels));
+  if (dgamma.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm backward: dgamma has " + std::to_string(dgamma.size()) + " values, want " + std::to_string(l.channels));
+  if (dbeta.size() != l.channels) return fail(ErrorCode::kInvalidArgument, "instance norm backward: dbeta has " + std::to_string(dbeta.size()) + " values, want " + std::to_string(l.channels));
   Tensor dx(x.shape);
   if (where.backend == Backend::kEmulated) {
     norm_backward_emulated(*s, x.data.data(), dy.data.data(), l.gamma.data(), l.beta.data(), dx.data.data(), dgamma.data(), dbeta.data());
@@ -628,11 +623,11 @@ Result<tresor::train::LossResult> dice_ce_loss(const Tensor& logits, const std::
   auto g = loss_geometry(shape, smooth);
   if (!g) return std::unexpected(g.error());
   if (target.size() != shape.n * shape.spatial) {
-    return fail(ErrorCode::kInvalidArgument, "loss: target has " + str(target.size()) + " voxels, the logits " + str(shape.n * shape.spatial));
+    return fail(ErrorCode::kInvalidArgument, "loss: target has " + std::to_string(target.size()) + " voxels, the logits " + std::to_string(shape.n * shape.spatial));
   }
   for (size_t i = 0; i < target.size(); ++i) {
     if (target[i] >= shape.classes) {
-      return fail(ErrorCode::kInvalidArgument, "loss: target voxel " + str(i) + " is class " + str(target[i]) + " of " + str(shape.classes));
+      return fail(ErrorCode::kInvalidArgument, "loss: target voxel " + std::to_string(i) + " is class " + std::to_string(target[i]) + " of " + std::to_string(shape.classes));
     }
   }
   tresor::train::LossResult r;
@@ -665,10 +660,10 @@ Result<tresor::train::LossResult> dice_ce_loss(const Tensor& logits, const std::
 }
 
 Result<void> sgd_step(tresor::train::Sgd& opt, std::vector<float>& params, const std::vector<float>& grads, double lr, std::vector<uint16_t>* bf16, Where where) {
-  if (params.size() != grads.size()) return fail(ErrorCode::kInvalidArgument, "sgd: " + str(params.size()) + " params, " + str(grads.size()) + " grads");
+  if (params.size() != grads.size()) return fail(ErrorCode::kInvalidArgument, "sgd: " + std::to_string(params.size()) + " params, " + std::to_string(grads.size()) + " grads");
   if (opt.velocity.empty()) opt.velocity.assign(params.size(), 0.0f);
   if (opt.velocity.size() != params.size()) {
-    return fail(ErrorCode::kInvalidArgument, "sgd: velocity has " + str(opt.velocity.size()) + " values, params " + str(params.size()));
+    return fail(ErrorCode::kInvalidArgument, "sgd: velocity has " + std::to_string(opt.velocity.size()) + " values, params " + std::to_string(params.size()));
   }
   std::vector<uint16_t> out(params.size());
   if (where.backend == Backend::kEmulated) {
@@ -695,11 +690,11 @@ Result<void> sgd_step(tresor::train::Sgd& opt, std::vector<float>& params, const
 }
 
 Result<void> adamw_step(tresor::train::AdamW& opt, std::vector<float>& params, const std::vector<float>& grads, double lr, std::vector<uint16_t>* bf16, Where where) {
-  if (params.size() != grads.size()) return fail(ErrorCode::kInvalidArgument, "adamw: " + str(params.size()) + " params, " + str(grads.size()) + " grads");
+  if (params.size() != grads.size()) return fail(ErrorCode::kInvalidArgument, "adamw: " + std::to_string(params.size()) + " params, " + std::to_string(grads.size()) + " grads");
   if (opt.m.empty()) opt.m.assign(params.size(), 0.0f);
   if (opt.v.empty()) opt.v.assign(params.size(), 0.0f);
   if (opt.m.size() != params.size() || opt.v.size() != params.size()) {
-    return fail(ErrorCode::kInvalidArgument, "adamw: m has " + str(opt.m.size()) + " and v " + str(opt.v.size()) + " values, params " + str(params.size()));
+    return fail(ErrorCode::kInvalidArgument, "adamw: m has " + std::to_string(opt.m.size()) + " and v " + std::to_string(opt.v.size()) + " values, params " + std::to_string(params.size()));
   }
   std::vector<uint16_t> out(params.size());
   const uint64_t t = opt.t + 1;
@@ -795,7 +790,7 @@ Result<void> conv_backward_weight_device(DeviceStream st, const ConvShape& s, co
   const GemmDims dm = gemm_dims(weight_kind(s), *g);
   const size_t need = sizeof(float) * size_t{dm.splits} * dm.m * dm.n;
   if (scratch_bytes < need) {
-    return fail(ErrorCode::kInvalidArgument, std::string(layer_name(s)) + ": scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
+    return fail(ErrorCode::kInvalidArgument, std::string(layer_name(s)) + ": scratch_bytes = " + std::to_string(scratch_bytes) + ", want at least " + std::to_string(need));
   }
   if (st.backend == Backend::kEmulated) {
     conv_backward_weight_emulated(s, *g, d_x, d_dy, d_dweight, d_dbias, static_cast<float*>(d_scratch));
@@ -835,7 +830,7 @@ Result<void> norm_lrelu_backward_device(DeviceStream st, const NormShape& s, con
   TRESOR_TRY(check_pointers("instance norm backward", {{"d_x", d_x}, {"d_dy", d_dy}, {"d_gamma", d_gamma}, {"d_beta", d_beta}, {"d_dx", d_dx}, {"d_dgamma", d_dgamma},
                                                        {"d_dbeta", d_dbeta}, {"d_scratch", d_scratch}}));
   if (scratch_bytes < norm_lrelu_backward_scratch(s)) {
-    return fail(ErrorCode::kInvalidArgument, "instance norm backward: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(norm_lrelu_backward_scratch(s)));
+    return fail(ErrorCode::kInvalidArgument, "instance norm backward: scratch_bytes = " + std::to_string(scratch_bytes) + ", want at least " + std::to_string(norm_lrelu_backward_scratch(s)));
   }
   if (st.backend == Backend::kEmulated) {
     norm_backward_emulated(s, d_x, d_dy, d_gamma, d_beta, d_dx, d_dgamma, d_dbeta);
@@ -854,7 +849,7 @@ Result<LossValues> dice_ce_loss_device(DeviceStream st, const LossShape& s, cons
   if (!g) return std::unexpected(g.error());
   TRESOR_TRY(check_pointers("loss", {{"d_logits", d_logits}, {"d_target", d_target}, {"d_dlogits", d_dlogits}, {"d_scratch", d_scratch}}));
   const size_t need = sizeof(double) * (size_t{loss_blocks(*g)} + 1) * loss_quantities(*g);
-  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
+  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss: scratch_bytes = " + std::to_string(scratch_bytes) + ", want at least " + std::to_string(need));
   LossConsts k;
   k.smooth = smooth;
   k.dice_weight = dice_weight;
@@ -880,7 +875,7 @@ Result<std::vector<double>> dice_ce_loss_stats_device(DeviceStream st, const Los
   if (!g) return std::unexpected(g.error());
   TRESOR_TRY(check_pointers("loss statistics", {{"d_logits", d_logits}, {"d_target", d_target}, {"d_scratch", d_scratch}}));
   const size_t need = sizeof(double) * (size_t{loss_blocks(*g)} + 1) * loss_quantities(*g);
-  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss statistics: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
+  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss statistics: scratch_bytes = " + std::to_string(scratch_bytes) + ", want at least " + std::to_string(need));
   if (st.backend == Backend::kEmulated) return stats_of_totals(*g, loss_stats_emulated(*g, d_logits, d_target));
 #ifdef TRESOR_HAVE_CUDA
   TRESOR_TRY(cuda(gpu::detail::cuda_set_device(st.device)));
@@ -902,17 +897,17 @@ Result<LossValues> dice_ce_loss_grad_device(DeviceStream st, const LossShape& s,
   if (!g) return std::unexpected(g.error());
   TRESOR_TRY(check_pointers("loss gradient", {{"d_logits", d_logits}, {"d_target", d_target}, {"d_dlogits", d_dlogits}, {"d_scratch", d_scratch}}));
   if (stats.size() != 2 * s.classes) {
-    return fail(ErrorCode::kInvalidArgument, "loss gradient: " + str(stats.size()) + " statistics for " + str(s.classes) + " classes, want " + str(2 * s.classes));
+    return fail(ErrorCode::kInvalidArgument, "loss gradient: " + std::to_string(stats.size()) + " statistics for " + std::to_string(s.classes) + " classes, want " + std::to_string(2 * s.classes));
   }
   // The voxels summed over the ranks: at least this call's, a whole number (a corrupted vector or
   // one of another layout fails here rather than scaling the gradient).
   const double own = static_cast<double>(s.n * s.spatial);
   if (!(stats[1] >= own) || stats[1] != std::floor(stats[1])) {
-    return fail(ErrorCode::kInvalidArgument, "loss gradient: statistics[1] (the voxel count) is " + std::to_string(stats[1]) + ", want a whole number ≥ this batch's " + str(s.n * s.spatial));
+    return fail(ErrorCode::kInvalidArgument, "loss gradient: statistics[1] (the voxel count) is " + std::to_string(stats[1]) + ", want a whole number ≥ this batch's " + std::to_string(s.n * s.spatial));
   }
   if (!std::isfinite(scale)) return fail(ErrorCode::kInvalidArgument, "loss gradient: scale = " + std::to_string(scale) + "; it must be finite");
   const size_t need = sizeof(double) * (size_t{loss_blocks(*g)} + 1) * loss_quantities(*g);
-  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss gradient: scratch_bytes = " + str(scratch_bytes) + ", want at least " + str(need));
+  if (scratch_bytes < need) return fail(ErrorCode::kInvalidArgument, "loss gradient: scratch_bytes = " + std::to_string(scratch_bytes) + ", want at least " + std::to_string(need));
   LossConsts k;
   k.smooth = smooth;
   k.dice_weight = dice_weight;
@@ -969,10 +964,10 @@ Result<void> adamw_step_device(DeviceStream st, size_t count, float* d_params, c
 
 Result<void> copy_channels_device(DeviceStream st, const ChannelCopy& c, const float* d_src, float* d_dst) {
   if (c.src_first + c.channels > c.src_channels) {
-    return fail(ErrorCode::kInvalidArgument, "copy channels: src_first + channels = " + str(c.src_first + c.channels) + " > src_channels = " + str(c.src_channels));
+    return fail(ErrorCode::kInvalidArgument, "copy channels: src_first + channels = " + std::to_string(c.src_first + c.channels) + " > src_channels = " + std::to_string(c.src_channels));
   }
   if (c.dst_first + c.channels > c.dst_channels) {
-    return fail(ErrorCode::kInvalidArgument, "copy channels: dst_first + channels = " + str(c.dst_first + c.channels) + " > dst_channels = " + str(c.dst_channels));
+    return fail(ErrorCode::kInvalidArgument, "copy channels: dst_first + channels = " + std::to_string(c.dst_first + c.channels) + " > dst_channels = " + std::to_string(c.dst_channels));
   }
   if (c.n == 0 || c.channels == 0 || c.spatial == 0) return {};
   TRESOR_TRY(check_pointers("copy channels", {{"d_src", d_src}, {"d_dst", d_dst}}));

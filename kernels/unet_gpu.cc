@@ -29,7 +29,7 @@
 
 #include <string.h>  // explicit_bzero
 
-#include "cuda_shim.h"
+#include "cuda_result.h"
 #include "train.cuh"
 #include "tresor/train/trainer.h"
 
@@ -40,16 +40,8 @@ using tresor::train::UNetConfig;
 
 namespace {
 
-[[maybe_unused]] constexpr const char* kNoCuda = "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)";
-
-std::string str(uint64_t v) { return std::to_string(v); }
-
-#ifdef TRESOR_HAVE_CUDA
-Result<void> cuda(const gpu::detail::CudaStatus& s) {
-  if (s.code != 0) return fail(ErrorCode::kUnavailable, s.message);
-  return {};
-}
-#endif
+using tresor::gpu::detail::cuda;
+using tresor::gpu::detail::kNoCuda;
 
 // Buffers on the device (zeroed before they are freed) or, emulated, on the host (likewise).
 class Memory {
@@ -331,7 +323,7 @@ Result<GpuUNet> GpuUNet::create(const tresor::train::UNet& cpu_net, Where where)
   const std::vector<float> flat = cpu_net.parameters();
   if (flat.size() != impl->count) {
     return fail(ErrorCode::kInvalidArgument,
-                "gpu unet: the CPU net has " + str(flat.size()) + " parameters, its configuration's layout " + str(impl->count) + " (a layout this class does not know)");
+                "gpu unet: the CPU net has " + std::to_string(flat.size()) + " parameters, its configuration's layout " + std::to_string(impl->count) + " (a layout this class does not know)");
   }
   const tresor::train::InstanceNormLeakyRelu norm_defaults;
   impl->eps = norm_defaults.eps;
@@ -545,10 +537,10 @@ namespace {
 // forward's checks of an input shape [n, in_channels, d, h, w].
 Result<void> check_input_shape(const UNetConfig& c, const std::array<size_t, 5>& s, const std::string& text) {
   const size_t f = size_t{1} << (c.levels - 1);
-  if (s[1] != c.in_channels) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + str(s[1]) + " channels, the model takes " + str(c.in_channels));
+  if (s[1] != c.in_channels) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + std::to_string(s[1]) + " channels, the model takes " + std::to_string(c.in_channels));
   if (s[0] == 0) return fail(ErrorCode::kInvalidArgument, "unet: the input " + text + " has no samples");
   for (size_t a = 2; a < 5; ++a) {
-    if (s[a] == 0 || s[a] % f != 0) return fail(ErrorCode::kInvalidArgument, "unet: the input " + text + " is not a multiple of " + str(f) + " on every spatial axis");
+    if (s[a] == 0 || s[a] % f != 0) return fail(ErrorCode::kInvalidArgument, "unet: the input " + text + " is not a multiple of " + std::to_string(f) + " on every spatial axis");
   }
   return {};
 }
@@ -557,7 +549,7 @@ std::string shape_text(const std::array<size_t, 5>& s) {
   std::string t = "[";
   for (size_t a = 0; a < s.size(); ++a) {
     if (a != 0) t.append(", ");
-    t.append(str(s[a]));
+    t.append(std::to_string(s[a]));
   }
   t.push_back(']');
   return t;
@@ -569,7 +561,7 @@ Result<Tensor> GpuUNet::forward(const Tensor& x) {
   Impl& m = *impl_;
   const UNetConfig& c = m.config;
   TRESOR_TRY(check_input_shape(c, x.shape, x.shape_text()));
-  if (x.data.size() != x.size()) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + str(x.data.size()) + " values for its shape " + x.shape_text());
+  if (x.data.size() != x.size()) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + std::to_string(x.data.size()) + " values for its shape " + x.shape_text());
   TRESOR_TRY(m.allocate(x.shape));
   m.have_forward = false;
   m.have_stats = false;
@@ -608,10 +600,10 @@ Result<std::vector<double>> GpuUNet::loss_statistics(const std::vector<uint8_t>&
   Impl& m = *impl_;
   if (!m.have_forward) return fail(ErrorCode::kInvalidArgument, "unet: backward before forward");
   const size_t voxels = m.n * m.dims[0].voxels();
-  if (target.size() != voxels) return fail(ErrorCode::kInvalidArgument, "unet: target has " + str(target.size()) + " voxels, the logits " + str(voxels));
+  if (target.size() != voxels) return fail(ErrorCode::kInvalidArgument, "unet: target has " + std::to_string(target.size()) + " voxels, the logits " + std::to_string(voxels));
   for (size_t i = 0; i < target.size(); ++i) {
     // The device does not check: a class out of range would read outside the softmax.
-    if (target[i] >= m.config.classes) return fail(ErrorCode::kInvalidArgument, "unet: target voxel " + str(i) + " is class " + str(target[i]) + " of " + str(m.config.classes));
+    if (target[i] >= m.config.classes) return fail(ErrorCode::kInvalidArgument, "unet: target voxel " + std::to_string(i) + " is class " + std::to_string(target[i]) + " of " + std::to_string(m.config.classes));
   }
   m.have_grads = false;
   m.have_stats = false;
@@ -663,7 +655,7 @@ Result<LossValues> GpuUNet::backward_from_statistics(std::span<const double> sta
   const std::vector<size_t> js = m.weighted_outputs();
   const size_t per = 2 * m.config.classes;
   if (stats.size() != js.size() * per) {
-    return fail(ErrorCode::kInvalidArgument, "unet: " + str(stats.size()) + " loss statistics, want " + str(js.size() * per) + " (" + str(js.size()) + " outputs of " + str(per) + ")");
+    return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(stats.size()) + " loss statistics, want " + std::to_string(js.size() * per) + " (" + std::to_string(js.size()) + " outputs of " + std::to_string(per) + ")");
   }
   m.have_grads = false;
   LossValues r;
@@ -720,7 +712,7 @@ Result<std::vector<float>> GpuUNet::parameters() const {
 
 Result<void> GpuUNet::set_parameters(const std::vector<float>& flat) {
   Impl& m = *impl_;
-  if (flat.size() != m.count) return fail(ErrorCode::kInvalidArgument, "unet: " + str(flat.size()) + " parameters given, the model has " + str(m.count));
+  if (flat.size() != m.count) return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(flat.size()) + " parameters given, the model has " + std::to_string(m.count));
   TRESOR_TRY(upload(m.st, m.d_params, flat.data(), flat.size() * sizeof(float)));
   return m.refresh_bf16(flat);
 }
@@ -728,7 +720,7 @@ Result<void> GpuUNet::set_parameters(const std::vector<float>& flat) {
 Result<void> GpuUNet::set_gradients(const std::vector<float>& flat) {
   Impl& m = *impl_;
   if (!m.have_grads) return fail(ErrorCode::kInvalidArgument, "unet: no gradient to replace yet (loss_and_backward has not run)");
-  if (flat.size() != m.count) return fail(ErrorCode::kInvalidArgument, "unet: " + str(flat.size()) + " gradient values given, the model has " + str(m.count) + " parameters");
+  if (flat.size() != m.count) return fail(ErrorCode::kInvalidArgument, "unet: " + std::to_string(flat.size()) + " gradient values given, the model has " + std::to_string(m.count) + " parameters");
   TRESOR_TRY(upload(m.st, m.d_grads, flat.data(), flat.size() * sizeof(float)));
   return download(m.st, nullptr, nullptr, 0);  // flat may go
 }
@@ -768,7 +760,7 @@ Result<void> GpuUNet::adamw_state(tresor::train::AdamW& into) const {
 Result<void> GpuUNet::set_sgd_state(const tresor::train::Sgd& from) {
   Impl& m = *impl_;
   if (!from.velocity.empty() && from.velocity.size() != m.count) {
-    return fail(ErrorCode::kInvalidArgument, "unet: sgd velocity has " + str(from.velocity.size()) + " values, the model " + str(m.count) + " parameters");
+    return fail(ErrorCode::kInvalidArgument, "unet: sgd velocity has " + std::to_string(from.velocity.size()) + " values, the model " + std::to_string(m.count) + " parameters");
   }
   if (m.d_velocity == nullptr) {
     auto p = m.params_mem.alloc<float>(m.count);
@@ -784,7 +776,7 @@ Result<void> GpuUNet::set_adamw_state(const tresor::train::AdamW& from) {
   Impl& m = *impl_;
   for (const auto* v : {&from.m, &from.v}) {
     if (!v->empty() && v->size() != m.count) {
-      return fail(ErrorCode::kInvalidArgument, std::string("unet: adamw ") + (v == &from.m ? "m" : "v") + " has " + str(v->size()) + " values, the model " + str(m.count) + " parameters");
+      return fail(ErrorCode::kInvalidArgument, std::string("unet: adamw ") + (v == &from.m ? "m" : "v") + " has " + std::to_string(v->size()) + " values, the model " + std::to_string(m.count) + " parameters");
     }
   }
   if (m.d_m == nullptr) {

@@ -75,7 +75,7 @@ class DeviceDataset {
   /// foreground list (sized for the worst case, because its length is not known on the host), plus
   /// 4·batch·P³ bytes of working buffers.
   [[nodiscard]] static Result<DeviceDataset> load(ChannelDevice& device, const std::vector<std::string>& case_dirs, const sealed::KeyRing& keys,
-                                                  const train::TrainerOptions& options, ChannelOptions channel = {});
+                                                  const tresor::train::TrainerOptions& options, ChannelOptions channel = {});
 
   /// Slots [lo, hi) of step `step`'s global batch of options.batch patches: d_x [hi − lo, 2, P, P, P]
   /// (channel 0 the augmented image, channel 1 the vesselness × vesselness_scale) and d_y
@@ -104,8 +104,8 @@ class DeviceDataset {
   struct Case;
   DeviceDataset() = default;
   ChannelDevice* device_ = nullptr;
-  train::TrainerOptions options_;
-  ct::AugmentOptions augment_;
+  tresor::train::TrainerOptions options_;
+  tresor::ct::AugmentOptions augment_;
   std::vector<std::unique_ptr<Case>> cases_;
   DeviceBuffer scratch_;  // batch × P³ floats: each slot's working copy for the blur and the low resolution
 };

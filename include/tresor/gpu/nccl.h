@@ -45,7 +45,7 @@ class DeviceCollective {
 /// NCCL's unique id (128 bytes) from rank 0 to every rank of `bootstrap`: rank 0 passes its id,
 /// the others receive it into theirs (byte by byte as floats 0..255, which the CPU collectives
 /// carry exactly).
-[[nodiscard]] Result<void> share_unique_id(train::Collective& bootstrap, std::array<std::byte, 128>& id);
+[[nodiscard]] Result<void> share_unique_id(tresor::train::Collective& bootstrap, std::array<std::byte, 128>& id);
 
 /// Whether this build has NCCL.
 bool nccl_built();
@@ -54,6 +54,6 @@ bool nccl_built();
 /// SLURM_LOCALID). kUnavailable when the build has no NCCL, no such device exists, or NCCL fails
 /// (its error named); every rank must call it. `timeout_s` bounds each wait() (a training step's
 /// gradient all-reduce).
-[[nodiscard]] Result<std::unique_ptr<DeviceCollective>> connect_nccl(train::Collective& bootstrap, int device, double timeout_s = 600);
+[[nodiscard]] Result<std::unique_ptr<DeviceCollective>> connect_nccl(tresor::train::Collective& bootstrap, int device, double timeout_s = 600);
 
 }  // namespace tresor::gpu
