@@ -93,14 +93,14 @@ TEST(SnpVerify, EndorsementExtensionsMatchIndependentDecoding) {
   ASSERT_TRUE(e) << e.error().message;
   const auto& w = m.want["endorsement_cert"]["amd_extensions"];
   EXPECT_EQ(e->struct_version, w["structVersion"].get<uint32_t>());
-  EXPECT_EQ(e->product_name, w["productName"]);
+  EXPECT_EQ(e->product_name, w["productName"].get<std::string>());
   EXPECT_EQ(e->tcb.bootloader, w["blSPL"].get<int>());
   EXPECT_EQ(e->tcb.tee, w["teeSPL"].get<int>());
   EXPECT_EQ(e->tcb.snp, w["snpSPL"].get<int>());
   EXPECT_EQ(e->tcb.microcode, w["ucodeSPL"].get<int>());
   EXPECT_EQ(e->spl_4_7[0], w["spl4"].get<int>());
   EXPECT_FALSE(e->has_fmc);
-  EXPECT_EQ("raw:" + to_hex(e->hw_id), w["hwID"]);
+  EXPECT_EQ("raw:" + to_hex(e->hw_id), w["hwID"].get<std::string>());
   EXPECT_TRUE(e->csp_id.empty());
 }
 
