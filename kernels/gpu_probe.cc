@@ -1,6 +1,6 @@
 #include "tresor/gpu.h"
 
-#include "cuda_shim.h"
+#include "cuda_result.h"
 #include "selftest.cuh"
 
 namespace tresor::gpu {
@@ -23,10 +23,7 @@ Result<std::vector<Device>> gpu_probe() {
     Device d;
     d.index = i;
     char name[256] = {};
-    if (auto s = detail::cuda_device_properties(i, name, sizeof name, &d.cc_major, &d.cc_minor, &d.memory_bytes);
-        s.code != 0) {
-      return fail(ErrorCode::kUnavailable, s.message);
-    }
+    TRESOR_TRY(detail::cuda(detail::cuda_device_properties(i, name, sizeof name, &d.cc_major, &d.cc_minor, &d.memory_bytes)));
     d.name = name;
     out.push_back(std::move(d));
   }
@@ -34,18 +31,15 @@ Result<std::vector<Device>> gpu_probe() {
 }
 
 Result<void> selftest_fill_launch(int device, uint32_t seed, std::span<uint32_t> out) {
-  if (auto s = detail::selftest_fill(device, seed, out.data(), out.size()); s.code != 0) {
-    return fail(ErrorCode::kUnavailable, s.message);
-  }
-  return {};
+  return detail::cuda(detail::selftest_fill(device, seed, out.data(), out.size()));
 }
 #else
 bool built_with_cuda() { return false; }
 Result<std::vector<Device>> gpu_probe() {
-  return fail(ErrorCode::kUnavailable, "this build has no CUDA support (nvcc was not found, or -DTRESOR_CUDA=OFF)");
+  return fail(ErrorCode::kUnavailable, detail::kNoCuda);
 }
 Result<void> selftest_fill_launch(int, uint32_t, std::span<uint32_t>) {
-  return fail(ErrorCode::kUnavailable, "this build has no CUDA support");
+  return fail(ErrorCode::kUnavailable, detail::kNoCuda);
 }
 #endif
 
