@@ -25,7 +25,7 @@ endif()
 # Hardening for everything: the tools hold keys and the runner/agent run privileged.
 target_compile_options(tresor_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CXX>:-fstack-protector-strong -fstack-clash-protection -fcf-protection>)
-if(NOT TRESOR_SANITIZE AND NOT TRESOR_FUZZ AND NOT TRESOR_TSAN)
+if(NOT TRESOR_SANITIZE AND NOT TRESOR_TSAN)
   target_compile_definitions(tresor_flags INTERFACE
     $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<NOT:$<CONFIG:Debug>>>:_FORTIFY_SOURCE=2>)
 endif()
@@ -47,14 +47,21 @@ if(TRESOR_TSAN)
   target_link_options(tresor_flags INTERFACE -fsanitize=thread)
 endif()
 
+# Clang 16 implements conditionally trivial special members (P0848) but still reports
+# __cpp_concepts 201907, so libstdc++ 12 hides <expected>. Announce the level it supports.
+if(CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+  target_compile_options(tresor_flags INTERFACE
+    $<$<COMPILE_LANGUAGE:CXX>:-Wno-builtin-macro-redefined -U__cpp_concepts -D__cpp_concepts=202002L>)
+endif()
+
+# TRESOR_FUZZ: the libFuzzer targets (core/fuzz) in the sanitizer build (the debug preset), so
+# one build serves the ASan+UBSan tests and the fuzzers. Only the code the targets parse with is
+# instrumented for coverage (core/CMakeLists.txt); test programs and the numeric kernels are not.
 if(TRESOR_FUZZ)
   if(NOT CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
-    message(FATAL_ERROR "TRESOR_FUZZ needs clang (use the 'fuzz' preset)")
+    message(FATAL_ERROR "TRESOR_FUZZ needs clang (the 'debug' preset uses clang-16)")
   endif()
-  # Clang 16 implements conditionally trivial special members (P0848) but still reports
-  # __cpp_concepts 201907, so libstdc++ 12 hides <expected>. Announce the level it supports.
-  target_compile_options(tresor_flags INTERFACE
-    -Wno-builtin-macro-redefined -U__cpp_concepts -D__cpp_concepts=202002L
-    -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer)
-  target_link_options(tresor_flags INTERFACE -fsanitize=address,undefined)
+  if(NOT TRESOR_SANITIZE)
+    message(FATAL_ERROR "TRESOR_FUZZ runs its targets under ASan+UBSan: set TRESOR_SANITIZE=ON as well (the 'debug' preset does)")
+  endif()
 endif()

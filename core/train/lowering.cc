@@ -188,8 +188,8 @@ using d4 = double __attribute__((vector_size(32)));
 // two halves).
 void panel_product_baseline(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) { panel_product_body(kd, ap, bp, tiles, buf); }
 
-// The AVX2/FMA build (GCC on x86-64), taken where the CPU reports both extensions.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The AVX2/FMA build (GCC or clang on x86-64), taken where the CPU reports both extensions.
+#if defined(__GNUC__) && defined(__x86_64__)
 #define TRESOR_LOWERING_AVX2 1
 [[gnu::target("avx2,fma")]] void panel_product_avx2(size_t kd, const double* ap, const float* bp, size_t tiles, double* buf) {
   panel_product_body(kd, ap, bp, tiles, buf);
