@@ -10,6 +10,17 @@ if(TRESOR_CUDA)
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
       set(CMAKE_CUDA_ARCHITECTURES 80 90)
     endif()
+    # The kernels need compute capability 8.0: bf16 tensor-core fragments (kernels/train.cu) and
+    # the devices' checks at run time (require_device) both assume it.
+    foreach(arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
+      if(arch STREQUAL "all" OR arch STREQUAL "all-major")
+        message(FATAL_ERROR "tresor: CMAKE_CUDA_ARCHITECTURES=${arch} includes architectures below 80; name them (80, 86, 89, 90, …) or use native")
+      endif()
+      string(REGEX MATCH "^[0-9]+" arch_number "${arch}")
+      if(arch_number AND arch_number LESS 80)
+        message(FATAL_ERROR "tresor: CMAKE_CUDA_ARCHITECTURES has ${arch}; Tresor's kernels need compute capability 8.0 or newer (80, 86, 89, 90, …)")
+      endif()
+    endforeach()
     enable_language(CUDA)
     # CMake 3.25 predates CUDA 13: it cannot map CUDA_STANDARD 20 to flags, and it appends its
     # default dialect's flag (-std=c++17) after any in CMAKE_CUDA_FLAGS, which nvcc then obeys.

@@ -182,6 +182,10 @@ CudaStatus CurrentDevice::select(int device) {
   }
   return status("cudaSetDevice", cudaSetDevice(device));
 }
+CudaStatus cuda_free_memory(size_t* free_bytes) {
+  size_t total = 0;
+  return status("cudaMemGetInfo", cudaMemGetInfo(free_bytes, &total));
+}
 CudaStatus cuda_device_sync() { return status("cudaDeviceSynchronize", cudaDeviceSynchronize()); }
 CudaStatus cuda_stream_sync(void* stream) { return status("cudaStreamSynchronize", cudaStreamSynchronize(static_cast<cudaStream_t>(stream))); }
 

@@ -223,6 +223,11 @@ SecureChannel::SecureChannel(ChannelDevice& device, ChannelOptions options) : de
   options_.depth = std::clamp(options_.depth, 1u, 8u);
 }
 
+uint64_t SecureChannel::batch_for(uint64_t chunk_size) const {
+  const uint64_t fit = options_.max_slot_bytes / (chunk_size + 16);  // whole frames in a slot
+  return std::max<uint64_t>(1, std::min<uint64_t>(options_.batch_chunks, fit));
+}
+
 Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed::KeyRing& keys, uint64_t offset,
                                            std::optional<uint64_t> length) {
   stats_ = {};
@@ -272,7 +277,7 @@ Result<DeviceBuffer> SecureChannel::upload(const std::string& path, const sealed
   if (!d_key) return std::unexpected(d_key.error());
   scope.device.push_back(*d_key);
 
-  const uint64_t batch = options_.batch_chunks;
+  const uint64_t batch = batch_for(c);
   const size_t slot_bytes = static_cast<size_t>(std::min<uint64_t>(batch, chunks) * (c + 16));
   const unsigned depth = static_cast<unsigned>(std::min<uint64_t>(options_.depth, (chunks + batch - 1) / batch));
   std::vector<Mem> staging, scratch;
@@ -330,7 +335,7 @@ Result<void> SecureChannel::download(const std::byte* data, size_t size, const s
   TRESOR_TRY(device_.synchronize_all());  // the data is complete before the channel's streams read it
   TRESOR_TRY(out->write_at(0, hdr->bytes));
 
-  const uint64_t c = whole.chunk_size, chunks = shape->chunks, batch = options_.batch_chunks;
+  const uint64_t c = whole.chunk_size, chunks = shape->chunks, batch = batch_for(c);
   auto plain_of = [&](uint64_t i) { return i + 1 == chunks ? shape->plaintext_bytes - i * c : c; };
   Scope scope(device_);
   auto failed = scope.dev_mem(chunks);

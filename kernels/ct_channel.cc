@@ -148,6 +148,10 @@ Error bad_labels(const std::string& path) {
 Result<void> run_on_cuda(ChannelDevice& device, SecureChannel& channel, const SealedCase& in, Opened& image, std::optional<Opened>& labels,
                          const tresor::ct::PrepOptions& o, const SealedPrepOutputs& out, SealedPrepared& r) {
   const int ordinal = device.ordinal();
+  // The decode kernels go to the current device's default stream: it must be the channel's (the
+  // calling thread may have another current), and the caller's comes back on return.
+  gpu::detail::CurrentDevice current;
+  TRESOR_TRY(cuda(current.select(ordinal)));
   auto t = std::chrono::steady_clock::now();
   const uint64_t n = image.count();
   auto d_hu = DeviceBuffer::allocate(ordinal, sizeof(int16_t) * n);
@@ -183,8 +187,8 @@ Result<void> run_on_cuda(ChannelDevice& device, SecureChannel& channel, const Se
   r.timings.upload_ms = upload;
   const size_t decoded = d_hu->size() + d_labels.size() + d_flag.size();
   r.timings.peak_device_bytes = std::max(file_bytes + decoded, decoded + pt.peak_device_bytes);
-  d_hu->reset();
-  d_labels.reset();
+  r.timings.device_used_bytes = 0;  // prepare_device's measure leaves out the decoded input and the file before it
+  DeviceBuffer::reset_all({&*d_hu, &d_labels, &d_flag});
 
   t = std::chrono::steady_clock::now();
   const double s = o.spacing;

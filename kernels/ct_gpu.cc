@@ -60,11 +60,35 @@ void DeviceBuffer::reset() {
   p_ = nullptr;
   n_ = 0;
 }
+void DeviceBuffer::reset_all(std::initializer_list<DeviceBuffer*> buffers) {
+  std::vector<void*> p;
+  std::vector<size_t> n;
+  p.reserve(buffers.size());  // before any buffer gives up its pointer: nothing below allocates
+  n.reserve(buffers.size());
+  int device = -1;
+  for (DeviceBuffer* b : buffers) {
+    if (b->p_ == nullptr) continue;
+    if (device < 0) device = b->device_;
+    if (b->device_ != device) {
+      b->reset();  // not the contract; still wiped and freed, alone
+      continue;
+    }
+    p.push_back(std::exchange(b->p_, nullptr));
+    n.push_back(std::exchange(b->n_, 0));
+  }
+  if (p.empty()) return;
+  gpu::detail::CurrentDevice current;
+  (void)current.select(device);
+  (void)gpu::detail::cuda_free_wiped_all(p.data(), n.data(), p.size());
+}
 #else
 Result<DeviceBuffer> DeviceBuffer::allocate(int, size_t) { return fail(ErrorCode::kUnavailable, kNoCuda); }
 void DeviceBuffer::reset() {
   p_ = nullptr;
   n_ = 0;
+}
+void DeviceBuffer::reset_all(std::initializer_list<DeviceBuffer*> buffers) {
+  for (DeviceBuffer* b : buffers) b->reset();
 }
 #endif
 
@@ -127,21 +151,46 @@ class Stream {
   std::vector<void*> events_;
 };
 
-// Allocations of one call, summed for peak_device_bytes (nothing is freed before the end).
-struct Allocator {
-  int device;
-  size_t bytes = 0;
+// Allocations of one call (nothing is freed before the end): their sum for peak_device_bytes, and
+// the device's free memory before the first and after each, for device_used_bytes. Used with the
+// call's device current.
+class Allocator {
+ public:
+  explicit Allocator(int device) : device_(device) {}
+  Result<void> start() {
+    TRESOR_TRY(cuda(gpu::detail::cuda_free_memory(&free_before_)));
+    lowest_free_ = free_before_;
+    return {};
+  }
   Result<DeviceBuffer> operator()(size_t n) {
-    auto b = DeviceBuffer::allocate(device, n);
-    if (b) bytes += n;
+    auto b = DeviceBuffer::allocate(device_, n);
+    if (!b) return b;
+    bytes_ += n;
+    size_t free = 0;
+    if (auto r = cuda(gpu::detail::cuda_free_memory(&free)); !r) return std::unexpected(r.error());
+    lowest_free_ = std::min(lowest_free_, free);
     return b;
   }
+  // Once more after the work: memory the device takes while running (modules loaded lazily, the
+  // local-memory reserve) counts too.
+  Result<void> sample() {
+    size_t free = 0;
+    TRESOR_TRY(cuda(gpu::detail::cuda_free_memory(&free)));
+    lowest_free_ = std::min(lowest_free_, free);
+    return {};
+  }
+  size_t bytes() const { return bytes_; }
+  size_t used() const { return free_before_ - lowest_free_; }
+
+ private:
+  int device_;
+  size_t bytes_ = 0, free_before_ = 0, lowest_free_ = 0;
 };
 
 // The pipeline on device-resident input, on `st` (prepare_device's body; prepare adds the copies).
-Result<DevicePrepared> run(const int16_t* d_hu, const uint8_t* d_labels, Plan& plan, const PrepOptions& o, int device, Stream& st, PrepTimings& t) {
+// `alloc` has counted the call's allocations so far (prepare's input).
+Result<DevicePrepared> run(const int16_t* d_hu, const uint8_t* d_labels, Plan& plan, const PrepOptions& o, Allocator& alloc, Stream& st, PrepTimings& t) {
   const auto setup_start = std::chrono::steady_clock::now();
-  Allocator alloc{device};
   const Grid g = plan.grid;
   const size_t n = size_t{g.nx} * g.ny * g.nz;
   const size_t n_in = plan.in_dims[0] * plan.in_dims[1] * plan.in_dims[2];
@@ -187,6 +236,7 @@ Result<DevicePrepared> run(const int16_t* d_hu, const uint8_t* d_labels, Plan& p
   }
   TRESOR_TRY(st.mark(kFrangi));
   TRESOR_TRY(st.sync());  // the first failure of any queued kernel surfaces here
+  TRESOR_TRY(alloc.sample());
 
   auto normalise = st.ms(kStart, kStats), resample = st.ms(kStats, kResampled), frangi = st.ms(kResampled, kFrangi), total = st.ms(kStart, kFrangi);
   for (const auto* r : {&normalise, &resample, &frangi, &total}) {
@@ -197,7 +247,8 @@ Result<DevicePrepared> run(const int16_t* d_hu, const uint8_t* d_labels, Plan& p
   t.window_ms = 0;
   t.frangi_ms = *frangi;
   t.total_ms = *total;
-  t.peak_device_bytes = alloc.bytes;
+  t.peak_device_bytes = alloc.bytes();
+  t.device_used_bytes = alloc.used();
 
   DevicePrepared p;
   p.stats = *stats;
@@ -206,7 +257,8 @@ Result<DevicePrepared> run(const int16_t* d_hu, const uint8_t* d_labels, Plan& p
   p.image = std::move(image);
   p.vesselness = std::move(ves);
   p.labels = std::move(labels);
-  return p;  // the scratch buffers are zeroed and freed on the way out
+  DeviceBuffer::reset_all({&hist, &lerp, &taps, &window, &smooth, &scratch, &nearest});  // zeroed and freed together
+  return p;
 }
 
 }  // namespace
@@ -230,8 +282,10 @@ Result<DevicePrepared> prepare_device(const int16_t* d_hu, const std::array<size
   Stream st(device);
   TRESOR_TRY(st.init());
   TRESOR_TRY(cuda(gpu::detail::cuda_device_sync()));  // the input may come from any stream
+  Allocator alloc(device);
+  TRESOR_TRY(alloc.start());
   PrepTimings t;
-  auto r = run(d_hu, d_labels, plan, o, device, st, t);
+  auto r = run(d_hu, d_labels, plan, o, alloc, st, t);
   if (r && timings != nullptr) *timings = t;
   return r;
 }
@@ -247,7 +301,8 @@ Result<tresor::ct::Prepared> prepare(const tresor::ct::HuVolume& hu, const treso
   Plan plan = make_plan(hu.dims, hu.spacing, *od, o);
   Stream st(device);
   TRESOR_TRY(st.init());
-  Allocator alloc{device};
+  Allocator alloc(device);
+  TRESOR_TRY(alloc.start());
   auto d_hu = alloc(sizeof(int16_t) * hu.data.size());
   if (!d_hu) return std::unexpected(d_hu.error());
   DeviceBuffer d_labels;
@@ -261,7 +316,7 @@ Result<tresor::ct::Prepared> prepare(const tresor::ct::HuVolume& hu, const treso
   if (labels != nullptr) TRESOR_TRY(st.copy(d_labels.get(), labels->data.data(), d_labels.size(), gpu::detail::kHostToDevice));
   TRESOR_TRY(st.mark(kUploadEnd));
   PrepTimings t;
-  auto dev = run(d_hu->as<int16_t>(), d_labels.as<uint8_t>(), plan, o, device, st, t);
+  auto dev = run(d_hu->as<int16_t>(), d_labels.as<uint8_t>(), plan, o, alloc, st, t);
   if (!dev) return std::unexpected(dev.error());
   auto upload = st.ms(kUploadStart, kUploadEnd);
   if (!upload) return std::unexpected(upload.error());
@@ -292,11 +347,11 @@ Result<tresor::ct::Prepared> prepare(const tresor::ct::HuVolume& hu, const treso
   auto download = st.ms(kDownloadStart, kDownloadEnd);
   if (!download) return std::unexpected(download.error());
   if (timings != nullptr) {
-    *timings = t;
+    *timings = t;  // its peak and use include the input's buffers (run counted on from them)
     timings->upload_ms = *upload;
     timings->download_ms = *download;
-    timings->peak_device_bytes = t.peak_device_bytes + alloc.bytes;
   }
+  DeviceBuffer::reset_all({&*d_hu, &d_labels, &dev->image, &dev->vesselness, &dev->labels});
   return p;
 }
 

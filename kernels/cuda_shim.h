@@ -50,6 +50,7 @@ CudaStatus cuda_copy(void* dst, const void* src, size_t n, int kind);  // comple
 CudaStatus cuda_stream_sync(void* stream);
 CudaStatus cuda_device_sync();  // every stream of the current device
 CudaStatus cuda_fill(void* p, int value, size_t n);  // cudaMemset, complete on return
+CudaStatus cuda_free_memory(size_t* free_bytes);  // cudaMemGetInfo's free bytes on the current device
 
 // Makes a device current for a scope and gives the calling thread its previous current device
 // back when the scope ends. The current device is per host thread, and a job's own code on that

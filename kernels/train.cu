@@ -32,6 +32,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <type_traits>
+#include <utility>
 
 #include "cuda_util.cuh"
 #include "train_kernels.h"
@@ -166,12 +168,17 @@ __global__ void norm_params_kernel(const double* __restrict__ d_plane_sums, uint
   }
 }
 
+// The loss kernels are instantiated for each class count (train.cuh: constant trip counts keep the
+// per-class arrays in registers); the launches pick the instantiation.
+template <uint32_t C>
 __global__ void __launch_bounds__(kReduceThreads) loss_partials_kernel(const float* __restrict__ d_logits, const uint8_t* __restrict__ d_target, LossGeom g,
                                                                        double* __restrict__ d_partials) {
   __shared__ double s[kReduceThreads];
   double acc[kMaxLossQuantities];
-  loss_thread_partials(d_logits, d_target, g, uint64_t{blockIdx.x} * kReduceThreads + threadIdx.x, uint64_t{gridDim.x} * kReduceThreads, acc);
-  const uint32_t nq = loss_quantities(g);
+  loss_thread_partials(d_logits, d_target, g, FixedClasses<C>{}, uint64_t{blockIdx.x} * kReduceThreads + threadIdx.x,
+                       uint64_t{gridDim.x} * kReduceThreads, acc);
+  constexpr uint32_t nq = 2 * C - 1;
+#pragma unroll
   for (uint32_t q = 0; q < nq; ++q) {
     const double r = block_tree(s, acc[q]);
     if (threadIdx.x == 0) d_partials[uint64_t{blockIdx.x} * nq + q] = r;
@@ -186,11 +193,12 @@ __global__ void loss_totals_kernel(const double* __restrict__ d_partials, uint32
   d_totals[q] = s;
 }
 
+template <uint32_t C>
 __global__ void __launch_bounds__(256) loss_grad_kernel(const float* __restrict__ d_logits, const uint8_t* __restrict__ d_target, LossGeom g,
                                                         const double* __restrict__ d_totals, LossConsts k, float* __restrict__ d_dlogits) {
   const uint64_t voxels = uint64_t{g.n} * g.m;
   for (uint64_t v = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; v < voxels; v += uint64_t{gridDim.x} * blockDim.x) {
-    loss_grad_voxel(d_logits, d_target, g, v, d_totals, k, d_dlogits);
+    loss_grad_voxel(d_logits, d_target, g, FixedClasses<C>{}, v, d_totals, k, d_dlogits);
   }
 }
 
@@ -284,7 +292,9 @@ CudaStatus loss_stats_launch(void* stream, const float* d_logits, const uint8_t*
   (void)cudaGetLastError();
   const auto s = static_cast<cudaStream_t>(stream);
   const uint32_t blocks = loss_blocks(g), nq = loss_quantities(g);
-  loss_partials_kernel<<<blocks, kReduceThreads, 0, s>>>(d_logits, d_target, g, d_partials);
+  if (!with_classes(g.classes, [&](auto c) { loss_partials_kernel<decltype(c)::value><<<blocks, kReduceThreads, 0, s>>>(d_logits, d_target, g, d_partials); })) {
+    return status("loss_partials_kernel: a class count the kernels are not built for", cudaErrorInvalidValue);
+  }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return status("loss_partials_kernel launch (or an earlier kernel's fault)", e);
   loss_totals_kernel<<<1, 32, 0, s>>>(d_partials, blocks, nq, d_totals);
@@ -293,7 +303,12 @@ CudaStatus loss_stats_launch(void* stream, const float* d_logits, const uint8_t*
 
 CudaStatus loss_grad_launch(void* stream, const float* d_logits, const uint8_t* d_target, const LossGeom& g, LossConsts k, const double* d_totals, float* d_dlogits) {
   (void)cudaGetLastError();
-  loss_grad_kernel<<<blocks_for(uint64_t{g.n} * g.m, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(d_logits, d_target, g, d_totals, k, d_dlogits);
+  if (!with_classes(g.classes, [&](auto c) {
+        loss_grad_kernel<decltype(c)::value><<<blocks_for(uint64_t{g.n} * g.m, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(d_logits, d_target, g,
+                                                                                                                               d_totals, k, d_dlogits);
+      })) {
+    return status("loss_grad_kernel: a class count the kernels are not built for", cudaErrorInvalidValue);
+  }
   return status("loss_grad_kernel launch (or an earlier kernel's fault)", cudaGetLastError());
 }
 

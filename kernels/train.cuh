@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "hd.h"
 #include "tresor/rn.h"
@@ -366,40 +367,77 @@ inline uint32_t loss_blocks(const LossGeom& g) {
   return static_cast<uint32_t>(b < 1 ? 1 : (b > kLossMaxBlocks ? kLossMaxBlocks : b));
 }
 
+// The class count comes twice: in g, and as `classes`, either a run-time count or
+// a compile-time constant (FixedClasses: one instantiation per count, which the kernels and the
+// emulation both run, through with_classes), so
+// that on the device every per-class loop has a constant trip count and is unrolled, and the
+// per-class arrays stay in registers. Indexed at run time they would go to local memory: device
+// memory that holds the voxel's probabilities and that no wipe reaches (the build refuses local
+// memory in train.cu, kernels/CMakeLists.txt). The arithmetic is the same either way.
+
+/// A class count fixed at compile time (std::integral_constant's conversion is host-only).
+template <uint32_t C>
+struct FixedClasses {
+  static constexpr uint32_t value = C;
+  TRESOR_HD constexpr operator uint32_t() const { return C; }  // NOLINT(google-explicit-constructor): stands for the count
+};
+
+namespace loss_detail {
+template <typename F, uint32_t... C>
+bool with_classes(uint32_t classes, F& f, std::integer_sequence<uint32_t, C...>) {
+  return ((classes == C + 2 ? (f(FixedClasses<C + 2>{}), true) : false) || ...);
+}
+}  // namespace loss_detail
+/// Host code: calls f(FixedClasses<C>{}) for C = classes, 2 ≤ C ≤ kMaxClasses, and says whether
+/// it did. The kernels' launches and the emulation both dispatch through it, so the emulation
+/// runs the very instantiations the device runs.
+template <typename F>
+bool with_classes(uint32_t classes, F&& f) {
+  return loss_detail::with_classes(classes, f, std::make_integer_sequence<uint32_t, kMaxClasses - 1>{});
+}
+
 /// Softmax of voxel v (v = b·m + s) with the maximum subtracted: p[c], the maximum and log Σ.
-TRESOR_HD inline void softmax_voxel(const float* logits, const LossGeom& g, uint64_t v, double* p, double* mx, double* log_z) {
+template <typename Classes>
+TRESOR_HD inline void softmax_voxel(const float* logits, const LossGeom& g, Classes classes, uint64_t v, double* p, double* mx, double* log_z) {
   const uint64_t b = v / g.m, s = v % g.m;
   using std::exp, std::fmax, std::log;
-  const float* l = logits + b * g.classes * uint64_t{g.m} + s;
+  const float* l = logits + b * classes * uint64_t{g.m} + s;
   double top = -INFINITY;
-  for (uint32_t c = 0; c < g.classes; ++c) top = fmax(top, static_cast<double>(l[uint64_t{c} * g.m]));
+  TRESOR_UNROLL
+  for (uint32_t c = 0; c < classes; ++c) top = fmax(top, static_cast<double>(l[uint64_t{c} * g.m]));
   double z = 0;
-  for (uint32_t c = 0; c < g.classes; ++c) {
+  TRESOR_UNROLL
+  for (uint32_t c = 0; c < classes; ++c) {
     p[c] = exp(dsub(static_cast<double>(l[uint64_t{c} * g.m]), top));
     z = dadd(z, p[c]);
   }
-  for (uint32_t c = 0; c < g.classes; ++c) p[c] = ddiv(p[c], z);
+  TRESOR_UNROLL
+  for (uint32_t c = 0; c < classes; ++c) p[c] = ddiv(p[c], z);
   *mx = top;
   *log_z = log(z);
 }
 
 /// Thread `first`'s partials over voxels first, first + stride, …: acc[q] (loss_quantities).
-TRESOR_HD inline void loss_thread_partials(const float* logits, const uint8_t* target, const LossGeom& g, uint64_t first, uint64_t stride, double* acc) {
-  const uint32_t nq = loss_quantities(g);
+template <typename Classes>
+TRESOR_HD inline void loss_thread_partials(const float* logits, const uint8_t* target, const LossGeom& g, Classes classes, uint64_t first, uint64_t stride,
+                                           double* acc) {
+  const uint32_t nq = 2 * classes - 1;
+  TRESOR_UNROLL
   for (uint32_t q = 0; q < nq; ++q) acc[q] = 0;
   double p[kMaxClasses];
   const uint64_t voxels = uint64_t{g.n} * g.m;
   for (uint64_t v = first; v < voxels; v += stride) {
     double mx = 0, log_z = 0;
-    softmax_voxel(logits, g, v, p, &mx, &log_z);
+    softmax_voxel(logits, g, classes, v, p, &mx, &log_z);
     const uint32_t t = target[v];
     const uint64_t b = v / g.m, s = v % g.m;
-    const double lt = static_cast<double>(logits[(b * g.classes + t) * g.m + s]);
+    const double lt = static_cast<double>(logits[(b * classes + t) * g.m + s]);
     acc[0] = dsub(acc[0], dsub(dsub(lt, mx), log_z));
-    for (uint32_t c = 1; c < g.classes; ++c) {
+    TRESOR_UNROLL
+    for (uint32_t c = 1; c < classes; ++c) {
       const double gc = t == c ? 1.0 : 0.0;
       acc[c] = dadd(acc[c], dmul(p[c], gc));
-      acc[g.classes - 1 + c] = dadd(acc[g.classes - 1 + c], dadd(p[c], gc));
+      acc[classes - 1 + c] = dadd(acc[classes - 1 + c], dadd(p[c], gc));
     }
   }
 }
@@ -417,25 +455,28 @@ struct LossConsts {
 /// The logits' gradient at voxel v: CE's (p − onehot)/voxels plus −dice_weight·mean Dice's,
 /// −(1/fg)·(2g(S + s) − (2I + s))/(S + s)² per probability, through the softmax's Jacobian; times
 /// k.scale.
-TRESOR_HD inline void loss_grad_voxel(const float* logits, const uint8_t* target, const LossGeom& g, uint64_t v, const double* totals, const LossConsts& k,
-                                      float* dlogits) {
+template <typename Classes>
+TRESOR_HD inline void loss_grad_voxel(const float* logits, const uint8_t* target, const LossGeom& g, Classes classes, uint64_t v, const double* totals,
+                                      const LossConsts& k, float* dlogits) {
   double p[kMaxClasses], dp[kMaxClasses];
   double mx = 0, log_z = 0;
-  softmax_voxel(logits, g, v, p, &mx, &log_z);
+  softmax_voxel(logits, g, classes, v, p, &mx, &log_z);
   const uint32_t t = target[v];
-  const double fg = static_cast<double>(g.classes - 1), voxels = k.voxels;
+  const double fg = static_cast<double>(classes - 1), voxels = k.voxels;
   double dot = 0;
-  for (uint32_t c = 0; c < g.classes; ++c) {
+  TRESOR_UNROLL
+  for (uint32_t c = 0; c < classes; ++c) {
     dp[c] = 0;
     if (c > 0) {
-      const double gc = t == c ? 1.0 : 0.0, inter = totals[c], S = dadd(totals[g.classes - 1 + c], k.smooth);
+      const double gc = t == c ? 1.0 : 0.0, inter = totals[c], S = dadd(totals[classes - 1 + c], k.smooth);
       const double num = dsub(dmul(dmul(2.0, gc), S), dadd(dmul(2.0, inter), k.smooth));
       dp[c] = ddiv(ddiv(dmul(-k.dice_weight, num), dmul(S, S)), fg);
     }
     dot = dadd(dot, dmul(p[c], dp[c]));
   }
   const uint64_t b = v / g.m, s = v % g.m;
-  for (uint32_t c = 0; c < g.classes; ++c) {
+  TRESOR_UNROLL
+  for (uint32_t c = 0; c < classes; ++c) {
     const double d_ce = ddiv(dsub(p[c], t == c ? 1.0 : 0.0), voxels);
     dlogits[(b * g.classes + c) * g.m + s] = static_cast<float>(dmul(k.scale, dadd(d_ce, dmul(p[c], dsub(dp[c], dot)))));
   }

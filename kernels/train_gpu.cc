@@ -288,7 +288,10 @@ std::vector<double> loss_stats_emulated(const LossGeom& g, const float* logits, 
   pool.parallel_for(blocks, [&](size_t block) {
     std::vector<double> acc(uint64_t{kReduceThreads} * kMaxLossQuantities);
     for (uint32_t t = 0; t < kReduceThreads; ++t) {
-      loss_thread_partials(logits, target, g, block * kReduceThreads + t, uint64_t{blocks} * kReduceThreads, acc.data() + uint64_t{t} * kMaxLossQuantities);
+      // The kernel's instantiation for this class count (check_loss has refused any other).
+      (void)with_classes(g.classes, [&](auto classes) {
+        loss_thread_partials(logits, target, g, classes, block * kReduceThreads + t, uint64_t{blocks} * kReduceThreads, acc.data() + uint64_t{t} * kMaxLossQuantities);
+      });
     }
     for (uint32_t q = 0; q < nq; ++q) partials[block * nq + q] = block_tree_emulated([&](uint32_t t) { return acc[uint64_t{t} * kMaxLossQuantities + q]; });
   });
@@ -299,7 +302,9 @@ std::vector<double> loss_stats_emulated(const LossGeom& g, const float* logits, 
 
 void loss_grad_emulated(const LossGeom& g, const float* logits, const uint8_t* target, const double* totals, const LossConsts& k, float* dlogits) {
   const uint64_t voxels = uint64_t{g.n} * g.m;
-  for (uint64_t v = 0; v < voxels; ++v) loss_grad_voxel(logits, target, g, v, totals, k, dlogits);
+  (void)with_classes(g.classes, [&](auto classes) {  // the kernel's instantiation (check_loss has refused any other count)
+    for (uint64_t v = 0; v < voxels; ++v) loss_grad_voxel(logits, target, g, classes, v, totals, k, dlogits);
+  });
 }
 
 std::vector<double> loss_emulated(const LossGeom& g, const float* logits, const uint8_t* target, const LossConsts& k, float* dlogits) {
@@ -385,7 +390,15 @@ class Session {
 #ifdef TRESOR_HAVE_CUDA
     (void)gpu::detail::cuda_set_device(device_);
     if (stream_ != nullptr) (void)gpu::detail::cuda_stream_sync(stream_);
-    for (auto [p, n] : buffers_) (void)gpu::detail::cuda_free_wiped(p, n);
+    std::vector<void*> p;
+    std::vector<size_t> n;
+    p.reserve(buffers_.size());
+    n.reserve(buffers_.size());
+    for (auto [q, m] : buffers_) {
+      p.push_back(q);
+      n.push_back(m);
+    }
+    (void)gpu::detail::cuda_free_wiped_all(p.data(), n.data(), p.size());  // two device syncs for all
     if (stream_ != nullptr) (void)gpu::detail::cuda_stream_destroy(stream_);
 #endif
   }

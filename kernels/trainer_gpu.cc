@@ -124,10 +124,29 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
   } else {
     TRESOR_TRY(g->set_sgd_state(st.sgd));
   }
+  const size_t P = o.patch;
+  const size_t lo = o.batch * rank / ranks, hi = o.batch * (rank + 1) / ranks;
+  // Validation in batches of this rank's training batch, the last one padded with zeros: the
+  // network's buffers keep the training shape (another shape would wipe, free and reallocate every
+  // activation twice per validation). A sample's logits do not depend on the others in its batch
+  // (convolutions per column, instance norm per sample), and the counts are whole numbers, so the
+  // Dice is the one of a single batch of all the patches.
   auto validate = [&]() -> Result<double> {
-    auto logits = g->forward(vx);
-    if (!logits) return std::unexpected(logits.error());
-    std::array<double, 3> c = tt::dice_counts(*logits, vy);
+    std::array<double, 3> c{0, 0, 0};
+    const size_t count = vx.shape[0], per = count == 0 ? 0 : vx.size() / count, m = count == 0 ? 0 : vy.size() / count;
+    tt::Tensor bx({hi - lo, vx.shape[1], vx.shape[2], vx.shape[3], vx.shape[4]});
+    for (size_t k0 = 0; k0 < count; k0 += hi - lo) {
+      const size_t k = std::min(hi - lo, count - k0);
+      std::fill(bx.data.begin(), bx.data.end(), 0.0f);
+      std::copy_n(vx.data.begin() + static_cast<std::ptrdiff_t>(k0 * per), k * per, bx.data.begin());
+      auto logits = g->forward(bx);
+      if (!logits) return std::unexpected(logits.error());
+      tt::Tensor lk({k, logits->shape[1], logits->shape[2], logits->shape[3], logits->shape[4]});
+      std::copy_n(logits->data.begin(), lk.size(), lk.data.begin());
+      const std::vector<uint8_t> yk(vy.begin() + static_cast<std::ptrdiff_t>(k0 * m), vy.begin() + static_cast<std::ptrdiff_t>((k0 + k) * m));
+      const std::array<double, 3> ck = tt::dice_counts(lk, yk);
+      for (size_t i = 0; i < 3; ++i) c[i] += ck[i];
+    }
     if (comm != nullptr) TRESOR_TRY(comm->all_reduce_sum(std::span<double>(c)));
     return tt::dice_from_counts(c);
   };
@@ -135,8 +154,6 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
   auto d0 = validate();
   if (!d0) return std::unexpected(d0.error());
   log.val_dice.push_back({st.step, *d0});
-  const size_t P = o.patch;
-  const size_t lo = o.batch * rank / ranks, hi = o.batch * (rank + 1) / ranks;
   tt::Tensor x;
   std::vector<uint8_t> y;
   if (dataset == nullptr) {
@@ -147,7 +164,7 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
   for (size_t step = st.step; step < end; ++step) {
     Result<std::vector<double>> stats;
     if (dataset != nullptr) {
-      // Into the network's buffers, on its stream (validation may have reallocated them).
+      // Into the network's buffers, on its stream (device_batch's pointers: valid for this shape).
       auto b = g->device_batch({hi - lo, 2, P, P, P});
       if (!b) return std::unexpected(b.error());
       TRESOR_TRY(dataset->fill_step(step, lo, hi, b->x, b->target, g->stream().stream));
@@ -155,8 +172,7 @@ Result<tt::TrainingLog> train_unet_gpu(tt::UNet& net, const std::vector<const tr
       stats = g->loss_statistics_device();
     } else {
       source->fill_step(step, lo, hi, x, y);
-      auto logits = g->forward(x);
-      if (!logits) return std::unexpected(logits.error());
+      TRESOR_TRY(g->forward_keep(x));  // the loss needs the logits on the device only
       stats = g->loss_statistics(y);
     }
     if (!stats) return std::unexpected(stats.error());

@@ -557,10 +557,9 @@ std::string shape_text(const std::array<size_t, 5>& s) {
 
 }  // namespace
 
-Result<Tensor> GpuUNet::forward(const Tensor& x) {
+Result<void> GpuUNet::forward_keep(const Tensor& x) {
   Impl& m = *impl_;
-  const UNetConfig& c = m.config;
-  TRESOR_TRY(check_input_shape(c, x.shape, x.shape_text()));
+  TRESOR_TRY(check_input_shape(m.config, x.shape, x.shape_text()));
   if (x.data.size() != x.size()) return fail(ErrorCode::kInvalidArgument, "unet: the input has " + std::to_string(x.data.size()) + " values for its shape " + x.shape_text());
   TRESOR_TRY(m.allocate(x.shape));
   m.have_forward = false;
@@ -568,7 +567,15 @@ Result<Tensor> GpuUNet::forward(const Tensor& x) {
   m.device_input = false;  // the input buffer now holds x
   TRESOR_TRY(upload(m.st, m.x, x.data.data(), x.data.size() * sizeof(float)));
   TRESOR_TRY(m.run_forward());
-  Tensor logits({x.shape[0], c.classes, x.shape[2], x.shape[3], x.shape[4]});
+  m.have_forward = true;
+  return {};
+}
+
+Result<Tensor> GpuUNet::forward(const Tensor& x) {
+  TRESOR_TRY(forward_keep(x));
+  Impl& m = *impl_;
+  m.have_forward = false;  // until the logits are here (a failed copy leaves no forward to use)
+  Tensor logits({x.shape[0], m.config.classes, x.shape[2], x.shape[3], x.shape[4]});
   TRESOR_TRY(download(m.st, logits.data.data(), m.logits, logits.data.size() * sizeof(float)));
   m.have_forward = true;
   return logits;

@@ -238,16 +238,19 @@ int cmd_bench_prep(int argc, char** argv) {
       const double bytes = in_vox * (2 + 1) + out_vox * (4 + 4 + 1);
       const double gbps = bytes / (best.total_ms / 1e3) / 1e9, d2d_gbps = 2.0 * static_cast<double>(n) / d2d / 1e9;
       std::printf("GPU: total %.2f ms (statistics %.2f, resample+normalise+window %.2f, Frangi %.2f), upload %.2f ms, download %.2f ms, "
-                  "%.0f MiB device memory; %.0f GB/s effective against %.0f GB/s device copies; %.0fx the CPU pipeline; vesselness within %.2g of the CPU's\n",
+                  "%.0f MiB device memory allocated (%.0f MiB of the device's free memory used, measured); %.0f GB/s effective against %.0f GB/s "
+                  "device copies; %.0fx the CPU pipeline; vesselness within %.2g of the CPU's\n",
                   best.total_ms, best.normalise_ms, best.resample_ms, best.frangi_ms, best.upload_ms, best.download_ms,
-                  static_cast<double>(best.peak_device_bytes) / 1048576.0, gbps, d2d_gbps, pipeline * 1e3 / best.total_ms, worst);
+                  static_cast<double>(best.peak_device_bytes) / 1048576.0, static_cast<double>(best.device_used_bytes) / 1048576.0, gbps, d2d_gbps,
+                  pipeline * 1e3 / best.total_ms, worst);
       char line[512];
       std::snprintf(line, sizeof line,
                     " gpu=cuda:0 gpu_total_ms=%.3f gpu_frangi_ms=%.3f gpu_stats_ms=%.3f gpu_resample_ms=%.3f gpu_upload_ms=%.3f gpu_download_ms=%.3f "
-                    "gpu_peak_mib=%.0f gpu_effective_gbps=%.1f d2d_gbps=%.1f bandwidth_ratio=%.3f gpu_vs_cpu=%.1f gpu_max_abs_diff=%.2g "
+                    "gpu_peak_mib=%.0f gpu_used_mib=%.0f gpu_effective_gbps=%.1f d2d_gbps=%.1f bandwidth_ratio=%.3f gpu_vs_cpu=%.1f gpu_max_abs_diff=%.2g "
                     "gpu_sealed_ms=%.2f gpu_host_open_ms=%.2f sealed_speedup=%.2f",
                     best.total_ms, best.frangi_ms, best.normalise_ms, best.resample_ms, best.upload_ms, best.download_ms,
-                    static_cast<double>(best.peak_device_bytes) / 1048576.0, gbps, d2d_gbps, gbps / d2d_gbps, pipeline * 1e3 / best.total_ms, worst,
+                    static_cast<double>(best.peak_device_bytes) / 1048576.0, static_cast<double>(best.device_used_bytes) / 1048576.0, gbps, d2d_gbps,
+                    gbps / d2d_gbps, pipeline * 1e3 / best.total_ms, worst,
                     sealed_ms, host_ms, host_ms / sealed_ms);
       gpu_result = line;
     } else {

@@ -272,7 +272,7 @@ Result<nlohmann::json> run_case(const Case& k, const fs::path& out_dir, const Jo
   if (job.device == Device::kGpu) {
     j["gpu_ms"] = {{"upload", timings.upload_ms}, {"statistics", timings.normalise_ms}, {"resample_normalise_window", timings.resample_ms},
                    {"frangi", timings.frangi_ms}, {"total", timings.total_ms}, {"download", timings.download_ms},
-                   {"peak_device_bytes", timings.peak_device_bytes}};
+                   {"peak_device_bytes", timings.peak_device_bytes}, {"device_used_bytes", timings.device_used_bytes > 0 ? nlohmann::json(timings.device_used_bytes) : nlohmann::json(nullptr)}};
   }
   if (p->labels) {
     auto auc = ct::roc_auc(p->vesselness.data, *p->labels, ct::kCoronary);

@@ -18,6 +18,17 @@
 #endif
 #endif
 
+// A loop of constant trip count fully unrolled in device code, so that arrays it indexes stay in
+// registers (an array indexed at run time goes to local memory: device memory that no wipe
+// reaches). Nothing on the host.
+#ifndef TRESOR_UNROLL
+#if defined(__CUDA_ARCH__)
+#define TRESOR_UNROLL _Pragma("unroll")
+#else
+#define TRESOR_UNROLL
+#endif
+#endif
+
 namespace tresor::rn {
 
 TRESOR_HD inline double dmul(double a, double b) {

@@ -125,6 +125,36 @@ TEST_F(Channel, UploadsWholeFilesAndRangesIntoDeviceMemory) {
   }
 }
 
+// A slot holds at most max_slot_bytes of frames: large chunks take fewer per slot (at least one),
+// both ways, and the data is the same.
+TEST_F(Channel, ASlotHoldsAtMostMaxSlotBytes) {
+  const uint32_t c = 4096;
+  const Bytes plain = marked_plaintext(11 * c + 123);  // 12 chunks
+  const std::string path = seal_file("capped.sealed", plain, c);
+  for (auto& d : devices()) {
+    for (const auto& [cap, batches] : std::vector<std::pair<size_t, uint64_t>>{{3 * (c + 16), 4}, {3 * (c + 16) - 1, 6}, {100, 12}, {size_t{1} << 30, 2}}) {
+      SCOPED_TRACE(d.device->name() + ", at most " + std::to_string(cap) + " bytes a slot");
+      SecureChannel ch(*d.device, ChannelOptions{.batch_chunks = 8, .depth = 3, .max_slot_bytes = cap});
+      auto buf = ch.upload(path, ring());
+      ASSERT_TRUE(buf) << buf.error().message;
+      EXPECT_TRUE(*buf->to_host() == plain);
+      EXPECT_EQ(ch.last().batches, batches);
+      const std::string back = dir.file("back-" + std::to_string(cap) + "-" + std::to_string(reinterpret_cast<uintptr_t>(d.device.get())));
+      sealed::SealOptions o;
+      o.chunk_size = c;
+      o.recipients = {alice.recipient()};
+      auto r = ch.download(buf->data(), buf->size(), back, o);
+      ASSERT_TRUE(r) << r.error().message;
+      EXPECT_EQ(ch.last().batches, batches) << "the download's slots too";
+      std::ifstream in(back, std::ios::binary);
+      const std::string file((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      auto opened = sealed::open_buffer(as_bytes(file), ring(), sealed::OpenOptions{});
+      ASSERT_TRUE(opened) << opened.error().message;
+      EXPECT_TRUE(std::equal(opened->span().begin(), opened->span().end(), plain.begin(), plain.end()));
+    }
+  }
+}
+
 TEST_F(Channel, TheStagingBuffersHoldCiphertextOnly) {
   const uint32_t c = 2048;
   const Bytes plain = marked_plaintext(20 * c + 5);

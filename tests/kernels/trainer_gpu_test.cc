@@ -42,6 +42,7 @@
 #include "tresor/gpu/loader.h"
 #include "tresor/gpu/nccl.h"
 #include "tresor/gpu/trainer.h"
+#include "tresor/gpu/unet.h"
 #include "tresor/train/collective.h"
 #include "tresor/train/trainer.h"
 
@@ -195,6 +196,45 @@ TrainedRun single_rank(const TrainerOptions& o, Where where) {
   auto fresh = UNet::create(o.model, 7);
   EXPECT_FALSE(fresh->parameters() == one.weights);
   return one;
+}
+
+// The loop validates in batches of its training batch (the last one padded), so that the
+// network's buffers keep one shape; the Dice must be the one of a single forward over every
+// validation patch: 5 patches in batches of 2 (2 + 2 + 1 padded with a zero sample).
+TEST(GpuTrainerEmulation, ValidationInTrainingBatchesGivesTheWholeSetsDice) {
+  TrainerOptions o = dp_options(false);
+  o.batch = 2;
+  o.validation_patches = 5;
+  o.steps = 1;
+  o.validate_every = 1;
+  auto net = UNet::create(o.model, 7);
+  ASSERT_TRUE(net);
+  auto log = gpu::train::train_unet_gpu(*net, {small_case()}, {small_case()}, o, kEmulated);
+  ASSERT_TRUE(log) << log.error().message;
+  ASSERT_EQ(log->val_dice.size(), 2u);
+  auto at_start = UNet::create(o.model, 7);
+  ASSERT_TRUE(at_start);
+  auto g = gpu::train::GpuUNet::create(*at_start, kEmulated);
+  ASSERT_TRUE(g);
+  auto vb = train::validation_batch({small_case()}, o);
+  ASSERT_TRUE(vb) << vb.error().message;
+  ASSERT_EQ(vb->first.shape[0], 5u);
+  auto logits = g->forward(vb->first);
+  ASSERT_TRUE(logits) << logits.error().message;
+  const double whole = train::dice_of_prediction(*logits, vb->second);
+  std::printf("  validation Dice at the start: %.9f (one forward of all 5 patches: %.9f)\n", log->val_dice[0].second, whole);
+  EXPECT_EQ(log->val_dice[0].second, whole);
+  EXPECT_GT(whole, 0.0) << "a Dice of 0 would not show a lost or doubled patch";
+  // Counting the padded sample, or dropping the last patch, would give another value.
+  auto four = train::validation_batch({small_case()}, [&] {
+    TrainerOptions f = o;
+    f.validation_patches = 4;
+    return f;
+  }());
+  ASSERT_TRUE(four);
+  auto l4 = g->forward(four->first);
+  ASSERT_TRUE(l4);
+  EXPECT_NE(train::dice_of_prediction(*l4, four->second), whole);
 }
 
 TEST(GpuDataParallelEmulation, TwoRanksTrainTheSameWeightsAsOne) {

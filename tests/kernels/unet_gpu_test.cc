@@ -718,6 +718,82 @@ TEST(UNetGpuEmulation, ShapesChangeBetweenCalls) {
   EXPECT_TRUE(ya2->data == ya->data);
 }
 
+// The training step's forward (forward_keep: the logits stay on the device) gives the loss and
+// gradient of forward's step bit for bit, with and without deep supervision, and after a forward
+// of another shape in between (the buffers are reallocated).
+TEST(UNetGpuEmulation, ForwardKeepGivesForwardsLossAndGradient) {
+  for (bool deep : {false, true}) {
+    SCOPED_TRACE(deep ? "deep supervision" : "one output");
+    const UNetConfig c = deep ? ds_cases().back().config : config3();  // 4 levels, two weighted extra heads
+    ASSERT_EQ(c.deep_supervision, deep);
+    auto cpu = UNet::create(c, 11);
+    ASSERT_TRUE(cpu);
+    const std::array<size_t, 5> shape{2, c.in_channels, 8, 8, 8};
+    const Tensor x = random_input(shape, 3);
+    std::vector<uint8_t> y(2 * x.spatial());
+    for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<uint8_t>((i * 7 + i / 13) % c.classes);
+    auto a = GpuUNet::create(*cpu, kEmulated), b = GpuUNet::create(*cpu, kEmulated);
+    ASSERT_TRUE(a && b);
+    ASSERT_TRUE(a->forward(x));
+    auto la = a->loss_and_backward(y);
+    ASSERT_TRUE(la) << la.error().message;
+    ASSERT_TRUE(b->forward(random_input({1, c.in_channels, 8, 8, 16}, 9)));  // another shape first
+    auto kept = b->forward_keep(x);
+    ASSERT_TRUE(kept) << kept.error().message;
+    auto lb = b->loss_and_backward(y);
+    ASSERT_TRUE(lb) << lb.error().message;
+    EXPECT_EQ(la->loss, lb->loss);
+    auto ga = a->gradients(), gb = b->gradients();
+    ASSERT_TRUE(ga && gb);
+    EXPECT_TRUE(*ga == *gb);
+    // A wrong seed for the input would change them: the comparison can fail.
+    ASSERT_TRUE(b->forward_keep(random_input(shape, 4)));
+    auto lc = b->loss_and_backward(y);
+    ASSERT_TRUE(lc);
+    EXPECT_NE(lc->loss, la->loss);
+  }
+}
+
+// The loader's way in (device_batch, forward_device, loss_statistics_device): a batch written
+// into device_batch's buffers gives the loss statistics of the same batch through forward +
+// loss_statistics, also after a forward of another shape has reallocated the buffers in between
+// (device_batch's earlier pointers are then gone: it must be asked again).
+TEST(UNetGpuEmulation, DeviceBatchesGiveTheHostPathsStatisticsAcrossReallocation) {
+  const UNetConfig c = ds_cases().back().config;  // deep supervision: targets made on the "device"
+  auto cpu = UNet::create(c, 13);
+  ASSERT_TRUE(cpu);
+  const std::array<size_t, 5> shape{2, c.in_channels, 8, 8, 16};
+  const Tensor x = random_input(shape, 5);
+  std::vector<uint8_t> y(2 * x.spatial());
+  for (size_t i = 0; i < y.size(); ++i) y[i] = static_cast<uint8_t>((i / 5 + i % 3) % c.classes);
+  auto host = GpuUNet::create(*cpu, kEmulated), dev = GpuUNet::create(*cpu, kEmulated);
+  ASSERT_TRUE(host && dev);
+  ASSERT_TRUE(host->forward(x));
+  auto want = host->loss_statistics(y);
+  ASSERT_TRUE(want) << want.error().message;
+  auto through_batch = [&]() -> Result<std::vector<double>> {
+    auto b = dev->device_batch(shape);
+    if (!b) return std::unexpected(b.error());
+    std::copy(x.data.begin(), x.data.end(), b->x);  // emulation: "device memory" is host memory
+    std::copy(y.begin(), y.end(), b->target);
+    TRESOR_TRY(dev->forward_device());
+    return dev->loss_statistics_device();
+  };
+  auto first = through_batch();
+  ASSERT_TRUE(first) << first.error().message;
+  EXPECT_TRUE(*first == *want);
+  ASSERT_TRUE(dev->forward(random_input({1, c.in_channels, 8, 16, 8}, 6)));  // another shape: reallocated
+  EXPECT_FALSE(dev->forward_device()) << "forward replaced device_batch's input";
+  auto again = through_batch();
+  ASSERT_TRUE(again) << again.error().message;
+  EXPECT_TRUE(*again == *want);
+  // Another target gives other statistics: the comparison can fail.
+  y[3] = static_cast<uint8_t>((y[3] + 1) % c.classes);
+  auto other = through_batch();
+  ASSERT_TRUE(other);
+  EXPECT_FALSE(*other == *want);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Refusals: each failing case beside the passing base case.
 
@@ -757,6 +833,15 @@ std::vector<FailCase> fail_cases() {
       {"no samples", step({0, 2, 4, 8, 12}, [](auto&) {}), "has no samples"},
       {"target size", step(ok, [](auto& t) { t.pop_back(); }), "target has 383 voxels, the logits 384"},
       {"target class", step(ok, [](auto& t) { t[5] = 2; }), "target voxel 5 is class 2 of 2"},
+      {"forward_keep input channels", with_net([](GpuUNet& g, UNet&) { return g.forward_keep(random_input({1, 3, 4, 8, 12}, 4)); }),
+       "the input has 3 channels, the model takes 2"},
+      {"forward_keep values for the shape",
+       with_net([](GpuUNet& g, UNet&) {
+         Tensor x = random_input({1, 2, 4, 8, 12}, 4);
+         x.data.pop_back();
+         return g.forward_keep(x);
+       }),
+       "the input has 767 values for its shape"},
       {"backward before forward",
        with_net([](GpuUNet& g, UNet&) -> Result<void> {
          auto l = g.loss_and_backward(std::vector<uint8_t>(384, 0));

@@ -224,27 +224,36 @@ TRESOR_HD inline double trilinear(const At& at, const Neighbours& nb) {
 /// indicator interpolated with zero padding, the largest taken).
 template <typename At>
 TRESOR_HD inline uint8_t label_at(const At& at, const Neighbours& nb) {
-  uint8_t label[8];
-  double weight[8];
-  int used = 0;
+  // No array indexed at run time (on a GPU such arrays go to local memory, device memory that no
+  // wipe reaches): the eight labels packed in one word, the voxels inside in a bit mask, the loops
+  // unrolled on the device. Each label's weight is summed over the eight voxels in Neighbours'
+  // order, once for every voxel holding it (the same sum each time).
+  uint64_t labels = 0;
+  unsigned inside = 0;
+  TRESOR_UNROLL
   for (int k = 0; k < 8; ++k) {
-    if (nb.index[k] < 0 || !(nb.weight[k] > 0)) continue;
-    const uint8_t l = at(static_cast<uint64_t>(nb.index[k]));
-    int j = 0;
-    while (j < used && label[j] != l) ++j;
-    if (j == used) {
-      label[used] = l;
-      weight[used] = 0;
-      ++used;
+    if (nb.index[k] >= 0 && nb.weight[k] > 0) {
+      inside |= 1u << k;
+      labels |= static_cast<uint64_t>(static_cast<uint8_t>(at(static_cast<uint64_t>(nb.index[k])))) << (8 * k);
     }
-    weight[j] = dadd(weight[j], nb.weight[k]);
   }
-  if (used == 0) return 0;
-  int best = 0;
-  for (int j = 1; j < used; ++j) {
-    if (weight[j] > weight[best] || (weight[j] == weight[best] && label[j] < label[best])) best = j;
+  uint8_t best = 0;  // background where no voxel inside the volume has weight
+  double best_weight = 0;
+  TRESOR_UNROLL
+  for (int k = 0; k < 8; ++k) {
+    if ((inside >> k & 1u) == 0) continue;
+    const auto l = static_cast<uint8_t>(labels >> (8 * k));
+    double w = 0;
+    TRESOR_UNROLL
+    for (int j = 0; j < 8; ++j) {
+      if ((inside >> j & 1u) != 0 && static_cast<uint8_t>(labels >> (8 * j)) == l) w = dadd(w, nb.weight[j]);
+    }
+    if (w > best_weight || (w == best_weight && l < best)) {
+      best = l;
+      best_weight = w;
+    }
   }
-  return label[best];
+  return best;
 }
 
 /// The contrast change (nnU-Net's ContrastTransform with preserve_range: x' = (x − mean)·factor +
@@ -412,13 +421,15 @@ TRESOR_HD inline uint64_t reflect_index(int64_t i, uint64_t n) {
 }
 /// Voxel i of one pass along `axis` over a patch of n voxels (x fastest).
 TRESOR_HD inline float blur_voxel(const float* in, const uint64_t n[3], unsigned axis, const BlurKernel& k, uint64_t i) {
-  const uint64_t c[3] = {i % n[0], (i / n[0]) % n[1], i / (n[0] * n[1])};
+  // Selected, not indexed by `axis`: arrays indexed at run time go to local memory on a GPU.
+  const uint64_t ca = axis == 0 ? i % n[0] : (axis == 1 ? (i / n[0]) % n[1] : i / (n[0] * n[1]));
+  const uint64_t na = axis == 0 ? n[0] : (axis == 1 ? n[1] : n[2]);
   const uint64_t stride = axis == 0 ? 1 : (axis == 1 ? n[0] : n[0] * n[1]);
-  const uint64_t base = i - c[axis] * stride;
+  const uint64_t base = i - ca * stride;
   const auto h = static_cast<int64_t>(k.taps / 2);
   double v = 0;
   for (unsigned j = 0; j < k.taps; ++j) {
-    const uint64_t q = reflect_index(static_cast<int64_t>(c[axis]) + static_cast<int64_t>(j) - h, n[axis]);
+    const uint64_t q = reflect_index(static_cast<int64_t>(ca) + static_cast<int64_t>(j) - h, na);
     v = dadd(v, dmul(k.w[j], static_cast<double>(in[base + q * stride])));
   }
   return static_cast<float>(v);

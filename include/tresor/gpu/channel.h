@@ -111,6 +111,10 @@ class DeviceBuffer {
 struct ChannelOptions {
   unsigned batch_chunks = 64;  // chunks per staging slot (one copy, one launch of that many blocks)
   unsigned depth = 3;          // staging slots: 2 = double, 3 = triple buffering
+  // A slot's bytes at most (pinned host memory, in an SNP guest shared bounce memory, and the same
+  // again on the device, per slot): large chunks take fewer per slot, at least one. With 64 MiB
+  // chunks the default batch would pin 4 GiB a slot.
+  size_t max_slot_bytes = size_t{256} << 20;
 };
 
 /// What the last transfer did (for benchmarks and tests).
@@ -139,6 +143,8 @@ class SecureChannel {
 
  private:
   ChannelDevice& device_;
+  // Chunks per slot for frames of chunk_size: batch_chunks, fewer where max_slot_bytes says so.
+  [[nodiscard]] uint64_t batch_for(uint64_t chunk_size) const;
   ChannelOptions options_;
   TransferStats stats_;
 };

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <array>
+#include <initializer_list>
 #include <string>
 #include <vector>
 #include <cstddef>
@@ -48,6 +49,10 @@ struct PrepTimings {
   double setup_ms = 0;
   size_t peak_device_bytes = 0;  // device memory this call allocated, at its peak (inputs included
                                  // for prepare, the caller's excluded for prepare_device)
+  size_t device_used_bytes = 0;  // what the device gave up for this call at its peak, measured: cudaMemGetInfo's
+                                 // free memory before the first allocation minus its lowest value after one
+                                 // (allocation granularity included; device-wide, so another process allocating
+                                 // on the GPU at the same time counts too); prepare and prepare_device, else 0
 };
 
 /// Device memory on one CUDA device, owned: zeroed, then freed, when destroyed or reset. Move-only;
@@ -63,6 +68,9 @@ class DeviceBuffer {
   /// `bytes` of device memory on `device` (uninitialised). kUnavailable with CUDA's reason.
   [[nodiscard]] static Result<DeviceBuffer> allocate(int device, size_t bytes);
   void reset();
+  /// reset() for many buffers: zeroed and freed with two device-wide synchronisations in all
+  /// (reset() takes two for each). Empty buffers are skipped; all others must be on one device.
+  static void reset_all(std::initializer_list<DeviceBuffer*> buffers);
   [[nodiscard]] void* get() const { return p_; }
   template <typename T>
   [[nodiscard]] T* as() const {

@@ -61,6 +61,9 @@ class GpuUNet {
   /// 2^(levels−1)), as UNet::forward; keeps the activations for loss_and_backward. A new input
   /// shape reallocates the activations. kInvalidArgument names the field as UNet::forward does.
   [[nodiscard]] Result<tresor::train::Tensor> forward(const tresor::train::Tensor& x);
+  /// forward without the copy of the logits to the host: they stay on the device for
+  /// loss_statistics / loss_and_backward (the training step needs nothing else). Same checks.
+  [[nodiscard]] Result<void> forward_keep(const tresor::train::Tensor& x);
   /// dice_ce_loss (train.h) of the last forward's logits against `target` (n·d·h·w classes),
   /// then the backward pass: the flat gradient (parameters()' layout, overwritten) stays on the
   /// device for the next optimizer step; gradients() reads it. kInvalidArgument before any
