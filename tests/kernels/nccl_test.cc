@@ -1,10 +1,14 @@
 // NCCL collectives (include/tresor/gpu/nccl.h): the unique-id bootstrap over the CPU collectives
-// runs everywhere; without a GPU connect_nccl says why; on a GPU (scripts/gpu-check) one rank's
-// all-reduce and broadcast over device memory.
+// and the watch over NCCL's non-blocking calls (await_nccl, on a fake clock) run everywhere;
+// without a GPU connect_nccl says why; on a GPU (scripts/gpu-check) one rank's all-reduce and
+// broadcast over device memory.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <chrono>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include "cuda_shim.h"
 #include "support/test_support.h"
@@ -40,6 +44,75 @@ TEST(Nccl, TheUniqueIdReachesEveryRankExactly) {
     }
   }
   for (const auto& id : got) EXPECT_EQ(id, sent);
+}
+
+// await_nccl on a fake clock: pauses advance its time, nothing sleeps.
+struct FakeWaiting {
+  double t = 1000;
+  std::vector<long> pauses_us;
+  NcclWaiting waiting() {
+    return {[this] { return t; },
+            [this](std::chrono::microseconds d) {
+              pauses_us.push_back(static_cast<long>(d.count()));
+              t += static_cast<double>(d.count()) * 1e-6;
+            }};
+  }
+};
+using State = NcclProgress::State;
+
+// Running, running, done: no give-up, the pauses double from 20 µs.
+TEST(NcclWatch, ReturnsWhenTheOperationFinishes) {
+  FakeWaiting w;
+  int looks = 0, gave_up = 0;
+  auto r = await_nccl([&]() -> Result<NcclProgress> { return NcclProgress{++looks < 3 ? State::kRunning : State::kDone, ""}; }, 10, "joining", 1,
+                      [&] { ++gave_up; }, w.waiting());
+  ASSERT_TRUE(r) << r.error().message;
+  EXPECT_EQ(looks, 3);
+  EXPECT_EQ(gave_up, 0);
+  EXPECT_EQ(w.pauses_us, (std::vector<long>{20, 40}));
+}
+
+// A rank that never joins: after the timeout the communicator is aborted once and the error says
+// what did not finish, where and after how long; the pauses stay at most 5 ms.
+TEST(NcclWatch, GivesUpAfterTheTimeout) {
+  FakeWaiting w;
+  int gave_up = 0;
+  auto r = await_nccl([]() -> Result<NcclProgress> { return NcclProgress{State::kRunning, ""}; }, 2, "joining the other ranks", 3, [&] { ++gave_up; },
+                      w.waiting());
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ErrorCode::kUnavailable);
+  EXPECT_EQ(r.error().message, "nccl: joining the other ranks did not finish within 2 s on rank 3 (another rank stopped or hangs); the communicator was aborted");
+  EXPECT_EQ(gave_up, 1);
+  EXPECT_GT(w.t, 1002.0);
+  EXPECT_LT(w.t, 1002.006);
+  EXPECT_EQ(*std::max_element(w.pauses_us.begin(), w.pauses_us.end()), 5000);
+}
+
+// NCCL reports an error (a peer gone), or the look itself fails: aborted once, both texts kept.
+TEST(NcclWatch, AFailureAbortsAndSaysWhy) {
+  FakeWaiting w;
+  int gave_up = 0, looks = 0;
+  auto failed = await_nccl(
+      [&]() -> Result<NcclProgress> {
+        return ++looks < 2 ? NcclProgress{State::kRunning, ""} : NcclProgress{State::kFailed, "remote process exited or there was a network error"};
+      },
+      600, "a collective", 0, [&] { ++gave_up; }, w.waiting());
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.error().message, "nccl: a collective failed on rank 0: remote process exited or there was a network error; the communicator was aborted");
+  EXPECT_EQ(gave_up, 1);
+  auto broken = await_nccl([]() -> Result<NcclProgress> { return fail(ErrorCode::kUnavailable, "nccl: ncclCommGetAsyncError: invalid argument"); }, 600,
+                           "a collective", 2, [&] { ++gave_up; }, w.waiting());
+  ASSERT_FALSE(broken);
+  EXPECT_NE(broken.error().message.find("on rank 2: nccl: ncclCommGetAsyncError: invalid argument"), std::string::npos) << broken.error().message;
+  EXPECT_EQ(gave_up, 2);
+}
+
+// The real clock: a short timeout ends a look that never finishes, in about that time.
+TEST(NcclWatch, TheRealClockTimesOut) {
+  const auto start = std::chrono::steady_clock::now();
+  auto r = await_nccl([]() -> Result<NcclProgress> { return NcclProgress{State::kRunning, ""}; }, 0.05, "a collective", 0, [] {});
+  ASSERT_FALSE(r);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(50));
 }
 
 TEST(Nccl, WithoutAGpuConnectingSaysWhy) {

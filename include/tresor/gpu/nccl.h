@@ -10,8 +10,11 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
+#include <string>
 
 #include "tresor/error.h"
 #include "tresor/train/collective.h"
@@ -42,6 +45,29 @@ class DeviceCollective {
   [[nodiscard]] virtual Result<void> wait(void* stream) = 0;
 };
 
+/// An NCCL operation in progress as one look at it reports (ncclCommGetAsyncError on a
+/// non-blocking communicator, and the stream of a queued collective): still running, finished, or
+/// failed with NCCL's or CUDA's text.
+struct NcclProgress {
+  enum class State { kRunning, kDone, kFailed };
+  State state = State::kRunning;
+  std::string error;
+};
+/// The clock and the pause of await_nccl: steady time in seconds and a sleep. Real by default; the
+/// tests' fake advances its own time instead of sleeping.
+struct NcclWaiting {
+  std::function<double()> now;
+  std::function<void(std::chrono::microseconds)> pause;
+  [[nodiscard]] static NcclWaiting real();
+};
+/// Looks at an operation with `poll` until it reports done ({}), with pauses from 20 µs doubling
+/// to 5 ms between looks. On failure (poll's own error included), or when `timeout_s` has passed
+/// without an answer, calls `give_up` once (NCCL: ncclCommAbort, which frees the communicator and
+/// ends its kernels) and returns kUnavailable naming `what`: "nccl: <what> failed on rank R: …" or
+/// "nccl: <what> did not finish within T s on rank R (…); the communicator was aborted".
+[[nodiscard]] Result<void> await_nccl(const std::function<Result<NcclProgress>()>& poll, double timeout_s, const std::string& what, int rank,
+                                      const std::function<void()>& give_up, const NcclWaiting& waiting = NcclWaiting::real());
+
 /// NCCL's unique id (128 bytes) from rank 0 to every rank of `bootstrap`: rank 0 passes its id,
 /// the others receive it into theirs (byte by byte as floats 0..255, which the CPU collectives
 /// carry exactly).
@@ -52,8 +78,9 @@ bool nccl_built();
 
 /// One rank per GPU over the ranks of `bootstrap`, this rank on CUDA device `device` (Slurm:
 /// SLURM_LOCALID). kUnavailable when the build has no NCCL, no such device exists, or NCCL fails
-/// (its error named); every rank must call it. `timeout_s` bounds each wait() (a training step's
-/// gradient all-reduce).
+/// (its error named); every rank must call it. `timeout_s` bounds the communicator's creation (a
+/// rank that never joins: NCCL's non-blocking creation, watched by await_nccl and aborted) and
+/// each wait() (a training step's gradient all-reduce).
 [[nodiscard]] Result<std::unique_ptr<DeviceCollective>> connect_nccl(tresor::train::Collective& bootstrap, int device, double timeout_s = 600);
 
 }  // namespace tresor::gpu
