@@ -38,6 +38,9 @@ ErrorCode error_code_from_name(std::string_view name) {
 
 std::string Admin::handle(std::string_view line, uint32_t uid) {
   json req;
+  if (!json_text_without_nul(line, "admin request")) {
+    return json{{"ok", false}, {"code", "invalid-argument"}, {"error", "admin request is not valid JSON: it holds a NUL byte"}}.dump();
+  }
   try {
     req = json::parse(line);
   } catch (const json::exception&) {

@@ -1,3 +1,4 @@
+#include "tresor/encoding.h"
 #include "tresor/broker/release.h"
 
 #include <nlohmann/json.hpp>
@@ -46,6 +47,7 @@ class Failures {
 
 Result<DatasetPolicy> parse_dataset_policy(std::string_view text) {
   json j;
+  TRESOR_TRY(json_text_without_nul(text, "dataset policy"));
   try {
     j = json::parse(text);
   } catch (const json::exception& e) {

@@ -30,6 +30,13 @@ std::string_view error_code_name(ErrorCode code) {
   return "unknown";
 }
 
+Result<void> json_text_without_nul(std::string_view text, std::string_view what) {
+  if (const size_t at = text.find('\0'); at != std::string_view::npos) {
+    return fail(ErrorCode::kInvalidArgument, std::string(what) + " is not valid JSON: a NUL byte at offset " + std::to_string(at));
+  }
+  return {};
+}
+
 std::string to_hex(ByteSpan b) {
   static constexpr char kDigits[] = "0123456789abcdef";
   std::string out;

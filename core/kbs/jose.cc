@@ -332,11 +332,27 @@ Result<SecretBuffer> concat_kdf(ByteSpan z, std::string_view alg_id, ByteSpan ap
   return out;
 }
 
-// A member's string value, or "" when it is absent or not a string: callers compare the result
-// against the one value they accept, so a wrong type is refused with that member's message
-// instead of escaping as a JSON type exception (input from the guest reaches these parsers).
+namespace {
+
+// Numbers beyond ±2^53, written as integers or not, are refused. RFC 8785 §3.2.2.3 canonicalizes
+// every number as an IEEE 754 double: an integer beyond 2^53 may not survive (2^53 + 1 becomes
+// 2^53), and a double in [2^53, 10^21) prints as ECMAScript's shortest digits without an
+// exponent, an integer literal that is not the double's value (2^62 prints 4611686018427388000).
+// I-JSON (RFC 7493 §2.2) keeps integers within ±(2^53 − 1) for this reason; Tresor's documents
+// hold nothing larger (times, counts, versions). Refusing the floats too keeps canonical JSON a
+// fixed point of parse and canonicalize: fuzz.kbs_json found 9999999999999999999.99… accepted,
+// canonicalized to 10000000000000000000, and that refused on the way back.
+constexpr double kMaxExact = 9007199254740992.0;  // 2^53
+bool beyond_exact(const json& v) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>() > (uint64_t{1} << 53);
+  if (v.is_number_integer()) return v.get<int64_t>() > (int64_t{1} << 53) || v.get<int64_t>() < -(int64_t{1} << 53);
+  return v.is_number_float() && std::fabs(v.get<double>()) > kMaxExact;
+}
+
+}  // namespace
+
 Result<json> parse_strict_json(std::string_view text, std::string_view what) {
-  constexpr uint64_t kMaxExact = uint64_t{1} << 53;  // RFC 8785 §3.2.2.3: IEEE 754 doubles
+  TRESOR_TRY(json_text_without_nul(text, what));
   std::vector<std::set<std::string>> names;  // one set per object being parsed
   std::string problem;
   const json::parser_callback_t check = [&](int, json::parse_event_t event, json& parsed) {
@@ -350,10 +366,9 @@ Result<json> parse_strict_json(std::string_view text, std::string_view what) {
         }
         break;
       case json::parse_event_t::value:
-        if ((parsed.is_number_unsigned() && parsed.get<uint64_t>() > kMaxExact) ||
-            (parsed.is_number_integer() && !parsed.is_number_unsigned() &&
-             (parsed.get<int64_t>() < -static_cast<int64_t>(kMaxExact) || parsed.get<int64_t>() > static_cast<int64_t>(kMaxExact)))) {
-          problem = "integer " + parsed.dump() + " is beyond ±2^53 and has no exact canonical form";
+        if (beyond_exact(parsed)) {
+          problem = std::string(parsed.is_number_float() ? "number " : "integer ") + parsed.dump() +
+                    " is beyond ±2^53 and has no exact canonical form (RFC 8785 §3.2.2.3, RFC 7493 §2.2)";
         }
         break;
       default: break;
@@ -370,6 +385,9 @@ Result<json> parse_strict_json(std::string_view text, std::string_view what) {
   return j;
 }
 
+// A member's string value, or "" when it is absent or not a string: callers compare the result
+// against the one value they accept, so a wrong type is refused with that member's message
+// instead of escaping as a JSON type exception (input from the guest reaches these parsers).
 static std::string string_or_empty(const json& obj, const char* name) {
   const auto it = obj.find(name);
   return it != obj.end() && it->is_string() ? it->get<std::string>() : std::string();

@@ -1,3 +1,4 @@
+#include "tresor/encoding.h"
 #include "tresor/kbs/session.h"
 
 namespace tresor::kbs {
@@ -11,6 +12,7 @@ std::unexpected<Error> denied(const std::string& why) { return fail(ErrorCode::k
 
 Result<Session> SessionTable::auth(std::string_view request_json, std::time_t now) {
   json req;
+  TRESOR_TRY(json_text_without_nul(request_json, "KBS Request"));
   try {
     req = json::parse(request_json);
   } catch (const json::exception&) {

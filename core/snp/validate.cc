@@ -1,5 +1,6 @@
 // Attestation policy: parsing (JSON, strict) and validation of verified SNP claims. Every check
 // cites the report field it reads (SNP ABI spec 56860, Table 23 / Table 9).
+#include "tresor/encoding.h"
 #include "tresor/snp/validate.h"
 
 #include <nlohmann/json.hpp>
@@ -77,6 +78,7 @@ std::string version_text(int major, int minor) { return std::to_string(major) + 
 
 Result<Policy> parse_policy(std::string_view text) {
   json j;
+  TRESOR_TRY(json_text_without_nul(text, "policy"));
   try {
     j = json::parse(text);
   } catch (const json::exception& e) {

@@ -29,6 +29,12 @@ inline Bytes to_bytes(std::string_view s) {
   return {b.begin(), b.end()};
 }
 
+/// Refuses JSON text holding a NUL byte before it reaches a parser: RFC 8259 allows U+0000 only
+/// escaped inside strings, and nlohmann::json takes a raw NUL for the end of the input, so
+/// `{"a":1}\0anything` would parse as `{"a":1}` (what follows unread, while a signature or hash
+/// over the text covers it). kInvalidArgument "<what> is not valid JSON: a NUL byte at offset N".
+[[nodiscard]] Result<void> json_text_without_nul(std::string_view text, std::string_view what);
+
 /// Lower-case hex of `b`.
 std::string to_hex(ByteSpan b);
 /// Parses hex (either case, no separators); the error names `what` and the offending position.

@@ -239,6 +239,7 @@ TEST(BrokerRelease, DatasetPolicyParsingIsStrict) {
   EXPECT_TRUE(parse_dataset_policy(policy_json(R"(, "users": ["alice"], "expires_at": 1798761600)")));
   const std::vector<std::pair<std::string, std::string>> bad = {
       {"not json", "not valid JSON"},
+      {std::string("{}\0{}", 5), "dataset policy is not valid JSON: a NUL byte at offset 2"},
       {R"({"attestation": {}, "expires_at": 1e99999})", "not valid JSON"},
       {"[]", "must be a JSON object"},
       {"{}", "\"attestation\" is required"},

@@ -23,8 +23,10 @@ namespace tresor::kbs {
 
 /// Parses JSON that will be signed, hashed or canonicalized, more strictly than RFC 8259 asks:
 /// a member name repeated within one object (RFC 8259 §4 leaves its meaning open; parsers differ
-/// on which value wins) and integers beyond ±2^53 (not exact in RFC 8785's ECMAScript numbers)
-/// are errors. kInvalidArgument names the problem and prefixes `what`.
+/// on which value wins), numbers beyond ±2^53, integers or not (not exact in RFC 8785's
+/// ECMAScript numbers; refusing the floats too keeps canonical JSON a fixed point), and a raw NUL
+/// byte anywhere (json_text_without_nul: nlohmann::json would stop reading there) are errors.
+/// kInvalidArgument names the problem and prefixes `what`.
 [[nodiscard]] Result<nlohmann::json> parse_strict_json(std::string_view text, std::string_view what);
 
 /// A JSON Web Key for the TEE's ephemeral key: EC P-256 ("kty":"EC","crv":"P-256",x,y[,d]) or

@@ -10,6 +10,8 @@
 
 #include <cmath>
 #include <filesystem>
+#include <string_view>
+#include <utility>
 
 #include "support/test_support.h"
 #include "tresor/kbs/jose.h"
@@ -53,8 +55,11 @@ TEST(Jcs, StrictParseRefusesRepeatedNamesAndInexactIntegers) {
   const std::pair<const char*, const char*> bad[] = {
       {R"({"a":1,"a":1})", "doc: member \"a\" appears twice"},
       {R"({"o":{"x":1,"y":2,"x":3}})", "member \"x\" appears twice"},
-      {R"({"n":9007199254740993})", "integer 9007199254740993 is beyond"},
-      {R"({"n":-9007199254740993})", "integer -9007199254740993 is beyond"},
+      {R"({"n":9007199254740993})", "integer 9007199254740993 is beyond ±2^53"},
+      {R"({"n":-9007199254740993})", "integer -9007199254740993 is beyond ±2^53"},
+      {R"({"n":1152921504606846976})", "integer 1152921504606846976 is beyond ±2^53"},  // 2^60: exact as a double, still refused
+      {R"({"n":9007199254740994.0})", "number 9.007199254740994e+15 is beyond ±2^53"},
+      {R"([1e300])", "number 1e+300 is beyond ±2^53"},
       {R"([1,)", "doc is not valid JSON"},
   };
   for (const auto& [text, want] : bad) {
@@ -62,7 +67,42 @@ TEST(Jcs, StrictParseRefusesRepeatedNamesAndInexactIntegers) {
     ASSERT_TRUE(FailsWith(r, ErrorCode::kInvalidArgument)) << text;
     EXPECT_NE(r.error().message.find(want), std::string::npos) << r.error().message;
   }
-  EXPECT_TRUE(kbs::parse_strict_json(R"({"n":9007199254740992,"m":-9007199254740992})", "doc"));
+  EXPECT_TRUE(kbs::parse_strict_json(R"({"n":9007199254740992,"m":-9007199254740992,"f":9007199254740992.0,"g":-0.5})", "doc"));
+}
+
+// Canonical JSON is a fixed point of the strict parser and canonicalization: every number the
+// parser takes has a canonical form it takes back. The kbs_json fuzz target found the case that
+// broke it: 9999999999999999999.99… (accepted then) → "10000000000000000000" (refused); such
+// numbers are now refused on the way in.
+TEST(Jcs, AcceptedNumbersCanonicalizeToTextThatParsesBack) {
+  EXPECT_FALSE(kbs::parse_strict_json("9999999999999999999.9999999999", "doc"));
+  EXPECT_FALSE(kbs::parse_strict_json("[1e21]", "doc"));
+  for (const char* text : {"9007199254740992.0", "-9007199254740992", "0.1", "1e-300", "[123456789012.5, -4503599627370495.5]"}) {
+    SCOPED_TRACE(text);
+    auto j = kbs::parse_strict_json(text, "doc");
+    ASSERT_TRUE(j) << j.error().message;
+    auto canon = kbs::canonical_json(*j);
+    ASSERT_TRUE(canon);
+    auto again = kbs::parse_strict_json(*canon, "canonical");
+    ASSERT_TRUE(again) << *canon << ": " << again.error().message;
+    EXPECT_EQ(*kbs::canonical_json(*again), *canon);
+  }
+}
+
+// nlohmann::json stops at a raw NUL as if the text ended there; JSON text cannot hold one (RFC
+// 8259: U+0000 only escaped, inside strings), so the text is refused, naming the offset.
+TEST(Jcs, ANulByteInTheTextIsRefused) {
+  using namespace std::literals;
+  const std::pair<std::string_view, size_t> cases[] = {{"{\"a\":1}\0{\"b\":2}"sv, 7}, {"1\0"sv, 1}, {"\0"sv, 0}};
+  for (const auto& [text, at] : cases) {
+    auto r = kbs::parse_strict_json(text, "doc");
+    ASSERT_TRUE(FailsWith(r, ErrorCode::kInvalidArgument));
+    EXPECT_EQ(r.error().message, "doc is not valid JSON: a NUL byte at offset " + std::to_string(at));
+  }
+  // Escaped, U+0000 is an ordinary character of a string.
+  auto escaped = kbs::parse_strict_json(R"({"a":"x\u0000y"})", "doc");
+  ASSERT_TRUE(escaped) << escaped.error().message;
+  EXPECT_EQ((*escaped)["a"].get<std::string>().size(), 3u);
 }
 
 TEST(Jcs, NumbersInEcmaScriptForm) {

@@ -52,7 +52,14 @@ TEST(KbsSession, RequestsAreChecked) {
     ASSERT_TRUE(FailsWith(s, ErrorCode::kInvalidArgument));
     EXPECT_NE(s.error().message.find(want), std::string::npos) << s.error().message;
   }
-  EXPECT_EQ(t.size(), 0u);
+  // A NUL byte ends the text for the JSON parser: a request with anything after one is refused.
+  const std::string prefix = R"({"version":"0.4.0","tee":"snp"})";
+  auto nul = t.auth(prefix + std::string(1, '\0') + "junk", 0);
+  ASSERT_TRUE(FailsWith(nul, ErrorCode::kInvalidArgument));
+  EXPECT_EQ(nul.error().message, "KBS Request is not valid JSON: a NUL byte at offset " + std::to_string(prefix.size()));
+  EXPECT_EQ(t.size(), 0u) << "no refused request left a session";
+  EXPECT_TRUE(t.auth(prefix, 0)) << "the same request without it is taken";
+  EXPECT_EQ(t.size(), 1u);
 }
 
 TEST(KbsSession, OneNonceOneAttempt) {

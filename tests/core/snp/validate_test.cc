@@ -106,6 +106,7 @@ TEST(SnpValidate, MalformedPoliciesAreRejectedNamingTheKey) {
   const std::string tcb = R"("min_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115})";
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"not json", "not valid JSON"},
+      {std::string("{}\0{}", 5), "policy is not valid JSON: a NUL byte at offset 2"},  // a parser would stop there
       {"[1,2]", "JSON object"},
       {"{" + tcb + "}", "\"measurements\": is required"},
       {R"({"measurements": [], )" + tcb + "}", "at least one"},
