@@ -93,9 +93,10 @@ CudaStatus cuda_set_device(int device) { return status("cudaSetDevice", cudaSetD
 CudaStatus cuda_alloc(void** p, size_t n) { return status("cudaMalloc", cudaMalloc(p, n == 0 ? 1 : n)); }
 CudaStatus cuda_free_wiped(void* p, size_t n) {
   if (p == nullptr) return {};
-  return cuda_free_wiped_all(&p, &n, 1);
+  const std::pair<void*, size_t> one{p, n};
+  return cuda_free_wiped_all(&one, 1);
 }
-CudaStatus cuda_free_wiped_all(void* const* p, const size_t* n, size_t count) {
+CudaStatus cuda_free_wiped_all(const std::pair<void*, size_t>* buffers, size_t count) {
   if (count == 0) return {};
   // Work still queued on other streams may write into the buffers: let it finish before the
   // wipes, one synchronisation for all. The wipes and frees are attempted even when that fails
@@ -103,15 +104,16 @@ CudaStatus cuda_free_wiped_all(void* const* p, const size_t* n, size_t count) {
   const cudaError_t s = cudaDeviceSynchronize();
   cudaError_t e = cudaSuccess;
   for (size_t i = 0; i < count; ++i) {
-    if (p[i] == nullptr) continue;
-    const cudaError_t m = cudaMemset(p[i], 0, n[i] == 0 ? 1 : n[i]);
+    const auto [p, n] = buffers[i];
+    if (p == nullptr) continue;
+    const cudaError_t m = cudaMemset(p, 0, n == 0 ? 1 : n);
     if (e == cudaSuccess) e = m;
   }
   if (e == cudaSuccess) e = cudaDeviceSynchronize();
   cudaError_t f = cudaSuccess;
   for (size_t i = 0; i < count; ++i) {
-    if (p[i] == nullptr) continue;
-    const cudaError_t r = cudaFree(p[i]);
+    if (buffers[i].first == nullptr) continue;
+    const cudaError_t r = cudaFree(buffers[i].first);
     if (f == cudaSuccess) f = r;
   }
   if (e != cudaSuccess) return status("cudaMemset (wiping before cudaFree)", e);

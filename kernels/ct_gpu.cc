@@ -61,10 +61,8 @@ void DeviceBuffer::reset() {
   n_ = 0;
 }
 void DeviceBuffer::reset_all(std::initializer_list<DeviceBuffer*> buffers) {
-  std::vector<void*> p;
-  std::vector<size_t> n;
-  p.reserve(buffers.size());  // before any buffer gives up its pointer: nothing below allocates
-  n.reserve(buffers.size());
+  std::vector<std::pair<void*, size_t>> taken;
+  taken.reserve(buffers.size());  // before any buffer gives up its pointer: nothing below allocates
   int device = -1;
   for (DeviceBuffer* b : buffers) {
     if (b->p_ == nullptr) continue;
@@ -73,13 +71,12 @@ void DeviceBuffer::reset_all(std::initializer_list<DeviceBuffer*> buffers) {
       b->reset();  // not the contract; still wiped and freed, alone
       continue;
     }
-    p.push_back(std::exchange(b->p_, nullptr));
-    n.push_back(std::exchange(b->n_, 0));
+    taken.emplace_back(std::exchange(b->p_, nullptr), std::exchange(b->n_, 0));
   }
-  if (p.empty()) return;
+  if (taken.empty()) return;
   gpu::detail::CurrentDevice current;
   (void)current.select(device);
-  (void)gpu::detail::cuda_free_wiped_all(p.data(), n.data(), p.size());
+  (void)gpu::detail::cuda_free_wiped_all(taken.data(), taken.size());
 }
 #else
 Result<DeviceBuffer> DeviceBuffer::allocate(int, size_t) { return fail(ErrorCode::kUnavailable, kNoCuda); }
@@ -166,13 +163,11 @@ class Allocator {
     auto b = DeviceBuffer::allocate(device_, n);
     if (!b) return b;
     bytes_ += n;
-    size_t free = 0;
-    if (auto r = cuda(gpu::detail::cuda_free_memory(&free)); !r) return std::unexpected(r.error());
-    lowest_free_ = std::min(lowest_free_, free);
+    if (auto r = sample(); !r) return std::unexpected(r.error());
     return b;
   }
-  // Once more after the work: memory the device takes while running (modules loaded lazily, the
-  // local-memory reserve) counts too.
+  // After each allocation, and once more after the work: memory the device takes while running
+  // (modules loaded lazily, the local-memory reserve) counts too.
   Result<void> sample() {
     size_t free = 0;
     TRESOR_TRY(cuda(gpu::detail::cuda_free_memory(&free)));

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 namespace tresor::gpu::detail {
 
@@ -39,7 +40,8 @@ CudaStatus aesgcm_enqueue(void* stream, const void* d_key, const AesGcmRun& run,
 CudaStatus cuda_set_device(int device);
 CudaStatus cuda_alloc(void** p, size_t n);
 CudaStatus cuda_free_wiped(void* p, size_t n);  // zeroed first: device memory holds plaintext and keys
-CudaStatus cuda_free_wiped_all(void* const* p, const size_t* n, size_t count);  // the same for many, two device syncs in all
+// The same for many (pointer, bytes) pairs, as their owners keep them: two device syncs in all.
+CudaStatus cuda_free_wiped_all(const std::pair<void*, size_t>* buffers, size_t count);
 CudaStatus cuda_host_alloc(void** p, size_t n);  // pinned
 CudaStatus cuda_host_free(void* p);
 CudaStatus cuda_stream_create(void** stream);

@@ -390,15 +390,7 @@ class Session {
 #ifdef TRESOR_HAVE_CUDA
     (void)gpu::detail::cuda_set_device(device_);
     if (stream_ != nullptr) (void)gpu::detail::cuda_stream_sync(stream_);
-    std::vector<void*> p;
-    std::vector<size_t> n;
-    p.reserve(buffers_.size());
-    n.reserve(buffers_.size());
-    for (auto [q, m] : buffers_) {
-      p.push_back(q);
-      n.push_back(m);
-    }
-    (void)gpu::detail::cuda_free_wiped_all(p.data(), n.data(), p.size());  // two device syncs for all
+    (void)gpu::detail::cuda_free_wiped_all(buffers_.data(), buffers_.size());  // two device syncs for all
     if (stream_ != nullptr) (void)gpu::detail::cuda_stream_destroy(stream_);
 #endif
   }

@@ -89,13 +89,7 @@ class Memory {
 #ifdef TRESOR_HAVE_CUDA
       // All wiped, then all freed, after one device-wide synchronisation (a network holds dozens
       // of buffers and reallocates them whenever the batch shape changes).
-      std::vector<void*> p;
-      std::vector<size_t> n;
-      for (auto [q, m] : buffers_) {
-        p.push_back(q);
-        n.push_back(m);
-      }
-      (void)gpu::detail::cuda_free_wiped_all(p.data(), n.data(), p.size());
+      (void)gpu::detail::cuda_free_wiped_all(buffers_.data(), buffers_.size());
 #endif
     }
     buffers_.clear();
