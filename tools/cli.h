@@ -151,6 +151,7 @@ int cmd_bench_gpu(int argc, char** argv);
 int cmd_phantom(int argc, char** argv);
 int cmd_prep(int argc, char** argv);
 int cmd_train(int argc, char** argv);
+int cmd_roster(int argc, char** argv);
 int cmd_bench_prep(int argc, char** argv);
 int cmd_bench_train(int argc, char** argv);
 int cmd_predict(int argc, char** argv);

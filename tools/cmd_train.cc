@@ -361,6 +361,8 @@ int cmd_train(int argc, char** argv) {
       ("rank", po::value<int>(), "run as this one rank of --ranks (default: SLURM_PROCID)")
       ("rendezvous", po::value<std::string>(), "a directory private to the job where the ranks meet (default: output.dir)")
       ("device", po::value<std::string>()->default_value("cpu"), "where the step runs: cpu (the reference), cuda:N or cuda (the GPU trainer; cuda: the rank's GPU on its node), emulated (the GPU trainer on its CPU emulation; slow)")
+      ("roster", po::value<std::string>(), "ranks across machines: the step roster (docs/training.md §5.3); every link is TLS pinned to its rank's key")
+      ("link-key", po::value<std::string>(), "this rank's link key (with --roster; `tresor roster keygen`)")
       ("join-timeout", po::value<int>()->default_value(120), "seconds the ranks wait for each other to appear")
       ("run-id", po::value<std::string>(), "tells runs sharing the rendezvous directory apart (default: SLURM_JOB_ID.SLURM_STEP_ID, or \"local\")");
   po::variables_map vm;
@@ -373,6 +375,22 @@ int cmd_train(int argc, char** argv) {
   rv.directory = vm.count("rendezvous") ? vm["rendezvous"].as<std::string>() : cfg->out;
   int ranks_per_node = 1, local_rank = 0;
   ChildRanks children;
+  // Across machines (docs/training.md §5.3): a step roster and this rank's link key.
+  if (vm.count("roster") != vm.count("link-key")) return report(Error{ErrorCode::kInvalidArgument, "train: --roster and --link-key go together"});
+  if (vm.count("roster")) {
+    auto text = read_small_file(vm["roster"].as<std::string>());
+    if (!text) return report(text.error());
+    auto roster = train::parse_roster(*text);
+    if (!roster) return report(Error{roster.error().code, "train: " + vm["roster"].as<std::string>() + ": " + roster.error().message});
+    auto key_text = read_secret_file(vm["link-key"].as<std::string>());
+    if (!key_text) return report(key_text.error());
+    auto key = train::parse_link_key(std::string_view(reinterpret_cast<const char*>(key_text->data()), key_text->size()));
+    if (!key) return report(Error{key.error().code, "train: " + vm["link-key"].as<std::string>() + ": " + key.error().message});
+    rv.roster = std::make_shared<const train::Roster>(std::move(*roster));
+    rv.link_key = std::make_shared<const crypto::Key>(std::move(*key));
+    rv.run_id = rv.roster->step;  // Slurm's JOB.STEP or --run-id must agree (checked when the ranks meet)
+    if (vm.count("ranks") && !vm.count("rank")) return report(Error{ErrorCode::kInvalidArgument, "train: with --roster every rank is started on its own machine (--ranks N needs --rank R)"});
+  }
   if (vm.count("ranks") || vm.count("rank")) {
     if (!vm.count("ranks")) return report(Error{ErrorCode::kInvalidArgument, "train: --rank needs --ranks"});
     rv.size = vm["ranks"].as<int>();
@@ -396,16 +414,15 @@ int cmd_train(int argc, char** argv) {
     auto slurm = train::ranks_from_slurm([](const char* name) { return std::getenv(name); });
     if (!slurm) return report(Error{slurm.error().code, "train: " + slurm.error().message});
     if (*slurm) {
-      if ((*slurm)->nodes > 1) {
+      if ((*slurm)->nodes > 1 && !rv.roster) {
         return report(Error{ErrorCode::kInvalidArgument, "train: the step spans " + std::to_string((*slurm)->nodes) +
-                                                             " nodes; the CPU collective joins ranks on one machine only (several nodes need the GPU backend over the encrypted "
-                                                             "overlay, docs/training.md §5)"});
+                                                             " nodes; without --roster and --link-key the ranks meet on one machine only (docs/training.md §5.3)"});
       }
       rv.size = (*slurm)->size;
       rv.rank = (*slurm)->rank;
       rv.run_id = (*slurm)->run_id;
       local_rank = (*slurm)->local_rank;
-      ranks_per_node = rv.size;
+      ranks_per_node = (rv.size + (*slurm)->nodes - 1) / (*slurm)->nodes;  // the ranks sharing this machine's cores
     }
   }
   // Where the step runs (docs/training.md §12): "cuda" alone is the GPU of this rank's index on

@@ -31,6 +31,7 @@ constexpr Command kCommands[] = {
     {"phantom", tresor::cli::cmd_phantom, "a synthetic coronary CT angiography volume with its ground truth (NIfTI)"},
     {"prep", tresor::cli::cmd_prep, "CT preprocessing: isotropic z-scored volumes, vesselness, training patches, previews"},
     {"train", tresor::cli::cmd_train, "train the coronary 3D U-Net on prepared CT (CPU reference; sealed checkpoints)"},
+    {"roster", tresor::cli::cmd_roster, "link keys and step rosters: data-parallel training across machines over pinned TLS"},
     {"predict", tresor::cli::cmd_predict, "segment prepared CT with a trained checkpoint (sliding windows; sealed outputs)"},
     {"bench", tresor::cli::cmd_bench, "benchmarks: seal (throughput against OpenSSL), verify (SNP reports), broker (KBS flows under load), launch, gpu (the GPU data path), prep (CT preprocessing against scikit-image), train (the U-Net step against PyTorch)"},
     {"version", tresor::cli::cmd_version, "print version, OpenSSL and CUDA information"},

@@ -11,6 +11,16 @@
 // elements; rank 0 checks that all headers agree with its own, adds the buffers in rank order
 // (0 first, each addition rounded in the element type, as the shared-memory backend does) and
 // answers each rank with a status byte and, when it is 0, the result.
+//
+// With a step roster (ranks on several machines, docs/training.md §5.3) there is no rendezvous
+// file: rank 0 listens on the roster's lead address; each connection is TLS 1.3 (OpenSSL; one
+// cipher suite, TLS_AES_256_GCM_SHA384; no session tickets or resumption) in which both ends
+// present a self-signed certificate for their Ed25519 link key and prove its private key
+// (CertificateVerify, RFC 8446 §4.4.3). Certificates are not validated as chains: the key is
+// pinned instead. A joining rank checks that rank 0's key is the roster's rank-0 key before it
+// sends anything, then sends the hello with the roster's SHA-256 in place of the token; rank 0
+// accepts it only when the digest is its own and the peer's key is the one listed for the rank
+// the hello names. Every byte after the handshake, hellos included, is inside TLS.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -29,6 +39,9 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
 
 #include "tresor/crypto.h"
 #include "tresor/encoding.h"
@@ -67,6 +80,26 @@ class Fd {
   int fd_ = -1;
 };
 
+struct SslDeleter {
+  void operator()(SSL* s) const { SSL_free(s); }
+};
+struct CtxDeleter {
+  void operator()(SSL_CTX* c) const { SSL_CTX_free(c); }
+};
+using SslCtx = std::unique_ptr<SSL_CTX, CtxDeleter>;
+
+// One connection between two ranks: a socket, and its TLS state when the group has a roster.
+// TLS reads and writes memory BIOs that this file moves to and from the socket itself, with
+// MSG_NOSIGNAL: OpenSSL's socket BIO writes with write(2), which raises SIGPIPE when a peer has
+// gone, and a library must not change how its process handles signals.
+struct Link {
+  Fd fd;
+  std::unique_ptr<SSL, SslDeleter> ssl;  // owns rbio and wbio
+  BIO* rbio = nullptr;                   // socket → TLS
+  BIO* wbio = nullptr;                   // TLS → socket
+  int get() const { return fd.get(); }
+};
+
 std::string errno_text(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
 
 // Waits until fd is ready for `events` or the deadline passes.
@@ -81,7 +114,7 @@ Result<void> wait_for(int fd, short events, Clock::time_point deadline, const st
   }
 }
 
-Result<void> send_all(int fd, const void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
+Result<void> send_fd(int fd, const void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
   const auto* p = static_cast<const char*>(data);
   while (n > 0) {
     TRESOR_TRY(wait_for(fd, POLLOUT, deadline, peer));
@@ -96,20 +129,155 @@ Result<void> send_all(int fd, const void* data, size_t n, Clock::time_point dead
   return {};
 }
 
-Result<void> recv_all(int fd, void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
-  auto* p = static_cast<char*>(data);
-  while (n > 0) {
+// Reads at least one byte (at most n); the count.
+Result<size_t> recv_some(int fd, void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
+  for (;;) {
     TRESOR_TRY(wait_for(fd, POLLIN, deadline, peer));
-    const ssize_t r = ::recv(fd, p, n, MSG_DONTWAIT);
+    const ssize_t r = ::recv(fd, data, n, MSG_DONTWAIT);
     if (r == 0) return fail(ErrorCode::kIo, "collective: " + peer + " closed its connection (did it exit?)");
-    if (r < 0) {
-      if (errno == EINTR || errno == EAGAIN) continue;
-      return fail(ErrorCode::kIo, "collective: receiving from " + peer + " failed: " + std::strerror(errno));
+    if (r > 0) return static_cast<size_t>(r);
+    if (errno != EINTR && errno != EAGAIN) return fail(ErrorCode::kIo, "collective: receiving from " + peer + " failed: " + std::strerror(errno));
+  }
+}
+
+// Sends whatever TLS has written (records, alerts, handshake messages).
+Result<void> tls_flush(Link& l, Clock::time_point deadline, const std::string& peer) {
+  std::array<char, 16384> buf;
+  for (;;) {
+    const int n = BIO_read(l.wbio, buf.data(), static_cast<int>(buf.size()));
+    if (n <= 0) return {};
+    TRESOR_TRY(send_fd(l.get(), buf.data(), static_cast<size_t>(n), deadline, peer));
+  }
+}
+
+// After a TLS call returned r: flushes what it wrote, and feeds it more bytes when it wants them;
+// an error otherwise.
+Result<void> tls_continue(Link& l, int r, Clock::time_point deadline, const std::string& peer, const char* doing) {
+  const int e = SSL_get_error(l.ssl.get(), r);
+  const std::string why = e == SSL_ERROR_WANT_READ ? std::string() : crypto::openssl_error_string();
+  (void)tls_flush(l, deadline, peer);  // an alert, when TLS failed: the peer learns why
+  if (e == SSL_ERROR_WANT_READ) {
+    std::array<char, 65536> buf;
+    auto n = recv_some(l.get(), buf.data(), buf.size(), deadline, peer);
+    if (!n) return std::unexpected(n.error());
+    if (BIO_write(l.rbio, buf.data(), static_cast<int>(*n)) != static_cast<int>(*n)) return fail(ErrorCode::kIo, "collective: TLS input buffer: " + crypto::openssl_error_string());
+    return {};
+  }
+  if (e == SSL_ERROR_ZERO_RETURN) return fail(ErrorCode::kIo, "collective: " + peer + " closed its connection (did it exit?)");
+  // Anything else is a TLS failure: a record that does not authenticate, a protocol violation,
+  // a handshake the peer refused.
+  return fail(ErrorCode::kAuth, "collective: TLS " + std::string(doing) + " " + peer + " failed: " + (why.empty() ? "error " + std::to_string(e) : why));
+}
+
+Result<void> send_all(Link& l, const void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
+  if (!l.ssl) return send_fd(l.get(), data, n, deadline, peer);
+  const auto* p = static_cast<const char*>(data);
+  while (n > 0) {
+    // 256 KiB at a time, so that the ciphertext buffered in memory stays small.
+    size_t w = 0;
+    ERR_clear_error();
+    const int r = SSL_write_ex(l.ssl.get(), p, std::min<size_t>(n, size_t{1} << 18), &w);
+    if (r != 1) {
+      TRESOR_TRY(tls_continue(l, r, deadline, peer, "sending to"));
+      continue;
     }
-    p += r;
-    n -= static_cast<size_t>(r);
+    p += w;
+    n -= w;
+    TRESOR_TRY(tls_flush(l, deadline, peer));
   }
   return {};
+}
+
+Result<void> recv_all(Link& l, void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
+  auto* p = static_cast<char*>(data);
+  while (n > 0) {
+    if (!l.ssl) {
+      auto got = recv_some(l.get(), p, n, deadline, peer);
+      if (!got) return std::unexpected(got.error());
+      p += *got;
+      n -= *got;
+      continue;
+    }
+    size_t got = 0;
+    ERR_clear_error();
+    const int r = SSL_read_ex(l.ssl.get(), p, n, &got);
+    if (r != 1) {
+      TRESOR_TRY(tls_continue(l, r, deadline, peer, "receiving from"));
+      continue;
+    }
+    p += got;
+    n -= got;
+  }
+  return {};
+}
+
+Result<void> tls_handshake(Link& l, bool server, Clock::time_point deadline, const std::string& peer) {
+  for (;;) {
+    ERR_clear_error();
+    const int r = server ? SSL_accept(l.ssl.get()) : SSL_connect(l.ssl.get());
+    if (r == 1) return tls_flush(l, deadline, peer);
+    TRESOR_TRY(tls_continue(l, r, deadline, peer, "handshake with"));
+  }
+}
+
+// The TLS context of a rank with a roster: TLS 1.3 only, one cipher suite, no tickets or
+// resumption, this rank's link key in a self-signed certificate, and the peer's certificate
+// demanded but not validated as a chain (the caller pins its key after the handshake; the
+// handshake itself checks that the peer holds the key's private half).
+struct X509Deleter {
+  void operator()(X509* x) const { X509_free(x); }
+};
+Result<SslCtx> link_context(const crypto::Key& own, bool server) {
+  auto setup = [](const char* what) { return fail(ErrorCode::kCrypto, std::string("collective: TLS setup (") + what + "): " + crypto::openssl_error_string()); };
+  SslCtx ctx(SSL_CTX_new(server ? TLS_server_method() : TLS_client_method()));
+  if (!ctx) return setup("SSL_CTX_new");
+  if (SSL_CTX_set_min_proto_version(ctx.get(), TLS1_3_VERSION) != 1 || SSL_CTX_set_ciphersuites(ctx.get(), "TLS_AES_256_GCM_SHA384") != 1 ||
+      SSL_CTX_set_num_tickets(ctx.get(), 0) != 1) {
+    return setup("TLS 1.3, TLS_AES_256_GCM_SHA384, no tickets");
+  }
+  SSL_CTX_set_session_cache_mode(ctx.get(), SSL_SESS_CACHE_OFF);
+  std::unique_ptr<X509, X509Deleter> cert(X509_new());
+  X509_NAME* name = cert ? X509_get_subject_name(cert.get()) : nullptr;
+  if (!cert || name == nullptr || X509_set_version(cert.get(), 2) != 1 || ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), 1) != 1 ||
+      X509_gmtime_adj(X509_getm_notBefore(cert.get()), -86400) == nullptr || X509_gmtime_adj(X509_getm_notAfter(cert.get()), 86400L * 366) == nullptr ||
+      X509_set_pubkey(cert.get(), own.get()) != 1 ||
+      X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, reinterpret_cast<const unsigned char*>("tresor training rank"), -1, -1, 0) != 1 ||
+      X509_set_issuer_name(cert.get(), name) != 1 || X509_sign(cert.get(), own.get(), nullptr) == 0) {
+    return setup("the link key's certificate");
+  }
+  if (SSL_CTX_use_certificate(ctx.get(), cert.get()) != 1 || SSL_CTX_use_PrivateKey(ctx.get(), own.get()) != 1 || SSL_CTX_check_private_key(ctx.get()) != 1) {
+    return setup("the link key");
+  }
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, [](int, X509_STORE_CTX*) { return 1; });
+  return ctx;
+}
+
+// Starts TLS on a connected socket (the handshake is the caller's).
+Result<void> start_tls(Link& l, SSL_CTX* ctx) {
+  l.ssl.reset(SSL_new(ctx));
+  l.rbio = BIO_new(BIO_s_mem());
+  l.wbio = BIO_new(BIO_s_mem());
+  if (!l.ssl || l.rbio == nullptr || l.wbio == nullptr) {
+    BIO_free(l.rbio);
+    BIO_free(l.wbio);
+    l.rbio = l.wbio = nullptr;
+    return fail(ErrorCode::kCrypto, "collective: TLS setup: " + crypto::openssl_error_string());
+  }
+  SSL_set_bio(l.ssl.get(), l.rbio, l.wbio);  // the SSL owns both from here
+  return {};
+}
+
+// The Ed25519 key of the peer's certificate.
+Result<std::array<std::byte, 32>> peer_key(const Link& l) {
+  X509* cert = SSL_get0_peer_certificate(l.ssl.get());
+  EVP_PKEY* key = cert != nullptr ? X509_get0_pubkey(cert) : nullptr;
+  if (key == nullptr || EVP_PKEY_get_id(key) != EVP_PKEY_ED25519) return fail(ErrorCode::kAuth, "the peer's certificate does not hold an Ed25519 key");
+  std::array<std::byte, 32> out{};
+  size_t n = out.size();
+  if (EVP_PKEY_get_raw_public_key(key, reinterpret_cast<unsigned char*>(out.data()), &n) != 1 || n != out.size()) {
+    return fail(ErrorCode::kAuth, "the peer's Ed25519 key cannot be read");
+  }
+  return out;
 }
 
 struct Header {
@@ -143,7 +311,7 @@ std::string rank_name(size_t r) { return "rank " + std::to_string(r); }
 
 class TcpCollective final : public Collective {
  public:
-  TcpCollective(int rank, int size, int io_timeout_ms, std::vector<Fd> peers) : rank_(rank), size_(size), io_timeout_ms_(io_timeout_ms), peers_(std::move(peers)) {}
+  TcpCollective(int rank, int size, int io_timeout_ms, std::vector<Link> peers) : rank_(rank), size_(size), io_timeout_ms_(io_timeout_ms), peers_(std::move(peers)) {}
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   Result<void> all_reduce_sum(std::span<float> data) override { return call(kOpReduce, data, 0); }
@@ -162,7 +330,7 @@ class TcpCollective final : public Collective {
     const size_t bytes = data.size() * sizeof(T);
     const bool sends_data = op == kOpReduce || root == rank_;
     if (rank_ != 0) {
-      const int fd = peers_[0].get();
+      Link& fd = peers_[0];
       const auto h = encode(mine);
       TRESOR_TRY(send_all(fd, h.data(), h.size(), deadline(), "rank 0"));
       if (sends_data) TRESOR_TRY(send_all(fd, data.data(), bytes, deadline(), "rank 0"));
@@ -182,7 +350,7 @@ class TcpCollective final : public Collective {
     }
     std::vector<T> incoming;
     for (size_t r = 1; r < static_cast<size_t>(size_); ++r) {
-      const int fd = peers_[r].get();
+      Link& fd = peers_[r];
       std::array<std::byte, kHeaderSize> hb{};
       TRESOR_TRY(recv_all(fd, hb.data(), hb.size(), deadline(), rank_name(r)));
       const Header h = decode(hb);
@@ -209,7 +377,7 @@ class TcpCollective final : public Collective {
     if (op == kOpReduce && same) std::copy(acc.begin(), acc.end(), data.begin());
     const uint8_t status = same ? 0 : 1;
     for (size_t r = 1; r < static_cast<size_t>(size_); ++r) {
-      const int fd = peers_[r].get();
+      Link& fd = peers_[r];
       TRESOR_TRY(send_all(fd, &status, 1, deadline(), rank_name(r)));
       if (same && (op == kOpReduce || static_cast<int>(r) != root)) TRESOR_TRY(send_all(fd, data.data(), bytes, deadline(), rank_name(r)));
     }
@@ -223,7 +391,7 @@ class TcpCollective final : public Collective {
   }
 
   int rank_, size_, io_timeout_ms_;
-  std::vector<Fd> peers_;  // rank 0: one per rank (index 0 unused); others: [0] = rank 0
+  std::vector<Link> peers_;  // rank 0: one per rank (index 0 unused); others: [0] = rank 0
 };
 
 Result<void> set_socket_options(int fd) {
@@ -232,21 +400,27 @@ Result<void> set_socket_options(int fd) {
   return {};
 }
 
-Result<std::unique_ptr<Collective>> serve(const Rendezvous& rv, const fs::path& file) {
-  Fd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (listener.get() < 0) return fail(ErrorCode::kIo, "collective: " + errno_text("socket"));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text("bind 127.0.0.1"));
-  if (::listen(listener.get(), rv.size) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text("listen"));
-  socklen_t len = sizeof addr;
-  if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text("getsockname"));
-  std::array<std::byte, kTokenSize> token{};
-  TRESOR_TRY(crypto::random_bytes(token));
-  // The rendezvous file, whole or not at all.
-  const nlohmann::json j = {{"port", ntohs(addr.sin_port)}, {"token", to_hex(token)}, {"size", rv.size}};
+constexpr size_t kHelloSize = 8 + 4 + 4 + kTokenSize;
+
+std::string lead_of(const Roster& r) { return r.lead_host + ":" + std::to_string(r.lead_port); }
+
+// Removes the rendezvous file when rank 0 is done with it (nothing with a roster).
+class RemoveOnExit {
+ public:
+  explicit RemoveOnExit(const fs::path* p) : p_(p) {}
+  ~RemoveOnExit() {
+    if (p_ != nullptr) ::unlink(p_->c_str());
+  }
+  RemoveOnExit(const RemoveOnExit&) = delete;
+  RemoveOnExit& operator=(const RemoveOnExit&) = delete;
+
+ private:
+  const fs::path* p_;
+};
+
+// Rank 0 publishes where it listens: the rendezvous file, whole or not at all.
+Result<void> write_rendezvous(const fs::path& file, uint16_t port, ByteSpan token, int size) {
+  const nlohmann::json j = {{"port", port}, {"token", to_hex(token)}, {"size", size}};
   const fs::path tmp = file.string() + ".tmp" + std::to_string(::getpid());
   {
     Fd f(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
@@ -259,12 +433,49 @@ Result<std::unique_ptr<Collective>> serve(const Rendezvous& rv, const fs::path& 
     ::unlink(tmp.c_str());
     return fail(ErrorCode::kIo, "collective: cannot create " + file.string() + ": " + std::strerror(e));
   }
-  struct Unlink {
-    const fs::path& p;
-    ~Unlink() { ::unlink(p.c_str()); }
-  } unlink_file{file};
+  return {};
+}
 
-  std::vector<Fd> peers(static_cast<size_t>(rv.size));
+Result<std::unique_ptr<Collective>> serve(const Rendezvous& rv, const fs::path& file) {
+  const Roster* roster = rv.roster.get();
+  Fd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (listener.get() < 0) return fail(ErrorCode::kIo, "collective: " + errno_text("socket"));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  std::string where = "127.0.0.1";
+  if (roster != nullptr) {
+    // The roster's lead address, on the machine that has it; a restarted step may rebind at once.
+    where = lead_of(*roster);
+    if (::inet_pton(AF_INET, roster->lead_host.c_str(), &addr.sin_addr) != 1) return fail(ErrorCode::kInvalidArgument, "collective: lead address " + where);
+    addr.sin_port = htons(roster->lead_port);
+    const int one = 1;
+    if (::setsockopt(listener.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text("SO_REUSEADDR"));
+  }
+  if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    return fail(ErrorCode::kIo, "collective: rank 0 cannot listen on " + where + ": " + std::strerror(errno) +
+                                    (roster != nullptr ? " (rank 0 must run on the machine that has the roster's lead address)" : ""));
+  }
+  if (::listen(listener.get(), rv.size) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text("listen"));
+  socklen_t len = sizeof addr;
+  if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text("getsockname"));
+  // What a hello must carry: the token of the rendezvous file, or the roster's digest.
+  std::array<std::byte, kTokenSize> secret{};
+  SslCtx tls;
+  if (roster != nullptr) {
+    secret = roster->digest;
+    auto ctx = link_context(*rv.link_key, true);
+    if (!ctx) return std::unexpected(ctx.error());
+    tls = std::move(*ctx);
+  } else {
+    TRESOR_TRY(crypto::random_bytes(secret));
+    TRESOR_TRY(write_rendezvous(file, ntohs(addr.sin_port), secret, rv.size));
+  }
+  const RemoveOnExit remove_file(roster != nullptr ? nullptr : &file);
+  const std::string from = roster != nullptr ? where : file.string();
+
+  std::vector<Link> peers(static_cast<size_t>(rv.size));
   int joined = 1;
   const auto give_up = Clock::now() + std::chrono::milliseconds(rv.join_timeout_ms);
   std::string refused;  // the last rejected hello, for the timeout message
@@ -274,18 +485,27 @@ Result<std::unique_ptr<Collective>> serve(const Rendezvous& rv, const fs::path& 
       std::string missing;
       for (size_t r = 1; r < peers.size(); ++r)
         if (peers[r].get() < 0) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
-      return fail(ErrorCode::kIo, "collective: rank(s) " + missing + " of " + std::to_string(rv.size) + " did not join through " + file.string() + " within " +
+      return fail(ErrorCode::kIo, "collective: rank(s) " + missing + " of " + std::to_string(rv.size) + " did not join through " + from + " within " +
                                       std::to_string(rv.join_timeout_ms / 1000) + " s" + (refused.empty() ? "" : "; refused: " + refused));
     }
     pollfd p{listener.get(), POLLIN, 0};
     const int pr = ::poll(&p, 1, static_cast<int>(std::min<long long>(left, 1000)));
     if (pr < 0 && errno != EINTR) return fail(ErrorCode::kIo, "collective: " + errno_text("poll"));
     if (pr <= 0) continue;
-    Fd c(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    Link c;
+    c.fd = Fd(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
     if (c.get() < 0) continue;
-    std::array<std::byte, 8 + 4 + 4 + kTokenSize> hello{};
-    // A joining rank has 5 s to say who it is.
-    if (!recv_all(c.get(), hello.data(), hello.size(), Clock::now() + std::chrono::seconds(5), "a joining rank")) {
+    // A joining rank has 5 s to finish the handshake and say who it is.
+    const auto hello_deadline = Clock::now() + std::chrono::seconds(5);
+    if (tls) {
+      TRESOR_TRY(start_tls(c, tls.get()));
+      if (auto h = tls_handshake(c, true, hello_deadline, "a joining rank"); !h) {
+        refused = "a connection whose TLS handshake failed (" + h.error().message + ")";
+        continue;
+      }
+    }
+    std::array<std::byte, kHelloSize> hello{};
+    if (!recv_all(c, hello.data(), hello.size(), hello_deadline, "a joining rank")) {
       refused = "a connection that sent no hello";
       continue;
     }
@@ -295,22 +515,106 @@ Result<std::unique_ptr<Collective>> serve(const Rendezvous& rv, const fs::path& 
       n |= static_cast<uint32_t>(hello[12 + i]) << (8 * i);
     }
     const uint8_t bad = 1, ok = 0;
-    if (std::memcmp(hello.data(), kHello, 8) != 0 || !crypto::ct_equal(ByteSpan(hello.data() + 16, kTokenSize), token)) {
-      refused = "a connection with a wrong token";
-      (void)send_all(c.get(), &bad, 1, Clock::now() + std::chrono::seconds(1), "a joining rank");
+    const auto refuse = [&](std::string why) {
+      refused = std::move(why);
+      (void)send_all(c, &bad, 1, Clock::now() + std::chrono::seconds(1), "a joining rank");
+    };
+    if (std::memcmp(hello.data(), kHello, 8) != 0 || !crypto::ct_equal(ByteSpan(hello.data() + 16, kTokenSize), secret)) {
+      refuse(roster != nullptr ? "a rank holding another roster (its SHA-256 differs)" : "a connection with a wrong token");
       continue;
     }
     if (n != static_cast<uint32_t>(rv.size) || r == 0 || r >= static_cast<uint32_t>(rv.size) || peers[r].get() >= 0) {
-      refused = "rank " + std::to_string(r) + " of " + std::to_string(n) + " (a duplicate, or a run of another size)";
-      (void)send_all(c.get(), &bad, 1, Clock::now() + std::chrono::seconds(1), "a joining rank");
+      refuse("rank " + std::to_string(r) + " of " + std::to_string(n) + " (a duplicate, or a run of another size)");
       continue;
     }
+    if (roster != nullptr) {
+      auto key = peer_key(c);
+      if (!key || !crypto::ct_equal(*key, roster->keys[r])) {
+        refuse("a connection as rank " + std::to_string(r) + " whose link key " + (key ? base64url_encode(*key) : key.error().message) +
+               " is not the roster's key for that rank");
+        continue;
+      }
+    }
     TRESOR_TRY(set_socket_options(c.get()));
-    TRESOR_TRY(send_all(c.get(), &ok, 1, Clock::now() + std::chrono::seconds(5), rank_name(r)));
+    TRESOR_TRY(send_all(c, &ok, 1, Clock::now() + std::chrono::seconds(5), rank_name(r)));
     peers[r] = std::move(c);
     ++joined;
   }
   return std::unique_ptr<Collective>(std::make_unique<TcpCollective>(0, rv.size, rv.io_timeout_ms, std::move(peers)));
+}
+
+std::array<std::byte, kHelloSize> make_hello(const Rendezvous& rv, ByteSpan secret) {
+  std::array<std::byte, kHelloSize> hello{};
+  std::memcpy(hello.data(), kHello, 8);
+  for (size_t i = 0; i < 4; ++i) {
+    hello[8 + i] = static_cast<std::byte>(static_cast<uint32_t>(rv.rank) >> (8 * i));
+    hello[12 + i] = static_cast<std::byte>(static_cast<uint32_t>(rv.size) >> (8 * i));
+  }
+  std::copy(secret.begin(), secret.end(), hello.begin() + 16);
+  return hello;
+}
+
+// A rank other than 0 with a roster: connects to the lead address until rank 0 listens, then TLS
+// with rank 0's key pinned. Everything after the connection is final: a rank 0 with another key,
+// or one that refuses this rank, stops the join.
+Result<std::unique_ptr<Collective>> join_roster(const Rendezvous& rv) {
+  const Roster& roster = *rv.roster;
+  const std::string lead = lead_of(roster);
+  auto tls = link_context(*rv.link_key, false);
+  if (!tls) return std::unexpected(tls.error());
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(roster.lead_port);
+  if (::inet_pton(AF_INET, roster.lead_host.c_str(), &addr.sin_addr) != 1) return fail(ErrorCode::kInvalidArgument, "collective: lead address " + lead);
+  const auto give_up = Clock::now() + std::chrono::milliseconds(rv.join_timeout_ms);
+  std::string last = "nothing listened there";
+  while (Clock::now() < give_up) {
+    Link c;
+    c.fd = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (c.get() < 0) return fail(ErrorCode::kIo, "collective: " + errno_text("socket"));
+    // A non-blocking connect, so that an address that never answers costs at most 5 s a try.
+    int err = 0;
+    if (::connect(c.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      err = errno;
+      if (err == EINPROGRESS) {
+        if (wait_for(c.get(), POLLOUT, std::min(give_up, Clock::now() + std::chrono::seconds(5)), "rank 0 at " + lead)) {
+          socklen_t elen = sizeof err;
+          if (::getsockopt(c.get(), SOL_SOCKET, SO_ERROR, &err, &elen) != 0) err = errno;
+        } else {
+          err = ETIMEDOUT;
+        }
+      }
+    }
+    if (err != 0) {
+      last = std::strerror(err);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
+    }
+    const std::string peer = "rank 0 at " + lead;
+    const auto deadline = Clock::now() + std::chrono::seconds(10);
+    TRESOR_TRY(start_tls(c, tls->get()));
+    TRESOR_TRY(tls_handshake(c, false, deadline, peer));
+    auto key = peer_key(c);
+    if (!key) return fail(ErrorCode::kAuth, "collective: " + peer + ": " + key.error().message);
+    if (!crypto::ct_equal(*key, roster.keys[0])) {
+      return fail(ErrorCode::kAuth, "collective: " + peer + " holds link key " + base64url_encode(*key) + ", not the roster's key for rank 0 (" +
+                                        base64url_encode(roster.keys[0]) + "); nothing was sent to it");
+    }
+    const auto hello = make_hello(rv, roster.digest);
+    TRESOR_TRY(send_all(c, hello.data(), hello.size(), deadline, peer));
+    uint8_t status = 1;
+    TRESOR_TRY(recv_all(c, &status, 1, deadline, peer));
+    if (status != 0) {
+      return fail(ErrorCode::kAuth, "collective: " + peer + " refused rank " + std::to_string(rv.rank) + " of " + std::to_string(rv.size) +
+                                        " (its roster differs from this rank's, or the rank joined twice; rank 0 names it)");
+    }
+    TRESOR_TRY(set_socket_options(c.get()));
+    std::vector<Link> peers;
+    peers.push_back(std::move(c));
+    return std::unique_ptr<Collective>(std::make_unique<TcpCollective>(rv.rank, rv.size, rv.io_timeout_ms, std::move(peers)));
+  }
+  return fail(ErrorCode::kIo, "collective: rank " + std::to_string(rv.rank) + " found no rank 0 at " + lead + " within " + std::to_string(rv.join_timeout_ms / 1000) +
+                                  " s (" + last + ")");
 }
 
 Result<std::unique_ptr<Collective>> join(const Rendezvous& rv, const fs::path& file) {
@@ -330,24 +634,19 @@ Result<std::unique_ptr<Collective>> join(const Rendezvous& rv, const fs::path& f
       }
       auto token = from_hex(j["token"].get<std::string>(), "rendezvous token");
       if (!token || token->size() != kTokenSize) return fail(ErrorCode::kInvalidArgument, "collective: " + file.string() + " holds a malformed token");
-      Fd c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      Link c;
+      c.fd = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
       if (c.get() < 0) return fail(ErrorCode::kIo, "collective: " + errno_text("socket"));
       sockaddr_in addr{};
       addr.sin_family = AF_INET;
       addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
       addr.sin_port = htons(j["port"].get<uint16_t>());
       if (::connect(c.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-        std::array<std::byte, 8 + 4 + 4 + kTokenSize> hello{};
-        std::memcpy(hello.data(), kHello, 8);
-        for (size_t i = 0; i < 4; ++i) {
-          hello[8 + i] = static_cast<std::byte>(static_cast<uint32_t>(rv.rank) >> (8 * i));
-          hello[12 + i] = static_cast<std::byte>(static_cast<uint32_t>(rv.size) >> (8 * i));
-        }
-        std::copy(token->begin(), token->end(), hello.begin() + 16);
+        const auto hello = make_hello(rv, *token);
         const auto deadline = Clock::now() + std::chrono::seconds(10);
-        TRESOR_TRY(send_all(c.get(), hello.data(), hello.size(), deadline, "rank 0"));
+        TRESOR_TRY(send_all(c, hello.data(), hello.size(), deadline, "rank 0"));
         uint8_t status = 1;
-        TRESOR_TRY(recv_all(c.get(), &status, 1, deadline, "rank 0"));
+        TRESOR_TRY(recv_all(c, &status, 1, deadline, "rank 0"));
         if (status != 0) {
           // A stale file whose port another run now holds, or a duplicate rank: wait for a fresh file.
           last = "the listener at 127.0.0.1:" + std::to_string(j["port"].get<uint16_t>()) + " refused rank " + std::to_string(rv.rank) +
@@ -356,7 +655,7 @@ Result<std::unique_ptr<Collective>> join(const Rendezvous& rv, const fs::path& f
           continue;
         }
         TRESOR_TRY(set_socket_options(c.get()));
-        std::vector<Fd> peers;
+        std::vector<Link> peers;
         peers.push_back(std::move(c));
         return std::unique_ptr<Collective>(std::make_unique<TcpCollective>(rv.rank, rv.size, rv.io_timeout_ms, std::move(peers)));
       }
@@ -370,6 +669,25 @@ Result<std::unique_ptr<Collective>> join(const Rendezvous& rv, const fs::path& f
                                   std::to_string(rv.join_timeout_ms / 1000) + " s (" + last + ")");
 }
 
+// A roster and a link key that fit the rendezvous.
+Result<void> check_roster(const Rendezvous& rv) {
+  if (!rv.roster && !rv.link_key) return {};
+  if (!rv.roster || !rv.link_key) return fail(ErrorCode::kInvalidArgument, "collective: a step roster and a link key go together");
+  const Roster& roster = *rv.roster;
+  if (roster.keys.size() != static_cast<size_t>(rv.size)) {
+    return fail(ErrorCode::kInvalidArgument, "collective: the step roster lists " + std::to_string(roster.keys.size()) + " ranks, the run has " + std::to_string(rv.size));
+  }
+  if (roster.step != rv.run_id) return fail(ErrorCode::kInvalidArgument, "collective: the step roster is for step " + roster.step + ", this run is " + rv.run_id);
+  if (rv.link_key->type() != crypto::KeyType::kEd25519 || !rv.link_key->has_private()) return fail(ErrorCode::kInvalidArgument, "collective: the link key must be an Ed25519 private key");
+  auto mine = rv.link_key->public_raw();
+  if (!mine) return std::unexpected(mine.error());
+  if (!crypto::ct_equal(*mine, roster.keys[static_cast<size_t>(rv.rank)])) {
+    return fail(ErrorCode::kInvalidArgument, "collective: this rank's link key (" + base64url_encode(*mine) + ") is not the one the step roster lists for rank " +
+                                                 std::to_string(rv.rank) + " (" + base64url_encode(roster.keys[static_cast<size_t>(rv.rank)]) + ")");
+  }
+  return {};
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Collective>> connect_tcp(const Rendezvous& rv) {
@@ -379,10 +697,15 @@ Result<std::unique_ptr<Collective>> connect_tcp(const Rendezvous& rv) {
     return fail(ErrorCode::kInvalidArgument, "collective: run id \"" + rv.run_id + "\" (1..64 of letters, digits, '.', '_', '-')");
   }
   if (rv.join_timeout_ms <= 0 || rv.io_timeout_ms <= 0) return fail(ErrorCode::kInvalidArgument, "collective: timeouts must be positive");
-  std::error_code ec;
-  if (rv.directory.empty() || !fs::is_directory(rv.directory, ec)) return fail(ErrorCode::kInvalidArgument, "collective: rendezvous directory \"" + rv.directory + "\" does not exist");
-  const fs::path file = fs::path(rv.directory) / ("tresor-dp-" + rv.run_id + ".json");
-  if (rv.size == 1) return std::unique_ptr<Collective>(std::make_unique<TcpCollective>(0, 1, rv.io_timeout_ms, std::vector<Fd>(1)));
+  TRESOR_TRY(check_roster(rv));
+  fs::path file;
+  if (!rv.roster) {
+    std::error_code ec;
+    if (rv.directory.empty() || !fs::is_directory(rv.directory, ec)) return fail(ErrorCode::kInvalidArgument, "collective: rendezvous directory \"" + rv.directory + "\" does not exist");
+    file = fs::path(rv.directory) / ("tresor-dp-" + rv.run_id + ".json");
+  }
+  if (rv.size == 1) return std::unique_ptr<Collective>(std::make_unique<TcpCollective>(0, 1, rv.io_timeout_ms, std::vector<Link>(1)));
+  if (rv.roster) return rv.rank == 0 ? serve(rv, file) : join_roster(rv);
   return rv.rank == 0 ? serve(rv, file) : join(rv, file);
 }
 

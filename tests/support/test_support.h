@@ -81,6 +81,12 @@ CommandResult run_command(const std::vector<std::string>& argv, const std::strin
 /// Runs the tresor binary built with the tests.
 CommandResult run_tresor(const std::vector<std::string>& args, const std::string& stdin_data = "");
 
+/// `n` floats drawn from N(0, 1) by std::mt19937(seed): the same values on every run.
+std::vector<float> normal_floats(size_t n, uint32_t seed);
+
+/// A TCP port of 127.0.0.1 that nothing listens on at the time of the call (bound, then released).
+uint16_t free_loopback_port();
+
 /// A process started in the background (a daemon under test). The constructor returns once the
 /// process has written its first line on stdout (which first_line() keeps); the destructor kills
 /// it with SIGKILL if it still runs.

@@ -818,6 +818,49 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   ASSERT_EQ(launched.exit_code, 0) << launched.err;
   EXPECT_NE(launched.out.find(" on 2 ranks"), std::string::npos) << launched.out;
   EXPECT_TRUE(testing::read_file(dir.file("launch/checkpoint.tck")) == testing::read_file(dir.file("dp/checkpoint.tck")));
+  // Across machines (here two processes on 127.0.0.1 with a step roster, docs/training.md §5.3):
+  // TLS links pinned to each rank's link key carry the same sums, so the same checkpoint.
+  auto key0 = run_tresor({"roster", "keygen", dir.file("link0.key")});
+  auto key1 = run_tresor({"roster", "keygen", dir.file("link1.key")});
+  ASSERT_EQ(key0.exit_code, 0) << key0.err;
+  ASSERT_EQ(key1.exit_code, 0) << key1.err;
+  EXPECT_EQ(std::filesystem::status(dir.file("link0.key")).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  EXPECT_EQ(run_tresor({"roster", "pubkey", dir.file("link0.key")}).out, key0.out);
+  EXPECT_NE(run_tresor({"roster", "keygen", dir.file("link0.key")}).exit_code, 0) << "a link key is never overwritten";
+  const std::string pub0 = key0.out.substr(0, key0.out.size() - 1), pub1 = key1.out.substr(0, key1.out.size() - 1);
+  const std::string lead = "127.0.0.1:" + std::to_string(testing::free_loopback_port());
+  auto made = run_tresor({"roster", "make", "--step", "77.0", "--lead", lead, "-o", dir.file("roster.json"), pub0, pub1});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  auto shown = run_tresor({"roster", "show", dir.file("roster.json")});
+  EXPECT_NE(shown.out.find("lead    " + lead), std::string::npos) << shown.out;
+  EXPECT_NE(shown.out.find("  1  " + pub1), std::string::npos) << shown.out;
+  const std::string roster_config = config("roster.toml", "roster", "optimizer = \"sgd\"\n");
+  auto on_roster = [&](int rank, const std::string& key) {
+    return run_tresor({"train", "--config", roster_config, "--ranks", "2", "--rank", std::to_string(rank), "--roster", dir.file("roster.json"), "--link-key", key});
+  };
+  auto roster1 = std::async(std::launch::async, [&] { return on_roster(1, dir.file("link1.key")); });
+  auto roster0 = on_roster(0, dir.file("link0.key"));
+  const auto ro1 = roster1.get();
+  ASSERT_EQ(roster0.exit_code, 0) << roster0.err;
+  ASSERT_EQ(ro1.exit_code, 0) << ro1.err;
+  EXPECT_NE(roster0.out.find(" on 2 ranks"), std::string::npos) << roster0.out;
+  EXPECT_TRUE(testing::read_file(dir.file("roster/checkpoint.tck")) == testing::read_file(dir.file("dp/checkpoint.tck")))
+      << "over pinned TLS: the plain two-rank run's weights, bit for bit";
+  auto wrong_key = on_roster(1, dir.file("link0.key"));
+  EXPECT_EQ(wrong_key.exit_code, 2);
+  EXPECT_NE(wrong_key.err.find("is not the one the step roster lists for rank 1"), std::string::npos) << wrong_key.err;
+  auto no_link_key = run_tresor({"train", "--config", roster_config, "--roster", dir.file("roster.json")});
+  EXPECT_NE(no_link_key.err.find("--roster and --link-key go together"), std::string::npos) << no_link_key.err;
+  auto launcher = run_tresor({"train", "--config", roster_config, "--ranks", "2", "--roster", dir.file("roster.json"), "--link-key", dir.file("link0.key")});
+  EXPECT_NE(launcher.err.find("--ranks N needs --rank R"), std::string::npos) << launcher.err;
+  auto bad_lead = run_tresor({"roster", "make", "--step", "77.0", "--lead", "node1:29400", pub0});
+  EXPECT_EQ(bad_lead.exit_code, 2);
+  EXPECT_NE(bad_lead.err.find("\"lead\" is \"node1:29400\""), std::string::npos) << bad_lead.err;
+  auto other_step = run_tresor({"train", "--config", roster_config, "--ranks", "2", "--rank", "0", "--roster", dir.file("roster.json"), "--link-key",
+                                dir.file("link0.key"), "--run-id", "78.0"});
+  EXPECT_NE(other_step.err.find("the step roster is for step 77.0, this run is 78.0"), std::string::npos) << other_step.err;
+
   auto orphan = run_tresor({"train", "--config", dp_config, "--ranks", "2", "--rank", "1", "--join-timeout", "1"});
   EXPECT_EQ(orphan.exit_code, 3);
   EXPECT_NE(orphan.err.find("rank 1 found no rank 0 through"), std::string::npos) << orphan.err;

@@ -1,17 +1,21 @@
 // tresor/train/collective.h — the collectives data-parallel training needs (issue 9,
 // docs/training.md §5), behind one interface: NCCL on GPUs (to come), and two CPU backends — ranks
 // as threads of one process sharing memory, and ranks as processes on one machine over TCP on
-// 127.0.0.1 — so that multi-rank semantics are tested on machines without GPUs.
+// 127.0.0.1, or across machines over TLS with a roster of attested link keys — so that multi-rank
+// semantics are tested on machines without GPUs.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "tresor/crypto.h"
 #include "tresor/error.h"
 
 namespace tresor::train {
@@ -78,13 +82,43 @@ class OverlappedAllReduce {
 /// `directory`/tresor-dp-`run_id`.json (mode 0600, written whole then renamed into place); the
 /// other ranks read it, connect and present the token. The file is removed once every rank has
 /// joined. The directory must be private to the job's user: whoever can read the token can join.
+struct Roster;
 struct Rendezvous {
   int rank = 0, size = 1;
   std::string directory;
   std::string run_id = "local";        // distinguishes runs sharing the directory (Slurm: job.step)
   int join_timeout_ms = 120'000;       // how long ranks wait for each other to appear
   int io_timeout_ms = 30 * 60'000;     // how long a collective call waits for a silent peer
+  /// Ranks across machines (docs/training.md §5.3): with a roster, no rendezvous file is used;
+  /// rank 0 listens on the roster's lead address, and every connection is TLS 1.3 in which both
+  /// ends prove the link key the roster lists for their rank. `link_key` is this rank's Ed25519
+  /// private key; both must be given together, and `size`/`run_id` must match the roster's.
+  std::shared_ptr<const Roster> roster;
+  std::shared_ptr<const crypto::Key> link_key;
 };
+
+/// The members of one step across machines (docs/training.md §5.3, format in docs/formats.md
+/// "Step roster"): the step it is for, where rank 0 listens, and each rank's Ed25519 link key
+/// (ranks in one VM share theirs). Whoever holds a listed key may join as a rank listing it, so a
+/// roster must come from a source that checked each key's holder (in a confidential job: the
+/// broker, which lists only attested VMs' keys, docs/scale.md §2.2).
+struct Roster {
+  std::string step;                           // "JOB.STEP", the Rendezvous's run_id
+  std::string lead_host;                      // an IPv4 address literal
+  uint16_t lead_port = 0;
+  std::vector<std::array<std::byte, 32>> keys;  // per rank
+  std::array<std::byte, 32> digest{};         // SHA-256 of the document's bytes; ranks must agree on it
+};
+/// Parses a roster document (strict: unknown members, malformed keys, addresses and steps are
+/// named); kInvalidArgument.
+[[nodiscard]] Result<Roster> parse_roster(std::string_view text);
+/// A link key file (docs/formats.md "Step roster"): "tresor-link-key-v1 " + base64url of the
+/// Ed25519 seed + "\n". The text holds the secret: the caller wipes it.
+[[nodiscard]] Result<std::string> link_key_text(const crypto::Key& key);
+/// Reads a link key file's text; kInvalidArgument names what is malformed.
+[[nodiscard]] Result<crypto::Key> parse_link_key(std::string_view text);
+/// The roster document for the given members (the inverse of parse_roster).
+[[nodiscard]] std::string roster_text(std::string_view step, std::string_view lead, std::span<const std::array<std::byte, 32>> keys);
 
 /// The ranks as processes on one machine over TCP on 127.0.0.1 (the CPU backend of several
 /// processes). Every rank sends its buffers to rank 0, which adds them in rank order and sends the
@@ -92,6 +126,10 @@ struct Rendezvous {
 /// size, directory or run id; kIo when the others do not appear in time (naming the missing ranks
 /// or the rendezvous file), when a peer closes its connection or stays silent past io_timeout_ms,
 /// and when a rank presents a wrong token (rank 0 reports it and keeps waiting for the real one).
+/// With a roster the ranks may be on several machines: the same protocol inside TLS 1.3 links,
+/// kAuth when a peer's key is not the one listed for its rank (rank 0 refuses the connection,
+/// names it and keeps waiting; a joining rank stops), and kInvalidArgument when the rendezvous and
+/// the roster disagree.
 [[nodiscard]] Result<std::unique_ptr<Collective>> connect_tcp(const Rendezvous& rendezvous);
 
 /// The data-parallel layout of this process from Slurm's environment: SLURM_PROCID (the rank),

@@ -7,6 +7,7 @@
 #include <random>
 #include <thread>
 
+#include "support/test_support.h"
 #include "tresor/train/collective.h"
 #include "tresor/train/unet.h"
 
@@ -28,14 +29,6 @@ void on_ranks(int ranks, F&& fn) {
   for (int r = 0; r < ranks; ++r) threads.emplace_back([&, r] { fn(r, *members[static_cast<size_t>(r)]); });
 }
 
-std::vector<float> values(size_t n, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0, 1);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
 TEST(Collective, AllReduceSumsInRankOrderOnEveryRank) {
   const int ranks = 4;
   const size_t n = 1001;  // not a multiple of the ranks: uneven slices
@@ -44,14 +37,14 @@ TEST(Collective, AllReduceSumsInRankOrderOnEveryRank) {
     EXPECT_EQ(c.rank(), r);
     EXPECT_EQ(c.size(), ranks);
     for (uint32_t call = 0; call < 3; ++call) {  // buffers reused across calls
-      std::vector<float> v = values(n, 100 * call + static_cast<uint32_t>(r));
+      std::vector<float> v = testing::normal_floats(n, 100 * call + static_cast<uint32_t>(r));
       ASSERT_TRUE(c.all_reduce_sum(v));
       if (call == 2) out[static_cast<size_t>(r)] = v;
     }
   });
   std::vector<float> want(n, 0.0f);
   for (int r = 0; r < ranks; ++r) {
-    const auto v = values(n, 200 + static_cast<uint32_t>(r));
+    const auto v = testing::normal_floats(n, 200 + static_cast<uint32_t>(r));
     for (size_t i = 0; i < n; ++i) want[i] += v[i];
   }
   for (int r = 0; r < ranks; ++r) EXPECT_TRUE(out[static_cast<size_t>(r)] == want) << "rank " << r;
@@ -85,7 +78,7 @@ TEST(Collective, BroadcastAndMismatchesAreReportedOnEveryRank) {
 TEST(Collective, DataParallelStepEqualsTheSingleRankStep) {
   const UNetConfig cfg{2, 3, 8, 1, 2};
   Tensor batch({4, 1, 8, 8, 6});
-  batch.data = values(batch.size(), 5);
+  batch.data = testing::normal_floats(batch.size(), 5);
   std::vector<uint8_t> target(batch.shape[0] * batch.spatial());
   for (size_t i = 0; i < target.size(); ++i) target[i] = static_cast<uint8_t>((i * 7 / 5) % 2);
   auto slice = [&](size_t first, size_t count) {

@@ -19,14 +19,6 @@
 namespace tresor::train {
 namespace {
 
-std::vector<float> values(size_t n, uint32_t seed) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> d(0, 1);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(g);
-  return v;
-}
-
 // Runs fn(rank, collective) with every rank on its own thread, connected over TCP on 127.0.0.1.
 template <typename F>
 void on_tcp_ranks(int ranks, const std::string& dir, F&& fn, const std::string& run_id = "t") {
@@ -58,7 +50,7 @@ TEST(TcpCollective, SumsInRankOrderLikeTheSharedMemoryBackend) {
     EXPECT_EQ(c.rank(), r);
     EXPECT_EQ(c.size(), ranks);
     for (uint32_t call = 0; call < 3; ++call) {
-      std::vector<float> v = values(n, 10 * call + static_cast<uint32_t>(r));
+      std::vector<float> v = testing::normal_floats(n, 10 * call + static_cast<uint32_t>(r));
       ASSERT_TRUE(c.all_reduce_sum(v));
       if (call == 2) out[static_cast<size_t>(r)] = v;
     }
@@ -72,7 +64,7 @@ TEST(TcpCollective, SumsInRankOrderLikeTheSharedMemoryBackend) {
   // The reference: the sum in rank order, rounded to float after every addition.
   std::vector<float> want(n, 0.0f);
   for (int r = 0; r < ranks; ++r) {
-    const auto v = values(n, 20 + static_cast<uint32_t>(r));
+    const auto v = testing::normal_floats(n, 20 + static_cast<uint32_t>(r));
     for (size_t i = 0; i < n; ++i) want[i] += v[i];
   }
   for (int r = 0; r < ranks; ++r) {
@@ -201,7 +193,7 @@ TEST(OverlappedAllReduce, ReducesEveryBucketAndStartsBeforeTheEnd) {
     for (int r = 0; r < 2; ++r) {
       threads.emplace_back([&, r] {
         std::vector<float>& g = grads[static_cast<size_t>(r)];
-        g = values(1000, static_cast<uint32_t>(r));
+        g = testing::normal_floats(1000, static_cast<uint32_t>(r));
         OverlappedAllReduce red(*members[static_cast<size_t>(r)], g, 64);
         // Arrays reported from the end backwards, as a backward pass does, some overlapping.
         for (size_t end = 1000; end > 0;) {
@@ -217,7 +209,7 @@ TEST(OverlappedAllReduce, ReducesEveryBucketAndStartsBeforeTheEnd) {
       });
     }
   }
-  const auto a = values(1000, 0), b = values(1000, 1);
+  const auto a = testing::normal_floats(1000, 0), b = testing::normal_floats(1000, 1);
   for (size_t i = 0; i < 1000; ++i) ASSERT_EQ(grads[0][i], a[i] + b[i]) << i;
   EXPECT_EQ(grads[0], grads[1]);
   EXPECT_EQ(buckets[0], 16u);
