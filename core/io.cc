@@ -1,6 +1,8 @@
 #include "tresor/io.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/socket.h>
@@ -382,6 +384,20 @@ Result<void> AnonymousTempFile::copy_to(ByteSink& sink) const {
     off += n;
   }
   return {};
+}
+
+Result<uint16_t> unused_loopback_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail(ErrorCode::kIo, std::string("socket: ") + std::strerror(errno));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+  const int e = errno;
+  ::close(fd);
+  if (!ok) return fail(ErrorCode::kIo, std::string("no free port on 127.0.0.1: ") + std::strerror(e));
+  return ntohs(a.sin_port);
 }
 
 }  // namespace tresor

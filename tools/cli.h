@@ -154,6 +154,7 @@ int cmd_train(int argc, char** argv);
 int cmd_roster(int argc, char** argv);
 int cmd_bench_prep(int argc, char** argv);
 int cmd_bench_train(int argc, char** argv);
+int cmd_bench_collective(int argc, char** argv);
 int cmd_predict(int argc, char** argv);
 
 /// Reads a job manifest file; returns it with its canonical signed JSON (what goes to the broker).

@@ -165,12 +165,13 @@ int cmd_bench(int argc, char** argv) {
   if (argc >= 2 && std::string_view(argv[1]) == "gpu") return cmd_bench_gpu(argc - 1, argv + 1);
   if (argc >= 2 && std::string_view(argv[1]) == "prep") return cmd_bench_prep(argc - 1, argv + 1);
   if (argc >= 2 && std::string_view(argv[1]) == "train") return cmd_bench_train(argc - 1, argv + 1);
+  if (argc >= 2 && std::string_view(argv[1]) == "collective") return cmd_bench_collective(argc - 1, argv + 1);
   po::options_description opts("Options");
   std::string what, size_text = "1GiB", chunk_text = "1MiB";
   unsigned max_threads = 0, reps = 3;
   std::string thread_list;
   opts.add_options()
-      ("what", po::value(&what)->required(), "benchmark to run: seal (or 'tresor bench verify|broker|launch|gpu|prep|train --help')")
+      ("what", po::value(&what)->required(), "benchmark to run: seal (or 'tresor bench verify|broker|launch|gpu|prep|train|collective --help')")
       ("size", po::value(&size_text)->default_value("1GiB"), "bytes to process per measurement")
       ("chunk-size", po::value(&chunk_text)->default_value("1MiB"), "chunk size")
       ("threads-max", po::value(&max_threads)->default_value(0), "measure 1..N threads (0 = all cores)")

@@ -89,8 +89,11 @@ int roster_make(int argc, char** argv) {
   }
   const std::string text = train::roster_text(step, lead, pubs);
   if (auto parsed = train::parse_roster(text); !parsed) return report(parsed.error());  // the same checks as its readers'
-  auto w = write_output(out, as_bytes(text), {});
-  if (!w) return report(w.error());
+  // A roster is public (keys and an address): a new file is 0644; "-" is stdout.
+  auto o = Output::create(out, 0644, /*overwrite=*/true, /*binary=*/false);
+  if (!o) return report(o.error());
+  if (auto w = o->sink().write(as_bytes(text)); !w) return report(w.error());
+  if (auto c = o->commit(); !c) return report(c.error());
   return kExitOk;
 }
 

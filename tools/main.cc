@@ -33,7 +33,7 @@ constexpr Command kCommands[] = {
     {"train", tresor::cli::cmd_train, "train the coronary 3D U-Net on prepared CT (CPU reference; sealed checkpoints)"},
     {"roster", tresor::cli::cmd_roster, "link keys and step rosters: data-parallel training across machines over pinned TLS"},
     {"predict", tresor::cli::cmd_predict, "segment prepared CT with a trained checkpoint (sliding windows; sealed outputs)"},
-    {"bench", tresor::cli::cmd_bench, "benchmarks: seal (throughput against OpenSSL), verify (SNP reports), broker (KBS flows under load), launch, gpu (the GPU data path), prep (CT preprocessing against scikit-image), train (the U-Net step against PyTorch)"},
+    {"bench", tresor::cli::cmd_bench, "benchmarks: seal (throughput against OpenSSL), verify (SNP reports), broker (KBS flows under load), launch, gpu (the GPU data path), prep (CT preprocessing against scikit-image), train (the U-Net step against PyTorch), collective (the all-reduce over pinned TLS against plain TCP)"},
     {"version", tresor::cli::cmd_version, "print version, OpenSSL and CUDA information"},
 };
 

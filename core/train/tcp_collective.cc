@@ -142,12 +142,13 @@ Result<size_t> recv_some(int fd, void* data, size_t n, Clock::time_point deadlin
 
 // Sends whatever TLS has written (records, alerts, handshake messages).
 Result<void> tls_flush(Link& l, Clock::time_point deadline, const std::string& peer) {
-  std::array<char, 16384> buf;
-  for (;;) {
-    const int n = BIO_read(l.wbio, buf.data(), static_cast<int>(buf.size()));
-    if (n <= 0) return {};
-    TRESOR_TRY(send_fd(l.get(), buf.data(), static_cast<size_t>(n), deadline, peer));
-  }
+  // Straight from the memory BIO's buffer, then emptied (no copy through a bounce buffer).
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(l.wbio, &data);
+  if (n <= 0) return {};
+  TRESOR_TRY(send_fd(l.get(), data, static_cast<size_t>(n), deadline, peer));
+  if (BIO_reset(l.wbio) != 1) return fail(ErrorCode::kIo, "collective: TLS output buffer: " + crypto::openssl_error_string());
+  return {};
 }
 
 // After a TLS call returned r: flushes what it wrote, and feeds it more bytes when it wants them;

@@ -165,6 +165,11 @@ class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
 /// opened descriptor, so the file cannot be swapped between check and read.
 [[nodiscard]] Result<SecretBuffer> read_secret_file(const std::string& path, size_t max_size = 64 * 1024);
 
+/// A TCP port of 127.0.0.1 that nothing listened on at the time of the call (bound to port 0,
+/// then released): for tests and benchmarks that must name a port before its listener exists.
+/// Racy by nature: another process may take it in between. kIo when no port can be had.
+[[nodiscard]] Result<uint16_t> unused_loopback_port();
+
 /// AnonymousTempFile is a mode-0600 file with no name (O_TMPFILE in `dir`, or a memfd where the
 /// file system lacks O_TMPFILE): nothing else can open it, and it disappears when closed. Used to
 /// assemble authenticated plaintext before any of it goes to a stream that cannot be taken back.

@@ -1,8 +1,6 @@
 #include "support/test_support.h"
 
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -16,6 +14,8 @@
 #include <fstream>
 #include <random>
 #include <stdexcept>
+
+#include "tresor/io.h"
 
 namespace tresor::testing {
 
@@ -256,16 +256,9 @@ std::vector<float> normal_floats(size_t n, uint32_t seed) {
 }
 
 uint16_t free_loopback_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw std::runtime_error("socket: " + std::string(std::strerror(errno)));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
-  ::close(fd);
-  if (!ok) throw std::runtime_error("no free port on 127.0.0.1");
-  return ntohs(a.sin_port);
+  auto port = unused_loopback_port();
+  if (!port) throw std::runtime_error(port.error().message);
+  return *port;
 }
 
 }  // namespace tresor::testing

@@ -335,6 +335,14 @@ TEST_F(Cli, BenchPrintsRatiosAndResultLine) {
   EXPECT_NE(r.out.find("open_t2_scaling="), std::string::npos);
   EXPECT_NE(r.out.find("stream_bound_mib="), std::string::npos);
   EXPECT_EQ(run_tresor({"bench", "nope"}).exit_code, 2);
+  // The all-reduce over pinned TLS against plain TCP, both measured in this run.
+  auto c = run_tresor({"bench", "collective", "--mib", "1", "--reps", "2", "--ranks", "3"});
+  ASSERT_EQ(c.exit_code, 0) << c.err;
+  EXPECT_NE(c.out.find("RESULT bench_collective ranks=3 mib=1.0 reps=2 "), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find(" tls_ratio="), std::string::npos) << c.out;
+  auto one = run_tresor({"bench", "collective", "--ranks", "1"});
+  EXPECT_EQ(one.exit_code, 2);
+  EXPECT_NE(one.err.find("--ranks must be 2..8"), std::string::npos) << one.err;
 }
 
 TEST_F(Cli, PhantomWritesItsVolumesAndRefusesBadSizes) {
@@ -832,6 +840,9 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   const std::string lead = "127.0.0.1:" + std::to_string(testing::free_loopback_port());
   auto made = run_tresor({"roster", "make", "--step", "77.0", "--lead", lead, "-o", dir.file("roster.json"), pub0, pub1});
   ASSERT_EQ(made.exit_code, 0) << made.err;
+  auto printed = run_tresor({"roster", "make", "--step", "77.0", "--lead", lead, pub0, pub1});
+  EXPECT_EQ(printed.out, to_string(testing::read_file(dir.file("roster.json")))) << "without -o the roster goes to stdout";
+  EXPECT_FALSE(std::filesystem::exists("-"));
   auto shown = run_tresor({"roster", "show", dir.file("roster.json")});
   EXPECT_NE(shown.out.find("lead    " + lead), std::string::npos) << shown.out;
   EXPECT_NE(shown.out.find("  1  " + pub1), std::string::npos) << shown.out;
