@@ -416,7 +416,7 @@ TEST(RosterCollective, JoiningFailuresNameTheLeadAddress) {
 
 // ---- training across "machines" --------------------------------------------------------------
 
-TEST(RosterCollective, TwoRanksOverTlsTrainTheSameWeightsAsOverPlainTcp) {
+TEST(RosterTraining, TwoRanksOverTlsTrainTheSameWeightsAsOverPlainTcp) {
   const ct::Prepared* cp = testing::small_case();
   ASSERT_NE(cp, nullptr);
   TrainerOptions o = testing::data_parallel_options(false);
