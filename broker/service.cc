@@ -23,6 +23,7 @@
 #include "tresor/kbs/jose.h"
 #include "tresor/kbs/session.h"
 #include "tresor/manifest.h"
+#include "tresor/roster.h"
 #include "tresor/snp/certs.h"
 #include "tresor/snp/sim.h"
 #include "tresor/snp/verify.h"
@@ -181,6 +182,84 @@ struct Attested {
   std::array<std::byte, 64> report_data{};
   std::string evidence_digest;
   std::string user;  // registered user name
+  std::optional<LinkClaim> link;  // this VM's claim to ranks of a step (additional-evidence)
+  std::string job_key;            // hex SHA-256 of the manifest (HOST_DATA): whose steps these are
+};
+
+// The step rosters (docs/protocol.md §6.2): for each job (its manifest's digest) and step, the link
+// keys that attested VMs of that job claimed for their ranks. A claim is recorded only after the
+// VM's attestation passed every check, and it holds until the manifest expires; a rank claimed by
+// one key is never given to another. Memory only: a broker restart forgets them (the VMs of a
+// step then fail to join and the step is resubmitted).
+class StepRosters {
+ public:
+  static constexpr size_t kMaxSteps = 4096;
+
+  // Records `c` for the job; kPolicy when it conflicts with what the step's other VMs claimed.
+  Result<void> claim(const std::string& job, const LinkClaim& c, std::time_t expires, std::time_t now) {
+    std::lock_guard lock(mu_);
+    std::erase_if(entries_, [&](const auto& e) { return e.second.expires <= now; });
+    const auto k = std::make_pair(job, c.step);
+    auto it = entries_.find(k);
+    if (it == entries_.end()) {
+      if (entries_.size() >= kMaxSteps) return fail(ErrorCode::kUnavailable, "the broker holds " + std::to_string(kMaxSteps) + " step rosters already");
+      Entry e;
+      e.size = c.size;
+      e.keys.resize(static_cast<size_t>(c.size));
+      e.expires = expires;
+      it = entries_.emplace(k, std::move(e)).first;
+    }
+    Entry& e = it->second;
+    if (e.size != c.size) {
+      return fail(ErrorCode::kPolicy, "step " + c.step + " has " + std::to_string(e.size) + " ranks by an earlier VM's claim; this VM claims " + std::to_string(c.size));
+    }
+    for (const int r : c.ranks) {
+      const auto& held = e.keys[static_cast<size_t>(r)];
+      if (held && !crypto::ct_equal(*held, c.key)) {
+        return fail(ErrorCode::kPolicy, "rank " + std::to_string(r) + " of step " + c.step + " is already claimed by another attested VM (link key " + base64url_encode(*held) + ")");
+      }
+    }
+    if (!c.lead.empty() && !e.lead.empty() && e.lead != c.lead) {
+      return fail(ErrorCode::kPolicy, "rank 0 of step " + c.step + " listens at " + e.lead + " by an earlier claim; this one says " + c.lead);
+    }
+    for (const int r : c.ranks) e.keys[static_cast<size_t>(r)] = c.key;
+    if (!c.lead.empty()) e.lead = c.lead;
+    return {};
+  }
+
+  // The roster document once every rank is claimed; otherwise nullopt and `missing` lists the ranks
+  // still unclaimed.
+  std::optional<std::string> roster(const std::string& job, const std::string& step, std::string& missing) const {
+    std::lock_guard lock(mu_);
+    auto it = entries_.find({job, step});
+    if (it == entries_.end()) return std::nullopt;
+    const Entry& e = it->second;
+    std::vector<std::array<std::byte, 32>> keys;
+    size_t absent = 0;
+    for (size_t r = 0; r < e.keys.size(); ++r) {
+      if (e.keys[r]) {
+        keys.push_back(*e.keys[r]);
+      } else if (++absent <= 8) {
+        missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      }
+    }
+    if (absent > 8) missing += " and " + std::to_string(absent - 8) + " more";
+    if (absent > 0) {
+      missing += " of " + std::to_string(e.size);
+      return std::nullopt;
+    }
+    return roster_text(step, e.lead, keys);
+  }
+
+ private:
+  struct Entry {
+    int size = 0;
+    std::vector<std::optional<std::array<std::byte, 32>>> keys;  // per rank
+    std::string lead;
+    std::time_t expires = 0;
+  };
+  mutable std::mutex mu_;
+  std::map<std::pair<std::string, std::string>, Entry> entries_;
 };
 
 std::string problem(std::string_view type, std::string_view detail) {
@@ -199,6 +278,7 @@ HttpResponse error_response(int status, std::string_view detail_for_400 = {}) {
     case 403: r.body = problem("PolicyDeny", "the request is not allowed"); break;
     case 404: r.body = problem("ResourceNotFound", "no such resource"); break;
     case 405: r.body = problem("MethodNotAllowed", "method not allowed on this endpoint"); break;
+    case 409: r.body = problem("Conflict", "the request conflicts with what other attested VMs of the job claimed"); break;
     case 413: r.body = problem("PayloadTooLarge", "request body over the broker's limit"); break;
     case 503: r.body = problem("Unavailable", "the broker is busy or shutting down; retry"); break;
     default: r.body = problem("InternalError", "internal error"); break;
@@ -214,6 +294,7 @@ std::string_view reason_for(int status) {
     case 404: return "not_found";
     case 405: return "method";
     case 408: return "timeout";
+    case 409: return "conflict";
     case 413: return "too_large";
     case 503: return "unavailable";
     default: return "internal";
@@ -362,6 +443,7 @@ struct Service::Impl {
   json token_jwk;
   mutable std::mutex sessions_mu;
   kbs::SessionTable sessions;
+  StepRosters rosters;
 
   std::time_t now() const { return clock ? clock() : std::time(nullptr); }
 
@@ -387,6 +469,7 @@ struct Service::Impl {
   HttpResponse auth(const HttpRequest& req);
   HttpResponse attest(const HttpRequest& req);
   HttpResponse resource(const HttpRequest& req);
+  HttpResponse step_roster(const HttpRequest& req, const Attested& attested, const std::string& path, audit::Record rec);
   Result<std::string> token(const Attested& a, const json& tee_pubkey, std::time_t now, std::time_t expires) const;
 };
 
@@ -541,6 +624,14 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
 
   auto body = parse_attestation(req.body);
   if (!body) return failed(400, body.error().message, body.error().message);
+  // A VM that joins a training step across machines claims its ranks with its link key
+  // (docs/protocol.md §6.2); the claim is bound into REPORT_DATA like the nonce and tee-pubkey.
+  std::optional<LinkClaim> link;
+  if (!body->additional_evidence.empty()) {
+    auto c = parse_link_claim(body->additional_evidence);
+    if (!c) return failed(400, "runtime-data additional-evidence: " + c.error().message, "additional-evidence: " + c.error().message);
+    link = std::move(*c);
+  }
   if (auto digest = crypto::sha256(body->report); digest) rec.evidence_digest = to_hex(*digest);
   if (!crypto::ct_equal(ByteSpan(reinterpret_cast<const std::byte*>(body->nonce.data()), body->nonce.size()),
                         ByteSpan(reinterpret_cast<const std::byte*>(session.nonce.data()), session.nonce.size()))) {
@@ -602,6 +693,9 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   if (!crypto::ct_equal(verified->report.measurement, manifest->image_measurement)) {
     problems.push_back("evidence: MEASUREMENT is " + rec.measurement + ", the manifest names image " + to_hex(manifest->image_measurement));
   }
+  if (link && !link->step.starts_with(manifest->job_id + ".")) {
+    problems.push_back("link claim: step " + link->step + " is not a step of job " + manifest->job_id + " (JOB.STEP)");
+  }
   if (!problems.empty()) {
     std::string why = "attestation refused (" + std::to_string(problems.size()) + (problems.size() == 1 ? " check" : " checks") + " failed):";
     for (const auto& p : problems) why += "\n  " + p;
@@ -615,11 +709,25 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   attested->report_data = *binding;
   attested->evidence_digest = rec.evidence_digest;
   attested->user = (*user)->name;
+  attested->job_key = to_hex(*digest);
   auto tok = token(*attested, body->tee_pubkey, t, session.created + kbs::kSessionLifetime);
   if (!tok) return failed(500, "token: " + tok.error().message);
 
+  std::string joined;
+  if (link) {
+    // Only now, with every check passed, may the VM's key enter its step's roster. A claim that
+    // conflicts with the step's other VMs' (a rank already held by another key, another size or
+    // lead) fails the attestation: a second VM for a rank is a host's doing, never the job's.
+    if (auto c = rosters.claim(attested->job_key, *link, attested->manifest.expires_at, t); !c) {
+      return failed(c.error().code == ErrorCode::kUnavailable ? 503 : 409, "link claim: " + c.error().message);
+    }
+    std::string ranks;
+    for (const int r : link->ranks) ranks += (ranks.empty() ? "" : ",") + std::to_string(r);
+    joined = "; ranks " + ranks + " of step " + link->step + " with link key " + base64url_encode(link->key);
+    attested->link = std::move(link);
+  }
   rec.result = "attested";
-  rec.reason = "attest: job '" + attested->manifest.job_id + "' of user '" + attested->user + "'" +
+  rec.reason = "attest: job '" + attested->manifest.job_id + "' of user '" + attested->user + "'" + joined +
                (attested->report.sim ? " on SIM evidence (not confidential hardware)" : "");
   // The record first: a session whose attestation is not in the audit log is never usable.
   if (!record(std::move(rec))) {
@@ -696,6 +804,8 @@ HttpResponse Service::Impl::resource(const HttpRequest& req) {
   rec.measurement = to_hex(attested->report.report.measurement);
   rec.sim = attested->report.sim;
 
+  if (path.starts_with("tresor-step/")) return step_roster(req, *attested, path, std::move(rec));
+
   const size_t slash = path.rfind('/');
   const std::string dataset = slash == std::string::npos ? std::string() : path.substr(0, slash);
   const std::string tag = slash == std::string::npos ? path : path.substr(slash + 1);
@@ -743,6 +853,46 @@ HttpResponse Service::Impl::resource(const HttpRequest& req) {
                (attested->report.sim ? " on SIM evidence (not confidential hardware)" : "");
   if (!record(std::move(rec))) return error_response(500);
   metrics.release();
+  HttpResponse res;
+  res.body = jwe->dump();
+  return res;
+}
+
+// GET /kbs/v0/resource/tresor-step/<JOB.STEP>/roster: the step's roster (docs/formats.md §13) as
+// a JWE to the session's tee-pubkey, for a VM that claimed ranks of that step when it attested
+// (docs/protocol.md §6.2). 503 while ranks are unclaimed (the VM polls); those answers are not
+// decisions and are not audited.
+HttpResponse Service::Impl::step_roster(const HttpRequest& req, const Attested& attested, const std::string& path, audit::Record rec) {
+  (void)req;
+  constexpr std::string_view prefix = "tresor-step/", suffix = "/roster";
+  const std::string step = path.size() > prefix.size() + suffix.size() && path.ends_with(suffix) ? path.substr(prefix.size(), path.size() - prefix.size() - suffix.size()) : "";
+  if (!valid_step_id(step)) {
+    rec.reason = "resource " + path + ": not a step roster path (tresor-step/<JOB.STEP>/roster)";
+    return deny(404, std::move(rec));
+  }
+  if (!attested.link || attested.link->step != step) {
+    rec.reason = "resource " + path + ": this VM of job '" + attested.manifest.job_id + "' claimed no ranks of step " + step + " when it attested";
+    return deny(403, std::move(rec));
+  }
+  std::string missing;
+  auto text = rosters.roster(attested.job_key, step, missing);
+  if (!text) {
+    metrics.denial("roster_incomplete");
+    HttpResponse r;
+    r.status = 503;
+    r.body = problem("RosterIncomplete", "step " + step + ": rank(s) " + missing + " not yet claimed by attested VMs; retry");
+    return r;
+  }
+  auto jwe = kbs::jwe_encrypt(as_bytes(*text), *attested.tee_key,
+                              attested.tee_key->type() == crypto::KeyType::kRsa ? kbs::KeyWrap::kRsaOaep256 : kbs::KeyWrap::kEcdhEsA256kw);
+  if (!jwe) {
+    rec.reason = "resource " + path + ": JWE: " + jwe.error().message;
+    return deny(500, std::move(rec));
+  }
+  rec.result = "released";
+  rec.reason = "resource " + path + ": the roster of step " + step + " (" + std::to_string(attested.link->size) + " ranks) to job '" +
+               attested.manifest.job_id + "' of user '" + attested.user + "'" + (attested.report.sim ? " on SIM evidence (not confidential hardware)" : "");
+  if (!record(std::move(rec))) return error_response(500);
   HttpResponse res;
   res.body = jwe->dump();
   return res;

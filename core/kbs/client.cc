@@ -12,9 +12,11 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <optional>
+#include <thread>
 
 #include "tresor/kbs/jose.h"
 #include "tresor/kbs/session.h"
+#include "tresor/roster.h"
 
 namespace tresor::kbs {
 namespace {
@@ -187,7 +189,8 @@ Error status_error(const HttpReply& reply, std::string_view what) {
     case 400:
     case 413: code = ErrorCode::kInvalidArgument; break;
     case 401: code = ErrorCode::kAuth; break;
-    case 403: code = ErrorCode::kPolicy; break;
+    case 403:
+    case 409: code = ErrorCode::kPolicy; break;
     case 404: code = ErrorCode::kNoMatchingKey; break;
     default: break;
   }
@@ -229,21 +232,22 @@ Result<json> Client::resource(std::string_view path) {
   return parse_strict_json(r->body, "KBS Response");
 }
 
-Result<Attestation> attest(Client& client, std::string_view manifest_json, const EvidenceSource& evidence) {
+Result<Attestation> attest(Client& client, std::string_view manifest_json, const EvidenceSource& evidence, std::string_view additional_evidence) {
   auto nonce = client.auth();
   if (!nonce) return std::unexpected(nonce.error());
   auto key = crypto::Key::generate(crypto::KeyType::kP256);
   if (!key) return std::unexpected(key.error());
   auto jwk = public_jwk(*key, "ECDH-ES+A256KW");
   if (!jwk) return std::unexpected(jwk.error());
-  auto binding = runtime_data_binding(*nonce, *jwk);
+  auto binding = runtime_data_binding(*nonce, *jwk, additional_evidence);
   if (!binding) return std::unexpected(binding.error());
   auto ev = evidence(*binding);
   if (!ev) return std::unexpected(ev.error());
   json tee_evidence = {{"report", base64_encode(ev->report)}};
   if (!ev->endorsement_cert_pem.empty()) tee_evidence["endorsement_cert"] = ev->endorsement_cert_pem;
   const json body = {
-      {"runtime-data", {{"nonce", *nonce}, {"tee-pubkey", *jwk}}},
+      {"runtime-data", additional_evidence.empty() ? json{{"nonce", *nonce}, {"tee-pubkey", *jwk}}
+                                                   : json{{"nonce", *nonce}, {"tee-pubkey", *jwk}, {"additional-evidence", std::string(additional_evidence)}}},
       {"tee-evidence", tee_evidence},
       {"init-data", {{"format", "json"}, {"body", std::string(manifest_json)}}},
   };
@@ -286,6 +290,31 @@ Result<ReleasedKey> fetch_dataset_key(Client& client, const Attestation& session
   std::copy(raw->begin(), raw->end(), out.key.span().begin());
   OPENSSL_cleanse(raw->data(), raw->size());
   return out;
+}
+
+Result<std::string> fetch_step_roster(Client& client, const Attestation& session, std::string_view step, std::chrono::milliseconds wait,
+                                      std::chrono::milliseconds poll) {
+  const std::string path = "tresor-step/" + std::string(step) + "/roster";
+  const auto give_up = std::chrono::steady_clock::now() + wait;
+  for (;;) {
+    auto r = client.request("GET", "/kbs/v0/resource/" + path);
+    if (!r) return std::unexpected(r.error());
+    if (r->status == 503) {
+      if (std::chrono::steady_clock::now() + poll > give_up) return std::unexpected(status_error(*r, "KBS resource " + path));
+      std::this_thread::sleep_for(poll);
+      continue;
+    }
+    if (r->status != 200) return std::unexpected(status_error(*r, "KBS resource " + path));
+    auto jwe = parse_strict_json(r->body, "KBS Response");
+    if (!jwe) return std::unexpected(jwe.error());
+    auto plain = jwe_decrypt(*jwe, session.tee_key);
+    if (!plain) return std::unexpected(plain.error());
+    std::string text(reinterpret_cast<const char*>(plain->data()), plain->size());
+    auto roster = parse_roster(text);
+    if (!roster) return fail(ErrorCode::kMalformed, "the broker's roster: " + roster.error().message);
+    if (roster->step != step) return fail(ErrorCode::kAuth, "the broker sent the roster of step " + roster->step + " when " + std::string(step) + " was asked for");
+    return text;
+  }
 }
 
 }  // namespace tresor::kbs

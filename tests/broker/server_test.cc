@@ -26,6 +26,7 @@
 #include "tresor/kbs/jose.h"
 #include "tresor/kbs/session.h"
 #include "tresor/manifest.h"
+#include "tresor/roster.h"
 #include "tresor/snp/sim.h"
 
 namespace tresor::broker {
@@ -383,6 +384,133 @@ TEST(BrokerServer, ReleaseDenialsAreForbiddenOrNotFound) {
     ASSERT_FALSE(key);
     EXPECT_TRUE(refused(b, key.error(), k.code, before, k.reason));
     EXPECT_EQ(*b.store->key_versions(kDataset), std::vector<uint32_t>{1});
+  }
+}
+
+// Training across machines (docs/protocol.md §6.2): VMs of one job claim ranks of a step with
+// their link keys when they attest; the broker hands each of them the step's roster once every
+// rank is claimed, and never lets a second key take a rank.
+TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
+  Broker b;
+  Job job(b);
+  auto link_key = [] { return std::get<0>(std::make_tuple(*crypto::Key::generate(crypto::KeyType::kEd25519))); };
+  auto pub = [](const crypto::Key& k) {
+    std::array<std::byte, 32> p{};
+    auto raw = k.public_raw();
+    std::copy(raw->begin(), raw->end(), p.begin());
+    return p;
+  };
+  const crypto::Key k0 = link_key(), k1 = link_key(), k2 = link_key();
+  LinkClaim vm0{pub(k0), "4242.0", 2, {0}, "127.0.0.1:29400"};
+  LinkClaim vm1{pub(k1), "4242.0", 2, {1}, ""};
+  auto c0 = b.client(), c1 = b.client();
+  auto s0 = kbs::attest(*c0, job.manifest_text(), job.evidence(b), link_claim_text(vm0));
+  ASSERT_TRUE(s0) << s0.error().message;
+  EXPECT_NE(b.last_audit().reason.find("ranks 0 of step 4242.0 with link key " + base64url_encode(vm0.key)), std::string::npos) << b.last_audit().reason;
+  // Rank 1 has not attested: the roster is not ready, the VM is told which ranks are missing, and
+  // its polls leave no audit records.
+  const size_t before_polls = b.audit_count();
+  auto early = kbs::fetch_step_roster(*c0, *s0, "4242.0", std::chrono::milliseconds(300), std::chrono::milliseconds(100));
+  ASSERT_FALSE(early);
+  EXPECT_EQ(early.error().code, ErrorCode::kUnavailable);
+  EXPECT_NE(early.error().message.find("rank(s) 1 of 2 not yet claimed"), std::string::npos) << early.error().message;
+  EXPECT_EQ(b.audit_count(), before_polls);
+  // Rank 1 attests while rank 0 waits.
+  std::optional<Result<std::string>> waited;
+  std::thread waiter([&] { waited = kbs::fetch_step_roster(*c0, *s0, "4242.0", std::chrono::milliseconds(10'000), std::chrono::milliseconds(50)); });
+  auto s1 = kbs::attest(*c1, job.manifest_text(), job.evidence(b), link_claim_text(vm1));
+  waiter.join();
+  ASSERT_TRUE(s1) << s1.error().message;
+  ASSERT_TRUE(waited && *waited) << (waited ? waited->error().message : "no answer");
+  auto r1 = kbs::fetch_step_roster(*c1, *s1, "4242.0", std::chrono::milliseconds(1000));
+  ASSERT_TRUE(r1) << r1.error().message;
+  EXPECT_EQ(**waited, *r1) << "every VM of the step gets the same document";
+  auto roster = parse_roster(*r1);
+  ASSERT_TRUE(roster);
+  EXPECT_EQ(roster->step, "4242.0");
+  EXPECT_EQ(roster->lead_host, "127.0.0.1");
+  EXPECT_EQ(roster->lead_port, 29400);
+  EXPECT_EQ(roster->keys, (std::vector<std::array<std::byte, 32>>{vm0.key, vm1.key}));
+  EXPECT_EQ(b.last_audit().result, "released");
+  EXPECT_NE(b.last_audit().reason.find("the roster of step 4242.0 (2 ranks) to job '4242'"), std::string::npos) << b.last_audit().reason;
+
+  // The same VM attesting again (an agent's retry) keeps its ranks.
+  auto again = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(vm1));
+  EXPECT_TRUE(again) << again.error().message;
+  // Another key for a claimed rank, another size: refused, audited, and the roster unchanged.
+  size_t before = b.audit_count();
+  auto thief = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.0", 2, {1}, ""}));
+  ASSERT_FALSE(thief);
+  EXPECT_TRUE(refused(b, thief.error(), ErrorCode::kPolicy, before, "rank 1 of step 4242.0 is already claimed by another attested VM"));
+  before = b.audit_count();
+  auto resized = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.0", 3, {2}, ""}));
+  ASSERT_FALSE(resized);
+  EXPECT_TRUE(refused(b, resized.error(), ErrorCode::kPolicy, before, "step 4242.0 has 2 ranks by an earlier VM's claim; this VM claims 3"));
+  EXPECT_EQ(*kbs::fetch_step_roster(*c1, *s1, "4242.0", std::chrono::milliseconds(1000)), *r1);
+  // A claim the report does not bind never enters a roster.
+  before = b.audit_count();
+  Job unbound(b);
+  unbound.report_data_override = std::array<std::byte, 64>{};
+  auto forged = kbs::attest(*b.client(), unbound.manifest_text(), unbound.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.1", 1, {0}, "127.0.0.1:1"}));
+  ASSERT_FALSE(forged);
+  EXPECT_TRUE(refused(b, forged.error(), ErrorCode::kAuth, before, "REPORT_DATA does not bind"));
+  // A step of another job, and a claim that is not one.
+  before = b.audit_count();
+  auto other_job = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "9999.0", 1, {0}, "127.0.0.1:1"}));
+  ASSERT_FALSE(other_job);
+  EXPECT_TRUE(refused(b, other_job.error(), ErrorCode::kAuth, before, "link claim: step 9999.0 is not a step of job 4242"));
+  before = b.audit_count();
+  auto junk = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), R"({"link-key":"x","step":"4242.0","size":2,"ranks":[1]})");
+  ASSERT_FALSE(junk);
+  EXPECT_EQ(junk.error().code, ErrorCode::kInvalidArgument);
+  EXPECT_NE(junk.error().message.find("additional-evidence: link claim"), std::string::npos) << junk.error().message;
+  EXPECT_EQ(b.audit_count(), before + 1);
+  // A VM that claimed nothing, or claimed another step, gets no roster.
+  auto plain_c = b.client();
+  auto plain = kbs::attest(*plain_c, job.manifest_text(), job.evidence(b));
+  ASSERT_TRUE(plain);
+  before = b.audit_count();
+  auto nosy = kbs::fetch_step_roster(*plain_c, *plain, "4242.0", std::chrono::milliseconds(1000));
+  ASSERT_FALSE(nosy);
+  EXPECT_TRUE(refused(b, nosy.error(), ErrorCode::kPolicy, before, "claimed no ranks of step 4242.0"));
+  before = b.audit_count();
+  auto elsewhere = kbs::fetch_step_roster(*c0, *s0, "4242.7", std::chrono::milliseconds(1000));
+  ASSERT_FALSE(elsewhere);
+  EXPECT_TRUE(refused(b, elsewhere.error(), ErrorCode::kPolicy, before, "claimed no ranks of step 4242.7"));
+  EXPECT_TRUE(audit::verify_chain(*b.store->audit_records()));
+}
+
+// The link claim's own format (docs/protocol.md §6.2).
+TEST(LinkClaim, MalformedClaimsAreRefusedNamingWhatIsWrong) {
+  const std::string key = base64url_encode(*(*crypto::Key::generate(crypto::KeyType::kEd25519)).public_raw());
+  const std::string ok = R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[0],"lead":"10.0.0.1:5"})";
+  auto c = parse_link_claim(ok);
+  ASSERT_TRUE(c) << c.error().message;
+  EXPECT_EQ(c->step, "7.0");
+  EXPECT_EQ(c->size, 2);
+  EXPECT_EQ(c->ranks, std::vector<int>{0});
+  EXPECT_EQ(c->lead, "10.0.0.1:5");
+  auto back = parse_link_claim(link_claim_text(*c));
+  ASSERT_TRUE(back) << back.error().message;
+  EXPECT_EQ(link_claim_text(*back), link_claim_text(*c)) << "the text form reads back as itself";
+  EXPECT_EQ(back->key, c->key);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[1],"lead":"10.0.0.1:5"})", "this VM does not run rank 0"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[0]})", "\"lead\" is missing"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[1,1]})", "ascend without repeats"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[2]})", "rank 2 is not in 0..1"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":0,"ranks":[0]})", "\"size\" is 0"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[]})", "non-empty array"},
+      {R"({"link-key":")" + key + R"(","step":"../7","size":2,"ranks":[1]})", "\"step\" is \"../7\""},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[0],"lead":"x:5"})", "\"lead\" is \"x:5\""},
+      {R"({"link-key":"AAAA","step":"7.0","size":2,"ranks":[1]})", "is 3 bytes"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[1],"rank":1})", "unknown member \"rank\""},
+      {R"({"step":"7.0","size":2,"ranks":[1]})", "\"link-key\" is missing"},
+  };
+  for (const auto& [text, want] : cases) {
+    auto r = parse_link_claim(text);
+    ASSERT_FALSE(r) << text;
+    EXPECT_NE(r.error().message.find(want), std::string::npos) << "want \"" << want << "\" in: " << r.error().message;
   }
 }
 

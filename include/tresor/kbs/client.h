@@ -60,7 +60,7 @@ class Client {
 };
 
 /// The error a broker's status means, with its problem detail: 400 and 413 kInvalidArgument,
-/// 401 kAuth, 403 kPolicy, 404 kNoMatchingKey, others kUnavailable.
+/// 401 kAuth, 403 and 409 kPolicy, 404 kNoMatchingKey, others kUnavailable.
 Error status_error(const HttpReply& reply, std::string_view what);
 
 /// Evidence from the TEE for a given REPORT_DATA: the signed report and, optionally, the
@@ -79,7 +79,10 @@ struct Attestation {
 
 /// The whole handshake: auth, a fresh P-256 key, the REPORT_DATA binding of nonce and key,
 /// evidence for it, and attest with the signed job manifest (its canonical JSON) as init-data.
-[[nodiscard]] Result<Attestation> attest(Client& client, std::string_view manifest_json, const EvidenceSource& evidence);
+/// `additional_evidence` (e.g. a link claim, roster.h) goes into runtime-data and so into the
+/// REPORT_DATA binding.
+[[nodiscard]] Result<Attestation> attest(Client& client, std::string_view manifest_json, const EvidenceSource& evidence,
+                                         std::string_view additional_evidence = "");
 
 struct ReleasedKey {
   std::string dataset;
@@ -90,5 +93,12 @@ struct ReleasedKey {
 /// GET a dataset key ("latest" or a version number) and decrypt it with the session's key.
 [[nodiscard]] Result<ReleasedKey> fetch_dataset_key(Client& client, const Attestation& session, std::string_view dataset,
                                                     std::string_view tag = "latest");
+
+/// GET the roster of a step this session's VM claimed ranks of (docs/protocol.md §6.2), asking
+/// again every `poll` while the broker answers 503 (ranks not yet claimed) until `wait` has
+/// passed; decrypts it, checks it parses as a roster of `step` (roster.h) and returns its text.
+/// kUnavailable names the ranks still missing when the wait ends.
+[[nodiscard]] Result<std::string> fetch_step_roster(Client& client, const Attestation& session, std::string_view step, std::chrono::milliseconds wait,
+                                                    std::chrono::milliseconds poll = std::chrono::milliseconds(250));
 
 }  // namespace tresor::kbs

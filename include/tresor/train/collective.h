@@ -17,6 +17,7 @@
 
 #include "tresor/crypto.h"
 #include "tresor/error.h"
+#include "tresor/roster.h"
 
 namespace tresor::train {
 
@@ -82,7 +83,6 @@ class OverlappedAllReduce {
 /// `directory`/tresor-dp-`run_id`.json (mode 0600, written whole then renamed into place); the
 /// other ranks read it, connect and present the token. The file is removed once every rank has
 /// joined. The directory must be private to the job's user: whoever can read the token can join.
-struct Roster;
 struct Rendezvous {
   int rank = 0, size = 1;
   std::string directory;
@@ -97,28 +97,13 @@ struct Rendezvous {
   std::shared_ptr<const crypto::Key> link_key;
 };
 
-/// The members of one step across machines (docs/training.md §5.3, format in docs/formats.md
-/// "Step roster"): the step it is for, where rank 0 listens, and each rank's Ed25519 link key
-/// (ranks in one VM share theirs). Whoever holds a listed key may join as a rank listing it, so a
-/// roster must come from a source that checked each key's holder (in a confidential job: the
-/// broker, which lists only attested VMs' keys, docs/scale.md §2.2).
-struct Roster {
-  std::string step;                           // "JOB.STEP", the Rendezvous's run_id
-  std::string lead_host;                      // an IPv4 address literal
-  uint16_t lead_port = 0;
-  std::vector<std::array<std::byte, 32>> keys;  // per rank
-  std::array<std::byte, 32> digest{};         // SHA-256 of the document's bytes; ranks must agree on it
-};
-/// Parses a roster document (strict: unknown members, malformed keys, addresses and steps are
-/// named); kInvalidArgument.
-[[nodiscard]] Result<Roster> parse_roster(std::string_view text);
-/// A link key file (docs/formats.md "Step roster"): "tresor-link-key-v1 " + base64url of the
-/// Ed25519 seed + "\n". The text holds the secret: the caller wipes it.
-[[nodiscard]] Result<std::string> link_key_text(const crypto::Key& key);
-/// Reads a link key file's text; kInvalidArgument names what is malformed.
-[[nodiscard]] Result<crypto::Key> parse_link_key(std::string_view text);
-/// The roster document for the given members (the inverse of parse_roster).
-[[nodiscard]] std::string roster_text(std::string_view step, std::string_view lead, std::span<const std::array<std::byte, 32>> keys);
+// The step roster and link keys (Roster, parse_roster, roster_text, link_key_text,
+// parse_link_key) are in tresor/roster.h: the broker hands rosters out too.
+using tresor::link_key_text;
+using tresor::parse_link_key;
+using tresor::parse_roster;
+using tresor::Roster;
+using tresor::roster_text;
 
 /// The ranks as processes on one machine over TCP on 127.0.0.1 (the CPU backend of several
 /// processes). Every rank sends its buffers to rank 0, which adds them in rank order and sends the
