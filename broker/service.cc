@@ -186,7 +186,7 @@ struct Attested {
   std::string job_key;            // hex SHA-256 of the manifest (HOST_DATA): whose steps these are
 };
 
-// The step rosters (docs/protocol.md §6.2): for each job (its manifest's digest) and step, the link
+// The step rosters (docs/protocol.md §13): for each job (its manifest's digest) and step, the link
 // keys that attested VMs of that job claimed for their ranks. A claim is recorded only after the
 // VM's attestation passed every check, and it holds until the manifest expires; a rank claimed by
 // one key is never given to another. Memory only: a broker restart forgets them (the VMs of a
@@ -625,7 +625,7 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   auto body = parse_attestation(req.body);
   if (!body) return failed(400, body.error().message, body.error().message);
   // A VM that joins a training step across machines claims its ranks with its link key
-  // (docs/protocol.md §6.2); the claim is bound into REPORT_DATA like the nonce and tee-pubkey.
+  // (docs/protocol.md §13); the claim is bound into REPORT_DATA like the nonce and tee-pubkey.
   std::optional<LinkClaim> link;
   if (!body->additional_evidence.empty()) {
     auto c = parse_link_claim(body->additional_evidence);
@@ -860,7 +860,7 @@ HttpResponse Service::Impl::resource(const HttpRequest& req) {
 
 // GET /kbs/v0/resource/tresor-step/<JOB.STEP>/roster: the step's roster (docs/formats.md §13) as
 // a JWE to the session's tee-pubkey, for a VM that claimed ranks of that step when it attested
-// (docs/protocol.md §6.2). 503 while ranks are unclaimed (the VM polls); those answers are not
+// (docs/protocol.md §13). 503 while ranks are unclaimed (the VM polls); those answers are not
 // decisions and are not audited.
 HttpResponse Service::Impl::step_roster(const HttpRequest& req, const Attested& attested, const std::string& path, audit::Record rec) {
   (void)req;

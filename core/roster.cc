@@ -1,5 +1,5 @@
 // The step roster, link key files and link claims (include/tresor/roster.h, docs/formats.md §13,
-// docs/protocol.md §6.2).
+// docs/protocol.md §13).
 #include "tresor/roster.h"
 
 #include <arpa/inet.h>

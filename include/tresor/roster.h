@@ -1,7 +1,7 @@
 // tresor/roster.h — the step roster and link keys: the ranks of one data-parallel training step
 // on several machines, where rank 0 listens, and each rank's Ed25519 link key (docs/formats.md
 // §13, docs/training.md §5.3); and the link claim an attested VM makes to join a step, which the
-// broker turns into rosters (docs/protocol.md §6.2).
+// broker turns into rosters (docs/protocol.md §13).
 #pragma once
 
 #include <array>
@@ -40,7 +40,7 @@ struct Roster {
 [[nodiscard]] std::string roster_text(std::string_view step, std::string_view lead, std::span<const std::array<std::byte, 32>> keys);
 
 /// What a VM declares, bound into its attestation (the KBS runtime-data's "additional-evidence",
-/// so REPORT_DATA covers it), to be listed in its step's roster (docs/protocol.md §6.2):
+/// so REPORT_DATA covers it), to be listed in its step's roster (docs/protocol.md §13):
 /// {"link-key":"<base64url>","step":"JOB.STEP","size":N,"ranks":[r, …],"lead":"A:P"}; "lead"
 /// exactly when rank 0 is among the ranks.
 struct LinkClaim {

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <future>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -59,6 +60,27 @@ struct Fixture {
     EXPECT_EQ(r.exit_code, 0) << r.err;
   }
   tresor::testing::CommandResult cli(std::vector<std::string> args) {
+    args.insert(args.begin(), {"admin", "--socket", sock});
+    return run_tresor(args);
+  }
+};
+
+// A broker that trusts a fresh sim root (tests only) and has user alice; her identity file.
+struct SimBroker {
+  std::string sim, root, sock, identity, recipient;
+  std::unique_ptr<Daemon> daemon;
+  explicit SimBroker(Fixture& f) : sim(f.dir.file("sim")), root(f.dir.file("broker2")), sock(root + "/admin.sock"), identity(f.dir.file("alice.identity")) {
+    EXPECT_EQ(run_tresor({"sim", "init", sim, "--rsa-bits", "2048"}).exit_code, 0);
+    auto init = run_command({TRESOR_BROKER_BIN, "--init", root, "--port", "0", "--sim-trust", sim});
+    EXPECT_EQ(init.exit_code, 0) << init.err;
+    daemon = std::make_unique<Daemon>(root + "/broker.toml");
+    auto kg = run_tresor({"keygen", "-o", identity});
+    EXPECT_EQ(kg.exit_code, 0) << kg.err;
+    recipient = kg.out.substr(0, kg.out.find('\n'));
+    EXPECT_EQ(admin({"user", "add", "alice", recipient}).exit_code, 0);
+  }
+  std::string url() const { return "https://127.0.0.1:" + std::to_string(daemon->port()); }
+  tresor::testing::CommandResult admin(std::vector<std::string> args) const {
     args.insert(args.begin(), {"admin", "--socket", sock});
     return run_tresor(args);
   }
@@ -182,23 +204,14 @@ namespace {
 // is refused before anything is asked of the broker.
 TEST(BrokerDaemon, CliFlowSealWithTheBrokerSignAManifestAndFetchTheKey) {
   Fixture f;
-  const std::string sim = f.dir.file("sim");
-  ASSERT_EQ(run_tresor({"sim", "init", sim, "--rsa-bits", "2048"}).exit_code, 0);
-  // A broker that trusts this sim root (tests only).
-  const std::string root2 = f.dir.file("broker2");
-  auto init = run_command({TRESOR_BROKER_BIN, "--init", root2, "--port", "0", "--sim-trust", sim});
-  ASSERT_EQ(init.exit_code, 0) << init.err;
-  Daemon d(root2 + "/broker.toml");
-  const std::string sock = root2 + "/admin.sock";
-  auto admin_cli = [&](std::vector<std::string> args) {
-    args.insert(args.begin(), {"admin", "--socket", sock});
-    return run_tresor(args);
-  };
-  const std::string id = f.dir.file("alice.identity");
-  auto kg = run_tresor({"keygen", "-o", id});
-  ASSERT_EQ(kg.exit_code, 0) << kg.err;
-  std::string recipient = kg.out.substr(0, kg.out.find('\n'));
-  ASSERT_EQ(admin_cli({"user", "add", "alice", recipient}).exit_code, 0);
+  SimBroker b(f);
+  const std::string& sim = b.sim;
+  const std::string& root2 = b.root;
+  const std::string& sock = b.sock;
+  const std::string& id = b.identity;
+  const std::string& recipient = b.recipient;
+  Daemon& d = *b.daemon;
+  auto admin_cli = [&](std::vector<std::string> args) { return b.admin(std::move(args)); };
 
   const std::string plain = f.dir.file("ct.raw");
   tresor::testing::write_file(plain, tresor::testing::pattern_bytes(100000, 3));
@@ -245,6 +258,58 @@ TEST(BrokerDaemon, CliFlowSealWithTheBrokerSignAManifestAndFetchTheKey) {
   auto exists = fetch("1001", f.dir.file("released.key"));
   EXPECT_EQ(exists.exit_code, 3) << exists.err;
   EXPECT_EQ(json::parse(admin(sock, {{"op", "audit.verify"}}))["records"].get<size_t>(), before);
+  EXPECT_EQ(d.kill(SIGTERM), 0);
+}
+
+// Training across machines, the agents' part by hand (docs/protocol.md §13): two "VMs" of one job
+// (sim evidence) claim ranks 0 and 1 of a step with their link keys; each gets the same roster
+// from the broker, listing exactly their keys; a third with another key for rank 1 is refused.
+TEST(BrokerDaemon, CliFlowTwoVmsOfAStepGetTheirRoster) {
+  Fixture f;
+  SimBroker b(f);
+  const std::string& sim = b.sim;
+  const std::string& root2 = b.root;
+  const std::string& id = b.identity;
+  Daemon& d = *b.daemon;
+  tresor::testing::write_file(f.dir.file("job.sh"), as_bytes("#!/bin/sh\necho hi\n"));
+  auto made = run_tresor({"manifest", "create", "-i", id, "--job-id", "3001", "--dataset", "dhz/ccta-2024", "--image-measurement", std::string(96, 'a'),
+                          "--script", f.dir.file("job.sh"), "-o", f.dir.file("job.manifest")});
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  std::vector<std::string> pubs;
+  for (const char* k : {"vm0.key", "vm1.key", "intruder.key"}) {
+    auto r = run_tresor({"roster", "keygen", f.dir.file(k)});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    pubs.push_back(r.out.substr(0, r.out.size() - 1));
+  }
+  auto vm = [&](const std::string& key, const std::string& ranks, const std::string& out, std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"kbs", "get-roster", "--url", "https://127.0.0.1:" + std::to_string(d.port()), "--ca", root2 + "/tls.crt", "--manifest",
+                                     f.dir.file("job.manifest"), "--sim", sim, "--link-key", f.dir.file(key), "--step", "3001.0", "--size", "2", "--ranks",
+                                     ranks, "-o", f.dir.file(out), "--wait", "30"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_tresor(args);
+  };
+  auto zero = std::async(std::launch::async, [&] { return vm("vm0.key", "0", "roster0.json", {"--lead", "127.0.0.1:29500"}); });
+  auto one = vm("vm1.key", "1", "roster1.json");
+  auto z = zero.get();
+  ASSERT_EQ(z.exit_code, 0) << z.err;
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const Bytes r0 = tresor::testing::read_file(f.dir.file("roster0.json"));
+  EXPECT_EQ(r0, tresor::testing::read_file(f.dir.file("roster1.json"))) << "both VMs hold the same document";
+  auto shown = run_tresor({"roster", "show", "--json", f.dir.file("roster0.json")});
+  ASSERT_EQ(shown.exit_code, 0) << shown.err;
+  const auto j = json::parse(shown.out);
+  EXPECT_EQ(j["step"], "3001.0");
+  EXPECT_EQ(j["lead"], "127.0.0.1:29500");
+  EXPECT_EQ(j["ranks"], json(std::vector<std::string>{pubs[0], pubs[1]}));
+  auto intruder = vm("intruder.key", "1", "roster2.json");
+  EXPECT_EQ(intruder.exit_code, 7) << intruder.err;
+  EXPECT_NE(intruder.err.find("409"), std::string::npos) << intruder.err;
+  EXPECT_NE(::access(f.dir.file("roster2.json").c_str(), F_OK), 0) << "no roster for the refused VM";
+  auto audit = b.admin({"audit", "show"});
+  EXPECT_NE(audit.out.find("rank 1 of step 3001.0 is already claimed by another attested VM"), std::string::npos) << audit.out.substr(0, 4000);
+  auto bad = vm("vm0.key", "0,0", "roster3.json", {"--lead", "127.0.0.1:29500"});
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.err.find("ascend without repeats"), std::string::npos) << bad.err;
   EXPECT_EQ(d.kill(SIGTERM), 0);
 }
 

@@ -387,7 +387,7 @@ TEST(BrokerServer, ReleaseDenialsAreForbiddenOrNotFound) {
   }
 }
 
-// Training across machines (docs/protocol.md §6.2): VMs of one job claim ranks of a step with
+// Training across machines (docs/protocol.md §13): VMs of one job claim ranks of a step with
 // their link keys when they attest; the broker hands each of them the step's roster once every
 // rank is claimed, and never lets a second key take a rank.
 TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
@@ -480,7 +480,7 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   EXPECT_TRUE(audit::verify_chain(*b.store->audit_records()));
 }
 
-// The link claim's own format (docs/protocol.md §6.2).
+// The link claim's own format (docs/protocol.md §13).
 TEST(LinkClaim, MalformedClaimsAreRefusedNamingWhatIsWrong) {
   const std::string key = base64url_encode(*(*crypto::Key::generate(crypto::KeyType::kEd25519)).public_raw());
   const std::string ok = R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[0],"lead":"10.0.0.1:5"})";

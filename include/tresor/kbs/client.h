@@ -94,7 +94,7 @@ struct ReleasedKey {
 [[nodiscard]] Result<ReleasedKey> fetch_dataset_key(Client& client, const Attestation& session, std::string_view dataset,
                                                     std::string_view tag = "latest");
 
-/// GET the roster of a step this session's VM claimed ranks of (docs/protocol.md §6.2), asking
+/// GET the roster of a step this session's VM claimed ranks of (docs/protocol.md §13), asking
 /// again every `poll` while the broker answers 503 (ranks not yet claimed) until `wait` has
 /// passed; decrypts it, checks it parses as a roster of `step` (roster.h) and returns its text.
 /// kUnavailable names the ranks still missing when the wait ends.
