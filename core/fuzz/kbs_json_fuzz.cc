@@ -1,14 +1,17 @@
 // libFuzzer target for the JSON the broker reads from guests and users: strict parsing, RFC 8785
-// canonicalization, KBS Requests, JWKs, JWEs, job manifests and attestation policies. None may throw or crash; the
-// canonical form must be a fixed point, and an accepted manifest must round-trip.
+// canonicalization, KBS Requests, JWKs, JWEs, job manifests, attestation policies, link claims and
+// step rosters. None may throw or crash; the canonical form must be a fixed point, and an accepted
+// manifest, link claim or roster must round-trip.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 
 #include "tresor/kbs/jose.h"
 #include "tresor/kbs/session.h"
 #include "tresor/manifest.h"
+#include "tresor/roster.h"
 #include "tresor/snp/validate.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -33,6 +36,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!back || !(*back == *m)) std::abort();
   }
   (void)snp::parse_policy(text);  // a data owner's attestation policy
+  // A VM's link claim (parsed before its evidence is verified) and a step roster.
+  if (auto c = parse_link_claim(text)) {
+    auto back = parse_link_claim(link_claim_text(*c));
+    if (!back || link_claim_text(*back) != link_claim_text(*c) || back->ranks != c->ranks) std::abort();
+  }
+  if (auto r = parse_roster(text)) {
+    auto back = parse_roster(roster_text(r->step, r->lead_host + ":" + std::to_string(r->lead_port), r->keys));
+    if (!back || back->keys != r->keys || back->step != r->step || back->lead_port != r->lead_port || back->lead_host != r->lead_host) std::abort();
+  }
   kbs::SessionTable table;
   (void)table.auth(text, 1764500000);
   return 0;
