@@ -193,16 +193,31 @@ struct Attested {
 // step then fail to join and the step is resubmitted).
 class StepRosters {
  public:
-  static constexpr size_t kMaxSteps = 4096;
+  static constexpr size_t kMaxSteps = 4096;      // in all
+  static constexpr size_t kMaxStepsPerJob = 64;  // so that one job cannot take every place
 
-  // Records `c` for the job; kPolicy when it conflicts with what the step's other VMs claimed.
-  Result<void> claim(const std::string& job, const LinkClaim& c, std::time_t expires, std::time_t now) {
+  // What a claim changed, so that it can be undone (when the attestation cannot be completed).
+  struct Change {
+    std::vector<int> ranks;  // ranks this claim newly took
+    bool lead = false;       // whether it set the lead
+    bool entry = false;      // whether it created the step's entry
+  };
+
+  // Records `c` for the job; kPolicy when it conflicts with what the step's other VMs claimed,
+  // kUnavailable when the broker holds too many steps.
+  Result<Change> claim(const std::string& job, const LinkClaim& c, std::time_t expires, std::time_t now) {
     std::lock_guard lock(mu_);
     std::erase_if(entries_, [&](const auto& e) { return e.second.expires <= now; });
     const auto k = std::make_pair(job, c.step);
     auto it = entries_.find(k);
+    Change change;
     if (it == entries_.end()) {
       if (entries_.size() >= kMaxSteps) return fail(ErrorCode::kUnavailable, "the broker holds " + std::to_string(kMaxSteps) + " step rosters already");
+      const auto of_job = std::ranges::count_if(entries_, [&](const auto& e) { return e.first.first == job; });
+      if (static_cast<size_t>(of_job) >= kMaxStepsPerJob) {
+        return fail(ErrorCode::kPolicy, "the job already has " + std::to_string(kMaxStepsPerJob) + " steps with rosters (the most one job may hold)");
+      }
+      change.entry = true;
       Entry e;
       e.size = c.size;
       e.keys.resize(static_cast<size_t>(c.size));
@@ -222,17 +237,37 @@ class StepRosters {
     if (!c.lead.empty() && !e.lead.empty() && e.lead != c.lead) {
       return fail(ErrorCode::kPolicy, "rank 0 of step " + c.step + " listens at " + e.lead + " by an earlier claim; this one says " + c.lead);
     }
-    for (const int r : c.ranks) e.keys[static_cast<size_t>(r)] = c.key;
-    if (!c.lead.empty()) e.lead = c.lead;
-    return {};
+    for (const int r : c.ranks) {
+      auto& held = e.keys[static_cast<size_t>(r)];
+      if (!held) change.ranks.push_back(r);
+      held = c.key;
+    }
+    if (!c.lead.empty() && e.lead.empty()) {
+      e.lead = c.lead;
+      change.lead = true;
+    }
+    return change;
+  }
+
+  // Undoes what claim() changed.
+  void undo(const std::string& job, const std::string& step, const Change& change) {
+    std::lock_guard lock(mu_);
+    auto it = entries_.find({job, step});
+    if (it == entries_.end()) return;
+    for (const int r : change.ranks) it->second.keys[static_cast<size_t>(r)].reset();
+    if (change.lead) it->second.lead.clear();
+    if (change.entry && std::ranges::none_of(it->second.keys, [](const auto& k) { return k.has_value(); })) entries_.erase(it);
   }
 
   // The roster document once every rank is claimed; otherwise nullopt and `missing` lists the ranks
   // still unclaimed.
-  std::optional<std::string> roster(const std::string& job, const std::string& step, std::string& missing) const {
+  std::optional<std::string> roster(const std::string& job, const std::string& step, std::time_t now, std::string& missing) const {
     std::lock_guard lock(mu_);
     auto it = entries_.find({job, step});
-    if (it == entries_.end()) return std::nullopt;
+    if (it == entries_.end() || it->second.expires <= now) {
+      missing = "all (the step's claims expired with its manifest)";
+      return std::nullopt;
+    }
     const Entry& e = it->second;
     std::vector<std::array<std::byte, 32>> keys;
     size_t absent = 0;
@@ -469,7 +504,7 @@ struct Service::Impl {
   HttpResponse auth(const HttpRequest& req);
   HttpResponse attest(const HttpRequest& req);
   HttpResponse resource(const HttpRequest& req);
-  HttpResponse step_roster(const HttpRequest& req, const Attested& attested, const std::string& path, audit::Record rec);
+  HttpResponse step_roster(const Attested& attested, const std::string& path, audit::Record rec);
   Result<std::string> token(const Attested& a, const json& tee_pubkey, std::time_t now, std::time_t expires) const;
 };
 
@@ -693,7 +728,7 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   if (!crypto::ct_equal(verified->report.measurement, manifest->image_measurement)) {
     problems.push_back("evidence: MEASUREMENT is " + rec.measurement + ", the manifest names image " + to_hex(manifest->image_measurement));
   }
-  if (link && !link->step.starts_with(manifest->job_id + ".")) {
+  if (link && (!link->step.starts_with(manifest->job_id + ".") || link->step.size() == manifest->job_id.size() + 1)) {
     problems.push_back("link claim: step " + link->step + " is not a step of job " + manifest->job_id + " (JOB.STEP)");
   }
   if (!problems.empty()) {
@@ -714,13 +749,16 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   if (!tok) return failed(500, "token: " + tok.error().message);
 
   std::string joined;
+  std::optional<StepRosters::Change> claimed;
   if (link) {
     // Only now, with every check passed, may the VM's key enter its step's roster. A claim that
     // conflicts with the step's other VMs' (a rank already held by another key, another size or
     // lead) fails the attestation: a second VM for a rank is a host's doing, never the job's.
-    if (auto c = rosters.claim(attested->job_key, *link, attested->manifest.expires_at, t); !c) {
-      return failed(c.error().code == ErrorCode::kUnavailable ? 503 : 409, "link claim: " + c.error().message);
-    }
+    // Should the attestation still not complete (its audit record, the session), the claim is
+    // undone: no roster lists a key whose attestation is not in the audit log.
+    auto c = rosters.claim(attested->job_key, *link, attested->manifest.expires_at, t);
+    if (!c) return failed(c.error().code == ErrorCode::kUnavailable ? 503 : 409, "link claim: " + c.error().message);
+    claimed = std::move(*c);
     std::string ranks;
     for (const int r : link->ranks) ranks += (ranks.empty() ? "" : ",") + std::to_string(r);
     joined = "; ranks " + ranks + " of step " + link->step + " with link key " + base64url_encode(link->key);
@@ -729,8 +767,12 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
   rec.result = "attested";
   rec.reason = "attest: job '" + attested->manifest.job_id + "' of user '" + attested->user + "'" + joined +
                (attested->report.sim ? " on SIM evidence (not confidential hardware)" : "");
+  const auto undo_claim = [&] {
+    if (claimed) rosters.undo(attested->job_key, attested->link->step, *claimed);
+  };
   // The record first: a session whose attestation is not in the audit log is never usable.
   if (!record(std::move(rec))) {
+    undo_claim();
     std::lock_guard lock(sessions_mu);
     sessions.failed(id);
     return error_response(500);
@@ -739,6 +781,7 @@ HttpResponse Service::Impl::attest(const HttpRequest& req) {
     std::lock_guard lock(sessions_mu);
     if (auto r = sessions.attested(id, body->tee_pubkey, attested->manifest.job_id, attested); !r) {
       sessions.failed(id);
+      undo_claim();
       return error_response(500);
     }
   }
@@ -804,7 +847,7 @@ HttpResponse Service::Impl::resource(const HttpRequest& req) {
   rec.measurement = to_hex(attested->report.report.measurement);
   rec.sim = attested->report.sim;
 
-  if (path.starts_with("tresor-step/")) return step_roster(req, *attested, path, std::move(rec));
+  if (path.starts_with("tresor-step/")) return step_roster(*attested, path, std::move(rec));
 
   const size_t slash = path.rfind('/');
   const std::string dataset = slash == std::string::npos ? std::string() : path.substr(0, slash);
@@ -862,8 +905,7 @@ HttpResponse Service::Impl::resource(const HttpRequest& req) {
 // a JWE to the session's tee-pubkey, for a VM that claimed ranks of that step when it attested
 // (docs/protocol.md §13). 503 while ranks are unclaimed (the VM polls); those answers are not
 // decisions and are not audited.
-HttpResponse Service::Impl::step_roster(const HttpRequest& req, const Attested& attested, const std::string& path, audit::Record rec) {
-  (void)req;
+HttpResponse Service::Impl::step_roster(const Attested& attested, const std::string& path, audit::Record rec) {
   constexpr std::string_view prefix = "tresor-step/", suffix = "/roster";
   const std::string step = path.size() > prefix.size() + suffix.size() && path.ends_with(suffix) ? path.substr(prefix.size(), path.size() - prefix.size() - suffix.size()) : "";
   if (!valid_step_id(step)) {
@@ -874,10 +916,20 @@ HttpResponse Service::Impl::step_roster(const HttpRequest& req, const Attested& 
     rec.reason = "resource " + path + ": this VM of job '" + attested.manifest.job_id + "' claimed no ranks of step " + step + " when it attested";
     return deny(403, std::move(rec));
   }
+  // As at every release, the user and the manifest are checked again (revoked or expired since).
+  const std::time_t t = now();
+  std::vector<std::string> problems;
+  if (attested.manifest.expires_at <= t) problems.push_back("manifest: expired at " + std::to_string(attested.manifest.expires_at));
+  auto user = store.user_by_identity(attested.manifest.user.to_string());
+  if (!user) return error_response(500);
+  if (!user->has_value() || (*user)->revoked) problems.push_back("user: '" + attested.user + "' is revoked or no longer registered");
+  if (!problems.empty()) {
+    rec.reason = "resource " + path + ": " + problems.front();
+    return deny(403, std::move(rec));
+  }
   std::string missing;
-  auto text = rosters.roster(attested.job_key, step, missing);
+  auto text = rosters.roster(attested.job_key, step, t, missing);
   if (!text) {
-    metrics.denial("roster_incomplete");
     HttpResponse r;
     r.status = 503;
     r.body = problem("RosterIncomplete", "step " + step + ": rank(s) " + missing + " not yet claimed by attested VMs; retry");

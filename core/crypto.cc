@@ -13,7 +13,9 @@
 #include <openssl/bn.h>
 #include <openssl/rand.h>
 
+#include <array>
 #include <climits>
+#include <memory>
 #include <cstring>
 #include <string>
 
@@ -407,6 +409,76 @@ Result<Key> Key::from_private(KeyType type, ByteSpan raw) {
   return Key(type, *p, true);
 }
 
+namespace {
+
+struct BnCtxDeleter {
+  void operator()(BN_CTX* c) const { BN_CTX_free(c); }
+};
+
+// An Ed25519 public key must decode to a point of the curve (RFC 8032 §5.1.3) that is not of
+// small order. OpenSSL imports any 32 bytes and its verification accepts a fixed signature
+// under a small-order key for every message, so a small-order key would let anyone "prove" it.
+Result<void> check_ed25519_point(ByteSpan raw) {
+  const auto is = [&](std::string_view hex_le) {  // y (the sign bit of x cleared) equals this
+    for (size_t i = 0; i < 32; ++i) {
+      const auto byte = static_cast<unsigned>(std::stoul(std::string(hex_le.substr(2 * i, 2)), nullptr, 16));
+      const auto have = static_cast<unsigned>(raw[i]) & (i == 31 ? 0x7Fu : 0xFFu);
+      if (have != byte) return false;
+    }
+    return true;
+  };
+  // The y of the eight points of order 1, 2, 4 and 8: 1, p - 1, 0, and the two of order 8.
+  for (const std::string_view y : {"0100000000000000000000000000000000000000000000000000000000000000",
+                                   "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+                                   "0000000000000000000000000000000000000000000000000000000000000000",
+                                   "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+                                   "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"}) {
+    if (is(y)) return fail(ErrorCode::kInvalidArgument, "Ed25519 public key is a point of small order (anyone could sign for it)");
+  }
+  std::array<unsigned char, 32> le{};
+  std::memcpy(le.data(), raw.data(), 32);
+  const bool x_sign = (le[31] & 0x80) != 0;
+  le[31] &= 0x7F;
+  std::unique_ptr<BN_CTX, BnCtxDeleter> ctx(BN_CTX_new());
+  if (!ctx) return ossl_fail("BN_CTX_new");
+  BN_CTX_start(ctx.get());
+  struct End {
+    BN_CTX* c;
+    ~End() { BN_CTX_end(c); }
+  } end{ctx.get()};
+  BIGNUM* p = BN_CTX_get(ctx.get());
+  BIGNUM* d = BN_CTX_get(ctx.get());
+  BIGNUM* y = BN_CTX_get(ctx.get());
+  BIGNUM* u = BN_CTX_get(ctx.get());
+  BIGNUM* v = BN_CTX_get(ctx.get());
+  BIGNUM* e = BN_CTX_get(ctx.get());
+  if (e == nullptr) return ossl_fail("BN_CTX_get");
+  // p = 2^255 - 19 and d = -121665/121666 mod p (RFC 8032 §5.1).
+  if (BN_hex2bn(&p, "7fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffed") == 0 ||
+      BN_hex2bn(&d, "52036cee2b6ffe738cc740797779e89800700a4d4141d8ab75eb4dca135978a3") == 0 || BN_lebin2bn(le.data(), 32, y) == nullptr) {
+    return ossl_fail("BN");
+  }
+  if (BN_cmp(y, p) >= 0) return fail(ErrorCode::kInvalidArgument, "Ed25519 public key is not canonical (y >= 2^255 - 19)");
+  // x^2 = (y^2 - 1) / (d y^2 + 1): a solution exists when u = y^2 - 1 is 0 or u/v a square mod p
+  // (Euler's criterion: (u/v)^((p-1)/2) = 1).
+  if (BN_mod_sqr(u, y, p, ctx.get()) != 1 || BN_mod_mul(v, d, u, p, ctx.get()) != 1 || BN_add_word(v, 1) != 1 || BN_mod(v, v, p, ctx.get()) != 1 ||
+      BN_sub_word(u, 1) != 1) {
+    return ossl_fail("BN");
+  }
+  if (BN_is_zero(u)) {
+    if (x_sign) return fail(ErrorCode::kInvalidArgument, "Ed25519 public key is not canonical (x = 0 with its sign bit set)");
+    return {};
+  }
+  if (BN_mod_inverse(v, v, p, ctx.get()) == nullptr || BN_mod_mul(u, u, v, p, ctx.get()) != 1 || BN_copy(e, p) == nullptr || BN_sub_word(e, 1) != 1 ||
+      BN_rshift1(e, e) != 1 || BN_mod_exp(v, u, e, p, ctx.get()) != 1) {
+    return ossl_fail("BN");
+  }
+  if (!BN_is_one(v)) return fail(ErrorCode::kInvalidArgument, "Ed25519 public key is not a point of the curve");
+  return {};
+}
+
+}  // namespace
+
 Result<Key> Key::from_public(KeyType type, ByteSpan raw) {
   if (type == KeyType::kRsa) return fail(ErrorCode::kInvalidArgument, "RSA keys have no raw encoding here; use a JWK");
   if (!is_ec(type)) {
@@ -414,6 +486,7 @@ Result<Key> Key::from_public(KeyType type, ByteSpan raw) {
       return fail(ErrorCode::kInvalidArgument, std::string(key_type_name(type)) + " public key is " +
                                                    std::to_string(raw.size()) + " bytes, want 32");
     }
+    if (type == KeyType::kEd25519) TRESOR_TRY(check_ed25519_point(raw));
     EVP_PKEY* p = EVP_PKEY_new_raw_public_key(raw_nid(type), nullptr, u8(raw), raw.size());
     if (p == nullptr) return ossl_fail("EVP_PKEY_new_raw_public_key");
     return Key(type, p, false);

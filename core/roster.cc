@@ -56,8 +56,9 @@ bool valid_step_id(std::string_view s) {
 }
 
 bool valid_lead_address(std::string_view lead) {
+  // Only digits, dots and the colon (so no "\u0000" or other spelling slips past inet_pton).
   const size_t colon = lead.rfind(':');
-  if (colon == std::string_view::npos) return false;
+  if (colon == std::string_view::npos || colon > 15 || lead.find_first_not_of("0123456789.:") != std::string_view::npos) return false;
   in_addr addr{};
   unsigned port = 0;
   const char* pb = lead.data() + colon + 1;

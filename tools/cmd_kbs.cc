@@ -129,7 +129,7 @@ int get_roster(int argc, char** argv) {
   auto session = kbs::attest(**client, m->second, sim_evidence(m->first, *digest, std::make_shared<const snp::sim::SecureProcessor>(std::move(*sp))),
                              link_claim_text(*parsed));
   if (!session) return report(session.error());
-  auto roster = kbs::fetch_step_roster(**client, *session, step, std::chrono::seconds(wait_s));
+  auto roster = kbs::fetch_step_roster(**client, *session, *parsed, std::chrono::seconds(wait_s));
   if (!roster) return report(roster.error());
   if (auto w = output->sink().write(as_bytes(*roster)); !w) return report(w.error());
   if (auto c = output->commit(); !c) return report(c.error());

@@ -292,9 +292,10 @@ Result<ReleasedKey> fetch_dataset_key(Client& client, const Attestation& session
   return out;
 }
 
-Result<std::string> fetch_step_roster(Client& client, const Attestation& session, std::string_view step, std::chrono::milliseconds wait,
+Result<std::string> fetch_step_roster(Client& client, const Attestation& session, const LinkClaim& claim, std::chrono::milliseconds wait,
                                       std::chrono::milliseconds poll) {
-  const std::string path = "tresor-step/" + std::string(step) + "/roster";
+  const std::string& step = claim.step;
+  const std::string path = "tresor-step/" + step + "/roster";
   const auto give_up = std::chrono::steady_clock::now() + wait;
   for (;;) {
     auto r = client.request("GET", "/kbs/v0/resource/" + path);
@@ -312,7 +313,19 @@ Result<std::string> fetch_step_roster(Client& client, const Attestation& session
     std::string text(reinterpret_cast<const char*>(plain->data()), plain->size());
     auto roster = parse_roster(text);
     if (!roster) return fail(ErrorCode::kMalformed, "the broker's roster: " + roster.error().message);
-    if (roster->step != step) return fail(ErrorCode::kAuth, "the broker sent the roster of step " + roster->step + " when " + std::string(step) + " was asked for");
+    if (roster->step != step) return fail(ErrorCode::kAuth, "the broker sent the roster of step " + roster->step + " when " + step + " was asked for");
+    if (roster->keys.size() != static_cast<size_t>(claim.size)) {
+      return fail(ErrorCode::kAuth, "the broker's roster of step " + step + " has " + std::to_string(roster->keys.size()) + " ranks; this VM claimed a step of " +
+                                        std::to_string(claim.size));
+    }
+    for (const int rank : claim.ranks) {
+      if (!crypto::ct_equal(roster->keys[static_cast<size_t>(rank)], claim.key)) {
+        return fail(ErrorCode::kAuth, "the broker's roster of step " + step + " lists another key for rank " + std::to_string(rank) + ", which this VM claimed");
+      }
+    }
+    if (!claim.lead.empty() && roster->lead_host + ":" + std::to_string(roster->lead_port) != claim.lead) {
+      return fail(ErrorCode::kAuth, "the broker's roster of step " + step + " puts rank 0 at another address than this VM claimed");
+    }
     return text;
   }
 }

@@ -410,21 +410,26 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   // Rank 1 has not attested: the roster is not ready, the VM is told which ranks are missing, and
   // its polls leave no audit records.
   const size_t before_polls = b.audit_count();
-  auto early = kbs::fetch_step_roster(*c0, *s0, "4242.0", std::chrono::milliseconds(300), std::chrono::milliseconds(100));
+  auto early = kbs::fetch_step_roster(*c0, *s0, vm0, std::chrono::milliseconds(300), std::chrono::milliseconds(100));
   ASSERT_FALSE(early);
   EXPECT_EQ(early.error().code, ErrorCode::kUnavailable);
   EXPECT_NE(early.error().message.find("rank(s) 1 of 2 not yet claimed"), std::string::npos) << early.error().message;
   EXPECT_EQ(b.audit_count(), before_polls);
   // Rank 1 attests while rank 0 waits.
   std::optional<Result<std::string>> waited;
-  std::thread waiter([&] { waited = kbs::fetch_step_roster(*c0, *s0, "4242.0", std::chrono::milliseconds(10'000), std::chrono::milliseconds(50)); });
+  std::thread waiter([&] { waited = kbs::fetch_step_roster(*c0, *s0, vm0, std::chrono::milliseconds(10'000), std::chrono::milliseconds(50)); });
   auto s1 = kbs::attest(*c1, job.manifest_text(), job.evidence(b), link_claim_text(vm1));
   waiter.join();
   ASSERT_TRUE(s1) << s1.error().message;
   ASSERT_TRUE(waited && *waited) << (waited ? waited->error().message : "no answer");
-  auto r1 = kbs::fetch_step_roster(*c1, *s1, "4242.0", std::chrono::milliseconds(1000));
+  auto r1 = kbs::fetch_step_roster(*c1, *s1, vm1, std::chrono::milliseconds(1000));
   ASSERT_TRUE(r1) << r1.error().message;
   EXPECT_EQ(**waited, *r1) << "every VM of the step gets the same document";
+  // The VM checks that the roster lists it as it claimed (here: asked as if it had claimed another key).
+  auto mismatch = kbs::fetch_step_roster(*c1, *s1, LinkClaim{pub(k2), "4242.0", 2, {1}, ""}, std::chrono::milliseconds(1000));
+  ASSERT_FALSE(mismatch);
+  EXPECT_EQ(mismatch.error().code, ErrorCode::kAuth);
+  EXPECT_NE(mismatch.error().message.find("lists another key for rank 1, which this VM claimed"), std::string::npos) << mismatch.error().message;
   auto roster = parse_roster(*r1);
   ASSERT_TRUE(roster);
   EXPECT_EQ(roster->step, "4242.0");
@@ -446,7 +451,7 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   auto resized = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.0", 3, {2}, ""}));
   ASSERT_FALSE(resized);
   EXPECT_TRUE(refused(b, resized.error(), ErrorCode::kPolicy, before, "step 4242.0 has 2 ranks by an earlier VM's claim; this VM claims 3"));
-  EXPECT_EQ(*kbs::fetch_step_roster(*c1, *s1, "4242.0", std::chrono::milliseconds(1000)), *r1);
+  EXPECT_EQ(*kbs::fetch_step_roster(*c1, *s1, vm1, std::chrono::milliseconds(1000)), *r1);
   // A claim the report does not bind never enters a roster.
   before = b.audit_count();
   Job unbound(b);
@@ -470,14 +475,45 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   auto plain = kbs::attest(*plain_c, job.manifest_text(), job.evidence(b));
   ASSERT_TRUE(plain);
   before = b.audit_count();
-  auto nosy = kbs::fetch_step_roster(*plain_c, *plain, "4242.0", std::chrono::milliseconds(1000));
+  auto nosy = kbs::fetch_step_roster(*plain_c, *plain, vm1, std::chrono::milliseconds(1000));
   ASSERT_FALSE(nosy);
   EXPECT_TRUE(refused(b, nosy.error(), ErrorCode::kPolicy, before, "claimed no ranks of step 4242.0"));
   before = b.audit_count();
-  auto elsewhere = kbs::fetch_step_roster(*c0, *s0, "4242.7", std::chrono::milliseconds(1000));
+  auto elsewhere = kbs::fetch_step_roster(*c0, *s0, LinkClaim{vm0.key, "4242.7", 2, {0}, "127.0.0.1:29400"}, std::chrono::milliseconds(1000));
   ASSERT_FALSE(elsewhere);
   EXPECT_TRUE(refused(b, elsewhere.error(), ErrorCode::kPolicy, before, "claimed no ranks of step 4242.7"));
+  // A step id without its step part is not a step of the job.
+  before = b.audit_count();
+  auto bare = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.", 1, {0}, "127.0.0.1:1"}));
+  ASSERT_FALSE(bare);
+  EXPECT_TRUE(refused(b, bare.error(), ErrorCode::kAuth, before, "step 4242. is not a step of job 4242"));
+  // As every release, the roster is refused once the user is revoked.
+  ASSERT_TRUE(b.store->revoke_user("alice"));
+  before = b.audit_count();
+  auto revoked = kbs::fetch_step_roster(*c1, *s1, vm1, std::chrono::milliseconds(1000));
+  ASSERT_FALSE(revoked);
+  EXPECT_TRUE(refused(b, revoked.error(), ErrorCode::kPolicy, before, "is revoked"));
   EXPECT_TRUE(audit::verify_chain(*b.store->audit_records()));
+}
+
+// One job cannot take every roster place of the broker: 64 steps at most.
+TEST(BrokerServer, AJobHoldsAtMost64StepRosters) {
+  Broker b;
+  Job job(b);
+  const auto k = *crypto::Key::generate(crypto::KeyType::kEd25519);
+  std::array<std::byte, 32> key{};
+  const auto raw = *k.public_raw();
+  std::copy(raw.begin(), raw.end(), key.begin());
+  for (int step = 0; step < 64; ++step) {
+    auto s = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{key, "4242." + std::to_string(step), 1, {0}, "127.0.0.1:2"}));
+    ASSERT_TRUE(s) << "step " << step << ": " << s.error().message;
+  }
+  const size_t before = b.audit_count();
+  auto one_more = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{key, "4242.64", 1, {0}, "127.0.0.1:2"}));
+  ASSERT_FALSE(one_more);
+  EXPECT_TRUE(refused(b, one_more.error(), ErrorCode::kPolicy, before, "the job already has 64 steps with rosters"));
+  // A step it holds still takes its VMs' retries.
+  EXPECT_TRUE(kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{key, "4242.3", 1, {0}, "127.0.0.1:2"})));
 }
 
 // The link claim's own format (docs/protocol.md §13).
@@ -506,6 +542,8 @@ TEST(LinkClaim, MalformedClaimsAreRefusedNamingWhatIsWrong) {
       {R"({"link-key":"AAAA","step":"7.0","size":2,"ranks":[1]})", "is 3 bytes"},
       {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[1],"rank":1})", "unknown member \"rank\""},
       {R"({"step":"7.0","size":2,"ranks":[1]})", "\"link-key\" is missing"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[0],"lead":"10.0.0.1\u0000x:5"})", "\"lead\" is"},
+      {R"({"link-key":")" + key + R"(","step":"7.0","size":2,"ranks":[0],"lead":" 10.0.0.1:5"})", "\"lead\" is"},
   };
   for (const auto& [text, want] : cases) {
     auto r = parse_link_claim(text);

@@ -927,6 +927,49 @@ TEST(Ed25519Test, Rfc8032Section7_1) {
   }
 }
 
+// OpenSSL imports any 32 bytes as an Ed25519 public key, and its verification accepts the
+// signature R = identity, S = 0 under the identity key for every message: a small-order key on a
+// step roster or a user's identity would let anyone sign for it. Key::from_public refuses the
+// eight small-order points (either sign bit), non-canonical encodings and non-points.
+TEST(Ed25519Test, SmallOrderNonCanonicalAndOffCurvePublicKeysAreRefused) {
+  struct Case {
+    std::string y_le;  // little-endian, sign bit of x clear
+    std::string why;
+  };
+  const std::vector<Case> cases = {
+      {"0100000000000000000000000000000000000000000000000000000000000000", "small order"},  // the identity
+      {"ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", "small order"},  // order 2
+      {"0000000000000000000000000000000000000000000000000000000000000000", "small order"},  // order 4
+      {"c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a", "small order"},  // order 8
+      {"26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05", "small order"},  // order 8
+      {"edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", "not canonical"},  // y = p
+      {"eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", "not canonical"},  // y = p + 1
+      {"ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f", "not canonical"},
+      {"0200000000000000000000000000000000000000000000000000000000000000", "not a point of the curve"},  // y = 2
+      {"0700000000000000000000000000000000000000000000000000000000000000", "not a point of the curve"},  // y = 7
+  };
+  for (const auto& c : cases) {
+    for (const bool sign : {false, true}) {
+      Bytes raw = hex(c.y_le);
+      if (sign) raw[31] |= std::byte{0x80};
+      SCOPED_TRACE(to_hex(raw));
+      auto k = Key::from_public(KeyType::kEd25519, raw);
+      ASSERT_FALSE(k);
+      EXPECT_EQ(k.error().code, ErrorCode::kInvalidArgument);
+      EXPECT_NE(k.error().message.find(c.why), std::string::npos) << k.error().message;
+    }
+  }
+  // Points of the curve that are not small: y = 3 (either x), and every generated key.
+  for (const char* ok : {"0300000000000000000000000000000000000000000000000000000000000000", "0300000000000000000000000000000000000000000000000000000000000080"}) {
+    EXPECT_TRUE(Succeeds(Key::from_public(KeyType::kEd25519, hex(ok)))) << ok;
+  }
+  for (int i = 0; i < 50; ++i) {
+    auto k = Key::generate(KeyType::kEd25519);
+    ASSERT_TRUE(Succeeds(k));
+    EXPECT_TRUE(Succeeds(Key::from_public(KeyType::kEd25519, *k->public_raw())));
+  }
+}
+
 TEST(Ed25519Test, KeysFromOneVectorDoNotVerifyTheOther) {
   auto pub1 = Key::from_public(KeyType::kEd25519, hex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"));
   ASSERT_TRUE(Succeeds(pub1));

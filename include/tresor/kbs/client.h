@@ -15,6 +15,7 @@
 #include <string>
 
 #include "tresor/crypto.h"
+#include "tresor/roster.h"
 #include "tresor/encoding.h"
 #include "tresor/error.h"
 #include "tresor/secret.h"
@@ -94,11 +95,13 @@ struct ReleasedKey {
 [[nodiscard]] Result<ReleasedKey> fetch_dataset_key(Client& client, const Attestation& session, std::string_view dataset,
                                                     std::string_view tag = "latest");
 
-/// GET the roster of a step this session's VM claimed ranks of (docs/protocol.md §13), asking
-/// again every `poll` while the broker answers 503 (ranks not yet claimed) until `wait` has
-/// passed; decrypts it, checks it parses as a roster of `step` (roster.h) and returns its text.
-/// kUnavailable names the ranks still missing when the wait ends.
-[[nodiscard]] Result<std::string> fetch_step_roster(Client& client, const Attestation& session, std::string_view step, std::chrono::milliseconds wait,
+/// GET the roster of the step this session's VM claimed ranks of with `claim` (docs/protocol.md
+/// §13), asking again every `poll` while the broker answers 503 (ranks not yet claimed) until
+/// `wait` has passed; decrypts it, checks that it is a roster of the claim's step and size that
+/// lists the claim's key at its ranks (and its lead, with rank 0), and returns its text.
+/// kUnavailable names the ranks still missing when the wait ends; kAuth for a roster that does
+/// not list this VM as it claimed.
+[[nodiscard]] Result<std::string> fetch_step_roster(Client& client, const Attestation& session, const LinkClaim& claim, std::chrono::milliseconds wait,
                                                     std::chrono::milliseconds poll = std::chrono::milliseconds(250));
 
 }  // namespace tresor::kbs
