@@ -97,6 +97,7 @@ struct Link {
   std::unique_ptr<SSL, SslDeleter> ssl;  // owns rbio and wbio
   BIO* rbio = nullptr;                   // socket → TLS
   BIO* wbio = nullptr;                   // TLS → socket
+  std::string broken;                    // why a TLS link failed: it is never used again
   int get() const { return fd.get(); }
 };
 
@@ -170,8 +171,39 @@ Result<void> tls_continue(Link& l, int r, Clock::time_point deadline, const std:
   return fail(ErrorCode::kAuth, "collective: TLS " + std::string(doing) + " " + peer + " failed: " + (why.empty() ? "error " + std::to_string(e) : why));
 }
 
+// A TLS link whose I/O failed once may have sent part of a record or lost its place in the
+// stream: every later call fails with the first error instead of sending garbage.
+template <typename Fn>
+Result<void> once_broken(Link& l, Fn&& io) {
+  if (!l.broken.empty()) return fail(ErrorCode::kIo, l.broken + " (the link failed earlier)");
+  auto r = io();
+  if (!r && l.ssl) l.broken = r.error().message;
+  return r;
+}
+
+Result<void> send_tls(Link& l, const void* data, size_t n, Clock::time_point deadline, const std::string& peer);
+Result<void> recv_tls(Link& l, void* data, size_t n, Clock::time_point deadline, const std::string& peer);
+
 Result<void> send_all(Link& l, const void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
   if (!l.ssl) return send_fd(l.get(), data, n, deadline, peer);
+  return once_broken(l, [&] { return send_tls(l, data, n, deadline, peer); });
+}
+
+Result<void> recv_all(Link& l, void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
+  if (!l.ssl) {
+    auto* p = static_cast<char*>(data);
+    while (n > 0) {
+      auto got = recv_some(l.get(), p, n, deadline, peer);
+      if (!got) return std::unexpected(got.error());
+      p += *got;
+      n -= *got;
+    }
+    return {};
+  }
+  return once_broken(l, [&] { return recv_tls(l, data, n, deadline, peer); });
+}
+
+Result<void> send_tls(Link& l, const void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
   const auto* p = static_cast<const char*>(data);
   while (n > 0) {
     // 256 KiB at a time, so that the ciphertext buffered in memory stays small.
@@ -189,16 +221,9 @@ Result<void> send_all(Link& l, const void* data, size_t n, Clock::time_point dea
   return {};
 }
 
-Result<void> recv_all(Link& l, void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
+Result<void> recv_tls(Link& l, void* data, size_t n, Clock::time_point deadline, const std::string& peer) {
   auto* p = static_cast<char*>(data);
   while (n > 0) {
-    if (!l.ssl) {
-      auto got = recv_some(l.get(), p, n, deadline, peer);
-      if (!got) return std::unexpected(got.error());
-      p += *got;
-      n -= *got;
-      continue;
-    }
     size_t got = 0;
     ERR_clear_error();
     const int r = SSL_read_ex(l.ssl.get(), p, n, &got);
@@ -495,13 +520,24 @@ Result<std::unique_ptr<Collective>> serve(const Rendezvous& rv, const fs::path& 
     if (pr <= 0) continue;
     Link c;
     c.fd = Fd(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
-    if (c.get() < 0) continue;
+    if (c.get() < 0) {
+      // Out of descriptors or a connection reset before it was taken: not a reason to stop,
+      // nor to spin.
+      if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
+    }
     // A joining rank has 5 s to finish the handshake and say who it is.
     const auto hello_deadline = Clock::now() + std::chrono::seconds(5);
     if (tls) {
       TRESOR_TRY(start_tls(c, tls.get()));
       if (auto h = tls_handshake(c, true, hello_deadline, "a joining rank"); !h) {
         refused = "a connection whose TLS handshake failed (" + h.error().message + ")";
+        continue;
+      }
+      // A peer whose key the roster does not list at all learns nothing, not even a refusal.
+      auto key = peer_key(c);
+      if (!key || std::ranges::none_of(roster->keys, [&](const auto& k) { return crypto::ct_equal(k, *key); })) {
+        refused = "a connection whose link key " + (key ? base64url_encode(*key) : key.error().message) + " is not in the roster (closed unanswered)";
         continue;
       }
     }
@@ -592,9 +628,17 @@ Result<std::unique_ptr<Collective>> join_roster(const Rendezvous& rv) {
       continue;
     }
     const std::string peer = "rank 0 at " + lead;
-    const auto deadline = Clock::now() + std::chrono::seconds(10);
+    // Rank 0 takes joiners one at a time (5 s each at most), so a joiner may wait in its backlog:
+    // the handshake may take until the join deadline, and one that rank 0 dropped (closed,
+    // timed out) is tried again. A TLS failure proper (a key or protocol error) is final.
+    const auto deadline = std::max(give_up, Clock::now() + std::chrono::seconds(10));
     TRESOR_TRY(start_tls(c, tls->get()));
-    TRESOR_TRY(tls_handshake(c, false, deadline, peer));
+    if (auto h = tls_handshake(c, false, deadline, peer); !h) {
+      if (h.error().code != ErrorCode::kIo || Clock::now() >= give_up) return std::unexpected(h.error());
+      last = h.error().message;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
+    }
     auto key = peer_key(c);
     if (!key) return fail(ErrorCode::kAuth, "collective: " + peer + ": " + key.error().message);
     if (!crypto::ct_equal(*key, roster.keys[0])) {

@@ -318,6 +318,10 @@ TEST(RosterCollective, AFlippedByteOnTheWireFailsTheCall) {
       ASSERT_FALSE(r) << "rank 0 summed a tampered gradient";
       EXPECT_EQ(r.error().code, ErrorCode::kAuth);
       error0 = r.error().message;
+      // The link is not used again: the next call fails with the first error, sending nothing.
+      auto again = (*c)->all_reduce_sum(v);
+      ASSERT_FALSE(again);
+      EXPECT_NE(again.error().message.find("(the link failed earlier)"), std::string::npos) << again.error().message;
     });
     auto c = connect_tcp(rendezvous(s, 1, through(s, relay.port())));
     ASSERT_TRUE(c) << c.error().message;
@@ -330,44 +334,81 @@ TEST(RosterCollective, AFlippedByteOnTheWireFailsTheCall) {
   EXPECT_FALSE(error1.empty());
 }
 
-TEST(RosterCollective, ARankWithAnotherKeyIsRefusedAndTheRealOneStillJoins) {
-  const Step s = make_step(2);
-  std::string impostor_error;
-  std::jthread zero_thread;
+TEST(RosterCollective, ARankWithAnotherKeyIsRefusedAndTheRealOnesStillJoin) {
+  const Step s = make_step(3);
   std::string zero_error = "not run";
   bool zero_summed = false;
-  zero_thread = std::jthread([&] {
-    auto c = connect_tcp(rendezvous(s, 0));
+  std::jthread zero_thread([&] {
+    Rendezvous rv = rendezvous(s, 0);
+    rv.join_timeout_ms = 20'000;
+    auto c = connect_tcp(rv);
     zero_error = c ? "" : c.error().message;
     if (!c) return;
     std::vector<float> v{1.0f};
-    zero_summed = (*c)->all_reduce_sum(v) && v[0] == 3.0f;
+    zero_summed = (*c)->all_reduce_sum(v) && v[0] == 6.0f;
   });
-  // The impostor has the real document (so the real digest) but its own key where rank 1's is.
+  // An impostor with the real document (so the real digest) and its own key where rank 1's is:
+  // its key is in no rank's place, so rank 0 closes the link without a word.
   auto k = crypto::Key::generate(crypto::KeyType::kEd25519);
   auto fake = std::make_shared<Roster>(*s.roster);
   fake->keys[1] = public_of(*k);
   auto impostor = connect_tcp(rendezvous(s, 1, fake, std::make_shared<const crypto::Key>(std::move(*k))));
   ASSERT_FALSE(impostor);
-  EXPECT_EQ(impostor.error().code, ErrorCode::kAuth);
-  EXPECT_NE(impostor.error().message.find("refused rank 1 of 2"), std::string::npos) << impostor.error().message;
+  EXPECT_NE(impostor.error().message.find("rank 0 at 127.0.0.1:" + std::to_string(s.roster->lead_port) + " closed its connection"), std::string::npos)
+      << impostor.error().message;
+  // Rank 2's key holder posing as rank 1 (a listed key in another rank's place): refused, named.
+  auto as_one = std::make_shared<Roster>(*s.roster);
+  as_one->keys[1] = s.roster->keys[2];
+  auto swapped = connect_tcp(rendezvous(s, 1, as_one, s.keys[2]));
+  ASSERT_FALSE(swapped);
+  EXPECT_EQ(swapped.error().code, ErrorCode::kAuth);
+  EXPECT_NE(swapped.error().message.find("refused rank 1 of 3"), std::string::npos) << swapped.error().message;
   // A rank holding another document (another digest) is refused too.
-  const Step other = make_step(2);
+  const Step other = make_step(3);
   auto foreign_roster = std::make_shared<Roster>(*other.roster);
   foreign_roster->lead_port = s.roster->lead_port;
   foreign_roster->keys = s.roster->keys;  // the same members; only the document differs
   auto foreign = connect_tcp(rendezvous(s, 1, foreign_roster));
   ASSERT_FALSE(foreign);
-  EXPECT_NE(foreign.error().message.find("refused rank 1 of 2"), std::string::npos) << foreign.error().message;
-  // The real rank 1.
+  EXPECT_NE(foreign.error().message.find("refused rank 1 of 3"), std::string::npos) << foreign.error().message;
+  // The real ranks 1 and 2.
+  std::vector<float> two{3.0f};
+  std::jthread rank2([&] {
+    auto c = connect_tcp(rendezvous(s, 2));
+    ASSERT_TRUE(c) << c.error().message;
+    ASSERT_TRUE((*c)->all_reduce_sum(two));
+  });
   auto real = connect_tcp(rendezvous(s, 1));
   ASSERT_TRUE(real) << real.error().message;
   std::vector<float> v{2.0f};
   ASSERT_TRUE((*real)->all_reduce_sum(v));
-  EXPECT_EQ(v[0], 3.0f);
+  EXPECT_EQ(v[0], 6.0f);
+  rank2.join();
+  EXPECT_EQ(two[0], 6.0f);
   zero_thread.join();
   EXPECT_EQ(zero_error, "");
   EXPECT_TRUE(zero_summed);
+}
+
+TEST(RosterCollective, RankZeroNamesTheRefusalsWhenItGivesUp) {
+  const Step s = make_step(2);
+  std::string zero_error;
+  std::jthread zero([&] {
+    Rendezvous rv = rendezvous(s, 0);
+    rv.join_timeout_ms = 1500;
+    auto c = connect_tcp(rv);
+    zero_error = c ? "" : c.error().message;
+  });
+  auto k = crypto::Key::generate(crypto::KeyType::kEd25519);
+  const auto stranger = public_of(*k);
+  auto fake = std::make_shared<Roster>(*s.roster);
+  fake->keys[1] = stranger;
+  Rendezvous rv = rendezvous(s, 1, fake, std::make_shared<const crypto::Key>(std::move(*k)));
+  rv.join_timeout_ms = 1000;
+  EXPECT_FALSE(connect_tcp(rv));
+  zero.join();
+  EXPECT_NE(zero_error.find("rank(s) 1 of 2 did not join"), std::string::npos) << zero_error;
+  EXPECT_NE(zero_error.find("link key " + base64url_encode(stranger) + " is not in the roster (closed unanswered)"), std::string::npos) << zero_error;
 }
 
 TEST(RosterCollective, ARankZeroWithAnotherKeyGetsNothing) {
