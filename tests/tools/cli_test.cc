@@ -858,6 +858,25 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   EXPECT_NE(roster0.out.find(" on 2 ranks"), std::string::npos) << roster0.out;
   EXPECT_TRUE(testing::read_file(dir.file("roster/checkpoint.tck")) == testing::read_file(dir.file("dp/checkpoint.tck")))
       << "over pinned TLS: the plain two-rank run's weights, bit for bit";
+  // The same two ranks as a Slurm step across two nodes (the step's variables as srun sets
+  // them; the run id JOB.STEP is the roster's step): with the roster they train, without it the
+  // step is refused.
+  const std::string slurm_config = config("slurm-roster.toml", "slurm-roster", "optimizer = \"sgd\"\n");
+  auto slurm_rank = [&](int rank, const std::vector<std::string>& extra) {
+    std::vector<std::string> argv = {"/usr/bin/env", "SLURM_PROCID=" + std::to_string(rank), "SLURM_NTASKS=2", "SLURM_LOCALID=0", "SLURM_NNODES=2",
+                                     "SLURM_JOB_ID=77", "SLURM_STEP_ID=0", TRESOR_BIN, "train", "--config", slurm_config};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return testing::run_command(argv);
+  };
+  auto slurm1 = std::async(std::launch::async, [&] { return slurm_rank(1, {"--roster", dir.file("roster.json"), "--link-key", dir.file("link1.key")}); });
+  auto slurm0 = slurm_rank(0, {"--roster", dir.file("roster.json"), "--link-key", dir.file("link0.key")});
+  const auto s1 = slurm1.get();
+  ASSERT_EQ(slurm0.exit_code, 0) << slurm0.err;
+  ASSERT_EQ(s1.exit_code, 0) << s1.err;
+  EXPECT_TRUE(testing::read_file(dir.file("slurm-roster/checkpoint.tck")) == testing::read_file(dir.file("dp/checkpoint.tck")));
+  auto no_roster = slurm_rank(0, {});
+  EXPECT_EQ(no_roster.exit_code, 2);
+  EXPECT_NE(no_roster.err.find("the step spans 2 nodes; without --roster and --link-key the ranks meet on one machine only"), std::string::npos) << no_roster.err;
   auto wrong_key = on_roster(1, dir.file("link0.key"));
   EXPECT_EQ(wrong_key.exit_code, 2);
   EXPECT_NE(wrong_key.err.find("is not the one the step roster lists for rank 1"), std::string::npos) << wrong_key.err;
