@@ -297,13 +297,21 @@ Result<std::string> fetch_step_roster(Client& client, const Attestation& session
   const std::string& step = claim.step;
   const std::string path = "tresor-step/" + step + "/roster";
   const auto give_up = std::chrono::steady_clock::now() + wait;
+  bool waited = false;
   for (;;) {
     auto r = client.request("GET", "/kbs/v0/resource/" + path);
     if (!r) return std::unexpected(r.error());
     if (r->status == 503) {
       if (std::chrono::steady_clock::now() + poll > give_up) return std::unexpected(status_error(*r, "KBS resource " + path));
       std::this_thread::sleep_for(poll);
+      waited = true;
       continue;
+    }
+    if (r->status == 401 && waited) {
+      // The KBS session ended while the other ranks' VMs were still attesting.
+      Error e = status_error(*r, "KBS resource " + path);
+      e.message += "; the session (" + std::to_string(kSessionLifetime) + " s) ended while waiting for the step's other VMs: attest again";
+      return std::unexpected(e);
     }
     if (r->status != 200) return std::unexpected(status_error(*r, "KBS resource " + path));
     auto jwe = parse_strict_json(r->body, "KBS Response");

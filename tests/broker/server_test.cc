@@ -496,6 +496,29 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   EXPECT_TRUE(audit::verify_chain(*b.store->audit_records()));
 }
 
+// A VM waiting longer than its KBS session lives is told so (and to attest again).
+TEST(BrokerServer, ASessionThatEndsWhileWaitingForTheRosterIsNamed) {
+  Broker b;
+  Job job(b);
+  const auto k = *crypto::Key::generate(crypto::KeyType::kEd25519);
+  std::array<std::byte, 32> key{};
+  const auto raw = *k.public_raw();
+  std::copy(raw.begin(), raw.end(), key.begin());
+  const LinkClaim claim{key, "4242.0", 2, {0}, "127.0.0.1:2"};
+  auto c = b.client();
+  auto s = kbs::attest(*c, job.manifest_text(), job.evidence(b), link_claim_text(claim));
+  ASSERT_TRUE(s) << s.error().message;
+  std::thread later([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    b.skew = kbs::kSessionLifetime + 10;  // the session's five minutes pass
+  });
+  auto r = kbs::fetch_step_roster(*c, *s, claim, std::chrono::milliseconds(5000), std::chrono::milliseconds(50));
+  later.join();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ErrorCode::kAuth);
+  EXPECT_NE(r.error().message.find("ended while waiting for the step's other VMs: attest again"), std::string::npos) << r.error().message;
+}
+
 // One job cannot take every roster place of the broker: 64 steps at most.
 TEST(BrokerServer, AJobHoldsAtMost64StepRosters) {
   Broker b;
