@@ -387,22 +387,23 @@ TEST(BrokerServer, ReleaseDenialsAreForbiddenOrNotFound) {
   }
 }
 
+// A fresh Ed25519 link public key (claims carry only the public half).
+std::array<std::byte, 32> new_link_key() {
+  std::array<std::byte, 32> out{};
+  const auto raw = *(*crypto::Key::generate(crypto::KeyType::kEd25519)).public_raw();
+  std::copy(raw.begin(), raw.end(), out.begin());
+  return out;
+}
+
 // Training across machines (docs/protocol.md §13): VMs of one job claim ranks of a step with
 // their link keys when they attest; the broker hands each of them the step's roster once every
 // rank is claimed, and never lets a second key take a rank.
 TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   Broker b;
   Job job(b);
-  auto link_key = [] { return std::get<0>(std::make_tuple(*crypto::Key::generate(crypto::KeyType::kEd25519))); };
-  auto pub = [](const crypto::Key& k) {
-    std::array<std::byte, 32> p{};
-    auto raw = k.public_raw();
-    std::copy(raw->begin(), raw->end(), p.begin());
-    return p;
-  };
-  const crypto::Key k0 = link_key(), k1 = link_key(), k2 = link_key();
-  LinkClaim vm0{pub(k0), "4242.0", 2, {0}, "127.0.0.1:29400"};
-  LinkClaim vm1{pub(k1), "4242.0", 2, {1}, ""};
+  const auto p0 = new_link_key(), p1 = new_link_key(), p2 = new_link_key();
+  LinkClaim vm0{p0, "4242.0", 2, {0}, "127.0.0.1:29400"};
+  LinkClaim vm1{p1, "4242.0", 2, {1}, ""};
   auto c0 = b.client(), c1 = b.client();
   auto s0 = kbs::attest(*c0, job.manifest_text(), job.evidence(b), link_claim_text(vm0));
   ASSERT_TRUE(s0) << s0.error().message;
@@ -426,7 +427,7 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   ASSERT_TRUE(r1) << r1.error().message;
   EXPECT_EQ(**waited, *r1) << "every VM of the step gets the same document";
   // The VM checks that the roster lists it as it claimed (here: asked as if it had claimed another key).
-  auto mismatch = kbs::fetch_step_roster(*c1, *s1, LinkClaim{pub(k2), "4242.0", 2, {1}, ""}, std::chrono::milliseconds(1000));
+  auto mismatch = kbs::fetch_step_roster(*c1, *s1, LinkClaim{p2, "4242.0", 2, {1}, ""}, std::chrono::milliseconds(1000));
   ASSERT_FALSE(mismatch);
   EXPECT_EQ(mismatch.error().code, ErrorCode::kAuth);
   EXPECT_NE(mismatch.error().message.find("lists another key for rank 1, which this VM claimed"), std::string::npos) << mismatch.error().message;
@@ -444,11 +445,11 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   EXPECT_TRUE(again) << again.error().message;
   // Another key for a claimed rank, another size: refused, audited, and the roster unchanged.
   size_t before = b.audit_count();
-  auto thief = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.0", 2, {1}, ""}));
+  auto thief = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{p2, "4242.0", 2, {1}, ""}));
   ASSERT_FALSE(thief);
   EXPECT_TRUE(refused(b, thief.error(), ErrorCode::kPolicy, before, "rank 1 of step 4242.0 is already claimed by another attested VM"));
   before = b.audit_count();
-  auto resized = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.0", 3, {2}, ""}));
+  auto resized = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{p2, "4242.0", 3, {2}, ""}));
   ASSERT_FALSE(resized);
   EXPECT_TRUE(refused(b, resized.error(), ErrorCode::kPolicy, before, "step 4242.0 has 2 ranks by an earlier VM's claim; this VM claims 3"));
   EXPECT_EQ(*kbs::fetch_step_roster(*c1, *s1, vm1, std::chrono::milliseconds(1000)), *r1);
@@ -456,12 +457,12 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   before = b.audit_count();
   Job unbound(b);
   unbound.report_data_override = std::array<std::byte, 64>{};
-  auto forged = kbs::attest(*b.client(), unbound.manifest_text(), unbound.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.1", 1, {0}, "127.0.0.1:1"}));
+  auto forged = kbs::attest(*b.client(), unbound.manifest_text(), unbound.evidence(b), link_claim_text(LinkClaim{p2, "4242.1", 1, {0}, "127.0.0.1:1"}));
   ASSERT_FALSE(forged);
   EXPECT_TRUE(refused(b, forged.error(), ErrorCode::kAuth, before, "REPORT_DATA does not bind"));
   // A step of another job, and a claim that is not one.
   before = b.audit_count();
-  auto other_job = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "9999.0", 1, {0}, "127.0.0.1:1"}));
+  auto other_job = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{p2, "9999.0", 1, {0}, "127.0.0.1:1"}));
   ASSERT_FALSE(other_job);
   EXPECT_TRUE(refused(b, other_job.error(), ErrorCode::kAuth, before, "link claim: step 9999.0 is not a step of job 4242"));
   before = b.audit_count();
@@ -484,7 +485,7 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
   EXPECT_TRUE(refused(b, elsewhere.error(), ErrorCode::kPolicy, before, "claimed no ranks of step 4242.7"));
   // A step id without its step part is not a step of the job.
   before = b.audit_count();
-  auto bare = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{pub(k2), "4242.", 1, {0}, "127.0.0.1:1"}));
+  auto bare = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{p2, "4242.", 1, {0}, "127.0.0.1:1"}));
   ASSERT_FALSE(bare);
   EXPECT_TRUE(refused(b, bare.error(), ErrorCode::kAuth, before, "step 4242. is not a step of job 4242"));
   // As every release, the roster is refused once the user is revoked.
@@ -500,10 +501,7 @@ TEST(BrokerServer, StepRostersListTheLinkKeysOfTheStepsAttestedVms) {
 TEST(BrokerServer, ASessionThatEndsWhileWaitingForTheRosterIsNamed) {
   Broker b;
   Job job(b);
-  const auto k = *crypto::Key::generate(crypto::KeyType::kEd25519);
-  std::array<std::byte, 32> key{};
-  const auto raw = *k.public_raw();
-  std::copy(raw.begin(), raw.end(), key.begin());
+  const auto key = new_link_key();
   const LinkClaim claim{key, "4242.0", 2, {0}, "127.0.0.1:2"};
   auto c = b.client();
   auto s = kbs::attest(*c, job.manifest_text(), job.evidence(b), link_claim_text(claim));
@@ -523,10 +521,7 @@ TEST(BrokerServer, ASessionThatEndsWhileWaitingForTheRosterIsNamed) {
 TEST(BrokerServer, AJobHoldsAtMost64StepRosters) {
   Broker b;
   Job job(b);
-  const auto k = *crypto::Key::generate(crypto::KeyType::kEd25519);
-  std::array<std::byte, 32> key{};
-  const auto raw = *k.public_raw();
-  std::copy(raw.begin(), raw.end(), key.begin());
+  const auto key = new_link_key();
   for (int step = 0; step < 64; ++step) {
     auto s = kbs::attest(*b.client(), job.manifest_text(), job.evidence(b), link_claim_text(LinkClaim{key, "4242." + std::to_string(step), 1, {0}, "127.0.0.1:2"}));
     ASSERT_TRUE(s) << "step " << step << ": " << s.error().message;
