@@ -19,8 +19,9 @@
 // (CertificateVerify, RFC 8446 §4.4.3). Certificates are not validated as chains: the key is
 // pinned instead. A joining rank checks that rank 0's key is the roster's rank-0 key before it
 // sends anything, then sends the hello with the roster's SHA-256 in place of the token; rank 0
-// accepts it only when the digest is its own and the peer's key is the one listed for the rank
-// the hello names. Every byte after the handshake, hellos included, is inside TLS.
+// closes a peer whose key the roster does not list without a word, and accepts the hello only
+// when the digest is its own and the peer's key is the one listed for the rank the hello names.
+// Every byte after the handshake, hellos included, is inside TLS.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
