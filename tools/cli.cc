@@ -1,5 +1,7 @@
 #include "cli.h"
 
+#include "tresor/roster.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -52,6 +54,14 @@ Result<Identity> load_identity(const std::string& path) {
   auto id = Identity::parse(std::string_view(reinterpret_cast<const char*>(text->data()), text->size()));
   if (!id) return fail(id.error().code, path + ": " + id.error().message);
   return id;
+}
+
+Result<crypto::Key> load_link_key(const std::string& path) {
+  auto text = read_secret_file(path);
+  if (!text) return std::unexpected(text.error());
+  auto k = parse_link_key(std::string_view(reinterpret_cast<const char*>(text->data()), text->size()));
+  if (!k) return fail(k.error().code, path + ": " + k.error().message);
+  return k;
 }
 
 Result<std::vector<Recipient>> parse_recipients(const std::vector<std::string>& values) {

@@ -34,6 +34,8 @@ int usage_error(const std::string& command, const std::string& message);
 
 /// Loads an identity file, refusing it when others may read it.
 Result<Identity> load_identity(const std::string& path);
+/// Reads a link key file (docs/formats.md §13.1) with the identity file's checks; errors name the file.
+Result<crypto::Key> load_link_key(const std::string& path);
 /// Parses "-r" values: a recipient string, or @FILE with one recipient per line ('#' comments).
 Result<std::vector<Recipient>> parse_recipients(const std::vector<std::string>& values);
 /// Loads a dataset key file for dataset `id` (empty id: match any dataset stanza).

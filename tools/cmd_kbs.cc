@@ -99,10 +99,8 @@ int get_roster(int argc, char** argv) {
   }
   auto m = read_manifest_file(manifest_path);
   if (!m) return report(m.error());
-  auto key_text = read_secret_file(key_path);
-  if (!key_text) return report(key_text.error());
-  auto key = parse_link_key(std::string_view(reinterpret_cast<const char*>(key_text->data()), key_text->size()));
-  if (!key) return report(Error{key.error().code, key_path + ": " + key.error().message});
+  auto key = load_link_key(key_path);
+  if (!key) return report(key.error());
   auto pub = key->public_raw();
   if (!pub) return report(pub.error());
   // The claim, checked as the broker will check it.

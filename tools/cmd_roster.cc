@@ -11,14 +11,6 @@
 namespace tresor::cli {
 namespace {
 
-Result<crypto::Key> load_link_key(const std::string& path) {
-  auto text = read_secret_file(path);
-  if (!text) return std::unexpected(text.error());
-  auto k = train::parse_link_key(std::string_view(reinterpret_cast<const char*>(text->data()), text->size()));
-  if (!k) return fail(k.error().code, path + ": " + k.error().message);
-  return k;
-}
-
 Result<std::string> public_text(const crypto::Key& k) {
   auto raw = k.public_raw();
   if (!raw) return std::unexpected(raw.error());

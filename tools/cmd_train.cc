@@ -382,10 +382,8 @@ int cmd_train(int argc, char** argv) {
     if (!text) return report(text.error());
     auto roster = train::parse_roster(*text);
     if (!roster) return report(Error{roster.error().code, "train: " + vm["roster"].as<std::string>() + ": " + roster.error().message});
-    auto key_text = read_secret_file(vm["link-key"].as<std::string>());
-    if (!key_text) return report(key_text.error());
-    auto key = train::parse_link_key(std::string_view(reinterpret_cast<const char*>(key_text->data()), key_text->size()));
-    if (!key) return report(Error{key.error().code, "train: " + vm["link-key"].as<std::string>() + ": " + key.error().message});
+    auto key = load_link_key(vm["link-key"].as<std::string>());
+    if (!key) return report(Error{key.error().code, "train: " + key.error().message});
     rv.roster = std::make_shared<const train::Roster>(std::move(*roster));
     rv.link_key = std::make_shared<const crypto::Key>(std::move(*key));
     rv.run_id = rv.roster->step;  // Slurm's JOB.STEP or --run-id must agree (checked when the ranks meet)
