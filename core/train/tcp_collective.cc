@@ -739,7 +739,7 @@ Result<void> check_roster(const Rendezvous& rv) {
 Result<std::unique_ptr<Collective>> connect_tcp(const Rendezvous& rv) {
   if (rv.size < 1 || rv.size > 1024) return fail(ErrorCode::kInvalidArgument, "collective: a group of " + std::to_string(rv.size) + " ranks");
   if (rv.rank < 0 || rv.rank >= rv.size) return fail(ErrorCode::kInvalidArgument, "collective: rank " + std::to_string(rv.rank) + " is not in a group of " + std::to_string(rv.size));
-  if (rv.run_id.empty() || rv.run_id.size() > 64 || rv.run_id.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != std::string::npos) {
+  if (!valid_step_id(rv.run_id)) {  // a run id is a step id (a roster's step must equal it)
     return fail(ErrorCode::kInvalidArgument, "collective: run id \"" + rv.run_id + "\" (1..64 of letters, digits, '.', '_', '-')");
   }
   if (rv.join_timeout_ms <= 0 || rv.io_timeout_ms <= 0) return fail(ErrorCode::kInvalidArgument, "collective: timeouts must be positive");
