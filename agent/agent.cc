@@ -14,10 +14,13 @@
 #include <map>
 #include <memory>
 
+#include "tresor/encoding.h"
 #include "tresor/io.h"
 #include "tresor/process.h"
 #include "tresor/kbs/client.h"
+#include "tresor/roster.h"
 #include "tresor/sealed.h"
+#include "tresor/secret.h"
 
 namespace tresor::agent {
 namespace {
@@ -106,7 +109,75 @@ Result<void> add_file_key(const fs::path& sealed, const std::string& name, Datas
   return out.add(unlocked->header.mac, std::move(unlocked->file_key), name);
 }
 
+// Writes `text` to `path` (0600), replacing whatever a stale file held.
+Result<void> write_private(const fs::path& path, std::string_view text) {
+  auto out = AtomicOutputFile::create(path.string(), 0600, /*overwrite=*/true);
+  if (!out) return std::unexpected(out.error());
+  TRESOR_TRY(out->write(as_bytes(text)));
+  return out->commit();
+}
+
+// The step's roster for this task (docs/protocol.md §13.3), after an attestation that carried
+// `claim`: waits for it, then writes it and the link key into <private_dir>/step/.
+Result<void> take_roster(kbs::Client& client, const kbs::Attestation& session, const LinkClaim& claim, const crypto::Key& key,
+                         const StepLink& link, const fs::path& dir, std::ostream& log) {
+  auto roster = kbs::fetch_step_roster(client, session, claim, link.wait);
+  if (!roster) {
+    return fail(roster.error().code, "the roster of step " + link.step + " did not come from the key broker: " + roster.error().message +
+                                         " (every task of the step must start with TRESOR_STEP_ROSTER=1 and pass attestation)");
+  }
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return fail(ErrorCode::kIo, "cannot create " + dir.string() + ": " + ec.message());
+  auto text = link_key_text(key);
+  if (!text) return std::unexpected(text.error());
+  auto written = write_private(dir / "link.key", *text);
+  secure_wipe(MutableByteSpan(reinterpret_cast<std::byte*>(text->data()), text->size()));
+  TRESOR_TRY(written);
+  TRESOR_TRY(write_private(dir / "roster.json", *roster));
+  auto parsed = parse_roster(*roster);  // checked by fetch_step_roster; read again for the log line
+  if (!parsed) return std::unexpected(parsed.error());
+  log << "tresor-agent: the roster of step " << link.step << " came from the key broker: " << link.size << " ranks, rank 0 at "
+      << parsed->lead_host << ":" << parsed->lead_port << "; this task is rank " << link.rank << "\n";
+  return {};
+}
+
 }  // namespace
+
+Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, const Manifest& manifest, bool tasks_share_loopback) {
+  const char* want = getenv("TRESOR_STEP_ROSTER");
+  if (want == nullptr || *want == '\0' || std::string_view(want) == "0") return std::optional<StepLink>{};
+  if (std::string_view(want) != "1") {
+    return fail(ErrorCode::kInvalidArgument, std::string("TRESOR_STEP_ROSTER is '") + want +
+                                                 "'; it must be 1 (claim this task's rank and get the step's roster) or 0");
+  }
+  auto ranks = slurm::ranks_from_slurm(getenv);
+  if (!ranks) return fail(ranks.error().code, "TRESOR_STEP_ROSTER=1: " + ranks.error().message);
+  if (!*ranks) return std::optional<StepLink>{};  // one task: nobody to meet
+  StepLink link;
+  link.size = (*ranks)->size;
+  link.rank = (*ranks)->rank;
+  const std::string& run = (*ranks)->run_id;  // JOB.STEP, both digits
+  link.step = manifest.job_id + run.substr(run.find('.'));
+  if (!valid_step_id(link.step)) {
+    return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: the step id " + link.step + " (the manifest's job id and SLURM_STEP_ID) is longer than 64 characters");
+  }
+  if (link.size > 1024) return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: SLURM_NTASKS=" + std::to_string(link.size) + "; a step roster holds at most 1024 ranks");
+  if (link.rank != 0) return std::optional<StepLink>{link};
+  if (const char* lead = getenv("TRESOR_STEP_LEAD"); lead != nullptr && *lead != '\0') {
+    if (!valid_lead_address(lead)) return fail(ErrorCode::kInvalidArgument, std::string("TRESOR_STEP_LEAD is '") + lead + "'; it must be an IPv4 address and a port, as 10.8.0.1:29400");
+    link.lead = lead;
+    return std::optional<StepLink>{link};
+  }
+  if (!tasks_share_loopback || (*ranks)->nodes > 1) {
+    return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: TRESOR_STEP_LEAD is not set; rank 0's address (ADDRESS:PORT, reachable from the step's other tasks) is needed when they do not share this machine's loopback (" +
+                                                 std::to_string((*ranks)->nodes) + " node(s); " + (tasks_share_loopback ? "sandboxes" : "each task in its own VM") + ")");
+  }
+  auto port = unused_loopback_port();
+  if (!port) return std::unexpected(port.error());
+  link.lead = "127.0.0.1:" + std::to_string(*port);
+  return std::optional<StepLink>{link};
+}
 
 Result<bool> sealed_inputs_from(const char* value) {
   if (value == nullptr || std::string_view(value) == "opened") return false;
@@ -119,13 +190,30 @@ Result<void> prepare(const Options& o, const Manifest& manifest, std::string_vie
   auto client = kbs::Client::create({.url = o.broker_url, .ca_file = o.broker_ca});
   if (!client) return std::unexpected(client.error());
   const kbs::EvidenceSource source = [&](const std::array<std::byte, 64>& rd) { return evidence.evidence(rd); };
-  auto session = kbs::attest(**client, manifest_json, source);
+  // A step's rank: a link key drawn here, in private memory, and claimed in the attestation
+  // (REPORT_DATA binds the claim, docs/protocol.md §13.1).
+  std::optional<crypto::Key> link_key;
+  LinkClaim claim;
+  if (o.step_link) {
+    auto k = crypto::Key::generate(crypto::KeyType::kEd25519);
+    if (!k) return std::unexpected(k.error());
+    auto pub = link_public_key(*k);
+    if (!pub) return std::unexpected(pub.error());
+    link_key = std::move(*k);
+    claim = LinkClaim{*pub, o.step_link->step, o.step_link->size, {o.step_link->rank}, o.step_link->lead};
+  }
+  auto session = kbs::attest(**client, manifest_json, source, o.step_link ? link_claim_text(claim) : std::string());
   if (!session) {
     return fail(session.error().code, "the key broker did not accept this job's attestation: " + session.error().message +
                                           " (the job's manifest, its signer's registration or the evidence was refused; the "
                                           "broker's audit log has the reason)");
   }
   log << "tresor-agent: attested to the key broker as job " << manifest.job_id << "\n";
+  if (o.step_link) {
+    log << "tresor-agent: claimed rank " << o.step_link->rank << " of step " << o.step_link->step << " (" << o.step_link->size
+        << " ranks) with link key " << base64url_encode(claim.key) << (claim.lead.empty() ? std::string() : ", listening at " + claim.lead) << "\n";
+    TRESOR_TRY(take_roster(**client, *session, claim, *link_key, *o.step_link, fs::path(o.private_dir) / "step", log));
+  }
   const fs::path data = fs::path(o.private_dir) / "data";
   std::error_code ec;
   fs::create_directories(data, ec);
@@ -235,6 +323,14 @@ int run_job(const Options& o, const Manifest& manifest, std::string_view manifes
     } else {
       ::unsetenv("TRESOR_SEALED_DATA");
       ::unsetenv("TRESOR_FILE_KEYS");
+    }
+    // The step's roster and link key are the agent's to give (never the host's environment's).
+    if (o.step_link) {
+      ::setenv("TRESOR_ROSTER", (o.private_dir + "/step/roster.json").c_str(), 1);
+      ::setenv("TRESOR_LINK_KEY", (o.private_dir + "/step/link.key").c_str(), 1);
+    } else {
+      ::unsetenv("TRESOR_ROSTER");
+      ::unsetenv("TRESOR_LINK_KEY");
     }
     ::unsetenv("TRESOR_MANIFEST");
     process::default_signals();

@@ -388,6 +388,13 @@ int run_guest(int fd, const std::string& root) {
     ::setenv("PATH", "/bin:/usr/bin", 1);
     ::setenv("TMPDIR", (fs::path(root) / "tmp").c_str(), 1);
     ::setenv(std::string(slurm::kInsideEnv).c_str(), "1", 1);
+    // TRESOR_STEP_ROSTER=1: this task claims its rank of the step; every task has its own VM.
+    auto link = step_link_from([](const char* name) { return std::getenv(name); }, *manifest, /*tasks_share_loopback=*/false);
+    if (!link) {
+      std::cerr << "tresor-agent: " << link.error().message << "; nothing was run" << std::endl;
+      return;
+    }
+    o.step_link = std::move(*link);
     std::unique_ptr<EvidenceProvider> own;
     EvidenceProvider* evidence = &mux;
     if (start->evidence != "channel") {

@@ -118,6 +118,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "tresor-agent: %s; nothing was run\n", c.error().message.c_str());
     return 1;
   }
+  // TRESOR_STEP_ROSTER=1: this task claims its rank of the step (docs/training.md §5.4). A
+  // sandbox shares the node's loopback with the step's other tasks there.
+  auto link = tresor::agent::step_link_from([](const char* name) { return std::getenv(name); }, *manifest, /*tasks_share_loopback=*/evidence_fd >= 0);
+  if (!link) {
+    std::fprintf(stderr, "tresor-agent: %s; nothing was run\n", link.error().message.c_str());
+    return 1;
+  }
+  o.step_link = std::move(*link);
   // No core dumps: a crashed job's or agent's memory holds plaintext, and a core file would land
   // in the job's (shared) working directory.
   struct rlimit no_core {};

@@ -117,6 +117,16 @@ Result<std::string> link_key_text(const crypto::Key& key) {
   return std::string(kLinkKeyTag) + base64url_encode(seed->span()) + "\n";
 }
 
+Result<std::array<std::byte, 32>> link_public_key(const crypto::Key& key) {
+  if (key.type() != crypto::KeyType::kEd25519) return fail(ErrorCode::kInvalidArgument, "a link key is an Ed25519 key");
+  auto raw = key.public_raw();
+  if (!raw) return std::unexpected(raw.error());
+  std::array<std::byte, 32> out{};
+  if (raw->size() != out.size()) return fail(ErrorCode::kCrypto, "an Ed25519 public key of " + std::to_string(raw->size()) + " bytes");
+  std::copy(raw->begin(), raw->end(), out.begin());
+  return out;
+}
+
 Result<crypto::Key> parse_link_key(std::string_view text) {
   if (!text.starts_with(kLinkKeyTag)) return fail(ErrorCode::kInvalidArgument, "not a Tresor link key (it starts with \"tresor-link-key-v1 \")");
   std::string_view b64 = text.substr(kLinkKeyTag.size());

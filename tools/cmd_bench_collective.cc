@@ -81,9 +81,9 @@ int cmd_bench_collective(int argc, char** argv) {
   for (int r = 0; r < ranks; ++r) {
     auto k = crypto::Key::generate(crypto::KeyType::kEd25519);
     if (!k) return report(k.error());
-    auto raw = k->public_raw();
-    if (!raw) return report(raw.error());
-    std::copy(raw->begin(), raw->end(), pubs.emplace_back().begin());
+    auto pub = link_public_key(*k);
+    if (!pub) return report(pub.error());
+    pubs.push_back(*pub);
     keys.push_back(std::make_shared<const crypto::Key>(std::move(*k)));
   }
   auto port = unused_loopback_port();

@@ -101,7 +101,7 @@ int get_roster(int argc, char** argv) {
   if (!m) return report(m.error());
   auto key = load_link_key(key_path);
   if (!key) return report(key.error());
-  auto pub = key->public_raw();
+  auto pub = link_public_key(*key);
   if (!pub) return report(pub.error());
   // The claim, checked as the broker will check it.
   nlohmann::json claim = {{"link-key", base64url_encode(*pub)}, {"step", step}, {"size", size}, {"ranks", nlohmann::json::array()}};

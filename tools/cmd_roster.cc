@@ -12,9 +12,9 @@ namespace tresor::cli {
 namespace {
 
 Result<std::string> public_text(const crypto::Key& k) {
-  auto raw = k.public_raw();
-  if (!raw) return std::unexpected(raw.error());
-  return base64url_encode(*raw);
+  auto pub = link_public_key(k);
+  if (!pub) return std::unexpected(pub.error());
+  return base64url_encode(*pub);
 }
 
 int roster_keygen(int argc, char** argv) {
@@ -70,7 +70,15 @@ int roster_make(int argc, char** argv) {
   po::positional_options_description pos;
   pos.add("key", -1);
   po::variables_map vm;
-  if (auto stop = parse_options("roster make", "--step JOB.STEP --lead ADDRESS:PORT PUBKEY_OF_RANK_0 PUBKEY_OF_RANK_1 ...", argc, argv, opts, pos, vm)) return *stop;
+  // A base64url key may start with '-' (1 in 64): before "--" it would be read as an option.
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a(argv[i]);
+    if (a == "--") break;
+    if (a.size() == 43 && a[0] == '-' && a[1] != '-' && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_") == std::string_view::npos) {
+      return usage_error("roster make", "'" + std::string(a) + "' looks like a link public key starting with '-': put the keys after --, as roster make --step S --lead A:P -- KEY0 KEY1");
+    }
+  }
+  if (auto stop = parse_options("roster make", "--step JOB.STEP --lead ADDRESS:PORT [--] PUBKEY_OF_RANK_0 PUBKEY_OF_RANK_1 ...", argc, argv, opts, pos, vm)) return *stop;
   if (keys.empty()) return usage_error("roster make", "no link public keys given (one per rank, rank 0 first)");
   std::vector<std::array<std::byte, 32>> pubs;
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -119,7 +127,7 @@ int cmd_roster(int argc, char** argv) {
   if (argc < 2 || std::string_view(argv[1]) == "--help" || std::string_view(argv[1]) == "-h") {
     std::printf("Usage: tresor roster keygen KEY_FILE\n"
                 "       tresor roster pubkey KEY_FILE\n"
-                "       tresor roster make --step JOB.STEP --lead ADDRESS:PORT [-o FILE] PUBKEY...\n"
+                "       tresor roster make --step JOB.STEP --lead ADDRESS:PORT [-o FILE] [--] PUBKEY...\n"
                 "       tresor roster show ROSTER_FILE [--json]\n\n"
                 "Link keys and step rosters for training across machines: `tresor train --roster F --link-key K`\n"
                 "joins ranks over TLS 1.3 links in which every rank proves the key the roster lists for it.\n"

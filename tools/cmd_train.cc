@@ -377,16 +377,20 @@ int cmd_train(int argc, char** argv) {
   ChildRanks children;
   // Across machines (docs/training.md §5.3): a step roster and this rank's link key.
   if (vm.count("roster") != vm.count("link-key")) return report(Error{ErrorCode::kInvalidArgument, "train: --roster and --link-key go together"});
-  if (vm.count("roster")) {
-    auto text = read_small_file(vm["roster"].as<std::string>());
-    if (!text) return report(text.error());
+  auto take_roster = [&](const std::string& roster_path, const std::string& key_path) -> Result<void> {
+    auto text = read_small_file(roster_path);
+    if (!text) return std::unexpected(text.error());
     auto roster = train::parse_roster(*text);
-    if (!roster) return report(Error{roster.error().code, "train: " + vm["roster"].as<std::string>() + ": " + roster.error().message});
-    auto key = load_link_key(vm["link-key"].as<std::string>());
-    if (!key) return report(Error{key.error().code, "train: " + key.error().message});
+    if (!roster) return fail(roster.error().code, "train: " + roster_path + ": " + roster.error().message);
+    auto key = load_link_key(key_path);
+    if (!key) return fail(key.error().code, "train: " + key.error().message);
     rv.roster = std::make_shared<const train::Roster>(std::move(*roster));
     rv.link_key = std::make_shared<const crypto::Key>(std::move(*key));
     rv.run_id = rv.roster->step;  // Slurm's JOB.STEP or --run-id must agree (checked when the ranks meet)
+    return {};
+  };
+  if (vm.count("roster")) {
+    if (auto t = take_roster(vm["roster"].as<std::string>(), vm["link-key"].as<std::string>()); !t) return report(t.error());
     if (vm.count("ranks") && !vm.count("rank")) return report(Error{ErrorCode::kInvalidArgument, "train: with --roster every rank is started on its own machine (--ranks N needs --rank R)"});
   }
   if (vm.count("ranks") || vm.count("rank")) {
@@ -411,14 +415,30 @@ int cmd_train(int argc, char** argv) {
   } else {
     auto slurm = train::ranks_from_slurm([](const char* name) { return std::getenv(name); });
     if (!slurm) return report(Error{slurm.error().code, "train: " + slurm.error().message});
+    // In a confidential step whose agent claimed this task's rank (TRESOR_STEP_ROSTER=1, §5.4):
+    // the broker's roster of the step and the link key drawn in private memory. The roster's step
+    // is the run id (the manifest's job id and the step: Slurm's job id is not in the claim).
+    bool roster_from_agent = false;
+    if (*slurm && !rv.roster) {
+      const char* roster_env = std::getenv("TRESOR_ROSTER");
+      const char* key_env = std::getenv("TRESOR_LINK_KEY");
+      if ((roster_env != nullptr) != (key_env != nullptr)) {
+        return report(Error{ErrorCode::kInvalidArgument, std::string("train: ") + (roster_env ? "TRESOR_ROSTER is set without TRESOR_LINK_KEY" : "TRESOR_LINK_KEY is set without TRESOR_ROSTER") +
+                                                             " (the agent sets both, with TRESOR_STEP_ROSTER=1)"});
+      }
+      if (roster_env != nullptr) {
+        if (auto t = take_roster(roster_env, key_env); !t) return report(t.error());
+        roster_from_agent = true;
+      }
+    }
     if (*slurm) {
       if ((*slurm)->nodes > 1 && !rv.roster) {
         return report(Error{ErrorCode::kInvalidArgument, "train: the step spans " + std::to_string((*slurm)->nodes) +
-                                                             " nodes; without --roster and --link-key the ranks meet on one machine only (docs/training.md §5.3)"});
+                                                             " nodes; without --roster and --link-key (or, in a confidential step, TRESOR_STEP_ROSTER=1) the ranks meet on one machine only (docs/training.md §5.3)"});
       }
       rv.size = (*slurm)->size;
       rv.rank = (*slurm)->rank;
-      rv.run_id = (*slurm)->run_id;
+      if (!roster_from_agent) rv.run_id = (*slurm)->run_id;
       local_rank = (*slurm)->local_rank;
       ranks_per_node = (rv.size + (*slurm)->nodes - 1) / (*slurm)->nodes;  // the ranks sharing this machine's cores
     }

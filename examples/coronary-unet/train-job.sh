@@ -5,6 +5,10 @@
 # Submit with `sbatch train-job.sh` (README.md); CPU reference trainer (the GPU trainer is to come).
 # TRAIN_RANKS=N trains data-parallel on N ranks inside the job (one process each, sharing the
 # job's cores; docs/training.md §5): the same weights as one rank, up to rounding.
+# As a step of several tasks (srun -n N, each task in its own sandbox or VM) with
+# TRESOR_STEP_ROSTER=1, the tasks are the ranks: each agent claims its task's rank with a link key
+# drawn in private memory, the broker hands the step's roster to attested tasks only, and the
+# ranks' links are TLS pinned to those keys (docs/training.md §5.4).
 # TRAIN_DEVICE=cuda trains on the job's GPU (one per rank; submit with --gres=gpu:N), cpu (the
 # default) on the reference trainer, emulated on the GPU trainer's CPU emulation (slow; tests).
 #SBATCH --job-name=coronary-unet
@@ -41,6 +45,17 @@ n=$(echo "$cases" | wc -l)
 if [ "$n" -lt 2 ]; then echo "coronary-unet: need at least 2 cases, found $n" >&2; exit 2; fi
 train=$(echo "$cases" | head -n $((n - 1)) | sed 's/.*/"prepared\/&"/' | paste -sd, -)
 val=$(echo "$cases" | tail -n 1 | sed 's/.*/"prepared\/&"/')
+if [ -n "${TRESOR_ROSTER:-}" ]; then
+  # The agent gave this task its step's roster: one rank per task, ranks from Slurm.
+  ranks=$SLURM_NTASKS
+  per_task=1
+  rank_args=()
+else
+  # Ranks inside the job, meeting in its private directory.
+  ranks=${TRAIN_RANKS:-1}
+  per_task=$ranks
+  rank_args=(--ranks "$ranks" --rendezvous "$work")
+fi
 cat > "$work/train.toml" <<TOML
 [model]
 levels = 3
@@ -59,13 +74,11 @@ patch = 24
 optimizer = "adamw"
 lr = 0.01
 validate_every = ${TRAIN_VALIDATE_EVERY:-50}
-threads = $(( ${SLURM_CPUS_PER_TASK:-2} / ${TRAIN_RANKS:-1} > 0 ? ${SLURM_CPUS_PER_TASK:-2} / ${TRAIN_RANKS:-1} : 1 ))
+threads = $(( ${SLURM_CPUS_PER_TASK:-2} / per_task > 0 ? ${SLURM_CPUS_PER_TASK:-2} / per_task : 1 ))
 
 [output]
 dir = "$TRESOR_OUTPUT_DIR"
 TOML
-ranks=${TRAIN_RANKS:-1}
-echo "coronary-unet: $((n - 1)) training case(s), 1 validation case, $ranks rank(s) on ${TRAIN_DEVICE:-cpu} (inputs ${TRESOR_INPUTS:-opened})"
-# The ranks meet in the job's private directory.
-"$tresor" train --config "$work/train.toml" --ranks "$ranks" --rendezvous "$work" --device "${TRAIN_DEVICE:-cpu}" "${train_keys[@]}"
+echo "coronary-unet: $((n - 1)) training case(s), 1 validation case, $ranks rank(s) on ${TRAIN_DEVICE:-cpu} (inputs ${TRESOR_INPUTS:-opened})${TRESOR_ROSTER:+, rank ${SLURM_PROCID} on the roster of the step}"
+"$tresor" train --config "$work/train.toml" "${rank_args[@]}" --device "${TRAIN_DEVICE:-cpu}" "${train_keys[@]}"
 echo "coronary-unet: done"

@@ -36,6 +36,9 @@ struct Roster {
 [[nodiscard]] Result<std::string> link_key_text(const crypto::Key& key);
 /// Reads a link key file's text; kInvalidArgument names what is malformed.
 [[nodiscard]] Result<crypto::Key> parse_link_key(std::string_view text);
+/// A link key's public half as rosters and claims list it (32 bytes, RFC 8032 §5.1.5);
+/// kInvalidArgument for a key that is not Ed25519.
+[[nodiscard]] Result<std::array<std::byte, 32>> link_public_key(const crypto::Key& key);
 /// The roster document for the given members (the inverse of parse_roster).
 [[nodiscard]] std::string roster_text(std::string_view step, std::string_view lead, std::span<const std::array<std::byte, 32>> keys);
 

@@ -389,10 +389,7 @@ TEST(BrokerServer, ReleaseDenialsAreForbiddenOrNotFound) {
 
 // A fresh Ed25519 link public key (claims carry only the public half).
 std::array<std::byte, 32> new_link_key() {
-  std::array<std::byte, 32> out{};
-  const auto raw = *(*crypto::Key::generate(crypto::KeyType::kEd25519)).public_raw();
-  std::copy(raw.begin(), raw.end(), out.begin());
-  return out;
+  return *link_public_key(*crypto::Key::generate(crypto::KeyType::kEd25519));
 }
 
 // Training across machines (docs/protocol.md §13): VMs of one job claim ranks of a step with

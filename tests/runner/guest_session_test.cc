@@ -19,12 +19,15 @@
 #include <filesystem>
 #include <functional>
 #include <fstream>
+#include <atomic>
+#include <future>
 #include <map>
 #include <thread>
 
 #include "support/test_support.h"
 #include "tresor/identity.h"
 #include "tresor/manifest.h"
+#include "tresor/roster.h"
 #include "tresor/slurm/job.h"
 #include "tresor/snp/sim.h"
 #include "tresor/vm/session.h"
@@ -107,12 +110,13 @@ class GuestSession : public ::testing::Test {
   static Outcome run(const std::vector<std::string>& command, const std::string& dataset = "dhz/ccta-2024",
                      std::vector<std::string> signed_command = {}, int signal_after_ms = -1, bool kill_guest = false,
                      const std::map<std::string, std::string>& extra_env = {},
-                     const std::function<void(const fs::path&)>& prepare_outputs = {}) {
+                     const std::function<void(const fs::path&)>& prepare_outputs = {}, const Manifest* shared_manifest = nullptr) {
     if (signed_command.empty()) signed_command = command;
-    static int n = 0;
+    static std::atomic<int> n{0};  // guests may run side by side (a step's tasks)
+    const int me = n++;
     Outcome o;
-    o.root = dir_->path() / ("guest-" + std::to_string(n));
-    o.outputs = dir_->path() / ("host-out-" + std::to_string(n++));
+    o.root = dir_->path() / ("guest-" + std::to_string(me));
+    o.outputs = dir_->path() / ("host-out-" + std::to_string(me));
     fs::create_directories(o.outputs);
     if (prepare_outputs) prepare_outputs(o.outputs);
     fs::create_directories(o.root / "mnt");
@@ -125,7 +129,8 @@ class GuestSession : public ::testing::Test {
     for (auto& b : req.image.measurement) b = std::byte{0xaa};
     req.output = "/unused";
     req.backend = "libvirt";
-    auto manifest = *slurm::build_manifest(req, alice, slurm::command_line_bytes(signed_command), std::time(nullptr), 3600);
+    // One manifest for all the tasks of a step (srun signs once per step), or one per job.
+    auto manifest = shared_manifest ? *shared_manifest : *slurm::build_manifest(req, alice, slurm::command_line_bytes(signed_command), std::time(nullptr), 3600);
     auto sp = *snp::sim::SecureProcessor::load(dir_->file("sim"));
     const auto host_data = *manifest_digest(manifest);
 
@@ -306,6 +311,58 @@ TEST_F(GuestSession, RefusalsAndAGuestThatDies) {
   ASSERT_FALSE(died.status);
   EXPECT_EQ(died.status.error().code, ErrorCode::kUnavailable);
   EXPECT_NE(died.status.error().message.find("ended without reporting the job's status"), std::string::npos);
+}
+
+// The tasks of a step in two guests (TRESOR_STEP_ROSTER=1, docs/training.md §5.4): each agent
+// draws its link key in guest memory, claims its rank through the relayed broker connection, and
+// the job finds the broker's roster of the step — the same document in both guests, listing both
+// keys and rank 0's address — and its own link key (0600) where TRESOR_ROSTER and TRESOR_LINK_KEY
+// say, not where the host's environment said. Rank 0 in a VM without TRESOR_STEP_LEAD runs nothing.
+TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
+  const std::vector<std::string> command = {"sh", "-c", "cat \"$TRESOR_ROSTER\"; echo; head -c 19 \"$TRESOR_LINK_KEY\"; echo; stat -c mode=%a \"$TRESOR_LINK_KEY\""};
+  auto alice = *Identity::parse(read_text(dir_->file("alice")));
+  slurm::JobRequest req;
+  req.datasets = {"dhz/ccta-2024"};
+  for (auto& b : req.image.measurement) b = std::byte{0xaa};
+  req.output = "/unused";
+  req.backend = "libvirt";
+  const auto manifest = *slurm::build_manifest(req, alice, slurm::command_line_bytes(command), std::time(nullptr), 3600);
+  auto env = [](int rank) {
+    std::map<std::string, std::string> e = {{"TRESOR_STEP_ROSTER", "1"}, {"SLURM_NTASKS", "2"}, {"SLURM_PROCID", std::to_string(rank)}, {"SLURM_LOCALID", "0"},
+                                            {"SLURM_NNODES", "2"},        {"SLURM_STEP_ID", "0"}, {"TRESOR_ROSTER", "/etc/hostname"},   {"TRESOR_LINK_KEY", "/etc/hostname"}};
+    if (rank == 0) e["TRESOR_STEP_LEAD"] = "10.9.0.1:29400";
+    return e;
+  };
+  auto rank1 = std::async(std::launch::async, [&] { return run(command, "dhz/ccta-2024", {}, -1, false, env(1), {}, &manifest); });
+  auto rank0 = run(command, "dhz/ccta-2024", {}, -1, false, env(0), {}, &manifest);
+  auto one = rank1.get();
+  std::string roster_text[2];
+  for (const auto* o : {&rank0, &one}) {
+    ASSERT_TRUE(o->status) << o->status.error().message << "\n" << o->err;
+    EXPECT_TRUE(WIFEXITED(*o->status) && WEXITSTATUS(*o->status) == 0) << *o->status << "\n" << o->err;
+    EXPECT_NE(o->err.find("claimed rank " + std::string(o == &rank0 ? "0" : "1") + " of step " + manifest.job_id + ".0 (2 ranks)"), std::string::npos) << o->err;
+    EXPECT_NE(o->out.find("tresor-link-key-v1 "), std::string::npos) << "the job's link key, not the host's file: " << o->out;
+    EXPECT_NE(o->out.find("mode=600"), std::string::npos) << o->out;
+    roster_text[o == &rank0 ? 0 : 1] = o->out.substr(0, o->out.find('\n'));
+  }
+  EXPECT_EQ(roster_text[0], roster_text[1]) << "one document for the step";
+  auto roster = parse_roster(roster_text[0]);
+  ASSERT_TRUE(roster) << roster.error().message << ": " << roster_text[0];
+  EXPECT_EQ(roster->step, manifest.job_id + ".0");
+  EXPECT_EQ(roster->lead_host, "10.9.0.1");
+  EXPECT_EQ(roster->lead_port, 29400);
+  ASSERT_EQ(roster->keys.size(), 2u);
+  EXPECT_NE(roster->keys[0], roster->keys[1]) << "each guest drew its own key";
+
+  // Rank 0 in a VM must be told where it will listen: without it nothing runs.
+  auto lost = env(0);
+  lost.erase("TRESOR_STEP_LEAD");
+  auto refused = run({"sh", "-c", "echo SHOULD-NOT-RUN"}, "dhz/ccta-2024", {}, -1, false, lost);
+  ASSERT_TRUE(refused.status);
+  EXPECT_TRUE(WIFEXITED(*refused.status) && WEXITSTATUS(*refused.status) != 0) << *refused.status;
+  EXPECT_EQ(refused.out.find("SHOULD-NOT-RUN"), std::string::npos);
+  EXPECT_NE(refused.err.find("TRESOR_STEP_LEAD is not set"), std::string::npos) << refused.err;
+  EXPECT_NE(refused.err.find("each task in its own VM"), std::string::npos) << refused.err;
 }
 
 // The host's side of the outputs, against a guest that misbehaves (frames written by the test):

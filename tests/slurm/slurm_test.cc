@@ -468,6 +468,50 @@ TEST_F(Slurm, TheCoronaryUnetExampleTrainsInAConfidentialJob) {
   EXPECT_EQ(j2["device"], "emulated") << j2.dump();
 }
 
+// examples/coronary-unet as the ranks of one step (srun -n 2: each task in its own sandbox, as
+// each would be in its own VM) with TRESOR_STEP_ROSTER=1: each agent draws a link key in private
+// memory and claims its task's rank in its attestation; the broker hands both the step's roster
+// of attested keys; the two ranks train over TLS pinned to them, and rank 0 seals the results.
+TEST_F(Slurm, TheTasksOfAStepTrainAsRanksLinkedByTheBrokersRoster) {
+  const std::string results = dir_->file("unet-step");
+  auto r = slurm({std::string("TRESOR_BIN=") + TRESOR_BIN, "TRESOR_STEP_ROSTER=1", "TRAIN_STEPS=6", "TRAIN_VALIDATE_EVERY=6", "/usr/bin/srun", "-n", "2",
+                  "--tresor-dataset=demo/ccta-phantoms", "--tresor-output=" + results, TRESOR_EXAMPLES_DIR "/coronary-unet/train-job.sh"});
+  const std::string log = r.out + r.err;
+  ASSERT_EQ(r.exit_code, 0) << log;
+  for (const char* rank : {"0", "1"}) {
+    EXPECT_NE(log.find(std::string("tresor-agent: claimed rank ") + rank + " of step t-"), std::string::npos) << log;
+    EXPECT_NE(log.find(std::string(" came from the key broker: 2 ranks, rank 0 at 127.0.0.1:")), std::string::npos) << log;
+    EXPECT_NE(log.find(std::string("2 rank(s) on cpu (inputs opened), rank ") + rank + " on the roster of the step"), std::string::npos) << log;
+  }
+  EXPECT_NE(log.find("train: 6 steps in"), std::string::npos) << log;
+  EXPECT_NE(log.find(" on 2 ranks"), std::string::npos) << log;
+  // Rank 0 writes the results, sealed, into its task's directory; rank 1 writes none.
+  const auto j = nlohmann::json::parse(open_as_alice(results + "/task-0/metrics.json.sealed"));
+  EXPECT_EQ(j["steps_done"], 6);
+  EXPECT_EQ(j["ranks"], 2);
+  EXPECT_FALSE(std::filesystem::exists(results + "/task-1/metrics.json.sealed"));
+  for (const auto& e : std::filesystem::recursive_directory_iterator(results)) {
+    if (e.is_regular_file()) {
+      EXPECT_TRUE(e.path().string().ends_with(".sealed")) << "only sealed outputs: " << e.path();
+    }
+  }
+  // The broker released the step's roster to both attested tasks, and says so in its audit log.
+  auto audit = run_command({TRESOR_BIN, "admin", "--socket", admin_socket_, "audit", "show"});
+  EXPECT_NE(audit.out.find("(2 ranks) to job 't-"), std::string::npos) << audit.out.substr(audit.out.size() > 4000 ? audit.out.size() - 4000 : 0);
+
+  // The roster and link key are the agent's to give: the host's environment cannot name them.
+  auto plain = slurm({"TRESOR_ROSTER=/etc/hostname", "TRESOR_LINK_KEY=/etc/hostname", "/usr/bin/srun", "--tresor-dataset=dhz/ccta-2024",
+                      "--tresor-output=" + dir_->file("no-roster"), "sh", "-c", "echo roster=${TRESOR_ROSTER:-unset} key=${TRESOR_LINK_KEY:-unset}"});
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  EXPECT_NE(plain.out.find("roster=unset key=unset"), std::string::npos) << plain.out;
+  // A value other than 1 or 0: nothing runs, and the agent says why.
+  auto bad = slurm({"TRESOR_STEP_ROSTER=yes", "/usr/bin/srun", "-n", "2", "--tresor-dataset=dhz/ccta-2024", "--tresor-output=" + dir_->file("bad-roster"),
+                    "sh", "-c", "echo SHOULD-NOT-RUN"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("TRESOR_STEP_ROSTER is 'yes'; it must be 1"), std::string::npos) << bad.err;
+  EXPECT_EQ(bad.out.find("SHOULD-NOT-RUN"), std::string::npos) << bad.out;
+}
+
 TEST_F(Slurm, ScancelLeavesNoProcessesOrMountsBehind) {
   const std::string sandboxes_before = sandbox_dirs();
   const std::string script = dir_->file("long.sh");

@@ -7,7 +7,9 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <functional>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -15,8 +17,30 @@
 #include "tresor/agent/evidence.h"
 #include "tresor/error.h"
 #include "tresor/manifest.h"
+#include "tresor/slurm/ranks.h"
 
 namespace tresor::agent {
+
+/// This task's place in a step whose ranks meet across sandboxes or VMs (docs/training.md §5.4,
+/// docs/protocol.md §13): the agent draws a link key in private memory, claims the task's rank
+/// with it in its attestation, waits for the broker's roster of the step and gives both to the
+/// job (TRESOR_ROSTER, TRESOR_LINK_KEY), so that `tresor train` links its ranks over TLS pinned
+/// to keys only attested agents of the job hold.
+struct StepLink {
+  std::string step;  // the claim's step: the manifest's job id, '.', SLURM_STEP_ID
+  int size = 0;      // SLURM_NTASKS
+  int rank = 0;      // SLURM_PROCID: one task per sandbox or VM
+  std::string lead;  // with rank 0: where it will listen (ADDRESS:PORT)
+  std::chrono::milliseconds wait{std::chrono::minutes(4)};  // for the other tasks to attest; within the KBS session's five minutes
+};
+
+/// From the job's environment: nullopt unless TRESOR_STEP_ROSTER=1, and for a step of one task
+/// (it has no one to meet). Rank 0's address is TRESOR_STEP_LEAD; without it, when the step's
+/// tasks share this machine's loopback (`tasks_share_loopback`: the local backend, one node),
+/// 127.0.0.1 and a port free now. kInvalidArgument names the variable that is wrong: another
+/// value of TRESOR_STEP_ROSTER, Slurm's variables malformed, a step id too long for a claim,
+/// more than 1024 tasks, a malformed TRESOR_STEP_LEAD, or none where it is needed.
+[[nodiscard]] Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, const Manifest& manifest, bool tasks_share_loopback);
 
 struct Options {
   std::string broker_url;   // https://HOST:PORT
@@ -31,12 +55,17 @@ struct Options {
   /// with the GPU secure channel, straight into device memory. The job gets TRESOR_SEALED_DATA
   /// (data_root) and TRESOR_FILE_KEYS.
   bool sealed_inputs = false;
+  /// The step's roster (step_link_from): the claim goes into the attestation; the roster and the
+  /// link key into <private_dir>/step/ (0600), named to the job by TRESOR_ROSTER and
+  /// TRESOR_LINK_KEY. Without it the job gets neither variable, whatever the host's environment said.
+  std::optional<StepLink> step_link;
 };
 
 /// TRESOR_INPUTS's value: "opened" (or unset) or "sealed"; anything else is refused by name.
 [[nodiscard]] Result<bool> sealed_inputs_from(const char* value);
 
-/// Everything before the user's command runs: attest, fetch keys, open inputs. On success the
+/// Everything before the user's command runs: attest (with the step link's claim), fetch the
+/// step's roster, fetch keys, open inputs. On success the
 /// inputs are in <private_dir>/data (with sealed_inputs: their file keys in <private_dir>/file-keys
 /// and data/ empty), and <private_dir>/out exists (empty). Errors say which dataset or file and
 /// what to do; nothing is left under private_dir's data/ (or file-keys) on failure.

@@ -18,6 +18,7 @@
 #include "tresor/crypto.h"
 #include "tresor/error.h"
 #include "tresor/roster.h"
+#include "tresor/slurm/ranks.h"
 
 namespace tresor::train {
 
@@ -117,15 +118,9 @@ using tresor::roster_text;
 /// the roster disagree.
 [[nodiscard]] Result<std::unique_ptr<Collective>> connect_tcp(const Rendezvous& rendezvous);
 
-/// The data-parallel layout of this process from Slurm's environment: SLURM_PROCID (the rank),
-/// SLURM_NTASKS (the ranks), SLURM_LOCALID (the rank on its node, which picks the GPU),
-/// SLURM_NNODES, SLURM_JOB_ID and SLURM_STEP_ID (the run id). nullopt outside a Slurm step or for a
-/// step of one task; kInvalidArgument names a variable that is malformed or inconsistent.
-struct SlurmRanks {
-  int rank = 0, size = 1, local_rank = 0, nodes = 1;
-  std::string run_id;  // "JOB.STEP"
-};
-using GetEnv = std::function<const char*(const char*)>;
-[[nodiscard]] Result<std::optional<SlurmRanks>> ranks_from_slurm(const GetEnv& getenv);
+// Slurm's rank variables (SLURM_PROCID, SLURM_NTASKS, …) are read by tresor/slurm/ranks.h.
+using slurm::GetEnv;
+using slurm::SlurmRanks;
+using slurm::ranks_from_slurm;
 
 }  // namespace tresor::train

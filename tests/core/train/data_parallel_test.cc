@@ -241,15 +241,25 @@ TEST(SlurmRanks, ReadFromTheStepsEnvironment) {
   auto single = ranks_from_slurm(env({{"SLURM_NTASKS", "1"}, {"SLURM_PROCID", "0"}}));
   ASSERT_TRUE(single);
   EXPECT_FALSE(*single);
-  auto two = ranks_from_slurm(env({{"SLURM_NTASKS", "4"}, {"SLURM_PROCID", "3"}, {"SLURM_LOCALID", "1"}, {"SLURM_NNODES", "2"}, {"SLURM_JOB_ID", "77"}, {"SLURM_STEP_ID", "4294967294"}}));
+  auto two = ranks_from_slurm(env({{"SLURM_NTASKS", "4"}, {"SLURM_PROCID", "3"}, {"SLURM_LOCALID", "1"}, {"SLURM_NNODES", "2"}, {"SLURM_JOB_ID", "77"}, {"SLURM_STEP_ID", "12"}}));
   ASSERT_TRUE(two) << two.error().message;
   ASSERT_TRUE(*two);
   EXPECT_EQ((*two)->rank, 3);
   EXPECT_EQ((*two)->size, 4);
   EXPECT_EQ((*two)->local_rank, 1);
   EXPECT_EQ((*two)->nodes, 2);
-  EXPECT_EQ((*two)->run_id, "77.4294967294");
-  const std::map<std::string, std::string> base = {{"SLURM_NTASKS", "2"}, {"SLURM_PROCID", "1"}, {"SLURM_LOCALID", "1"}, {"SLURM_NNODES", "1"}, {"SLURM_JOB_ID", "5"}};
+  EXPECT_EQ((*two)->run_id, "77.12");
+  // The batch script of `sbatch -n 2`: SLURM_NTASKS=2 and SLURM_PROCID=0, as Slurm 22.05 sets
+  // them there, but no SLURM_STEP_ID: one task (its srun steps are the ranks).
+  for (const char* batch_step : {static_cast<const char*>(nullptr), "", "4294967294"}) {
+    std::map<std::string, std::string> m = {{"SLURM_NTASKS", "2"}, {"SLURM_PROCID", "0"}, {"SLURM_NPROCS", "2"}, {"SLURM_JOB_ID", "5"}};
+    if (batch_step != nullptr) m["SLURM_STEP_ID"] = batch_step;
+    auto batch = ranks_from_slurm(env(m));
+    ASSERT_TRUE(batch) << batch.error().message;
+    EXPECT_FALSE(*batch) << "the batch script is one task (SLURM_STEP_ID " << (batch_step ? batch_step : "unset") << ")";
+  }
+  const std::map<std::string, std::string> base = {{"SLURM_NTASKS", "2"}, {"SLURM_PROCID", "1"}, {"SLURM_LOCALID", "1"}, {"SLURM_NNODES", "1"}, {"SLURM_JOB_ID", "5"},
+                                                   {"SLURM_STEP_ID", "0"}};
   auto with = [&](const std::string& k, const char* v) {
     auto m = base;
     if (v == nullptr) {
@@ -261,6 +271,7 @@ TEST(SlurmRanks, ReadFromTheStepsEnvironment) {
     return r ? std::string("ok") : r.error().message;
   };
   EXPECT_EQ(with("SLURM_STEP_ID", nullptr), "ok");
+  EXPECT_NE(with("SLURM_STEP_ID", "0x1").find("SLURM_STEP_ID=0x1 is not a number"), std::string::npos);
   EXPECT_NE(with("SLURM_PROCID", nullptr).find("SLURM_PROCID is not set"), std::string::npos);
   EXPECT_NE(with("SLURM_PROCID", "2").find("SLURM_PROCID=2 is not below SLURM_NTASKS=2"), std::string::npos);
   EXPECT_NE(with("SLURM_PROCID", "1x").find("SLURM_PROCID=1x is not an integer"), std::string::npos);

@@ -30,11 +30,9 @@ namespace {
 using Pub = std::array<std::byte, 32>;
 
 Pub public_of(const crypto::Key& k) {
-  Pub p{};
-  auto raw = k.public_raw();
-  EXPECT_TRUE(raw);
-  std::copy(raw->begin(), raw->end(), p.begin());
-  return p;
+  auto p = link_public_key(k);
+  EXPECT_TRUE(p) << p.error().message;
+  return p ? *p : Pub{};
 }
 
 // A step of `ranks` ranks on 127.0.0.1: each rank's link key and the roster listing them.
