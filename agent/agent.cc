@@ -160,7 +160,7 @@ Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, cons
   const std::string& run = (*ranks)->run_id;  // JOB.STEP, both digits
   link.step = manifest.job_id + run.substr(run.find('.'));
   if (!valid_step_id(link.step)) {
-    return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: the step id " + link.step + " (the manifest's job id and SLURM_STEP_ID) is longer than 64 characters");
+    return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: the step id " + link.step + " (the manifest's job id and SLURM_STEP_ID) is not 1 to 64 of A-Z a-z 0-9 . _ -");
   }
   if (link.size > 1024) return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: SLURM_NTASKS=" + std::to_string(link.size) + "; a step roster holds at most 1024 ranks");
   if (link.rank != 0) return std::optional<StepLink>{link};
@@ -213,6 +213,10 @@ Result<void> prepare(const Options& o, const Manifest& manifest, std::string_vie
     log << "tresor-agent: claimed rank " << o.step_link->rank << " of step " << o.step_link->step << " (" << o.step_link->size
         << " ranks) with link key " << base64url_encode(claim.key) << (claim.lead.empty() ? std::string() : ", listening at " + claim.lead) << "\n";
     TRESOR_TRY(take_roster(**client, *session, claim, *link_key, *o.step_link, fs::path(o.private_dir) / "step", log));
+    // The wait may have used most of the session's five minutes, and the dataset keys are fetched
+    // as the inputs are opened: a fresh session for them (the broker takes the same claim again).
+    session = kbs::attest(**client, manifest_json, source, link_claim_text(claim));
+    if (!session) return fail(session.error().code, "the key broker did not accept this job's attestation after the step's roster: " + session.error().message);
   }
   const fs::path data = fs::path(o.private_dir) / "data";
   std::error_code ec;

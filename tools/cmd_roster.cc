@@ -74,7 +74,7 @@ int roster_make(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string_view a(argv[i]);
     if (a == "--") break;
-    if (a.size() == 43 && a[0] == '-' && a[1] != '-' && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_") == std::string_view::npos) {
+    if (a.size() == 43 && a[0] == '-' && a.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_") == std::string_view::npos) {
       return usage_error("roster make", "'" + std::string(a) + "' looks like a link public key starting with '-': put the keys after --, as roster make --step S --lead A:P -- KEY0 KEY1");
     }
   }

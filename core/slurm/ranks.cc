@@ -28,9 +28,10 @@ Result<std::optional<SlurmRanks>> ranks_from_slurm(const GetEnv& getenv) {
   if (!has) return std::unexpected(has.error());
   if (!*has || r.size == 1) return std::optional<SlurmRanks>{};
   // The batch script is one task, whatever SLURM_NTASKS says (it is the allocation's count there):
-  // Slurm sets SLURM_STEP_ID only for the steps srun launches (env_array_for_step), and the batch
-  // step's own id is SLURM_BATCH_SCRIPT, 0xfffffffe.
-  if (const char* step = getenv("SLURM_STEP_ID"); step == nullptr || *step == '\0' || std::string_view(step) == "4294967294") {
+  // Slurm sets SLURM_STEP_ID only for the steps srun launches (env_array_for_step). So is salloc's
+  // interactive step. Their ids: SLURM_BATCH_SCRIPT 0xfffffffe, SLURM_INTERACTIVE_STEP 0xfffffffd.
+  if (const char* step = getenv("SLURM_STEP_ID");
+      step == nullptr || *step == '\0' || std::string_view(step) == "4294967294" || std::string_view(step) == "4294967293") {
     return std::optional<SlurmRanks>{};
   }
   for (auto [name, into, lo] : {std::tuple{"SLURM_PROCID", &r.rank, 0}, {"SLURM_LOCALID", &r.local_rank, 0}, {"SLURM_NNODES", &r.nodes, 1}}) {

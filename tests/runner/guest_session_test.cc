@@ -354,6 +354,15 @@ TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
   ASSERT_EQ(roster->keys.size(), 2u);
   EXPECT_NE(roster->keys[0], roster->keys[1]) << "each guest drew its own key";
 
+  // A second guest for rank 1 of the same step (a host's doing): its claim of a held rank is
+  // refused (409) when it attests, and its command does not run.
+  auto second = run(command, "dhz/ccta-2024", {}, -1, false, env(1), {}, &manifest);
+  ASSERT_TRUE(second.status);
+  EXPECT_TRUE(WIFEXITED(*second.status) && WEXITSTATUS(*second.status) != 0) << *second.status;
+  EXPECT_EQ(second.out.find("tresor-link-key-v1"), std::string::npos) << second.out;
+  EXPECT_NE(second.err.find("the key broker did not accept this job's attestation"), std::string::npos) << second.err;
+  EXPECT_NE(second.err.find("409"), std::string::npos) << second.err;
+
   // Rank 0 in a VM must be told where it will listen: without it nothing runs.
   auto lost = env(0);
   lost.erase("TRESOR_STEP_LEAD");

@@ -57,7 +57,10 @@ struct Options {
   bool sealed_inputs = false;
   /// The step's roster (step_link_from): the claim goes into the attestation; the roster and the
   /// link key into <private_dir>/step/ (0600), named to the job by TRESOR_ROSTER and
-  /// TRESOR_LINK_KEY. Without it the job gets neither variable, whatever the host's environment said.
+  /// TRESOR_LINK_KEY, then a fresh attestation with the same claim for the dataset keys (the wait
+  /// may have used most of the first session). Without it the job gets neither variable, whatever
+  /// the host's environment said. step/ stays in private memory, also when a later step fails: it
+  /// goes with the sandbox or VM.
   std::optional<StepLink> step_link;
 };
 

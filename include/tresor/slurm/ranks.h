@@ -15,8 +15,9 @@ namespace tresor::slurm {
 /// The data-parallel layout of this process from Slurm's environment: SLURM_PROCID (the rank),
 /// SLURM_NTASKS (the ranks), SLURM_LOCALID (the rank on its node, which picks the GPU),
 /// SLURM_NNODES, SLURM_JOB_ID and SLURM_STEP_ID (the run id). nullopt outside a Slurm step, for a
-/// step of one task and for the batch script (no SLURM_STEP_ID, or the batch step's 4294967294:
-/// one task, though SLURM_NTASKS there is the allocation's); kInvalidArgument names a variable that is malformed or inconsistent.
+/// step of one task and for the batch script (no SLURM_STEP_ID, or the batch step's 4294967294)
+/// and salloc's interactive step (4294967293): one task, though SLURM_NTASKS there is the
+/// allocation's; kInvalidArgument names a variable that is malformed or inconsistent.
 struct SlurmRanks {
   int rank = 0, size = 1, local_rank = 0, nodes = 1;
   std::string run_id;  // "JOB.STEP"

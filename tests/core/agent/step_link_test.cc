@@ -102,7 +102,7 @@ TEST(StepLink, WrongValuesAreNamed) {
   // A job id so long that its step id no longer fits a claim.
   auto r = agent::step_link_from(getter(step("1")), manifest(std::string(63, 'j')), true);
   ASSERT_FALSE(r);
-  EXPECT_NE(r.error().message.find("longer than 64 characters"), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("is not 1 to 64 of A-Z a-z 0-9 . _ -"), std::string::npos) << r.error().message;
 }
 
 }  // namespace

@@ -251,12 +251,12 @@ TEST(SlurmRanks, ReadFromTheStepsEnvironment) {
   EXPECT_EQ((*two)->run_id, "77.12");
   // The batch script of `sbatch -n 2`: SLURM_NTASKS=2 and SLURM_PROCID=0, as Slurm 22.05 sets
   // them there, but no SLURM_STEP_ID: one task (its srun steps are the ranks).
-  for (const char* batch_step : {static_cast<const char*>(nullptr), "", "4294967294"}) {
+  for (const char* batch_step : {static_cast<const char*>(nullptr), "", "4294967294", "4294967293"}) {
     std::map<std::string, std::string> m = {{"SLURM_NTASKS", "2"}, {"SLURM_PROCID", "0"}, {"SLURM_NPROCS", "2"}, {"SLURM_JOB_ID", "5"}};
     if (batch_step != nullptr) m["SLURM_STEP_ID"] = batch_step;
     auto batch = ranks_from_slurm(env(m));
     ASSERT_TRUE(batch) << batch.error().message;
-    EXPECT_FALSE(*batch) << "the batch script is one task (SLURM_STEP_ID " << (batch_step ? batch_step : "unset") << ")";
+    EXPECT_FALSE(*batch) << "the batch script (or salloc's interactive step) is one task (SLURM_STEP_ID " << (batch_step ? batch_step : "unset") << ")";
   }
   const std::map<std::string, std::string> base = {{"SLURM_NTASKS", "2"}, {"SLURM_PROCID", "1"}, {"SLURM_LOCALID", "1"}, {"SLURM_NNODES", "1"}, {"SLURM_JOB_ID", "5"},
                                                    {"SLURM_STEP_ID", "0"}};
