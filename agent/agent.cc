@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -163,6 +164,15 @@ Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, cons
     return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: the step id " + link.step + " (the manifest's job id and SLURM_STEP_ID) is not 1 to 64 of A-Z a-z 0-9 . _ -");
   }
   if (link.size > 1024) return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: SLURM_NTASKS=" + std::to_string(link.size) + "; a step roster holds at most 1024 ranks");
+  if (const char* wait = getenv("TRESOR_STEP_WAIT"); wait != nullptr && *wait != '\0') {
+    const std::string_view w(wait);
+    int seconds = 0;
+    const auto [end, ec] = std::from_chars(w.data(), w.data() + w.size(), seconds);
+    if (ec != std::errc{} || end != w.data() + w.size() || seconds < 1 || seconds > 240) {
+      return fail(ErrorCode::kInvalidArgument, std::string("TRESOR_STEP_WAIT is '") + wait + "'; it must be 1..240 seconds (the broker session lasts five minutes)");
+    }
+    link.wait = std::chrono::seconds(seconds);
+  }
   if (link.rank != 0) return std::optional<StepLink>{link};
   if (const char* lead = getenv("TRESOR_STEP_LEAD"); lead != nullptr && *lead != '\0') {
     if (!valid_lead_address(lead)) return fail(ErrorCode::kInvalidArgument, std::string("TRESOR_STEP_LEAD is '") + lead + "'; it must be an IPv4 address and a port, as 10.8.0.1:29400");

@@ -319,7 +319,7 @@ TEST_F(GuestSession, RefusalsAndAGuestThatDies) {
 // keys and rank 0's address — and its own link key (0600) where TRESOR_ROSTER and TRESOR_LINK_KEY
 // say, not where the host's environment said. Rank 0 in a VM without TRESOR_STEP_LEAD runs nothing.
 TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
-  const std::vector<std::string> command = {"sh", "-c", "cat \"$TRESOR_ROSTER\"; echo; head -c 19 \"$TRESOR_LINK_KEY\"; echo; stat -c mode=%a \"$TRESOR_LINK_KEY\""};
+  const std::vector<std::string> command = {"sh", "-c", "cat \"$TRESOR_ROSTER\"; echo; head -c 19 \"$TRESOR_LINK_KEY\"; echo; stat -c mode=%a \"$TRESOR_LINK_KEY\"; echo job-ran"};
   auto alice = *Identity::parse(read_text(dir_->file("alice")));
   slurm::JobRequest req;
   req.datasets = {"dhz/ccta-2024"};
@@ -343,6 +343,7 @@ TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
     EXPECT_NE(o->err.find("claimed rank " + std::string(o == &rank0 ? "0" : "1") + " of step " + manifest.job_id + ".0 (2 ranks)"), std::string::npos) << o->err;
     EXPECT_NE(o->out.find("tresor-link-key-v1 "), std::string::npos) << "the job's link key, not the host's file: " << o->out;
     EXPECT_NE(o->out.find("mode=600"), std::string::npos) << o->out;
+    EXPECT_NE(o->out.find("job-ran"), std::string::npos) << o->out;
     roster_text[o == &rank0 ? 0 : 1] = o->out.substr(0, o->out.find('\n'));
   }
   EXPECT_EQ(roster_text[0], roster_text[1]) << "one document for the step";
@@ -359,9 +360,22 @@ TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
   auto second = run(command, "dhz/ccta-2024", {}, -1, false, env(1), {}, &manifest);
   ASSERT_TRUE(second.status);
   EXPECT_TRUE(WIFEXITED(*second.status) && WEXITSTATUS(*second.status) != 0) << *second.status;
-  EXPECT_EQ(second.out.find("tresor-link-key-v1"), std::string::npos) << second.out;
+  EXPECT_EQ(second.out.find("job-ran"), std::string::npos) << second.out;
   EXPECT_NE(second.err.find("the key broker did not accept this job's attestation"), std::string::npos) << second.err;
   EXPECT_NE(second.err.find("409"), std::string::npos) << second.err;
+
+  // A step whose other task never attests: after TRESOR_STEP_WAIT the task gives up, naming the
+  // missing rank, and its command never runs.
+  auto alone_env = env(0);
+  alone_env["SLURM_NTASKS"] = "3";
+  alone_env["SLURM_STEP_ID"] = "1";  // a step of its own: step .0 holds 2 ranks
+  alone_env["TRESOR_STEP_WAIT"] = "2";
+  auto alone = run(command, "dhz/ccta-2024", {}, -1, false, alone_env, {}, &manifest);
+  ASSERT_TRUE(alone.status);
+  EXPECT_TRUE(WIFEXITED(*alone.status) && WEXITSTATUS(*alone.status) != 0) << *alone.status;
+  EXPECT_EQ(alone.out.find("job-ran"), std::string::npos) << alone.out;
+  EXPECT_NE(alone.err.find("the roster of step " + manifest.job_id + ".1 did not come from the key broker"), std::string::npos) << alone.err;
+  EXPECT_NE(alone.err.find("rank(s) 1, 2 of 3 not yet claimed"), std::string::npos) << alone.err;
 
   // Rank 0 in a VM must be told where it will listen: without it nothing runs.
   auto lost = env(0);

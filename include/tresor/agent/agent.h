@@ -37,8 +37,9 @@ struct StepLink {
 /// From the job's environment: nullopt unless TRESOR_STEP_ROSTER=1, and for a step of one task
 /// (it has no one to meet). Rank 0's address is TRESOR_STEP_LEAD; without it, when the step's
 /// tasks share this machine's loopback (`tasks_share_loopback`: the local backend, one node),
-/// 127.0.0.1 and a port free now. kInvalidArgument names the variable that is wrong: another
-/// value of TRESOR_STEP_ROSTER, Slurm's variables malformed, a step id too long for a claim,
+/// 127.0.0.1 and a port free now. TRESOR_STEP_WAIT sets the wait for the roster (1..240 s; default
+/// 240). kInvalidArgument names the variable that is wrong: another
+/// value of TRESOR_STEP_ROSTER, Slurm's variables malformed, a wait out of range, a step id too long for a claim,
 /// more than 1024 tasks, a malformed TRESOR_STEP_LEAD, or none where it is needed.
 [[nodiscard]] Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, const Manifest& manifest, bool tasks_share_loopback);
 

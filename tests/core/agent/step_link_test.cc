@@ -57,6 +57,12 @@ TEST(StepLink, TheClaimIsForTheManifestsJobAndThisTasksRank) {
   EXPECT_EQ((*one)->size, 3);
   EXPECT_EQ((*one)->rank, 1);
   EXPECT_EQ((*one)->lead, "") << "only rank 0 names where it listens";
+  EXPECT_EQ((*one)->wait, std::chrono::seconds(240)) << "within the broker session's five minutes";
+  Env quick = step("1");
+  quick["TRESOR_STEP_WAIT"] = "7";
+  auto q = agent::step_link_from(getter(quick), manifest(), true);
+  ASSERT_TRUE(q) << q.error().message;
+  EXPECT_EQ((*q)->wait, std::chrono::seconds(7));
   // Rank 0 in a sandbox on one node: the node's loopback and a port free now.
   auto zero = agent::step_link_from(getter(step("0")), manifest(), true);
   ASSERT_TRUE(zero) << zero.error().message;
@@ -91,6 +97,11 @@ TEST(StepLink, WrongValuesAreNamed) {
   e.erase("SLURM_JOB_ID");
   expect_refused(e, "SLURM_JOB_ID is not set");
   expect_refused(step("1", "1025"), "SLURM_NTASKS=1025; a step roster holds at most 1024 ranks");
+  for (const char* wait : {"0", "241", "5s", "-1", "1e2"}) {
+    e = step("1");
+    e["TRESOR_STEP_WAIT"] = wait;
+    expect_refused(e, std::string("TRESOR_STEP_WAIT is '") + wait + "'; it must be 1..240 seconds");
+  }
   // Rank 0 without an address where the others cannot reach its loopback.
   expect_refused(step("0", "2", "2"), "TRESOR_STEP_LEAD is not set; rank 0's address");
   expect_refused(step("0"), "each task in its own VM", /*share=*/false);
