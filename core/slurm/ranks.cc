@@ -28,8 +28,9 @@ Result<std::optional<SlurmRanks>> ranks_from_slurm(const GetEnv& getenv) {
   if (!has) return std::unexpected(has.error());
   if (!*has || r.size == 1) return std::optional<SlurmRanks>{};
   // The batch script is one task, whatever SLURM_NTASKS says (it is the allocation's count there):
-  // Slurm sets SLURM_STEP_ID only for the steps srun launches (env_array_for_step). So is salloc's
-  // interactive step. Their ids: SLURM_BATCH_SCRIPT 0xfffffffe, SLURM_INTERACTIVE_STEP 0xfffffffd.
+  // Slurm sets SLURM_STEP_ID only for the steps srun launches (env_array_for_step). salloc's
+  // interactive step is one task too. Their ids: SLURM_BATCH_SCRIPT 0xfffffffe,
+  // SLURM_INTERACTIVE_STEP 0xfffffffd.
   if (const char* step = getenv("SLURM_STEP_ID");
       step == nullptr || *step == '\0' || std::string_view(step) == "4294967294" || std::string_view(step) == "4294967293") {
     return std::optional<SlurmRanks>{};
@@ -40,7 +41,7 @@ Result<std::optional<SlurmRanks>> ranks_from_slurm(const GetEnv& getenv) {
   }
   if (r.rank >= r.size) return fail(ErrorCode::kInvalidArgument, "SLURM_PROCID=" + std::to_string(r.rank) + " is not below SLURM_NTASKS=" + std::to_string(r.size));
   if (r.local_rank > r.rank) return fail(ErrorCode::kInvalidArgument, "SLURM_LOCALID=" + std::to_string(r.local_rank) + " exceeds SLURM_PROCID=" + std::to_string(r.rank));
-  // The run id: job and step as Slurm gives them (digits only; the batch step's id is large).
+  // The run id: job and step as Slurm gives them (digits only).
   auto digits = [&](const char* name) -> Result<std::string> {
     const char* v = getenv(name);
     if (v == nullptr || *v == '\0') return fail(ErrorCode::kInvalidArgument, std::string(name) + " is not set, though SLURM_NTASKS is");

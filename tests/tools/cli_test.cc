@@ -881,6 +881,13 @@ TEST_F(Cli, TrainLearnsResumesAndSealsItsOutputs) {
   auto wrong_key = on_roster(1, dir.file("link0.key"));
   EXPECT_EQ(wrong_key.exit_code, 2);
   EXPECT_NE(wrong_key.err.find("is not the one the step roster lists for rank 1"), std::string::npos) << wrong_key.err;
+  // In a Slurm step the agent's variables come in pairs: one alone is refused before anything runs.
+  for (const char* alone : {"TRESOR_ROSTER", "TRESOR_LINK_KEY"}) {
+    auto unpaired = testing::run_command({"/usr/bin/env", "SLURM_PROCID=0", "SLURM_NTASKS=2", "SLURM_LOCALID=0", "SLURM_NNODES=1", "SLURM_JOB_ID=77", "SLURM_STEP_ID=0",
+                                      std::string(alone) + "=" + dir.file("roster.json"), TRESOR_BIN, "train", "--config", roster_config});
+    EXPECT_EQ(unpaired.exit_code, 2) << unpaired.err;
+    EXPECT_NE(unpaired.err.find(std::string(alone) + " is set without"), std::string::npos) << unpaired.err;
+  }
   auto no_link_key = run_tresor({"train", "--config", roster_config, "--roster", dir.file("roster.json")});
   EXPECT_NE(no_link_key.err.find("--roster and --link-key go together"), std::string::npos) << no_link_key.err;
   auto launcher = run_tresor({"train", "--config", roster_config, "--ranks", "2", "--roster", dir.file("roster.json"), "--link-key", dir.file("link0.key")});
