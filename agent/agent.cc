@@ -1,6 +1,10 @@
 // The agent's work inside the sandbox or VM (include/tresor/agent/agent.h).
 #include "tresor/agent/agent.h"
 
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -145,7 +149,26 @@ Result<void> take_roster(kbs::Client& client, const kbs::Attestation& session, c
 
 }  // namespace
 
-Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, const Manifest& manifest, bool tasks_share_loopback) {
+Result<std::string> step_network_address() {
+  ifaddrs* list = nullptr;
+  if (::getifaddrs(&list) != 0) return fail(ErrorCode::kIo, std::string("getifaddrs: ") + std::strerror(errno));
+  std::vector<std::pair<std::string, std::string>> found;  // interface, address
+  for (const ifaddrs* a = list; a != nullptr; a = a->ifa_next) {
+    if (a->ifa_addr == nullptr || a->ifa_addr->sa_family != AF_INET || (a->ifa_flags & IFF_UP) == 0 || (a->ifa_flags & IFF_LOOPBACK) != 0) continue;
+    char text[INET_ADDRSTRLEN] = {};
+    ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(a->ifa_addr)->sin_addr, text, sizeof text);
+    found.emplace_back(a->ifa_name, text);
+  }
+  ::freeifaddrs(list);
+  if (found.size() > 1) {
+    std::string all;
+    for (const auto& [name, addr] : found) all += (all.empty() ? "" : ", ") + name + " " + addr;
+    return fail(ErrorCode::kInvalidArgument, "this machine has several IPv4 addresses (" + all + "); a job VM has one, on its step network: set TRESOR_STEP_LEAD");
+  }
+  return found.empty() ? std::string() : found[0].second;
+}
+
+Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, const Manifest& manifest, const std::string& own_address) {
   const char* want = getenv("TRESOR_STEP_ROSTER");
   if (want == nullptr || *want == '\0' || std::string_view(want) == "0") return std::optional<StepLink>{};
   if (std::string_view(want) != "1") {
@@ -179,13 +202,18 @@ Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, cons
     link.lead = lead;
     return std::optional<StepLink>{link};
   }
-  if (!tasks_share_loopback || (*ranks)->nodes > 1) {
-    return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: TRESOR_STEP_LEAD is not set; rank 0's address (ADDRESS:PORT, reachable from the step's other tasks) is needed when they do not share this machine's loopback (" +
-                                                 std::to_string((*ranks)->nodes) + " node(s); " + (tasks_share_loopback ? "sandboxes" : "each task in its own VM") + ")");
+  // Where rank 0 listens when the environment does not say: the loopback its sandbox shares with
+  // the step's other tasks (one node only), or its VM's address on the node's step network.
+  const bool loopback = own_address == "127.0.0.1";
+  if (own_address.empty() || (loopback && (*ranks)->nodes > 1)) {
+    const std::string why = loopback ? std::to_string((*ranks)->nodes) + " nodes: their sandboxes share no loopback"
+                                     : "this VM has no address on a step network (the node's step_bridge=, docs/admin-guide.md)";
+    return fail(ErrorCode::kInvalidArgument, "TRESOR_STEP_ROSTER=1: TRESOR_STEP_LEAD is not set; rank 0's address (ADDRESS:PORT, reachable "
+                                             "from the step's other tasks) is needed, and " + why);
   }
-  auto port = unused_loopback_port();
+  auto port = unused_tcp_port(own_address);
   if (!port) return std::unexpected(port.error());
-  link.lead = "127.0.0.1:" + std::to_string(*port);
+  link.lead = own_address + ":" + std::to_string(*port);
   return std::optional<StepLink>{link};
 }
 

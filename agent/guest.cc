@@ -388,8 +388,12 @@ int run_guest(int fd, const std::string& root) {
     ::setenv("PATH", "/bin:/usr/bin", 1);
     ::setenv("TMPDIR", (fs::path(root) / "tmp").c_str(), 1);
     ::setenv(std::string(slurm::kInsideEnv).c_str(), "1", 1);
-    // TRESOR_STEP_ROSTER=1: this task claims its rank of the step; every task has its own VM.
-    auto link = step_link_from([](const char* name) { return std::getenv(name); }, *manifest, /*tasks_share_loopback=*/false);
+    // TRESOR_STEP_ROSTER=1: this task claims its rank of the step; every task has its own VM, on
+    // the node's step network when the runner gave it one (its address from /init's DHCP).
+    Result<std::string> address = std::string();
+    if (const char* w = std::getenv("TRESOR_STEP_ROSTER"); w != nullptr && std::string_view(w) == "1") address = step_network_address();
+    auto link = address ? step_link_from([](const char* name) { return std::getenv(name); }, *manifest, *address)
+                        : Result<std::optional<StepLink>>(std::unexpected(address.error()));
     if (!link) {
       std::cerr << "tresor-agent: " << link.error().message << "; nothing was run" << std::endl;
       return;

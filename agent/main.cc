@@ -119,8 +119,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   // TRESOR_STEP_ROSTER=1: this task claims its rank of the step (docs/training.md §5.4). A
-  // sandbox shares the node's loopback with the step's other tasks there.
-  auto link = tresor::agent::step_link_from([](const char* name) { return std::getenv(name); }, *manifest, /*tasks_share_loopback=*/evidence_fd >= 0);
+  // sandbox (evidence from its runner) shares the node's loopback with the step's other tasks.
+  auto link = tresor::agent::step_link_from([](const char* name) { return std::getenv(name); }, *manifest, evidence_fd >= 0 ? "127.0.0.1" : "");
   if (!link) {
     std::fprintf(stderr, "tresor-agent: %s; nothing was run\n", link.error().message.c_str());
     return 1;

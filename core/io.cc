@@ -386,17 +386,19 @@ Result<void> AnonymousTempFile::copy_to(ByteSink& sink) const {
   return {};
 }
 
-Result<uint16_t> unused_loopback_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return fail(ErrorCode::kIo, std::string("socket: ") + std::strerror(errno));
+Result<uint16_t> unused_loopback_port() { return unused_tcp_port("127.0.0.1"); }
+
+Result<uint16_t> unused_tcp_port(const std::string& ipv4) {
   sockaddr_in a{};
   a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::inet_pton(AF_INET, ipv4.c_str(), &a.sin_addr) != 1) return fail(ErrorCode::kInvalidArgument, "'" + ipv4 + "' is not an IPv4 address");
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail(ErrorCode::kIo, std::string("socket: ") + std::strerror(errno));
   socklen_t len = sizeof a;
   const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 && ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0;
   const int e = errno;
   ::close(fd);
-  if (!ok) return fail(ErrorCode::kIo, std::string("no free port on 127.0.0.1: ") + std::strerror(e));
+  if (!ok) return fail(ErrorCode::kIo, "no free port on " + ipv4 + ": " + std::strerror(e));
   return ntohs(a.sin_port);
 }
 

@@ -12,6 +12,7 @@
 #include <filesystem>
 
 #include "tresor/io.h"
+#include "tresor/slurm/ranks.h"
 #include "tresor/slurm/job.h"
 #include "tresor/vm/hypervisor.h"
 
@@ -111,6 +112,29 @@ Result<VmPlan> plan_vm(const Manifest& manifest, const std::map<std::string, std
   job.slurm_job = slurm_job;
   job.slurm_step = env("SLURM_STEP_ID").empty() ? "0" : env("SLURM_STEP_ID");
   job.job_id = manifest.job_id;
+  // A task of a step of several: its own VM (tasks may share a node), and, when the step's tasks
+  // meet as ranks (TRESOR_STEP_ROSTER=1, docs/training.md §5.4), a network to meet on: the
+  // node's step bridge (docs/scale.md §2.2). Without one the ranks could not reach each other.
+  std::map<std::string, std::string> seen;
+  auto ranks = slurm::ranks_from_slurm([&](const char* name) -> const char* {
+    const auto it = seen.emplace(name, env(name)).first;
+    return it->second.empty() ? nullptr : it->second.c_str();
+  });
+  if (!ranks) return bad("the step's task layout: " + ranks.error().message);
+  if (*ranks) job.task = std::to_string((*ranks)->rank);
+  if (env("TRESOR_STEP_ROSTER") == "1" && *ranks) {
+    const std::string bridge = option_of(options, "--step-bridge");
+    if (bridge.empty()) {
+      return bad("the step's " + std::to_string((*ranks)->size) + " tasks meet as ranks (TRESOR_STEP_ROSTER=1), but this node has no step "
+                 "network for their VMs (plugstack.conf step_bridge=, docs/admin-guide.md): they could not reach each other");
+    }
+    std::error_code ec;
+    if (!std::filesystem::is_directory("/sys/class/net/" + bridge + "/bridge", ec)) {
+      return bad("the step bridge '" + bridge + "' (plugstack.conf step_bridge=) is not a bridge on this node (no /sys/class/net/" + bridge +
+                 "/bridge)");
+    }
+    job.network_bridge = bridge;
+  }
   job.allocation = std::move(*allocation);
   job.image = *image;
   job.host_data = *host_data;

@@ -33,7 +33,8 @@
 namespace tresor::runner {
 
 /// The job's VM as this node's configuration makes it. `options` are tresor-run's (--images,
-/// --gpus, --datasets, --accel, --snp); `env` looks up the task's Slurm variables.
+/// --gpus, --datasets, --accel, --snp, --step-bridge); `env` looks up the task's Slurm variables
+/// (and TRESOR_STEP_ROSTER: a step's ranks get a NIC on the step bridge, which must exist).
 struct VmPlan {
   vm::JobVm job;
   vm::DomainSpec spec;

@@ -21,7 +21,11 @@
 //
 //   tresor-run [--slurm-job-id N] --broker URL --ca FILE --agent PATH --datasets DIR --sim DIR
 //              [--images FILE] [--gpus FILE] [--hypervisor URI] [--accel kvm|tcg] [--snp yes|no]
-//              [--domain-xml FILE] [--boot-timeout SECONDS] [--task-prolog PATH] -- COMMAND [ARGS...]
+//              [--domain-xml FILE] [--boot-timeout SECONDS] [--task-prolog PATH] [--step-bridge NAME]
+//              -- COMMAND [ARGS...]
+//
+// --step-bridge: the node's step network, a host bridge (docs/admin-guide.md): the VM of a task
+// whose step meets as ranks (TRESOR_STEP_ROSTER=1) gets one virtio-net on it.
 //
 // --task-prolog: the cluster's TaskProlog (slurm.conf), which Slurm's own task launch would have
 // run and which the plugin's exec bypasses: run here as the job's user with the job's
@@ -398,7 +402,7 @@ int vm_keeper_main(int argc, char** argv) {
   const int fd = std::atoi(argv[2]);
   if (fd < 3 || ::fcntl(fd, F_SETFD, FD_CLOEXEC) != 0) return usage("--vm-keeper needs the descriptor the runner holds the other end of");
   auto args = tresor::process::parse_launcher_args(argc - 2, argv + 2, {"--slurm-job-id", "--images", "--gpus", "--datasets", "--hypervisor",
-                                                                          "--accel", "--snp"}, false);
+                                                                          "--accel", "--snp", "--step-bridge"}, false);
   auto refuse = [&](const std::string& why) {
     tresor::runner::keeper_refuse(fd, why);
     return 1;
@@ -424,7 +428,7 @@ int main(int argc, char** argv) {
   }
   auto args = tresor::process::parse_launcher_args(argc, argv, {"--slurm-job-id", "--broker", "--ca", "--agent", "--datasets", "--sim", "--images",
                                                                 "--gpus", "--hypervisor", "--accel", "--snp", "--domain-xml", "--boot-timeout",
-                                                                "--task-prolog"});
+                                                                "--task-prolog", "--step-bridge"});
   if (!args) return usage(args.error().message.c_str());
   auto option = [&](const char* name) { return args->options.contains(name) ? args->options.at(name) : std::string(); };
   const std::string slurm_job = args->options.contains("--slurm-job-id") ? option("--slurm-job-id") : "0";

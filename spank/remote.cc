@@ -95,6 +95,7 @@ int exec_runner(spank_t sp) {
   if (!c.datasets.empty()) args.insert(args.end(), {"--datasets", c.datasets});
   if (!c.images.empty()) args.insert(args.end(), {"--images", c.images});
   if (!c.gpus.empty()) args.insert(args.end(), {"--gpus", c.gpus});
+  if (!c.step_bridge.empty()) args.insert(args.end(), {"--step-bridge", c.step_bridge});
   args.insert(args.end(), {"--hypervisor", c.hypervisor, "--accel", c.accel, "--snp", c.snp ? "yes" : "no", "--boot-timeout",
                            std::to_string(c.boot_timeout_s)});
   // Slurm's task launch runs the TaskProlog, which this exec bypasses: the runner runs it.
@@ -158,15 +159,24 @@ int start_vm_keeper(spank_t sp) {
   std::vector<std::string> args = {c.runner, "--vm-keeper", "3", "--slurm-job-id", std::to_string(job_id), "--images", c.images,
                                    "--datasets", c.datasets, "--hypervisor", c.hypervisor, "--accel", c.accel, "--snp", c.snp ? "yes" : "no"};
   if (!c.gpus.empty()) args.insert(args.end(), {"--gpus", c.gpus});
+  if (!c.step_bridge.empty()) args.insert(args.end(), {"--step-bridge", c.step_bridge});
   args.push_back("--");
   // The keeper is root: of the user's environment it sees only what describes the allocation.
   std::vector<std::string> kenv = {"PATH=/usr/sbin:/usr/bin:/sbin:/bin"};
-  for (const char* name : {"TRESOR_MANIFEST", "TRESOR_TIMING", "SLURM_STEP_ID", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE",
+  // The step's task layout and TRESOR_STEP_ROSTER decide the domain's name and its step network.
+  for (const char* name : {"TRESOR_MANIFEST", "TRESOR_TIMING", "TRESOR_STEP_ROSTER", "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NTASKS",
+                           "SLURM_NNODES", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE",
                            "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"}) {
     for (char** e = env; e != nullptr && *e != nullptr; ++e) {
       if (std::string_view(*e).starts_with(std::string(name) + "=")) kenv.emplace_back(*e);
     }
   }
+  // The task's own ids are not in the job's environment yet at task_init_privileged (slurmstepd
+  // sets them for the exec that follows): they come from spank items.
+  uint32_t global_task = 0;
+  int local_task = 0;
+  if (spank_get_item(sp, S_TASK_GLOBAL_ID, &global_task) == ESPANK_SUCCESS) kenv.push_back("SLURM_PROCID=" + std::to_string(global_task));
+  if (spank_get_item(sp, S_TASK_ID, &local_task) == ESPANK_SUCCESS) kenv.push_back("SLURM_LOCALID=" + std::to_string(local_task));
   int pair[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
     slurm_error("tresor: socketpair: %s", std::strerror(errno));

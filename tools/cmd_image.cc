@@ -2,7 +2,8 @@
 // an image directory from Debian's kernel and busybox and this build's tresor-agent:
 //   vmlinuz      the kernel as packaged (bzImage: OVMF and SEV-SNP boots)
 //   vmlinux      the same kernel uncompressed (ELF: fast direct boots under TCG)
-//   initrd.cpio  /init (guest/init.sh), busybox, the virtio modules, tresor-agent and its libraries
+//   initrd.cpio  /init (guest/init.sh), busybox, the virtio modules, tresor-agent and its libraries,
+//                and the jobs' programs (--program) with theirs
 //   image.json   digests of all three, the command line and, with --ovmf, the SNP launch
 //                measurement for that firmware and vCPU layout
 // The image is written under a temporary name and renamed when complete: a failed build leaves
@@ -30,9 +31,9 @@ namespace {
 namespace fs = std::filesystem;
 
 // Modules the guest loads (dependencies are added from modules.dep): the virtio transport, the
-// control channel's virtio-serial, 9p for the (read-only) dataset shares, and the SEV-SNP guest
-// driver.
-const std::vector<std::string> kModules = {"virtio_pci", "virtio_console", "9pnet_virtio", "9p", "sev-guest"};
+// control channel's virtio-serial, 9p for the (read-only) dataset shares, virtio-net for a step's
+// network (its NIC exists only when the runner adds one), and the SEV-SNP guest driver.
+const std::vector<std::string> kModules = {"virtio_pci", "virtio_console", "9pnet_virtio", "9p", "virtio_net", "sev-guest"};
 
 // Kernels, vmlinux images, modules, libraries, firmware: whole files, read in one go.
 constexpr size_t kMaxInput = 1u << 30;
@@ -88,6 +89,7 @@ int build(int argc, char** argv) {
   std::string out, name, kernel, modules, agent, busybox = "/bin/busybox", cmdline = "console=ttyS0 panic=-1 loglevel=4", ovmf,
                                                    vcpu_type = "EPYC-v4";
   unsigned vcpus = 1;
+  std::vector<std::string> programs;
   opts.add_options()
       ("out,o", po::value(&out)->required(), "the image directory to create (must not exist)")
       ("name", po::value(&name), "the image's name (default: the directory's name)")
@@ -95,13 +97,14 @@ int build(int argc, char** argv) {
       ("modules", po::value(&modules), "its modules directory (default: /lib/modules/RELEASE)")
       ("agent", po::value(&agent), "tresor-agent (default: the one next to this tresor)")
       ("busybox", po::value(&busybox)->default_value("/bin/busybox"), "a static busybox (Debian's busybox-static)")
+      ("program", po::value(&programs), "an executable for the jobs, as /usr/bin/NAME with its shared libraries (repeatable; measured with the rest)")
       ("cmdline", po::value(&cmdline)->default_value("console=ttyS0 panic=-1 loglevel=4"), "the kernel command line (measured)")
       ("ovmf", po::value(&ovmf), "an AmdSev OVMF build: also compute the SEV-SNP launch measurement")
       ("vcpus", po::value(&vcpus)->default_value(1), "vCPUs the measurement is for (SNP guests must start with exactly these)")
       ("vcpu-type", po::value(&vcpu_type)->default_value("EPYC-v4"), "QEMU vCPU model the measurement is for");
   po::positional_options_description pos;
   po::variables_map vm;
-  if (auto stop = parse_options("image build", "-o DIR [--kernel F] [--modules D] [--agent F] [--busybox F] [--cmdline S] [--ovmf F --vcpus N]",
+  if (auto stop = parse_options("image build", "-o DIR [--kernel F] [--modules D] [--agent F] [--busybox F] [--program F]... [--cmdline S] [--ovmf F --vcpus N]",
                                 argc, argv, opts, pos, vm)) {
     return *stop;
   }
@@ -156,12 +159,30 @@ int build(int argc, char** argv) {
   auto agent_bytes = read_all(agent);
   if (!agent_bytes) return fail_with(agent_bytes.error());
   add_file(entries, dirs, "/usr/libexec/tresor/tresor-agent", S_IFREG | 0755, std::move(*agent_bytes));
-  auto libs = shared_libraries(agent);
-  if (!libs) return fail_with(libs.error());
-  for (const auto& lib : *libs) {
-    auto b = read_all(lib);
-    if (!b) return fail_with(b.error());
-    add_file(entries, dirs, lib, S_IFREG | 0755, std::move(*b));
+  // The agent's shared libraries, then each program's (under their own paths, each file once).
+  std::set<std::string> libs_added;
+  auto add_libraries = [&](const std::string& exe) -> Result<void> {
+    auto libs = shared_libraries(exe);
+    if (!libs) return std::unexpected(libs.error());
+    for (const auto& lib : *libs) {
+      if (!libs_added.insert(lib).second) continue;
+      auto b = read_all(lib);
+      if (!b) return std::unexpected(b.error());
+      add_file(entries, dirs, lib, S_IFREG | 0755, std::move(*b));
+    }
+    return {};
+  };
+  if (auto l = add_libraries(agent); !l) return fail_with(l.error());
+  std::set<std::string> program_names;
+  for (const auto& program : programs) {
+    const std::string base = fs::path(program).filename().string();
+    if (base.empty() || !program_names.insert(base).second) {
+      return usage_error("image build", "--program " + program + ": another program is already /usr/bin/" + base);
+    }
+    auto bytes = read_all(program);
+    if (!bytes) return fail_with(bytes.error());
+    add_file(entries, dirs, "/usr/bin/" + base, S_IFREG | 0755, std::move(*bytes));
+    if (auto l = add_libraries(program); !l) return fail_with(l.error());
   }
   for (const char* d : {"proc", "sys", "dev", "tmp", "run", "mnt"}) {
     if (dirs.insert(d).second) entries.push_back({d, S_IFDIR | 0755, {}});

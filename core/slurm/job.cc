@@ -40,7 +40,7 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
   for (const auto& a : args) {
     const size_t eq = a.find('=');
     if (eq == std::string::npos || eq == 0) {
-      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp, boot_timeout)");
+      return bad("plugstack.conf argument '" + a + "' is not KEY=VALUE (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp, boot_timeout, step_bridge)");
     }
     const std::string key = a.substr(0, eq), value = a.substr(eq + 1);
     if (!seen.insert(key).second) return bad("plugstack.conf argument " + key + "= is given twice");
@@ -75,11 +75,16 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
         return bad("plugstack.conf argument boot_timeout= must be whole seconds from 10 to 3600, not '" + value + "'");
       }
       c.boot_timeout_s = static_cast<unsigned>(v);
+    } else if (key == "step_bridge") {
+      // A Linux interface name (IFNAMSIZ - 1 bytes); the runner checks that it is a bridge.
+      const bool ok = !value.empty() && value.size() <= 15 && value.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-") == std::string::npos;
+      if (!ok) return bad("plugstack.conf argument step_bridge= must be a bridge's interface name (1..15 of A-Z a-z 0-9 _ . -), not '" + value + "'");
+      c.step_bridge = value;
     } else if (key == "snp") {
       if (value != "yes" && value != "no") return bad("plugstack.conf argument snp= must be yes or no, not '" + value + "'");
       c.snp = value == "yes";
     } else {
-      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp, boot_timeout)");
+      return bad("plugstack.conf argument " + key + "= is unknown (runner, agent, broker, ca, backends, images, datasets, sim, gpus, hypervisor, accel, snp, boot_timeout, step_bridge)");
     }
   }
   if (c.broker_url.empty() != c.broker_ca.empty()) return bad("plugstack.conf arguments broker= and ca= go together");

@@ -104,6 +104,10 @@ Result<std::string> domain_xml(const DomainSpec& s) {
   if (!s.console_log.empty()) {
     TRESOR_TRY(absolute_path("console log", s.console_log, true));
   }
+  // A Linux interface name: at most IFNAMSIZ - 1 = 15 bytes (include/uapi/linux/if.h).
+  if (!s.network_bridge.empty() && (s.network_bridge.size() > 15 || !valid_name(s.network_bridge))) {
+    return bad("network bridge '" + s.network_bridge + "' must be 1..15 of [A-Za-z0-9_.-] (a Linux interface name)");
+  }
 
   std::string x;
   x += "<domain type='" + std::string(s.accelerator == Accelerator::kKvm ? "kvm" : "qemu") + "'>\n";
@@ -147,6 +151,11 @@ Result<std::string> domain_xml(const DomainSpec& s) {
     x += "      <target dir='" + esc(sh.tag) + "'/>\n";
     if (sh.read_only) x += "      <readonly/>\n";
     x += "    </filesystem>\n";
+  }
+  if (!s.network_bridge.empty()) {
+    // libvirt makes a tap device on the bridge; the guest sees a virtio-net NIC (formatdomain,
+    // "Bridge to LAN").
+    x += "    <interface type='bridge'>\n      <source bridge='" + esc(s.network_bridge) + "'/>\n      <model type='virtio'/>\n    </interface>\n";
   }
   for (const auto& g : gpus) {
     x += "    <hostdev mode='subsystem' type='pci' managed='yes'>\n      <source>\n";

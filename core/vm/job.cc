@@ -60,7 +60,7 @@ Result<DomainSpec> job_domain_spec(const JobVm& job) {
                                                      "whose measurement is part of the image's");
   }
   DomainSpec s;
-  s.name = "tresor-" + job.slurm_job + "." + job.slurm_step + "-" + job.job_id;
+  s.name = "tresor-" + job.slurm_job + "." + job.slurm_step + (job.task.empty() ? "" : "." + job.task) + "-" + job.job_id;
   s.vcpus = job.allocation.cpus;
   // An SNP measurement holds for one vCPU count: the VM gets exactly the image's, which the
   // allocation must cover (the data owner approved that layout, not the job's).
@@ -82,6 +82,7 @@ Result<DomainSpec> job_domain_spec(const JobVm& job) {
   s.cmdline = img.cmdline;  // measured: exactly the approved image's
   s.gpus = job.allocation.gpus;
   s.control_socket = job.control_socket;
+  s.network_bridge = job.network_bridge;
   for (size_t i = 0; i < job.dataset_dirs.size(); ++i) {
     // Read-only, enforced by QEMU: 9p (libvirt before 11.0 cannot make virtiofs read-only).
     s.shares.push_back(Share{std::string(kDataTagPrefix) + std::to_string(i), job.dataset_dirs[i], true, ShareDriver::k9p});

@@ -169,6 +169,8 @@ class AtomicOutputFile final : public ByteSink, public RandomAccessSink {
 /// then released): for tests and benchmarks that must name a port before its listener exists.
 /// Racy by nature: another process may take it in between. kIo when no port can be had.
 [[nodiscard]] Result<uint16_t> unused_loopback_port();
+/// The same on the local IPv4 address `ipv4` (dotted quad); kInvalidArgument when it is not one.
+[[nodiscard]] Result<uint16_t> unused_tcp_port(const std::string& ipv4);
 
 /// AnonymousTempFile is a mode-0600 file with no name (O_TMPFILE in `dir`, or a memfd where the
 /// file system lacks O_TMPFILE): nothing else can open it, and it disappears when closed. Used to

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <future>
 #include <map>
+#include <memory>
 #include <thread>
 
 #include "support/test_support.h"
@@ -317,7 +318,8 @@ TEST_F(GuestSession, RefusalsAndAGuestThatDies) {
 // draws its link key in guest memory, claims its rank through the relayed broker connection, and
 // the job finds the broker's roster of the step — the same document in both guests, listing both
 // keys and rank 0's address — and its own link key (0600) where TRESOR_ROSTER and TRESOR_LINK_KEY
-// say, not where the host's environment said. Rank 0 in a VM without TRESOR_STEP_LEAD runs nothing.
+// say, not where the host's environment said. Rank 0 in a VM without TRESOR_STEP_LEAD and without a
+// step network runs nothing.
 TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
   const std::vector<std::string> command = {"sh", "-c", "cat \"$TRESOR_ROSTER\"; echo; head -c 19 \"$TRESOR_LINK_KEY\"; echo; stat -c mode=%a \"$TRESOR_LINK_KEY\"; echo job-ran"};
   auto alice = *Identity::parse(read_text(dir_->file("alice")));
@@ -377,7 +379,8 @@ TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
   EXPECT_NE(alone.err.find("the roster of step " + manifest.job_id + ".1 did not come from the key broker"), std::string::npos) << alone.err;
   EXPECT_NE(alone.err.find("rank(s) 1, 2 of 3 not yet claimed"), std::string::npos) << alone.err;
 
-  // Rank 0 in a VM must be told where it will listen: without it nothing runs.
+  // Rank 0 in a VM without a step network (this guest's network namespace has only its loopback)
+  // and without TRESOR_STEP_LEAD has nowhere to listen: nothing runs.
   auto lost = env(0);
   lost.erase("TRESOR_STEP_LEAD");
   auto refused = run({"sh", "-c", "echo SHOULD-NOT-RUN"}, "dhz/ccta-2024", {}, -1, false, lost);
@@ -385,7 +388,7 @@ TEST_F(GuestSession, TheTasksOfAStepGetTheBrokersRosterInGuestMemory) {
   EXPECT_TRUE(WIFEXITED(*refused.status) && WEXITSTATUS(*refused.status) != 0) << *refused.status;
   EXPECT_EQ(refused.out.find("SHOULD-NOT-RUN"), std::string::npos);
   EXPECT_NE(refused.err.find("TRESOR_STEP_LEAD is not set"), std::string::npos) << refused.err;
-  EXPECT_NE(refused.err.find("each task in its own VM"), std::string::npos) << refused.err;
+  EXPECT_NE(refused.err.find("this VM has no address on a step network"), std::string::npos) << refused.err;
 }
 
 // The host's side of the outputs, against a guest that misbehaves (frames written by the test):
@@ -509,7 +512,8 @@ class VmBoot : public GuestSession {
     // QEMU runs as libvirt's unprivileged user: it reads the (ciphertext) datasets through 9p.
     run_command({"/bin/chmod", "-R", "a+rX", dir_->file("datasets")});
     ::chmod(dir_->path().c_str(), 0755);
-    auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN});
+    // step-probe: one rank of a step, for the step-network test (the same image serves all).
+    auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN, "--program", TRESOR_STEP_PROBE_BIN});
     if (image.exit_code != 0) {
       vm_error_ = "the guest image could not be built: " + image.err;
       return;
@@ -531,20 +535,30 @@ class VmBoot : public GuestSession {
   static testing::CommandResult run_vm(const std::vector<std::string>& command, const std::string& out) {
     return run_command(vm_argv(command, out));
   }
-  static std::vector<std::string> vm_argv(const std::vector<std::string>& command, const std::string& out) {
+  static Manifest vm_manifest(const std::vector<std::string>& command, const std::string& out) {
     auto alice = *Identity::parse(read_text(dir_->file("alice")));
     slurm::JobRequest req;
     req.datasets = {"dhz/ccta-2024"};
     for (auto& b : req.image.measurement) b = std::byte{0xaa};
     req.output = out;
     req.backend = "libvirt";
-    auto manifest = *slurm::build_manifest(req, alice, slurm::command_line_bytes(command), std::time(nullptr), 3600);
-    std::vector<std::string> argv = {"/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "TRESOR_MANIFEST=" + *slurm::encode_manifest_env(manifest),
-                                     "TRESOR_BACKEND=libvirt", "TRESOR_OUTPUT=" + out, "SLURM_CPUS_ON_NODE=1", "SLURM_MEM_PER_NODE=512",
-                                     TRESOR_RUN_BIN, "--slurm-job-id", "77", "--broker", "https://127.0.0.1:" + std::to_string(port_), "--ca",
-                                     dir_->file("broker/tls.crt"), "--agent", TRESOR_AGENT_BIN, "--datasets", dir_->file("datasets"), "--sim",
-                                     dir_->file("sim"), "--images", dir_->file("images.json"), "--hypervisor", "qemu:///system", "--accel",
-                                     "tcg", "--snp", "no", "--"};
+    return *slurm::build_manifest(req, alice, slurm::command_line_bytes(command), std::time(nullptr), 3600);
+  }
+  // `env`: more of the task's environment (a step's Slurm variables); `runner_options`: more of
+  // the node's configuration (--step-bridge); `manifest`: one for all the tasks of a step.
+  static std::vector<std::string> vm_argv(const std::vector<std::string>& command, const std::string& out,
+                                          const std::vector<std::string>& env = {}, const std::vector<std::string>& runner_options = {},
+                                          const Manifest* manifest = nullptr) {
+    const Manifest m = manifest != nullptr ? *manifest : vm_manifest(command, out);
+    std::vector<std::string> argv = {"/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "TRESOR_MANIFEST=" + *slurm::encode_manifest_env(m),
+                                     "TRESOR_BACKEND=libvirt", "TRESOR_OUTPUT=" + out, "SLURM_CPUS_ON_NODE=1", "SLURM_MEM_PER_NODE=512"};
+    argv.insert(argv.end(), env.begin(), env.end());
+    argv.insert(argv.end(), {TRESOR_RUN_BIN, "--slurm-job-id", "77", "--broker", "https://127.0.0.1:" + std::to_string(port_), "--ca",
+                             dir_->file("broker/tls.crt"), "--agent", TRESOR_AGENT_BIN, "--datasets", dir_->file("datasets"), "--sim",
+                             dir_->file("sim"), "--images", dir_->file("images.json"), "--hypervisor", "qemu:///system", "--accel", "tcg",
+                             "--snp", "no"});
+    argv.insert(argv.end(), runner_options.begin(), runner_options.end());
+    argv.push_back("--");
     argv.insert(argv.end(), command.begin(), command.end());
     return argv;
   }
@@ -583,6 +597,56 @@ TEST_F(VmBoot, TheJobRunsInsideABootedVmAndItsOutputIsSealed) {
   EXPECT_EQ(list.out.find("tresor-77."), std::string::npos) << list.out;
   auto dirs = run_command({"/bin/sh", "-c", "ls -d /tmp/tresor-job-77-vm-* 2>/dev/null"});
   EXPECT_EQ(dirs.out, "");
+}
+
+// A step's two tasks, each in its own TCG VM, meet as ranks on the node's step network
+// (TRESOR_STEP_ROSTER=1, docs/scale.md §2.2): the runner gives each VM a virtio-net on the step
+// bridge (here a test bridge with busybox's DHCP server on it), /init takes an address by DHCP,
+// rank 0's agent claims its address there as the step's lead, and the job's program — step-probe,
+// the collective `tresor train` uses, in the image — links the two VMs over TLS pinned to the
+// broker's roster: the same sums on both. A node without a step network, or naming one that is
+// not a bridge, refuses the step before any VM starts.
+TEST_F(VmBoot, TheTasksOfAStepMeetAcrossTheirVmsOnTheStepBridge) {
+  testing::StepBridge net("trtest-step0", "10.231.7", dir_->path().string());
+  ASSERT_EQ(net.error(), "");
+  const std::string bridge = net.name();
+  const std::vector<std::string> command = {"sh", "-c", "step-probe"};
+  const std::string out = dir_->file("vm-step-out");
+  const Manifest manifest = vm_manifest(command, out);
+  auto task = [&](int rank) {
+    return std::vector<std::string>{"TRESOR_STEP_ROSTER=1", "SLURM_JOB_ID=77", "SLURM_STEP_ID=0", "SLURM_NTASKS=2", "SLURM_STEP_NUM_TASKS=2",
+                                    "SLURM_PROCID=" + std::to_string(rank), "SLURM_LOCALID=0", "SLURM_NNODES=2"};
+  };
+  // Refused before any VM starts: no step network on this node, or one that is not a bridge.
+  auto none = run_command(vm_argv(command, out, task(1), {}, &manifest));
+  EXPECT_EQ(none.exit_code, 2) << none.err;
+  EXPECT_NE(none.err.find("this node has no step network for their VMs (plugstack.conf step_bridge="), std::string::npos) << none.err;
+  auto wrong = run_command(vm_argv(command, out, task(1), {"--step-bridge", "lo"}, &manifest));
+  EXPECT_EQ(wrong.exit_code, 2) << wrong.err;
+  EXPECT_NE(wrong.err.find("the step bridge 'lo' (plugstack.conf step_bridge=) is not a bridge on this node"), std::string::npos) << wrong.err;
+  EXPECT_FALSE(domain_left("tresor-77.0.1-"));
+
+  auto rank1 = std::async(std::launch::async, [&] { return run_command(vm_argv(command, out, task(1), {"--step-bridge", bridge}, &manifest)); });
+  auto rank0 = run_command(vm_argv(command, out, task(0), {"--step-bridge", bridge}, &manifest));
+  auto one = rank1.get();
+  std::string lead[2];
+  for (int r : {0, 1}) {
+    const auto& o = r == 0 ? rank0 : one;
+    SCOPED_TRACE("rank " + std::to_string(r));
+    EXPECT_EQ(o.exit_code, 0) << o.out << o.err << net.log();
+    EXPECT_NE(o.err.find("VM tresor-77.0." + std::to_string(r) + "-" + manifest.job_id), std::string::npos) << o.err;
+    EXPECT_NE(o.err.find("claimed rank " + std::to_string(r) + " of step " + manifest.job_id + ".0 (2 ranks)"), std::string::npos) << o.err;
+    const std::string said = "step-probe rank " + std::to_string(r) + " of 2: lead ";
+    const size_t at = o.out.find(said);
+    ASSERT_NE(at, std::string::npos) << o.out << o.err;
+    const std::string line = o.out.substr(at, o.out.find('\n', at) - at);
+    EXPECT_NE(line.find(" sum 3 broadcast 7"), std::string::npos) << line;
+    EXPECT_EQ(line.find("WRONG"), std::string::npos) << line;
+    lead[r] = line.substr(said.size(), line.find(' ', said.size()) - said.size());
+  }
+  EXPECT_EQ(lead[0], lead[1]) << "one roster for the step";
+  EXPECT_TRUE(lead[0].starts_with("10.231.7.")) << "rank 0's address on the step network, from its DHCP: " << lead[0];
+  EXPECT_FALSE(domain_left("tresor-77.0."));
 }
 
 // scancel: SIGTERM reaches the job inside the VM, which dies by it, and the runner leaves the same

@@ -123,7 +123,8 @@ class Slurm : public ::testing::Test {
         return;
       }
       // With everything installed, an image or a daemon that fails is a failure, not a skip.
-      auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN});
+      // step-probe: one rank of a step, for the step-network test.
+      auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN, "--program", TRESOR_STEP_PROBE_BIN});
       auto lv = run_command({TRESOR_LIBVIRT_LOCAL, "start"});
       started_libvirt_ = true;
       if (image.exit_code != 0 || lv.exit_code != 0) {
@@ -132,7 +133,13 @@ class Slurm : public ::testing::Test {
       }
       boot_files = R"(, "kernel": ")" + dir_->file("image/vmlinux") + R"(", "initrd": ")" + dir_->file("image/initrd.cpio") +
                    R"(", "cmdline": "console=ttyS0 panic=-1 loglevel=4")";
-      vm_args = " hypervisor=qemu:///system accel=tcg snp=no";
+      // The node's step network: a bridge with a DHCP server, as an administrator would make it.
+      step_bridge_ = new tresor::testing::StepBridge("trtest-step1", "10.231.8", dir_->path().string());
+      if (!step_bridge_->error().empty()) {
+        fail_ = step_bridge_->error();
+        return;
+      }
+      vm_args = " hypervisor=qemu:///system accel=tcg snp=no step_bridge=" + step_bridge_->name();
       // QEMU runs as libvirt's own user and reads the (ciphertext) datasets through 9p.
       run_command({"/bin/chmod", "-R", "a+rX", dir_->file("datasets")});
     }
@@ -172,6 +179,8 @@ class Slurm : public ::testing::Test {
       // Only the VM suite's: the other Slurm tests run beside the VM tests of other suites (they
       // hold no libvirtd lock), whose daemons they must not stop.
       if (started_libvirt_) run_command({TRESOR_LIBVIRT_LOCAL, "stop"});
+      delete step_bridge_;
+      step_bridge_ = nullptr;
       delete broker_;
       broker_ = nullptr;
       delete dir_;
@@ -202,6 +211,7 @@ class Slurm : public ::testing::Test {
   static inline tresor::testing::Background* broker_ = nullptr;
   static inline std::string skip_, fail_, admin_socket_;
   static inline bool started_libvirt_ = false;  // this process started libvirtd (the VM suite)
+  static inline tresor::testing::StepBridge* step_bridge_ = nullptr;  // the VM suite's step network
 };
 
 TEST_F(Slurm, AJobWithoutTresorOptionsRunsAsUsual) {
@@ -664,6 +674,39 @@ TEST_F(SlurmVm, AnotherUsersJobRunsInAVmStartedByTheKeeperAndOwnsItsOutputs) {
     EXPECT_EQ(st.st_uid, 65534u) << path << " belongs to the job's user";
     EXPECT_EQ(st.st_mode & (S_ISUID | S_ISGID), 0u) << path;
   }
+  auto vms = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"}).out;
+  EXPECT_EQ(vms.find("tresor-"), std::string::npos) << "no VM left: " << vms;
+}
+
+// A step of two tasks in VMs meeting as ranks (TRESOR_STEP_ROSTER=1): the plugin's keepers give
+// each task's VM — named after its task — a NIC on the node's step bridge (plugstack.conf
+// step_bridge=), /init takes an address by DHCP, rank 0's agent claims it as the step's lead, and
+// the job's program in each VM (step-probe, the collective `tresor train` uses) links to the
+// other over TLS pinned to the broker's roster. An ordinary user's job: the keepers are root.
+TEST_F(SlurmVm, TheTasksOfAStepMeetInTheirVmsOverTheStepNetwork) {
+  const std::string out = dir_->file("vm-step-out");
+  std::filesystem::create_directories(out);
+  std::filesystem::permissions(out, std::filesystem::perms(0777));
+  auto r = slurm({"TRESOR_STEP_ROSTER=1", "/usr/bin/srun", "-n", "2", "--uid=65534", "--gid=65534", "--chdir=/tmp", "--tresor-dataset=dhz/ccta-2024",
+                  "--tresor-backend=libvirt", "--tresor-output=" + out, "sh", "-c", "step-probe"});
+  const std::string log = r.out + r.err;
+  ASSERT_EQ(r.exit_code, 0) << log << step_bridge_->log();
+  std::string lead;
+  for (const char* rank : {"0", "1"}) {
+    EXPECT_NE(log.find(std::string("VM tresor-")), std::string::npos) << log;
+    EXPECT_NE(log.find(std::string("tresor-agent: claimed rank ") + rank + " of step t-"), std::string::npos) << log;
+    const std::string said = std::string("step-probe rank ") + rank + " of 2: lead ";
+    const size_t at = log.find(said);
+    ASSERT_NE(at, std::string::npos) << log;
+    const std::string line = log.substr(at, log.find('\n', at) - at);
+    EXPECT_NE(line.find(" sum 3 broadcast 7"), std::string::npos) << line;
+    const std::string l = line.substr(said.size(), line.find(' ', said.size()) - said.size());
+    if (lead.empty()) lead = l;
+    EXPECT_EQ(l, lead) << "one roster for the step";
+  }
+  EXPECT_TRUE(lead.starts_with("10.231.8.")) << "rank 0's address on the step network: " << lead;
+  // Each task had its own VM, named after its task.
+  for (const char* task : {".0-t-", ".1-t-"}) EXPECT_NE(log.find(task), std::string::npos) << log;
   auto vms = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"}).out;
   EXPECT_EQ(vms.find("tresor-"), std::string::npos) << "no VM left: " << vms;
 }

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <stdexcept>
 
@@ -202,6 +203,32 @@ Background::Background(const std::vector<std::string>& argv) {
   char c;
   while (::read(out[0], &c, 1) == 1 && c != '\n') line_.push_back(c);
   ::close(out[0]);
+}
+
+StepBridge::StepBridge(std::string name, std::string prefix, const std::string& work_dir)
+    : name_(std::move(name)), log_(work_dir + "/udhcpd-" + name_ + ".log") {
+  run_command({"/bin/sh", "-c", "ip link del " + name_ + " 2>/dev/null"});
+  auto made = run_command({"/bin/sh", "-c", "ip link add " + name_ + " type bridge && ip addr add " + prefix + ".1/24 dev " + name_ +
+                                                " && ip link set " + name_ + " up"});
+  if (made.exit_code != 0) {
+    error_ = "cannot make the test bridge " + name_ + ": " + made.err;
+    return;
+  }
+  const std::string conf = work_dir + "/udhcpd-" + name_ + ".conf", leases = work_dir + "/udhcpd-" + name_ + ".leases";
+  std::ofstream(conf) << "start " << prefix << ".10\nend " << prefix << ".50\ninterface " << name_ << "\nlease_file " << leases
+                      << "\npidfile " << work_dir << "/udhcpd-" << name_ << ".pid\nopt subnet 255.255.255.0\nopt lease 3600\n";
+  std::ofstream(leases).flush();
+  dhcp_ = std::make_unique<Background>(std::vector<std::string>{"/bin/sh", "-c", "echo up; exec /bin/busybox udhcpd -f " + conf + " > " + log_ + " 2>&1"});
+}
+
+StepBridge::~StepBridge() {
+  dhcp_.reset();
+  run_command({"/bin/sh", "-c", "ip link del " + name_ + " 2>/dev/null"});
+}
+
+std::string StepBridge::log() const {
+  std::ifstream in(log_);
+  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 Background::~Background() {

@@ -7,6 +7,7 @@
 #include <ctime>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -103,6 +104,26 @@ class Background {
  private:
   int pid_ = -1;
   std::string line_;
+};
+
+/// A step network for job VMs (docs/scale.md §2.2) as a test makes one: a Linux bridge `name`
+/// with `prefix`.1/24 on it and busybox's DHCP server handing out `prefix`.10-50; removed (and the
+/// server stopped) by the destructor. A bridge of that name left by an earlier run is replaced.
+/// error() says what failed ("" when the bridge is up). Needs root.
+class StepBridge {
+ public:
+  StepBridge(std::string name, std::string prefix, const std::string& work_dir);
+  ~StepBridge();
+  StepBridge(const StepBridge&) = delete;
+  StepBridge& operator=(const StepBridge&) = delete;
+  const std::string& error() const { return error_; }
+  const std::string& name() const { return name_; }
+  /// The DHCP server's log, for failure messages.
+  std::string log() const;
+
+ private:
+  std::string name_, log_, error_;
+  std::unique_ptr<Background> dhcp_;
 };
 
 /// Sends one line on a Unix stream socket and returns the reply line (with its newline), or ""

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <sstream>
 #include <fstream>
@@ -69,6 +70,10 @@ TEST_F(ImageCli, BuildsAReproducibleImageWhoseDigestsMatch) {
   }
   EXPECT_LT(order.find("virtio.ko"), order.find("virtio_pci.ko")) << order;
   EXPECT_NE(order.find("9pnet_virtio.ko"), std::string::npos) << order;
+  // A step's network: virtio-net after the modules it needs (modules.dep).
+  EXPECT_LT(order.find("/failover.ko"), order.find("net_failover.ko")) << order;
+  EXPECT_LT(order.find("net_failover.ko"), order.find("virtio_net.ko")) << order;
+  EXPECT_FALSE(paths.contains("usr/bin/sh")) << "no programs unless asked for";
 
   // The same inputs, again: the same bytes.
   auto again = run_tresor(build_args("b"));
@@ -91,6 +96,36 @@ TEST_F(ImageCli, BuildsAReproducibleImageWhoseDigestsMatch) {
   EXPECT_EQ(tampered.exit_code, 5) << tampered.err;
   EXPECT_NE(tampered.err.find("initrd.cpio has SHA-256"), std::string::npos) << tampered.err;
   EXPECT_NE(tampered.err.find("changed after it was built"), std::string::npos) << tampered.err;
+}
+
+// --program: the jobs' executables as /usr/bin/NAME with their shared libraries, measured with the
+// rest (the initrd's digest changes); two programs of one name are refused.
+TEST_F(ImageCli, ProgramsComeWithTheirLibraries) {
+  if (!fs::exists("/usr/bin/sqlite3")) GTEST_SKIP() << "no /usr/bin/sqlite3 (scripts/bootstrap installs sqlite3)";
+  auto plain = run_tresor(build_args("plain"));
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  auto args = build_args("with");
+  args.insert(args.end(), {"--program", "/usr/bin/sqlite3"});
+  auto with = run_tresor(args);
+  ASSERT_EQ(with.exit_code, 0) << with.err;
+  auto initrd = vm::parse_cpio_newc(testing::read_file(dir.file("with/initrd.cpio")));
+  ASSERT_TRUE(initrd) << initrd.error().message;
+  std::map<std::string, size_t> seen;
+  for (const auto& e : *initrd) ++seen[e.path];
+  EXPECT_EQ(seen["usr/bin/sqlite3"], 1u);
+  bool libsqlite = false;
+  for (const auto& [p, n] : seen) {
+    EXPECT_EQ(n, 1u) << p << " is in the archive " << n << " times";
+    libsqlite = libsqlite || p.find("libsqlite3.so") != std::string::npos;
+  }
+  EXPECT_TRUE(libsqlite) << "sqlite3's own library comes along";
+  EXPECT_NE(testing::read_file(dir.file("with/initrd.cpio")), testing::read_file(dir.file("plain/initrd.cpio")));
+  auto twice = build_args("twice");
+  twice.insert(twice.end(), {"--program", "/usr/bin/sqlite3", "--program", "/bin/sqlite3"});
+  auto t = run_tresor(twice);
+  EXPECT_EQ(t.exit_code, 2) << t.err;
+  EXPECT_NE(t.err.find("another program is already /usr/bin/sqlite3"), std::string::npos) << t.err;
+  EXPECT_FALSE(fs::exists(dir.file("twice")));
 }
 
 TEST_F(ImageCli, RefusalsLeaveNothingBehind) {

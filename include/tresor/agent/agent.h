@@ -35,13 +35,21 @@ struct StepLink {
 };
 
 /// From the job's environment: nullopt unless TRESOR_STEP_ROSTER=1, and for a step of one task
-/// (it has no one to meet). Rank 0's address is TRESOR_STEP_LEAD; without it, when the step's
-/// tasks share this machine's loopback (`tasks_share_loopback`: the local backend, one node),
-/// 127.0.0.1 and a port free now. TRESOR_STEP_WAIT sets the wait for the roster (1..240 s; default
-/// 240). kInvalidArgument names the variable that is wrong: another
-/// value of TRESOR_STEP_ROSTER, Slurm's variables malformed, a wait out of range, a step id too long for a claim,
-/// more than 1024 tasks, a malformed TRESOR_STEP_LEAD, or none where it is needed.
-[[nodiscard]] Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, const Manifest& manifest, bool tasks_share_loopback);
+/// (it has no one to meet). Rank 0's address is TRESOR_STEP_LEAD; without it, `own_address` and a
+/// port free on it now: "127.0.0.1" for the local backend's sandboxes (they share the node's
+/// loopback: a step of one node only), a VM's address on its node's step network
+/// (step_network_address), or "" (none: TRESOR_STEP_LEAD is needed). TRESOR_STEP_WAIT sets the
+/// wait for the roster (1..240 s; default 240). kInvalidArgument names the variable that is
+/// wrong: another value of TRESOR_STEP_ROSTER, Slurm's variables malformed, a wait out of range,
+/// a step id too long for a claim, more than 1024 tasks, a malformed TRESOR_STEP_LEAD, or none
+/// where it is needed.
+[[nodiscard]] Result<std::optional<StepLink>> step_link_from(const slurm::GetEnv& getenv, const Manifest& manifest, const std::string& own_address);
+
+/// A job VM's address on its step network: the IPv4 address of its one interface that is up and
+/// not loopback (the NIC the runner added on the node's step bridge, addressed by the step
+/// network's DHCP in /init), or "" when there is none. kInvalidArgument when there are several:
+/// which one the other tasks reach is not for the agent to guess.
+[[nodiscard]] Result<std::string> step_network_address();
 
 struct Options {
   std::string broker_url;   // https://HOST:PORT

@@ -32,7 +32,8 @@ inline constexpr std::string_view kInsideEnv = "TRESOR_INSIDE_JOB";
 
 /// plugstack.conf: `required /usr/lib/.../spank_tresor.so runner=PATH broker=URL ca=PATH
 /// backends=local,libvirt images=PATH datasets=DIR agent=PATH sim=DIR gpus=FILE
-/// hypervisor=URI accel=kvm|tcg snp=yes|no`. Unknown or repeated keys are errors.
+/// hypervisor=URI accel=kvm|tcg snp=yes|no boot_timeout=S step_bridge=NAME`. Unknown or repeated
+/// keys are errors.
 struct PluginConfig {
   std::string runner = "/usr/local/bin/tresor-run";
   std::string agent = "/usr/local/libexec/tresor/tresor-agent";
@@ -51,6 +52,9 @@ struct PluginConfig {
   // How long a VM may take from its start to its agent's first message before the runner gives
   // up on it (the guest hangs in firmware or the kernel): seconds, boot_timeout=.
   unsigned boot_timeout_s = 300;
+  // The node's step network (docs/scale.md §2.2): a host bridge on which the VMs of a step's
+  // ranks meet (TRESOR_STEP_ROSTER=1); "": none, and such a step is refused on this node.
+  std::string step_bridge;
 };
 [[nodiscard]] Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args);
 

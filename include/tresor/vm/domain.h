@@ -6,8 +6,8 @@
 //  - a plain QEMU guest (KVM or TCG) with the same structure and no launchSecurity, for
 //    development and CI (PLATFORM.md: libvirt 9.0 here knows no sev-snp).
 // Devices: VFIO hostdevs for the job's GPUs, virtiofs or 9p shares (the job directory read-write
-// for sealed outputs, dataset directories read-only), and a virtio-serial control channel on a
-// Unix socket. The VM is destroyed on poweroff, reboot and crash: one job, one boot.
+// for sealed outputs, dataset directories read-only), a virtio-serial control channel on a
+// Unix socket, and — only for a step's ranks — one virtio-net interface on a host bridge. The VM is destroyed on poweroff, reboot and crash: one job, one boot.
 //
 // References: libvirt "Domain XML format" (formatdomain: os/loader/kernel/initrd/cmdline,
 // launchSecurity, hostdev, filesystem, channel); AMD SEV-SNP ABI 56860 Table 9 (GUEST_POLICY).
@@ -47,12 +47,18 @@ struct DomainSpec {
   std::vector<std::string> gpus;  // PCI addresses, "0000:41:00.0"
   std::string control_socket;     // the control channel's Unix socket on the host
   std::string console_log;        // absolute: the serial console into this file; "": a pty
+  /// "": the guest has no network (the default: its only link is the control channel). Else one
+  /// virtio-net interface on this host bridge, for a step whose tasks meet as ranks across VMs
+  /// (docs/scale.md §2.2): the bridge is the node's step network, which the administrator
+  /// makes; the host carries only the ranks' pinned-TLS ciphertext on it.
+  std::string network_bridge;
 };
 
 /// The domain XML. kInvalidArgument names the field and the rule: a bad name, a relative path,
 /// a malformed PCI address, SNP without firmware or under TCG, DEBUG in the SNP policy, too little
 /// memory, a read-only virtiofs share (libvirt before 11.0 cannot enforce it: read-only shares
-/// are 9p). Every text value is escaped.
+/// are 9p), a bridge name that is not 1..15 of [A-Za-z0-9_.-] (a Linux interface name). Every
+/// text value is escaped.
 [[nodiscard]] Result<std::string> domain_xml(const DomainSpec& spec);
 
 /// The name of the control channel inside the guest (/dev/virtio-ports/<name>).

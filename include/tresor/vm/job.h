@@ -42,6 +42,8 @@ inline constexpr std::string_view kDataTagPrefix = "tresor-data-";
 
 struct JobVm {
   std::string slurm_job = "0", slurm_step = "0";  // Slurm's ids, for the domain name
+  std::string task;                               // SLURM_PROCID in a step of several tasks, else ""
+  std::string network_bridge;                     // "": no network; a step's ranks: the node's step bridge
   std::string job_id;                             // the manifest's ("t-…")
   Allocation allocation;
   slurm::Image image;                             // kernel, initrd, cmdline (and firmware for SNP)
@@ -53,9 +55,10 @@ struct JobVm {
   uint64_t default_memory_mib = 2048;             // when the job asked for none
 };
 
-/// The domain spec: name "tresor-<job>.<step>-<manifest job id>", the allocation's vCPUs, memory
+/// The domain spec: name "tresor-<job>.<step>-<manifest job id>" ("tresor-<job>.<step>.<task>-…"
+/// for a task of a step of several, which may share a node), the allocation's vCPUs, memory
 /// and GPUs, the image's boot files and command line unchanged, HOST_DATA, the shares, the
-/// control socket. kInvalidArgument names what the image or allocation lacks ("image 'ccta-v1'
+/// control socket, and the step bridge's virtio-net when one is named. kInvalidArgument names what the image or allocation lacks ("image 'ccta-v1'
 /// has no kernel in the catalogue: …").
 [[nodiscard]] Result<DomainSpec> job_domain_spec(const JobVm& job);
 

@@ -36,12 +36,14 @@ TEST(SlurmJob, PluginArgumentsAreStrict) {
   EXPECT_EQ(c->accel, "kvm");
   EXPECT_TRUE(c->snp);
   EXPECT_EQ(c->boot_timeout_s, 300u);
-  auto dev = parse_plugin_args({"hypervisor=qemu:///session", "accel=tcg", "snp=no", "boot_timeout=45"});
+  EXPECT_EQ(c->step_bridge, "");  // no step network unless the administrator names one
+  auto dev = parse_plugin_args({"hypervisor=qemu:///session", "accel=tcg", "snp=no", "boot_timeout=45", "step_bridge=tresor-step0"});
   ASSERT_TRUE(dev) << dev.error().message;
   EXPECT_EQ(dev->hypervisor, "qemu:///session");
   EXPECT_EQ(dev->accel, "tcg");
   EXPECT_FALSE(dev->snp);
   EXPECT_EQ(dev->boot_timeout_s, 45u);
+  EXPECT_EQ(dev->step_bridge, "tresor-step0");
   struct Case {
     std::vector<std::string> args;
     const char* want;
@@ -58,7 +60,10 @@ TEST(SlurmJob, PluginArgumentsAreStrict) {
                                          {{"snp=maybe"}, "yes or no"},
                                          {{"boot_timeout=5"}, "from 10 to 3600"},
                                          {{"boot_timeout=-20"}, "from 10 to 3600"},
-                                         {{"boot_timeout=1m"}, "from 10 to 3600"}}) {
+                                         {{"boot_timeout=1m"}, "from 10 to 3600"},
+                                         {{"step_bridge="}, "bridge's interface name"},
+                                         {{"step_bridge=br0;rm"}, "not 'br0;rm'"},
+                                         {{"step_bridge=tresor-step-network"}, "1..15"}}) {
     auto r = parse_plugin_args(k.args);
     ASSERT_FALSE(r);
     EXPECT_NE(r.error().message.find(k.want), std::string::npos) << r.error().message;

@@ -32,6 +32,7 @@ DomainSpec snp_spec() {
               {"ds0", "/shared/datasets/dhz/ccta-2024", true, ShareDriver::k9p}};
   s.gpus = {"0000:41:00.0", "0000:c1:00.0"};
   s.control_socket = "/run/tresor/jobs/t-0123456789abcdef/control.sock";
+  s.network_bridge = "tresor-step0";  // a step's rank: one virtio-net on the node's step bridge
   return s;
 }
 
@@ -66,6 +67,7 @@ TEST(VmDomain, PlainQemuShapeMatchesTheGoldenFile) {
   ASSERT_TRUE(x) << x.error().message;
   EXPECT_EQ(*x, golden("qemu-tcg.xml"));
   EXPECT_EQ(x->find("launchSecurity"), std::string::npos);
+  EXPECT_EQ(x->find("<interface"), std::string::npos) << "no network unless a step's ranks need one";
 }
 
 TEST(VmDomain, BadSpecsAreRefusedByName) {
@@ -87,6 +89,9 @@ TEST(VmDomain, BadSpecsAreRefusedByName) {
       {"control characters", [](DomainSpec& s) { s.cmdline = "a\nb"; }},
       {"cannot make a virtiofs share read-only", [](DomainSpec& s) { s.shares[1].driver = ShareDriver::kVirtiofs; }},
       {"console log", [](DomainSpec& s) { s.console_log = "console.log"; }},
+      {"network bridge 'br0 x'", [](DomainSpec& s) { s.network_bridge = "br0 x"; }},
+      {"network bridge 'tresor-step-network'", [](DomainSpec& s) { s.network_bridge = "tresor-step-network"; }},  // 19 > 15
+      {"network bridge 'a'b'", [](DomainSpec& s) { s.network_bridge = "a'b"; }},
   };
   for (const auto& k : cases) {
     SCOPED_TRACE(k.want);
@@ -117,6 +122,23 @@ TEST(VmDomain, LibvirtsOwnParserAcceptsThePlainShape) {
   EXPECT_NE(text.find("name='org.tresor.control'"), std::string::npos) << text;
   EXPECT_NE(text.find("<on_reboot>destroy</on_reboot>"), std::string::npos);
   EXPECT_NE(text.find("<source dir='/srv/datasets/x'/>"), std::string::npos) << text;
+  EXPECT_EQ(text.find("<interface"), std::string::npos) << text;
+  EXPECT_EQ(virDomainDestroy(dom), 0);
+  virDomainFree(dom);
+  // A step's rank: libvirt reads the bridge interface back as written.
+  s.name = "tresor-t-fedcba9876543211";
+  s.network_bridge = "tresor-step0";
+  x = domain_xml(s);
+  ASSERT_TRUE(x);
+  dom = virDomainCreateXML(conn, x->c_str(), 0);
+  ASSERT_NE(dom, nullptr) << virGetLastErrorMessage();
+  back = virDomainGetXMLDesc(dom, 0);
+  ASSERT_NE(back, nullptr);
+  const std::string with_net(back);
+  free(back);
+  EXPECT_NE(with_net.find("<interface type='bridge'>"), std::string::npos) << with_net;
+  EXPECT_NE(with_net.find("<source bridge='tresor-step0'/>"), std::string::npos) << with_net;
+  EXPECT_NE(with_net.find("<model type='virtio'/>"), std::string::npos) << with_net;
   EXPECT_EQ(virDomainDestroy(dom), 0);
   virDomainFree(dom);
   virConnectClose(conn);

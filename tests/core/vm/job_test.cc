@@ -103,6 +103,23 @@ TEST(VmJob, DomainSpecFromTheJob) {
   ASSERT_TRUE(p) << p.error().message;
   EXPECT_EQ(p->memory_mib, 6000u);
   EXPECT_FALSE(p->snp);
+  EXPECT_TRUE(p->network_bridge.empty());
+
+  // A task of a step of several, meeting its peers on the node's step bridge: its own domain
+  // name (tasks may share a node) and the bridge's NIC; a bad bridge name is refused by name.
+  auto rank = sample(true);
+  rank.task = "3";
+  rank.network_bridge = "tresor-step0";
+  auto r = job_domain_spec(rank);
+  ASSERT_TRUE(r) << r.error().message;
+  EXPECT_EQ(r->name, "tresor-42.0.3-t-0123456789abcdef");
+  auto rx = domain_xml(*r);
+  ASSERT_TRUE(rx);
+  EXPECT_NE(rx->find("<source bridge='tresor-step0'/>"), std::string::npos) << *rx;
+  rank.network_bridge = "no such bridge";
+  auto bad = job_domain_spec(rank);
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().message.find("network bridge 'no such bridge'"), std::string::npos) << bad.error().message;
 }
 
 TEST(VmJob, RefusalsNameWhatIsMissing) {
