@@ -24,10 +24,17 @@
 #include "cli.h"
 #include "options.h"
 #include "tresor/ct/preview.h"
+// TRESOR_TRAIN_GPU=0 builds the CPU trainer alone (tresor-train, for guest images: no CUDA
+// libraries to carry); the tresor CLI has the GPU paths too.
+#ifndef TRESOR_TRAIN_GPU
+#define TRESOR_TRAIN_GPU 1
+#endif
+#if TRESOR_TRAIN_GPU
 #include "tresor/gpu/channel.h"
 #include "tresor/gpu/loader.h"
 #include "tresor/gpu/nccl.h"
 #include "tresor/gpu/trainer.h"
+#endif
 #include "tresor/train/inference.h"
 #include "tresor/train/trainer.h"
 
@@ -192,7 +199,7 @@ Result<ct::Prepared> load_case(const std::string& dir, const sealed::KeyRing& ri
 
 // Whether any of these case directories holds a sealed file where load_case looks (a plain .nii
 // is taken before a .nii.sealed of the same name).
-bool any_sealed(const std::vector<std::string>& dirs) {
+[[maybe_unused]] bool any_sealed(const std::vector<std::string>& dirs) {
   for (const auto& dir : dirs) {
     for (const char* base : {"image", "vesselness", "labels"}) {
       std::error_code ec;
@@ -373,7 +380,8 @@ int cmd_train(int argc, char** argv) {
   // Data parallelism (docs/training.md §5): the ranks from the flags, or from Slurm's step.
   train::Rendezvous rv;
   rv.directory = vm.count("rendezvous") ? vm["rendezvous"].as<std::string>() : cfg->out;
-  int ranks_per_node = 1, local_rank = 0;
+  int ranks_per_node = 1;
+  [[maybe_unused]] int local_rank = 0;  // picks the GPU
   ChildRanks children;
   // Across machines (docs/training.md §5.3): a step roster and this rank's link key.
   if (vm.count("roster") != vm.count("link-key")) return report(Error{ErrorCode::kInvalidArgument, "train: --roster and --link-key go together"});
@@ -446,6 +454,7 @@ int cmd_train(int argc, char** argv) {
   // Where the step runs (docs/training.md §12): "cuda" alone is the GPU of this rank's index on
   // its node (SLURM_LOCALID, or --rank), one GPU per rank.
   const std::string device = vm["device"].as<std::string>();
+#if TRESOR_TRAIN_GPU
   std::optional<gpu::train::Where> gpu_where;
   if (device == "emulated") {
     gpu_where = gpu::train::Where{gpu::train::Backend::kEmulated, 0};
@@ -458,6 +467,11 @@ int cmd_train(int argc, char** argv) {
   } else if (device != "cpu") {
     return usage_error("train", "--device must be cpu, cuda, cuda:N or emulated, not '" + device + "'");
   }
+#else
+  if (device != "cpu") {
+    return usage_error("train", "--device " + device + ": this trainer (tresor-train, for guest images) is built without the GPU paths; --device must be cpu");
+  }
+#endif
   if (vm.count("run-id") && children.empty()) rv.run_id = vm["run-id"].as<std::string>();
   const int join_s = vm["join-timeout"].as<int>();
   if (join_s < 1 || join_s > 86400) return report(Error{ErrorCode::kInvalidArgument, "train: --join-timeout must be 1..86400 seconds"});
@@ -478,6 +492,7 @@ int cmd_train(int argc, char** argv) {
   // are the host path's to the bit (deep supervision's smaller targets are made on the device
   // too). The validation cases are opened on the host as before (validation patches, the
   // whole-volume validation).
+#if TRESOR_TRAIN_GPU
   std::unique_ptr<gpu::ChannelDevice> channel_device;
   std::optional<gpu::DeviceDataset> dataset;
   if (gpu_where && any_sealed(cfg->train)) {
@@ -492,6 +507,9 @@ int cmd_train(int argc, char** argv) {
     if (!ds) return report(ds.error());
     dataset.emplace(std::move(*ds));
   }
+#else
+  const bool dataset = false;
+#endif
   std::vector<ct::Prepared> train_cases, val_cases;
   for (auto [list, into] : {std::pair{&cfg->train, &train_cases}, {&cfg->validation, &val_cases}}) {
     if (into == &train_cases && dataset) continue;
@@ -531,12 +549,14 @@ int cmd_train(int argc, char** argv) {
   }
   // Ranks on GPUs sum their gradients with NCCL in device memory, bootstrapped through the TCP
   // collective (docs/training.md §5); the TCP collective still carries the loss statistics.
+#if TRESOR_TRAIN_GPU
   std::unique_ptr<gpu::DeviceCollective> nccl;
   if (comm && gpu_where && gpu_where->backend == gpu::train::Backend::kDevice) {
     auto n = gpu::connect_nccl(*comm, gpu_where->device);
     if (!n) return report(Error{n.error().code, "train: rank " + std::to_string(rv.rank) + ": " + n.error().message});
     nccl = std::move(*n);
   }
+#endif
   const bool lead = rv.rank == 0;
   const bool tty = ::isatty(2) != 0;
   const double start = now_seconds();
@@ -550,8 +570,12 @@ int cmd_train(int argc, char** argv) {
                    last_dice >= 0 ? std::to_string(last_dice).substr(0, 5).c_str() : "-", tty ? "\x1b[K" : "\n");
     }
   };
+#if TRESOR_TRAIN_GPU
   auto log = gpu_where ? gpu::train::train_unet_gpu(*net, tr, va, cfg->options, *gpu_where, progress, &state, nccl.get(), dataset ? &*dataset : nullptr)
                        : train::train_unet(*net, tr, va, cfg->options, progress, &state);
+#else
+  auto log = train::train_unet(*net, tr, va, cfg->options, progress, &state);
+#endif
   if (tty && lead) std::fputc('\n', stderr);
   if (!log) return report(Error{log.error().code, rv.size > 1 ? "train: rank " + std::to_string(rv.rank) + ": " + log.error().message : log.error().message});
   if (!lead) return kExitOk;  // rank 0 writes the outputs; every rank holds the same weights

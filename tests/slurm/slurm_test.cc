@@ -123,8 +123,10 @@ class Slurm : public ::testing::Test {
         return;
       }
       // With everything installed, an image or a daemon that fails is a failure, not a skip.
-      // step-probe: one rank of a step, for the step-network test.
-      auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN, "--program", TRESOR_STEP_PROBE_BIN});
+      // step-probe (one rank of a step) and tresor-train (the CPU trainer), for the step-network
+      // tests.
+      auto image = run_command({TRESOR_BIN, "image", "build", "-o", dir_->file("image"), "--agent", TRESOR_AGENT_BIN, "--program", TRESOR_STEP_PROBE_BIN,
+                                "--program", TRESOR_TRAIN_BIN});
       auto lv = run_command({TRESOR_LIBVIRT_LOCAL, "start"});
       started_libvirt_ = true;
       if (image.exit_code != 0 || lv.exit_code != 0) {
@@ -707,6 +709,77 @@ TEST_F(SlurmVm, TheTasksOfAStepMeetInTheirVmsOverTheStepNetwork) {
   EXPECT_TRUE(lead.starts_with("10.231.8.")) << "rank 0's address on the step network: " << lead;
   // Each task had its own VM, named after its task.
   for (const char* task : {".0-t-", ".1-t-"}) EXPECT_NE(log.find(task), std::string::npos) << log;
+  auto vms = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"}).out;
+  EXPECT_EQ(vms.find("tresor-"), std::string::npos) << "no VM left: " << vms;
+}
+
+// A confidential step trains as two ranks across its two VMs: `srun -n 2` with
+// TRESOR_STEP_ROSTER=1 of a job whose command is tresor-train (the CPU trainer, in the image) on
+// a dataset of prepared phantoms; the ranks link over the step network, pinned to the broker's
+// roster; rank 0 seals the results. The checkpoint is byte for byte the one two ranks over plain
+// TCP give on this machine from the same prepared cases: the same run, across VMs.
+TEST_F(SlurmVm, AStepTrainsAcrossItsVmsAsTheRanksOfOneRun) {
+  auto ok = [](const CommandResult& r) {
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    return r.exit_code == 0;
+  };
+  // The data owner's side: two small phantoms, prepared here and sealed as demo/ccta-prepared.
+  const std::string src = dir_->file("prepared-src");
+  for (const char* i : {"1", "2"}) {
+    ASSERT_TRUE(ok(run_command({TRESOR_BIN, "phantom", "-o", src + "/raw/case0" + i, "--seed", i, "--size", "100x100x64", "--spacing", "1.2x1.2x1.25",
+                                "--no-dicom"})));
+  }
+  ASSERT_TRUE(ok(run_command({TRESOR_BIN, "prep", src + "/raw", "-o", src + "/prepared", "--spacing", "1.5", "--sigmas", "1,2", "--no-preview",
+                              "--device", "cpu"})));
+  auto admin = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), {TRESOR_BIN, "admin", "--socket", admin_socket_});
+    return ok(run_command(args));
+  };
+  ASSERT_TRUE(admin({"dataset", "create", "demo/ccta-prepared", "-o", src + "/dataset.key"}));
+  for (const char* c : {"case01", "case02"}) {
+    std::filesystem::create_directories(dir_->file(std::string("datasets/demo/ccta-prepared/") + c));
+    for (const char* f : {"image.nii", "vesselness.nii", "labels.nii"}) {
+      ASSERT_TRUE(ok(run_command({TRESOR_BIN, "seal", "--dataset-key-file", src + "/dataset.key", "--dataset", "demo/ccta-prepared", "-o",
+                                  dir_->file(std::string("datasets/demo/ccta-prepared/") + c + "/" + f + ".sealed"), src + "/prepared/" + c + "/" + f})));
+    }
+  }
+  ASSERT_TRUE(admin({"policy", "set", "demo/ccta-prepared", dir_->file("policy.json")}));
+  ASSERT_TRUE(admin({"grant", "alice", "demo/ccta-prepared"}));
+  run_command({"/bin/chmod", "-R", "a+rX", dir_->file("datasets")});  // QEMU reads the ciphertext through 9p
+  // One configuration for both runs; only where the cases are and where the results go differ.
+  auto config = [](const std::string& data, const std::string& out) {
+    return "[model]\nlevels = 3\nbase_channels = 4\nmax_channels = 32\ndeep_supervision = true\n[data]\ntrain = [\"" + data +
+           "/case01\"]\nvalidation = [\"" + data + "/case02\"]\n[training]\nsteps = 3\nbatch = 2\npatch = 24\noptimizer = \"adamw\"\n"
+           "lr = 0.01\nvalidate_every = 3\nthreads = 1\nfull_volume_validation = false\n[output]\ndir = \"" + out + "\"\n";
+  };
+  // The job, inside each VM: the configuration in private memory, then the trainer; Slurm's
+  // variables and the agent's TRESOR_ROSTER and TRESOR_LINK_KEY make the task a rank.
+  const std::string job = "cat > $TMPDIR/train.toml <<EOF\n" + config("$TRESOR_DATA/demo/ccta-prepared", "$TRESOR_OUTPUT_DIR") +
+                          "EOF\nexec tresor-train train --config $TMPDIR/train.toml\n";
+  const std::string out = dir_->file("vm-train-out");
+  auto r = slurm({"TRESOR_STEP_ROSTER=1", "/usr/bin/srun", "-n", "2", "--tresor-dataset=demo/ccta-prepared", "--tresor-backend=libvirt",
+                  "--tresor-output=" + out, "sh", "-c", job});
+  const std::string log = r.out + r.err;
+  ASSERT_EQ(r.exit_code, 0) << log << step_bridge_->log();
+  EXPECT_NE(log.find("tresor-agent: claimed rank 0 of step t-"), std::string::npos) << log;
+  EXPECT_NE(log.find("rank 0 at 10.231.8."), std::string::npos) << "rank 0 on the step network: " << log;
+  EXPECT_NE(log.find("train: 3 steps in"), std::string::npos) << log;
+  EXPECT_NE(log.find(" on 2 ranks"), std::string::npos) << log;
+  const auto j = nlohmann::json::parse(open_as_alice(out + "/task-0/metrics.json.sealed"));
+  EXPECT_EQ(j["steps_done"], 3);
+  EXPECT_EQ(j["ranks"], 2);
+  EXPECT_FALSE(std::filesystem::exists(out + "/task-1/checkpoint.tck.sealed")) << "rank 0 writes the results";
+
+  // The same run on this machine: two ranks over TCP on loopback, the same prepared cases.
+  const std::string here = dir_->file("host-train");
+  std::filesystem::create_directories(here);
+  std::ofstream(here + "/train.toml") << config(src + "/prepared", here + "/out");
+  ASSERT_TRUE(ok(run_command({TRESOR_TRAIN_BIN, "train", "--config", here + "/train.toml", "--ranks", "2", "--rendezvous", here})));
+  const std::string vm_checkpoint = open_as_alice(out + "/task-0/checkpoint.tck.sealed");
+  const tresor::Bytes host_checkpoint = tresor::testing::read_file(here + "/out/checkpoint.tck");
+  ASSERT_FALSE(vm_checkpoint.empty());
+  EXPECT_TRUE(vm_checkpoint == std::string(reinterpret_cast<const char*>(host_checkpoint.data()), host_checkpoint.size()))
+      << "the checkpoint trained across the VMs differs from this machine's (" << vm_checkpoint.size() << " and " << host_checkpoint.size() << " bytes)";
   auto vms = run_command({"/usr/bin/virsh", "-c", "qemu:///system", "list", "--all", "--name"}).out;
   EXPECT_EQ(vms.find("tresor-"), std::string::npos) << "no VM left: " << vms;
 }
