@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <regex>
@@ -44,14 +45,15 @@ bool kvm_usable() {
 
 int cmd_doctor(int argc, char** argv) {
   po::options_description opts("Options");
-  std::string ovmf, gpus, hypervisor = "qemu:///system", images;
+  std::string ovmf, gpus, hypervisor = "qemu:///system", images, step_bridge;
   opts.add_options()
       ("ovmf", po::value(&ovmf), "the firmware SNP guests would boot (default: the catalogue's, with --images)")
       ("images", po::value(&images), "the image catalogue (plugstack.conf images=): its firmware is checked")
       ("gpus", po::value(&gpus), "the node's GPU table (plugstack.conf gpus=): each GPU must be bound to vfio-pci")
-      ("hypervisor", po::value(&hypervisor)->default_value("qemu:///system"), "the libvirt URI (plugstack.conf hypervisor=)");
+      ("hypervisor", po::value(&hypervisor)->default_value("qemu:///system"), "the libvirt URI (plugstack.conf hypervisor=)")
+      ("step-bridge", po::value(&step_bridge), "the step network's bridge (plugstack.conf step_bridge=): it must be a bridge, up");
   po::variables_map vm;
-  if (auto stop = parse_options("doctor", "[--ovmf F] [--images F] [--gpus F] [--hypervisor URI]", argc, argv, opts, {}, vm)) return *stop;
+  if (auto stop = parse_options("doctor", "[--ovmf F] [--images F] [--gpus F] [--hypervisor URI] [--step-bridge NAME]", argc, argv, opts, {}, vm)) return *stop;
 
   vm::HostFacts f;
   f.cpu_sev_snp = std::regex_search(slurp("/proc/cpuinfo"), std::regex(R"(\bsev_snp\b)"));
@@ -110,18 +112,33 @@ int cmd_doctor(int argc, char** argv) {
     }
   }
 
+  if (!step_bridge.empty()) {
+    // A bridge: /sys/class/net/NAME/bridge exists; up: IFF_UP (0x1) in its flags.
+    f.step_bridge = step_bridge;
+    const fs::path net = fs::path("/sys/class/net") / step_bridge;
+    std::string flags = slurp((net / "flags").string());
+    if (step_bridge.find('/') != std::string::npos || !fs::exists(net)) {
+      f.step_bridge_problem = "no such interface";
+    } else if (!fs::is_directory(net / "bridge")) {
+      f.step_bridge_problem = "not a bridge";
+    } else if ((std::strtoul(flags.c_str(), nullptr, 16) & 0x1) == 0) {
+      f.step_bridge_problem = "a bridge, down";
+    }
+  }
+
   const auto checks = vm::judge_host(f);
-  size_t plain_missing = 0, snp_missing = 0;
+  size_t plain_missing = 0, snp_missing = 0, step_missing = 0;
   for (const auto& c : checks) {
     std::printf("  %s %-52s %s\n", c.ok ? "ok  " : "MISS", c.what.c_str(), c.found.c_str());
     if (!c.ok) {
       std::printf("       %s\n", c.fix.c_str());
-      (c.snp_only ? snp_missing : plain_missing)++;
+      (c.steps_only ? step_missing : c.snp_only ? snp_missing : plain_missing)++;
     }
   }
+  if (step_missing != 0) std::printf("steps whose VMs meet as ranks (TRESOR_STEP_ROSTER=1) cannot run here: the step bridge is not ready\n");
   if (plain_missing + snp_missing == 0) {
     std::printf("this host can run SEV-SNP guests (snp=yes) and plain ones\n");
-    return kExitOk;
+    return step_missing == 0 ? kExitOk : kExitInternal;
   }
   if (plain_missing == 0) {
     std::printf("this host can run plain VMs (snp=no, NOT confidential%s) but not SEV-SNP guests: %zu thing(s) missing\n",

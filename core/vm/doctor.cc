@@ -58,6 +58,12 @@ std::vector<Check> judge_host(const HostFacts& f) {
                  driver == "?" ? "no such PCI device" : driver.empty() ? "no driver" : "driver " + driver,
                  "bind it to vfio-pci (driverctl set-override " + addr + " vfio-pci), or fix the gpus= table", true});
   }
+  if (f.step_bridge) {
+    c.push_back({"step bridge " + *f.step_bridge + " (a bridge, up)", f.step_bridge_problem.empty(),
+                 f.step_bridge_problem.empty() ? "a bridge, up" : f.step_bridge_problem,
+                 "make the bridge, bring it up and connect it to the other nodes' with a DHCP server on it (docs/admin-guide.md §9.2)", false,
+                 true});
+  }
   return c;
 }
 

@@ -192,6 +192,21 @@ TEST(Doctor, TheVerdictMatchesTheChecks) {
     }
     previous = line;
   }
+  // The step bridge (plugstack.conf step_bridge=): loopback is no bridge, a missing name is missing,
+  // and a bridge that is up passes (root only: one is made here).
+  for (const auto& [name, found] : std::vector<std::pair<std::string, std::string>>{{"lo", "not a bridge"}, {"trtest-nobr0", "no such interface"}}) {
+    auto s = run_tresor({"doctor", "--step-bridge", name});
+    EXPECT_EQ(s.exit_code, 1) << s.out << s.err;
+    EXPECT_NE(s.out.find("MISS step bridge " + name + " (a bridge, up)"), std::string::npos) << s.out;
+    EXPECT_NE(s.out.find(found), std::string::npos) << s.out;
+    EXPECT_NE(s.out.find("steps whose VMs meet as ranks (TRESOR_STEP_ROSTER=1) cannot run here"), std::string::npos) << s.out;
+  }
+  if (::geteuid() == 0 && run_command({"/bin/sh", "-c", "ip link add trtest-doc0 type bridge && ip link set trtest-doc0 up"}).exit_code == 0) {
+    auto s = run_tresor({"doctor", "--step-bridge", "trtest-doc0"});
+    EXPECT_NE(s.out.find("ok   step bridge trtest-doc0 (a bridge, up)"), std::string::npos) << s.out;
+    EXPECT_EQ(s.out.find("steps whose VMs meet as ranks"), std::string::npos) << s.out;
+    run_command({"/bin/sh", "-c", "ip link del trtest-doc0"});
+  }
   testing::write_file(dir.file("bad.conf"), as_bytes(std::string("zero 0000:41:00.0\n")));
   auto bad = run_tresor({"doctor", "--gpus", dir.file("bad.conf")});
   EXPECT_EQ(bad.exit_code, 2) << bad.err;

@@ -28,6 +28,8 @@ struct HostFacts {
   std::string ovmf_problem;                 // "" when it is an AmdSev build with kernel hashes
   unsigned iommu_groups = 0;                // entries in /sys/kernel/iommu_groups
   std::map<std::string, std::string> gpu_drivers;  // PCI address → bound driver ("" none, "?" no such device)
+  std::optional<std::string> step_bridge;   // the step network's bridge (plugstack.conf step_bridge=), when given
+  std::string step_bridge_problem;          // "" when it is a bridge and up; else what it is
 };
 
 struct Check {
@@ -36,6 +38,7 @@ struct Check {
   std::string found;  // what the host has
   std::string fix;    // what to do when not ok
   bool snp_only = true;  // needed for SEV-SNP only (plain guests run without it)
+  bool steps_only = false;  // needed only by steps whose VMs meet as ranks (docs/training.md §5.5)
 };
 
 /// Every check, in a fixed order. Never stops at the first failure.

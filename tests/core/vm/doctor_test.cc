@@ -49,6 +49,26 @@ TEST(VmDoctor, EachMissingPieceIsNamedWithItsFix) {
                            "driver nvidia", "driverctl set-override 0000:41:00.0 vfio-pci", "no such PCI device"}) {
     EXPECT_NE(failed.find(want), std::string::npos) << want << " in:\n" << failed;
   }
+  // A step bridge that is not one is named, and counts against steps across VMs only.
+  HostFacts steps = snp_host();
+  steps.step_bridge = "tresor-step";
+  size_t step_checks = 0;
+  for (const auto& c : judge_host(steps)) {
+    if (c.steps_only) {
+      ++step_checks;
+      EXPECT_TRUE(c.ok) << c.found;
+    }
+  }
+  EXPECT_EQ(step_checks, 1u);
+  steps.step_bridge_problem = "not a bridge";
+  for (const auto& c : judge_host(steps)) {
+    if (c.ok) continue;
+    EXPECT_TRUE(c.steps_only) << c.what;
+    EXPECT_FALSE(c.snp_only) << c.what;
+    EXPECT_EQ(c.what, "step bridge tresor-step (a bridge, up)");
+    EXPECT_EQ(c.found, "not a bridge");
+    EXPECT_NE(c.fix.find("admin-guide.md §9.2"), std::string::npos) << c.fix;
+  }
   // Without QEMU or libvirtd nothing runs at all.
   HostFacts bare;
   bare.libvirt_error = "cannot connect to libvirt at qemu:///system: no socket";
