@@ -129,8 +129,7 @@ Result<VmPlan> plan_vm(const Manifest& manifest, const std::map<std::string, std
                  "network for their VMs (plugstack.conf step_bridge=, docs/admin-guide.md): they could not reach each other");
     }
     std::error_code ec;
-    if (bridge.find('/') != std::string::npos || bridge == "." || bridge == ".." ||
-        !std::filesystem::is_directory("/sys/class/net/" + bridge + "/bridge", ec)) {
+    if (!vm::valid_interface_name(bridge) || !std::filesystem::is_directory("/sys/class/net/" + bridge + "/bridge", ec)) {
       return bad("the step bridge '" + bridge + "' (plugstack.conf step_bridge=) is not a bridge on this node (no /sys/class/net/" + bridge +
                  "/bridge)");
     }

@@ -18,6 +18,7 @@
 #include "tresor/slurm/job.h"
 #include "tresor/snp/measure.h"
 #include "tresor/vm/doctor.h"
+#include "tresor/vm/domain.h"
 #include "tresor/vm/hypervisor.h"
 
 namespace tresor::cli {
@@ -117,7 +118,7 @@ int cmd_doctor(int argc, char** argv) {
     f.step_bridge = step_bridge;
     const fs::path net = fs::path("/sys/class/net") / step_bridge;
     std::string flags = slurp((net / "flags").string());
-    if (step_bridge.find('/') != std::string::npos || !fs::exists(net)) {
+    if (!vm::valid_interface_name(step_bridge) || !fs::exists(net)) {
       f.step_bridge_problem = "no such interface";
     } else if (!fs::is_directory(net / "bridge")) {
       f.step_bridge_problem = "not a bridge";

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "tresor/kbs/jose.h"
+#include "tresor/vm/domain.h"
 
 namespace tresor::slurm {
 namespace {
@@ -76,9 +77,8 @@ Result<PluginConfig> parse_plugin_args(const std::vector<std::string>& args) {
       }
       c.boot_timeout_s = static_cast<unsigned>(v);
     } else if (key == "step_bridge") {
-      // A Linux interface name (IFNAMSIZ - 1 bytes); the runner checks that it is a bridge.
-      const bool ok = !value.empty() && value.size() <= 15 && value.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-") == std::string::npos;
-      if (!ok) return bad("plugstack.conf argument step_bridge= must be a bridge's interface name (1..15 of A-Z a-z 0-9 _ . -), not '" + value + "'");
+      // An interface name; the runner checks that it is a bridge on the node.
+      if (!vm::valid_interface_name(value)) return bad("plugstack.conf argument step_bridge= must be a bridge's interface name (1..15 of A-Z a-z 0-9 _ . -), not '" + value + "'");
       c.step_bridge = value;
     } else if (key == "snp") {
       if (value != "yes" && value != "no") return bad("plugstack.conf argument snp= must be yes or no, not '" + value + "'");

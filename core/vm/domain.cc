@@ -104,8 +104,7 @@ Result<std::string> domain_xml(const DomainSpec& s) {
   if (!s.console_log.empty()) {
     TRESOR_TRY(absolute_path("console log", s.console_log, true));
   }
-  // A Linux interface name: at most IFNAMSIZ - 1 = 15 bytes (include/uapi/linux/if.h).
-  if (!s.network_bridge.empty() && (s.network_bridge.size() > 15 || !valid_name(s.network_bridge))) {
+  if (!s.network_bridge.empty() && !valid_interface_name(s.network_bridge)) {
     return bad("network bridge '" + s.network_bridge + "' must be 1..15 of [A-Za-z0-9_.-] (a Linux interface name)");
   }
 

@@ -7,7 +7,8 @@
 //    development and CI (PLATFORM.md: libvirt 9.0 here knows no sev-snp).
 // Devices: VFIO hostdevs for the job's GPUs, virtiofs or 9p shares (the job directory read-write
 // for sealed outputs, dataset directories read-only), a virtio-serial control channel on a
-// Unix socket, and — only for a step's ranks — one virtio-net interface on a host bridge. The VM is destroyed on poweroff, reboot and crash: one job, one boot.
+// Unix socket, and — only for a step's ranks — one virtio-net interface on a host bridge. The VM
+// is destroyed on poweroff, reboot and crash: one job, one boot.
 //
 // References: libvirt "Domain XML format" (formatdomain: os/loader/kernel/initrd/cmdline,
 // launchSecurity, hostdev, filesystem, channel); AMD SEV-SNP ABI 56860 Table 9 (GUEST_POLICY).
@@ -16,6 +17,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tresor/error.h"
@@ -53,6 +55,17 @@ struct DomainSpec {
   /// makes; the host carries only the ranks' pinned-TLS ciphertext on it.
   std::string network_bridge;
 };
+
+/// A network interface name as Tresor takes one (the step bridge, plugstack.conf step_bridge=):
+/// 1..15 bytes — IFNAMSIZ - 1, include/uapi/linux/if.h — of [A-Za-z0-9_.-], and not "." or "..".
+[[nodiscard]] inline bool valid_interface_name(std::string_view n) {
+  if (n.empty() || n.size() > 15 || n == "." || n == "..") return false;
+  for (char c : n) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
 
 /// The domain XML. kInvalidArgument names the field and the rule: a bad name, a relative path,
 /// a malformed PCI address, SNP without firmware or under TCG, DEBUG in the SNP policy, too little

@@ -58,7 +58,8 @@ struct JobVm {
 /// The domain spec: name "tresor-<job>.<step>-<manifest job id>" ("tresor-<job>.<step>.<task>-…"
 /// for a task of a step of several, which may share a node), the allocation's vCPUs, memory
 /// and GPUs, the image's boot files and command line unchanged, HOST_DATA, the shares, the
-/// control socket, and the step bridge's virtio-net when one is named. kInvalidArgument names what the image or allocation lacks ("image 'ccta-v1'
+/// control socket, and the step bridge's virtio-net when one is named. kInvalidArgument names
+/// what the image or allocation lacks ("image 'ccta-v1'
 /// has no kernel in the catalogue: …").
 [[nodiscard]] Result<DomainSpec> job_domain_spec(const JobVm& job);
 

@@ -63,7 +63,8 @@ TEST(SlurmJob, PluginArgumentsAreStrict) {
                                          {{"boot_timeout=1m"}, "from 10 to 3600"},
                                          {{"step_bridge="}, "bridge's interface name"},
                                          {{"step_bridge=br0;rm"}, "not 'br0;rm'"},
-                                         {{"step_bridge=tresor-step-network"}, "1..15"}}) {
+                                         {{"step_bridge=tresor-step-network"}, "1..15"},
+                                         {{"step_bridge=.."}, "not '..'"}}) {
     auto r = parse_plugin_args(k.args);
     ASSERT_FALSE(r);
     EXPECT_NE(r.error().message.find(k.want), std::string::npos) << r.error().message;
