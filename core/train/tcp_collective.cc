@@ -138,6 +138,9 @@ Result<size_t> recv_some(int fd, void* data, size_t n, Clock::time_point deadlin
     const ssize_t r = ::recv(fd, data, n, MSG_DONTWAIT);
     if (r == 0) return fail(ErrorCode::kIo, "collective: " + peer + " closed its connection (did it exit?)");
     if (r > 0) return static_cast<size_t>(r);
+    if (errno == ETIMEDOUT) {
+      return fail(ErrorCode::kIo, "collective: " + peer + " stopped answering TCP keepalive probes (its VM or node is gone?)");
+    }
     if (errno != EINTR && errno != EAGAIN) return fail(ErrorCode::kIo, "collective: receiving from " + peer + " failed: " + std::strerror(errno));
   }
 }
@@ -421,9 +424,21 @@ class TcpCollective final : public Collective {
   std::vector<Link> peers_;  // rank 0: one per rank (index 0 unused); others: [0] = rank 0
 };
 
-Result<void> set_socket_options(int fd) {
-  const int one = 1;
-  if (::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text("TCP_NODELAY"));
+// TCP_NODELAY (the protocol's small messages go out at once) and keepalive (Rendezvous::keepalive_s:
+// a peer whose machine vanished is noticed; tcp(7)).
+Result<void> set_socket_options(int fd, int keepalive_s) {
+  struct Option {
+    int level, name, value;
+    const char* what;
+  };
+  const Option options[] = {{IPPROTO_TCP, TCP_NODELAY, 1, "TCP_NODELAY"},
+                            {SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE"},
+                            {IPPROTO_TCP, TCP_KEEPIDLE, keepalive_s, "TCP_KEEPIDLE"},
+                            {IPPROTO_TCP, TCP_KEEPINTVL, std::max(1, keepalive_s / 3), "TCP_KEEPINTVL"},
+                            {IPPROTO_TCP, TCP_KEEPCNT, 3, "TCP_KEEPCNT"}};
+  for (const Option& o : options) {
+    if (::setsockopt(fd, o.level, o.name, &o.value, sizeof o.value) != 0) return fail(ErrorCode::kIo, "collective: " + errno_text(o.what));
+  }
   return {};
 }
 
@@ -573,7 +588,7 @@ Result<std::unique_ptr<Collective>> serve(const Rendezvous& rv, const fs::path& 
         continue;
       }
     }
-    TRESOR_TRY(set_socket_options(c.get()));
+    TRESOR_TRY(set_socket_options(c.get(), rv.keepalive_s));
     TRESOR_TRY(send_all(c, &ok, 1, Clock::now() + std::chrono::seconds(5), rank_name(r)));
     peers[r] = std::move(c);
     ++joined;
@@ -654,7 +669,7 @@ Result<std::unique_ptr<Collective>> join_roster(const Rendezvous& rv) {
       return fail(ErrorCode::kAuth, "collective: " + peer + " refused rank " + std::to_string(rv.rank) + " of " + std::to_string(rv.size) +
                                         " (its roster differs from this rank's, or the rank joined twice; rank 0 names it)");
     }
-    TRESOR_TRY(set_socket_options(c.get()));
+    TRESOR_TRY(set_socket_options(c.get(), rv.keepalive_s));
     std::vector<Link> peers;
     peers.push_back(std::move(c));
     return std::unique_ptr<Collective>(std::make_unique<TcpCollective>(rv.rank, rv.size, rv.io_timeout_ms, std::move(peers)));
@@ -700,7 +715,7 @@ Result<std::unique_ptr<Collective>> join(const Rendezvous& rv, const fs::path& f
           std::this_thread::sleep_for(std::chrono::milliseconds(50));
           continue;
         }
-        TRESOR_TRY(set_socket_options(c.get()));
+        TRESOR_TRY(set_socket_options(c.get(), rv.keepalive_s));
         std::vector<Link> peers;
         peers.push_back(std::move(c));
         return std::unique_ptr<Collective>(std::make_unique<TcpCollective>(rv.rank, rv.size, rv.io_timeout_ms, std::move(peers)));
@@ -743,6 +758,7 @@ Result<std::unique_ptr<Collective>> connect_tcp(const Rendezvous& rv) {
     return fail(ErrorCode::kInvalidArgument, "collective: run id \"" + rv.run_id + "\" (1..64 of letters, digits, '.', '_', '-')");
   }
   if (rv.join_timeout_ms <= 0 || rv.io_timeout_ms <= 0) return fail(ErrorCode::kInvalidArgument, "collective: timeouts must be positive");
+  if (rv.keepalive_s < 1 || rv.keepalive_s > 3600) return fail(ErrorCode::kInvalidArgument, "collective: keepalive_s must be 1..3600 seconds");
   TRESOR_TRY(check_roster(rv));
   fs::path file;
   if (!rv.roster) {

@@ -90,6 +90,11 @@ struct Rendezvous {
   std::string run_id = "local";        // distinguishes runs sharing the directory (Slurm: job.step)
   int join_timeout_ms = 120'000;       // how long ranks wait for each other to appear
   int io_timeout_ms = 30 * 60'000;     // how long a collective call waits for a silent peer
+  /// A peer whose machine is gone (a VM destroyed, a node lost) sends no FIN: TCP keepalive asks
+  /// after a link has been idle this long, then 3 times keepalive_s / 3 apart (at least 1 s), and
+  /// the call fails naming the peer — within about twice this, instead of io_timeout_ms. A live
+  /// peer that only computes for long answers the probes from its kernel: no false alarm.
+  int keepalive_s = 30;
   /// Ranks across machines (docs/training.md §5.3): with a roster, no rendezvous file is used;
   /// rank 0 listens on the roster's lead address, and every connection is TLS 1.3 in which both
   /// ends prove the link key the roster lists for their rank. `link_key` is this rank's Ed25519

@@ -332,6 +332,53 @@ TEST(RosterCollective, AFlippedByteOnTheWireFailsTheCall) {
   EXPECT_FALSE(error1.empty());
 }
 
+// A peer whose machine vanishes (a VM destroyed, a node lost) sends no FIN: the links' TCP
+// keepalive notices, and the waiting rank fails naming it within seconds of Rendezvous::keepalive_s
+// rather than after io_timeout_ms. Simulated by dropping every packet of the link on loopback
+// (iptables, root only), so that the probes go unanswered.
+TEST(RosterCollective, APeerWhoseMachineVanishesIsNamedByKeepaliveBeforeTheIoTimeout) {
+  if (::geteuid() != 0 || ::access("/usr/sbin/iptables", X_OK) != 0) GTEST_SKIP() << "needs root and iptables to silence a link";
+  const Step s = make_step(2);
+  const std::string port = std::to_string(s.roster->lead_port);
+  auto iptables = [&](const char* op) {
+    return testing::run_command({"/bin/sh", "-c", std::string("iptables ") + op + " INPUT -i lo -p tcp --sport " + port + " -j DROP && iptables " + op +
+                                                      " INPUT -i lo -p tcp --dport " + port + " -j DROP"});
+  };
+  std::atomic<bool> done{false};
+  std::string error0;
+  double waited_s = 0;
+  {
+    std::jthread one([&] {
+      auto rv = rendezvous(s, 1);
+      rv.keepalive_s = 1;
+      auto c = connect_tcp(rv);
+      ASSERT_TRUE(c) << c.error().message;
+      std::vector<float> v(1024, 2.0f);
+      ASSERT_TRUE((*c)->all_reduce_sum(v));
+      while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(20));  // then gone without a word
+    });
+    auto rv = rendezvous(s, 0);
+    rv.keepalive_s = 1;
+    rv.io_timeout_ms = 60'000;
+    auto c = connect_tcp(rv);
+    ASSERT_TRUE(c) << c.error().message;
+    std::vector<float> v(1024, 1.0f);
+    ASSERT_TRUE((*c)->all_reduce_sum(v));
+    EXPECT_EQ(v[0], 3.0f);
+    const auto silenced = iptables("-I");
+    ASSERT_EQ(silenced.exit_code, 0) << silenced.err;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = (*c)->all_reduce_sum(v);
+    waited_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    iptables("-D");
+    done = true;
+    ASSERT_FALSE(r) << "rank 0 summed without rank 1";
+    error0 = r.error().message;
+  }
+  EXPECT_NE(error0.find("rank 1 stopped answering TCP keepalive probes"), std::string::npos) << error0;
+  EXPECT_LT(waited_s, 30.0) << "noticed by keepalive, not after the 60 s io timeout: " << error0;
+}
+
 TEST(RosterCollective, ARankWithAnotherKeyIsRefusedAndTheRealOnesStillJoin) {
   const Step s = make_step(3);
   std::string zero_error = "not run";
